@@ -1,0 +1,30 @@
+# pellucid — the two commands: `make demo` and `make test` (plus `make bench`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pellucid-installed
+DATA ?= $(if $(PELLUCID_DATA),$(PELLUCID_DATA),../shared/data/tb_cxr)
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[all,dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@$(PY) -m pellucid demo --data "$(DATA)" $(if $(NO_UI),--no-ui,)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,387 @@
+"""The ``pellucid`` command line: train, eval, predict, explain, report, ui, list, demo, ...
+
+One parser with subcommands. ``train`` reads defaults from the task's recipe, then a ``--config``
+TOML file, then flags (flags win); the resolved configuration is saved beside the outputs. Errors a
+user can fix (missing folder, bad file, unknown name, card/task mismatch) end the command with one
+line on stderr and exit status 2 — never a traceback. ``PELLUCID_DEBUG=1`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "train_entry", "UserError"]
+
+log = logging.getLogger("pellucid")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pellucid.core.modelfolder import ModelFolderError
+    from pellucid.core.tasks import TaskSpecError
+    from pellucid.core.training import TrainingError
+    from pellucid.core.weights import WeightSourceError
+    from pellucid.datasets.readers import ImageReadError
+    from pellucid.datasets.samples import DataError
+
+    return (UserError, ModelFolderError, TaskSpecError, TrainingError, WeightSourceError, ImageReadError,
+            DataError, KeyError, FileNotFoundError)
+
+
+def _default_data_root() -> Path:
+    env = os.environ.get("PELLUCID_DATA")
+    return Path(env) if env else Path("../shared/data")
+
+
+def _resolve_data(task, data: str | None) -> Path:
+    if data:
+        return Path(data)
+    root = _default_data_root()
+    # PELLUCID_DATA may point at the task folder itself or at the folder of all tasks.
+    for cand in (root / task.default_data, root):
+        if (cand / "manifest.csv").exists() or (cand.is_dir() and any(
+                (cand / c).is_dir() for c in task.classes)):
+            return cand
+    raise UserError(f"no data for task {task.name!r}: looked in {root / task.default_data} and {root}; "
+                    f"pass --data DIR or set PELLUCID_DATA=DIR (a folder with manifest.csv or one sub-folder per class)")
+
+
+# ----------------------------------------------------------------------------- commands
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="data folder (manifest.csv or class sub-folders)")
+    p.add_argument("--out", help="model folder to write (default runs/<task>-<time>)")
+    p.add_argument("--backbone", help="registered backbone (see `pellucid list backbones`)")
+    p.add_argument("--pretrained", help="weights: auto (default), random, timm, lite0-wheel")
+    p.add_argument("--checkpoint", help="start from this weights file or model folder")
+    p.add_argument("--finetune", choices=["linear-probe", "full", "progressive"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--image-size", type=int, dest="image_size")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-images", type=int, dest="max_images", help="use a random subset (smoke runs)")
+    p.add_argument("--config", help="TOML file of training options (flags override it)")
+    p.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu")
+    p.add_argument("--devices", help="Lightning devices (e.g. 1, 2, auto)")
+    p.add_argument("--num-nodes", type=int, dest="num_nodes")
+    p.add_argument("--strategy", help="Lightning strategy (auto, ddp, ...)")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    over: dict = {}
+    if args.config:
+        try:
+            over.update(tomllib.loads(Path(args.config).read_text()))
+        except FileNotFoundError:
+            raise UserError(f"config file {args.config} not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"config file {args.config} is not valid TOML: {err}") from None
+    for key in ("backbone", "checkpoint", "finetune", "epochs", "image_size", "batch_size", "lr", "seed",
+                "max_images", "accelerator", "num_nodes", "strategy"):
+        v = getattr(args, key, None)
+        if v is not None:
+            over[key] = v
+    if args.devices is not None:
+        over["devices"] = int(args.devices) if str(args.devices).isdigit() else args.devices
+    if args.pretrained is not None:
+        over["pretrained"] = {"auto": True, "true": True, "random": False, "false": False}.get(
+            args.pretrained.lower(), args.pretrained)
+    if args.no_resume:
+        over["resume"] = False
+    if args.no_progress:
+        over["progress"] = False
+    return over
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    task = get_task(args.task)
+    data = _resolve_data(task, args.data)
+    over = _train_overrides(args)
+    out = args.out or over.pop("out", None) or f"runs/{task.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    known = set(TrainConfig.__dataclass_fields__)
+    bad = sorted(set(over) - known)
+    if bad:
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+        raise UserError(f"unknown training option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    cfg = TrainConfig.from_task(task, str(data), str(out), **over)
+    folder = train(cfg)
+    _print_summary(folder)
+    return 0
+
+
+def _print_summary(folder: Path) -> None:
+    card_path = Path(folder) / "card.json"
+    if not card_path.exists():
+        return
+    card = json.loads(card_path.read_text())
+    from pellucid.core.metrics import format_metrics
+
+    print(f"model folder: {folder}")
+    print(f"metrics:      {Path(folder) / 'metrics.json'} (test split, n={card['metrics'].get('n')})")
+    print(format_metrics(card["metrics"]))
+    print(f"time: {card['training'].get('seconds')} s; weights: {card['weights'].get('source')}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pellucid.core.evaluate import evaluate
+    from pellucid.core.metrics import format_metrics
+
+    res = evaluate(args.model, args.data, args.out, progress=True)
+    print(format_metrics(res))
+    print(f"written: {res['out']}/metrics.json (+ roc.png, confusion.png, reliability.png, predictions.csv)")
+    if res["skipped"]:
+        print(f"{len(res['skipped'])} file(s) skipped:", *res["skipped"], sep="\n  ")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pellucid.core.predict import Predictor, write_predictions_csv
+
+    pred = Predictor(args.model)
+    results = pred.predict_paths(args.paths, progress=True)
+    if not results:
+        raise UserError(f"no image files found in {' '.join(args.paths)}")
+    if args.out:
+        write_predictions_csv(args.out, results, pred.classes)
+        print(f"{len(results)} rows written to {args.out}")
+    else:
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=["path", "label", *[f"prob_{c}" for c in pred.classes], "error"])
+        w.writeheader()
+        for r in results:
+            w.writerow(r.row(pred.classes))
+    bad = [r for r in results if r.error]
+    if bad:
+        print(f"{len(bad)} file(s) could not be read:", *[r.error for r in bad], sep="\n  ", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    what = args.what
+    if what in ("backbones", "all"):
+        from pellucid.core.backbones import get_backbone_spec, list_backbones
+
+        print("backbones:")
+        for n in list_backbones():
+            s = get_backbone_spec(n)
+            print(f"  {n:20s} {s.input_size:4d}px  dim {s.embedding_dim:5d}  cam {s.cam_layer:16s} "
+                  f"weights: {', '.join(s.weight_sources)}")
+    if what in ("tasks", "all"):
+        from pellucid.core.tasks import get_task, list_tasks
+
+        print("tasks:")
+        for n in list_tasks():
+            t = get_task(n)
+            print(f"  {n:12s} {t.title} — classes {', '.join(t.classes)}; {t.recipe['backbone']}, {t.recipe['finetune']}")
+    if what in ("explainers", "all"):
+        try:
+            from pellucid.explain import list_explainers
+
+            print("explainers:\n  " + ", ".join(list_explainers()))
+        except ImportError:
+            pass
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pellucid.explain.run import explain_paths
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method else None
+    out = args.out or "runs/explain"
+    rows = explain_paths(args.model, args.paths, methods=methods, target=args.target, out_dir=out,
+                         score=args.score)
+    print(f"explanations written to {out}")
+    if args.score and rows:
+        from pellucid.explain import score_table
+
+        print(score_table(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pellucid.explain.report import write_report
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    paths = write_report(args.model, args.paths, methods=methods, out_dir=args.out or "runs/report",
+                         include_identifiers=args.include_identifiers)
+    for p in paths:
+        print(f"written: {p}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    app = Path(__file__).parent / "ui" / "app.py"
+    env = dict(os.environ)
+    if args.model:
+        env["PELLUCID_MODEL"] = str(Path(args.model).resolve())
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    print(f"pellucid web app on http://localhost:{args.port} (Ctrl-C stops it)")
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    task = get_task("tb")
+    data = Path(args.data) if args.data else None
+    if data is None or not data.exists():
+        looked = data or (_default_data_root() / task.default_data)
+        raise UserError(f"no TB chest X-ray data at {looked}: set PELLUCID_DATA=DIR (a folder with manifest.csv "
+                        f"or normal/ and tuberculosis/ sub-folders) and run `make demo` again")
+    out = Path("runs") / f"tb-demo-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    folder = train(TrainConfig.from_task(task, str(data), str(out)))
+    _print_summary(folder)
+    if args.no_ui:
+        print(f"done. model: {folder}   metrics: {folder / 'metrics.json'}   plots: {folder / 'plots'}")
+        return 0
+    ns = argparse.Namespace(model=str(folder), port=args.port)
+    return cmd_ui(ns)
+
+
+def _lazy(module: str, func: str):
+    def run(args):
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("pellucid"):
+                raise UserError(f"this command is not available in this build ({err.name} is missing)") from None
+            raise
+        return getattr(mod, func)(args)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import pellucid
+
+    parser = argparse.ArgumentParser(prog="pellucid", description="Trustworthy image classification.")
+    parser.add_argument("--version", action="version", version=f"pellucid {pellucid.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a task app's model")
+    p.add_argument("task")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a model folder on a labelled data folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict files or folders; writes CSV")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", help="CSV file (default: stdout)")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="explanation overlays + JSON per image")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", help="comma-separated methods (default: the task's explainers)")
+    p.add_argument("--target", help="class to explain (default: the predicted class)")
+    p.add_argument("--out")
+    p.add_argument("--score", action="store_true", help="score faithfulness; print a method × metric table")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("report", help="HTML + PDF explanation report for images or a folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--methods")
+    p.add_argument("--out")
+    p.add_argument("--include-identifiers", action="store_true", help="show DICOM patient tags (off by default)")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ui", help="start the Streamlit web app")
+    p.add_argument("--model")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("list", help="list backbones, tasks, explainers")
+    p.add_argument("what", nargs="?", default="all", choices=["backbones", "tasks", "explainers", "all"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("demo", help="train the TB app on the sample data and open the web app")
+    p.add_argument("--data")
+    p.add_argument("--no-ui", action="store_true")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fewshot", help="few-shot prototypical networks")
+    p.add_argument("action", choices=["fit", "eval"])
+    p.add_argument("--support", help="folder of support images (one sub-folder per class)")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--out")
+    p.add_argument("--data")
+    p.add_argument("--shots", default="1,5,10")
+    p.add_argument("--episodes", type=int, default=500)
+    p.set_defaults(func=_lazy("pellucid.core.fewshot_cli", "run"))
+
+    p = sub.add_parser("export", help="export a model folder (ONNX, INT8)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", default="onnx")
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--out")
+    p.set_defaults(func=_lazy("pellucid.core.export", "run"))
+
+    p = sub.add_parser("fit-explainer", help="train a trainable explainer (T-TAME) for a model")
+    p.add_argument("method", choices=["ttame"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data")
+    p.add_argument("--epochs", type=int)
+    p.set_defaults(func=_lazy("pellucid.explain.ttame", "run_cli"))
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for own_handler in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(own_handler).propagate = False  # Lightning prints through its own handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; `pellucid train` resumes from the last checkpoint in --out", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line for what a user can fix
+        if os.environ.get("PELLUCID_DEBUG") == "1" or not isinstance(err, _user_errors()):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"pellucid {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def train_entry(task: str, argv: list[str] | None = None) -> int:
+    """``python -m pellucid.apps.<task>.train [options]`` — ``pellucid train <task> [options]``."""
+    return main(["train", task, *(sys.argv[1:] if argv is None else argv)])

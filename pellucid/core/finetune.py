@@ -1,0 +1,145 @@
+"""Fine-tuning strategies: which parameters train, at which learning rate, and when they thaw.
+
+* ``linear-probe`` — the backbone stays frozen; its features are computed once and cached, and only
+  the head is fitted (a convex problem, solved on the cached tensor).
+* ``full`` — every parameter trains; the backbone at ``lr`` and the head at ``head_lr``.
+* ``progressive`` — the head is first fitted as a linear probe, then backbone stages thaw one by one
+  from the top, each deeper stage at a smaller learning rate (``lr * lr_decay**depth``):
+  discriminative learning rates with gradual unfreezing, the BPD paper's recipe.
+
+Each strategy is a small class in a registry; :func:`get_strategy` resolves names with
+did-you-mean. Frozen batch-norm layers are kept in eval mode so their statistics stay as loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from pellucid.core.backbones import unknown_name_error
+from pellucid.core.model import Classifier
+
+__all__ = ["Strategy", "LinearProbe", "Full", "Progressive", "get_strategy", "list_strategies",
+           "freeze_bn_of_frozen"]
+
+_STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def _register(cls):
+    _STRATEGIES[cls.name] = cls
+    return cls
+
+
+def list_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def get_strategy(name: str, **options) -> Strategy:
+    if name not in _STRATEGIES:
+        raise unknown_name_error("fine-tune strategy", name, list(_STRATEGIES))
+    return _STRATEGIES[name](**options)
+
+
+def _set_trainable(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def freeze_bn_of_frozen(model: nn.Module) -> None:
+    """Put every batch-norm layer whose parameters are all frozen into eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+@dataclass
+class Strategy:
+    """Base class: decides trainable parameters, optimiser groups and the thaw schedule."""
+
+    lr: float = 1e-3
+    head_lr: float = 3e-3
+    weight_decay: float = 1e-4
+    name = "base"
+    probe_first = False
+    needs_images = True
+
+    def setup(self, model: Classifier) -> None:
+        """Set ``requires_grad`` before training starts."""
+        raise NotImplementedError
+
+    def param_groups(self, model: Classifier) -> list[dict]:
+        """Optimiser parameter groups (all groups exist from the start; frozen ones get no grads)."""
+        return [{"params": list(model.head.parameters()), "lr": self.head_lr, "name": "head"}]
+
+    def on_epoch_start(self, model: Classifier, epoch: int) -> list[str]:
+        """Thaw what should train from ``epoch`` on; returns names of stages thawed now."""
+        return []
+
+
+@_register
+@dataclass
+class LinearProbe(Strategy):
+    name = "linear-probe"
+    probe_first = True
+    needs_images = False
+
+    def setup(self, model: Classifier) -> None:
+        _set_trainable(model.backbone, False)
+        _set_trainable(model.head, True)
+
+
+@_register
+@dataclass
+class Full(Strategy):
+    name = "full"
+
+    def setup(self, model: Classifier) -> None:
+        _set_trainable(model, True)
+
+    def param_groups(self, model: Classifier) -> list[dict]:
+        return super().param_groups(model) + [
+            {"params": list(model.backbone.parameters()), "lr": self.lr, "name": "backbone"}]
+
+
+@_register
+@dataclass
+class Progressive(Strategy):
+    """Gradual unfreezing from the top with discriminative learning rates.
+
+    Args:
+        stages_per_epoch: how many more stages thaw at the start of each epoch.
+        max_stages: the deepest number of stages ever thawed (the rest stays frozen).
+        lr_decay: learning-rate factor per stage of depth below the top.
+    """
+
+    stages_per_epoch: int = 1
+    max_stages: int = 3
+    lr_decay: float = 0.5
+    name = "progressive"
+    probe_first = True
+
+    def _top_down(self, model: Classifier) -> list[tuple[str, nn.Module]]:
+        names = list(reversed(model.spec.stages))[: self.max_stages]
+        return [(n, model.backbone.module_at(n)) for n in names]
+
+    def setup(self, model: Classifier) -> None:
+        _set_trainable(model.backbone, False)
+        _set_trainable(model.head, True)
+
+    def param_groups(self, model: Classifier) -> list[dict]:
+        groups = super().param_groups(model)
+        for depth, (name, module) in enumerate(self._top_down(model)):
+            groups.append({"params": list(module.parameters()), "lr": self.lr * self.lr_decay ** depth,
+                           "name": name})
+        return groups
+
+    def on_epoch_start(self, model: Classifier, epoch: int) -> list[str]:
+        n = min(self.max_stages, (epoch + 1) * self.stages_per_epoch)
+        thawed = []
+        for name, module in self._top_down(model)[:n]:
+            if not any(p.requires_grad for p in module.parameters()):
+                _set_trainable(module, True)
+                thawed.append(name)
+        return thawed

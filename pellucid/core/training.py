@@ -1,0 +1,436 @@
+"""Training, validation and testing of a task model, on Lightning, ending in a model folder.
+
+:func:`train` is what ``pellucid train TASK`` runs: read the samples, make a grouped stratified
+split, decode every image once, build the backbone with its recorded weight source, fit the head on
+cached frozen features (linear probe), then — for ``full`` and ``progressive`` — fine-tune with a
+Lightning ``Trainer`` (AdamW, one-cycle warm-up + cosine schedule, early stopping, CSV logs, progress
+bar, checkpoints to resume from, bf16 autocast and channels-last on GPU, DDP through
+``--devices/--num-nodes/--strategy``). Then calibrate on validation (temperature scaling), choose the
+threshold by the task's policy on validation, score the held-out test split with bootstrap intervals,
+draw the plots, and write the model folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pellucid.core.finetune import Strategy, freeze_bn_of_frozen, get_strategy
+from pellucid.core.model import Classifier, build_classifier
+from pellucid.core.tasks import TaskSpec, get_task
+from pellucid.datasets.augment import get_augment
+from pellucid.datasets.samples import Sample, load_samples
+from pellucid.datasets.splits import grouped_split, save_split
+from pellucid.datasets.torchdata import CachedDataset, ImageCache, to_tensor
+
+__all__ = ["TrainConfig", "train", "extract_features", "fit_head", "predict_logits", "TrainingError"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. no readable images in a split)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved as ``config.json`` beside the outputs."""
+
+    task: str
+    data: str
+    out: str
+    backbone: str = "efficientnet_lite0"
+    pretrained: Any = True
+    checkpoint: str | None = None
+    finetune: str = "progressive"
+    epochs: int = 4
+    probe_epochs: int = 40
+    image_size: int = 224
+    batch_size: int = 32
+    lr: float = 5e-4
+    head_lr: float = 2e-3
+    lr_decay: float = 0.5
+    stages_per_epoch: int = 1
+    max_stages: int = 3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    patience: int = 4
+    balance: str = "weights"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    mixing: str = "none"
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    resume: bool = True
+    progress: bool = True
+    max_images: int | None = None
+    n_boot: int = 1000
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_task(cls, task: TaskSpec, data: str, out: str, **overrides) -> TrainConfig:
+        known = set(cls.__dataclass_fields__)
+        base = {k: v for k, v in task.recipe.items() if k in known}
+        base["image_size"] = task.image_size
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(task=task.name, data=str(data), out=str(out), **base)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _device_for(cfg: TrainConfig) -> torch.device:
+    if cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def extract_features(model: Classifier, batches, device: torch.device | str = "cpu",
+                     progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """Pooled backbone features ``(N, D)`` of an iterable of image batches ``(B, 3, S, S)``."""
+    from tqdm.auto import tqdm
+
+    was = model.training
+    model.eval().to(device)
+    out = []
+    for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        x = x[0] if isinstance(x, (tuple, list)) else x
+        out.append(model.features(x.to(device)).float().cpu())
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, model.spec.embedding_dim)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, batches, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits ``(N, C)`` of an iterable of image batches (model in eval mode, restored after)."""
+    was = model.training
+    model.eval().to(device)
+    out = [model(x[0].to(device) if isinstance(x, (tuple, list)) else x.to(device)).float().cpu() for x in batches]
+    model.train(was)
+    return torch.cat(out)
+
+
+def _class_weights(y: np.ndarray, n: int) -> torch.Tensor:
+    counts = np.bincount(y, minlength=n).astype(np.float64)
+    w = counts.sum() / np.maximum(counts, 1) / n
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def fit_head(head: nn.Linear, feats: torch.Tensor, y: torch.Tensor, *, weight: torch.Tensor | None = None,
+             weight_decay: float = 1e-4, epochs: int = 40, label_smoothing: float = 0.0,
+             val: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Fit a linear head on cached features (full-batch L-BFGS on the convex weighted cross-entropy).
+
+    A Lightning loop adds nothing to a convex fit on one in-memory tensor, so this is plain torch.
+    Features are standardised inside (folded back into the head's weights afterwards).
+
+    Returns:
+        ``{"train_loss": ..., "val_loss": ..., "val_acc": ...}``.
+    """
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mu) / sd
+    lin = nn.Linear(feats.shape[1], head.out_features)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max(20, epochs * 5), history_size=20,
+                            line_search_fn="strong_wolfe")
+    lam = weight_decay * 10
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(z), y, weight=weight, label_smoothing=label_smoothing)
+        loss = loss + lam * lin.weight.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        w = lin.weight / sd
+        head.weight.copy_(w)
+        head.bias.copy_(lin.bias - (w * mu).sum(1))
+        result = {"train_loss": float(F.cross_entropy(head(feats), y))}
+        if val is not None and len(val[1]):
+            lv = head(val[0])
+            result["val_loss"] = float(F.cross_entropy(lv, val[1]))
+            result["val_acc"] = float((lv.argmax(1) == val[1]).float().mean())
+    return result
+
+
+def _batches(ds, batch_size: int):
+    for i in range(0, len(ds), batch_size):
+        items = [ds[j] for j in range(i, min(len(ds), i + batch_size))]
+        yield torch.stack([t for t, _ in items])
+
+
+# ----------------------------------------------------------------------------- Lightning module
+def _lightning():
+    import lightning as L
+
+    return L
+
+
+class _History:
+    """Collects per-epoch numbers for the training-curve plot (a Lightning callback)."""
+
+    def __new__(cls, *args, **kwargs):
+        L = _lightning()
+
+        class History(L.Callback):
+            def __init__(self):
+                self.rows: list[dict] = []
+
+            def on_validation_epoch_end(self, trainer, pl_module):
+                if trainer.sanity_checking:
+                    return
+                m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+                row = {"epoch": trainer.current_epoch, **m}
+                opt = trainer.optimizers[0] if trainer.optimizers else None
+                if opt is not None:
+                    row["lr"] = max(g["lr"] for g in opt.param_groups)
+                self.rows.append(row)
+
+        return History()
+
+
+def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_weight: torch.Tensor | None):
+    """The LightningModule that fine-tunes ``model`` under ``strategy``."""
+    L = _lightning()
+
+    class ClassifierModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.strategy = strategy
+            self.register_buffer("class_weight", class_weight if class_weight is not None else torch.ones(model.num_classes))
+            self.mix = None
+            if cfg.mixing in ("cutmix", "mixup"):
+                from torchvision.transforms import v2
+
+                self.mix = (v2.CutMix if cfg.mixing == "cutmix" else v2.MixUp)(num_classes=model.num_classes)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def on_train_epoch_start(self):
+            thawed = self.strategy.on_epoch_start(self.model, self.current_epoch)
+            if thawed:
+                log.info("epoch %d: thawed %s", self.current_epoch, ", ".join(thawed))
+            freeze_bn_of_frozen(self.model)
+
+        def on_train_batch_start(self, batch, batch_idx):
+            freeze_bn_of_frozen(self.model)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if self.mix is not None:
+                x, soft = self.mix(x, y)
+                logits = self.model(x)
+                loss = torch.sum(-soft * F.log_softmax(logits, 1) * self.class_weight, 1).mean()
+            else:
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=cfg.label_smoothing)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.model(x)
+            self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+            self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
+
+        def configure_optimizers(self):
+            groups = self.strategy.param_groups(self.model)
+            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=0.15,
+                anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return ClassifierModule()
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one training job end to end and write the model folder ``cfg.out``.
+
+    Returns:
+        The model folder path.
+    """
+    from pellucid.core import calibration, metrics, plots
+    from pellucid.core.modelfolder import build_card, save_model
+
+    t0 = time.time()
+    L = _lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = get_task(cfg.task)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+
+    samples = load_samples(cfg.data, classes=task.classes)
+    if cfg.max_images:
+        rng = np.random.default_rng(cfg.seed)
+        keep = sorted(rng.permutation(len(samples))[: cfg.max_images])
+        samples = [samples[i] for i in keep]
+    split = grouped_split(samples, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    if _rank_zero():
+        save_split(out / "split.json", samples, split)
+    class_index = {c: i for i, c in enumerate(task.classes)}
+    labels = [class_index[s.label] for s in samples]
+    log.info("split %s: train %d, val %d, test %d", split["hash"], len(split["train"]), len(split["val"]),
+             len(split["test"]))
+
+    cache = ImageCache([s.path for s in samples], cfg.image_size, progress=cfg.progress)
+    model, weight_info = build_classifier(cfg.backbone, len(task.classes), pretrained=cfg.pretrained,
+                                          checkpoint=cfg.checkpoint, dropout=cfg.dropout)
+    strategy = get_strategy(cfg.finetune, lr=cfg.lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay,
+                            **({"stages_per_epoch": cfg.stages_per_epoch, "max_stages": cfg.max_stages,
+                                "lr_decay": cfg.lr_decay} if cfg.finetune == "progressive" else {}))
+    strategy.setup(model)
+    device = _device_for(cfg)
+
+    plain = {part: CachedDataset(cache, split[part], labels) for part in ("train", "val", "test")}
+    for part, ds in plain.items():
+        if len(ds) == 0:
+            raise TrainingError(f"the {part} split has no readable images; check {cfg.data}")
+    y = {part: torch.as_tensor(ds.targets()) for part, ds in plain.items()}
+    cw = _class_weights(y["train"].numpy(), len(task.classes)) if cfg.balance == "weights" else None
+
+    history: list[dict] = []
+    probe_info: dict = {}
+    if strategy.probe_first:
+        t = time.time()
+        feats = {p: extract_features(model, _batches(plain[p], 64), device, cfg.progress, f"features ({p})")
+                 for p in ("train", "val")}
+        probe_info = fit_head(model.head, feats["train"], y["train"], weight=cw, weight_decay=cfg.weight_decay,
+                              epochs=cfg.probe_epochs, label_smoothing=cfg.label_smoothing,
+                              val=(feats["val"], y["val"]))
+        probe_info["seconds"] = round(time.time() - t, 1)
+        history.append({"epoch": -1, "phase": "linear-probe", **probe_info})
+        log.info("linear probe: %s", probe_info)
+
+    trainer_info: dict = {}
+    if strategy.needs_images and cfg.epochs > 0:
+        trainer_info = _fine_tune(model, strategy, cfg, cache, split, labels, cw, out, history)
+        if not _rank_zero():
+            return out
+
+    # ---- evaluation on rank zero: calibrate on val, threshold on val, score on test
+    logits = {p: predict_logits(model, _batches(plain[p], 64), device) for p in ("val", "test")}
+    T = calibration.fit_temperature(logits["val"], y["val"])
+    probs = {p: calibration.apply_temperature(logits[p], T) for p in logits}
+    raw_test = calibration.apply_temperature(logits["test"], 1.0)
+    pos = task.positive_index
+    threshold = None
+    if task.binary and pos is not None:
+        threshold = metrics.choose_threshold((y["val"].numpy() == pos).astype(int), probs["val"][:, pos],
+                                             task.threshold_policy, task.target_sensitivity)
+    test_metrics = metrics.classification_metrics(y["test"].numpy(), probs["test"], list(task.classes),
+                                                  threshold=threshold, positive_index=pos, n_boot=cfg.n_boot,
+                                                  seed=cfg.seed)
+    cal = {"method": "temperature", "temperature": float(T),
+           "ece_before": float(calibration.expected_calibration_error(raw_test, y["test"].numpy())),
+           "ece_after": float(calibration.expected_calibration_error(probs["test"], y["test"].numpy()))}
+    plot_dir = out / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    plots.plot_roc(y["test"].numpy(), probs["test"], list(task.classes), plot_dir / "roc.png", positive_index=pos)
+    plots.plot_confusion(np.array(test_metrics["confusion_matrix"]), list(task.classes), plot_dir / "confusion.png")
+    plots.plot_reliability(probs["test"], y["test"].numpy(), plot_dir / "reliability.png", T=T)
+    if any("val_loss" in h for h in history):
+        plots.plot_training_curves([h for h in history if h.get("epoch", -1) >= 0] or history,
+                                   plot_dir / "training_curves.png")
+    (out / "metrics.json").write_text(json.dumps(test_metrics, indent=1))
+    (out / "history.json").write_text(json.dumps(history, indent=1, default=float))
+
+    seconds = round(time.time() - t0, 1)
+    card = build_card(
+        task=task, model=model, weight_info=weight_info, image_size=cfg.image_size,
+        threshold={"policy": task.threshold_policy if threshold is not None else "argmax",
+                   "value": threshold, "positive_class": task.positive_class,
+                   "target_sensitivity": task.target_sensitivity if task.threshold_policy == "sensitivity" else None},
+        calibration=cal, metrics=test_metrics,
+        split={"hash": split["hash"], "seed": cfg.seed, "train": len(plain["train"]), "val": len(plain["val"]),
+               "test": len(plain["test"]), "file": "split.json"},
+        training={"finetune": cfg.finetune, "epochs": cfg.epochs, "seconds": seconds, "device": str(device),
+                  "linear_probe": probe_info, **trainer_info, "data": str(Path(cfg.data).resolve()),
+                  "skipped_files": [f"{p}: {e}" for p, e in cache.failures]},
+        recipe={k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "extra", "progress")},
+    )
+    save_model(out, model, card)
+    if cache.failures:
+        log.warning("%d unreadable file(s) were skipped:\n  %s", len(cache.failures),
+                    "\n  ".join(e for _, e in cache.failures))
+    log.info("model folder %s written in %.0f s", out, seconds)
+    return out
+
+
+def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,
+               labels: list[int], cw: torch.Tensor | None, out: Path, history: list[dict]) -> dict:
+    L = _lightning()
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    aug = get_augment(get_task(cfg.task).augment, cfg.image_size)
+    train_ds = CachedDataset(cache, split["train"], labels, augment=aug)
+    val_ds = CachedDataset(cache, split["val"], labels)
+    sampler = None
+    if cfg.balance == "sampler":
+        t = train_ds.targets()
+        w = 1.0 / np.bincount(t)[t]
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(t),
+                                        generator=torch.Generator().manual_seed(cfg.seed))
+    dl_kw = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
+    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                          drop_last=len(train_ds) > cfg.batch_size, **dl_kw)
+    val_dl = DataLoader(val_ds, batch_size=64, **dl_kw)
+
+    on_gpu = _device_for(cfg).type == "cuda"
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    module = make_module(model, strategy, cfg, cw)
+    ckpt_dir = out / "checkpoints"
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
+    hist = _History()
+    callbacks = [ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist]
+    if cfg.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy, precision="bf16-mixed" if on_gpu else "32-true",
+        logger=CSVLogger(str(out), name="logs", version=""), callbacks=callbacks,
+        enable_progress_bar=cfg.progress, enable_model_summary=False, deterministic=False,
+        log_every_n_steps=max(1, min(10, len(train_dl))), num_sanity_val_steps=0,
+    )
+    resume = ckpt_dir / "last.ckpt"
+    t = time.time()
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if cfg.resume and resume.exists() else None)
+    best = ckpt.best_model_path
+    if best and Path(best).exists():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    history.extend(hist.rows)
+    model.to("cpu").to(memory_format=torch.contiguous_format)
+    return {"fine_tune_seconds": round(time.time() - t, 1), "epochs_run": trainer.current_epoch,
+            "best_checkpoint": Path(best).name if best else None, "stopped_early": bool(trainer.should_stop)}

@@ -1,0 +1,123 @@
+"""Labelled samples on disk: class-folder layouts and CSV manifests (``path,label,group``).
+
+:func:`load_samples` turns a data folder into a list of :class:`Sample` records. A ``manifest.csv``
+in the folder wins (paths relative to the folder; ``group`` marks cases that must stay on one side
+of every split); otherwise each sub-folder is a class and each file its own group. Problems are
+reported as :class:`DataError` with one line naming the folder or file and what to do.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pellucid.datasets.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES
+
+__all__ = ["Sample", "DataError", "load_samples", "find_images", "class_counts"]
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data folder that cannot be used as given."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: file path, class label, and the group it must not be split from."""
+
+    path: str
+    label: str
+    group: str
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
+
+
+def find_images(paths: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of candidate image files.
+
+    Files given explicitly are kept whatever their suffix (so a bad file gets a clear error row
+    later); inside folders only image/DICOM suffixes are picked up.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and _is_image(f)))
+        else:
+            found.append(p)
+    return found
+
+
+def class_counts(samples: list[Sample]) -> dict[str, int]:
+    """Number of samples per label."""
+    return dict(Counter(s.label for s in samples))
+
+
+def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
+    with manifest.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"path", "label"} <= cols:
+            raise DataError(f"{manifest}: needs columns path,label[,group]; found {sorted(cols)}")
+        rows = list(reader)
+    samples = []
+    for i, row in enumerate(rows, start=2):
+        if not row["path"] or not row["label"]:
+            raise DataError(f"{manifest} line {i}: empty path or label")
+        group = row.get("group") or row["path"]
+        samples.append(Sample(str(root / row["path"]), row["label"].strip(), group.strip()))
+    return samples
+
+
+def _from_folders(root: Path) -> list[Sample]:
+    samples = []
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders and no manifest.csv; lay data out as {root}/<class>/<image>")
+    for d in class_dirs:
+        files = sorted(f for f in d.rglob("*") if f.is_file() and _is_image(f))
+        if not files:
+            raise DataError(f"{d}: class folder {d.name!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}, .dcm); "
+                            "add images or remove the folder")
+        samples.extend(Sample(str(f), d.name, f"{d.name}/{f.stem}") for f in files)
+    return samples
+
+
+def load_samples(root: str | Path, classes: list[str] | tuple[str, ...] | None = None) -> list[Sample]:
+    """Read the labelled samples of a data folder.
+
+    Args:
+        root: folder with ``manifest.csv`` (``path,label,group``) or one sub-folder per class.
+        classes: the labels the task expects; when given, every expected class must be present and
+            no other label may appear.
+
+    Raises:
+        DataError: missing folder, empty class, labels that do not match ``classes``.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} not found: pass --data DIR (or set PELLUCID_DATA)")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a data folder: pass the folder that holds the class folders")
+    manifest = root / "manifest.csv"
+    samples = _from_manifest(root, manifest) if manifest.exists() else _from_folders(root)
+    if not samples:
+        raise DataError(f"{root}: no samples found")
+    if classes is not None:
+        found = set(class_counts(samples))
+        missing = [c for c in classes if c not in found]
+        extra = sorted(found - set(classes))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing class(es) {missing}")
+            if extra:
+                parts.append(f"unexpected label(s) {extra}")
+            raise DataError(f"{root}: labels do not match the task ({'; '.join(parts)}); "
+                            f"the task expects {list(classes)}")
+    log.info("%s: %d samples, %s", root, len(samples), class_counts(samples))
+    return samples

@@ -1,0 +1,713 @@
+"""Tests for pellucid.datasets.readers: real DICOM samples, synthetic DICOMs, ordinary images."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from pellucid.datasets import readers
+from pellucid.datasets.readers import (
+    DICOM_SUFFIXES,
+    IDENTIFYING_TAGS,
+    IMAGE_SUFFIXES,
+    Image,
+    ImageReadError,
+    dicom_identifying_tags,
+    is_dicom,
+    read_dicom,
+    read_image,
+)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DICOM_DIR = SHARED / "dicom"
+CXR_DIR = SHARED / "tb_cxr" / "normal"
+DICOM_FILES = sorted(DICOM_DIR.glob("*.dcm")) if DICOM_DIR.is_dir() else []
+
+JPEG_LOSSLESS_DECODABLE = (
+    importlib.util.find_spec("pylibjpeg") is not None
+    and importlib.util.find_spec("libjpeg") is not None
+) or importlib.util.find_spec("gdcm") is not None
+
+# What each shared sample must give: None = refused, else (channels, window, bits_stored).
+EXPECTED = {
+    "rtstruct.dcm": None,  # no pixel data
+    "MR_UnspecifiedLength.dcm": None,  # a SEG: pixel data, but a mask, not an image
+    "US_Explicit_Big_RGB.dcm": (3, None, 8),
+    "CT_Explicit_Little.dcm": (1, (50.0, 75.0), 16),
+    "CT_Implicit_Little_Headless_Retired.dcm": (1, (50.0, 300.0), 12),
+    "CT_JPEG70.dcm": (1, (40.0, 400.0), 16) if JPEG_LOSSLESS_DECODABLE else None,
+    "MG_Explicit_Little.dcm": (1, (127.5, 256.0), 8),
+    "MR_Explicit_Little_MultiFrame.dcm": (1, None, 8),
+    "MR_Implicit_Little.dcm": (1, None, 16),
+    "OT_Implicit_Little_Headless.dcm": (1, None, 8),
+    "sample.dcm": (1, None, 8),
+}
+
+needs_samples = pytest.mark.skipif(
+    not DICOM_FILES, reason=f"shared DICOM samples not found at {DICOM_DIR}"
+)
+
+
+def _assert_valid(image: Image, channels: int | None = None) -> None:
+    arr = image.array
+    assert arr.dtype == np.float32
+    assert arr.ndim == 3 and arr.shape[2] in (1, 3)
+    if channels is not None:
+        assert arr.shape[2] == channels
+    assert np.all(np.isfinite(arr))
+    assert float(arr.min()) >= 0.0 and float(arr.max()) <= 1.0
+    assert float(arr.std()) > 0.0, "image is constant"
+
+
+def _assert_refusal(err: pytest.ExceptionInfo[ImageReadError], path: Path) -> str:
+    message = str(err.value)
+    assert path.name in message
+    assert "\n" not in message
+    return message
+
+
+def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 linear window, as a [0, 1] reference."""
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# constants
+
+
+def test_suffix_sets() -> None:
+    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+    assert DICOM_SUFFIXES == {".dcm", ".dicom"}
+    assert not IMAGE_SUFFIXES & DICOM_SUFFIXES
+
+
+@pytest.mark.parametrize("keyword", IDENTIFYING_TAGS)
+def test_identifying_tags_are_dicom_keywords(keyword: str) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    assert pydicom.datadict.tag_for_keyword(keyword) is not None
+
+
+def test_identifying_tags_cover_the_basics() -> None:
+    required = {
+        "PatientName", "PatientID", "PatientBirthDate", "PatientAddress",
+        "ReferringPhysicianName", "PerformingPhysicianName", "InstitutionName",
+        "InstitutionAddress", "OperatorsName", "OtherPatientIDs", "AccessionNumber",
+    }
+    assert required <= set(IDENTIFYING_TAGS)
+    assert len(set(IDENTIFYING_TAGS)) == len(IDENTIFYING_TAGS)
+
+
+# ------------------------------------------------------------------------------------------
+# real DICOM samples
+
+
+@needs_samples
+@pytest.mark.parametrize("path", DICOM_FILES, ids=lambda p: p.name)
+def test_real_dicom_read_or_refused(path: Path) -> None:
+    pytest.importorskip("pydicom")
+    assert is_dicom(path)
+    try:
+        image = read_image(path)
+    except ImageReadError as err:
+        assert path.name in str(err)
+        assert "\n" not in str(err)
+        if path.name in EXPECTED:
+            assert EXPECTED[path.name] is None, f"{path.name} should read but: {err}"
+        return
+    _assert_valid(image)
+    assert image.meta["format"] == "dicom"
+    assert image.meta["path"] == str(path)
+    assert image.meta["original_size"] == image.array.shape[:2]
+    if path.name in EXPECTED:
+        expected = EXPECTED[path.name]
+        assert expected is not None, f"{path.name} should be refused"
+        channels, window, bits = expected
+        assert image.array.shape[2] == channels
+        assert image.meta["window"] == window
+        assert image.meta["bits_stored"] == bits
+
+
+@needs_samples
+def test_rtstruct_refused_for_no_pixel_data() -> None:
+    pytest.importorskip("pydicom")
+    path = DICOM_DIR / "rtstruct.dcm"
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    message = _assert_refusal(err, path)
+    assert "no pixel data" in message and "RTSTRUCT" in message
+    assert "export the image series" in message
+
+
+@needs_samples
+def test_segmentation_refused() -> None:
+    pytest.importorskip("pydicom")
+    path = DICOM_DIR / "MR_UnspecifiedLength.dcm"
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "segmentation" in _assert_refusal(err, path)
+
+
+@needs_samples
+def test_multiframe_mr_frames() -> None:
+    pydicom = pytest.importorskip("pydicom")
+    path = DICOM_DIR / "MR_Explicit_Little_MultiFrame.dcm"
+    default = read_image(path)
+    assert default.meta["n_frames"] == 16
+    assert default.meta["frame"] == 8
+    chosen = read_image(path, frame=3)
+    assert chosen.meta["frame"] == 3
+    _assert_valid(chosen, 1)
+    # Golden: the frame from pydicom directly, min-max normalised (the file has no VOI).
+    raw = pydicom.dcmread(path).pixel_array[3].astype(np.float64)
+    reference = (raw - raw.min()) / (raw.max() - raw.min())
+    np.testing.assert_allclose(chosen.array[:, :, 0], reference, atol=1e-6)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path, frame=16)
+    message = _assert_refusal(err, path)
+    assert "16 frame" in message and "0..15" in message
+    with pytest.raises(ImageReadError):
+        read_image(path, frame=-1)
+
+
+@needs_samples
+def test_us_big_endian_rgb() -> None:
+    pydicom = pytest.importorskip("pydicom")
+    path = DICOM_DIR / "US_Explicit_Big_RGB.dcm"
+    image = read_image(path)
+    _assert_valid(image, 3)
+    assert image.meta["transfer_syntax"] == "1.2.840.10008.1.2.2"
+    assert image.meta["photometric"] == "RGB"
+    raw = pydicom.dcmread(path).pixel_array
+    np.testing.assert_allclose(image.array, raw / 255.0, atol=1e-6)
+    assert read_image(path, channels=1).array.shape == (480, 640, 1)
+
+
+@needs_samples
+def test_ct_jpeg_lossless_read_or_install_hint() -> None:
+    pytest.importorskip("pydicom")
+    path = DICOM_DIR / "CT_JPEG70.dcm"
+    if JPEG_LOSSLESS_DECODABLE:
+        image = read_image(path)
+        _assert_valid(image, 1)
+        assert image.meta["transfer_syntax"] == "1.2.840.10008.1.2.4.70"
+        assert image.meta["window"] == (40.0, 400.0)
+    else:
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        message = _assert_refusal(err, path)
+        assert "1.2.840.10008.1.2.4.70" in message and 'pip install "pellucid[dicom]"' in message
+
+
+@needs_samples
+def test_missing_decoder_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pydicom")
+    path = DICOM_DIR / "CT_JPEG70.dcm"
+    monkeypatch.setattr(
+        readers, "_missing_decoder_packages", lambda uid: ["pylibjpeg - requires pylibjpeg>=2.0"]
+    )
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    message = _assert_refusal(err, path)
+    assert "1.2.840.10008.1.2.4.70" in message
+    assert "JPEG Lossless" in message
+    assert 'pip install "pellucid[dicom]"' in message
+
+
+@needs_samples
+def test_headless_retired_ct_golden() -> None:
+    pydicom = pytest.importorskip("pydicom")
+    path = DICOM_DIR / "CT_Implicit_Little_Headless_Retired.dcm"
+    with pytest.warns(UserWarning, match="missing DICOM attributes"):
+        image = read_image(path)
+    assert image.meta["rescale"] == (1.0, -1024.0)
+    assert image.meta["window"] == (50.0, 300.0)  # the first of two windows
+    assert any("inferred" in note for note in image.meta["notes"])
+    ds = pydicom.dcmread(path, force=True)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    hu = ds.pixel_array.astype(np.float64) - 1024.0
+    np.testing.assert_allclose(image.array[:, :, 0], _linear_window(hu, 50, 300), atol=1e-5)
+
+
+@needs_samples
+def test_identifying_tags_of_real_sample_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    path = DICOM_DIR / "CT_Explicit_Little.dcm"
+    with caplog.at_level(logging.DEBUG, logger="pellucid"):
+        tags = dicom_identifying_tags(path)
+        read_image(path)
+    ds = pydicom.dcmread(path)
+    assert tags["PatientName"] == str(ds.PatientName)
+    assert tags["InstitutionName"] == str(ds.InstitutionName)
+    assert str(ds.PatientName) not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# synthetic DICOMs
+
+
+def _write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 16,
+    signed: bool = False,
+    preamble: bool = True,
+    **attributes: object,
+) -> Path:
+    """Write uint16 (or int16) ``pixels`` of shape (H, W) or (frames, H, W) as DICOM."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(pixels).astype("<u2" if not signed else "<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    if not preamble:
+        data = path.read_bytes()
+        assert data[128:132] == b"DICM"
+        path.write_bytes(data[132:])
+    assert pydicom is not None
+    return path
+
+
+RAMP = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)  # 0..4095: fits 12 bits
+
+
+def test_synthetic_monochrome1_inverted(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "m1.dcm", RAMP, photometric="MONOCHROME1", bits_stored=12)
+    image = read_dicom(path)
+    assert image.meta["monochrome1_inverted"] is True
+    assert image.meta["photometric"] == "MONOCHROME1"
+    flat = image.array[:, :, 0].ravel()
+    assert flat[4095] == pytest.approx(0.0, abs=1e-6)  # the max stored value becomes black
+    assert flat[0] == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(flat, 1.0 - RAMP.ravel() / 4095.0, atol=1e-6)
+
+
+def test_synthetic_monochrome1_inverted_after_window(tmp_path: Path) -> None:
+    path = _write_dicom(
+        tmp_path / "m1w.dcm", RAMP, photometric="MONOCHROME1", bits_stored=12,
+        WindowCenter=2048, WindowWidth=1024,
+    )
+    image = read_dicom(path)
+    expected = 1.0 - _linear_window(RAMP.astype(np.float64), 2048, 1024)
+    np.testing.assert_allclose(image.array[:, :, 0], expected, atol=1e-5)
+
+
+def test_synthetic_rescale_before_window(tmp_path: Path) -> None:
+    path = _write_dicom(
+        tmp_path / "rescale.dcm", RAMP, bits_stored=12,
+        RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=0, WindowWidth=1000,
+    )
+    image = read_dicom(path)
+    assert image.meta["rescale"] == (2.0, -1024.0)
+    assert image.meta["window"] == (0.0, 1000.0)
+    flat = image.array[:, :, 0].ravel()
+    # stored 512 -> modality value 0 -> window centre
+    assert flat[512] == pytest.approx(0.5 + 0.5 / 999, abs=1e-5)
+    assert flat[612] == pytest.approx(0.5 + 200.5 / 999, abs=1e-5)  # modality 200
+    assert flat[0] == 0.0 and flat[1000] == 1.0
+    expected = _linear_window(RAMP.astype(np.float64) * 2 - 1024, 0, 1000)
+    np.testing.assert_allclose(flat, expected.ravel(), atol=1e-5)
+
+
+def test_synthetic_file_window_and_override(tmp_path: Path) -> None:
+    path = _write_dicom(
+        tmp_path / "win.dcm", RAMP, bits_stored=12,
+        WindowCenter=[2048, 1000], WindowWidth=[1024, 500],  # multi-valued: the first is used
+    )
+    from_file = read_dicom(path)
+    assert from_file.meta["window"] == (2048.0, 1024.0)
+    ramp = RAMP.astype(np.float64)
+    np.testing.assert_allclose(from_file.array[:, :, 0], _linear_window(ramp, 2048, 1024), atol=1e-5)
+    assert from_file.array[32, 0, 0] == pytest.approx(0.5 + 0.5 / 1023, abs=1e-5)  # value 2048
+
+    override = read_image(path, window=(1000, 500))
+    assert override.meta["window"] == (1000.0, 500.0)
+    np.testing.assert_allclose(override.array[:, :, 0], _linear_window(ramp, 1000, 500), atol=1e-5)
+    assert not np.allclose(override.array, from_file.array)
+
+
+def test_synthetic_no_voi_is_min_max(tmp_path: Path) -> None:
+    pixels = (RAMP // 2 + 100).astype(np.uint16)  # 100..2147
+    image = read_dicom(_write_dicom(tmp_path / "mm.dcm", pixels, bits_stored=12))
+    assert image.meta["window"] is None and image.meta["voi_lut_applied"] is False
+    np.testing.assert_allclose(image.array[:, :, 0], (pixels - 100.0) / 2047.0, atol=1e-6)
+
+
+def test_synthetic_voi_lut_sequence(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    lut = np.round(np.sqrt(np.arange(4096) / 4095.0) * 65535).astype(np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+    path = _write_dicom(tmp_path / "voilut.dcm", RAMP, bits_stored=12, VOILUTSequence=[item])
+    image = read_dicom(path)
+    assert image.meta["voi_lut_applied"] is True
+    np.testing.assert_allclose(image.array[:, :, 0].ravel(), lut / 65535.0, atol=1e-6)
+
+
+def test_synthetic_bits_stored_12_unsigned_and_signed(tmp_path: Path) -> None:
+    image = read_dicom(_write_dicom(tmp_path / "u12.dcm", RAMP, bits_stored=12))
+    assert image.meta["bits_stored"] == 12
+    np.testing.assert_allclose(image.array[:, :, 0], RAMP / 4095.0, atol=1e-6)
+
+    values = RAMP.astype(np.int32) - 2048  # -2048..2047, stored as 12-bit two's complement
+    stored = (values & 0x0FFF).astype(np.uint16)
+    signed = read_dicom(_write_dicom(tmp_path / "s12.dcm", stored, bits_stored=12, signed=True))
+    assert signed.meta["bits_stored"] == 12
+    np.testing.assert_allclose(signed.array[:, :, 0], (values + 2048) / 4095.0, atol=1e-6)
+
+
+def test_synthetic_multiframe_default_middle(tmp_path: Path) -> None:
+    frames = np.zeros((5, 8, 8), dtype=np.uint16)
+    for k in range(5):
+        frames[k, 0, k] = 1000  # frame k has its bright pixel in column k
+    path = _write_dicom(tmp_path / "mf.dcm", frames, bits_stored=12)
+    image = read_dicom(path)
+    assert image.meta["frame"] == 2 and image.meta["n_frames"] == 5
+    assert np.unravel_index(np.argmax(image.array[:, :, 0]), (8, 8)) == (0, 2)
+    assert any("middle frame" in note for note in image.meta["notes"])
+    last = read_dicom(path, frame=4)
+    assert np.unravel_index(np.argmax(last.array[:, :, 0]), (8, 8)) == (0, 4)
+    with pytest.raises(ImageReadError, match=r"0\.\.4"):
+        read_dicom(path, frame=5)
+
+
+def test_synthetic_per_frame_voi(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    per_frame = []
+    for center in (1000.0, 3000.0):
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = center, 1000.0
+        group = Dataset()
+        group.FrameVOILUTSequence = [voi]
+        per_frame.append(group)
+    frames = np.stack([RAMP, RAMP])
+    path = _write_dicom(
+        tmp_path / "enh.dcm", frames, bits_stored=12, PerFrameFunctionalGroupsSequence=per_frame
+    )
+    ramp = RAMP.astype(np.float64)
+    for index, center in enumerate((1000.0, 3000.0)):
+        image = read_dicom(path, frame=index)
+        assert image.meta["window"] == (center, 1000.0)
+        np.testing.assert_allclose(
+            image.array[:, :, 0], _linear_window(ramp, center, 1000), atol=1e-5
+        )
+
+
+def test_synthetic_without_preamble(tmp_path: Path) -> None:
+    with_suffix = _write_dicom(tmp_path / "nopre.dcm", RAMP, bits_stored=12, preamble=False)
+    assert with_suffix.read_bytes()[:2] == b"\x02\x00"  # starts straight with the meta group
+    image = read_image(with_suffix)
+    np.testing.assert_allclose(image.array[:, :, 0], RAMP / 4095.0, atol=1e-6)
+    no_suffix = tmp_path / "scan_without_suffix"
+    no_suffix.write_bytes(with_suffix.read_bytes())
+    assert is_dicom(no_suffix)
+    np.testing.assert_allclose(read_image(no_suffix).array, image.array)
+
+
+def test_synthetic_truncated_dicom_refused(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "cut.dcm", RAMP, bits_stored=12)
+    path.write_bytes(path.read_bytes()[:-3000])
+    with pytest.raises(ImageReadError) as err:
+        read_dicom(path)
+    _assert_refusal(err, path)
+
+
+def test_synthetic_identifying_tags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    request = Dataset()
+    request.RequestingPhysician = "House^Gregory"
+    path = _write_dicom(
+        tmp_path / "phi.dcm", RAMP, bits_stored=12,
+        PatientName="Doe^Jane", PatientID="MRN-0042", PatientBirthDate="19700101",
+        InstitutionName="", RequestAttributesSequence=[request],
+    )
+    with caplog.at_level(logging.DEBUG, logger="pellucid"):
+        tags = dicom_identifying_tags(path)
+        read_image(path)
+    assert tags["PatientName"] == "Doe^Jane"
+    assert tags["PatientID"] == "MRN-0042"
+    assert tags["PatientBirthDate"] == "19700101"
+    assert tags["RequestingPhysician"] == "House^Gregory"  # found inside a sequence
+    assert "InstitutionName" not in tags  # empty values are left out
+    assert "Doe" not in caplog.text and "MRN-0042" not in caplog.text
+
+
+def test_identifying_tags_refuses_non_dicom(tmp_path: Path) -> None:
+    path = tmp_path / "photo.png"
+    PILImage.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    with pytest.raises(ImageReadError, match="photo.png"):
+        dicom_identifying_tags(path)
+
+
+def test_window_argument_validated(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "w.dcm", RAMP, bits_stored=12)
+    with pytest.raises(ValueError, match="width > 0"):
+        read_image(path, window=(100, 0))
+    with pytest.raises(ValueError, match="center, width"):
+        read_image(path, window=(100,))  # type: ignore[arg-type]
+
+
+def test_text_file_named_dcm_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.dcm"
+    path.write_text("this is not a DICOM file\n" * 20)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    _assert_refusal(err, path)
+
+
+# ------------------------------------------------------------------------------------------
+# ordinary images
+
+
+def _gradient(h: int = 12, w: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(h, w), dtype=np.uint8)
+
+
+def test_png_gray(tmp_path: Path) -> None:
+    pixels = _gradient()
+    path = tmp_path / "gray.png"
+    PILImage.fromarray(pixels).save(path)
+    image = read_image(path)
+    _assert_valid(image, 1)
+    assert image.meta["format"] == "png" and image.meta["mode"] == "L"
+    assert image.meta["original_size"] == (12, 16)
+    np.testing.assert_allclose(image.array[:, :, 0], pixels / 255.0, atol=1e-7)
+    assert not is_dicom(path)
+
+
+def test_jpeg_rgb_channel_order(tmp_path: Path) -> None:
+    pixels = np.zeros((16, 24, 3), dtype=np.uint8)
+    pixels[:, :8, 0] = 255  # red | green | blue bands
+    pixels[:, 8:16, 1] = 255
+    pixels[:, 16:, 2] = 255
+    path = tmp_path / "bands.jpg"
+    PILImage.fromarray(pixels).save(path, quality=95)
+    image = read_image(path)
+    _assert_valid(image, 3)
+    assert image.meta["format"] == "jpeg"
+    red, green, blue = (image.array[8, c] for c in (3, 12, 20))
+    assert red[0] > 0.9 and red[1] < 0.15 and red[2] < 0.15  # RGB order, not BGR
+    assert green[1] > 0.9 and green[0] < 0.15
+    assert blue[2] > 0.9 and blue[0] < 0.15
+
+
+def test_png_16bit_scaled_by_65535(tmp_path: Path) -> None:
+    pixels = np.array([[0, 255, 4096], [32768, 65535, 1000]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    PILImage.fromarray(pixels).save(path)
+    image = read_image(path)
+    assert image.array.shape == (2, 3, 1)
+    np.testing.assert_allclose(image.array[:, :, 0], pixels / 65535.0, atol=1e-7)
+    assert image.array.max() == 1.0
+
+
+def test_png_rgba_composited(tmp_path: Path) -> None:
+    pixels = np.zeros((2, 2, 4), dtype=np.uint8)
+    pixels[..., :3] = [200, 100, 50]
+    pixels[..., 3] = [[255, 255], [0, 51]]
+    path = tmp_path / "rgba.png"
+    PILImage.fromarray(pixels, mode="RGBA").save(path)
+    image = read_image(path)
+    assert image.array.shape == (2, 2, 3)
+    colour = np.array([200, 100, 50]) / 255.0
+    np.testing.assert_allclose(image.array[0, 0], colour, atol=1e-6)  # opaque: unchanged
+    np.testing.assert_allclose(image.array[1, 0], 0.0, atol=1e-6)  # transparent: black
+    np.testing.assert_allclose(image.array[1, 1], colour * 0.2, atol=1e-6)
+    opaque = tmp_path / "opaque.png"
+    pixels[..., 3] = 255
+    PILImage.fromarray(pixels, mode="RGBA").save(opaque)
+    np.testing.assert_allclose(read_image(opaque).array, np.broadcast_to(colour, (2, 2, 3)), atol=1e-6)
+
+
+def test_palette_png(tmp_path: Path) -> None:
+    gray = PILImage.fromarray(_gradient()).convert("P")
+    gray.putpalette([v for i in range(256) for v in (i, i, i)])
+    gray_path = tmp_path / "pal_gray.png"
+    gray.save(gray_path)
+    assert read_image(gray_path).array.shape == (12, 16, 1)
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[:2] = [255, 0, 0]
+    colour_path = tmp_path / "pal_colour.png"
+    PILImage.fromarray(rgb).convert("P", palette=PILImage.Palette.ADAPTIVE, colors=4).save(colour_path)
+    image = read_image(colour_path)
+    assert image.array.shape == (4, 4, 3)
+    np.testing.assert_allclose(image.array[0, 0], [1.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_bmp(tmp_path: Path) -> None:
+    pixels = np.stack([_gradient(), _gradient()[::-1], 255 - _gradient()], axis=2)
+    path = tmp_path / "img.bmp"
+    PILImage.fromarray(pixels).save(path)
+    image = read_image(path)
+    assert image.meta["format"] == "bmp"
+    np.testing.assert_allclose(image.array, pixels / 255.0, atol=1e-7)
+
+
+def test_tiff_16bit_and_pages(tmp_path: Path) -> None:
+    pixels = (np.arange(12 * 16, dtype=np.uint16) * 300).reshape(12, 16)
+    path = tmp_path / "deep.tif"
+    PILImage.fromarray(pixels).save(path)
+    image = read_image(path)
+    assert image.meta["format"] == "tiff"
+    np.testing.assert_allclose(image.array[:, :, 0], pixels / 65535.0, atol=1e-7)
+
+    pages = [PILImage.fromarray(np.full((4, 4), v, np.uint8)) for v in (10, 20, 30)]
+    multi = tmp_path / "pages.tiff"
+    pages[0].save(multi, save_all=True, append_images=pages[1:])
+    first = read_image(multi)
+    assert first.meta["n_frames"] == 3 and first.meta["frame"] == 0
+    assert first.array[0, 0, 0] == pytest.approx(10 / 255)
+    assert read_image(multi, frame=2).array[0, 0, 0] == pytest.approx(30 / 255)
+    with pytest.raises(ImageReadError, match=r"0\.\.2"):
+        read_image(multi, frame=3)
+
+
+def test_channels_argument(tmp_path: Path) -> None:
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 255, 128, 0
+    path = tmp_path / "rgb.png"
+    PILImage.fromarray(rgb).save(path)
+    gray = read_image(path, channels=1)
+    assert gray.array.shape == (2, 2, 1)
+    assert gray.array[0, 0, 0] == pytest.approx(0.299 + 0.587 * 128 / 255, abs=1e-6)
+    gray_path = tmp_path / "g.png"
+    PILImage.fromarray(_gradient()).save(gray_path)
+    three = read_image(gray_path, channels=3)
+    assert three.array.shape == (12, 16, 3)
+    np.testing.assert_array_equal(three.array[..., 0], three.array[..., 2])
+    with pytest.raises(ValueError, match="channels"):
+        read_image(path, channels=2)
+
+
+def test_window_on_png_warns(tmp_path: Path) -> None:
+    path = tmp_path / "g.png"
+    PILImage.fromarray(_gradient()).save(path)
+    with pytest.warns(UserWarning, match="DICOM only") as record:
+        read_image(path, window=(40, 400))
+    assert record[0].filename == __file__  # attributed to the caller
+
+
+def test_image_properties() -> None:
+    image = Image(np.array([[[1.0, 0.0, 0.0]]], dtype=np.float32), {})
+    assert image.rgb.shape == (1, 1, 3)
+    assert image.gray.shape == (1, 1, 1) and image.gray.dtype == np.float32
+    assert image.gray[0, 0, 0] == pytest.approx(0.299)
+    gray = Image(np.full((3, 4), 0.5))
+    assert gray.array.shape == (3, 4, 1) and gray.array.dtype == np.float32
+    assert gray.rgb.shape == (3, 4, 3) and float(gray.rgb.min()) == 0.5
+    with pytest.raises(ValueError, match="shape"):
+        Image(np.zeros((3, 4, 4), np.float32))
+
+
+# ------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.png"
+    with pytest.raises(ImageReadError, match="not found — check the path") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+
+
+def test_text_file_named_png(tmp_path: Path) -> None:
+    path = tmp_path / "fake.png"
+    path.write_text("hello, I am not a picture\n")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    _assert_refusal(err, path)
+    assert err.value.__cause__ is not None
+
+
+def test_truncated_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jpg"
+    PILImage.fromarray(np.stack([_gradient(64, 64)] * 3, axis=2)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    _assert_refusal(err, path)
+    assert err.value.__cause__ is not None
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "anim.gif"
+    PILImage.fromarray(_gradient()).save(path)
+    with pytest.raises(ImageReadError, match="unsupported file type") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+
+
+def test_directory_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match="directory"):
+        read_image(tmp_path)
+
+
+def test_is_dicom_negatives(tmp_path: Path) -> None:
+    text = tmp_path / "readme"
+    text.write_text("plain text, no DICOM here\n")
+    assert not is_dicom(text)
+    assert not is_dicom(tmp_path / "missing")
+    assert is_dicom(tmp_path / "anything.DCM")  # by suffix alone
+
+
+# ------------------------------------------------------------------------------------------
+# real chest X-ray sample
+
+
+@pytest.mark.skipif(not CXR_DIR.is_dir(), reason=f"sample chest X-rays not found at {CXR_DIR}")
+def test_real_cxr_png() -> None:
+    path = sorted(CXR_DIR.iterdir())[0]
+    image = read_image(path)
+    _assert_valid(image)
+    assert image.meta["format"] == "png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gray = read_image(path, channels=1)
+    assert gray.array.shape == image.array.shape[:2] + (1,)
+    assert 0.05 < float(gray.array.mean()) < 0.95
