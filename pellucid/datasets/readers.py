@@ -253,7 +253,8 @@ def read_image(
         image = _read_pil(p, frame=frame)
     else:
         raise ImageReadError(
-            f"{p}: unsupported file type {p.suffix or '(no suffix)'!r} and no DICOM header found — "
+            f"{p}: unsupported file type {p.suffix or '(no suffix)'!r} and no DICOM header "
+            "found — "
             f"convert it to one of {', '.join(sorted(IMAGE_SUFFIXES))} or DICOM"
         )
     if channels is not None and image.array.shape[2] != channels:
@@ -301,15 +302,15 @@ def read_dicom(
     pydicom = _import_pydicom(p)
     caveats: list[str] = []
     # pydicom reports non-conformant header values (a DS too long, ...) as warnings while values
-    # are read lazily; they are chatter for our purpose, so they go to the debug log, and our own
-    # caveats are warned once the reading is done.
+    # are read lazily. They are chatter for our purpose and may quote identifying values, so only
+    # their count is logged; our own caveats are warned once the reading is done.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             image = _read_dicom(pydicom, p, frame, window, caveats)
         finally:
-            for w in caught:
-                logger.debug("pydicom while reading %s: %s", p.name, w.message)
+            if caught:
+                logger.debug("pydicom: %d header warning(s) while reading %s", len(caught), p.name)
     for message in caveats:
         _warn(message)
     return image
@@ -551,7 +552,7 @@ def _pil_to_float(im: Any, path: Path, notes: list[str]) -> np.ndarray:
         colour, alpha = raw[..., :-1], raw[..., -1:]
         if float(alpha.min()) < 1.0:
             notes.append("composited transparent pixels over black")
-            colour = colour
+            colour = colour * alpha
         else:
             notes.append("dropped an opaque alpha channel")
         arr = colour
@@ -580,7 +581,8 @@ def _pil_to_float(im: Any, path: Path, notes: list[str]) -> np.ndarray:
         raw = np.asarray(im, dtype=np.float64)
         if not np.all(np.isfinite(raw)):
             raise ImageReadError(
-                f"{path}: floating-point image contains NaN or infinite values — fix or re-export it"
+                f"{path}: floating-point image contains NaN or infinite values — fix or "
+                "re-export it"
             )
         if raw.size and raw.min() >= 0.0 and raw.max() <= 1.0:
             arr = raw.astype(np.float32)
@@ -712,7 +714,10 @@ def _number_of_frames(ds: Dataset) -> int:
 
 
 def _missing_decoder_packages(tsyntax: Any) -> list[str] | None:
-    """None when an installed decoder handles ``tsyntax``; else what would (possibly empty)."""
+    """None when an installed decoder handles ``tsyntax``; else the plugins that would.
+
+    An empty list means pydicom has no decoder for ``tsyntax`` at all.
+    """
     from pydicom.pixels import get_decoder
 
     try:
@@ -727,7 +732,7 @@ def _missing_decoder_packages(tsyntax: Any) -> list[str] | None:
 def _decode_frame(
     ds: Dataset, path: Path, tsyntax: Any, frame: int, notes: list[str]
 ) -> tuple[np.ndarray, str]:
-    """Decode one frame; return it ``(H, W)`` or ``(H, W, 3)`` and its photometric interpretation."""
+    """Decode one frame: ``(H, W)`` or ``(H, W, 3)``, and its photometric interpretation."""
     try:
         from pydicom.pixels import as_pixel_options, get_decoder
     except ImportError as err:  # pydicom < 3
@@ -737,8 +742,14 @@ def _decode_frame(
         ) from err
 
     missing = _missing_decoder_packages(tsyntax)
+    if missing == []:
+        raise ImageReadError(
+            f"{path}: pixel data uses transfer syntax {tsyntax} ({tsyntax.name}), which pydicom "
+            "cannot decode — convert the file to an uncompressed transfer syntax (e.g. with "
+            "dcmtk's dcmdjpeg or gdcmconv --raw)"
+        )
     if missing is not None:
-        options = f" (or one of: {'; '.join(missing)})" if missing else ""
+        options = f" (or one of: {'; '.join(missing)})"
         raise ImageReadError(
             f"{path}: pixel data uses transfer syntax {tsyntax} ({tsyntax.name}), which no "
             f"installed decoder handles — {_DICOM_INSTALL_HINT} for pylibjpeg and "
@@ -751,8 +762,8 @@ def _decode_frame(
             arr, props = decoder.as_array(ds, index=frame, **as_pixel_options(ds))
     except Exception as err:  # noqa: BLE001 - decoders raise many types on bad data
         raise ImageReadError(
-            f"{path}: pixel data could not be decoded ({_one_line(err)}) — the file is corrupt or "
-            "truncated; re-export it"
+            f"{path}: pixel data could not be decoded ({_one_line(err)}) — the file is corrupt "
+            "or truncated; re-export it"
         ) from err
     for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
         notes.append(f"pydicom: {message}")
@@ -829,7 +840,7 @@ def _dicom_monochrome(
         return out
 
     has_lut = bool(voi_view.get("VOILUTSequence"))
-    has_window = voi_view.get("WindowCenter") is not None and voi_view.get("WindowWidth") is not None
+    has_window = None not in (voi_view.get("WindowCenter"), voi_view.get("WindowWidth"))
     if has_lut:
         try:
             out = _apply_voi(np.rint(values).astype(np.int64), voi_view, apply_voi_lut)
@@ -963,7 +974,9 @@ def _check_file(path: str | os.PathLike[str]) -> Path:
     try:
         size = p.stat().st_size
     except OSError as err:
-        raise ImageReadError(f"{p}: cannot be accessed ({_one_line(err)}) — check permissions") from err
+        raise ImageReadError(
+            f"{p}: cannot be accessed ({_one_line(err)}) — check permissions"
+        ) from err
     if size == 0:
         raise ImageReadError(f"{p}: is empty (0 bytes) — the file is incomplete; re-export it")
     return p

@@ -108,6 +108,7 @@ def test_identifying_tags_cover_the_basics() -> None:
 
 
 @needs_samples
+@pytest.mark.filterwarnings("ignore:.*missing DICOM attributes assumed")
 @pytest.mark.parametrize("path", DICOM_FILES, ids=lambda p: p.name)
 def test_real_dicom_read_or_refused(path: Path) -> None:
     pytest.importorskip("pydicom")
@@ -220,6 +221,28 @@ def test_missing_decoder_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @needs_samples
+def test_unknown_transfer_syntax_says_convert(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pydicom")
+    path = DICOM_DIR / "CT_JPEG70.dcm"
+    monkeypatch.setattr(readers, "_missing_decoder_packages", lambda uid: [])
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    message = _assert_refusal(err, path)
+    assert "1.2.840.10008.1.2.4.70" in message and "uncompressed transfer syntax" in message
+
+
+@needs_samples
+def test_headless_sample_found_without_suffix(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    original = DICOM_DIR / "OT_Implicit_Little_Headless.dcm"
+    renamed = tmp_path / "ot_scan"
+    renamed.write_bytes(original.read_bytes())
+    assert renamed.read_bytes()[128:132] != b"DICM"
+    assert is_dicom(renamed)
+    np.testing.assert_array_equal(read_image(renamed).array, read_image(original).array)
+
+
+@needs_samples
 def test_headless_retired_ct_golden() -> None:
     pydicom = pytest.importorskip("pydicom")
     path = DICOM_DIR / "CT_Implicit_Little_Headless_Retired.dcm"
@@ -264,7 +287,7 @@ def _write_dicom(
     **attributes: object,
 ) -> Path:
     """Write uint16 (or int16) ``pixels`` of shape (H, W) or (frames, H, W) as DICOM."""
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -294,7 +317,6 @@ def _write_dicom(
         data = path.read_bytes()
         assert data[128:132] == b"DICM"
         path.write_bytes(data[132:])
-    assert pydicom is not None
     return path
 
 
@@ -347,7 +369,8 @@ def test_synthetic_file_window_and_override(tmp_path: Path) -> None:
     from_file = read_dicom(path)
     assert from_file.meta["window"] == (2048.0, 1024.0)
     ramp = RAMP.astype(np.float64)
-    np.testing.assert_allclose(from_file.array[:, :, 0], _linear_window(ramp, 2048, 1024), atol=1e-5)
+    reference = _linear_window(ramp, 2048, 1024)
+    np.testing.assert_allclose(from_file.array[:, :, 0], reference, atol=1e-5)
     assert from_file.array[32, 0, 0] == pytest.approx(0.5 + 0.5 / 1023, abs=1e-5)  # value 2048
 
     override = read_image(path, window=(1000, 500))
@@ -554,7 +577,8 @@ def test_png_rgba_composited(tmp_path: Path) -> None:
     opaque = tmp_path / "opaque.png"
     pixels[..., 3] = 255
     PILImage.fromarray(pixels, mode="RGBA").save(opaque)
-    np.testing.assert_allclose(read_image(opaque).array, np.broadcast_to(colour, (2, 2, 3)), atol=1e-6)
+    expected = np.broadcast_to(colour, (2, 2, 3))
+    np.testing.assert_allclose(read_image(opaque).array, expected, atol=1e-6)
 
 
 def test_palette_png(tmp_path: Path) -> None:
@@ -566,7 +590,8 @@ def test_palette_png(tmp_path: Path) -> None:
     rgb = np.zeros((4, 4, 3), np.uint8)
     rgb[:2] = [255, 0, 0]
     colour_path = tmp_path / "pal_colour.png"
-    PILImage.fromarray(rgb).convert("P", palette=PILImage.Palette.ADAPTIVE, colors=4).save(colour_path)
+    palette = PILImage.fromarray(rgb).convert("P", palette=PILImage.Palette.ADAPTIVE, colors=4)
+    palette.save(colour_path)
     image = read_image(colour_path)
     assert image.array.shape == (4, 4, 3)
     np.testing.assert_allclose(image.array[0, 0], [1.0, 0.0, 0.0], atol=1e-6)
@@ -598,6 +623,20 @@ def test_tiff_16bit_and_pages(tmp_path: Path) -> None:
     assert read_image(multi, frame=2).array[0, 0, 0] == pytest.approx(30 / 255)
     with pytest.raises(ImageReadError, match=r"0\.\.2"):
         read_image(multi, frame=3)
+
+
+def test_jpeg_exif_orientation_applied(tmp_path: Path) -> None:
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    pixels[:, :10] = 255  # left half white
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "phone.jpg"
+    PILImage.fromarray(pixels).save(path, exif=exif, quality=95)
+    image = read_image(path)
+    assert image.array.shape == (20, 10, 3)
+    assert image.meta["original_size"] == (20, 10)
+    assert image.array[2, 5].mean() > 0.9 and image.array[17, 5].mean() < 0.1  # white on top
+    assert any("EXIF" in note for note in image.meta["notes"])
 
 
 def test_channels_argument(tmp_path: Path) -> None:

