@@ -47,6 +47,7 @@ __all__ = [
     "ProtoConfig",
     "PLAIN",
     "IMPROVED",
+    "improved_config",
     "DISTANCES",
     "DEFAULT_CACHE_DIR",
     "compute_prototypes",
@@ -92,13 +93,16 @@ class ProtoConfig:
         layers: dotted backbone paths whose outputs are average-pooled and concatenated; ``()`` uses
             the backbone's own pooled embedding.
         flip: average the raw features of the image and its horizontal mirror (test-time
-            augmentation; doubles the cost of a forward pass).
+            augmentation; doubles the cost of a forward pass, and CAM explainers hooking a layer
+            then see two passes — leave it off for models that will be explained).
         power: exponent of the power transform ``sign(x) |x|^p`` applied to raw features, or None.
         center: subtract the mean of the (transformed) support features before the final
             normalisation.
         normalize: L2-normalise the embedding (and, with several layers, each layer's block first).
         image_size: input side in pixels; None uses the backbone's default.
         scale: multiplier of the logits (``-scale * distance`` or ``scale * cosine``).
+        layer_weights: with several layers and ``normalize``, the weight of each L2-normalised layer
+            block in the concatenation (one per layer), or None for equal weights.
     """
 
     distance: str = "euclidean"
@@ -109,29 +113,52 @@ class ProtoConfig:
     normalize: bool = False
     image_size: int | None = None
     scale: float = 1.0
+    layer_weights: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
             raise unknown_name_error("distance", self.distance, list(DISTANCES))
         object.__setattr__(self, "layers", tuple(self.layers))
+        if self.layer_weights is not None:
+            object.__setattr__(self, "layer_weights", tuple(float(w) for w in self.layer_weights))
+            if len(self.layer_weights) != len(self.layers):
+                raise FewShotError(f"layer_weights has {len(self.layer_weights)} values for {len(self.layers)} "
+                                   f"layer(s) {list(self.layers)}; give one weight per layer")
+        if self.scale <= 0:
+            raise FewShotError(f"scale must be > 0, got {self.scale}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        d["layer_weights"] = None if self.layer_weights is None else list(self.layer_weights)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ProtoConfig:
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: (tuple(v) if k == "layers" else v) for k, v in d.items() if k in known})
+        tuples = ("layers", "layer_weights")
+        return cls(**{k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in known})
 
 
 #: Plain prototypes (Snell et al.): pooled embedding, squared Euclidean distance.
 PLAIN = ProtoConfig()
-#: The frozen-feature variant measured best on the dev data (see bench/bench_fewshot.py): power
-#: transform, centering on the support mean and L2 normalisation ("CL2N"). ``layers`` is filled in
-#: from the backbone's ``tap_layers`` by :func:`fit_prototypes` when left empty there.
+#: Power transform (p = 0.5), centering on the support mean and L2 normalisation ("CL2N") of the
+#: backbone's pooled embedding; the transform of :func:`improved_config` and of episodic training.
 IMPROVED = ProtoConfig(power=0.5, center=True, normalize=True, scale=10.0)
+
+
+def improved_config(spec, image_size: int | None = None) -> ProtoConfig:
+    """The frozen-feature variant measured best over the three dev sets (bench/bench_fewshot.py):
+    :data:`IMPROVED` on the concatenated pooled outputs of the backbone's ``tap_layers`` (each
+    L2-normalised, the two shallower ones at weight 0.5).
+
+    Args:
+        spec: a :class:`~pellucid.core.backbones.BackboneSpec`.
+        image_size: input side (default: the spec's).
+    """
+    taps = tuple(spec.tap_layers)
+    weights = tuple([0.5] * (len(taps) - 1) + [1.0])
+    return replace(IMPROVED, layers=taps, layer_weights=weights, image_size=image_size or spec.input_size)
 
 
 # =============================================================================== pure maths
@@ -151,9 +178,11 @@ def compute_prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int |
     """
     labels = labels.long()
     n_way = int(labels.max()) + 1 if n_way is None else int(n_way)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_way):
+        raise FewShotError(f"support labels must lie in 0..{n_way - 1}; got {sorted(set(labels.tolist()))}")
     counts = torch.bincount(labels, minlength=n_way)
-    if counts.numel() > n_way or bool((counts[:n_way] == 0).any()):
-        empty = [i for i in range(n_way) if i >= counts.numel() or counts[i] == 0]
+    if bool((counts == 0).any()):
+        empty = [i for i in range(n_way) if counts[i] == 0]
         raise FewShotError(f"prototypes need at least one support embedding per class; class(es) {empty} of "
                            f"0..{n_way - 1} have none (labels seen: {sorted(set(labels.tolist()))})")
     sums = torch.zeros(n_way, support.shape[1], dtype=support.dtype, device=support.device)
@@ -188,7 +217,8 @@ def _pre_transform(raw: torch.Tensor, dims: Sequence[int], cfg: ProtoConfig) -> 
     if cfg.power is not None:
         x = torch.sign(x) * (x.abs() + 1e-12).pow(cfg.power) if cfg.power != 1.0 else x
     if cfg.normalize and len(dims) > 1:
-        x = torch.cat([F.normalize(b, dim=1) for b in torch.split(x, list(dims), dim=1)], dim=1)
+        weights = cfg.layer_weights if cfg.layer_weights and len(cfg.layer_weights) == len(dims) else [1.0] * len(dims)
+        x = torch.cat([w * F.normalize(b, dim=1) for w, b in zip(weights, torch.split(x, list(dims), dim=1))], dim=1)
     return x
 
 
@@ -863,16 +893,18 @@ class _Tail(nn.Module):
         self.paths = [p for p, _ in modules]
         self.stages = nn.ModuleList([m for _, m in modules])
         self.layers = tuple(layers)
+        self.dims: list[int] | None = None
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Raw features ``(B, D)`` of trunk activations ``(B, C, H, W)``."""
         x = maps
         taps = {self.trunk_layer: x}
         for p, m in zip(self.paths, self.stages):
             x = m(x)
             taps[p] = x
-        if not self.layers:
-            return _pool(x)
-        return torch.cat([_pool(taps[p]) for p in self.layers], dim=1)
+        blocks = [_pool(taps[p]) for p in self.layers] if self.layers else [_pool(x)]
+        self.dims = [b.shape[1] for b in blocks]
+        return torch.cat(blocks, dim=1)
 
 
 def split_backbone(backbone: Backbone, train_from: str, layers: Sequence[str] = ()) -> tuple[str, _Tail]:
@@ -1015,12 +1047,10 @@ class EpisodicFineTuner(_LightningModule):
         self.log_scale = nn.Parameter(torch.tensor(math.log(config.scale), dtype=torch.float32))
         self.dims: list[int] | None = None
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.tail.modules():  # frozen BatchNorm statistics
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        for m in self.tail.modules():  # frozen BatchNorm statistics (Lightning switches to train mode)
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        return self
 
     def training_step(self, batch, batch_idx):
         x, s_lab, q_lab, n_sup = batch
@@ -1115,7 +1145,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         pretrained: weight source as in :func:`~pellucid.core.backbones.create_backbone` (``False`` for
             random weights — tests only; the card records it).
         checkpoint: explicit weights file or model folder for the backbone.
-        config: embedding and distance; default :data:`IMPROVED` with the backbone's tap layers.
+        config: embedding and distance; default :func:`improved_config` of the backbone.
         task: task name written in the card; a registered task name is accepted only when its classes
             are exactly the support classes.
         cache_dir: feature cache folder (None: memory only).
@@ -1148,7 +1178,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
                            f"{list(get_task(task).classes)}, not {classes}; pick another --task name")
     bb, info = create_backbone(backbone, pretrained=pretrained, checkpoint=checkpoint)
     if config is None:
-        config = replace(IMPROVED, layers=tuple(bb.spec.tap_layers))
+        config = improved_config(bb.spec)
     size = int(config.image_size or bb.spec.input_size)
     config = replace(config, image_size=size)
     net = PrototypicalNetwork(bb, config)

@@ -45,12 +45,13 @@ def _set_trainable(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def freeze_bn_of_frozen(model: nn.Module) -> None:
-    """Put every batch-norm layer whose parameters are all frozen into eval mode."""
+def freeze_bn_of_frozen(model: nn.Module, all_bn: bool = False) -> None:
+    """Put every batch-norm layer whose parameters are all frozen (or every one, with ``all_bn``)
+    into eval mode, so its running statistics stay as loaded."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if all_bn or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 
@@ -61,6 +62,7 @@ class Strategy:
     lr: float = 1e-3
     head_lr: float = 3e-3
     weight_decay: float = 1e-4
+    bn_eval: bool = False
     name = "base"
     probe_first = False
     needs_images = True
@@ -112,8 +114,12 @@ class Progressive(Strategy):
         stages_per_epoch: how many more stages thaw at the start of each epoch.
         max_stages: the deepest number of stages ever thawed (the rest stays frozen).
         lr_decay: learning-rate factor per stage of depth below the top.
+        bn_eval: keep every batch-norm layer on its loaded statistics (affine parameters still
+            train). Batch statistics of a small, far-from-ImageNet set (grayscale X-rays) shift the
+            features the probe-fitted head was trained on; freezing them keeps the two consistent.
     """
 
+    bn_eval: bool = True
     stages_per_epoch: int = 1
     max_stages: int = 3
     lr_decay: float = 0.5

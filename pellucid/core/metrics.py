@@ -130,7 +130,17 @@ def choose_threshold(
     # thresholds[0] is +inf (nothing called positive); it is never a useful operating point.
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
     if policy == "youden":
-        return float(thresholds[int(np.argmax(tpr - fpr))])
+        # All thresholds in a run of J-maximising ROC points, down to the next lower score, give the
+        # same J on this data; take the middle of that interval rather than its upper edge, so a small
+        # validation set does not push the operating point against the positive cases.
+        j = tpr - fpr
+        best = np.flatnonzero(j >= j.max() - 1e-12)
+        end = best[0]
+        while end + 1 < len(j) and j[end + 1] >= j.max() - 1e-12:
+            end += 1
+        upper = float(thresholds[best[0]])
+        below = float(thresholds[end + 1]) if end + 1 < len(thresholds) else 0.0
+        return float((upper + below) / 2.0)
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1]; got {target_sensitivity}.")
     # tpr is non-decreasing as the threshold decreases, so the first hit is the highest threshold.

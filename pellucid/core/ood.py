@@ -83,7 +83,7 @@ class OODCheck:
         """One line for tables: ``"out of domain: ..."``, ``"uncertain"`` or ``"ok"``."""
         if self.flagged:
             return "out of domain: " + "; ".join(self.reasons)
-        return "uncertain (low confidence)" if self.uncertain else "ok"
+        return "uncertain" if self.uncertain else "ok"
 
 
 @dataclass

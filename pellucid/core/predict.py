@@ -61,6 +61,7 @@ class Predictor:
         self.device = torch.device(device)
         self.classes: list[str] = list(self.card["classes"])
         self.image_size: int = int(self.card["preprocessing"]["image_size"])
+        self.channels: int | None = self.card["preprocessing"].get("channels_in")
         self.temperature: float = float(self.card.get("calibration", {}).get("temperature", 1.0) or 1.0)
         thr = self.card.get("threshold") or {}
         self.threshold: float | None = thr.get("value")
@@ -69,7 +70,7 @@ class Predictor:
 
     def preprocess(self, image: Image | np.ndarray) -> torch.Tensor:
         """Image → ``(3, S, S)`` float tensor in [0, 1], as in training."""
-        return to_tensor(prepare(image, self.image_size))
+        return to_tensor(prepare(image, self.image_size, self.channels))
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:

@@ -40,6 +40,8 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "test_fraction": 0.2,
     "mixing": "none",
     "num_workers": 0,
+    "split": "grouped",
+    "members": [],
 }
 
 _MODALITIES = {"CXR", "photo", "dermoscopy", "histopathology", "sonar", "other"}

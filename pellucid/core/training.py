@@ -3,7 +3,7 @@
 :func:`train` is what ``pellucid train TASK`` runs: read the samples, make a grouped stratified
 split, decode every image once, build the backbone with its recorded weight source, fit the head on
 cached frozen features (linear probe), then — for ``full`` and ``progressive`` — fine-tune with a
-Lightning ``Trainer`` (AdamW, one-cycle warm-up + cosine schedule, early stopping, CSV logs, progress
+Lightning ``Trainer`` (AdamW, linear warm-up + cosine schedule, early stopping, CSV logs, progress
 bar, checkpoints to resume from, bf16 autocast and channels-last on GPU, DDP through
 ``--devices/--num-nodes/--strategy``). Then calibrate on validation (temperature scaling), choose the
 threshold by the task's policy on validation, score the held-out test split with bootstrap intervals,
@@ -70,6 +70,9 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     mixing: str = "none"
+    split: str = "grouped"
+    split_file: str | None = None
+    members: list = field(default_factory=list)
     seed: int = 0
     num_workers: int = 0
     accelerator: str = "auto"
@@ -131,40 +134,54 @@ def _class_weights(y: np.ndarray, n: int) -> torch.Tensor:
 
 
 def fit_head(head: nn.Linear, feats: torch.Tensor, y: torch.Tensor, *, weight: torch.Tensor | None = None,
-             weight_decay: float = 1e-4, epochs: int = 40, label_smoothing: float = 0.0,
+             l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0), epochs: int = 40, label_smoothing: float = 0.0,
              val: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Fit a linear head on cached features (full-batch L-BFGS on the convex weighted cross-entropy).
+    """Fit a linear head on cached features: full-batch L-BFGS on the convex weighted cross-entropy.
 
     A Lightning loop adds nothing to a convex fit on one in-memory tensor, so this is plain torch.
-    Features are standardised inside (folded back into the head's weights afterwards).
+    Features are standardised inside (folded back into the head's weights afterwards). With a
+    validation set, the L2 strength is chosen from ``l2_grid`` by validation loss.
 
     Returns:
-        ``{"train_loss": ..., "val_loss": ..., "val_acc": ...}``.
+        ``{"train_loss", "val_loss", "val_acc", "l2"}`` of the chosen fit.
     """
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     z = (feats - mu) / sd
-    lin = nn.Linear(feats.shape[1], head.out_features)
-    nn.init.zeros_(lin.weight)
-    nn.init.zeros_(lin.bias)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max(20, epochs * 5), history_size=20,
-                            line_search_fn="strong_wolfe")
-    lam = weight_decay * 10
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(z), y, weight=weight, label_smoothing=label_smoothing)
-        loss = loss + lam * lin.weight.pow(2).sum() / 2
-        loss.backward()
-        return loss
+    def fit(lam: float) -> nn.Linear:
+        lin = nn.Linear(feats.shape[1], head.out_features)
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max(20, epochs * 5), history_size=20,
+                                line_search_fn="strong_wolfe")
 
-    with torch.enable_grad():
-        opt.step(closure)
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(lin(z), y, weight=weight, label_smoothing=label_smoothing)
+            loss = loss + lam * lin.weight.pow(2).sum() / 2
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return lin
+
+    has_val = val is not None and len(val[1]) > 0
+    grid = l2_grid if has_val else (l2_grid[len(l2_grid) // 2],)
+    best = None
+    for lam in grid:
+        lin = fit(lam)
+        with torch.no_grad():
+            score = float(F.cross_entropy(lin((val[0] - mu) / sd), val[1])) if has_val else 0.0
+        if best is None or score < best[0]:
+            best = (score, lam, lin)
+    _, lam, lin = best
     with torch.no_grad():
         w = lin.weight / sd
         head.weight.copy_(w)
         head.bias.copy_(lin.bias - (w * mu).sum(1))
-        result = {"train_loss": float(F.cross_entropy(head(feats), y))}
-        if val is not None and len(val[1]):
+        result = {"train_loss": float(F.cross_entropy(head(feats), y)), "l2": lam}
+        if has_val:
             lv = head(val[0])
             result["val_loss"] = float(F.cross_entropy(lv, val[1]))
             result["val_acc"] = float((lv.argmax(1) == val[1]).float().mean())
@@ -230,10 +247,10 @@ def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_w
             thawed = self.strategy.on_epoch_start(self.model, self.current_epoch)
             if thawed:
                 log.info("epoch %d: thawed %s", self.current_epoch, ", ".join(thawed))
-            freeze_bn_of_frozen(self.model)
+            freeze_bn_of_frozen(self.model, all_bn=self.strategy.bn_eval)
 
         def on_train_batch_start(self, batch, batch_idx):
-            freeze_bn_of_frozen(self.model)
+            freeze_bn_of_frozen(self.model, all_bn=self.strategy.bn_eval)
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -257,9 +274,17 @@ def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_w
             groups = self.strategy.param_groups(self.model)
             opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
             total = max(1, int(self.trainer.estimated_stepping_batches))
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=0.15,
-                anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
+            warmup = max(1, int(0.1 * total))
+
+            def warmup_cosine(step: int) -> float:
+                # A plain function, so a resumed run (even with more epochs) recomputes the schedule
+                # from its own length instead of restoring a stale one from the checkpoint.
+                if step < warmup:
+                    return 0.1 + 0.9 * step / warmup
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return ClassifierModule()
@@ -301,7 +326,7 @@ def train(cfg: TrainConfig) -> Path:
     log.info("split %s: train %d, val %d, test %d", split["hash"], len(split["train"]), len(split["val"]),
              len(split["test"]))
 
-    cache = ImageCache([s.path for s in samples], cfg.image_size, progress=cfg.progress)
+    cache = ImageCache([s.path for s in samples], cfg.image_size, channels=task.channels, progress=cfg.progress)
     model, weight_info = build_classifier(cfg.backbone, len(task.classes), pretrained=cfg.pretrained,
                                           checkpoint=cfg.checkpoint, dropout=cfg.dropout)
     strategy = get_strategy(cfg.finetune, lr=cfg.lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay,
@@ -323,7 +348,7 @@ def train(cfg: TrainConfig) -> Path:
         t = time.time()
         feats = {p: extract_features(model, _batches(plain[p], 64), device, cfg.progress, f"features ({p})")
                  for p in ("train", "val")}
-        probe_info = fit_head(model.head, feats["train"], y["train"], weight=cw, weight_decay=cfg.weight_decay,
+        probe_info = fit_head(model.head, feats["train"], y["train"], weight=cw,
                               epochs=cfg.probe_epochs, label_smoothing=cfg.label_smoothing,
                               val=(feats["val"], y["val"]))
         probe_info["seconds"] = round(time.time() - t, 1)
@@ -419,7 +444,8 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, precision="bf16-mixed" if on_gpu else "32-true",
-        logger=CSVLogger(str(out), name="logs", version=""), callbacks=callbacks,
+        logger=CSVLogger(str(out), name="logs"),  # logs/version_N: one per (resumed) run
+        callbacks=callbacks,
         enable_progress_bar=cfg.progress, enable_model_summary=False, deterministic=False,
         log_every_n_steps=max(1, min(10, len(train_dl))), num_sanity_val_steps=0,
     )

@@ -27,16 +27,23 @@ __all__ = ["prepare", "to_tensor", "ImageCache", "CachedDataset", "load_prepared
 log = logging.getLogger(__name__)
 
 
-def prepare(image: Image | np.ndarray, size: int) -> np.ndarray:
+def prepare(image: Image | np.ndarray, size: int, channels: int | None = None) -> np.ndarray:
     """Image → ``(size, size, 3)`` uint8 RGB (gray replicated), resized without cropping.
 
     Args:
         image: an :class:`Image` or a float array ``(H, W[, C])`` in [0, 1].
         size: output side in pixels.
+        channels: 1 turns colour input into luminance first (single-channel tasks such as chest
+            X-rays, where colour is never signal — only a source artefact); 3 or None keep colour.
     """
-    arr = image.rgb if isinstance(image, Image) else np.asarray(image, dtype=np.float32)
+    if isinstance(image, Image):
+        arr = image.gray if channels == 1 else image.rgb
+    else:
+        arr = np.asarray(image, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[..., None]
+    if channels == 1 and arr.shape[2] == 3:
+        arr = (arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     u8 = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -52,9 +59,9 @@ def to_tensor(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u8).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_prepared(path: str | Path, size: int) -> np.ndarray:
+def load_prepared(path: str | Path, size: int, channels: int | None = None) -> np.ndarray:
     """Read a file and :func:`prepare` it (raises :class:`ImageReadError`)."""
-    return prepare(read_image(path), size)
+    return prepare(read_image(path), size, channels)
 
 
 class ImageCache:
@@ -64,6 +71,7 @@ class ImageCache:
         paths: image files.
         size: side of the prepared square arrays.
         workers: decoding threads.
+        channels: 1 for single-channel tasks (see :func:`prepare`).
         progress: show a progress bar.
 
     Attributes:
@@ -72,7 +80,8 @@ class ImageCache:
         failures: ``[(path, message)]`` of files that could not be read.
     """
 
-    def __init__(self, paths: Sequence[str | Path], size: int, *, workers: int = 4, progress: bool = True):
+    def __init__(self, paths: Sequence[str | Path], size: int, *, channels: int | None = None, workers: int = 4,
+                 progress: bool = True):
         from tqdm.auto import tqdm
 
         self.size = size
@@ -82,7 +91,7 @@ class ImageCache:
 
         def work(i: int):
             try:
-                return i, load_prepared(self.paths[i], size), None
+                return i, load_prepared(self.paths[i], size, channels), None
             except ImageReadError as err:
                 return i, None, str(err)
 

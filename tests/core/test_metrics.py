@@ -285,9 +285,10 @@ def test_decide_argmax_and_threshold() -> None:
 
 def test_threshold_policies_on_hand_made_case() -> None:
     # ROC points (threshold: tpr, fpr): 0.8: 0.5, 0; 0.6: 0.75, 1/6; 0.45: 1, 2/6.
-    # Youden J: 0.5, 0.583, 0.667 -> 0.45.
+    # Youden J: 0.5, 0.583, 0.667 -> max at 0.45; the next lower score is 0.3, so the middle of the
+    # interval (0.3, 0.45] that gives the same J: 0.375.
     assert choose_threshold(Y_BIN, P_POS, "argmax") == 0.5
-    assert choose_threshold(Y_BIN, P_POS, "youden") == pytest.approx(0.45)
+    assert choose_threshold(Y_BIN, P_POS, "youden") == pytest.approx(0.375)
     assert choose_threshold(Y_BIN, P_POS, "sensitivity", target_sensitivity=0.95) == 0.45
     assert choose_threshold(Y_BIN, P_POS, "sensitivity", target_sensitivity=0.75) == 0.6
     assert choose_threshold(Y_BIN, P_POS, "sensitivity", target_sensitivity=0.5) == 0.8

@@ -30,7 +30,7 @@ def test_tiny_training_writes_a_complete_folder(tiny_model_dir):
     assert card["calibration"]["temperature"] > 0
     assert card["split"]["train"] + card["split"]["val"] + card["split"]["test"] == 40
     assert len(card["split"]["hash"]) == 16
-    assert (tiny_model_dir / "logs" / "metrics.csv").exists()  # Lightning CSV log of the fine-tune phase
+    assert (tiny_model_dir / "logs" / "version_0" / "metrics.csv").exists()  # Lightning CSV log of the fine-tune phase
 
 
 def test_predict_rows_and_bad_files(tiny_model_dir, tmp_path):
@@ -113,3 +113,24 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert card["training"]["epochs_run"] >= 1
     assert "distributed" in proc.stderr.lower() or "ddp" in proc.stderr.lower() or "world_size" in proc.stderr.lower() \
         or "2 processes" in proc.stderr.lower(), proc.stderr[-1500:]
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    src = data_dir("tb_cxr")
+    kw = dict(backbone="test_resnet", pretrained=False, image_size=32, max_images=30, batch_size=8,
+              progress=False, n_boot=20, finetune="full")
+    out = tmp_path / "run"
+    train(TrainConfig.from_task(get_task("tb"), str(src), str(out), epochs=1, **kw))
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    # "interrupted" after one epoch: asking for two resumes at epoch 1 instead of starting over
+    train(TrainConfig.from_task(get_task("tb"), str(src), str(out), epochs=2, patience=10, **kw))
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["epochs_run"] == 2
+    def logged(version):
+        path = out / "logs" / f"version_{version}" / "metrics.csv"
+        return [int(r["epoch"]) for r in csv.DictReader(path.open()) if r.get("val_loss")]
+
+    assert logged(0) == [0] and logged(1) == [1]  # the second run went on at epoch 1; both logs kept

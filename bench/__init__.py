@@ -1,0 +1,1 @@
+"""pellucid benchmarks (speed, memory, quality): run with ``make bench`` or ``python -m bench [NAME...]``."""

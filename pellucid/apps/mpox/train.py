@@ -1,0 +1,18 @@
+"""Entry point of the mpox skin-photo app: ``python -m pellucid.apps.mpox.train``.
+
+Same options as ``pellucid train mpox``; the recipe lives in ``task.toml`` beside this file. Add
+`--folds 5` for grouped stratified k-fold with mean ± sd.
+"""
+from __future__ import annotations
+
+from pellucid.cli import train_entry
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return train_entry("mpox", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

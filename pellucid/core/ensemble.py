@@ -1,0 +1,360 @@
+"""Ensembles: a model folder of member model folders, soft-voting their calibrated probabilities.
+
+An ensemble folder holds ``card.json`` (kind ``"ensemble"``, the task's classes, ``members``:
+relative paths of member model folders *inside* it, and their ``weights``) and the members under
+``members/``. :func:`load_ensemble` returns an :class:`Ensemble` module whose forward pass is the
+log of the weighted mean of the members' temperature-calibrated probabilities, so everything that
+takes a model — :class:`~pellucid.core.predict.Predictor`, ``pellucid eval``, explainers, reports,
+the web app — works on an ensemble unchanged. Explainers that need per-member maps combine them
+with :attr:`Ensemble.members` and :attr:`Ensemble.weights`.
+
+:func:`build_ensemble` assembles the folder from trained member folders and, when the members share
+one validation/test partition (same ``split.json``), fits the ensemble's own temperature and
+threshold on validation and scores it on test with bootstrap intervals, like a single model.
+:func:`train_ensemble` trains a recipe's ``members`` on one shared partition and builds the folder;
+the snow app's soft-voting ensemble (VGG-19 + ResNet-50 in the paper) is its first user.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pellucid.core.modelfolder import ModelFolderError, load_model, read_card
+
+if TYPE_CHECKING:
+    from pellucid.core.training import TrainConfig
+
+__all__ = ["Ensemble", "build_ensemble", "load_ensemble", "train_ensemble"]
+
+log = logging.getLogger(__name__)
+
+# Files of a member folder copied into the ensemble (checkpoints and logs stay behind).
+_MEMBER_FILES = ("card.json", "model.safetensors", "metrics.json", "split.json", "config.json", "history.json")
+
+
+class Ensemble(nn.Module):
+    """Soft voting of calibrated members.
+
+    ``forward(x) = log( sum_i w_i * softmax(member_i(resize_i(x)) / T_i) )`` with weights summing to 1,
+    so ``softmax(forward(x))`` is the weighted mean of the members' calibrated probabilities.
+
+    Args:
+        members: member classifiers, each mapping ``(B, 3, S_i, S_i)`` in [0, 1] to logits ``(B, C)``.
+        weights: one non-negative weight per member (normalised to sum 1).
+        temperatures: each member's calibration temperature (from its card).
+        image_sizes: each member's input side; inputs of another size are resized (bilinear,
+            antialiased) before that member sees them.
+
+    Attributes:
+        members: ``nn.ModuleList`` of the members (indexable and iterable like a list).
+        weights: normalised weights as a list of floats, in member order.
+        temperatures: list of floats; ``image_sizes``: list of ints.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float] | None = None,
+                 temperatures: Sequence[float] | None = None, image_sizes: Sequence[int | None] | None = None):
+        super().__init__()
+        n = len(members)
+        if n == 0:
+            raise ValueError("an ensemble needs at least one member, got 0")
+        w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (n,) or (w < 0).any() or not w.sum() > 0 or not np.isfinite(w).all():
+            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {list(np.ravel(w))}")
+        temps = [1.0] * n if temperatures is None else [float(t) for t in temperatures]
+        if len(temps) != n or not all(t > 0 and math.isfinite(t) for t in temps):
+            raise ValueError(f"temperatures must be {n} finite numbers > 0, got {temps}")
+        self.members = nn.ModuleList(members)
+        self.weights: list[float] = [float(x) for x in w / w.sum()]
+        self.temperatures: list[float] = temps
+        self.image_sizes: list[int | None] = list(image_sizes) if image_sizes is not None else [None] * n
+        self.register_buffer("log_weights", torch.log(torch.tensor(self.weights, dtype=torch.float32)),
+                             persistent=False)
+        self.num_classes = int(getattr(members[0], "num_classes", 0)) or None
+
+    def member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated log-probabilities of every member, ``(M, B, C)``, for images ``(B, 3, S, S)``."""
+        out = []
+        for member, T, size in zip(self.members, self.temperatures, self.image_sizes):
+            xi = x
+            if size is not None and tuple(x.shape[-2:]) != (size, size):
+                xi = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            out.append(F.log_softmax(member(xi).float() / T, dim=1))
+        return torch.stack(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log of the weighted mean calibrated probability, ``(B, C)``, of images ``(B, 3, S, S)`` in [0, 1]."""
+        lp = self.member_log_probs(x) + self.log_weights.view(-1, 1, 1).to(x.device)
+        return torch.logsumexp(lp, dim=0)
+
+
+def load_ensemble(folder: str | Path, card: dict) -> Ensemble:
+    """Build the :class:`Ensemble` of an ensemble model folder (called by ``load_model``)."""
+    folder = Path(folder)
+    entries = card.get("members")
+    if not entries:
+        raise ModelFolderError(f"{folder}/card.json: an ensemble card needs a non-empty 'members' list")
+    members, temps, sizes = [], [], []
+    for entry in entries:
+        rel = entry["path"] if isinstance(entry, dict) else str(entry)
+        path = (folder / rel).resolve()
+        if folder.resolve() not in path.parents:
+            raise ModelFolderError(f"{folder}/card.json: member path {rel!r} points outside the ensemble folder")
+        model, mcard = load_model(path)
+        if list(mcard["classes"]) != list(card["classes"]):
+            raise ModelFolderError(f"ensemble member {rel}: classes {mcard['classes']} differ from the "
+                                   f"ensemble's {card['classes']}")
+        members.append(model)
+        temps.append(float((mcard.get("calibration") or {}).get("temperature") or 1.0))
+        sizes.append(int(mcard.get("preprocessing", {}).get("image_size") or card["preprocessing"]["image_size"]))
+    # Member weights live in each ``members`` entry; ``card["weights"]`` is, as in every model card, the
+    # record of where the weights came from (a plain list there is accepted too).
+    weights = card["weights"] if isinstance(card.get("weights"), list) else \
+        [float(e.get("weight", 1.0)) if isinstance(e, dict) else 1.0 for e in entries]
+    if len(weights) != len(members):
+        raise ModelFolderError(f"{folder}/card.json: {len(weights)} weights for {len(members)} members")
+    return Ensemble(members, weights, temps, sizes).eval()
+
+
+def _copy_member(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _MEMBER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    if (src / "plots").is_dir():
+        shutil.copytree(src / "plots", dst / "plots", dirs_exist_ok=True)
+
+
+def _shared_split(member_dirs: Sequence[Path]) -> dict | None:
+    """The partition all members were trained on, or None when they differ or one lacks it."""
+    keys, first = set(), None
+    for d in member_dirs:
+        f = d / "split.json"
+        if not f.exists():
+            return None
+        s = json.loads(f.read_text())
+        key = tuple(tuple(sorted(Path(r["path"]).resolve().as_posix() for r in s.get(p, [])))
+                    for p in ("val", "test"))
+        keys.add(key)
+        first = first or s
+    return first if len(keys) == 1 and first.get("val") and first.get("test") else None
+
+
+@torch.inference_mode()
+def _logits_of(model: nn.Module, paths: list[str], size: int, channels: int | None
+               ) -> tuple[torch.Tensor, list[int]]:
+    from pellucid.datasets.torchdata import ImageCache, to_tensor
+
+    cache = ImageCache(paths, size, channels=channels, progress=False)
+    ok = cache.ok(range(len(paths)))
+    out = []
+    for i in range(0, len(ok), 64):
+        batch = torch.stack([to_tensor(cache.get(p)) for p in ok[i:i + 64]])
+        out.append(model(batch).float())
+    return (torch.cat(out) if out else torch.zeros(0, 1)), ok
+
+
+def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None, *,
+                   n_boot: int = 1000, seed: int = 0, copy: bool = True, training: dict | None = None) -> Path:
+    """Assemble an ensemble model folder from trained member folders.
+
+    Members outside ``out`` are copied into ``out/members/<name>`` (weights, card, split and metrics;
+    not checkpoints or logs). When every member carries the same validation and test partition, the
+    ensemble's temperature and threshold (the task's policy) are fitted on validation and its metrics
+    measured on test; otherwise the card says the ensemble is uncalibrated and unscored.
+
+    Args:
+        member_dirs: model folders of one task with the same classes.
+        out: the ensemble folder to write.
+        weights: one weight per member (default equal; normalised to sum 1).
+        n_boot: bootstrap resamples for the test intervals.
+        seed: bootstrap seed.
+        copy: copy members that live outside ``out`` (False: they must already be inside it).
+        training: extra facts for the card's ``training`` record (e.g. the members' training time).
+
+    Returns:
+        The ensemble folder.
+    """
+    from pellucid.core import calibration, metrics
+    from pellucid.core.modelfolder import _json_default
+    from pellucid.core.tasks import get_task
+
+    import pellucid
+
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    member_dirs = [Path(d) for d in member_dirs]
+    if not member_dirs:
+        raise ValueError("build_ensemble needs at least one member folder, got none")
+    cards = [read_card(d) for d in member_dirs]
+    if any(c.get("kind", "classifier") == "ensemble" for c in cards):
+        raise ModelFolderError("an ensemble member may not itself be an ensemble; give its members instead")
+    task_name, classes = cards[0]["task"], list(cards[0]["classes"])
+    for d, c in zip(member_dirs, cards):
+        if c["task"] != task_name or list(c["classes"]) != classes:
+            raise ModelFolderError(f"member {d} is for task {c['task']!r} with classes {c['classes']}; "
+                                   f"the first member is {task_name!r} with {classes}")
+    channels = {c.get("preprocessing", {}).get("channels_in") for c in cards}
+    if len(channels) != 1:
+        raise ModelFolderError(f"members disagree on input channels {sorted(map(str, channels))}")
+    channels_in = channels.pop()
+    inside = []
+    used_names: set[str] = set()
+    for d in member_dirs:
+        if out.resolve() in d.resolve().parents:
+            inside.append(d.resolve())
+            continue
+        if not copy:
+            raise ModelFolderError(f"member {d} is outside the ensemble folder {out} and copy=False")
+        name = d.name
+        while name in used_names or (out / "members" / name).exists():
+            name += "_"
+        used_names.add(name)
+        _copy_member(d, out / "members" / name)
+        inside.append((out / "members" / name).resolve())
+    rel = [p.relative_to(out.resolve()).as_posix() for p in inside]
+    if weights is not None and len(weights) != len(rel):
+        raise ValueError(f"{len(weights)} weights for {len(rel)} members")
+    w = np.ones(len(rel)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    sizes = [int(c["preprocessing"]["image_size"]) for c in cards]
+    size = max(sizes)
+    task = None
+    try:
+        task = get_task(task_name)
+    except KeyError:
+        pass
+    card: dict = {
+        "kind": "ensemble",
+        "pellucid_version": pellucid.__version__,
+        "task": task_name,
+        "title": cards[0].get("title", task_name),
+        "classes": classes,
+        "positive_class": cards[0].get("positive_class"),
+        "modality": cards[0].get("modality"),
+        "intended_use": cards[0].get("intended_use"),
+        "explainers": cards[0].get("explainers", []),
+        "backbone": {"name": "ensemble", "members": [c["backbone"]["name"] for c in cards]},
+        "weights": {"source": "members", "pretrained": True,
+                    "detail": "; ".join(f"{r}: {c.get('weights', {}).get('source')}" for r, c in zip(rel, cards))},
+        "members": [{"path": r, "weight": float(wi), "backbone": c["backbone"]["name"], "image_size": s,
+                     "temperature": float((c.get("calibration") or {}).get("temperature") or 1.0),
+                     "test_metrics": {k: v.get("value") for k, v in (c.get("metrics") or {}).get("metrics", {}).items()}}
+                    for r, wi, c, s in zip(rel, w, cards, sizes)],
+        "preprocessing": {"image_size": size, "channels_in": channels_in, "resize": "squash",
+                          "input_range": [0.0, 1.0], "member_sizes": sizes,
+                          "note": "each member resizes the input to its own size (bilinear, antialiased)"},
+    }
+    shared = _shared_split(inside)
+    if shared is None:
+        warnings.warn("ensemble members do not share one validation/test partition: the ensemble is left "
+                      "uncalibrated (temperature 1) and unscored", stacklevel=2)
+        card.update(calibration={"method": "none", "temperature": 1.0, "note": "members do not share a split"},
+                    threshold={"policy": "argmax", "value": None, "positive_class": card["positive_class"]},
+                    metrics={"note": "not scored: members do not share a split"}, split=None)
+    else:
+        (out / "split.json").write_text(json.dumps(shared, indent=1))
+        model = load_ensemble(out, card)
+        idx = {c: i for i, c in enumerate(classes)}
+        logits, y = {}, {}
+        for part in ("val", "test"):
+            rows = shared[part]
+            lg, ok = _logits_of(model, [r["path"] for r in rows], size, channels_in)
+            logits[part], y[part] = lg, np.array([idx[rows[i]["label"]] for i in ok])
+        T = calibration.fit_temperature(logits["val"], y["val"])
+        probs = {p: calibration.apply_temperature(logits[p], T) for p in logits}
+        pos = classes.index(card["positive_class"]) if card["positive_class"] in classes else None
+        policy = task.threshold_policy if task is not None else "argmax"
+        threshold = None
+        if len(classes) == 2 and pos is not None and policy != "argmax":
+            threshold = metrics.choose_threshold((y["val"] == pos).astype(int), probs["val"][:, pos], policy,
+                                                 task.target_sensitivity)
+        test_metrics = metrics.classification_metrics(y["test"], probs["test"], classes, threshold=threshold,
+                                                      positive_index=pos if len(classes) == 2 else None,
+                                                      n_boot=n_boot, seed=seed)
+        raw = calibration.apply_temperature(logits["test"], 1.0)
+        card.update(
+            calibration={"method": "temperature", "temperature": float(T),
+                         "ece_before": float(calibration.expected_calibration_error(raw, y["test"])),
+                         "ece_after": float(calibration.expected_calibration_error(probs["test"], y["test"]))},
+            threshold={"policy": policy if threshold is not None else "argmax", "value": threshold,
+                       "positive_class": card["positive_class"],
+                       "target_sensitivity": task.target_sensitivity if task and policy == "sensitivity" else None},
+            metrics=test_metrics,
+            split={"hash": shared.get("hash"), "seed": shared.get("seed"), "train": len(shared.get("train", [])),
+                   "val": len(shared["val"]), "test": len(shared["test"]), "file": "split.json"},
+        )
+        (out / "metrics.json").write_text(json.dumps(test_metrics, indent=1))
+    card["training"] = {"seconds": round(time.time() - t0, 1), "kind": "ensemble of trained members",
+                        **(training or {})}
+    card["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    (out / "card.json").write_text(json.dumps(card, indent=1, default=_json_default))
+    log.info("ensemble of %d members written to %s", len(rel), out)
+    return out
+
+
+def train_ensemble(cfg: TrainConfig) -> Path:
+    """Train the members of ``cfg.members`` on one shared partition and build the ensemble folder.
+
+    Each entry of ``cfg.members`` is a table of :class:`~pellucid.core.training.TrainConfig` overrides
+    (for example ``{backbone = "vgg19", image_size = 224}``) applied on top of ``cfg``; the optional
+    key ``weight`` sets its voting weight (default 1). The first member makes the partition
+    (``cfg.split``/``cfg.split_file``); every later member reuses it through ``split_file``, so the
+    ensemble can be calibrated on the shared validation part and scored on the shared test part.
+
+    Returns:
+        ``cfg.out``, an ensemble model folder whose members sit in ``cfg.out/members/``.
+    """
+    from pellucid.core.tasks import TaskSpecError
+    from pellucid.core.training import TrainConfig, train
+
+    t0 = time.time()
+    known = set(TrainConfig.__dataclass_fields__) - {"task", "data", "out", "members"}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    base = replace(cfg, members=[])
+    overrides, weights = [], []
+    for i, entry in enumerate(cfg.members):
+        over = dict(entry)
+        weights.append(float(over.pop("weight", 1.0)))
+        bad = sorted(set(over) - known)
+        if bad:
+            import difflib
+
+            close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+            raise TaskSpecError(f"ensemble member {i}: unknown training option {bad[0]!r}"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
+        overrides.append(over)
+    dirs = []
+    split_file = cfg.split_file
+    for i, over in enumerate(overrides):
+        name = f"m{i}_{over.get('backbone', base.backbone)}_{over.get('image_size', base.image_size)}"
+        mcfg = replace(base, out=str(out / "members" / name), **over)
+        if split_file:
+            mcfg = replace(mcfg, split_file=split_file, max_images=None)
+        log.info("ensemble member %d/%d: %s", i + 1, len(overrides), name)
+        folder = Path(train(mcfg))
+        if not split_file:
+            split_file = str(folder / "split.json")
+        dirs.append(folder)
+    t_build = time.time()
+    folder = build_ensemble(dirs, out, weights, n_boot=cfg.n_boot, seed=cfg.seed,
+                            training={"members_seconds": round(t_build - t0, 1), "data": str(Path(cfg.data).resolve())})
+    card = json.loads((folder / "card.json").read_text())
+    card["training"]["seconds"] = round(time.time() - t0, 1)
+    (folder / "card.json").write_text(json.dumps(card, indent=1))
+    return folder

@@ -1,0 +1,260 @@
+"""Export of a model folder to ONNX (fp32) and INT8-quantized ONNX, with a JSON sidecar.
+
+``pellucid export --model DIR --format onnx [--int8] [--out PATH]`` runs :func:`run`. The exported
+graph takes what every pellucid model takes — images ``(N, 3, S, S)``, float32 RGB in [0, 1], any
+batch size — and returns logits ``(N, C)``; normalisation is inside the graph. Calibrated
+probabilities are ``softmax(logits / temperature)`` with the temperature written in the sidecar
+(``<file>.json``: classes, preprocessing, temperature, threshold, quantization), so a runtime without
+pellucid can reproduce the model folder's predictions.
+
+INT8 uses ONNX Runtime's post-training quantization: static QDQ quantization (per-channel int8
+weights, uint8 activations) calibrated on training images listed in the model folder's
+``split.json`` (never its validation or test images), after ONNX Runtime's pre-processing (shape
+inference and graph optimisation). When static quantization cannot run (no split file, no readable
+calibration images, an operator it cannot handle), dynamic quantization (int8 weights, activations
+quantized at run time) is used instead and the sidecar says so. ``bench/bench_apps.py export``
+measures accuracy, size and latency of both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pellucid.core.backbones import unknown_name_error
+from pellucid.core.modelfolder import ModelFolderError, load_model
+
+__all__ = ["FORMATS", "INT8_METHODS", "export_onnx", "calibration_batches", "onnx_session", "run"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx",)
+INT8_METHODS = ("static", "dynamic")
+OPSET = 17
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise ModelFolderError(f"ONNX export needs the packages onnx and onnxruntime ({err.name} is missing): "
+                               "pip install 'pellucid[export]'") from None
+
+
+def _channels(card: dict) -> int | None:
+    return card.get("preprocessing", {}).get("channels_in")
+
+
+def calibration_batches(model_dir: str | Path, card: dict, n_images: int = 64, batch_size: int = 8,
+                        seed: int = 0) -> list[np.ndarray]:
+    """Prepared training images of a model folder, for INT8 calibration.
+
+    Args:
+        model_dir: the model folder (its ``split.json`` lists the training images).
+        card: its card (image size and channels).
+        n_images: how many training images to draw (seeded).
+        batch_size: images per batch.
+        seed: sampling seed.
+
+    Returns:
+        Arrays ``(B, 3, S, S)`` float32 in [0, 1].
+
+    Raises:
+        ModelFolderError: no split file, or none of the drawn images could be read.
+    """
+    from pellucid.datasets.torchdata import ImageCache
+
+    split_file = Path(model_dir) / "split.json"
+    if not split_file.exists():
+        raise ModelFolderError(f"{model_dir} has no split.json: INT8 calibration needs the training images it lists")
+    rows = json.loads(split_file.read_text()).get("train", [])
+    if not rows:
+        raise ModelFolderError(f"{split_file} lists no training images")
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.permutation(len(rows))[:n_images])
+    size = int(card["preprocessing"]["image_size"])
+    cache = ImageCache([rows[i]["path"] for i in pick], size, channels=_channels(card), progress=False)
+    if len(cache) == 0:
+        raise ModelFolderError(f"none of the {len(pick)} calibration images from {split_file} could be read "
+                               f"(first: {rows[pick[0]]['path']}); is the data folder still there?")
+    x = cache.arrays.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return [np.ascontiguousarray(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over prepared batches."""
+
+    def __init__(self, batches: Sequence[np.ndarray], input_name: str = "image"):
+        self.batches = list(batches)
+        self.input_name = input_name
+        self._it: Iterator | None = None
+
+    def get_next(self):
+        if self._it is None:
+            self._it = iter({self.input_name: b} for b in self.batches)
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = None
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session for ``path`` (``threads`` intra-op threads; None = runtime default)."""
+    _require_onnx()
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
+    x = torch.rand(2, 3, size, size)
+    kwargs = dict(input_names=["image"], output_names=["logits"], opset_version=OPSET)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter (tracer and deprecation notes)
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=True,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+        except (TypeError, RuntimeError) as err:  # torch builds without the TorchScript exporter
+            log.info("TorchScript ONNX exporter unavailable (%s); using the dynamo exporter", err)
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+                              external_data=False, **kwargs)
+
+
+def _max_abs_diff(model: torch.nn.Module, path: Path, size: int) -> float:
+    x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = onnx_session(path).run(None, {"image": x.numpy()})[0]
+    return float(np.abs(ref - got).max())
+
+
+def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool = False, *,
+                int8_method: str = "static", calib_images: int = 64, seed: int = 0) -> dict:
+    """Export a model folder to ONNX, and optionally to INT8 ONNX.
+
+    Args:
+        model_dir: a classifier (or ensemble) model folder.
+        out: the fp32 ``.onnx`` file to write (default ``<model_dir>/export/model.onnx``); the INT8
+            file goes beside it as ``<stem>.int8.onnx``.
+        int8: also write the INT8 model.
+        int8_method: ``"static"`` (QDQ, calibrated; falls back to dynamic with a warning when it
+            cannot run) or ``"dynamic"``.
+        calib_images: training images used for static calibration.
+        seed: calibration sampling seed.
+
+    Returns:
+        ``{"fp32": path, "fp32_bytes": n, "int8": path | None, "int8_bytes": n | None,
+        "int8_method": str | None, "sidecar": path, "max_abs_diff": float}``.
+    """
+    _require_onnx()
+    if int8_method not in INT8_METHODS:
+        raise unknown_name_error("INT8 method", int8_method, list(INT8_METHODS))
+    import pellucid
+
+    model_dir = Path(model_dir)
+    model, card = load_model(model_dir)
+    model.eval()
+    size = int(card["preprocessing"]["image_size"])
+    fp32 = Path(out) if out else model_dir / "export" / "model.onnx"
+    if fp32.suffix != ".onnx":
+        fp32 = fp32.with_suffix(".onnx")
+    fp32.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    _export_fp32(model, size, fp32)
+    diff = _max_abs_diff(model, fp32, size)
+    result = {"fp32": str(fp32), "fp32_bytes": fp32.stat().st_size, "int8": None, "int8_bytes": None,
+              "int8_method": None, "max_abs_diff": diff}
+    quant: dict = {}
+    if int8:
+        q8 = fp32.with_name(fp32.stem + ".int8.onnx")
+        method, quant = _quantize(fp32, q8, model_dir, card, int8_method, calib_images, seed)
+        result.update(int8=str(q8), int8_bytes=q8.stat().st_size, int8_method=method)
+    thr = card.get("threshold") or {}
+    sidecar = {
+        "format": "onnx", "opset": OPSET, "pellucid_version": pellucid.__version__,
+        "source_model": str(model_dir.resolve()), "task": card.get("task"), "kind": card.get("kind", "classifier"),
+        "classes": card["classes"], "positive_class": card.get("positive_class"),
+        "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
+                  "layout": "NCHW", "color": "RGB (gray replicated)",
+                  "channels_in": _channels(card), "resize": card["preprocessing"].get("resize", "squash"),
+                  "note": "normalisation (mean/std) is inside the graph"
+                          + ("; convert colour input to luminance first (channels_in = 1)" if _channels(card) == 1
+                             else "")},
+        "output": {"name": "logits", "shape": ["batch", len(card["classes"])],
+                   "probabilities": "softmax(logits / temperature)"},
+        "temperature": float((card.get("calibration") or {}).get("temperature") or 1.0),
+        "threshold": {"policy": thr.get("policy", "argmax"), "value": thr.get("value")},
+        "files": {"fp32": fp32.name, "int8": Path(result["int8"]).name if result["int8"] else None},
+        "quantization": quant or None,
+        "check": {"max_abs_logit_diff_fp32_vs_torch": diff},
+        "seconds": round(time.time() - t0, 1),
+    }
+    side = fp32.with_suffix(".json")
+    side.write_text(json.dumps(sidecar, indent=1))
+    result["sidecar"] = str(side)
+    return result
+
+
+def _quantize(fp32: Path, q8: Path, model_dir: Path, card: dict, method: str, calib_images: int,
+              seed: int) -> tuple[str, dict]:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = Path(tmp) / "prep.onnx"
+        try:
+            quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
+        except Exception as err:  # pre-processing is an optimisation; quantize the raw graph without it
+            log.info("ONNX Runtime pre-processing skipped (%s)", err)
+            prep = fp32
+        if method == "static":
+            root = logging.getLogger()
+            level = root.level
+            try:
+                batches = calibration_batches(model_dir, card, calib_images, seed=seed)
+                root.setLevel(max(level, logging.WARNING))  # ORT logs every tensor it copies to the root logger
+                quantize_static(str(prep), str(q8), _Reader(batches), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax)
+                return "static", {"method": "static", "format": "QDQ", "weights": "int8 per-channel",
+                                  "activations": "uint8 per-tensor", "calibration": "MinMax",
+                                  "calibration_images": int(sum(len(b) for b in batches)),
+                                  "calibration_source": "training part of split.json"}
+            except Exception as err:  # ModelFolderError, or an operator ORT cannot quantize statically
+                warnings.warn(f"static INT8 quantization failed ({type(err).__name__}: {str(err)[:200]}); "
+                              "falling back to dynamic quantization", stacklevel=3)
+            finally:
+                root.setLevel(level)
+        quantize_dynamic(str(prep), str(q8), weight_type=QuantType.QInt8, per_channel=True)
+        return "dynamic", {"method": "dynamic", "weights": "int8 per-channel",
+                           "activations": "quantized at run time"}
+
+
+def run(args: argparse.Namespace) -> int:
+    """``pellucid export``: write the ONNX file(s) and the sidecar, print their paths and sizes."""
+    fmt = (args.format or "onnx").lower()
+    if fmt not in FORMATS:
+        raise unknown_name_error("export format", fmt, list(FORMATS))
+    res = export_onnx(args.model, args.out, int8=bool(args.int8),
+                      int8_method=getattr(args, "int8_method", None) or "static")
+    print(f"fp32: {res['fp32']} ({res['fp32_bytes'] / 1e6:.2f} MB; max |logit diff| vs torch {res['max_abs_diff']:.2e})")
+    if res["int8"]:
+        print(f"int8: {res['int8']} ({res['int8_bytes'] / 1e6:.2f} MB, {res['fp32_bytes'] / res['int8_bytes']:.1f}x "
+              f"smaller; {res['int8_method']} quantization)")
+    print(f"sidecar: {res['sidecar']}")
+    return 0

@@ -1,0 +1,111 @@
+"""Streamlit helpers the pages share: the model picker, the cached model, the intended-use banner.
+
+The model is loaded once per folder version with ``st.cache_resource`` (the key includes the
+modification times of ``card.json``, the weights and the OOD reference, so a retrained or newly
+referenced folder is picked up). ``app.py`` runs :func:`model_picker` and :func:`banner` on every page
+and leaves the loaded model in the session for the page to fetch with :func:`loaded_model`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from pellucid.core.ood import OODReference, load_reference
+from pellucid.core.predict import Predictor
+from pellucid.explain.report import DEFAULT_INTENDED_USE, intended_use
+from pellucid.ui.logic import default_model, find_model_folders
+
+__all__ = ["Loaded", "banner", "loaded_model", "model_picker", "require_model", "to_uint8", "runs_root"]
+
+OTHER = "Other folder…"
+_STATE = "_pellucid_loaded"
+
+
+@dataclass
+class Loaded:
+    """A model ready to use: its folder, predictor, OOD reference and a key for caches."""
+
+    folder: Path
+    predictor: Predictor
+    reference: OODReference | None
+    key: str
+
+    @property
+    def card(self) -> dict:
+        return self.predictor.card
+
+
+def runs_root() -> Path:
+    """Where model folders are looked for: ``$PELLUCID_RUNS`` or ``runs`` in the working folder."""
+    return Path(os.environ.get("PELLUCID_RUNS", "runs"))
+
+
+def _stamp(folder: Path) -> float:
+    names = ("card.json", "model.safetensors", "ood.safetensors")
+    return max((folder / n).stat().st_mtime for n in names if (folder / n).exists()) if folder.is_dir() else 0.0
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def _load(folder: str, stamp: float) -> tuple[Predictor, OODReference | None]:
+    return Predictor(folder), load_reference(folder)
+
+
+def model_picker() -> None:
+    """Sidebar controls choosing the model folder (``runs/`` folders, ``--model``, or a typed path)."""
+    found = [str(p) for p in find_model_folders(runs_root())]
+    first = default_model(runs_root())
+    options = list(dict.fromkeys(([first] if first else []) + found)) + [OTHER]
+    st.sidebar.header("Model")
+    choice = st.sidebar.selectbox("Model folder", options, key="model_choice",
+                                  help=f"Folders with a card.json under {runs_root()}/, or type a path.")
+    folder = st.sidebar.text_input("Model folder path", key="model_path",
+                                   placeholder="runs/tb-demo-…") if choice == OTHER else choice
+    st.session_state[_STATE] = None
+    if not folder:
+        return
+    path = Path(folder).expanduser()
+    try:
+        predictor, reference = _load(str(path.resolve()), _stamp(path))
+    except (ValueError, OSError, KeyError) as err:  # ModelFolderError / TaskSpecError are ValueErrors
+        st.sidebar.error(f"Cannot load {folder}: {str(err).splitlines()[0]}")
+        return
+    st.session_state[_STATE] = Loaded(path, predictor, reference, f"{path.resolve()}@{_stamp(path)}")
+    card = predictor.card
+    st.sidebar.caption(f"**{card.get('title') or card.get('task')}** · {card.get('backbone', {}).get('name', '?')} "
+                       f"· classes: {', '.join(predictor.classes)}")
+
+
+def loaded_model() -> Loaded | None:
+    """The model the sidebar loaded in this run, or None."""
+    return st.session_state.get(_STATE)
+
+
+def require_model() -> Loaded:
+    """The loaded model; without one, say how to choose one and stop the page."""
+    loaded = loaded_model()
+    if loaded is None:
+        st.info("Choose a model folder in the sidebar (one written by `pellucid train`), or start the app "
+                "with `pellucid ui --model DIR`.")
+        st.stop()
+    return loaded
+
+
+def banner() -> None:
+    """The intended-use notice of the loaded model (or the default one) at the top of every page."""
+    loaded = loaded_model()
+    text = intended_use(loaded.card) if loaded else DEFAULT_INTENDED_USE
+    st.warning(f"**Intended use.** {text}", icon=":material/health_and_safety:")
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Float ``(H, W[, 1|3])`` in [0, 1] → uint8 for ``st.image`` (single channel squeezed)."""
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        a = np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    return a

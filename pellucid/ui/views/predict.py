@@ -1,0 +1,148 @@
+"""Predict page: upload images or DICOM files; prediction, probabilities, explanations, report."""
+from __future__ import annotations
+
+import streamlit as st
+
+from pellucid.explain.report import available_methods, overlay_rgb, score_items, threshold_text
+from pellucid.ui import common, logic
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _read(name: str, data: bytes, window: tuple[float, float] | None, include_identifiers: bool) -> logic.Upload:
+    return logic.read_upload(name, data, window=window, include_identifiers=include_identifiers)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _prob_png(probs: tuple[float, ...], classes: tuple[str, ...], threshold: float | None) -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from pellucid.core.plots import plot_probabilities
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return plot_probabilities(list(probs), list(classes), Path(tmp) / "p.png", threshold=threshold).read_bytes()
+
+
+def _window_of(up: logic.Upload) -> tuple[float, float] | None:
+    """The window the user set on this DICOM's sliders in an earlier run (None: the file's own)."""
+    r = up.dicom_range
+    c, w = st.session_state.get(f"wc-{up.sha256}"), st.session_state.get(f"ww-{up.sha256}")
+    if r is None or c is None or w is None or (c, w) == (r.center, r.width):
+        return None
+    return float(c), float(w)
+
+
+def _window_controls(up: logic.Upload) -> None:
+    r = up.dicom_range
+    lo, hi = min(r.low, r.center), max(r.high, r.center)
+    span = max(hi - lo, 1e-3)
+    step = 1.0 if span > 50 else span / 100
+    st.slider("Window centre", float(lo), float(hi), float(r.center), step=step, key=f"wc-{up.sha256}",
+              help="DICOM window centre in modality units (for CT: Hounsfield units)")
+    st.slider("Window width", float(step), float(max(2 * span, r.width)), float(r.width), step=step,
+              key=f"ww-{up.sha256}", help="DICOM window width; narrower means more contrast")
+
+
+st.title("Predict")
+loaded = common.require_model()
+predictor = loaded.predictor
+card = loaded.card
+
+files = st.file_uploader("Images or DICOM files", accept_multiple_files=True, key="uploads",
+                         help="PNG, JPEG, TIFF, BMP or DICOM (.dcm or no suffix); "
+                              f"up to {logic.max_upload_bytes() / 2**20:.0f} MB each.")
+known = available_methods()
+c1, c2, c3 = st.columns([2, 1, 1])
+methods = c1.multiselect("Explainers", known, default=[m for m in card.get("explainers", []) if m in known],
+                         key="methods", placeholder="none installed" if not known else "choose explainers",
+                         help="Explanations of the predicted class, side by side.")
+alpha = c2.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha")
+include_ids = c3.checkbox("DICOM identifiers in report", value=False, key="include_ids",
+                          help="Off: DICOM files are named by their hash and no patient tags are shown.")
+if not known:
+    st.caption("No explainers are installed (`pip install \"pellucid[explain]\"`); predictions only.")
+if not files:
+    st.info("Upload one or more images to see the model's prediction and its explanations.")
+    st.stop()
+
+uploads = []
+for f in files:
+    data = f.getvalue()
+    up = _read(f.name, data, None, include_ids)
+    window = _window_of(up)
+    if window is not None:
+        up = _read(f.name, data, window, include_ids)
+    uploads.append(up)
+
+with st.spinner("Predicting…"):
+    cases = logic.uploads_to_cases(predictor, uploads, reference=loaded.reference)
+
+notes: list[str] = []
+if methods and any(c.label for c in cases):
+    cache = st.session_state.setdefault("explanation_cache", logic.ExplanationCache())
+    bar = st.progress(0.0, text="Explaining…")
+    notes = cache.attach(predictor, cases, methods, loaded.key,
+                         progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text))
+    bar.empty()
+for n in notes:
+    st.warning(n)
+
+threshold = predictor.threshold if len(predictor.classes) == 2 else None
+for case, up in zip(cases, uploads):
+    with st.container(border=True):
+        st.subheader(case.name)
+        if case.error:
+            st.error(case.error)
+            continue
+        if case.ood and case.ood.flagged:
+            st.error("**Out of domain** — " + "; ".join(case.ood.reasons) + ". This image does not look like "
+                     "what the model was trained on: its prediction is shown for reference only; do not use it.",
+                     icon=":material/block:")
+        left, right = st.columns([2, 3], gap="large")
+        with left:
+            st.image(common.to_uint8(case.image.array), width="stretch",
+                     caption="input (windowed)" if case.is_dicom else "input")
+            if up.dicom_range is not None:
+                _window_controls(up)
+        with right:
+            flag = " (flagged)" if case.ood and case.ood.flagged else ""
+            st.markdown(f"### Predicted{flag}: **{case.label}**")
+            st.markdown(f"{case.confidence:.1%} calibrated probability · decision: {threshold_text(card)}")
+            if case.ood and case.ood.uncertain and not case.ood.flagged:
+                st.warning("Low confidence: the top probability is close to chance.",
+                           icon=":material/help:")
+            st.image(_prob_png(tuple(case.probs[k] for k in predictor.classes), tuple(predictor.classes), threshold),
+                     width="stretch", caption="calibrated probabilities")
+            if case.ood:
+                st.caption(f"Domain check ({case.ood.method}): {case.ood.summary()}")
+        if case.explanations:
+            st.markdown(f"**Explanations of “{case.label}”** · overlay opacity {alpha:.2f}")
+            cols = st.columns(max(3, len(case.explanations)))
+            for col, r in zip(cols, case.explanations):
+                with col:
+                    if r.heatmap is None:
+                        st.warning(f"{r.method}: {r.note or 'no heatmap'}")
+                        continue
+                    scores = " · ".join(f"{k} {v}" for k, v in score_items(r.scores))
+                    st.image(overlay_rgb(case.image, r.heatmap, alpha), width="stretch",
+                             caption=r.method + (f" · {scores}" if scores else ""))
+
+readable = [c for c in cases if c.label]
+if readable:
+    st.divider()
+    holder = st.session_state.setdefault("report_holder", {})
+    signature = (loaded.key, tuple((c.sha256, c.window) for c in cases), tuple(methods), alpha, include_ids)
+
+    def _report() -> tuple[str, bytes]:
+        if holder.get("signature") != signature:
+            holder["files"] = logic.report_files(predictor, cases, methods=methods, alpha=alpha,
+                                                 include_identifiers=include_ids, notes=notes)
+            holder["signature"] = signature
+        return holder["files"]
+
+    stem = "report" if len(cases) > 1 else f"report-{cases[0].name.rsplit('.', 1)[0].replace(' ', '_')}"
+    d1, d2, _ = st.columns([1, 1, 2])
+    d1.download_button("Report (HTML)", data=lambda: _report()[0], file_name=f"{stem}.html", mime="text/html",
+                       icon=":material/download:", key="dl_html")
+    d2.download_button("Report (PDF)", data=lambda: _report()[1], file_name=f"{stem}.pdf",
+                       mime="application/pdf", icon=":material/picture_as_pdf:", key="dl_pdf")

@@ -1,0 +1,132 @@
+"""Ensemble model folders: round trip, soft voting of calibrated members, calibration on the shared
+split, and the errors a broken folder gets."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pellucid.core.ensemble import Ensemble, build_ensemble
+from pellucid.core.model import build_classifier
+from pellucid.core.modelfolder import ModelFolderError, build_card, load_model, save_model
+from pellucid.core.predict import Predictor
+from pellucid.core.tasks import get_task
+from pellucid.datasets.readers import read_image
+from pellucid.datasets.samples import load_samples
+
+from tests.conftest import data_dir
+
+
+def _shared_split(n: int = 6) -> dict:
+    samples = load_samples(data_dir("snow"))
+    by = {c: [s for s in samples if s.label == c] for c in ("no_snow", "snow")}
+    rows = lambda ss: [{"path": s.path, "label": s.label, "group": s.group} for s in ss]  # noqa: E731
+    return {"seed": 0, "hash": "0" * 16, "train": rows(by["snow"][:2]),
+            "val": rows(by["no_snow"][:n] + by["snow"][2:2 + n]),
+            "test": rows(by["no_snow"][n:2 * n] + by["snow"][2 + n:2 + 2 * n])}
+
+
+def _member(folder, size: int, seed: int, temperature: float, task: str = "snow", split: dict | None = None):
+    torch.manual_seed(seed)
+    t = get_task(task)
+    model, info = build_classifier("test_resnet", len(t.classes), pretrained=False)
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)  # spread the logits so calibration has something to do
+    card = build_card(task=t, model=model, weight_info=info, image_size=size,
+                      threshold={"policy": "argmax", "value": None, "positive_class": t.positive_class},
+                      calibration={"method": "temperature", "temperature": temperature}, metrics={},
+                      split={}, training={}, recipe={})
+    save_model(folder, model, card)
+    if split is not None:
+        (folder / "split.json").write_text(json.dumps(split))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    root = tmp_path_factory.mktemp("members")
+    split = _shared_split()
+    return [_member(root / "a", 32, 0, 2.0, split=split), _member(root / "b", 48, 1, 0.5, split=split)]
+
+
+def _members_mean(folder, x: torch.Tensor, weights) -> torch.Tensor:
+    card = json.loads((folder / "card.json").read_text())
+    p = 0
+    for entry, w in zip(card["members"], weights):
+        m, mc = load_model(folder / entry["path"])
+        size = mc["preprocessing"]["image_size"]
+        xi = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear",
+                                                          align_corners=False, antialias=True)
+        with torch.no_grad():
+            p = p + w * torch.softmax(m(xi) / mc["calibration"]["temperature"], 1)
+    return p
+
+
+def test_round_trip_is_a_weighted_mean_of_calibrated_members(members, tmp_path):
+    out = build_ensemble(members, tmp_path / "ens", weights=[3, 1], n_boot=50)
+    model, card = load_model(out)
+    assert isinstance(model, Ensemble) and card["kind"] == "ensemble"
+    assert [m["path"] for m in card["members"]] == ["members/a", "members/b"]
+    assert model.weights == pytest.approx([0.75, 0.25]) and len(model.members) == 2
+    assert model.temperatures == [2.0, 0.5] and model.image_sizes == [32, 48]
+    assert card["preprocessing"]["image_size"] == 48
+    x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = torch.exp(model(x))
+    torch.testing.assert_close(got, _members_mean(out, x, [0.75, 0.25]), atol=1e-5, rtol=1e-4)
+    # the members were copied in (weights and card, no checkpoints) and the originals are not needed
+    for m in members:
+        assert (out / "members" / m.name / "model.safetensors").exists()
+
+
+def test_shared_split_calibrates_and_scores_the_ensemble(members, tmp_path):
+    out = build_ensemble(members, tmp_path / "ens", n_boot=50)
+    card = json.loads((out / "card.json").read_text())
+    assert card["calibration"]["method"] == "temperature" and card["calibration"]["temperature"] > 0
+    assert card["metrics"]["n"] == 12 and (out / "metrics.json").exists() and (out / "split.json").exists()
+    assert card["split"]["val"] == 12 and card["threshold"]["policy"] == "argmax"
+    pred = Predictor(out)
+    files = [r["path"] for r in _shared_split()["test"]][:5]
+    res = pred.predict_paths(files)
+    probs = np.array([[r.probs[c] for c in pred.classes] for r in res])
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-6) and not np.isnan(probs).any()
+    x = torch.stack([pred.preprocess(read_image(f)) for f in files])
+    expect = torch.softmax(torch.log(_members_mean(out, x, [0.5, 0.5])) / pred.temperature, 1).numpy()
+    assert np.allclose(probs, expect, atol=1e-5)
+
+
+def test_without_a_shared_split_the_ensemble_is_uncalibrated(tmp_path):
+    a = _member(tmp_path / "a", 32, 0, 1.5)
+    b = _member(tmp_path / "b", 32, 1, 1.0)
+    with pytest.warns(UserWarning, match="do not share one validation/test partition"):
+        out = build_ensemble([a, b], tmp_path / "ens")
+    pred = Predictor(out)
+    assert pred.temperature == 1.0
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.as_tensor(pred.probabilities(x)).float(), _members_mean(out, x, [0.5, 0.5]),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_errors(members, tmp_path):
+    tb = _member(tmp_path / "tb", 32, 0, 1.0, task="tb")
+    with pytest.raises(ModelFolderError, match="is for task 'tb'"):
+        build_ensemble([members[0], tb], tmp_path / "mixed")
+    with pytest.raises(ValueError, match="3 weights for 2 members"):
+        build_ensemble(members, tmp_path / "w", weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        Ensemble([torch.nn.Identity()], weights=[-1.0])
+    out = build_ensemble(members, tmp_path / "ens", n_boot=0)
+    card = json.loads((out / "card.json").read_text())
+    card["members"][0]["path"] = "../../a"
+    (out / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelFolderError, match="points outside the ensemble folder"):
+        load_model(out)
+    shutil.rmtree(out / "members" / "b")
+    card["members"][0]["path"] = "members/a"
+    (out / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelFolderError, match="not found"):
+        load_model(out)

@@ -1,0 +1,87 @@
+"""ONNX export: fp32 reproduces the model folder, INT8 agrees with fp32 on top-1, the sidecar says how to
+feed the graph, and bad requests get one clear line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="export tests need onnx + onnxruntime (pip install 'pellucid[export]')")
+
+from pellucid.cli import main  # noqa: E402
+from pellucid.core.export import export_onnx, onnx_session  # noqa: E402
+from pellucid.core.predict import Predictor  # noqa: E402
+from pellucid.datasets.readers import read_image  # noqa: E402
+
+from tests.conftest import data_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tb.onnx"
+    return export_onnx(tiny_model_dir, out, int8=True, calib_images=24)
+
+
+def _batch(pred: Predictor, n: int = 40) -> np.ndarray:
+    src = data_dir("tb_cxr")
+    files = sorted((src / "normal").iterdir())[-n // 2:] + sorted((src / "tuberculosis").iterdir())[-n // 2:]
+    return np.stack([pred.preprocess(read_image(f)).numpy() for f in files])
+
+
+def test_fp32_reproduces_the_model_folder(exported, tiny_model_dir):
+    pred = Predictor(tiny_model_dir)
+    x = _batch(pred, 12)
+    logits = onnx_session(exported["fp32"]).run(None, {"image": x})[0]
+    side = json.loads(open(exported["sidecar"]).read())
+    z = logits / side["temperature"]
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    import torch
+
+    np.testing.assert_allclose(probs, pred.probabilities(torch.from_numpy(x)), atol=1e-4)
+    assert exported["max_abs_diff"] < 1e-3
+
+
+def test_int8_agrees_with_fp32_on_top1(exported, tiny_model_dir):
+    x = _batch(Predictor(tiny_model_dir), 40)
+    fp32 = onnx_session(exported["fp32"]).run(None, {"image": x})[0]
+    int8 = onnx_session(exported["int8"]).run(None, {"image": x})[0]
+    agree = float((fp32.argmax(1) == int8.argmax(1)).mean())
+    assert agree >= 0.95, agree
+    assert exported["int8_method"] == "static"
+    assert exported["int8_bytes"] < exported["fp32_bytes"] / 2
+
+
+def test_sidecar_describes_input_and_calibration(exported, tiny_model_dir):
+    side = json.loads(open(exported["sidecar"]).read())
+    card = json.loads((tiny_model_dir / "card.json").read_text())
+    assert side["classes"] == card["classes"] and side["task"] == "tb"
+    assert side["input"]["shape"] == ["batch", 3, 64, 64] and side["input"]["range"] == [0.0, 1.0]
+    assert side["input"]["channels_in"] == card["preprocessing"]["channels_in"]
+    assert side["temperature"] == pytest.approx(card["calibration"]["temperature"])
+    assert side["quantization"]["method"] == "static" and side["quantization"]["calibration_images"] == 24
+    assert side["files"] == {"fp32": "tb.onnx", "int8": "tb.int8.onnx"}
+
+
+def test_dynamic_batch_and_dynamic_quantization(tiny_model_dir, tmp_path):
+    res = export_onnx(tiny_model_dir, tmp_path / "m.onnx", int8=True, int8_method="dynamic")
+    assert res["int8_method"] == "dynamic"
+    sess = onnx_session(res["int8"])
+    for n in (1, 5):
+        out = sess.run(None, {"image": np.random.default_rng(n).random((n, 3, 64, 64), dtype=np.float32)})[0]
+        assert out.shape == (n, 2) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fmt, expect", [("onx", "Did you mean 'onnx'"), ("tflite", "unknown export format 'tflite'")])
+def test_cli_bad_format(tiny_model_dir, fmt, expect, capsys):
+    assert main(["export", "--model", str(tiny_model_dir), "--format", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and "\n" not in err
+
+
+def test_cli_export_writes_files(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "--model", str(tiny_model_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.exists() and out.with_suffix(".json").exists()
+    assert "fp32:" in capsys.readouterr().out

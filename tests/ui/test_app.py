@@ -1,0 +1,191 @@
+"""Every page of the web app, driven by Streamlit's AppTest with a tiny model folder."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from tests.conftest import data_dir  # noqa: E402
+from tests.ui.helpers import INTENDED_USE, PATIENT_ID, write_dicom, write_png  # noqa: E402
+
+APP = str(Path(__file__).resolve().parents[2] / "pellucid" / "ui" / "app.py")
+
+
+@pytest.fixture
+def app(model_dir, tmp_path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("PELLUCID_MODEL", str(model_dir))
+    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _captions(at: AppTest) -> list[str]:
+    return [c for im in at.get("image") for c in im.captions]
+
+
+def _image_url(at: AppTest, caption: str) -> str:
+    return next(i.url for im in at.get("image") for i in im.proto.imgs if i.caption == caption)
+
+
+def _sample(name: str = "tuberculosis") -> tuple[str, bytes]:
+    path = sorted((data_dir("tb_cxr") / name).glob("*.png"))[0]
+    return path.name, path.read_bytes()
+
+
+def _has_gradcam() -> bool:
+    from pellucid.explain.report import available_methods
+
+    return "gradcam" in available_methods()
+
+
+def test_banner_and_picker_on_every_page(app):
+    for page in (None, "views/batch.py", "views/model.py"):
+        if page:
+            app.switch_page(page).run()
+        assert not app.exception, app.exception
+        assert any(INTENDED_USE in w.value for w in app.warning), page
+        assert app.sidebar.selectbox(key="model_choice").value.endswith("model")
+
+
+def test_no_model_says_how_to_choose(tmp_path, monkeypatch):
+    monkeypatch.delenv("PELLUCID_MODEL", raising=False)
+    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert any("Research use only" in w.value for w in at.warning)  # default notice
+    assert any("Choose a model folder" in i.value for i in at.info)
+    at.sidebar.text_input(key="model_path").set_value(str(tmp_path / "nope")).run()
+    assert any("Cannot load" in e.value and "not found" in e.value for e in at.sidebar.error)
+
+
+def test_predict_page_shows_label_probabilities_and_overlays(app):
+    name, data = _sample()
+    methods = ["gradcam"] if _has_gradcam() else []
+    app.multiselect(key="methods").set_value(methods)
+    app.file_uploader(key="uploads").set_value((name, data, "image/png"))
+    app.run()
+    assert not app.exception, app.exception
+    assert not app.error
+    heads = [m.value for m in app.markdown if m.value.startswith("### Predicted")]
+    assert len(heads) == 1 and heads[0].split("**")[1] in ("normal", "tuberculosis")
+    caps = _captions(app)
+    assert "input" in caps and "calibrated probabilities" in caps
+    if methods:
+        assert any(c.startswith("gradcam") for c in caps), caps
+    labels = [b.proto.label for b in app.get("download_button")]
+    assert labels == ["Report (HTML)", "Report (PDF)"]
+    # the opacity slider re-blends without recomputing anything heavy
+    app.slider(key="alpha").set_value(0.8).run()
+    assert not app.exception
+
+
+def test_predict_page_bad_uploads_one_line_errors(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("PELLUCID_MAX_UPLOAD_MB", "0.05")
+    big = write_png(tmp_path / "big.png", colour=True, size=400).read_bytes()
+    nopix = write_dicom(tmp_path / "nopix.dcm", pixels=False).read_bytes()
+    name, good = _sample("normal")
+    app.multiselect(key="methods").set_value([])
+    app.file_uploader(key="uploads").set_value([
+        ("notes.png", b"plain text", "image/png"),
+        ("cut.png", good[: len(good) // 3], "image/png"),
+        ("big.png", big, "image/png"),
+        (f"Doe_{PATIENT_ID}.dcm", nopix, "application/dicom"),
+        (name, good, "image/png"),
+    ])
+    app.run()
+    assert not app.exception, app.exception
+    errors = [e.value for e in app.error]
+    assert len(errors) == 4, errors
+    assert all("\n" not in e for e in errors)
+    assert errors[0].startswith("notes.png") and errors[1].startswith("cut.png")
+    assert "over the 0 MB limit" in errors[2] or "limit" in errors[2]
+    assert "no pixel data" in errors[3] and PATIENT_ID not in errors[3]
+    assert sum(m.value.startswith("### Predicted") for m in app.markdown) == 1  # the good one still works
+
+
+def test_predict_page_flags_out_of_domain(app, tmp_path):
+    photo = write_png(tmp_path / "photo.png", colour=True).read_bytes()
+    app.multiselect(key="methods").set_value([])
+    app.file_uploader(key="uploads").set_value(("photo.png", photo, "image/png")).run()
+    assert not app.exception
+    assert any(e.value.startswith("**Out of domain**") and "many colours" in e.value for e in app.error)
+    assert any(m.value.startswith("### Predicted (flagged):") for m in app.markdown)
+
+
+def test_predict_page_dicom_window_sliders(app, tmp_path):
+    data = write_dicom(tmp_path / f"Doe_{PATIENT_ID}.dcm").read_bytes()
+    app.multiselect(key="methods").set_value([])
+    app.file_uploader(key="uploads").set_value(("Doe_SECRET123.dcm", data, "application/dicom")).run()
+    assert not app.exception, app.exception
+    heads = [h.value for h in app.subheader]
+    assert len(heads) == 1 and heads[0].startswith("DICOM ") and PATIENT_ID not in heads[0]
+    centre = next(s for s in app.slider if s.label == "Window centre")
+    width = next(s for s in app.slider if s.label == "Window width")
+    assert (centre.value, width.value) == (0.0, 1000.0)  # the file's own window
+    before = _image_url(app, "input (windowed)")
+    width.set_value(100.0).run()
+    assert not app.exception
+    assert next(s for s in app.slider if s.label == "Window width").value == 100.0
+    assert _image_url(app, "input (windowed)") != before  # the file was read again with the new window
+
+
+def test_model_page_shows_card_and_plots(app):
+    app.switch_page("views/model.py").run()
+    assert not app.exception, app.exception
+    assert app.title[0].value == "Tuberculosis on chest X-ray"
+    tables = app.table
+    assert len(tables) == 2
+    card = tables[0].value
+    assert "test_resnet" in " ".join(map(str, card["value"]))
+    assert "Confusion matrix" in _captions(app)
+    assert any("No in-domain reference" in i.value for i in app.info)
+
+
+def test_batch_page_folder(app, tmp_path):
+    folder = tmp_path / "set"
+    for cls in ("normal", "tuberculosis"):
+        for i in range(2):
+            write_png(folder / cls / f"{cls}{i}.png", seed=i)
+    (folder / "normal" / "bad.png").write_bytes(b"x")
+    app.switch_page("views/batch.py").run()
+    app.text_input(key="batch_folder").set_value(str(folder)).run()
+    app.button[0].click().run()
+    assert not app.exception, app.exception
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Inputs"] == "5" and metrics["Unreadable"] == "1"
+    assert int(metrics["Predicted normal"]) + int(metrics["Predicted tuberculosis"]) == 4
+    frame = app.dataframe[0].value
+    assert len(frame) == 5 and set(frame["folder label"]) == {"normal", "tuberculosis"}
+    assert any("carry a label from their folder name" in c.value for c in app.caption)
+    assert [b.proto.label for b in app.get("download_button")] == ["Predictions (CSV)"]
+    app.multiselect(key="batch_methods").set_value([])
+    app.button(key="build_report").click().run()
+    assert not app.exception, app.exception
+    assert [b.proto.label for b in app.get("download_button")] == ["Predictions (CSV)", "Report (HTML)",
+                                                                   "Report (PDF)"]
+
+
+def test_batch_page_zip_and_bad_inputs(app, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"imgs/{i}.png", write_png(tmp_path / f"{i}.png", seed=i).read_bytes())
+    app.switch_page("views/batch.py").run()
+    app.text_input(key="batch_folder").set_value(str(tmp_path / "missing")).run()
+    app.button[0].click().run()
+    assert any("is not a folder" in e.value for e in app.error)
+    app.radio(key="batch_source").set_value("Zip upload").run()
+    app.file_uploader(key="batch_zip").set_value(("broken.zip", b"not a zip", "application/zip")).run()
+    app.button[0].click().run()
+    assert any("not a zip file" in e.value for e in app.error)
+    app.file_uploader(key="batch_zip").set_value(("set.zip", buf.getvalue(), "application/zip")).run()
+    app.button[0].click().run()
+    assert not app.exception, app.exception
+    assert {m.label: m.value for m in app.metric}["Inputs"] == "3"

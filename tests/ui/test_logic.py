@@ -1,0 +1,178 @@
+"""The web app's Streamlit-free logic: uploads, DICOM windows, zips, model folders, caches, tables."""
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pellucid.ui import logic
+from tests.ui.helpers import PATIENT_ID, PATIENT_NAME, write_dicom, write_png
+
+
+def _bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_read_upload_png(tmp_path):
+    up = logic.read_upload("chest.png", _bytes(write_png(tmp_path / "a.png")))
+    assert up.error == "" and up.name == "chest.png" and not up.is_dicom
+    assert up.image.array.shape == (80, 80, 3) and up.image.array.dtype == np.float32
+    assert 0.0 <= up.image.array.min() and up.image.array.max() <= 1.0
+    assert len(up.sha256) == 64 and "path" not in up.meta
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("notes.png", b"this is text, not a picture", "notes.png: cannot be read"),
+    ("empty.png", b"", "empty.png is empty"),
+    ("doc.txt", b"hello", "unsupported file type"),
+])
+def test_read_upload_bad_files_give_one_line(name, data, expected):
+    up = logic.read_upload(name, data)
+    assert up.image is None
+    assert expected in up.error
+    assert "\n" not in up.error and "pellucid-upload-" not in up.error  # no temp path leaks
+
+
+def test_read_upload_truncated_png(tmp_path):
+    data = _bytes(write_png(tmp_path / "a.png", size=200))
+    up = logic.read_upload("cut.png", data[: len(data) // 2])
+    assert up.image is None and up.error.startswith("cut.png")
+
+
+def test_read_upload_size_limit(tmp_path, monkeypatch):
+    data = _bytes(write_png(tmp_path / "a.png"))
+    up = logic.read_upload("big.png", data, max_bytes=100)
+    assert up.image is None and "over the 0 MB limit" in up.error
+    monkeypatch.setenv("PELLUCID_MAX_UPLOAD_MB", "0.001")
+    assert logic.max_upload_bytes() == 1048
+    assert "limit" in logic.read_upload("big.png", data).error
+
+
+def test_read_upload_dicom_hides_name_and_reads_window(tmp_path):
+    data = _bytes(write_dicom(tmp_path / "Doe_Jane_SECRET123.dcm"))
+    up = logic.read_upload("Doe_Jane_SECRET123.dcm", data)
+    assert up.error == "" and up.is_dicom
+    assert up.name == f"DICOM {up.sha256[:12]}" and PATIENT_ID not in up.name
+    assert up.identifiers == {}
+    r = up.dicom_range
+    assert (r.center, r.width) == (0.0, 1000.0)  # the file's own window
+    assert r.low < -400 and r.high > 400
+    # a narrower window gives more contrast
+    narrow = logic.read_upload("x.dcm", data, window=(0.0, 200.0))
+    assert narrow.image.array.std() > up.image.array.std()
+    named = logic.read_upload("Doe_Jane_SECRET123.dcm", data, include_identifiers=True)
+    assert named.name == "Doe_Jane_SECRET123.dcm"
+    assert named.identifiers["PatientName"] == PATIENT_NAME and named.identifiers["PatientID"] == PATIENT_ID
+
+
+def test_read_upload_dicom_without_pixels(tmp_path):
+    data = _bytes(write_dicom(tmp_path / "nopix.dcm", pixels=False))
+    up = logic.read_upload("Doe.dcm", data)
+    assert up.image is None and "no pixel data" in up.error
+    assert "Doe" not in up.error and up.error.startswith("DICOM ")
+
+
+def test_extract_zip(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("set/normal/a.png", _bytes(write_png(tmp_path / "a.png")))
+        zf.writestr("__MACOSX/set/._a.png", b"junk")
+    out = logic.extract_zip(buf.getvalue(), tmp_path / "x")
+    assert (out / "set" / "normal" / "a.png").exists()
+    assert not (out / "__MACOSX").exists()
+
+
+def test_extract_zip_refuses_escape_and_non_zip(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../evil.png", b"x")
+    with pytest.raises(logic.UploadError, match="outside the folder"):
+        logic.extract_zip(buf.getvalue(), tmp_path / "x")
+    assert not (tmp_path / "evil.png").exists()
+    with pytest.raises(logic.UploadError, match="not a zip"):
+        logic.extract_zip(b"plain bytes", tmp_path / "y")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"{i}.png", b"x")
+    with pytest.raises(logic.UploadError, match="3 files, over the limit of 2"):
+        logic.extract_zip(buf.getvalue(), tmp_path / "z", max_files=2)
+
+
+def test_find_model_folders_newest_first(tmp_path, monkeypatch):
+    for i, name in enumerate(["old", "new", "nested/deep"]):
+        card = tmp_path / "runs" / name / "card.json"
+        card.parent.mkdir(parents=True)
+        card.write_text("{}")
+        os.utime(card, (time.time() - 100 + i * 10,) * 2)
+    (tmp_path / "runs" / "no_card").mkdir()
+    found = logic.find_model_folders(tmp_path / "runs")
+    assert [p.relative_to(tmp_path / "runs").as_posix() for p in found] == ["nested/deep", "new", "old"]
+    assert logic.find_model_folders(tmp_path / "missing") == []
+    monkeypatch.delenv("PELLUCID_MODEL", raising=False)
+    assert logic.default_model(tmp_path / "runs") == str(found[0])
+    monkeypatch.setenv("PELLUCID_MODEL", "/some/model")
+    assert logic.default_model(tmp_path / "runs") == "/some/model"
+
+
+def test_model_plots(model_dir):
+    assert [t for t, _ in logic.model_plots(model_dir)] == ["Confusion matrix"]
+
+
+def test_uploads_to_cases_table_and_csv(model_dir, tmp_path):
+    from pellucid.core.predict import Predictor
+
+    predictor = Predictor(model_dir)
+    ups = [logic.read_upload("a.png", _bytes(write_png(tmp_path / "a.png", seed=1))),
+           logic.read_upload("bad.png", b"nope"),
+           logic.read_upload("b.png", _bytes(write_png(tmp_path / "b.png", seed=2)))]
+    cases = logic.uploads_to_cases(predictor, ups)
+    assert [c.name for c in cases] == ["a.png", "bad.png", "b.png"]
+    assert cases[1].error and cases[1].label is None
+    for c in (cases[0], cases[2]):
+        assert c.label in predictor.classes
+        assert sum(c.probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert c.ood is not None and c.ood.method == "heuristic"
+    # the same numbers as the CLI's predictor
+    ref = predictor.predict_images([ups[0].image])[0]
+    assert cases[0].probs == pytest.approx(ref.probs, abs=1e-6) and cases[0].label == ref.label
+    rows = logic.cases_table(cases, predictor.classes)
+    assert list(rows[0]) == ["input", "folder label", "predicted", "P(normal)", "P(tuberculosis)", "domain check",
+                             "error"]
+    assert rows[1]["P(normal)"] is None and rows[1]["error"]
+    text = logic.csv_bytes(cases, predictor.classes).decode()
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("path,label,prob_normal,prob_tuberculosis,error") and len(lines) == 4
+
+
+def test_explanation_cache_computes_once(model_dir, tmp_path, monkeypatch):
+    from pellucid.core.predict import Predictor
+    from pellucid.explain.report import MethodResult
+
+    calls = []
+
+    def fake_explain(predictor, cases, methods, **kw):
+        calls.append((len(cases), tuple(methods)))
+        for c in cases:
+            c.explanations.append(MethodResult(methods[0], np.full((4, 4), 0.5, np.float32), {"s": 1.0}))
+        return []
+
+    monkeypatch.setattr(logic, "explain_cases", fake_explain)
+    predictor = Predictor(model_dir)
+    ups = [logic.read_upload(f"{i}.png", _bytes(write_png(tmp_path / f"{i}.png", seed=i))) for i in range(3)]
+    cases = logic.uploads_to_cases(predictor, ups)
+    cache = logic.ExplanationCache()
+    progress = []
+    cache.attach(predictor, cases, ["a", "b"], "m1", progress=lambda f, t: progress.append(f))
+    assert calls == [(3, ("a",)), (3, ("b",))]
+    assert [r.method for r in cases[0].explanations] == ["a", "b"]
+    again = logic.uploads_to_cases(predictor, ups)
+    cache.attach(predictor, again, ["b"], "m1")
+    assert len(calls) == 2 and [r.method for r in again[0].explanations] == ["b"]
+    cache.attach(predictor, again, ["b"], "m2")  # another model version recomputes
+    assert len(calls) == 3
