@@ -11,6 +11,10 @@ DATA ?= $(if $(PELLUCID_DATA),$(PELLUCID_DATA),../shared/data/tb_cxr)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# System tools for the browser test and PDF checks (best effort: skipped tests say so when absent).
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium poppler-utils fonts-dejavu-core >/dev/null) || echo "note: chromium/poppler not installed"; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1

@@ -33,7 +33,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pellucid.datasets.readers import ImageReadError
     from pellucid.datasets.samples import DataError
 
-    return (UserError, ModelFolderError, TaskSpecError, TrainingError, WeightSourceError, ImageReadError,
+    extra: list[type[BaseException]] = []
+    try:
+        from pellucid.explain.report import ReportError
+
+        extra.append(ReportError)
+    except ImportError:
+        pass
+    try:
+        from pellucid.explain import ExplanationError
+
+        extra.append(ExplanationError)
+    except ImportError:
+        pass
+    return (*extra, UserError, ModelFolderError, TaskSpecError, TrainingError, WeightSourceError, ImageReadError,
             DataError, KeyError, FileNotFoundError)
 
 
@@ -234,7 +247,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.model:
         env["PELLUCID_MODEL"] = str(Path(args.model).resolve())
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     print(f"pellucid web app on http://localhost:{args.port} (Ctrl-C stops it)")
     return subprocess.call(cmd, env=env)
 

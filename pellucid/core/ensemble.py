@@ -187,11 +187,9 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
     Returns:
         The ensemble folder.
     """
-    from pellucid.core import calibration, metrics
-    from pellucid.core.modelfolder import _json_default
-    from pellucid.core.tasks import get_task
-
     import pellucid
+    from pellucid.core import calibration, metrics, plots
+    from pellucid.core.tasks import get_task
 
     t0 = time.time()
     out = Path(out)
@@ -259,12 +257,15 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
                           "note": "each member resizes the input to its own size (bilinear, antialiased)"},
     }
     shared = _shared_split(inside)
+    reason = "members do not share one validation/test partition" if shared is None else None
+    if shared is not None and not any(Path(r["path"]).exists() for r in shared["val"]):
+        reason = f"the members' validation images ({shared['val'][0]['path']}, ...) cannot be read from here"
+        shared = None
     if shared is None:
-        warnings.warn("ensemble members do not share one validation/test partition: the ensemble is left "
-                      "uncalibrated (temperature 1) and unscored", stacklevel=2)
-        card.update(calibration={"method": "none", "temperature": 1.0, "note": "members do not share a split"},
+        warnings.warn(f"{reason}: the ensemble is left uncalibrated (temperature 1) and unscored", stacklevel=2)
+        card.update(calibration={"method": "none", "temperature": 1.0, "note": reason},
                     threshold={"policy": "argmax", "value": None, "positive_class": card["positive_class"]},
-                    metrics={"note": "not scored: members do not share a split"}, split=None)
+                    metrics={"note": f"not scored: {reason}"}, split=None)
     else:
         (out / "split.json").write_text(json.dumps(shared, indent=1))
         model = load_ensemble(out, card)
@@ -298,10 +299,15 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
                    "val": len(shared["val"]), "test": len(shared["test"]), "file": "split.json"},
         )
         (out / "metrics.json").write_text(json.dumps(test_metrics, indent=1))
+        plot_dir = out / "plots"
+        plot_dir.mkdir(exist_ok=True)
+        plots.plot_roc(y["test"], probs["test"], classes, plot_dir / "roc.png", positive_index=pos)
+        plots.plot_confusion(np.array(test_metrics["confusion_matrix"]), classes, plot_dir / "confusion.png")
+        plots.plot_reliability(probs["test"], y["test"], plot_dir / "reliability.png", T=T)
     card["training"] = {"seconds": round(time.time() - t0, 1), "kind": "ensemble of trained members",
                         **(training or {})}
     card["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    (out / "card.json").write_text(json.dumps(card, indent=1, default=_json_default))
+    (out / "card.json").write_text(json.dumps(card, indent=1))
     log.info("ensemble of %d members written to %s", len(rel), out)
     return out
 

@@ -97,13 +97,19 @@ def split_from_file(samples: list[Sample], path: str | Path) -> tuple[list[Sampl
     except json.JSONDecodeError as err:
         raise DataError(f"split file {path} is not valid JSON ({err.msg} at line {err.lineno})") from err
     by_path = {str(Path(s.path).resolve()): s for s in samples}
+    # Fallback for a split file written elsewhere (another machine, another data location, another
+    # working directory): match on "<folder>/<file name>" when that is unique in the data folder.
+    tails: dict[str, Sample | None] = {}
+    for s in samples:
+        key = "/".join(Path(s.path).parts[-2:])
+        tails[key] = None if key in tails else s
     used: list[Sample] = []
     split: dict = {"seed": saved.get("seed"), "from_file": str(path.resolve())}
     missing: list[str] = []
     for part in ("train", "val", "test"):
         idx = []
         for row in saved.get(part, []):
-            s = by_path.get(str(Path(row["path"]).resolve()))
+            s = by_path.get(str(Path(row["path"]).resolve())) or tails.get("/".join(Path(row["path"]).parts[-2:]))
             if s is None:
                 missing.append(row["path"])
                 continue

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,11 +404,32 @@ def train(cfg: TrainConfig) -> Path:
         recipe={k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "extra", "progress")},
     )
     save_model(out, model, card)
+    _save_ood_reference(out, model, plain, cfg)
     if cache.failures:
         log.warning("%d unreadable file(s) were skipped:\n  %s", len(cache.failures),
                     "\n  ".join(e for _, e in cache.failures))
     log.info("model folder %s written in %.0f s", out, seconds)
     return out
+
+
+def _save_ood_reference(out: Path, model: Classifier, plain: dict, cfg: TrainConfig) -> None:
+    """Store embedding statistics of training images (thresholds set on validation) for the
+    out-of-domain check of the web app and reports."""
+    from pellucid.core.ood import fit_reference, save_reference
+
+    train_ds = plain["train"]
+    rng = np.random.default_rng(cfg.seed)
+    keep = sorted(rng.permutation(len(train_ds))[:256])
+    subset = [train_ds[i] for i in keep]
+    fit = [torch.stack([t for t, _ in subset[i:i + 64]]) for i in range(0, len(subset), 64)]
+    try:
+        model.eval()
+        with torch.inference_mode():
+            ref = fit_reference(model, fit, list(_batches(plain["val"], 64)),
+                                source=f"{len(subset)} training / {len(plain['val'])} validation images")
+        save_reference(out, ref)
+    except ValueError as err:
+        warnings.warn(f"no out-of-domain reference stored: {err}", stacklevel=2)
 
 
 def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,

@@ -44,7 +44,7 @@ import torch
 
 import pellucid
 from pellucid.core.ood import OODCheck, OODReference, check_domain, forward_with_features, load_reference
-from pellucid.datasets.readers import Image, ImageReadError, is_dicom, read_image
+from pellucid.datasets.readers import DICOM_SUFFIXES, Image, ImageReadError, is_dicom, read_image
 
 __all__ = [
     "REPORT_METRICS",
@@ -96,7 +96,7 @@ class ReportError(ValueError):
     """A report cannot be made as asked (no images, an unknown explainer name)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class MethodResult:
     """One explainer's output for one case.
 
@@ -113,7 +113,7 @@ class MethodResult:
     note: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class Case:
     """One input on its way to a report.
 
@@ -276,16 +276,26 @@ def analyse_paths(predictor, paths: Iterable[str | Path], *, include_identifiers
     dirs = [r for r in roots if r.is_dir()]
     cases: list[Case] = []
     pending: list[Case] = []
-    for n, f in enumerate(files, start=1):
-        rel = f.name
-        for d in dirs:
-            if f.is_relative_to(d):
-                rel = f.relative_to(d).as_posix()
-                break
+    done = 0
+
+    def flush() -> None:
+        nonlocal pending
+        _predict_cases(predictor, pending, reference, batch_size)
+        if not keep_images:
+            for c in pending:
+                c.image = None
+        pending = []
+        if progress:
+            progress(done / len(files), f"predicted {done} of {len(files)}")
+
+    for f in files:
+        done += 1
+        rel = next((f.relative_to(d).as_posix() for d in dirs if f.is_relative_to(d)), f.name)
         try:
             sha = _sha256_file(f)
         except OSError as err:
-            cases.append(Case(name=f.name, sha256="", error=f"{f.name}: cannot be opened ({err.strerror})", path=f))
+            shown = f"DICOM file #{done}" if f.suffix.lower() in DICOM_SUFFIXES and not include_identifiers else rel
+            cases.append(Case(name=shown, sha256="", error=f"{shown}: cannot be opened ({err.strerror})", path=f))
             continue
         dcm = is_dicom(f)
         name = display_name(rel, sha, dcm, include_identifiers)
@@ -302,14 +312,9 @@ def analyse_paths(predictor, paths: Iterable[str | Path], *, include_identifiers
         cases.append(case)
         if case.image is not None:
             pending.append(case)
-        if len(pending) >= batch_size or n == len(files):
-            _predict_cases(predictor, pending, reference, batch_size)
-            if not keep_images:
-                for c in pending:
-                    c.image = None
-            pending = []
-            if progress:
-                progress(n / len(files), f"predicted {n} of {len(files)}")
+        if len(pending) >= batch_size:
+            flush()
+    flush()
     return cases
 
 
@@ -653,7 +658,8 @@ def _splime_section(predictor, cases: Sequence[Case], per_class: int, alpha: flo
     # SP-LIME is an optional section: whatever goes wrong in it becomes a note, not a lost report.
     except Exception as err:  # noqa: BLE001
         log.warning("SP-LIME failed: %s", type(err).__name__)
-        return {"cards": [], "note": f"SP-LIME failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."}
+        first = str(err).splitlines()[0] if str(err) else ""
+        return {"cards": [], "note": f"SP-LIME failed ({type(err).__name__}: {first})."}
     finally:
         for c in release:
             c.image = None
@@ -866,7 +872,14 @@ class _PDF:
         self.pdf.set_xy(self.pdf.l_margin, y0 + row_h)
 
     def output(self) -> bytes:
-        return bytes(self.pdf.output())
+        # fontTools logs every table of the font subset at INFO; quiet it for this call only
+        quiet = logging.getLogger("fontTools")
+        level = quiet.level
+        quiet.setLevel(max(level, logging.WARNING))
+        try:
+            return bytes(self.pdf.output())
+        finally:
+            quiet.setLevel(level)
 
 
 def _headings_style():

@@ -303,11 +303,10 @@ class ExplanationCache:
                     missing.setdefault(m, []).append(c)
         notes: list[str] = []
         for i, (m, todo) in enumerate(missing.items()):
-            step = None
-            if progress is not None:
-                def step(f: float, text: str, i: int = i) -> None:
-                    progress((i + f) / len(missing), text)
-            notes += explain_cases(predictor, todo, [m], progress=step)
+            def step(f: float, text: str, i: int = i) -> None:
+                progress((i + f) / len(missing), text)
+
+            notes += explain_cases(predictor, todo, [m], progress=step if progress is not None else None)
             for c in todo:
                 for r in c.explanations:
                     if r.method == m:

@@ -55,9 +55,9 @@ def test_average_drop_and_increase_golden_values():
     assert got["ic_100"][1] == 0
     # A flat half map halves both quadrants: s = 0, no drop, no increase.
     assert got["ad_100"][2] == pytest.approx(0.0, abs=1e-9) and got["ic_100"][2] == 0
-    # 15 % kept = the first 60 % (raster order) of the chosen quadrant's pixels, at value 1.
+    # 15 % kept = the first round(0.15 * 4096) = 614 (raster order) of the quadrant's 1024 pixels.
     assert got["ic_15"][0] == 100
-    assert got["ad_15"][1] == pytest.approx(100 * (y - sigmoid(-4 * 0.6)) / y, rel=1e-6)
+    assert got["ad_15"][1] == pytest.approx(100 * (y - sigmoid(-4 * 614 / 1024)) / y, rel=1e-6)
     # 50 % kept: the quadrant (25 %) plus zero-valued pixels — same as the whole map.
     assert got["ad_50"][1] == pytest.approx(got["ad_100"][1])
 
@@ -114,12 +114,17 @@ def trained_model():
             x[i, :, r:r + 16, c:c + 16] = 1.0
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(25):
-        idx = torch.randint(0, 96, (32,))
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a net this small only loses from intra-op threads on a busy machine
+    try:
+        for step in range(10):
+            idx = torch.randint(0, 96, (16,))
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval(), x[1::2][:4]
 
 
@@ -127,7 +132,8 @@ def test_sanity_check_fails_for_a_model_blind_map_and_passes_for_gradcam(trained
     model, x = trained_model
     blind = sanity_check(model, EdgeExplainer(), x, [1] * len(x))
     assert all(r["sanity_rho"] == pytest.approx(1.0) and not r["sanity_pass"] for r in blind)
-    grad = sanity_check(model, get_explainer("gradcam"), x, [1] * len(x))
+    # layer2 (8x8 at 64 px): test_resnet's layer4 is 2x2 there, too coarse for a rank correlation.
+    grad = sanity_check(model, get_explainer("gradcam", layer="layer2"), x, [1] * len(x))
     rhos = [r["sanity_rho"] for r in grad]
     assert np.mean(rhos) < 0.5 and sum(r["sanity_pass"] for r in grad) >= len(x) - 1, rhos
 
@@ -138,7 +144,7 @@ def test_randomized_copy_changes_every_weight_but_not_the_original(tiny_models):
     rnd = randomized_copy(model)
     for (k, p), (_, q) in zip(model.named_parameters(), rnd.named_parameters()):
         assert torch.equal(p, before[k])
-        if p.numel() > 1 and "bn" not in k and "downsample.2" not in k:
+        if p.ndim > 1:  # conv and linear weights (fresh batch-norm weights are already at their init)
             assert not torch.equal(p, q), k
 
 

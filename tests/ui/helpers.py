@@ -63,7 +63,6 @@ def write_png(path: Path, seed: int = 0, colour: bool = False, size: int = 80) -
 
 def write_dicom(path: Path, *, pixels: bool = True, seed: int = 0) -> Path:
     """A small CT-like DICOM with patient tags ``Doe^Jane`` / ``SECRET123`` (no pixels if asked)."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

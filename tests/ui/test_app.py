@@ -189,3 +189,21 @@ def test_batch_page_zip_and_bad_inputs(app, tmp_path):
     app.button[0].click().run()
     assert not app.exception, app.exception
     assert {m.label: m.value for m in app.metric}["Inputs"] == "3"
+
+
+def test_model_page_builds_ood_reference(model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    rows = [{"path": str(write_png(tmp_path / "imgs" / f"{i}.png", seed=i)), "label": "normal"} for i in range(12)]
+    (folder / "split.json").write_text(json.dumps({"hash": "h", "train": rows[:9], "val": rows[9:]}))
+    monkeypatch.setenv("PELLUCID_MODEL", str(folder))
+    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/model.py").run()
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert (folder / "ood.safetensors").exists()
+    assert any("In-domain reference: embeddings of 9 training images" in s.value for s in at.success)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -176,3 +177,21 @@ def test_explanation_cache_computes_once(model_dir, tmp_path, monkeypatch):
     assert len(calls) == 2 and [r.method for r in again[0].explanations] == ["b"]
     cache.attach(predictor, again, ["b"], "m2")  # another model version recomputes
     assert len(calls) == 3
+
+
+def test_report_files_of_what_is_on_screen(model_dir, tmp_path):
+    from pellucid.core.predict import Predictor
+
+    predictor = Predictor(model_dir)
+    dcm = _bytes(write_dicom(tmp_path / "Doe.dcm"))
+    ups = [logic.read_upload("Doe_Jane_SECRET123.dcm", dcm, window=(0.0, 300.0)),
+           logic.read_upload("b.png", _bytes(write_png(tmp_path / "b.png", seed=2)))]
+    cases = logic.uploads_to_cases(predictor, ups)
+    html, pdf = logic.report_files(predictor, cases, methods=[], alpha=0.3)
+    assert pdf.startswith(b"%PDF") and html.startswith("<!DOCTYPE html>")
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)  # base64 can spell anything
+    for secret in ("Doe", "Jane", PATIENT_ID):
+        assert secret not in text
+    assert f"DICOM {ups[0].sha256[:12]}" in html and "b.png" in html
+    assert "centre 0, width 300 (chosen)" in html
+    assert html.count('class="case"') == 2 and "Summary" in html

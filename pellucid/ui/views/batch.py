@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from pellucid.explain.report import ReportError, analyse_paths, available_methods
+from pellucid.explain.report import SPLIME_SAMPLE, ReportError, analyse_paths, available_methods
 from pellucid.ui import common, logic
 
 FOLDER, ZIP = "Folder on this computer", "Zip upload"
@@ -77,16 +77,19 @@ st.dataframe(logic.cases_table(cases, classes), hide_index=True, width="stretch"
 
 st.subheader("Downloads")
 known = available_methods()
-m1, m2 = st.columns([2, 1])
+m1, m2, m3 = st.columns([2, 1, 1])
 methods = m1.multiselect("Explainers for the report's galleries", known, key="batch_methods",
                          default=[m for m in loaded.card.get("explainers", []) if m in known])
 alpha = m2.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="batch_alpha")
+splime = m3.checkbox("SP-LIME picks", value=False, key="batch_splime",
+                     help=f"Representative cases per class; runs LIME on up to {SPLIME_SAMPLE} images (slow on CPU).")
 d1, d2, d3 = st.columns([1, 1, 2])
 d1.download_button("Predictions (CSV)", data=logic.csv_bytes(cases, classes), file_name="predictions.csv",
                    mime="text/csv", icon=":material/table:", key="dl_csv")
 if d2.button("Build report", icon=":material/description:", key="build_report"):
     bar = st.progress(0.0, text="Explaining gallery cases…")
-    html, pdf = logic.report_files(predictor, cases, methods=methods, alpha=alpha, splime_per_class=2,
+    html, pdf = logic.report_files(predictor, cases, methods=methods, alpha=alpha,
+                                   splime_per_class=2 if splime else 0,
                                    progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
     bar.empty()
     st.session_state["batch_report"] = {"html": html, "pdf": pdf}

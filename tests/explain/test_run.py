@@ -1,0 +1,88 @@
+"""``explain_paths``: files in, overlays + JSON + score rows out, through a real model folder."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from pellucid.core.modelfolder import save_model
+from pellucid.explain import score_table
+from pellucid.explain.run import explain_paths, heatmap_stats
+from tests.explain.conftest import tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    model = tiny_classifier("test_resnet")
+    spec = model.spec
+    card = {
+        "kind": "classifier", "task": "toy-explain", "classes": ["normal", "lesion"], "positive_class": "lesion",
+        "backbone": spec.to_dict(),
+        "preprocessing": {"image_size": 64, "channels_in": 3, "resize": "squash", "input_range": [0.0, 1.0],
+                          "mean": list(spec.mean), "std": list(spec.std)},
+        "threshold": {}, "calibration": {},
+    }
+    save_model(folder, model, card)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    sizes = {"a.png": (90, 120), "b.png": (64, 64), "sub/a.png": (50, 40)}
+    for name, (h, w) in sizes.items():
+        path = root / name
+        path.parent.mkdir(exist_ok=True)
+        PILImage.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+    (root / "notes.txt").write_text("not an image")
+    return root, sizes
+
+
+def test_explain_paths_writes_overlays_json_and_rows(model_folder, image_files, tmp_path):
+    root, sizes = image_files
+    out = tmp_path / "out"
+    rows = explain_paths(model_folder, [root], ["gradcam", "gradcam++"], out_dir=out, score=True,
+                         metrics=("ad_ic", "deletion"), batch_size=2)
+    assert len(rows) == len(sizes) * 2
+    assert {r["method"] for r in rows} == {"gradcam", "gradcam++"}
+    for r in rows:
+        assert r["target_name"] in ("normal", "lesion")
+        assert 0 <= r["deletion_auc"] <= 1 and "ad_100" in r
+        with PILImage.open(r["overlay"]) as im:
+            h, w = sizes[str(r["path"]).split(str(root) + "/")[1]]
+            assert im.size == (w, h)
+    # Same stem in two folders: the second gets a suffix instead of overwriting.
+    assert sorted(p.name for p in out.glob("*.json")) == ["a.json", "a_1.json", "b.json"]
+    record = json.loads((out / "b.json").read_text())
+    assert record["original_size"] == [64, 64]
+    assert set(record["prediction"]["probabilities"]) == {"normal", "lesion"}
+    entry = record["explanations"][0]
+    assert entry["method"] == "gradcam" and entry["extras"]["layer"] == "backbone.net.layer4"
+    assert set(entry["heatmap"]) == {"mean", "max", "frac_above_0.5", "centroid"}
+    assert "deletion_auc" in entry["scores"]
+    assert (out / "b_gradcamplusplus.png").exists()
+    assert "| gradcam | 3 |" in score_table(rows)
+
+
+def test_explain_paths_fixed_target_and_errors(model_folder, image_files, tmp_path):
+    root, _ = image_files
+    rows = explain_paths(model_folder, [root / "b.png"], ["eigencam"], target="lesion", out_dir=tmp_path)
+    assert [r["target"] for r in rows] == [1] and "deletion_auc" not in rows[0]
+    with pytest.raises(KeyError, match="Did you mean 'lesion'"):
+        explain_paths(model_folder, [root / "b.png"], ["gradcam"], target="lesoin", out_dir=tmp_path)
+    with pytest.raises(KeyError, match="Did you mean 'gradcam'"):
+        explain_paths(model_folder, [root / "b.png"], ["gradcm"], out_dir=tmp_path)
+
+
+def test_heatmap_stats():
+    h = np.zeros((5, 5), np.float32)
+    h[0, 4] = 1.0
+    s = heatmap_stats(h)
+    assert s["max"] == 1 and s["mean"] == pytest.approx(1 / 25) and s["frac_above_0.5"] == pytest.approx(1 / 25)
+    assert s["centroid"] == [1.0, 0.0]
+    assert heatmap_stats(np.zeros((3, 3)))["centroid"] is None
