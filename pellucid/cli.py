@@ -217,6 +217,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pellucid.explain.run import explain_paths
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method else None
+    if not methods:
+        from pellucid.core.modelfolder import read_card
+
+        methods = list(read_card(args.model).get("explainers") or ["gradcam"])
     out = args.out or "runs/explain"
     rows = explain_paths(args.model, args.paths, methods=methods, target=args.target, out_dir=out,
                          score=args.score)

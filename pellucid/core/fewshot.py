@@ -31,7 +31,7 @@ import math
 import platform
 import re
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 

@@ -65,8 +65,8 @@ def _fit(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pellucid.cli import UserError
     from pellucid.core.backbones import create_backbone
-    from pellucid.core.fewshot import (PrototypicalNetwork, extract_features, format_shot_table, improved_config,
-                                       shot_table)
+    from pellucid.core.fewshot import (EpisodeSampler, PrototypicalNetwork, extract_features, format_shot_table,
+                                       improved_config, shot_table)
     from pellucid.datasets.samples import class_counts, load_samples
 
     if not args.data:
@@ -78,6 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
     samples = load_samples(args.data)
     labels = [s.label for s in samples]
     groups = [s.group for s in samples]
+    EpisodeSampler(labels, groups, None, min(shots), 1, 1)  # impossible even at the fewest shots: say so now
     bb, info = create_backbone(args.backbone or "efficientnet_lite0", pretrained=_pretrained(args))
     config = improved_config(bb.spec)
     net = PrototypicalNetwork(bb, config)

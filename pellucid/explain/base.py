@@ -17,7 +17,7 @@ import contextlib
 import difflib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,6 +111,9 @@ class Explainer:
         Returns:
             One :class:`Explanation` per image, in order, heatmaps of shape ``(H, W)``.
         """
+        if self.needs_gradients and torch.is_inference_mode_enabled():
+            raise ExplanationError(f"{self.name} needs autograd but explain() was called inside torch.inference_mode(); "
+                                   "call it outside that block")
         images = check_images(images)
         device = _model_device(model)
         images = images.to(device)
@@ -120,7 +123,7 @@ class Explainer:
             maps, targets = self._explain(model, images, targets)
         names = getattr(model, "classes", None)
         out = []
-        for i, (heat, t) in enumerate(zip(maps, targets)):
+        for heat, t in zip(maps, targets):
             heat, extra = (heat if isinstance(heat, tuple) else (heat, {}))
             heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0)
             out.append(Explanation(
@@ -160,7 +163,7 @@ def register_explainer(cls: type[Explainer]) -> type[Explainer]:
 
 def _load_builtin() -> None:
     # The built-in explainers register themselves when their modules are imported.
-    from pellucid.explain import cam, lime, occlusion  # noqa: F401
+    from pellucid.explain import cam, lime, occlusion, ttame  # noqa: F401
 
 
 def list_explainers() -> list[str]:
@@ -422,9 +425,3 @@ def no_gradient_error(model: nn.Module, layer: str, method: str, why: str) -> Ex
         "probe on cached features). Explainers that still work: "
         f"{', '.join(gradient_free_explainers())}.")
 
-
-def call_with_progress(fn: Callable, items: Sequence, desc: str, progress: bool) -> list:
-    """Map ``fn`` over ``items`` with an optional tqdm progress bar."""
-    from tqdm.auto import tqdm
-
-    return [fn(x) for x in tqdm(items, desc=desc, disable=not progress, leave=False)]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch import nn
 from pellucid.explain.base import (
     Explainer,
     Explanation,
+    ExplanationError,
     check_images,
     get_explainer,
     preserved_model,
@@ -85,7 +87,8 @@ def _target_probs(model: nn.Module, x: torch.Tensor, targets: Sequence[int], bat
     out = []
     with torch.inference_mode():
         for s in range(0, x.shape[0], batch_size):
-            p = probabilities(model(x[s:s + batch_size])).cpu()
+            chunk = x[s:s + batch_size].contiguous(memory_format=torch.channels_last)  # faster convs, same numbers
+            p = probabilities(model(chunk)).cpu()
             out.append(p.gather(1, idx[s:s + batch_size, None])[:, 0])
     return torch.cat(out).double().numpy()
 
@@ -274,7 +277,9 @@ def score_explanations(model: nn.Module, images: torch.Tensor, explanations: Seq
         road_percentiles: ROAD percentiles.
         sanity_threshold: Spearman correlation below which the sanity check passes.
         explainers: explainer per method name for the sanity check (default: rebuilt from the
-            registry with the options stored in each explanation).
+            registry with the options stored in each explanation; pass fitted trainable explainers
+            here). Where the explainer cannot run on the randomised copy the check is NaN, with a
+            warning.
         batch_size: images per forward pass.
         seed: seeds ROAD's noise and the weight randomisation.
 
@@ -316,16 +321,23 @@ def score_explanations(model: nn.Module, images: torch.Tensor, explanations: Seq
                 if random_model is None:
                     random_model = randomized_copy(model, seed)
                 rho = [math.nan] * b
-                ok = [False] * b
-                for key, idx in _group_by_explainer(chunk).items():
+                ok: list[bool | None] = [None] * b
+                for idx in _group_by_explainer(chunk).values():
                     explainer = _explainer_for(chunk[idx[0]], explainers)
-                    res = sanity_check(model, explainer, images[idx], [targets[i] for i in idx],
-                                       [maps[i] for i in idx], sanity_threshold, seed, random_model)
+                    try:
+                        res = sanity_check(model, explainer, images[idx], [targets[i] for i in idx],
+                                           [maps[i] for i in idx], sanity_threshold, seed, random_model)
+                    except ExplanationError as err:
+                        # e.g. a trainable explainer that is not fitted for the randomised copy
+                        warnings.warn(f"sanity check undefined for {chunk[idx[0]].method} (reported as NaN): "
+                                      f"{str(err).splitlines()[0]}", stacklevel=2)
+                        continue
                     for i, r in zip(idx, res):
                         rho[i], ok[i] = r["sanity_rho"], r["sanity_pass"]
                 cols["sanity_rho"], cols["sanity_pass"] = rho, ok
             for i, e in enumerate(chunk):
-                values = {k: (bool(v[i]) if k == "sanity_pass" else float(v[i])) for k, v in cols.items()}
+                values = {k: ((None if v[i] is None else bool(v[i])) if k == "sanity_pass" else float(v[i]))
+                          for k, v in cols.items()}
                 e.scores.update(values)
                 rows.append({"method": e.method, "image": i, "target": e.target, "target_name": e.target_name,
                              **values})

@@ -139,7 +139,7 @@ def _file_stem(name: str, seen: dict[str, int]) -> str:
     return stem if n == 0 else f"{stem}_{n}"
 
 
-def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: Sequence[str] = ("gradcam",),
+def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: Sequence[str] | None = None,
                   target: int | str | None = None, *, out_dir: str | Path = "explanations", score: bool = False,
                   metrics: Sequence[str] = DEFAULT_METRICS, options: Mapping[str, dict] | None = None,
                   batch_size: int = 8, alpha: float = 0.5, progress: bool = False) -> list[dict]:
@@ -148,7 +148,8 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
     Args:
         model_dir: model folder (``card.json`` + ``model.safetensors``).
         paths: image/DICOM files or folders.
-        methods: explainer names (see :func:`pellucid.explain.list_explainers`).
+        methods: explainer names (see :func:`pellucid.explain.list_explainers`); None uses the
+            card's (the task's) default explainers, or ``["gradcam"]`` when it names none.
         target: class name or index to explain for every image; None explains the model's decision
             (the card's threshold policy).
         out_dir: where PNGs and JSONs go (created).
@@ -166,14 +167,17 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
     """
     from tqdm.auto import tqdm
 
+    predictor, batches = load_batches(model_dir, paths, batch_size, target)
+    if methods is None:
+        methods = list(predictor.card.get("explainers") or ["gradcam"])
+    methods = list(methods)
     options = dict(options or {})
     unknown = [m for m in options if m not in methods]
     if unknown:
-        raise ValueError(f"options given for {unknown}, which are not among the methods {list(methods)}")
+        raise ValueError(f"options given for {unknown}, which are not among the methods {methods}")
     explainers = {m: get_explainer(m, **options.get(m, {})) for m in methods}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictor, batches = load_batches(model_dir, paths, batch_size, target)
     classes = predictor.classes
     rows: list[dict] = []
     seen: dict[str, int] = {}

@@ -40,7 +40,8 @@ def test_matches_lime_package_exactly(tiny_models):
 
     model = tiny_models["test_resnet"]
     x = images_for(64, 1, seed=6)
-    ours = get_explainer("lime", **OPTS).explain(model, x, [1])[0]
+    ours = get_explainer("lime", precision="float32", **OPTS).explain(model, x, [1])[0]
+    assert ours.extras["precision"] == "float32"
     segments = ours.extras["segments"]
 
     def classifier_fn(batch):
@@ -75,8 +76,19 @@ def test_spearman_edge_cases():
     assert spearman(np.ones((3, 3)), np.ones((3, 3))) == 1.0
 
 
+def test_bfloat16_precision_stays_close(tiny_models):
+    model = tiny_models["test_resnet"]
+    x = images_for(64, 1, seed=8)
+    f32 = get_explainer("lime", precision="float32", **OPTS).explain(model, x)[0]
+    bf16 = get_explainer("lime", precision="bfloat16", **OPTS).explain(model, x)[0]
+    assert bf16.extras["precision"] == "bfloat16" and bf16.target == f32.target
+    assert spearman(f32.extras["weights"], bf16.extras["weights"]) > 0.8
+
+
 def test_bad_options():
     with pytest.raises(KeyError, match="Did you mean 'quickshift'"):
         get_explainer("lime", segmentation="quickshit")
+    with pytest.raises(KeyError, match="Did you mean 'bfloat16'"):
+        get_explainer("lime", precision="bfloat61")
     with pytest.raises(TypeError, match="Did you mean 'num_samples'"):
         get_explainer("lime", num_sample=10)

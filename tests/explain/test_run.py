@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 
 from pellucid.core.modelfolder import save_model
@@ -73,6 +72,8 @@ def test_explain_paths_fixed_target_and_errors(model_folder, image_files, tmp_pa
     root, _ = image_files
     rows = explain_paths(model_folder, [root / "b.png"], ["eigencam"], target="lesion", out_dir=tmp_path)
     assert [r["target"] for r in rows] == [1] and "deletion_auc" not in rows[0]
+    # No methods: the card's default explainers (none in this card, so Grad-CAM).
+    assert [r["method"] for r in explain_paths(model_folder, [root / "b.png"], out_dir=tmp_path)] == ["gradcam"]
     with pytest.raises(KeyError, match="Did you mean 'lesion'"):
         explain_paths(model_folder, [root / "b.png"], ["gradcam"], target="lesoin", out_dir=tmp_path)
     with pytest.raises(KeyError, match="Did you mean 'gradcam'"):
