@@ -152,4 +152,5 @@ def load_model(folder: str | Path, *, map_location: str | torch.device = "cpu") 
     except RuntimeError as err:
         raise ModelFolderError(f"{weights} does not fit backbone {card['backbone']['name']!r}: "
                                f"{str(err).splitlines()[0]}") from err
+    model._pellucid_folder = str(folder)  # folder-bound add-ons (ttame.safetensors, ood.safetensors) live here
     return model.to(map_location).eval(), card

@@ -161,11 +161,10 @@ class CAMExplainer(Explainer):
         from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, ClassifierOutputTarget
 
         with frozen_parameters(model):
-            if targets is None:
-                targets = resolve_targets(model, images, None)
             with torch.no_grad():
-                one_column = model(images[:1]).shape[-1] == 1
-            targets = list(targets)
+                probe = model(images[:1])
+            one_column = probe.shape[-1] == 1
+            targets = resolve_targets(model, images, None) if targets is None else targets_from_output(probe, targets)
             hook = _LeafAtLayer()
             # Registered before pytorch-grad-cam's own hooks, so they see the leaf.
             handle = layer.register_forward_hook(hook) if self.needs_gradients else None
@@ -195,7 +194,7 @@ class CAMExplainer(Explainer):
             if targets is None:
                 targets = resolve_targets(model, images, None)
             weights = np.asarray(list(model.weights), dtype=np.float64)
-            if len(weights) != len(model.members) or weights.sum() <= 0:
+            if len(weights) != len(model.members) or (weights < 0).any() or weights.sum() <= 0:
                 raise ValueError(f"ensemble has {len(model.members)} members and weights {list(weights)}: "
                                  "need one non-negative weight per member with a positive sum")
             weights = weights / weights.sum()

@@ -207,7 +207,7 @@ class LimeExplainer(Explainer):
         """Explain one image ``(3, H, W)``; returns ``(heatmap, target, extras)``.
 
         ``extras`` holds ``segments`` ``(H, W)``, the superpixel ``weights``, the fit's ``r2``,
-        ``intercept`` and ``local_pred``.
+        ``intercept`` and ``local_pred``, and the ``precision`` of the perturbation passes.
         """
         from lime.lime_base import LimeBase
         from sklearn.metrics import pairwise_distances
@@ -237,11 +237,9 @@ class LimeExplainer(Explainer):
             fudged = torch.full_like(img, float(self.hide_color))
 
         bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16(_device_of(model)))
-        if target is None or bf16:
+        if target is None:  # the predicted class, always decided in float32
             with torch.inference_mode():
-                p0 = probabilities(model(img[None].to(_device_of(model)))).cpu()[0]
-            if target is None:  # the predicted class, always decided in float32
-                target = int(p0.argmax())
+                target = int(probabilities(model(img[None].to(_device_of(model)))).argmax(1)[0])
         labels = self._predict(model, img, fudged, torch.from_numpy(segments), data, bf16)
         if not 0 <= target < labels.shape[1]:
             raise ValueError(f"target class {target} out of range: the model has {labels.shape[1]} classes")

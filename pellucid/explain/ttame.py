@@ -280,15 +280,23 @@ class TTAMEAttention(nn.Module):
 
 
 # --------------------------------------------------------------------------- taps
-def default_tap_layers(model: nn.Module) -> list[str]:
-    """Dotted names (from ``model``) of the late stages the backbone spec lists for trainable
-    explainers (``spec.tap_layers``), shallow to deep."""
+def _backbone(model: nn.Module) -> tuple[str, Any] | None:
+    """``(prefix of its network's modules, Backbone)`` of the first pellucid Backbone in ``model``."""
     from pellucid.core.backbones import Backbone
 
     for name, mod in model.named_modules():
         if isinstance(mod, Backbone):
-            prefix = f"{name}.net." if name else "net."
-            return [prefix + t for t in mod.spec.tap_layers]
+            return (f"{name}.net." if name else "net."), mod
+    return None
+
+
+def default_tap_layers(model: nn.Module) -> list[str]:
+    """Dotted names (from ``model``) of the late stages the backbone spec lists for trainable
+    explainers (``spec.tap_layers``), shallow to deep."""
+    found = _backbone(model)
+    if found is not None:
+        prefix, backbone = found
+        return [prefix + t for t in backbone.spec.tap_layers]
     raise ExplanationError(
         f"{type(model).__name__} has no pellucid Backbone, so there are no default T-TAME taps: pass "
         "layers=[...] (dotted module names, shallow to deep, as listed by model.named_modules())")
@@ -299,10 +307,8 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tupl
 
     names = list(layers) if layers else default_tap_layers(model)
     modules = dict(model.named_modules())
-    try:
-        bb_prefix = default_tap_layers(model)[0].rsplit(".net.", 1)[0] + ".net."
-    except ExplanationError:
-        bb_prefix = None
+    found = _backbone(model)
+    bb_prefix = found[0] if found is not None else None  # names may also be given inside the backbone
     out = []
     for n in names:
         for cand in (n, bb_prefix + n if bb_prefix else None):
@@ -690,7 +696,10 @@ class TTAME(Explainer):
     """
 
     name = "ttame"
-    needs_gradients = True  # fitting backpropagates through the classifier to its input
+    # A map needs no autograd (it works inside torch.inference_mode and on models whose features are
+    # computed without gradients); fit() does need the output to depend on the input through
+    # autograd and says so when it does not.
+    needs_gradients = False
     trainable = True
     description = "trainable attention over several stages; one forward pass per map after fitting"
 
@@ -827,11 +836,16 @@ class TTAME(Explainer):
     def _check_gradient(model, attention, x, feats, y) -> None:
         """Fail early when the classifier's output does not depend on its input through autograd
         (features computed under no_grad): the cross-entropy term could not train the maps."""
-        maps = attention(feats)
-        m = maps[torch.arange(len(y), device=maps.device), y]
-        up = F.interpolate(m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
-        with torch.enable_grad():
-            out = model(_to_float(x) * up)
+        was = attention.training
+        attention.eval()  # no batch-norm statistics from this probe
+        try:
+            with torch.enable_grad():
+                maps = attention(feats)
+                m = maps[torch.arange(len(y), device=maps.device), y]
+                up = F.interpolate(m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+                out = model(_to_float(x) * up)
+        finally:
+            attention.train(was)
         if not out.requires_grad:
             raise ExplanationError(
                 f"ttame: the output of {type(model).__name__} does not depend on its input through autograd (features "
@@ -872,14 +886,16 @@ class TTAME(Explainer):
         device = images.device
         attention = attention.to(device).eval()
         layers = _resolve_layers(model, attention.layers or self.layers)
-        with torch.no_grad(), _Taps(layers) as taps:
+        # inference_mode, not no_grad: no autograd bookkeeping at all, so the map costs the forward
+        # pass plus the small attention module (see bench/bench_ttame.py).
+        with torch.inference_mode(), _Taps(layers) as taps:
             out = model(images)
             feats = taps.features()
         if n_outputs(out) != attention.n_classes:
             raise ExplanationError(f"T-TAME attention was fitted for {attention.n_classes} classes but the model has "
                                    f"{n_outputs(out)}: refit it for this model")
         targets = targets_from_output(out, targets)
-        with torch.no_grad():
+        with torch.inference_mode():
             maps = attention(feats)
             idx = torch.as_tensor(targets, device=maps.device)
             m = maps[torch.arange(len(idx), device=maps.device), idx]

@@ -101,6 +101,18 @@ class EdgeExplainer(Explainer):
         return list(mag.numpy()), list(targets or [0] * len(images))
 
 
+class BlobExplainer(Explainer):
+    """Ignores model and image: a centred Gaussian blob."""
+
+    name = "blob"
+
+    def _explain(self, model, images, targets):
+        h, w = images.shape[-2:]
+        yy, xx = np.mgrid[:h, :w]
+        blob = np.exp(-((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / (2 * (h / 6) ** 2)).astype(np.float32)
+        return [blob] * len(images), list(targets or [0] * len(images))
+
+
 @pytest.fixture(scope="module")
 def trained_model():
     """test_resnet trained for a few steps to find a bright square (class 1) on smooth noise."""
@@ -130,8 +142,9 @@ def trained_model():
 
 def test_sanity_check_fails_for_a_model_blind_map_and_passes_for_gradcam(trained_model):
     model, x = trained_model
-    blind = sanity_check(model, EdgeExplainer(), x, [1] * len(x))
-    assert all(r["sanity_rho"] == pytest.approx(1.0) and not r["sanity_pass"] for r in blind)
+    for blind_explainer in (EdgeExplainer(), BlobExplainer()):
+        blind = sanity_check(model, blind_explainer, x, [1] * len(x))
+        assert all(r["sanity_rho"] == pytest.approx(1.0) and not r["sanity_pass"] for r in blind)
     # layer2 (8x8 at 64 px): test_resnet's layer4 is 2x2 there, too coarse for a rank correlation.
     grad = sanity_check(model, get_explainer("gradcam", layer="layer2"), x, [1] * len(x))
     rhos = [r["sanity_rho"] for r in grad]

@@ -76,7 +76,7 @@ probability = {f"P({k})": st.column_config.ProgressColumn(f"P({k})", format="per
 st.dataframe(logic.cases_table(cases, classes), hide_index=True, width="stretch", column_config=probability)
 
 st.subheader("Downloads")
-known = available_methods()
+known = [m for m in available_methods() if m != "ttame" or "ttame" in loaded.card.get("explainers_fitted", {})]
 m1, m2, m3 = st.columns([2, 1, 1])
 methods = m1.multiselect("Explainers for the report's galleries", known, key="batch_methods",
                          default=[m for m in loaded.card.get("explainers", []) if m in known])

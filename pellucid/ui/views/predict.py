@@ -51,7 +51,7 @@ card = loaded.card
 files = st.file_uploader("Images or DICOM files", accept_multiple_files=True, key="uploads",
                          help="PNG, JPEG, TIFF, BMP or DICOM (.dcm or no suffix); "
                               f"up to {logic.max_upload_bytes() / 2**20:.0f} MB each.")
-known = available_methods()
+known = [m for m in available_methods() if m != "ttame" or "ttame" in card.get("explainers_fitted", {})]
 c1, c2, c3 = st.columns([2, 1, 1])
 methods = c1.multiselect("Explainers", known, default=[m for m in card.get("explainers", []) if m in known],
                          key="methods", placeholder="none installed" if not known else "choose explainers",
