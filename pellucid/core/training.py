@@ -311,10 +311,12 @@ def train(cfg: TrainConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = get_task(cfg.task)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    from pellucid.core.backbones import get_backbone_spec
 
+    get_backbone_spec(cfg.backbone)  # fail on a typo before any work
     samples = load_samples(cfg.data, classes=task.classes)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     if cfg.max_images:
         rng = np.random.default_rng(cfg.seed)
         keep = sorted(rng.permutation(len(samples))[: cfg.max_images])
