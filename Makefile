@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@$(PY) -m pellucid demo --data "$(DATA)" $(if $(NO_UI),--no-ui,)
 
+# One torch thread per test process: the tests are many small models, where threads cost more than
+# they give (and the DDP test starts two processes on two cores).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -34,7 +34,7 @@ __all__ = [
     "SEG_CLASSES", "SEG_TASK", "SegmentationError", "SegConfig", "build_unet", "train_segmenter",
     "load_segmenter", "segment", "segment_many", "predict_masks", "apply_lung_mask", "dice_scores",
     "hd95_scores", "segmentation_metrics", "bootstrap_interval", "keep_largest_components",
-    "read_seg_manifest",
+    "read_seg_manifest", "LungMasker", "PREPROCESS_CHOICES",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 SEG_CLASSES = ["background", "lung"]
 SEG_TASK = "tb-lungseg"
 PREPROCESS_MODES = ("mask", "crop")
+#: recipe / card values of ``preprocess`` and the :func:`apply_lung_mask` mode each one means
+PREPROCESS_CHOICES = {"none": None, "lung-mask": "mask", "lung-crop": "crop"}
 
 
 class SegmentationError(ValueError):
@@ -245,6 +247,56 @@ def apply_lung_mask(image: Image | np.ndarray, mask: np.ndarray, mode: str = "ma
         out = out[y0:y1, x0:x1]
         meta["lung_box"] = [int(y0), int(x0), int(y1), int(x1)]
     return Image(np.ascontiguousarray(out, dtype=np.float32), meta)
+
+
+class LungMasker:
+    """``Image -> Image`` preprocessing step: segment the lungs, then :func:`apply_lung_mask`.
+
+    Built once per run and called on every image (thread-safe: inference only), so training's image
+    cache and the predictor apply exactly the same step.
+
+    Args:
+        segmenter: a segmentation model folder or a loaded segmenter.
+        mode: ``"mask"`` or ``"crop"`` (see :func:`apply_lung_mask`).
+    """
+
+    def __init__(self, segmenter: str | Path | nn.Module, mode: str = "mask"):
+        if mode not in PREPROCESS_MODES:
+            apply_lung_mask(np.zeros((1, 1), np.float32), np.ones((1, 1), bool), mode)  # raises did-you-mean
+        self.folder = None if isinstance(segmenter, nn.Module) else str(Path(segmenter).resolve())
+        self.model = _as_segmenter(segmenter)
+        self.mode = mode
+
+    def __call__(self, image: Image | np.ndarray) -> Image:
+        return apply_lung_mask(image, segment(self.model, image), self.mode)
+
+    def card_entry(self) -> dict:
+        """What a classifier's card records under ``preprocessing``."""
+        name = {v: k for k, v in PREPROCESS_CHOICES.items()}[self.mode]
+        return {"preprocess": name, "segmenter": self.folder}
+
+    @classmethod
+    def from_settings(cls, preprocess: str | None, segmenter: str | Path | None) -> LungMasker | None:
+        """From a recipe / card: ``preprocess`` in :data:`PREPROCESS_CHOICES`; None for ``"none"``."""
+        key = preprocess or "none"
+        if key not in PREPROCESS_CHOICES:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(PREPROCESS_CHOICES), n=1)
+            raise SegmentationError(f"unknown preprocess {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                    + f" (available: {', '.join(PREPROCESS_CHOICES)})")
+        if PREPROCESS_CHOICES[key] is None:
+            return None
+        if not segmenter:
+            raise SegmentationError(f"preprocess {key!r} needs a segmenter: pass --segmenter DIR (a folder written "
+                                    "by `pellucid train tb-lungseg`)")
+        return cls(segmenter, PREPROCESS_CHOICES[key])
+
+    @classmethod
+    def from_card(cls, card: dict) -> LungMasker | None:
+        """The masker a classifier card asks for (``card['preprocessing']['preprocess']``), or None."""
+        pre = card.get("preprocessing") or {}
+        return cls.from_settings(pre.get("preprocess"), pre.get("segmenter"))
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -175,8 +175,8 @@ def test_predict_masks_writes_same_size_pngs_and_error_rows(seg_dir, tmp_path):
         src = PILImage.open(r["path"])
         m = np.asarray(PILImage.open(r["mask_path"]))
         assert m.shape == (src.height, src.width) and set(np.unique(m)) <= {0, 255}
-        assr_name = r["mask_path"].rsplit("/", 1)[-1]
-        assert assr_name == r["path"].rsplit("/", 1)[-1]
+        mask_name = r["mask_path"].rsplit("/", 1)[-1]
+        assert mask_name == r["path"].rsplit("/", 1)[-1]
         assert float(r["lung_fraction"]) == pytest.approx((m > 0).mean(), abs=1e-6)
     with (tmp_path / "masks" / "masks.csv").open() as fh:
         table = list(csv.DictReader(fh))
@@ -205,3 +205,19 @@ def test_segment_mask_classify_end_to_end(seg_dir):
         probs = torch.softmax(clf.eval()(batch), 1)
     assert probs.shape == (3, 2) and torch.isfinite(probs).all()
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
+def test_lung_masker_settings(seg_dir):
+    from pellucid.core.segmentation import LungMasker
+
+    assert LungMasker.from_settings("none", None) is None and LungMasker.from_card({}) is None
+    with pytest.raises(SegmentationError, match="did you mean 'lung-mask'"):
+        LungMasker.from_settings("lung-msk", seg_dir)
+    with pytest.raises(SegmentationError, match="needs a segmenter"):
+        LungMasker.from_settings("lung-mask", None)
+    masker = LungMasker.from_card({"preprocessing": {"preprocess": "lung-crop", "segmenter": str(seg_dir)}})
+    assert masker.card_entry() == {"preprocess": "lung-crop", "segmenter": str(seg_dir.resolve())}
+    img = read_image(read_seg_manifest(data_dir("tb_lungs"))[0]["path"], channels=1)
+    out = LungMasker(seg_dir, "mask")(img)
+    assert out.array.shape == img.array.shape
+    np.testing.assert_array_equal(out.array[..., 0] > 0, segment(masker.model, img) & (img.array[..., 0] > 0))
