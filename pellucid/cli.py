@@ -122,8 +122,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pellucid.core.training import TrainConfig, train
 
     task = get_task(args.task)
-    data = _resolve_data(task, args.data)
     over = _train_overrides(args)
+    if over.get("backbone"):
+        from pellucid.core.backbones import get_backbone_spec
+
+        get_backbone_spec(over["backbone"])  # a typo is reported before looking for data
+    data = _resolve_data(task, args.data)
     out = args.out or over.pop("out", None) or f"runs/{task.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     known = set(TrainConfig.__dataclass_fields__)
     bad = sorted(set(over) - known)
