@@ -5,7 +5,7 @@ split, seed 0) and reports test Dice and HD95 with 95 % bootstrap intervals, wal
 the whole run, and the plain inference time of one image through :func:`segment` on this machine.
 Writes ``bench/results/segmentation.md`` and keeps the model folder in ``runs/tb-lungseg``.
 
-    python -m bench.bench_segmentation [--image-size 128] [--epochs 30] [--threads 2]
+    python -m bench.bench_segmentation [--image-size 128] [--epochs 18] [--threads 2]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "runs" / "tb-lungseg"))
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=18)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 

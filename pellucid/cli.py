@@ -89,6 +89,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="Lightning strategy (auto, ddp, ...)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--preprocess", choices=["none", "lung-mask", "lung-crop"],
+                   help="classify segmented lungs (needs --segmenter)")
+    p.add_argument("--segmenter", help="segmentation model folder (pellucid train tb-lungseg)")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
@@ -101,7 +104,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
         except tomllib.TOMLDecodeError as err:
             raise UserError(f"config file {args.config} is not valid TOML: {err}") from None
     for key in ("backbone", "checkpoint", "finetune", "epochs", "image_size", "batch_size", "lr", "seed",
-                "max_images", "accelerator", "num_nodes", "strategy"):
+                "max_images", "accelerator", "num_nodes", "strategy", "preprocess", "segmenter"):
         v = getattr(args, key, None)
         if v is not None:
             over[key] = v
@@ -117,10 +120,45 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return over
 
 
+SEGMENTATION_TASKS = ("tb-lungseg",)
+
+
+def cmd_train_segmenter(args: argparse.Namespace) -> int:
+    from pellucid.core.segmentation import SegConfig, train_segmenter
+
+    data = Path(args.data) if args.data else _default_data_root() / "tb_lungs"
+    if not (data / "manifest.csv").exists():
+        raise UserError(f"no segmentation data at {data}: pass --data DIR with a manifest.csv of path,mask,label,group")
+    over = _train_overrides(args)
+    out = args.out or over.pop("out", None) or f"runs/tb-lungseg-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    classifier_only = {"backbone", "pretrained", "checkpoint", "finetune", "accelerator", "devices", "num_nodes",
+                       "strategy", "resume", "preprocess", "segmenter"}
+    ignored = sorted(set(over) & classifier_only)
+    if ignored:
+        log.warning("options %s do not apply to the segmenter and are ignored", ", ".join(ignored))
+    known = set(SegConfig.__dataclass_fields__)
+    bad = sorted(set(over) - known - classifier_only)
+    if bad:
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+        raise UserError(f"unknown segmentation option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    folder = train_segmenter(data, out, **{k: v for k, v in over.items() if k in known})
+    card = json.loads((Path(folder) / "card.json").read_text())
+    m = card["metrics"]
+    print(f"model folder: {folder}")
+    print(f"test Dice {m['dice']['value']:.4f} [{m['dice']['low']:.4f}, {m['dice']['high']:.4f}]; "
+          f"HD95 {m['hd95']['value']:.2f} px [{m['hd95']['low']:.2f}, {m['hd95']['high']:.2f}] (n={m['dice']['n']})")
+    print(f"time: {card['training']['seconds']} s")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pellucid.core.tasks import get_task
     from pellucid.core.training import TrainConfig, train
 
+    if args.task.replace("_", "-") in SEGMENTATION_TASKS:
+        return cmd_train_segmenter(args)
     task = get_task(args.task)
     over = _train_overrides(args)
     if over.get("backbone"):
@@ -168,8 +206,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from pellucid.core.modelfolder import read_card
     from pellucid.core.predict import Predictor, write_predictions_csv
 
+    if read_card(args.model).get("kind") == "segmentation":
+        from pellucid.core.segmentation import predict_masks
+
+        if not args.out:
+            raise UserError("a segmentation model writes one mask PNG per input: give --out DIR")
+        rows = predict_masks(args.model, args.paths, args.out, progress=True)
+        if not rows:
+            raise UserError(f"no image files found in {' '.join(args.paths)}")
+        bad = [r for r in rows if r["error"]]
+        print(f"{len(rows) - len(bad)} mask(s) and masks.csv written to {args.out}")
+        if bad:
+            print(f"{len(bad)} file(s) could not be read:", *[r["error"] for r in bad], sep="\n  ", file=sys.stderr)
+        return 0
     pred = Predictor(args.model)
     results = pred.predict_paths(args.paths, progress=True)
     if not results:
@@ -227,7 +279,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         methods = list(read_card(args.model).get("explainers") or ["gradcam"])
     out = args.out or "runs/explain"
     rows = explain_paths(args.model, args.paths, methods=methods, target=args.target, out_dir=out,
-                         score=args.score)
+                         score=args.score, lung_segmenter=args.segmenter)
     print(f"explanations written to {out}")
     if args.score and rows:
         from pellucid.explain import score_table
@@ -325,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="class to explain (default: the predicted class)")
     p.add_argument("--out")
     p.add_argument("--score", action="store_true", help="score faithfulness; print a method × metric table")
+    p.add_argument("--segmenter", help="lung segmentation folder: add lung_share / border_share to --score "
+                   "(default: the model card's segmenter, if any)")
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_explain)
 

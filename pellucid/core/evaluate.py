@@ -30,7 +30,14 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, out: str | Path | None
         The metrics dict (also written to ``out/metrics.json`` with plots and predictions.csv).
     """
     pred = Predictor(model_dir)
-    samples = load_samples(data_dir, classes=pred.classes)
+    aliases = {}
+    try:
+        from pellucid.core.tasks import get_task
+
+        aliases = get_task(pred.card["task"]).aliases
+    except KeyError:
+        pass  # a model of a task without an app folder
+    samples = load_samples(data_dir, classes=pred.classes, aliases=aliases)
     results = pred.predict_paths([s.path for s in samples], progress=progress)
     by_path = {r.path: r for r in results}
     ok = [(s, by_path[s.path]) for s in samples if s.path in by_path and not by_path[s.path].error]

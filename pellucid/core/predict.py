@@ -67,9 +67,15 @@ class Predictor:
         self.threshold: float | None = thr.get("value")
         pos = self.card.get("positive_class")
         self.positive_index: int | None = self.classes.index(pos) if pos in self.classes else None
+        from pellucid.core.segmentation import LungMasker
+
+        self.masker = LungMasker.from_card(self.card) if self.card.get("kind", "classifier") != "segmentation" else None
 
     def preprocess(self, image: Image | np.ndarray) -> torch.Tensor:
-        """Image → ``(3, S, S)`` float tensor in [0, 1], as in training."""
+        """Image → ``(3, S, S)`` float tensor in [0, 1], as in training (lungs segmented and masked
+        first when the card's ``preprocessing.preprocess`` says so)."""
+        if self.masker is not None:
+            image = self.masker(image)
         return to_tensor(prepare(image, self.image_size, self.channels))
 
     @torch.inference_mode()

@@ -55,7 +55,7 @@ class SegConfig:
     """Everything that decides a segmenter training run (saved as ``config.json``)."""
 
     image_size: int = 128
-    epochs: int = 30
+    epochs: int = 18
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -488,7 +488,7 @@ def _make_module(model: nn.Module, cfg: SegConfig):
 
 
 # ----------------------------------------------------------------------------- training
-def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 128, epochs: int = 30,
+def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 128, epochs: int = 18,
                     seed: int = 0, max_images: int | None = None, **overrides) -> Path:
     """Train the lung U-Net on a ``manifest.csv`` data set and write a segmentation model folder.
 

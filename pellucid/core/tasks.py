@@ -42,6 +42,8 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "num_workers": 0,
     "split": "grouped",
     "members": [],
+    "preprocess": "none",       # none | lung-mask | lung-crop (pellucid.core.segmentation.PREPROCESS_CHOICES)
+    "segmenter": None,          # segmentation model folder used by lung-mask / lung-crop
 }
 
 _MODALITIES = {"CXR", "photo", "dermoscopy", "histopathology", "sonar", "other"}
@@ -71,6 +73,7 @@ class TaskSpec:
     intended_use: str
     default_data: str
     recipe: dict = field(default_factory=dict, hash=False, compare=False)
+    aliases: dict = field(default_factory=dict, hash=False, compare=False)
     source: str = ""
 
     @property
@@ -162,8 +165,16 @@ def task_from_dict(data: dict, where: str = "task spec") -> TaskSpec:
         intended_use=data.get("intended_use", "Research use only. Not a medical device; not for diagnosis."),
         default_data=data.get("default_data", name),
         recipe=recipe,
+        aliases=_aliases(data.get("aliases", {}), classes, where),
         source=where,
     )
+
+
+def _aliases(raw: dict, classes: tuple[str, ...], where: str) -> dict:
+    for alias, target in raw.items():
+        if target not in classes:
+            raise TaskSpecError(f"{where}: alias {alias!r} points to {target!r}, which is not one of {list(classes)}")
+    return dict(raw)
 
 
 def _apps_root() -> Path:

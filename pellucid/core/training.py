@@ -84,6 +84,8 @@ class TrainConfig:
     progress: bool = True
     max_images: int | None = None
     n_boot: int = 1000
+    preprocess: str = "none"
+    segmenter: str | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -314,7 +316,7 @@ def train(cfg: TrainConfig) -> Path:
     from pellucid.core.backbones import get_backbone_spec
 
     get_backbone_spec(cfg.backbone)  # fail on a typo before any work
-    samples = load_samples(cfg.data, classes=task.classes)
+    samples = load_samples(cfg.data, classes=task.classes, aliases=task.aliases)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     if cfg.max_images:
@@ -329,7 +331,11 @@ def train(cfg: TrainConfig) -> Path:
     log.info("split %s: train %d, val %d, test %d", split["hash"], len(split["train"]), len(split["val"]),
              len(split["test"]))
 
-    cache = ImageCache([s.path for s in samples], cfg.image_size, channels=task.channels, progress=cfg.progress)
+    from pellucid.core.segmentation import LungMasker
+
+    masker = LungMasker.from_settings(cfg.preprocess, cfg.segmenter)
+    cache = ImageCache([s.path for s in samples], cfg.image_size, channels=task.channels, progress=cfg.progress,
+                       preprocess=masker)
     model, weight_info = build_classifier(cfg.backbone, len(task.classes), pretrained=cfg.pretrained,
                                           checkpoint=cfg.checkpoint, dropout=cfg.dropout)
     strategy = get_strategy(cfg.finetune, lr=cfg.lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay,
@@ -405,6 +411,8 @@ def train(cfg: TrainConfig) -> Path:
                   "skipped_files": [f"{p}: {e}" for p, e in cache.failures]},
         recipe={k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "extra", "progress")},
     )
+    if masker is not None:
+        card["preprocessing"].update(masker.card_entry())  # predict / explain / report / UI re-run the chain
     save_model(out, model, card)
     _save_ood_reference(out, model, plain, cfg)
     if cache.failures:

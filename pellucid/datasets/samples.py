@@ -87,13 +87,15 @@ def _from_folders(root: Path) -> list[Sample]:
     return samples
 
 
-def load_samples(root: str | Path, classes: list[str] | tuple[str, ...] | None = None) -> list[Sample]:
+def load_samples(root: str | Path, classes: list[str] | tuple[str, ...] | None = None,
+                 aliases: dict[str, str] | None = None) -> list[Sample]:
     """Read the labelled samples of a data folder.
 
     Args:
         root: folder with ``manifest.csv`` (``path,label,group``) or one sub-folder per class.
         classes: the labels the task expects; when given, every expected class must be present and
             no other label may appear.
+        aliases: other spellings of class names found in data sets (e.g. ``{"tb": "tuberculosis"}``).
 
     Raises:
         DataError: missing folder, empty class, labels that do not match ``classes``.
@@ -107,6 +109,8 @@ def load_samples(root: str | Path, classes: list[str] | tuple[str, ...] | None =
     samples = _from_manifest(root, manifest) if manifest.exists() else _from_folders(root)
     if not samples:
         raise DataError(f"{root}: no samples found")
+    if aliases:
+        samples = [Sample(s.path, aliases.get(s.label, s.label), s.group) for s in samples]
     if classes is not None:
         found = set(class_counts(samples))
         missing = [c for c in classes if c not in found]

@@ -59,9 +59,11 @@ def to_tensor(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u8).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_prepared(path: str | Path, size: int, channels: int | None = None) -> np.ndarray:
-    """Read a file and :func:`prepare` it (raises :class:`ImageReadError`)."""
-    return prepare(read_image(path), size, channels)
+def load_prepared(path: str | Path, size: int, channels: int | None = None, preprocess=None) -> np.ndarray:
+    """Read a file, apply ``preprocess`` (``Image -> Image``, e.g. a lung masker) and :func:`prepare` it
+    (raises :class:`ImageReadError`)."""
+    image = read_image(path)
+    return prepare(preprocess(image) if preprocess is not None else image, size, channels)
 
 
 class ImageCache:
@@ -73,6 +75,8 @@ class ImageCache:
         workers: decoding threads.
         channels: 1 for single-channel tasks (see :func:`prepare`).
         progress: show a progress bar.
+        preprocess: optional ``Image -> Image`` step applied to every decoded image before resizing
+            (for example :class:`pellucid.core.segmentation.LungMasker`).
 
     Attributes:
         arrays: ``(N_ok, size, size, 3)`` uint8.
@@ -81,7 +85,7 @@ class ImageCache:
     """
 
     def __init__(self, paths: Sequence[str | Path], size: int, *, channels: int | None = None, workers: int = 4,
-                 progress: bool = True):
+                 progress: bool = True, preprocess=None):
         from tqdm.auto import tqdm
 
         self.size = size
@@ -91,7 +95,7 @@ class ImageCache:
 
         def work(i: int):
             try:
-                return i, load_prepared(self.paths[i], size, channels), None
+                return i, load_prepared(self.paths[i], size, channels, preprocess), None
             except ImageReadError as err:
                 return i, None, str(err)
 

@@ -142,7 +142,8 @@ def _file_stem(name: str, seen: dict[str, int]) -> str:
 def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: Sequence[str] | None = None,
                   target: int | str | None = None, *, out_dir: str | Path = "explanations", score: bool = False,
                   metrics: Sequence[str] = DEFAULT_METRICS, options: Mapping[str, dict] | None = None,
-                  batch_size: int = 8, alpha: float = 0.5, progress: bool = False) -> list[dict]:
+                  batch_size: int = 8, alpha: float = 0.5, progress: bool = False,
+                  lung_segmenter: str | Path | None = None) -> list[dict]:
     """Explain image files with a model folder; write overlays and one JSON per image.
 
     Args:
@@ -168,6 +169,12 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
     from tqdm.auto import tqdm
 
     predictor, batches = load_batches(model_dir, paths, batch_size, target)
+    segmenter = None
+    if score and (lung_segmenter or (predictor.card.get("preprocessing") or {}).get("segmenter")):
+        from pellucid.core.segmentation import segment_many
+        from pellucid.explain.lungshare import resolve_segmenter
+
+        segmenter = resolve_segmenter(lung_segmenter or model_dir)
     if methods is None:
         methods = list(predictor.card.get("explainers") or ["gradcam"])
     methods = list(methods)
@@ -191,6 +198,14 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
         if score:
             flat = [e for m in methods for e in per_method[m]]
             score_explanations(predictor.model, batch.tensor, flat, metrics)
+            if segmenter is not None:
+                from pellucid.explain.lungshare import lung_share_scores
+
+                # the masks are computed on the originals; heatmaps share their field of view (squash resize)
+                masks = segment_many(segmenter, batch.originals)
+                for m in methods:
+                    for e, r in zip(per_method[m], lung_share_scores(None, batch.originals, per_method[m], masks=masks)):
+                        e.scores.update({k: r[k] for k in ("lung_share", "border_share", "lung_fraction")})
         for i, name in enumerate(batch.names):
             stem = _file_stem(name, seen)
             original = batch.originals[i]

@@ -65,3 +65,11 @@ def test_load_samples_errors(tmp_path):
         load_samples(tmp_path, classes=["a", "b", "c"])
     with pytest.raises(DataError, match=r"unexpected label\(s\) \['b'\]"):
         load_samples(tmp_path, classes=["a", "c"])
+
+
+def test_label_aliases_map_other_spellings(tmp_path):
+    for d in ("normal", "tb"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.png").write_bytes(b"")
+    samples = load_samples(tmp_path, classes=["normal", "tuberculosis"], aliases={"tb": "tuberculosis"})
+    assert sorted({s.label for s in samples}) == ["normal", "tuberculosis"]
