@@ -187,11 +187,13 @@ def _skin_tone(size: int) -> A.Compose:
 
 @register_augment("histo_stain")
 def _histo_stain(size: int) -> A.Compose:
-    # Rotations/flips (a nucleus has no orientation) + H&E stain jitter (see HEDJitter).
+    # Rotations/flips (a nucleus has no orientation), H&E stain jitter (see HEDJitter), and the
+    # brightness / contrast / focus changes that differ between slides and scanners.
     return A.Compose([
         A.RandomRotate90(p=1.0), A.HorizontalFlip(p=0.5),
-        HEDJitter(sigma=0.08, bias=0.03, p=0.9),
-        A.RandomBrightnessContrast(0.1, 0.1, p=0.3),
+        HEDJitter(sigma=0.15, bias=0.05, p=0.9),
+        A.RandomBrightnessContrast(0.15, 0.15, p=0.5),
+        A.GaussianBlur(blur_limit=(3, 3), p=0.15),
     ])
 
 
