@@ -377,9 +377,14 @@ def train(cfg: TrainConfig) -> Path:
     raw_test = calibration.apply_temperature(logits["test"], 1.0)
     pos = task.positive_index
     threshold = None
-    if task.binary and pos is not None:
-        threshold = metrics.choose_threshold((y["val"].numpy() == pos).astype(int), probs["val"][:, pos],
-                                             task.threshold_policy, task.target_sensitivity)
+    yv = (y["val"].numpy() == pos).astype(int) if pos is not None else None
+    if task.binary and pos is not None and task.threshold_policy != "argmax":
+        if 0 < yv.sum() < len(yv):
+            threshold = metrics.choose_threshold(yv, probs["val"][:, pos], task.threshold_policy,
+                                                 task.target_sensitivity)
+        else:  # a validation split with one class cannot place a threshold: say so, keep argmax
+            warnings.warn(f"validation split has only one class: the {task.threshold_policy!r} threshold "
+                          "cannot be chosen; using argmax (0.5)", stacklevel=2)
     test_metrics = metrics.classification_metrics(y["test"].numpy(), probs["test"], list(task.classes),
                                                   threshold=threshold, positive_index=pos, n_boot=cfg.n_boot,
                                                   seed=cfg.seed)
