@@ -89,6 +89,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="Lightning strategy (auto, ddp, ...)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--folds", type=int, help="grouped stratified k-fold: one model per fold + summary.json (mean ± sd)")
     p.add_argument("--preprocess", choices=["none", "lung-mask", "lung-crop"],
                    help="classify segmented lungs (needs --segmenter)")
     p.add_argument("--segmenter", help="segmentation model folder (pellucid train tb-lungseg)")
@@ -175,7 +176,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         close = difflib.get_close_matches(bad[0], sorted(known), n=1)
         raise UserError(f"unknown training option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     cfg = TrainConfig.from_task(task, str(data), str(out), **over)
-    folder = train(cfg)
+    from pellucid.core.kfold import run_training
+
+    folder = run_training(cfg, folds=getattr(args, "folds", None))
     _print_summary(folder)
     return 0
 

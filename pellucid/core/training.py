@@ -323,7 +323,9 @@ def train(cfg: TrainConfig) -> Path:
         rng = np.random.default_rng(cfg.seed)
         keep = sorted(rng.permutation(len(samples))[: cfg.max_images])
         samples = [samples[i] for i in keep]
-    split = grouped_split(samples, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    from pellucid.core.kfold import make_split  # split policy: grouped, temporal, or a saved split file
+
+    samples, split = make_split(samples, cfg)
     if _rank_zero():
         save_split(out / "split.json", samples, split)
     class_index = {c: i for i, c in enumerate(task.classes)}

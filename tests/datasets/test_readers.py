@@ -82,7 +82,7 @@ def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def test_suffix_sets() -> None:
-    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".tif", ".tiff", ".bmp"}
     assert DICOM_SUFFIXES == {".dcm", ".dicom"}
     assert not IMAGE_SUFFIXES & DICOM_SUFFIXES
 
@@ -750,3 +750,13 @@ def test_real_cxr_png() -> None:
         gray = read_image(path, channels=1)
     assert gray.array.shape == image.array.shape[:2] + (1,)
     assert 0.05 < float(gray.array.mean()) < 0.95
+
+
+def test_jfif_photo_is_read() -> None:
+    """JFIF-suffixed JPEGs (most of the mpox sample photos) are images, not unknown files."""
+    folder = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mpox" / "normal"
+    files = sorted(folder.glob("*.jfif")) if folder.exists() else []
+    if not files:
+        pytest.skip(f"no .jfif sample photos at {folder}")
+    image = read_image(files[0])
+    assert image.array.ndim == 3 and image.array.shape[2] == 3 and image.array.dtype == np.float32
