@@ -11,30 +11,10 @@ from pellucid.explain.base import explainer_class, gradient_free_explainers
 from pellucid.explain.metrics import deletion_insertion
 from tests.explain.conftest import BACKBONES, FAST_OPTIONS, images_for, tiny_classifier
 
+from tests.explain.helpers import assert_same, snapshot
+
 # Trainable explainers (T-TAME) need fit() first; their own tests cover them.
 READY = [n for n in list_explainers() if not explainer_class(n).trainable]
-
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "hooks": [sum(len(getattr(m, d)) for d in HOOK_DICTS) for m in model.modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-    }
-
-
-def assert_same(before: dict, after: dict) -> None:
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
-    assert before["hooks"] == after["hooks"]
-    for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), k
-
 
 def test_registry_lists_the_methods():
     assert set(list_explainers()) >= {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam",
