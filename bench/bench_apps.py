@@ -118,14 +118,16 @@ def _fmt(m: dict | None) -> str:
 
 
 def runs_table(folders: list[Path]) -> str:
-    lines = ["| run | kind | n test | accuracy | macro-F1 | AUROC | balanced acc. | wall time |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | kind | n test | accuracy | macro-F1 | AUROC | balanced acc. | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
     for f in folders:
         if (f / "summary.json").exists():
             s = json.loads((f / "summary.json").read_text())
             cell = lambda n: (f"{s['summary'][n]['mean']:.3f} ± {s['summary'][n]['sd']:.3f}"  # noqa: E731
                               if s["summary"].get(n, {}).get("mean") is not None else "n/a")
             lines.append(f"| `{f}` | {s['k']}-fold mean ± sd | {s['n']} (all, once) | {cell('accuracy')} | "
-                         f"{cell('macro_f1')} | {cell('auroc')} | {cell('balanced_accuracy')} | {s['seconds'] / 60:.1f} min |")
+                         f"{cell('macro_f1')} | {cell('auroc')} | {cell('balanced_accuracy')} | "
+                         f"{s['seconds'] / 60:.1f} min |")
             continue
         card = json.loads((f / "card.json").read_text())
         m = card["metrics"]["metrics"]

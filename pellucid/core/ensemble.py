@@ -250,7 +250,8 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
                     "detail": "; ".join(f"{r}: {c.get('weights', {}).get('source')}" for r, c in zip(rel, cards))},
         "members": [{"path": r, "weight": float(wi), "backbone": c["backbone"]["name"], "image_size": s,
                      "temperature": float((c.get("calibration") or {}).get("temperature") or 1.0),
-                     "test_metrics": {k: v.get("value") for k, v in (c.get("metrics") or {}).get("metrics", {}).items()}}
+                     "test_metrics": {k: v.get("value")
+                                      for k, v in (c.get("metrics") or {}).get("metrics", {}).items()}}
                     for r, wi, c, s in zip(rel, w, cards, sizes)],
         "preprocessing": {"image_size": size, "channels_in": channels_in, "resize": "squash",
                           "input_range": [0.0, 1.0], "member_sizes": sizes,

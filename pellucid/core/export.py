@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
         raise unknown_name_error("export format", fmt, list(FORMATS))
     res = export_onnx(args.model, args.out, int8=bool(args.int8),
                       int8_method=getattr(args, "int8_method", None) or "static")
-    print(f"fp32: {res['fp32']} ({res['fp32_bytes'] / 1e6:.2f} MB; max |logit diff| vs torch {res['max_abs_diff']:.2e})")
+    print(f"fp32: {res['fp32']} ({res['fp32_bytes'] / 1e6:.2f} MB; "
+          f"max |logit diff| vs torch {res['max_abs_diff']:.2e})")
     if res["int8"]:
         print(f"int8: {res['int8']} ({res['int8_bytes'] / 1e6:.2f} MB, {res['fp32_bytes'] / res['int8_bytes']:.1f}x "
               f"smaller; {res['int8_method']} quantization)")

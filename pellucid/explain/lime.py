@@ -147,17 +147,18 @@ class LimeExplainer(Explainer):
         hide_color: value hidden superpixels take; None (lime's default) uses each superpixel's
             mean colour.
         kernel_width: width of lime's exponential kernel on cosine distance.
-        batch_size: perturbed images per model call. Small batches are fastest on CPU (the
-            activations of a batch of 16 stay in cache; 50 at 224 px run about twice as slow per
-            image on the benchmark machine); raise it on a GPU.
+        batch_size: perturbed images per model call. Small batches are fastest on CPU: on the
+            benchmark machine EfficientNet-Lite0 at 224 px ran fastest per image in batches of 4–10
+            and up to twice as slow per image in batches of 16–32 (activations fall out of cache).
+            Raise it on a GPU.
         precision: precision of the perturbation passes: ``"float32"`` (default; the same numbers
             as lime itself), ``"bfloat16"`` (CPU/GPU autocast), or ``"auto"`` — bfloat16 where the
             device computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16),
             float32 elsewhere. bfloat16 moves probabilities by about 0.005, well below LIME's
             sampling noise (deletion AUC unchanged in ``bench/bench_explain.py``); on the 2-core
-            benchmark machine it ran the 1000 passes 1.2–2.4× faster in most runs but slower in
-            some (oneDNN's bf16 kernels suffer more when other jobs share the cores), so it is not
-            the default. The explained class is always decided in float32.
+            benchmark machine (AVX512-BF16) it ran the passes about twice as fast when the machine
+            was quiet, but slower in some runs while other jobs shared the cores, so it is not the
+            default. The explained class is always decided in float32.
         seed: seeds the segmentation, the perturbation matrix and the ridge fit.
         progress: show a progress bar over images.
     """
@@ -167,7 +168,7 @@ class LimeExplainer(Explainer):
 
     def __init__(self, num_samples: int = 1000, segmentation: str = "slic", n_segments: int = 50,
                  compactness: float = 10.0, kernel_size: float = 4, max_dist: float = 200, ratio: float = 0.2,
-                 hide_color: float | None = None, kernel_width: float = 0.25, batch_size: int = 16,
+                 hide_color: float | None = None, kernel_width: float = 0.25, batch_size: int = 8,
                  precision: str = "float32", seed: int = 0, progress: bool = False):
         if segmentation not in SEGMENTATIONS:
             from pellucid.core.backbones import unknown_name_error

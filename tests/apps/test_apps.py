@@ -23,7 +23,7 @@ EXPECT = {
     "mpox": {"augment": "skin_tone", "classes": ("chickenpox", "measles", "monkeypox", "normal")},
     "bpd": {"augment": "cxr", "channels": 1, "positive_class": "pneumonia", "mixing": "cutmix",
             "finetune": "progressive", "default_data": "pediatric_cxr"},
-    "nuclei": {"augment": "histo_stain", "backbone": "shallow_cnn", "balance": "sampler", "split": "grouped"},
+    "nuclei": {"augment": "histo_stain", "balance": "sampler", "split": "grouped"},
     "snow": {"positive_class": "snow"},
     "waste": {"backbone": "efficientnet_lite0"},
     "sonar": {"augment": "sonar", "channels": 1, "split": "temporal", "first_explainer": "lime"},
@@ -68,6 +68,23 @@ def test_snow_defaults_to_an_ensemble_with_weights_available_offline():
     assert len(members) >= 2
     for m in members:  # offline default: only Lite0 ships weights
         assert m.get("backbone", t.recipe["backbone"]) == "efficientnet_lite0"
+
+
+@pytest.mark.parametrize("config", ["snow/paper.toml", "nuclei/shallow.toml"])
+def test_shipped_alternative_recipes_are_valid_configs(config):
+    import tomllib
+    from pathlib import Path
+
+    import pellucid.apps
+
+    data = tomllib.loads((Path(pellucid.apps.__file__).parent / config).read_text())
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert set(data) <= fields
+    for member in data.get("members", []):
+        assert set(member) - {"weight"} <= fields
+        get_backbone_spec(member["backbone"])
+    if "backbone" in data:
+        get_backbone_spec(data["backbone"])
 
 
 _TINY = ["--backbone", "test_resnet", "--pretrained", "random", "--image-size", "32", "--max-images", "24",
