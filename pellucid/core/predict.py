@@ -81,7 +81,10 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Calibrated probabilities ``(B, C)`` of a preprocessed batch ``(B, 3, S, S)``."""
-        logits = self.model(batch.to(self.device)).float().cpu()
+        batch = batch.to(self.device)
+        if batch.dim() == 4:  # channels-last: oneDNN's fast convolution layout, same numbers
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        logits = self.model(batch).float().cpu()
         return apply_temperature(logits, self.temperature)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:

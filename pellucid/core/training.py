@@ -104,6 +104,11 @@ def _device_for(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _cl(x: torch.Tensor) -> torch.Tensor:
+    """Image batches in channels-last layout (faster convolutions on CPU and GPU, same numbers)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 @torch.inference_mode()
 def extract_features(model: Classifier, batches, device: torch.device | str = "cpu",
                      progress: bool = False, desc: str = "features") -> torch.Tensor:
@@ -115,7 +120,7 @@ def extract_features(model: Classifier, batches, device: torch.device | str = "c
     out = []
     for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
         x = x[0] if isinstance(x, (tuple, list)) else x
-        out.append(model.features(x.to(device)).float().cpu())
+        out.append(model.features(_cl(x.to(device))).float().cpu())
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0, model.spec.embedding_dim)
 
@@ -125,7 +130,8 @@ def predict_logits(model: nn.Module, batches, device: torch.device | str = "cpu"
     """Logits ``(N, C)`` of an iterable of image batches (model in eval mode, restored after)."""
     was = model.training
     model.eval().to(device)
-    out = [model(x[0].to(device) if isinstance(x, (tuple, list)) else x.to(device)).float().cpu() for x in batches]
+    out = [model(_cl(x[0].to(device) if isinstance(x, (tuple, list)) else x.to(device))).float().cpu()
+           for x in batches]
     model.train(was)
     return torch.cat(out)
 
@@ -471,8 +477,10 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     val_dl = DataLoader(val_ds, batch_size=64, **dl_kw)
 
     on_gpu = _device_for(cfg).type == "cuda"
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
+    # channels-last on CPU too: oneDNN's convolutions (depthwise ones above all) run in that layout;
+    # an EfficientNet-Lite0 training step at 224 px took about half the time on the 2-core benchmark
+    # machine. The saved weights are converted back to the default layout below.
+    model = model.to(memory_format=torch.channels_last)
     module = make_module(model, strategy, cfg, cw)
     ckpt_dir = out / "checkpoints"
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)

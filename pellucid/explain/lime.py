@@ -12,11 +12,13 @@ What the ``lime`` package does and what this wrapper does:
   scikit-image, seeded;
 * perturbations: the on/off matrix is drawn from ``numpy.random.RandomState(seed)`` exactly as
   lime's ``LimeImageExplainer.data_labels`` draws it, but the perturbed images are composed in one
-  vectorised step per chunk, in channels-last layout, and the model runs under
-  ``torch.inference_mode``, optionally in bfloat16 autocast (``precision=``); lime's loop builds
-  each image with one mask per hidden segment and calls the model on contiguous float32 batches.
-  lime's own bookkeeping is only about a tenth of its time: the 1000 forward passes are the rest,
-  so on CPU their memory layout and precision, not batching, decide the speed;
+  vectorised step per chunk; lime's loop builds each image with one mask per hidden segment.
+* model calls: lime's own bookkeeping is only about a tenth of its time — the 1000 forward passes
+  are the rest, so how they run decides the speed. Here they run through
+  :func:`pellucid.core.runtime.fast_forward`: on CPU the model exported once (in memory) to ONNX
+  Runtime, which folds BatchNorm into the convolutions and runs depthwise convolutions well, checked
+  against the model before use (eager PyTorch with channels-last inputs when ONNX Runtime is not
+  installed or the graph disagrees); optionally in bfloat16 autocast instead (``precision=``);
 * the weighted ridge fit is lime's own ``LimeBase.explain_instance_with_data`` with lime's image
   kernel (exponential on cosine distance, width 0.25), for the target class only.
 
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pellucid.core.runtime import BACKENDS, fast_forward
 from pellucid.explain.base import (
     Explainer,
     check_images,
@@ -159,6 +162,10 @@ class LimeExplainer(Explainer):
             benchmark machine (AVX512-BF16) it ran the passes about twice as fast when the machine
             was quiet, but slower in some runs while other jobs shared the cores, so it is not the
             default. The explained class is always decided in float32.
+        backend: what runs the float32 perturbation passes (:func:`pellucid.core.runtime.fast_forward`):
+            ``"auto"`` (default: ONNX Runtime on CPU when installed — the model exported in memory
+            once per model and image shape, checked against the model — else eager PyTorch),
+            ``"torch"`` or ``"onnxruntime"``. The bfloat16 passes always run in PyTorch.
         seed: seeds the segmentation, the perturbation matrix and the ridge fit.
         progress: show a progress bar over images.
     """
@@ -169,7 +176,7 @@ class LimeExplainer(Explainer):
     def __init__(self, num_samples: int = 1000, segmentation: str = "slic", n_segments: int = 50,
                  compactness: float = 10.0, kernel_size: float = 4, max_dist: float = 200, ratio: float = 0.2,
                  hide_color: float | None = None, kernel_width: float = 0.25, batch_size: int = 8,
-                 precision: str = "float32", seed: int = 0, progress: bool = False):
+                 precision: str = "float32", backend: str = "auto", seed: int = 0, progress: bool = False):
         if segmentation not in SEGMENTATIONS:
             from pellucid.core.backbones import unknown_name_error
 
@@ -178,12 +185,16 @@ class LimeExplainer(Explainer):
             from pellucid.core.backbones import unknown_name_error
 
             raise unknown_name_error("precision", precision, list(PRECISIONS))
+        if backend not in BACKENDS:
+            from pellucid.core.backbones import unknown_name_error
+
+            raise unknown_name_error("backend", backend, list(BACKENDS))
         if num_samples < 2:
             raise ValueError(f"num_samples must be at least 2 (got {num_samples})")
         super().__init__(num_samples=num_samples, segmentation=segmentation, n_segments=n_segments,
                          compactness=compactness, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio,
                          hide_color=hide_color, kernel_width=kernel_width, batch_size=batch_size,
-                         precision=precision, seed=seed, progress=progress)
+                         precision=precision, backend=backend, seed=seed, progress=progress)
         self.num_samples = num_samples
         self.segmentation = segmentation
         self.seg_options = dict(n_segments=n_segments, compactness=compactness, kernel_size=kernel_size,
@@ -192,6 +203,7 @@ class LimeExplainer(Explainer):
         self.kernel_width = kernel_width
         self.batch_size = batch_size
         self.precision = precision
+        self.backend = backend
         self.seed = seed
         self.progress = progress
 
@@ -259,7 +271,8 @@ class LimeExplainer(Explainer):
             weights[f] = w
         heat = heatmap_from_weights(segments, weights)
         extras = {"segments": segments, "weights": weights, "r2": float(r2), "intercept": float(intercept),
-                  "local_pred": float(np.ravel(local_pred)[0]), "precision": "bfloat16" if bf16 else "float32"}
+                  "local_pred": float(np.ravel(local_pred)[0]), "precision": "bfloat16" if bf16 else "float32",
+                  "backend": "torch" if bf16 else self._backend_used}
         return heat, target, extras
 
     def _predict(self, model: nn.Module, image: torch.Tensor, fudged: torch.Tensor, segments: torch.Tensor,
@@ -270,6 +283,8 @@ class LimeExplainer(Explainer):
         numbers) from ``(H, W, C)`` views of the image and its hidden version.
         """
         device = _device_of(model)
+        run = None if bf16 else fast_forward(model, tuple(image.shape), self.backend)
+        self._backend_used = getattr(run, "backend", "torch")
         image = image.to(device).permute(1, 2, 0)
         fudged = fudged.to(device).permute(1, 2, 0)
         segments = segments.to(device)
@@ -280,7 +295,7 @@ class LimeExplainer(Explainer):
             for start in range(0, len(data), self.batch_size):
                 keep = on[start:start + self.batch_size][:, segments, None]  # (n, H, W, 1)
                 batch = torch.where(keep, image, fudged).permute(0, 3, 1, 2)  # channels-last strides
-                out.append(probabilities(model(batch)).cpu())
+                out.append(probabilities(model(batch) if run is None else run(batch)).cpu())
         return torch.cat(out).double().numpy()
 
     # ------------------------------------------------------------------------------------------

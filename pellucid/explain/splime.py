@@ -130,7 +130,7 @@ def sp_lime(model: nn.Module, images: torch.Tensor, budget: int = 2, targets: Se
         idx = [i for i, e in enumerate(explanations) if e.target == c]
         chosen, cov = submodular_pick(feats[idx], budget)
         picks[c] = [idx[i] for i in chosen]
-        coverage[c] = cov
+        coverage[c] = min(1.0, cov)  # a ratio of float sums can round above 1
     return SPLimeResult(picks=picks, coverage=coverage, features=feats, explanations=list(explanations), grid=grid)
 
 

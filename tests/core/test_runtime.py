@@ -1,0 +1,81 @@
+"""Fast inference runners: same function as the model, cached, rebuilt when weights change."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pellucid.core.model import build_classifier
+from pellucid.core.runtime import fast_forward, onnxruntime_available
+
+needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="needs pellucid[export] (onnx, onnxruntime)")
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return build_classifier("test_resnet", 3, pretrained=False)[0].eval()
+
+
+def _x(n=5, size=32, seed=3):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=needs_ort)])
+def test_runner_reproduces_the_model_for_any_batch_size(model, backend):
+    run = fast_forward(model, (3, 32, 32), backend)
+    assert run.backend == backend
+    for n in (1, 5):
+        x = _x(n)
+        with torch.inference_mode():
+            ref = model(x)
+        torch.testing.assert_close(run(x), ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_ort
+def test_auto_prefers_onnxruntime_on_cpu_and_caches_it(model):
+    a = fast_forward(model, (3, 32, 32))
+    assert a.backend == "onnxruntime"
+    assert fast_forward(model, (3, 32, 32)) is a
+    assert fast_forward(model, (3, 48, 48)) is not a  # another input shape: another graph
+
+
+@needs_ort
+def test_changed_weights_rebuild_the_runner(model):
+    x = _x()
+    before = fast_forward(model, (3, 32, 32))(x)
+    with torch.no_grad():
+        model.head.weight.mul_(-1.0)  # in place, as a parameter-randomisation check would
+    run = fast_forward(model, (3, 32, 32))
+    with torch.inference_mode():
+        ref = model(x)
+    torch.testing.assert_close(run(x), ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(before, ref, atol=1e-3)
+
+
+class _NumpyInside(nn.Module):
+    """Runs part of its forward pass in NumPy: cannot be exported to ONNX."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return torch.from_numpy(y.detach().numpy() * 2.0)
+
+
+@needs_ort
+def test_unexportable_model_falls_back_to_torch_or_says_why():
+    m = _NumpyInside().eval()
+    run = fast_forward(m, (3, 16, 16))
+    assert run.backend == "torch"
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(run(x), m(x))
+    with pytest.raises(ValueError, match="backend='torch'"):
+        fast_forward(_NumpyInside().eval(), (3, 16, 16), "onnxruntime")
+
+
+def test_unknown_backend_suggests_the_right_one(model):
+    with pytest.raises(KeyError, match="Did you mean 'onnxruntime'"):
+        fast_forward(model, (3, 32, 32), "onnxruntim")
