@@ -1,6 +1,7 @@
-"""T-TAME on the TB model: fit time, faithfulness against Grad-CAM (and LIME), and map cost.
+"""T-TAME on a task model: fit time, faithfulness against Grad-CAM (and LIME), and map cost.
 
-For the newest complete ``tb`` model folder under ``runs/`` (or ``--model DIR``):
+For the newest complete ``tb`` model folder under ``runs/`` (or any task's ``--model DIR``, with
+``--out bench/results/ttame-<task>.md``):
 
 * fits T-TAME with its defaults (``pellucid fit-explainer`` does the same) on the folder's
   ``split.json`` train/val parts and reports the fit time; by default into a scratch copy of the
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     per = {k: 1000 * v / n for k, v in timing.items()}
     counts = {c: targets.count(i) for i, c in enumerate(card["classes"])}
     lines = [
-        "# T-TAME on the TB model (CPU)",
+        f"# T-TAME on the {card['task']} model (CPU)",
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `PELLUCID_OFFLINE=1 .venv/bin/python bench/bench_ttame.py"
         f"{' ' + ' '.join(argv) if argv else ''}`; model folder `{folder}` ({card['backbone']['name']}, "

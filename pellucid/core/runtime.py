@@ -67,14 +67,17 @@ class _TorchRunner:
     backend = "torch"
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self._model = weakref.ref(model)  # the cache is keyed weakly by the model: never keep it alive
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this runner no longer exists")
         with torch.inference_mode():
-            x = x.to(_device_of(self.model))
+            x = x.to(_device_of(model))
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self.model(x).float()
+            return model(x).float()
 
 
 class _OrtRunner:

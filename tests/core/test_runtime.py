@@ -79,3 +79,15 @@ def test_unexportable_model_falls_back_to_torch_or_says_why():
 def test_unknown_backend_suggests_the_right_one(model):
     with pytest.raises(KeyError, match="Did you mean 'onnxruntime'"):
         fast_forward(model, (3, 32, 32), "onnxruntim")
+
+
+def test_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    m = _NumpyInside().eval()
+    fast_forward(m, (3, 16, 16), "torch")
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
