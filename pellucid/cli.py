@@ -296,7 +296,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     paths = write_report(args.model, args.paths, methods=methods, out_dir=args.out or "runs/report",
-                         include_identifiers=args.include_identifiers)
+                         include_identifiers=args.include_identifiers, lung_segmenter=args.segmenter)
     for p in paths:
         print(f"written: {p}")
     return 0
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods")
     p.add_argument("--out")
     p.add_argument("--include-identifiers", action="store_true", help="show DICOM patient tags (off by default)")
+    p.add_argument("--segmenter", help="lung segmentation model folder: outline the lungs on chest X-ray overlays and "
+                                       "report the share of each map inside them (default: the model's own segmenter)")
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_report)
 

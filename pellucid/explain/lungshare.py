@@ -8,7 +8,13 @@ a lung mask, :func:`border_share` the share in the image's outer band (where tex
 and :func:`lung_share_scores` segments the images with a lung segmenter
 (:mod:`pellucid.core.segmentation`) and scores a batch of explanations. :func:`summarize_shares`
 averages them per explainer. Compare ``lung_share`` with ``lung_fraction`` (the share a uniform map
-would get): a model that looks at the lungs lands well above it.
+would get): a model that looks at the lungs lands well above it. :func:`mask_shares` scores one map
+against one mask (reports and the web app use it).
+
+An all-zero map has no mass, so its shares are undefined: they are NaN and the row says
+``empty=True``. This happens, for instance, when Grad-CAM finds no location whose features raise the
+explained class's score (the decision then rests on the head's bias, not on anything in the image).
+Such maps are counted (``n_empty``) and left out of the means, never averaged in as NaN.
 """
 from __future__ import annotations
 
@@ -20,7 +26,10 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["in_mask_share", "border_share", "border_band", "lung_share_scores", "summarize_shares",
-           "resolve_segmenter"]
+           "resolve_segmenter", "mask_shares", "SHARE_KEYS"]
+
+#: the per-map values :func:`mask_shares` and :func:`lung_share_scores` return (besides ``empty``)
+SHARE_KEYS = ("lung_share", "border_share", "lung_fraction", "lung_enrichment")
 
 
 def _mass(heatmap: np.ndarray) -> np.ndarray:
@@ -96,6 +105,32 @@ def resolve_segmenter(model_or_folder):
     return load_model(folder)[0]
 
 
+def mask_shares(heatmap: np.ndarray, mask: np.ndarray, width_frac: float = 0.08) -> dict:
+    """Lung share, border share, lung area fraction and enrichment of one map against one lung mask.
+
+    Args:
+        heatmap: ``(H, W)`` map (negative values count as 0).
+        mask: lung mask at any resolution covering the same field of view (resized, nearest).
+        width_frac: width of the border band.
+
+    Returns:
+        ``lung_share``, ``border_share``, ``lung_fraction``, ``lung_enrichment`` and ``empty``
+        (True for a map without mass, whose shares are NaN; no warning is issued here, the caller
+        says which map was empty).
+    """
+    heat = _mass(heatmap)
+    mask = _resize_mask(mask, heat.shape)
+    frac = float(mask.mean())
+    total = float(heat.sum())
+    if total <= 0:
+        return {"lung_share": math.nan, "border_share": math.nan, "lung_fraction": frac,
+                "lung_enrichment": math.nan, "empty": True}
+    share = float(heat[mask].sum() / total)
+    border = float(heat[border_band(heat.shape, width_frac)].sum() / total)
+    return {"lung_share": share, "border_share": border, "lung_fraction": frac,
+            "lung_enrichment": share / frac if frac > 0 else math.nan, "empty": False}
+
+
 def lung_share_scores(model_or_segmenter_folder, images: Sequence, explanations: Sequence, *,
                       masks: Sequence[np.ndarray] | None = None, width_frac: float = 0.08) -> list[dict]:
     """Per-image lung and border shares of explanations.
@@ -112,7 +147,8 @@ def lung_share_scores(model_or_segmenter_folder, images: Sequence, explanations:
     Returns:
         One dict per image: ``index``, ``method``, ``lung_share``, ``border_share``,
         ``lung_fraction`` (area share of the lungs: a uniform map's lung share), ``lung_enrichment``
-        (``lung_share / lung_fraction``; > 1 means the map prefers the lungs).
+        (``lung_share / lung_fraction``; > 1 means the map prefers the lungs) and ``empty`` (an
+        all-zero map: its shares are NaN, with one warning naming it).
     """
     if len(images) != len(explanations):
         raise ValueError(f"{len(images)} images but {len(explanations)} explanations: give one per image")
@@ -122,22 +158,28 @@ def lung_share_scores(model_or_segmenter_folder, images: Sequence, explanations:
         masks = segment_many(resolve_segmenter(model_or_segmenter_folder), list(images))
     rows = []
     for i, (e, m) in enumerate(zip(explanations, masks)):
-        heat = np.asarray(getattr(e, "heatmap", e))
-        mask = _resize_mask(m, heat.shape)
-        frac = float(mask.mean())
-        share = in_mask_share(heat, mask)
-        rows.append({"index": i, "method": getattr(e, "method", None), "lung_share": share,
-                     "border_share": border_share(heat, width_frac), "lung_fraction": frac,
-                     "lung_enrichment": share / frac if frac > 0 else math.nan})
+        method = getattr(e, "method", None)
+        r = mask_shares(np.asarray(getattr(e, "heatmap", e)), m, width_frac)
+        if r["empty"]:
+            what = f"explanation {i}" + (f" ({method})" if method else "")
+            warnings.warn(f"{what} is an all-zero map (no location raises the explained class's score): its "
+                          "in-mask and border shares are undefined (NaN) and left out of the means", stacklevel=2)
+        rows.append({"index": i, "method": method, **r})
     return rows
 
 
 def summarize_shares(rows: Sequence[dict]) -> dict:
-    """Mean ``lung_share``, ``border_share``, ``lung_fraction``, ``lung_enrichment`` per method (NaN-aware)."""
+    """Per method: mean ``lung_share``, ``border_share``, ``lung_fraction``, ``lung_enrichment``
+    over the maps that have mass (so ``lung_share`` and ``lung_fraction`` compare the same images);
+    ``n`` (all rows) and ``n_empty`` (all-zero maps, left out of the means; the means are NaN when
+    every map is empty)."""
     out: dict = {}
     for method in dict.fromkeys(r.get("method") for r in rows):
         sel = [r for r in rows if r.get("method") == method]
-        out[method or "all"] = {
-            k: float(np.nanmean([r[k] for r in sel])) if any(np.isfinite(r[k]) for r in sel) else math.nan
-            for k in ("lung_share", "border_share", "lung_fraction", "lung_enrichment")} | {"n": len(sel)}
+        scored = [r for r in sel if not r.get("empty", not np.isfinite(r["lung_share"]))]
+        means = {}
+        for k in SHARE_KEYS:
+            vals = [float(r[k]) for r in scored if k in r and np.isfinite(r[k])]
+            means[k] = float(np.mean(vals)) if vals else math.nan
+        out[method or "all"] = means | {"n": len(sel), "n_empty": len(sel) - len(scored)}
     return out

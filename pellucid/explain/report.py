@@ -18,6 +18,12 @@ intervals and a confusion matrix when labels are known from the folder layout (s
 like the card's classes), per-class galleries of the most and least confident cases, and SP-LIME
 picks when the explain package offers them.
 
+Chest X-ray models with a lung segmenter (the one the model card names for its ``lung-mask``
+preprocessing, or a segmentation folder given as ``write_report(..., lung_segmenter=...)``) get
+the lung outline drawn on every explanation overlay, each overlay's lung share and border share
+beside it (:mod:`pellucid.explain.lungshare`), and, in folder reports, their means per explainer.
+Without a segmenter nothing of this appears.
+
 Privacy: DICOM identifying header values are never read into a report unless
 ``include_identifiers=True``, and a DICOM file's name is replaced by ``DICOM <sha256 prefix>`` (file
 names of clinical exports often carry names or IDs); error messages and log lines use that display
@@ -55,18 +61,21 @@ __all__ = [
     "ReportError",
     "analyse_images",
     "analyse_paths",
+    "attach_lung_masks",
     "available_methods",
     "build_context",
     "card_rows",
     "display_name",
     "explain_cases",
     "intended_use",
+    "lung_segmenter_for",
     "metric_rows",
     "overlay_rgb",
     "render_html",
     "render_pdf",
     "score_items",
     "scrub_path",
+    "share_items",
     "sha256_bytes",
     "threshold_text",
     "write_cases_csv",
@@ -89,6 +98,12 @@ SCORE_LABELS = {"deletion_auc": "deletion AUC ↓", "insertion_auc": "insertion 
 SPLIME_SAMPLE = 16
 SPLIME_LIME_SAMPLES = 300
 _THUMB = 512  # longest side of images embedded in reports, pixels
+_OUTLINE_TEXT = ("Magenta line: the lungs as segmented by {name}. Lung share: the share of the map's mass "
+                 "inside them (compare with the lung area, a uniform map's share); border share: on the "
+                 "image's outer 8% band, where markers and burned-in text sit.")
+_LUNG_SHARE_TEXT = ("Lungs segmented by {name}. Means over the explained inputs; all-zero maps have no share "
+                    "and are counted apart. A model that looks at the lungs puts well more than the lung area "
+                    "inside them.")
 _TABLE_ROWS = 500  # summary-table rows shown in a report (the CSV has all)
 
 
@@ -131,6 +146,7 @@ class Case:
         error: one line when the input could not be read.
         path: where the file is (never rendered for DICOM unless identifiers were asked for).
         window: DICOM window ``(center, width)`` the image was read with, None for the file's own.
+        lung_mask: ``(H, W)`` bool lung mask at the image's resolution, when a lung segmenter ran.
     """
 
     name: str
@@ -149,6 +165,7 @@ class Case:
     path: Path | None = None
     window: tuple[float, float] | None = None
     meta: dict = field(default_factory=dict)
+    lung_mask: np.ndarray | None = None
 
     @property
     def confidence(self) -> float:
@@ -429,6 +446,115 @@ def score_items(scores: dict[str, float]) -> list[tuple[str, str]]:
     return [(label, f"{scores[k]:.1f}%" if k.startswith(("ad_", "ic_")) else _fmt(scores[k])) for k, label in shown]
 
 
+def share_items(heatmap: np.ndarray, mask: np.ndarray) -> list[tuple[str, str]]:
+    """Where a map's mass falls, as ``(label, "38.2%")``: lung share, the lung area (a uniform
+    map's lung share) and border share; an all-zero map says so instead of showing NaN."""
+    from pellucid.explain.lungshare import mask_shares
+
+    r = mask_shares(heatmap, mask)
+    if r["empty"]:
+        return [("lung share", "n/a (empty map)"), ("lung area", f"{r['lung_fraction']:.1%}")]
+    return [("lung share", f"{r['lung_share']:.1%}"), ("lung area", f"{r['lung_fraction']:.1%}"),
+            ("border share", f"{r['border_share']:.1%}")]
+
+
+def _is_cxr(card: dict) -> bool:
+    return str(card.get("modality") or "").upper() == "CXR"
+
+
+def lung_segmenter_for(predictor, lung_segmenter=None) -> tuple[Any, str] | tuple[None, None]:
+    """The lung segmenter a report (or the web app) uses for ``predictor``'s model, and its name.
+
+    Args:
+        predictor: a :class:`~pellucid.core.predict.Predictor`.
+        lung_segmenter: a segmentation model folder (or a loaded segmenter) to use; None takes the
+            model card's segmenter when it has one.
+
+    Returns:
+        ``(segmenter, name)``, or ``(None, None)`` when none applies: the model names no segmenter
+        and none was given.
+
+    Raises:
+        ReportError: a segmenter was given for a model that is not a chest X-ray model, or the
+            folder is not a usable segmentation folder.
+    """
+    card = predictor.card
+    if lung_segmenter is None:
+        masker = getattr(predictor, "masker", None)
+        if masker is not None:
+            return masker.model, Path(masker.folder).name if masker.folder else "the model's segmenter"
+        pre, recipe = card.get("preprocessing") or {}, card.get("recipe") or {}
+        if not (pre.get("segmenter") or recipe.get("segmenter")):
+            return None, None
+        lung_segmenter = predictor.folder
+    elif not _is_cxr(card):
+        raise ReportError(f"a lung segmenter outlines chest X-rays; this model's modality is "
+                          f"{card.get('modality') or 'not stated'} ({card.get('task')}): leave the segmenter out")
+    from pellucid.explain.lungshare import resolve_segmenter
+
+    try:
+        seg = resolve_segmenter(lung_segmenter)
+    except (ValueError, OSError, KeyError) as err:  # ModelFolderError is a ValueError
+        raise ReportError(f"cannot use {lung_segmenter} as a lung segmenter: {str(err).splitlines()[0]}") from err
+    kind = (getattr(seg, "card", None) or {}).get("kind")
+    if not isinstance(lung_segmenter, torch.nn.Module) and kind != "segmentation":
+        raise ReportError(f"{lung_segmenter} is not a segmentation model folder (pellucid train tb-lungseg)")
+    folder = getattr(seg, "_pellucid_folder", None)
+    return seg, Path(folder).name if folder else "lung segmenter"
+
+
+def attach_lung_masks(segmenter, cases: Sequence[Case], batch_size: int = 16) -> list[str]:
+    """Segment the lungs of every case that holds an image and has no mask yet (in place).
+
+    Returns:
+        Notes for the report (segmentation that failed; the report goes on without outlines).
+    """
+    if segmenter is None:
+        return []
+    from pellucid.core.segmentation import segment_many
+
+    todo = [c for c in cases if c.image is not None and c.lung_mask is None and not c.error]
+    if not todo:
+        return []
+    try:
+        masks = segment_many(segmenter, [c.image for c in todo], batch_size=batch_size)
+    # outlines are an addition to the report: a failing segmenter becomes a note, not a lost report
+    except Exception as err:  # noqa: BLE001
+        log.warning("lung segmentation failed: %s", type(err).__name__)
+        return [f"lung segmentation failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "no lung outlines"]
+    for c, m in zip(todo, masks):
+        c.lung_mask = m
+    return []
+
+
+def _outlined(case: Case, heatmap: np.ndarray, alpha: float, outline: bool = True) -> np.ndarray:
+    """The overlay of ``heatmap`` on the case's image, with the lung outline when the case has a mask
+    (and ``outline`` is on)."""
+    rgb = overlay_rgb(case.image, heatmap, alpha)
+    if case.lung_mask is None or not outline:
+        return rgb
+    from pellucid.explain.overlay import draw_outline
+
+    return draw_outline(rgb, case.lung_mask)
+
+
+def _share_summary(cases: Sequence[Case], methods: Sequence[str]) -> list[dict]:
+    """Mean lung / border shares per method over the cases with a lung mask and a heatmap."""
+    from pellucid.explain.lungshare import mask_shares, summarize_shares
+
+    rows = [{"method": r.method, **mask_shares(r.heatmap, c.lung_mask)}
+            for c in cases if c.lung_mask is not None for r in c.explanations if r.heatmap is not None]
+    if not rows:
+        return []
+    summary = summarize_shares(rows)
+    order = [m for m in methods if m in summary] + [m for m in summary if m not in methods]
+    pct = lambda v: "n/a" if not math.isfinite(v) else f"{v:.1%}"  # noqa: E731
+    return [{"method": m, "n": summary[m]["n"], "n_empty": summary[m]["n_empty"],
+             "lung_share": pct(summary[m]["lung_share"]), "lung_fraction": pct(summary[m]["lung_fraction"]),
+             "border_share": pct(summary[m]["border_share"])} for m in order]
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
 
@@ -563,7 +689,7 @@ def metric_rows(metrics: dict | None) -> list[tuple[str, str, str]]:
 
 
 def _case_context(case: Case, classes: Sequence[str], threshold: float | None, alpha: float,
-                  include_identifiers: bool) -> dict:
+                  include_identifiers: bool, outline: bool = True) -> dict:
     ctx: dict[str, Any] = {"name": case.name, "sha256": case.sha256, "error": case.error,
                            "label": case.label, "true_label": case.true_label, "is_dicom": case.is_dicom}
     if case.error or case.label is None:
@@ -575,9 +701,11 @@ def _case_context(case: Case, classes: Sequence[str], threshold: float | None, a
         ctx["input_png"] = _png(case.image.array)
     overlays = []
     for r in case.explanations:
-        item = {"method": r.method, "note": r.note, "scores": score_items(r.scores)}
+        item = {"method": r.method, "note": r.note, "scores": score_items(r.scores), "shares": []}
         if r.heatmap is not None and case.image is not None:
-            item["png"] = _png(overlay_rgb(case.image, r.heatmap, alpha))
+            item["png"] = _png(_outlined(case, r.heatmap, alpha, outline))
+        if r.heatmap is not None and case.lung_mask is not None:
+            item["shares"] = share_items(r.heatmap, case.lung_mask)
         overlays.append(item)
     ctx["overlays"] = overlays
     if case.ood is not None:
@@ -592,7 +720,8 @@ def _case_context(case: Case, classes: Sequence[str], threshold: float | None, a
     return ctx
 
 
-def _card_item(case: Case, alpha: float, heatmap: np.ndarray | None = None, method: str = "") -> dict:
+def _card_item(case: Case, alpha: float, heatmap: np.ndarray | None = None, method: str = "",
+               outline: bool = True) -> dict:
     """A small gallery tile: ``heatmap`` or the case's first overlay (else the input), label, confidence."""
     png = None
     if case.image is not None:
@@ -600,7 +729,7 @@ def _card_item(case: Case, alpha: float, heatmap: np.ndarray | None = None, meth
             first = next((r for r in case.explanations if r.heatmap is not None), None)
             if first is not None:
                 heatmap, method = first.heatmap, first.method
-        png = _png(overlay_rgb(case.image, heatmap, alpha) if heatmap is not None else case.image.array, 256)
+        png = _png(_outlined(case, heatmap, alpha, outline) if heatmap is not None else case.image.array, 256)
     return {"name": case.name, "label": case.label, "confidence": case.confidence, "true_label": case.true_label,
             "correct": None if case.true_label is None else case.true_label == case.label, "png": png,
             "method": method if heatmap is not None else "",
@@ -693,12 +822,16 @@ def _folder_metrics(predictor, cases: Sequence[Case]) -> dict | None:
 def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = (), alpha: float = 0.5,
                   include_identifiers: bool = False, detail_limit: int = 8, gallery_size: int = 3,
                   splime_per_class: int = 0, notes: Sequence[str] = (), csv_name: str | None = None,
-                  title: str | None = None, progress: Progress | None = None) -> dict:
+                  title: str | None = None, progress: Progress | None = None, segmenter=None,
+                  segmenter_name: str | None = None, outline: bool = True) -> dict:
     """Everything a report shows, as a plain dict that both renderers read.
 
     Up to ``detail_limit`` cases get a full section each; more cases get a folder summary with
     galleries (whose explanations are computed here, in batches) and, when ``splime_per_class`` > 0,
-    SP-LIME picks.
+    SP-LIME picks. With a lung ``segmenter`` (see :func:`lung_segmenter_for`), explained cases get
+    their lung mask (kept on the case), overlays show the lung outline and the lung / border shares,
+    and the folder summary their means per explainer; cases that already carry a ``lung_mask`` show
+    it even without a segmenter. ``outline=False`` keeps the shares but draws no outline.
     """
     card = predictor.card
     classes = predictor.classes
@@ -718,7 +851,10 @@ def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = 
         "include_identifiers": include_identifiers,
         "cases": [],
         "summary": None,
+        "lung_segmenter": None,
     }
+    if segmenter is not None:
+        notes.extend(n for n in attach_lung_masks(segmenter, [c for c in ok if c.explanations]) if n not in notes)
     threshold = predictor.threshold if len(classes) == 2 else None
     if len(cases) > 1:
         rows = []
@@ -738,8 +874,10 @@ def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = 
             chosen = [c for g in gallery.values() for part in g.values() for c in part]
             need = [c for c in chosen if not c.explanations]
             notes.extend(n for n in explain_cases(predictor, need, methods, progress=progress) if n not in notes)
-            summary["galleries"] = [{"cls": k, "most": [_card_item(c, alpha) for c in g["most"]],
-                                     "least": [_card_item(c, alpha) for c in g["least"]]}
+            if segmenter is not None:
+                notes.extend(n for n in attach_lung_masks(segmenter, need) if n not in notes)
+            summary["galleries"] = [{"cls": k, "most": [_card_item(c, alpha, outline=outline) for c in g["most"]],
+                                     "least": [_card_item(c, alpha, outline=outline) for c in g["least"]]}
                                     for k, g in gallery.items()]
             for c in chosen:
                 if c.path is not None:
@@ -748,9 +886,13 @@ def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = 
                 if progress:
                     progress(0.0, "SP-LIME: explaining a sample with LIME")
                 summary["splime"] = _splime_section(predictor, ok, splime_per_class, alpha)
+        summary["lung_shares"] = _share_summary(ok, methods)
         ctx["summary"] = summary
     if len(cases) <= detail_limit:
-        ctx["cases"] = [_case_context(c, classes, threshold, alpha, include_identifiers) for c in cases]
+        ctx["cases"] = [_case_context(c, classes, threshold, alpha, include_identifiers, outline) for c in cases]
+    if any(c.lung_mask is not None for c in ok):
+        ctx["lung_segmenter"] = segmenter_name or "lung segmenter"
+    ctx["outline"] = bool(outline and ctx["lung_segmenter"])
     ctx["notes"] = notes
     ctx["ood_method"] = next((c.ood.method for c in ok if c.ood), None)
     return ctx
@@ -919,6 +1061,13 @@ def render_pdf(ctx: dict) -> bytes:
                 if cards:
                     doc.text(part, 8, bold=True)
                     doc.images([(c["png"], _card_caption(c)) for c in cards], max_h=45)
+        if s.get("lung_shares"):
+            doc.heading("Where the explanations fall", 11)
+            doc.text(_LUNG_SHARE_TEXT.format(name=ctx.get("lung_segmenter") or "a lung segmenter"), 8)
+            doc.table([("explainer", "maps", "mean lung share", "mean lung area", "mean border share", "empty maps"),
+                       *[(r["method"], str(r["n"] - r["n_empty"]), r["lung_share"], r["lung_fraction"],
+                          r["border_share"], str(r["n_empty"])) for r in s["lung_shares"]]],
+                      widths=(30, 15, 32, 32, 35, 25))
         if s.get("splime") is not None:
             doc.heading("SP-LIME picks", 11)
             if s["splime"]["note"]:
@@ -956,6 +1105,8 @@ def render_pdf(ctx: dict) -> bytes:
                     (c["prob_png"], "calibrated probabilities")], max_h=60)
         if c["overlays"]:
             doc.text(f"Explanations of '{c['label']}' (overlay opacity {ctx['alpha']:.2f})", 9, bold=True)
+            if ctx.get("outline") and any(o.get("shares") for o in c["overlays"]):
+                doc.text(_OUTLINE_TEXT.format(name=ctx["lung_segmenter"]), 8, colour=(90, 90, 90))
             doc.images([(o.get("png"), _overlay_caption(o)) for o in c["overlays"] if o.get("png")], max_h=60)
             for o in c["overlays"]:
                 if not o.get("png"):
@@ -986,7 +1137,10 @@ def _card_caption(c: dict) -> str:
 
 
 def _overlay_caption(o: dict) -> str:
-    return o["method"] + ("\n" + ", ".join(f"{k} {v}" for k, v in o["scores"]) if o["scores"] else "")
+    cap = o["method"] + ("\n" + ", ".join(f"{k} {v}" for k, v in o["scores"]) if o["scores"] else "")
+    if o.get("shares"):
+        cap += "\n" + ", ".join(f"{k} {v}" for k, v in o["shares"])
+    return cap
 
 
 # --------------------------------------------------------------------------------------------
@@ -1014,7 +1168,7 @@ def _slug(text: str) -> str:
 def write_report(model_dir: str | Path, paths: Sequence[str | Path], methods: Sequence[str] | None = None,
                  out_dir: str | Path = "runs/report", include_identifiers: bool = False, *, alpha: float = 0.5,
                  batch_size: int = 16, detail_limit: int = 8, gallery_size: int = 3, splime_per_class: int = 2,
-                 progress: Progress | None = None) -> list[Path]:
+                 progress: Progress | None = None, lung_segmenter: str | Path | None = None) -> list[Path]:
     """Write the HTML and PDF report of images or folders (``pellucid report``).
 
     Args:
@@ -1026,13 +1180,15 @@ def write_report(model_dir: str | Path, paths: Sequence[str | Path], methods: Se
         alpha: overlay opacity in [0, 1].
         detail_limit: inputs up to which every input gets its own section.
         splime_per_class: SP-LIME picks per predicted class in larger folders (0 turns them off).
+        lung_segmenter: segmentation model folder for lung outlines and lung shares (chest X-ray
+            models only); None uses the model card's segmenter when it names one, else none.
 
     Returns:
         ``[html, pdf]`` for one input (``report-<name>.html/.pdf``), ``[html, pdf, csv]`` for several
         (``report.html``, ``report.pdf``, ``predictions.csv``).
 
     Raises:
-        ReportError: no images found or an unknown explainer name.
+        ReportError: no images found, an unknown explainer name, or an unusable lung segmenter.
     """
     from pellucid.core.predict import Predictor
 
@@ -1040,6 +1196,7 @@ def write_report(model_dir: str | Path, paths: Sequence[str | Path], methods: Se
         raise ReportError(f"alpha={alpha} is not an opacity: give a value in [0, 1]")
     predictor = Predictor(model_dir)
     card = predictor.card
+    segmenter, segmenter_name = lung_segmenter_for(predictor, lung_segmenter)
     notes: list[str] = []
     if methods is None:
         known = available_methods()
@@ -1064,7 +1221,8 @@ def write_report(model_dir: str | Path, paths: Sequence[str | Path], methods: Se
     ctx = build_context(predictor, cases, methods=methods, alpha=alpha, include_identifiers=include_identifiers,
                         detail_limit=detail_limit, gallery_size=gallery_size,
                         splime_per_class=0 if detailed else splime_per_class, notes=notes,
-                        csv_name=csv_path.name if csv_path else None, progress=progress)
+                        csv_name=csv_path.name if csv_path else None, progress=progress,
+                        segmenter=segmenter, segmenter_name=segmenter_name)
     stem = "report" if len(cases) > 1 else f"report-{_slug(Path(cases[0].name).stem)}"
     html, pdf = out / f"{stem}.html", out / f"{stem}.pdf"
     html.write_text(render_html(ctx), encoding="utf-8")

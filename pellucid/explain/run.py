@@ -6,8 +6,12 @@ batches, and writes, into ``out_dir``:
 
 * ``<stem>_<method>.png`` — the heatmap over the original image, at its original resolution;
 * ``<stem>.json`` — the prediction, and per method the explained class, heatmap statistics (mean,
-  max, share of pixels above 0.5, mass centroid as ``(x, y)`` fractions of width and height) and,
-  with ``score=True``, the faithfulness scores.
+  max, share of pixels above 0.5, mass centroid as ``(x, y)`` fractions of width and height, whether
+  the map is empty) and, with ``score=True``, the faithfulness scores;
+* with ``score=True`` and a lung segmenter (``lung_segmenter=`` or the model card's), each map's
+  lung and border shares (:mod:`pellucid.explain.lungshare`), the lung outline drawn on the overlays,
+  and ``lung_shares.json``: the means per method over the maps that have mass, with the number of
+  empty maps (all-zero maps have no share; they are named in a warning and never averaged as NaN).
 
 It returns one row per image × method (the same fields, flat), which
 :func:`pellucid.explain.score_table` turns into the method × metric table.
@@ -106,8 +110,8 @@ def load_batches(model_dir: str | Path, paths: Sequence[str | Path], batch_size:
 
 
 def heatmap_stats(heatmap: np.ndarray) -> dict:
-    """Mean, max, share of pixels above 0.5 and mass centroid ``(x, y)`` (fractions of width and
-    height; None for an empty map) of a [0, 1] heatmap."""
+    """Mean, max, share of pixels above 0.5, mass centroid ``(x, y)`` (fractions of width and
+    height; None for an empty map) and ``empty`` (no positive value anywhere) of a [0, 1] heatmap."""
     h = np.asarray(heatmap, dtype=np.float64)
     total = h.sum()
     if total > 0:
@@ -117,7 +121,7 @@ def heatmap_stats(heatmap: np.ndarray) -> dict:
     else:
         centroid = None
     return {"mean": float(h.mean()), "max": float(h.max()), "frac_above_0.5": float((h > 0.5).mean()),
-            "centroid": centroid}
+            "centroid": centroid, "empty": not bool(total > 0)}
 
 
 def _json_safe(extras: dict) -> dict:
@@ -160,6 +164,8 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
         batch_size: images per batch.
         alpha: overlay opacity.
         progress: show a progress bar over batches.
+        lung_segmenter: segmentation model folder for the lung shares with ``score``; None uses the
+            model card's segmenter (``preprocessing.segmenter``) when it has one.
 
     Returns:
         One row per image × method: ``path``, ``method``, ``target``, ``target_name``, ``overlay``,
@@ -174,7 +180,9 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
         from pellucid.core.segmentation import segment_many
         from pellucid.explain.lungshare import resolve_segmenter
 
-        segmenter = resolve_segmenter(lung_segmenter or model_dir)
+        masker = getattr(predictor, "masker", None)
+        segmenter = (masker.model if masker is not None and not lung_segmenter
+                     else resolve_segmenter(lung_segmenter or model_dir))
     if methods is None:
         methods = list(predictor.card.get("explainers") or ["gradcam"])
     methods = list(methods)
@@ -187,6 +195,7 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
     out.mkdir(parents=True, exist_ok=True)
     classes = predictor.classes
     rows: list[dict] = []
+    share_rows: list[dict] = []
     seen: dict[str, int] = {}
     for batch in tqdm(batches, desc="explaining", disable=not progress, leave=False):
         per_method: dict[str, list[Explanation]] = {}
@@ -195,17 +204,24 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
             for e in exps:
                 e.target_name = classes[e.target]
             per_method[m] = exps
+        masks = []
         if score:
             flat = [e for m in methods for e in per_method[m]]
             score_explanations(predictor.model, batch.tensor, flat, metrics)
             if segmenter is not None:
-                from pellucid.explain.lungshare import lung_share_scores
+                from pellucid.explain.lungshare import mask_shares
 
                 # the masks are computed on the originals; heatmaps share their field of view (squash resize)
                 masks = segment_many(segmenter, batch.originals)
                 for m in methods:
-                    for e, r in zip(per_method[m], lung_share_scores(None, batch.originals, per_method[m], masks=masks)):
+                    for i, (e, mask) in enumerate(zip(per_method[m], masks)):
+                        r = mask_shares(e.heatmap, mask)
                         e.scores.update({k: r[k] for k in ("lung_share", "border_share", "lung_fraction")})
+                        share_rows.append({"method": m, **r})
+                        if r["empty"]:
+                            log.warning("%s, %s of %r: the map is all zero (no region raises that class's score; "
+                                        "the decision comes from elsewhere, e.g. the head's bias): lung and border "
+                                        "shares undefined, left out of the means", batch.names[i], m, e.target_name)
         for i, name in enumerate(batch.names):
             stem = _file_stem(name, seen)
             original = batch.originals[i]
@@ -218,7 +234,8 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
             }
             for m in methods:
                 e = per_method[m][i]
-                png = save_overlay(out / f"{stem}_{m.replace('+', 'plus')}.png", original, e.heatmap, alpha)
+                png = save_overlay(out / f"{stem}_{m.replace('+', 'plus')}.png", original, e.heatmap, alpha,
+                                   outline=masks[i] if masks else None)
                 entry = {"method": m, "target": e.target, "target_name": e.target_name, "overlay": str(png),
                          "heatmap": heatmap_stats(e.heatmap), "scores": dict(e.scores),
                          "extras": _json_safe(e.extras)}
@@ -227,4 +244,12 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
                              "overlay": str(png), **{f"heatmap_{k}": v for k, v in entry["heatmap"].items()},
                              **e.scores})
             (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    if share_rows:
+        from pellucid.explain.lungshare import summarize_shares
+
+        summary = summarize_shares(share_rows)
+        (out / "lung_shares.json").write_text(json.dumps(summary, indent=1))
+        for m, s in summary.items():
+            log.info("%s: mean lung share %.3f (uniform map %.3f), border share %.3f over %d map(s); %d empty",
+                     m, s["lung_share"], s["lung_fraction"], s["border_share"], s["n"] - s["n_empty"], s["n_empty"])
     return rows

@@ -3,7 +3,9 @@
 The model is loaded once per folder version with ``st.cache_resource`` (the key includes the
 modification times of ``card.json``, the weights and the OOD reference, so a retrained or newly
 referenced folder is picked up). ``app.py`` runs :func:`model_picker` and :func:`banner` on every page
-and leaves the loaded model in the session for the page to fetch with :func:`loaded_model`.
+and leaves the loaded model in the session for the page to fetch with :func:`loaded_model`. For chest
+X-ray models the sidebar also offers a lung segmenter (the model card's own by default, or a
+segmentation folder under ``runs/``); :func:`lung_segmenter` hands it to the page.
 """
 from __future__ import annotations
 
@@ -16,13 +18,21 @@ import streamlit as st
 
 from pellucid.core.ood import OODReference, load_reference
 from pellucid.core.predict import Predictor
-from pellucid.explain.report import DEFAULT_INTENDED_USE, intended_use
-from pellucid.ui.logic import default_model, find_model_folders
+from pellucid.explain.report import DEFAULT_INTENDED_USE, ReportError, intended_use
+from pellucid.ui.logic import (
+    NO_SEGMENTER,
+    default_model,
+    find_model_folders,
+    load_lung_segmenter,
+    segmenter_choices,
+)
 
-__all__ = ["Loaded", "banner", "loaded_model", "model_picker", "require_model", "to_uint8", "runs_root"]
+__all__ = ["Loaded", "Segmenter", "banner", "loaded_model", "lung_segmenter", "model_picker", "require_model",
+           "to_uint8", "runs_root"]
 
 OTHER = "Other folder…"
 _STATE = "_pellucid_loaded"
+_SEG_STATE = "_pellucid_segmenter"
 
 
 @dataclass
@@ -49,9 +59,52 @@ def _stamp(folder: Path) -> float:
     return max((folder / n).stat().st_mtime for n in names if (folder / n).exists()) if folder.is_dir() else 0.0
 
 
+@dataclass
+class Segmenter:
+    """The lung segmenter chosen in the sidebar: the module, its display name and a key for caches."""
+
+    model: object
+    name: str
+    key: str
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def _load(folder: str, stamp: float) -> tuple[Predictor, OODReference | None]:
     return Predictor(folder), load_reference(folder)
+
+
+@st.cache_resource(show_spinner="Loading the lung segmenter…", max_entries=4)
+def _load_segmenter(model_key: str, choice: str, stamp: float, _predictor: Predictor):
+    return load_lung_segmenter(_predictor, choice)
+
+
+def _segmenter_picker(loaded: Loaded) -> None:
+    """Sidebar choice of a lung segmenter for chest X-ray models (outline + lung share)."""
+    st.session_state[_SEG_STATE] = None
+    options = segmenter_choices(loaded.card, runs_root())
+    if not options:
+        return
+    choice = st.sidebar.selectbox(
+        "Lung segmenter", options, key="segmenter_choice",
+        help="Draws the lung outline on explanations and reports the share of each map inside the lungs. "
+             f"Segmentation folders (pellucid train tb-lungseg) under {runs_root()}/ are listed.")
+    if choice == NO_SEGMENTER:
+        return
+    try:
+        model, name = _load_segmenter(loaded.key, choice, _stamp(Path(choice)), loaded.predictor)
+    except ReportError as err:  # already names the folder
+        st.sidebar.error(str(err).splitlines()[0][:1].upper() + str(err).splitlines()[0][1:])
+        return
+    except (ValueError, OSError, KeyError) as err:
+        st.sidebar.error(f"Cannot use {choice} as lung segmenter: {str(err).splitlines()[0]}")
+        return
+    if model is not None:
+        st.session_state[_SEG_STATE] = Segmenter(model, name, f"{loaded.key}|{choice}")
+
+
+def lung_segmenter() -> Segmenter | None:
+    """The lung segmenter chosen in the sidebar for the loaded model, or None."""
+    return st.session_state.get(_SEG_STATE)
 
 
 def model_picker() -> None:
@@ -65,6 +118,7 @@ def model_picker() -> None:
     folder = st.sidebar.text_input("Model folder path", key="model_path",
                                    placeholder="runs/tb-demo-…") if choice == OTHER else choice
     st.session_state[_STATE] = None
+    st.session_state[_SEG_STATE] = None
     if not folder:
         return
     path = Path(folder).expanduser()
@@ -73,10 +127,15 @@ def model_picker() -> None:
     except (ValueError, OSError, KeyError) as err:  # ModelFolderError / TaskSpecError are ValueErrors
         st.sidebar.error(f"Cannot load {folder}: {str(err).splitlines()[0]}")
         return
+    if predictor.card.get("kind") == "segmentation":
+        st.sidebar.error(f"{folder} is a lung segmentation folder, not a classifier: choose it as the lung segmenter "
+                         "of a chest X-ray model")
+        return
     st.session_state[_STATE] = Loaded(path, predictor, reference, f"{path.resolve()}@{_stamp(path)}")
     card = predictor.card
     st.sidebar.caption(f"**{card.get('title') or card.get('task')}** · {card.get('backbone', {}).get('name', '?')} "
                        f"· classes: {', '.join(predictor.classes)}")
+    _segmenter_picker(st.session_state[_STATE])
 
 
 def loaded_model() -> Loaded | None:

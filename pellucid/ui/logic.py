@@ -5,8 +5,9 @@ turn call the same API as the command line (:class:`~pellucid.core.predict.Predi
 :mod:`pellucid.explain.report`, :mod:`pellucid.core.ood`). This module finds model folders, turns
 uploaded bytes into images with one-line errors (size limit, not an image, corrupt, DICOM without
 pixels), reads a DICOM's value range for the window controls, unpacks zip uploads safely, caches
-explanations so that moving the opacity slider does not recompute them, and builds the report of
-what is on screen.
+explanations so that moving the opacity slider does not recompute them, segments the lungs of chest
+X-rays for the outline and lung share of each explanation (:class:`LungMaskCache`,
+:func:`explanation_view`), and builds the report of what is on screen.
 """
 from __future__ import annotations
 
@@ -34,27 +35,39 @@ from pellucid.explain.report import (
     MethodResult,
     Progress,
     analyse_images,
+    attach_lung_masks,
     build_context,
     display_name,
     explain_cases,
+    lung_segmenter_for,
+    overlay_rgb,
     render_html,
     render_pdf,
+    score_items,
     scrub_path,
     sha256_bytes,
+    share_items,
     write_cases_csv,
 )
 
 __all__ = [
     "DicomRange",
     "ExplanationCache",
+    "LungMaskCache",
+    "NO_SEGMENTER",
     "Upload",
     "UploadError",
     "cases_table",
     "csv_bytes",
     "default_model",
     "dicom_range",
+    "explanation_view",
     "extract_zip",
     "find_model_folders",
+    "find_segmenter_folders",
+    "is_cxr",
+    "load_lung_segmenter",
+    "segmenter_choices",
     "max_upload_bytes",
     "model_plots",
     "read_upload",
@@ -67,6 +80,9 @@ PLOTS = (("roc.png", "ROC"), ("confusion.png", "Confusion matrix"), ("reliabilit
 DEFAULT_MAX_UPLOAD_MB = 50
 MAX_ZIP_FILES = 10_000
 MAX_ZIP_BYTES = 4 << 30
+#: the sidebar choice that turns lung outlines off
+NO_SEGMENTER = "None"
+MODEL_SEGMENTER = "From the model card"
 
 
 class UploadError(ValueError):
@@ -87,14 +103,64 @@ def max_upload_bytes() -> int:
 # model folders
 
 
-def find_model_folders(root: str | Path = "runs") -> list[Path]:
-    """Model folders (``card.json`` present) up to two levels under ``root``, newest first."""
+def _card_kind(card_path: Path) -> str | None:
+    import json
+
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return card.get("kind") if isinstance(card, dict) else None
+
+
+def find_model_folders(root: str | Path = "runs", *, segmenters: bool = False) -> list[Path]:
+    """Model folders (``card.json`` present) up to two levels under ``root``, newest first.
+
+    Lung segmentation folders (card ``kind`` ``"segmentation"``) are not classifiers: they are left
+    out, or, with ``segmenters=True``, they are the only ones listed.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
     cards = list(root.glob("*/card.json")) + list(root.glob("*/*/card.json"))
+    cards = [c for c in cards if (_card_kind(c) == "segmentation") == segmenters]
     cards.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [c.parent for c in cards]
+
+
+def find_segmenter_folders(root: str | Path = "runs") -> list[Path]:
+    """Lung segmentation folders (``pellucid train tb-lungseg``) up to two levels under ``root``."""
+    return find_model_folders(root, segmenters=True)
+
+
+def is_cxr(card: dict) -> bool:
+    """Whether a model card is a chest X-ray model (the only kind lung outlines apply to)."""
+    return str(card.get("modality") or "").upper() == "CXR"
+
+
+def segmenter_choices(card: dict, root: str | Path = "runs") -> list[str]:
+    """Options of the sidebar's lung segmenter picker for a model: empty for a model that is not a
+    chest X-ray model; else the model card's own segmenter first (when it names one, and then the
+    default), ``None`` and the segmentation folders under ``root``."""
+    if not is_cxr(card):
+        return []
+    pre, recipe = card.get("preprocessing") or {}, card.get("recipe") or {}
+    own = [MODEL_SEGMENTER] if (pre.get("segmenter") or recipe.get("segmenter")) else []
+    return own + [NO_SEGMENTER] + [str(p) for p in find_segmenter_folders(root)]
+
+
+def load_lung_segmenter(predictor, choice: str | None):
+    """The segmenter a sidebar ``choice`` means for ``predictor``'s model, and its display name.
+
+    Returns:
+        ``(segmenter, name)``; ``(None, None)`` for ``None``, no choice, or a model without one.
+
+    Raises:
+        ReportError: the folder is not a usable segmentation folder (one line, for ``st.error``).
+    """
+    if not choice or choice == NO_SEGMENTER:
+        return None, None
+    return lung_segmenter_for(predictor, None if choice == MODEL_SEGMENTER else choice)
 
 
 def default_model(root: str | Path = "runs") -> str | None:
@@ -321,6 +387,55 @@ class ExplanationCache:
         return notes
 
 
+class LungMaskCache:
+    """Lung masks by (segmenter, input hash, window), so reruns (a moved slider) do not segment again."""
+
+    def __init__(self, max_items: int = 256):
+        self._items: dict[tuple, np.ndarray] = {}
+        self.max_items = max_items
+
+    def attach(self, segmenter, cases: Sequence[Case], segmenter_key: str) -> list[str]:
+        """Give every readable case its lung mask (``case.lung_mask``), segmenting the missing ones.
+
+        Returns:
+            Notes (segmentation that failed), as :func:`~pellucid.explain.report.attach_lung_masks`.
+        """
+        if segmenter is None:
+            return []
+        todo = []
+        for c in cases:
+            if c.error or c.image is None:
+                continue
+            c.lung_mask = self._items.get((segmenter_key, c.sha256, c.window))
+            if c.lung_mask is None:
+                todo.append(c)
+        notes = attach_lung_masks(segmenter, todo)
+        for c in todo:
+            if c.lung_mask is not None:
+                self._items[(segmenter_key, c.sha256, c.window)] = c.lung_mask
+        while len(self._items) > self.max_items:
+            self._items.pop(next(iter(self._items)))
+        return notes
+
+
+def explanation_view(case: Case, result: MethodResult, alpha: float, *, outline: bool = True
+                     ) -> tuple[np.ndarray, str]:
+    """What the predict page shows for one explanation: the overlay (RGB uint8 at the image's
+    resolution, with the lung outline when the case has a lung mask and ``outline`` is on) and its
+    caption (method, faithfulness scores, lung share, lung area and border share)."""
+    from pellucid.explain.overlay import draw_outline
+
+    if result.heatmap is None or case.image is None:
+        raise ValueError(f"{result.method}: no heatmap to show ({result.note or 'not computed'})")
+    rgb = overlay_rgb(case.image, result.heatmap, alpha)
+    parts = [f"{k} {v}" for k, v in score_items(result.scores)]
+    if case.lung_mask is not None:
+        if outline:
+            rgb = draw_outline(rgb, case.lung_mask)
+        parts += [f"{k} {v}" for k, v in share_items(result.heatmap, case.lung_mask)]
+    return rgb, result.method + (" · " + " · ".join(parts) if parts else "")
+
+
 def uploads_to_cases(predictor, uploads: Sequence[Upload], *, reference=None) -> list[Case]:
     """Predict the readable uploads; unreadable ones become cases that carry their error."""
     good = [u for u in uploads if u.image is not None]
@@ -358,8 +473,11 @@ def csv_bytes(cases: Sequence[Case], classes: Sequence[str]) -> bytes:
 
 def report_files(predictor, cases: Sequence[Case], *, methods: Sequence[str], alpha: float,
                  include_identifiers: bool = False, notes: Sequence[str] = (), splime_per_class: int = 0,
-                 progress: Progress | None = None) -> tuple[str, bytes]:
-    """The HTML text and PDF bytes of a report of ``cases`` (as shown on screen)."""
+                 progress: Progress | None = None, segmenter=None, segmenter_name: str | None = None,
+                 outline: bool = True) -> tuple[str, bytes]:
+    """The HTML text and PDF bytes of a report of ``cases`` (as shown on screen: lung outlines and
+    shares when the cases carry lung masks or a ``segmenter`` is given)."""
     ctx = build_context(predictor, list(cases), methods=methods, alpha=alpha, include_identifiers=include_identifiers,
-                        notes=notes, splime_per_class=splime_per_class, csv_name="predictions.csv", progress=progress)
+                        notes=notes, splime_per_class=splime_per_class, csv_name="predictions.csv", progress=progress,
+                        segmenter=segmenter, segmenter_name=segmenter_name, outline=outline)
     return render_html(ctx), render_pdf(ctx)

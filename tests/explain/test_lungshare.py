@@ -86,3 +86,90 @@ def test_lung_share_scores_runs_a_segmenter():
 def test_resolve_segmenter_refuses_classifier_without_segmenter(tiny_model_dir):
     with pytest.raises(ValueError, match="without a segmenter"):
         resolve_segmenter(tiny_model_dir)
+
+
+def test_mask_shares_golden_and_empty_map():
+    from pellucid.explain.lungshare import mask_shares
+
+    h = np.zeros((10, 10), np.float32)
+    h[4:6, 3:7] = 1
+    r = mask_shares(h, MASK)
+    assert r == {"lung_share": pytest.approx(0.5), "border_share": 0.0, "lung_fraction": 0.5,
+                 "lung_enrichment": pytest.approx(1.0), "empty": False}
+    e = mask_shares(np.zeros((10, 10)), MASK)  # no warning here: callers name the map
+    assert e["empty"] and math.isnan(e["lung_share"]) and math.isnan(e["border_share"])
+    assert e["lung_fraction"] == 0.5
+
+
+def test_empty_maps_are_counted_not_averaged_as_nan():
+    """Regression: one all-zero Grad-CAM map (a decision resting on the head's bias) made the mean
+    lung share of the lung-masked TB model NaN."""
+    h = np.zeros((10, 10), np.float32)
+    h[4:6, 1:4] = 1
+    exps = [Explanation(h, "gradcam", 1), Explanation(np.zeros((10, 10), np.float32), "gradcam", 1)]
+    with pytest.warns(UserWarning, match=r"explanation 1 \(gradcam\) is an all-zero map") as rec:
+        rows = lung_share_scores(None, [np.zeros((10, 10))] * 2, exps, masks=[MASK, MASK])
+    assert len(rec) == 1  # one warning per empty map, not one per share
+    assert [r["empty"] for r in rows] == [False, True] and math.isnan(rows[1]["lung_share"])
+    s = summarize_shares(rows)["gradcam"]
+    assert s["lung_share"] == 1.0 and s["lung_fraction"] == 0.5 and s["border_share"] == 0.0
+    assert s["n"] == 2 and s["n_empty"] == 1
+    everything_empty = summarize_shares([rows[1]])["gradcam"]
+    assert math.isnan(everything_empty["lung_share"]) and everything_empty["n_empty"] == 1
+
+
+@pytest.fixture(scope="module")
+def bias_driven_folder(tmp_path_factory):
+    """A tiny classifier whose 'lesion' score comes only from the head's bias: no location of the
+    (non-negative) CAM layer raises it, so Grad-CAM of 'lesion' is all zero, like two images of the
+    lung-masked TB model (runs/tblungs-mask)."""
+    from pellucid.core.modelfolder import save_model
+    from tests.explain.conftest import tiny_classifier
+
+    model = tiny_classifier("test_resnet")
+    with torch.no_grad():
+        w = model.head.weight.abs() + 0.01
+        model.head.weight.copy_(torch.stack([w[0], -w[1]]))
+        model.head.bias.copy_(torch.tensor([0.0, 50.0]))
+    spec = model.spec
+    card = {"kind": "classifier", "task": "toy-lungs", "classes": ["normal", "lesion"], "positive_class": "lesion",
+            "modality": "CXR", "backbone": spec.to_dict(),
+            "preprocessing": {"image_size": 64, "channels_in": 3, "resize": "squash", "input_range": [0.0, 1.0],
+                              "mean": list(spec.mean), "std": list(spec.std)},
+            "threshold": {}, "calibration": {}}
+    return save_model(tmp_path_factory.mktemp("bias_model"), model, card)
+
+
+def test_explain_paths_flags_empty_maps_and_writes_finite_means(bias_driven_folder, tmp_path, caplog):
+    import json
+    import logging
+
+    from pellucid.explain.run import explain_paths
+    from tests.ui.helpers import bright_segmenter, write_lungs_png
+
+    files = [write_lungs_png(tmp_path / "in" / f"x{i}.png", seed=i) for i in range(2)]
+    seg = bright_segmenter()
+    with caplog.at_level(logging.WARNING, logger="pellucid.explain.run"):
+        rows = explain_paths(bias_driven_folder, files, ["gradcam"], out_dir=tmp_path / "lesion", score=True,
+                             metrics=("ad_ic",), lung_segmenter=seg)
+    assert [r["target_name"] for r in rows] == ["lesion", "lesion"]  # decided by the bias
+    assert all(r["heatmap_empty"] and math.isnan(r["lung_share"]) for r in rows)
+    assert all(0 < r["lung_fraction"] < 1 for r in rows)
+    assert sum("x0.png" in m and "all zero" in m for m in caplog.messages) == 1
+    record = json.loads((tmp_path / "lesion" / "x0.json").read_text())
+    assert record["explanations"][0]["heatmap"]["empty"] is True
+    summary = json.loads((tmp_path / "lesion" / "lung_shares.json").read_text())["gradcam"]
+    assert summary["n"] == 2 and summary["n_empty"] == 2
+
+    rows = explain_paths(bias_driven_folder, files, ["gradcam"], "normal", out_dir=tmp_path / "normal",
+                         score=True, metrics=("ad_ic",), lung_segmenter=seg)
+    assert not any(r["heatmap_empty"] for r in rows)
+    summary = json.loads((tmp_path / "normal" / "lung_shares.json").read_text())["gradcam"]
+    assert summary["n_empty"] == 0 and all(math.isfinite(summary[k]) for k in ("lung_share", "border_share"))
+    # the overlays carry the lung outline
+    from PIL import Image as PILImage
+
+    from pellucid.explain.overlay import OUTLINE_COLOR
+
+    png = np.asarray(PILImage.open(rows[0]["overlay"]))
+    assert png.shape[:2] == (80, 80) and (png == OUTLINE_COLOR).all(axis=2).any()

@@ -173,3 +173,99 @@ def test_card_rows_and_threshold_text():
     assert report.intended_use({}) == report.DEFAULT_INTENDED_USE
     assert report.metric_rows({"metrics": {"auroc": {"value": 0.9, "low": None, "high": None}}}) == [
         ("auroc", "0.900", "")]
+
+
+# ----------------------------------------------------------------------------- lung outlines and shares
+def _overlay_pngs(html: str, method: str = "gradcam") -> list:
+    """The decoded overlay images of ``method`` embedded in a report."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    found = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="' + method + ' overlay">', html)
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in found]
+
+
+def _magenta(png) -> int:
+    from pellucid.explain.overlay import OUTLINE_COLOR
+
+    return int((png == OUTLINE_COLOR).all(axis=2).sum())
+
+
+def test_report_with_lung_segmenter_shows_outline_and_shares(model_dir, tmp_path):
+    from tests.ui.helpers import bright_segmenter, write_lungs_png
+
+    methods = _methods()
+    folder = tmp_path / "in"
+    for i in range(2):
+        write_lungs_png(folder / f"cxr{i}.png", seed=i)
+    html, pdf, _ = report.write_report(model_dir, [folder], methods=methods, out_dir=tmp_path / "out",
+                                       lung_segmenter=bright_segmenter())
+    page = html.read_text()
+    text = _visible_text(page)
+    overlays = _overlay_pngs(page)
+    assert len(overlays) == 2 and all(_magenta(o) > 20 for o in overlays)  # the outline on every overlay
+    assert text.count("lung share:") == 2 and text.count("lung area:") == 2  # next to each overlay
+    assert "Magenta line" in text and "Where the explanations fall" in text  # and the folder average
+    table = re.search(r'<table class="lung-shares">(.*?)</table>', page, re.S).group(1)
+    assert re.search(r"<td>gradcam</td><td class=\"num\">2</td><td class=\"num\">\d+\.\d%</td>", table)
+    if shutil.which("pdftotext"):
+        pdf_text = _pdf_text(pdf)
+        assert "Where the explanations fall" in pdf_text and "lung share" in pdf_text
+
+
+def test_report_without_segmenter_has_no_outline(model_dir, tmp_path):
+    from tests.ui.helpers import write_lungs_png
+
+    image = write_lungs_png(tmp_path / "cxr.png")
+    html, _ = report.write_report(model_dir, [image], methods=_methods(), out_dir=tmp_path / "out")
+    page = html.read_text()
+    assert "lung share" not in page and "Magenta" not in page
+    assert [_magenta(o) for o in _overlay_pngs(page)] == [0]
+
+
+def test_report_uses_the_model_cards_segmenter(tmp_path):
+    from pellucid.core.predict import Predictor
+    from tests.ui.helpers import tiny_masked_model_folder, tiny_segmenter_folder, write_lungs_png
+
+    seg = tiny_segmenter_folder(tmp_path / "seg")
+    model = tiny_masked_model_folder(tmp_path / "model", seg)
+    found, name = report.lung_segmenter_for(Predictor(model))
+    assert found is not None and name == "seg"
+    html, _ = report.write_report(model, [write_lungs_png(tmp_path / "cxr.png")], methods=_methods(),
+                                  out_dir=tmp_path / "out")
+    text = _visible_text(html.read_text())
+    assert "lung area:" in text and "Magenta line" in text and re.search(r"segmented by\s+seg\b", text)
+
+
+def test_lung_segmenter_refused_for_other_modalities_and_bad_folders(model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from tests.ui.helpers import bright_segmenter
+
+    photo = SimpleNamespace(card={"modality": "photo", "task": "mpox", "preprocessing": {}}, masker=None,
+                            folder=tmp_path)
+    assert report.lung_segmenter_for(photo) == (None, None)  # nothing asked, nothing used
+    with pytest.raises(report.ReportError, match="outlines chest X-rays"):
+        report.lung_segmenter_for(photo, bright_segmenter())
+    cxr = SimpleNamespace(card={"modality": "CXR", "task": "tb", "preprocessing": {}}, masker=None, folder=tmp_path)
+    with pytest.raises(report.ReportError, match="without a segmenter"):
+        report.lung_segmenter_for(cxr, model_dir)  # a classifier folder is not a segmenter
+
+
+def test_cli_report_takes_a_segmenter(model_dir, tmp_path, capsys):
+    from pellucid.cli import main
+    from tests.ui.helpers import tiny_segmenter_folder, write_lungs_png
+
+    seg = tiny_segmenter_folder(tmp_path / "seg")
+    image = write_lungs_png(tmp_path / "cxr.png")
+    assert main(["report", "--model", str(model_dir), "--methods", _methods()[0], "--segmenter", str(seg),
+                 "--out", str(tmp_path / "out"), str(image)]) == 0
+    html = next(p for p in (tmp_path / "out").rglob("*.html"))
+    assert "lung area:" in _visible_text(html.read_text())
+    assert main(["report", "--model", str(model_dir), "--segmenter", str(model_dir), str(image),
+                 "--out", str(tmp_path / "bad")]) == 2  # a classifier folder is not a segmenter: one line
+    err = capsys.readouterr().err.strip()
+    assert "segmenter" in err and "\n" not in err

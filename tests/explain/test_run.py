@@ -62,7 +62,7 @@ def test_explain_paths_writes_overlays_json_and_rows(model_folder, image_files, 
     assert set(record["prediction"]["probabilities"]) == {"normal", "lesion"}
     entry = record["explanations"][0]
     assert entry["method"] == "gradcam" and entry["extras"]["layer"] == "backbone.net.layer4"
-    assert set(entry["heatmap"]) == {"mean", "max", "frac_above_0.5", "centroid"}
+    assert set(entry["heatmap"]) == {"mean", "max", "frac_above_0.5", "centroid", "empty"}
     assert "deletion_auc" in entry["scores"]
     assert (out / "b_gradcamplusplus.png").exists()
     assert "| gradcam | 3 |" in score_table(rows)
@@ -86,4 +86,5 @@ def test_heatmap_stats():
     s = heatmap_stats(h)
     assert s["max"] == 1 and s["mean"] == pytest.approx(1 / 25) and s["frac_above_0.5"] == pytest.approx(1 / 25)
     assert s["centroid"] == [1.0, 0.0]
-    assert heatmap_stats(np.zeros((3, 3)))["centroid"] is None
+    assert heatmap_stats(np.zeros((3, 3)))["centroid"] is None and heatmap_stats(np.zeros((3, 3)))["empty"]
+    assert not s["empty"]

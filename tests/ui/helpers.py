@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["tiny_model_folder", "write_png", "write_dicom", "PATIENT_NAME", "PATIENT_ID", "INTENDED_USE"]
+__all__ = ["tiny_model_folder", "write_png", "write_dicom", "PATIENT_NAME", "PATIENT_ID", "INTENDED_USE",
+           "write_lungs_png", "bright_segmenter", "tiny_segmenter_folder", "tiny_masked_model_folder"]
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "SECRET123"
@@ -101,3 +102,67 @@ def write_dicom(path: Path, *, pixels: bool = True, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(path), enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# lung segmenters for the outline / lung-share tests
+
+def write_lungs_png(path: Path, seed: int = 0, size: int = 80) -> Path:
+    """A grey 'chest X-ray': dark background, two bright upright rectangles (the 'lungs'), noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    g = rng.uniform(0.0, 0.2, (size, size))
+    a, b = size // 8, size // 2 - size // 16
+    g[a:size - a, a:b] = rng.uniform(0.8, 1.0, (size - 2 * a, b - a))
+    g[a:size - a, size - b:size - a] = rng.uniform(0.8, 1.0, (size - 2 * a, b - a))
+    arr = (g * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.stack([arr] * 3, axis=2)).save(path)
+    return path
+
+
+def bright_segmenter():
+    """A stand-in lung segmenter module: bright pixels (> 0.5) are 'lung' (same interface as the
+    U-Net: ``(B, 1, S, S)`` in [0, 1] → logits, ``image_size`` attribute)."""
+    import torch
+    from torch import nn
+
+    class BrightSegmenter(nn.Module):
+        image_size = 32
+
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.tensor(40.0))
+
+        def forward(self, x):
+            return (x - 0.5) * self.gain
+
+    return BrightSegmenter().eval()
+
+
+def tiny_segmenter_folder(folder: Path) -> Path:
+    """An untrained tiny MONAI U-Net (32 px) saved as a segmentation model folder."""
+    import torch
+
+    from pellucid.core.modelfolder import save_model
+    from pellucid.core.segmentation import build_unet
+
+    torch.manual_seed(0)
+    arch = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
+    model = build_unet(**arch)
+    card = {"kind": "segmentation", "task": "tb-lungseg", "title": "Lung segmentation on chest X-ray",
+            "classes": ["background", "lung"], "modality": "CXR", "image_size": 32, "architecture": arch,
+            "preprocessing": {"image_size": 32, "channels_in": 1, "resize": "squash", "input_range": [0.0, 1.0]}}
+    return save_model(folder, model, card)
+
+
+def tiny_masked_model_folder(folder: Path, segmenter_folder: Path) -> Path:
+    """:func:`tiny_model_folder` trained as if with ``--preprocess lung-mask --segmenter SEG``."""
+    import json
+
+    tiny_model_folder(folder, with_plots=False)
+    card = json.loads((folder / "card.json").read_text())
+    card["preprocessing"].update({"preprocess": "lung-mask", "segmenter": str(Path(segmenter_folder).resolve())})
+    (folder / "card.json").write_text(json.dumps(card, indent=1))
+    return Path(folder)

@@ -207,3 +207,69 @@ def test_model_page_builds_ood_reference(model_dir, tmp_path, monkeypatch):
     assert not at.exception, at.exception
     assert (folder / "ood.safetensors").exists()
     assert any("In-domain reference: embeddings of 9 training images" in s.value for s in at.success)
+
+
+# ----------------------------------------------------------------------------- lung outline
+@pytest.fixture
+def lung_app(tmp_path, monkeypatch) -> AppTest:
+    """The app on a tiny lung-masked CXR model whose card names a (tiny, untrained) U-Net segmenter;
+    runs/ also holds a segmentation folder whose weights are missing."""
+    import json
+
+    from tests.ui.helpers import tiny_masked_model_folder, tiny_segmenter_folder
+
+    runs = tmp_path / "runs"
+    seg = tiny_segmenter_folder(runs / "lungseg")
+    broken = runs / "broken-seg"
+    broken.mkdir(parents=True)
+    (broken / "card.json").write_text((seg / "card.json").read_text())
+    model = tiny_masked_model_folder(tmp_path / "model", seg)
+    assert json.loads((model / "card.json").read_text())["preprocessing"]["segmenter"]
+    monkeypatch.setenv("PELLUCID_MODEL", str(model))
+    monkeypatch.setenv("PELLUCID_RUNS", str(runs))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_predict_page_lung_outline_and_share(lung_app, tmp_path):
+    from tests.ui.helpers import write_lungs_png
+
+    if not _has_gradcam():
+        pytest.skip("the gradcam explainer is not available")
+    at = lung_app
+    picker = at.sidebar.selectbox(key="segmenter_choice")
+    assert picker.value == "From the model card" and "None" in picker.options
+    at.multiselect(key="methods").set_value(["gradcam"])
+    at.file_uploader(key="uploads").set_value(("cxr.png", write_lungs_png(tmp_path / "cxr.png").read_bytes(),
+                                                "image/png"))
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error
+    assert at.checkbox(key="lung_outline").value is True
+    caps = [c for c in _captions(at) if c.startswith("gradcam")]
+    assert len(caps) == 1 and "lung share" in caps[0] and "lung area" in caps[0], caps
+    assert any("lungs (magenta) by lungseg" in m.value for m in at.markdown)
+    at.checkbox(key="lung_outline").uncheck().run()
+    assert not at.exception, at.exception
+    assert not any("lungs (magenta)" in m.value for m in at.markdown)
+    assert any("lung share" in c for c in _captions(at))  # the share stays
+    # a broken segmentation folder: one line in the sidebar, the page goes on without outlines
+    at.sidebar.selectbox(key="segmenter_choice").set_value(str(tmp_path / "runs" / "broken-seg")).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and "Cannot use" in errors[0] and "\n" not in errors[0], errors
+    assert not any("lung share" in c for c in _captions(at))
+    assert any(m.value.startswith("### Predicted") for m in at.markdown)
+
+
+def test_predict_page_without_segmenter_has_no_outline_option(app):
+    # the tiny model is a CXR model without a segmenter, and runs/ holds none: "None" is all there is
+    assert [s.value for s in app.sidebar.selectbox if s.key == "segmenter_choice"] == ["None"]
+    name, data = _sample()
+    app.multiselect(key="methods").set_value(["gradcam"] if _has_gradcam() else [])
+    app.file_uploader(key="uploads").set_value((name, data, "image/png")).run()
+    assert not app.exception, app.exception
+    assert not [c for c in app.checkbox if c.key == "lung_outline"]
+    assert not any("lung share" in c for c in _captions(app))

@@ -195,3 +195,77 @@ def test_report_files_of_what_is_on_screen(model_dir, tmp_path):
     assert f"DICOM {ups[0].sha256[:12]}" in html and "b.png" in html
     assert "centre 0, width 300 (chosen)" in html
     assert html.count('class="case"') == 2 and "Summary" in html
+
+
+# ----------------------------------------------------------------------------- lung outline and share
+def test_explanation_view_outlines_the_lungs(model_dir, tmp_path, monkeypatch):
+    from pellucid.core.predict import Predictor
+    from pellucid.explain.overlay import OUTLINE_COLOR, draw_outline
+    from pellucid.explain.report import MethodResult, overlay_rgb
+    from tests.ui.helpers import bright_segmenter, write_lungs_png
+
+    predictor = Predictor(model_dir)
+    ups = [logic.read_upload(f"{i}.png", _bytes(write_lungs_png(tmp_path / f"{i}.png", seed=i))) for i in range(2)]
+    cases = logic.uploads_to_cases(predictor, ups)
+    heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    result = MethodResult("gradcam", heat, {"deletion_auc": 0.25})
+    plain, caption = logic.explanation_view(cases[0], result, 0.5)  # no segmenter: the plain overlay
+    np.testing.assert_array_equal(plain, overlay_rgb(cases[0].image, heat, 0.5))
+    assert caption == "gradcam · deletion AUC ↓ 0.250"
+
+    calls = []
+    real = logic.attach_lung_masks
+    monkeypatch.setattr(logic, "attach_lung_masks", lambda seg, todo: calls.append(len(todo)) or real(seg, todo))
+    masks = logic.LungMaskCache()
+    assert masks.attach(bright_segmenter(), cases, "seg") == []
+    assert all(c.lung_mask is not None and c.lung_mask.shape == (80, 80) for c in cases)
+    rgb, caption = logic.explanation_view(cases[0], result, 0.5)
+    assert rgb.shape == (80, 80, 3)
+    np.testing.assert_array_equal(rgb, draw_outline(plain, cases[0].lung_mask))
+    assert (rgb == OUTLINE_COLOR).all(axis=2).sum() > 20
+    assert re.search(r"lung share \d+\.\d% · lung area \d+\.\d% · border share \d+\.\d%$", caption), caption
+    off, caption_off = logic.explanation_view(cases[0], result, 0.5, outline=False)
+    np.testing.assert_array_equal(off, plain)
+    assert caption_off == caption  # the share is shown either way
+    empty, cap = logic.explanation_view(cases[0], MethodResult("gradcam", np.zeros((64, 64), np.float32)), 0.5)
+    assert "lung share n/a (empty map)" in cap
+    again = logic.uploads_to_cases(predictor, ups)  # a rerun: masks come from the cache
+    masks.attach(bright_segmenter(), again, "seg")
+    assert calls == [2, 0] and np.array_equal(again[1].lung_mask, cases[1].lung_mask)
+    with pytest.raises(ValueError, match="no heatmap"):
+        logic.explanation_view(cases[0], MethodResult("lime", None, {}, "failed"), 0.5)
+
+
+def test_segmenter_choices_and_folders(tmp_path):
+    import json
+
+    from tests.ui.helpers import tiny_segmenter_folder
+
+    runs = tmp_path / "runs"
+    seg = tiny_segmenter_folder(runs / "lungseg")
+    (runs / "clf").mkdir()
+    (runs / "clf" / "card.json").write_text(json.dumps({"kind": "classifier"}))
+    assert logic.find_model_folders(runs) == [runs / "clf"]  # a segmenter is not a model to predict with
+    assert logic.find_segmenter_folders(runs) == [seg]
+    assert logic.segmenter_choices({"modality": "photo"}, runs) == []
+    assert logic.segmenter_choices({"modality": "CXR"}, runs) == [logic.NO_SEGMENTER, str(seg)]
+    own = {"modality": "CXR", "preprocessing": {"segmenter": str(seg)}}
+    assert logic.segmenter_choices(own, runs)[:2] == [logic.MODEL_SEGMENTER, logic.NO_SEGMENTER]
+
+
+def test_report_files_with_lung_masks(model_dir, tmp_path):
+    from pellucid.core.predict import Predictor
+    from tests.ui.helpers import bright_segmenter, write_lungs_png
+
+    predictor = Predictor(model_dir)
+    ups = [logic.read_upload("a.png", _bytes(write_lungs_png(tmp_path / "a.png")))]
+    cases = logic.uploads_to_cases(predictor, ups)
+    logic.LungMaskCache().attach(bright_segmenter(), cases, "seg")
+    from pellucid.explain.report import MethodResult
+
+    cases[0].explanations = [MethodResult("gradcam", np.ones((8, 8), np.float32) * 0.5)]
+    html, pdf = logic.report_files(predictor, cases, methods=["gradcam"], alpha=0.5, segmenter_name="lungseg")
+    assert "lung share:" in html and "Magenta line" in html and pdf.startswith(b"%PDF")
+    html_off, _ = logic.report_files(predictor, cases, methods=["gradcam"], alpha=0.5, segmenter_name="lungseg",
+                                     outline=False)
+    assert "lung share:" in html_off and "Magenta line" not in html_off

@@ -88,8 +88,10 @@ d1.download_button("Predictions (CSV)", data=logic.csv_bytes(cases, classes), fi
                    mime="text/csv", icon=":material/table:", key="dl_csv")
 if d2.button("Build report", icon=":material/description:", key="build_report"):
     bar = st.progress(0.0, text="Explaining gallery cases…")
+    seg = common.lung_segmenter()
     html, pdf = logic.report_files(predictor, cases, methods=methods, alpha=alpha,
                                    splime_per_class=2 if splime else 0,
+                                   segmenter=seg.model if seg else None, segmenter_name=seg.name if seg else None,
                                    progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
     bar.empty()
     st.session_state["batch_report"] = {"html": html, "pdf": pdf}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pellucid.explain.report import available_methods, overlay_rgb, score_items, threshold_text
+from pellucid.explain.report import available_methods, threshold_text
 from pellucid.ui import common, logic
 
 
@@ -47,6 +47,7 @@ st.title("Predict")
 loaded = common.require_model()
 predictor = loaded.predictor
 card = loaded.card
+segmenter = common.lung_segmenter()
 
 files = st.file_uploader("Images or DICOM files", accept_multiple_files=True, key="uploads",
                          help="PNG, JPEG, TIFF, BMP or DICOM (.dcm or no suffix); "
@@ -59,6 +60,11 @@ methods = c1.multiselect("Explainers", known, default=[m for m in card.get("expl
 alpha = c2.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha")
 include_ids = c3.checkbox("DICOM identifiers in report", value=False, key="include_ids",
                           help="Off: DICOM files are named by their hash and no patient tags are shown.")
+show_outline = False
+if segmenter is not None:
+    show_outline = c3.checkbox("Show lung outline", value=True, key="lung_outline",
+                               help=f"Draw the lungs as segmented by {segmenter.name} on the explanations; the "
+                                    "lung share (the map's mass inside them) is shown either way.")
 if not known:
     st.caption("No explainers are installed (`pip install \"pellucid[explain]\"`); predictions only.")
 if not files:
@@ -84,6 +90,10 @@ if methods and any(c.label for c in cases):
     notes = cache.attach(predictor, cases, methods, loaded.key,
                          progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text))
     bar.empty()
+if segmenter is not None and any(c.explanations for c in cases):
+    masks = st.session_state.setdefault("lung_mask_cache", logic.LungMaskCache())
+    with st.spinner("Segmenting the lungs…"):
+        notes += masks.attach(segmenter.model, [c for c in cases if c.explanations], segmenter.key)
 for n in notes:
     st.warning(n)
 
@@ -116,27 +126,31 @@ for case, up in zip(cases, uploads):
             if case.ood:
                 st.caption(f"Domain check ({case.ood.method}): {case.ood.summary()}")
         if case.explanations:
-            st.markdown(f"**Explanations of “{case.label}”** · overlay opacity {alpha:.2f}")
+            st.markdown(f"**Explanations of “{case.label}”** · overlay opacity {alpha:.2f}"
+                        + (f" · lungs (magenta) by {segmenter.name}" if show_outline and case.lung_mask is not None
+                           else ""))
             cols = st.columns(max(3, len(case.explanations)))
             for col, r in zip(cols, case.explanations):
                 with col:
                     if r.heatmap is None:
                         st.warning(f"{r.method}: {r.note or 'no heatmap'}")
                         continue
-                    scores = " · ".join(f"{k} {v}" for k, v in score_items(r.scores))
-                    st.image(overlay_rgb(case.image, r.heatmap, alpha), width="stretch",
-                             caption=r.method + (f" · {scores}" if scores else ""))
+                    rgb, caption = logic.explanation_view(case, r, alpha, outline=show_outline)
+                    st.image(rgb, width="stretch", caption=caption)
 
 readable = [c for c in cases if c.label]
 if readable:
     st.divider()
     holder = st.session_state.setdefault("report_holder", {})
-    signature = (loaded.key, tuple((c.sha256, c.window) for c in cases), tuple(methods), alpha, include_ids)
+    signature = (loaded.key, tuple((c.sha256, c.window) for c in cases), tuple(methods), alpha, include_ids,
+                 segmenter.key if segmenter else None, show_outline)
 
     def _report() -> tuple[str, bytes]:
         if holder.get("signature") != signature:
             holder["files"] = logic.report_files(predictor, cases, methods=methods, alpha=alpha,
-                                                 include_identifiers=include_ids, notes=notes)
+                                                 include_identifiers=include_ids, notes=notes,
+                                                 segmenter_name=segmenter.name if segmenter else None,
+                                                 outline=show_outline)
             holder["signature"] = signature
         return holder["files"]
 
