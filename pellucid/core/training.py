@@ -67,6 +67,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dropout: float = 0.2
     patience: int = 4
+    keep_probe_if_better: bool = True
     balance: str = "weights"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -374,9 +375,23 @@ def train(cfg: TrainConfig) -> Path:
 
     trainer_info: dict = {}
     if strategy.needs_images and cfg.epochs > 0:
+        probe_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                       if cfg.keep_probe_if_better and probe_info.get("val_loss") is not None else None)
         trainer_info = _fine_tune(model, strategy, cfg, cache, split, labels, cw, out, history)
         if not _rank_zero():
             return out
+        trainer_info["kept"] = "fine-tuned"
+        tuned = [float(h["val_loss"]) if np.isfinite(h["val_loss"]) else float("inf")  # NaN: diverged
+                 for h in history if h.get("epoch", -1) >= 0 and h.get("val_loss") is not None]
+        if probe_state is not None and tuned and min(tuned) > probe_info["val_loss"]:
+            # Fine-tuning that ends worse on validation than its own starting point (a diverged or
+            # collapsed run) must not replace it: keep the linear probe and say so.
+            model.load_state_dict(probe_state)
+            trainer_info["kept"] = "linear-probe"
+            msg = (f"fine-tuning did not beat the linear probe on validation (best val loss {min(tuned):.4f} vs "
+                   f"{probe_info['val_loss']:.4f}); the model folder keeps the linear probe")
+            trainer_info["kept_reason"] = msg
+            log.warning(msg)
 
     # ---- evaluation on rank zero: calibrate on val, threshold on val, score on test
     logits = {p: predict_logits(model, _batches(plain[p], 64), device) for p in ("val", "test")}

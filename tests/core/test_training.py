@@ -134,3 +134,31 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
         return [int(r["epoch"]) for r in csv.DictReader(path.open()) if r.get("val_loss")]
 
     assert logged(0) == [0] and logged(1) == [1]  # the second run went on at epoch 1; both logs kept
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_diverged_fine_tune_keeps_the_linear_probe(tmp_path, keep):
+    """A fine-tune that ends worse on validation than its probe (here: a learning rate that blows
+    the network up) must not replace the probe — unless asked to."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    out = tmp_path / "run"
+    cfg = TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(out), backbone="test_resnet",
+                                pretrained=False, finetune="progressive", epochs=1, image_size=32, max_images=40,
+                                batch_size=8, lr=50.0, head_lr=50.0, progress=False, n_boot=10,
+                                keep_probe_if_better=keep)
+    train(cfg)
+    card = json.loads((out / "card.json").read_text())
+    hist = json.loads((out / "history.json").read_text())
+    probe = next(h for h in hist if h.get("phase") == "linear-probe")
+    tuned = min(h["val_loss"] for h in hist if h.get("epoch", -1) >= 0)
+    assert tuned > probe["val_loss"]  # the fine-tune did diverge
+    assert card["training"]["kept"] == ("linear-probe" if keep else "fine-tuned")
+    weights = load_file(str(out / "model.safetensors"))
+    finite = all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    if keep:
+        assert finite and "did not beat the linear probe" in card["training"]["kept_reason"]
