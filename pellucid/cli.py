@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--format", default="onnx")
     p.add_argument("--int8", action="store_true")
+    p.add_argument("--int8-method", choices=["static", "dynamic"], default="static",
+                   help="static: QDQ, calibrated on training images (default); dynamic: no calibration")
+    p.add_argument("--calib-images", type=int, default=256, help="training images for static INT8 calibration")
     p.add_argument("--out")
     p.set_defaults(func=_lazy("pellucid.core.export", "run"))
 
