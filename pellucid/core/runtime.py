@@ -14,7 +14,11 @@ faster:
   (``bench/bench_explain.py``); the export costs a second or two once per model and input shape.
 * ``"torch"``: eager PyTorch with channels-last inputs (oneDNN's fast convolution layout).
 
-Both are checked against the eager model on a probe batch when built; if the exported graph
+``int8_calibration=`` gives an INT8 ONNX Runtime runner instead (static quantization calibrated on
+the given inputs): an approximation of the model, for callers that accept one (LIME's
+``precision="int8"``).
+
+The float32 runners are checked against the eager model on a probe batch when built; if the exported graph
 disagrees (max |logit difference| above ``tol``) or cannot be exported, ``"auto"`` falls back to
 ``"torch"`` and logs why. Runners are cached per model object and input shape, and rebuilt when any
 parameter or buffer changes in place (tensor version counters), so an explainer that randomises
@@ -65,6 +69,7 @@ def _state_version(model: nn.Module) -> tuple:
 
 class _TorchRunner:
     backend = "torch"
+    precision = "float32"
 
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)  # the cache is keyed weakly by the model: never keep it alive
@@ -83,7 +88,7 @@ class _TorchRunner:
 class _OrtRunner:
     backend = "onnxruntime"
 
-    def __init__(self, model: nn.Module, shape: tuple[int, ...]):
+    def __init__(self, model: nn.Module, shape: tuple[int, ...], calibration: torch.Tensor | None = None):
         import onnxruntime as ort
 
         buf = io.BytesIO()
@@ -98,15 +103,53 @@ class _OrtRunner:
                                   dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
         finally:
             model.train(was)
+        graph = buf.getvalue()
+        self.precision = "float32"
+        if calibration is not None:
+            graph = _quantize_int8(graph, calibration)
+            self.precision = "int8"
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, torch.get_num_threads())
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         return torch.from_numpy(self.session.run(None, {"x": arr})[0])
+
+
+def _quantize_int8(graph: bytes, calibration: torch.Tensor, batch_size: int = 8) -> bytes:
+    """Static INT8 (QDQ; per-channel int8 weights, uint8 activations, MinMax ranges) of an ONNX graph,
+    calibrated on ``calibration`` ``(N, C, H, W)``."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    arr = np.ascontiguousarray(calibration.detach().to("cpu", torch.float32).numpy())
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": arr[i:i + batch_size]} for i in range(0, len(arr), batch_size)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root = logging.getLogger()
+    level = root.level
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(graph)
+        try:
+            root.setLevel(max(level, logging.WARNING))  # ONNX Runtime logs every tensor it calibrates
+            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            root.setLevel(level)
+        return dst.read_bytes()
 
 
 def _check(runner, model: nn.Module, shape: tuple[int, ...], tol: float) -> float:
@@ -124,8 +167,8 @@ def _check(runner, model: nn.Module, shape: tuple[int, ...], tol: float) -> floa
     return float((got - ref).abs().max() / max(1.0, float(ref.abs().max())))
 
 
-def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto", tol: float = 1e-3
-                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto", tol: float = 1e-3, *,
+                 int8_calibration: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A cached inference callable ``f(batch) -> logits`` for inputs of per-image ``shape``.
 
     Args:
@@ -137,6 +180,10 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
             torch), ``"torch"`` or ``"onnxruntime"``.
         tol: largest accepted max |logit difference| of the exported graph, relative to the largest
             logit (at least 1).
+        int8_calibration: when given, an INT8 ONNX Runtime runner instead (static QDQ quantization
+            calibrated on these inputs ``(N, *shape)``; needs ONNX Runtime, runs on the CPU). Its
+            logits approximate the model's (no tolerance check); it is cached like the float32
+            runner, so later calls reuse the first call's calibration.
 
     Returns:
         A callable taking a float tensor ``(N, *shape)`` and returning float32 logits ``(N, C)`` on
@@ -160,10 +207,23 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
         raise ValueError("the onnxruntime backend runs on the CPU; move the model to the CPU or use backend='torch'")
     want = "onnxruntime" if backend == "onnxruntime" or (backend == "auto" and on_cpu and onnxruntime_available()) \
         else "torch"
-    key = (want, shape, _device_of(model).type, _state_version(model))
-    entry = _CACHE.get(model)
+    int8 = int8_calibration is not None
+    if int8 and (want != "onnxruntime" or not on_cpu):
+        raise ValueError("INT8 inference needs ONNX Runtime on the CPU: pip install 'pellucid[export]' and keep the "
+                         "model on the CPU, or use float32")
+    key = (want, shape, _device_of(model).type, _state_version(model), int8)
+    entries = _CACHE.setdefault(model, {})
+    entry = entries.get(int8)
     if entry is not None and entry["key"] == key:
         return entry["runner"]
+    if int8:
+        try:
+            runner = _OrtRunner(model, shape, calibration=int8_calibration)
+        except Exception as err:
+            raise ValueError(f"this model cannot run in INT8 on ONNX Runtime ({type(err).__name__}: "
+                             f"{str(err)[:200]}); use float32") from None
+        entries[int8] = {"key": key, "runner": runner}
+        return runner
     runner = _TorchRunner(model)
     if want == "onnxruntime":
         try:
@@ -183,5 +243,5 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
                 raise ValueError(f"this model cannot run on ONNX Runtime ({type(err).__name__}: {str(err)[:200]}); "
                                  "use backend='torch'") from None
             log.info("ONNX export for the fast path failed (%s: %s); using torch", type(err).__name__, err)
-    _CACHE[model] = {"key": key, "runner": runner}
+    entries[int8] = {"key": key, "runner": runner}
     return runner

@@ -91,3 +91,20 @@ def test_cache_does_not_keep_models_alive():
     del m
     gc.collect()
     assert ref() is None
+
+
+@needs_ort
+def test_int8_runner_approximates_the_model_and_is_cached_beside_float32(model):
+    calib = _x(16, seed=5)
+    q = fast_forward(model, (3, 32, 32), int8_calibration=calib)
+    assert q.backend == "onnxruntime" and q.precision == "int8"
+    assert fast_forward(model, (3, 32, 32), int8_calibration=_x(4, seed=9)) is q  # first calibration kept
+    f = fast_forward(model, (3, 32, 32))
+    assert f is not q and f.precision == "float32"
+    x = _x(8, seed=6)
+    with torch.inference_mode():
+        ref = torch.softmax(model(x), 1)
+    diff = (torch.softmax(q(x), 1) - ref).abs().max()
+    assert diff < 0.1
+    with pytest.raises(ValueError, match="ONNX Runtime"):
+        fast_forward(model, (3, 32, 32), "torch", int8_calibration=calib)

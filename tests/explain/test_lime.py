@@ -96,3 +96,17 @@ def test_bad_options():
         get_explainer("lime", precision="bfloat61")
     with pytest.raises(TypeError, match="Did you mean 'num_samples'"):
         get_explainer("lime", num_sample=10)
+
+
+def test_int8_passes_give_nearly_the_float32_map(tiny_models):
+    pytest.importorskip("onnxruntime", reason="INT8 passes need pellucid[export]")
+    model = tiny_models["test_resnet"]
+    x = images_for(64, 1, seed=8)
+    opts = {"num_samples": 200, "n_segments": 16}
+    f32 = get_explainer("lime", precision="float32", **opts).explain(model, x, [1])[0]
+    i8 = get_explainer("lime", precision="int8", **opts).explain(model, x, [1])[0]
+    assert i8.extras["precision"] == "int8" and i8.extras["backend"] == "onnxruntime"
+    assert i8.heatmap.shape == f32.heatmap.shape and 0 <= i8.heatmap.min() and i8.heatmap.max() <= 1
+    assert spearman(i8.extras["weights"], f32.extras["weights"]) > 0.8
+    with pytest.raises(ValueError, match="ONNX Runtime"):
+        get_explainer("lime", precision="int8", backend="torch")
