@@ -70,7 +70,7 @@ def test_snow_defaults_to_an_ensemble_with_weights_available_offline():
         assert m.get("backbone", t.recipe["backbone"]) == "efficientnet_lite0"
 
 
-@pytest.mark.parametrize("config", ["snow/paper.toml", "nuclei/shallow.toml"])
+@pytest.mark.parametrize("config", ["snow/paper.toml", "nuclei/shallow.toml", "tb/lungs.toml"])
 def test_shipped_alternative_recipes_are_valid_configs(config):
     import tomllib
     from pathlib import Path
