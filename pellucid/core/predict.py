@@ -70,6 +70,8 @@ class Predictor:
         from pellucid.core.segmentation import LungMasker
 
         self.masker = LungMasker.from_card(self.card) if self.card.get("kind", "classifier") != "segmentation" else None
+        # A lung-crop model sees only the lungs' bounding box, not the whole X-ray.
+        self.crops_input: bool = getattr(self.masker, "mode", None) == "crop"
 
     def preprocess(self, image: Image | np.ndarray) -> torch.Tensor:
         """Image → ``(3, S, S)`` float tensor in [0, 1], as in training (lungs segmented and masked

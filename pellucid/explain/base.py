@@ -429,3 +429,15 @@ def no_gradient_error(model: nn.Module, layer: str, method: str, why: str) -> Ex
         "probe on cached features). Explainers that still work: "
         f"{', '.join(gradient_free_explainers())}.")
 
+
+
+def require_whole_view(predictor) -> None:
+    """Refuse to explain a model whose input is a crop of the image (``--preprocess lung-crop``).
+
+    Its maps cover the lungs' bounding box, not the X-ray, and every overlay, report and lung share
+    places maps on the whole image; rather than draw them in the wrong place, say so.
+    """
+    if getattr(predictor, "crops_input", False):
+        raise ExplanationError("this model classifies a crop of the lungs (preprocess lung-crop), so its explanation maps "
+                         "cannot be placed on the whole X-ray yet; explain a lung-mask or whole-image model instead "
+                         "(pellucid train tb --preprocess lung-mask)")

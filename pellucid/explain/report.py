@@ -377,6 +377,12 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
     Returns:
         Notes for the report (methods that failed or are unavailable).
     """
+    from pellucid.explain.base import require_whole_view
+
+    try:
+        require_whole_view(predictor)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
     notes: list[str] = []
     todo = [c for c in cases if c.index is not None and not c.error]
     for c in todo:

@@ -27,7 +27,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from pellucid.explain.base import Explanation, get_explainer
+from pellucid.explain.base import Explanation, get_explainer, require_whole_view
 from pellucid.explain.metrics import DEFAULT_METRICS, score_explanations
 from pellucid.explain.overlay import save_overlay
 
@@ -77,6 +77,7 @@ def load_batches(model_dir: str | Path, paths: Sequence[str | Path], batch_size:
     from pellucid.datasets.samples import find_images
 
     predictor = Predictor(model_dir)
+    require_whole_view(predictor)
     fixed = _resolve_target(target, predictor.classes)
     files = find_images(list(paths))
     if not files:

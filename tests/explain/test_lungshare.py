@@ -173,3 +173,24 @@ def test_explain_paths_flags_empty_maps_and_writes_finite_means(bias_driven_fold
 
     png = np.asarray(PILImage.open(rows[0]["overlay"]))
     assert png.shape[:2] == (80, 80) and (png == OUTLINE_COLOR).all(axis=2).any()
+
+
+def test_lung_crop_models_are_refused_with_one_line(tmp_path, capsys):
+    """A lung-crop model's maps cover the lungs' box, not the X-ray: explain and report say so
+    instead of drawing them over the whole image."""
+    import json
+
+    from pellucid.cli import main
+    from tests.ui.helpers import tiny_masked_model_folder, tiny_segmenter_folder, write_lungs_png
+
+    seg = tiny_segmenter_folder(tmp_path / "seg")
+    model = tiny_masked_model_folder(tmp_path / "model", seg)
+    card = json.loads((model / "card.json").read_text())
+    card["preprocessing"]["preprocess"] = "lung-crop"
+    (model / "card.json").write_text(json.dumps(card, indent=1))
+    image = write_lungs_png(tmp_path / "cxr.png")
+    for cmd in (["explain", "--model", str(model), "--method", "gradcam", "--out", str(tmp_path / "e"), str(image)],
+                ["report", "--model", str(model), "--methods", "gradcam", "--out", str(tmp_path / "r"), str(image)]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip()
+        assert "lung-crop" in err and "lung-mask" in err and "\n" not in err
