@@ -79,6 +79,10 @@ def test_sidecar_describes_input_and_calibration(exported, model_dir):
     assert side["input"]["channels_in"] == card["preprocessing"]["channels_in"]
     assert side["temperature"] == pytest.approx(card["calibration"]["temperature"])
     assert side["quantization"]["method"] == "static" and side["quantization"]["calibration_images"] == 24
+    choice = side["quantization"]["calibration_choice"]  # chosen on validation images: the best agreement won
+    agree = choice["top1_agreement_with_fp32"]
+    assert choice["validation_images"] > 0 and set(agree) == {"MinMax", "Percentile"}
+    assert side["quantization"]["calibration"] == max(agree, key=lambda k: agree[k])
     assert side["files"] == {"fp32": "nuclei.onnx", "int8": "nuclei.int8.onnx"}
 
 
