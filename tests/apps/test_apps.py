@@ -23,7 +23,7 @@ EXPECT = {
     "mpox": {"augment": "skin_tone", "classes": ("chickenpox", "measles", "monkeypox", "normal")},
     "bpd": {"augment": "cxr", "channels": 1, "positive_class": "pneumonia", "mixing": "cutmix",
             "finetune": "progressive", "default_data": "pediatric_cxr"},
-    "nuclei": {"augment": "histo_stain", "balance": "sampler", "split": "grouped"},
+    "nuclei": {"augment": "histo_stain", "balance": "weights", "split": "grouped"},
     "snow": {"positive_class": "snow"},
     "waste": {"backbone": "efficientnet_lite0"},
     "sonar": {"augment": "sonar", "channels": 1, "split": "temporal", "first_explainer": "lime"},
