@@ -126,8 +126,10 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
-    x = torch.rand(2, 3, size, size)
+def _export_fp32(model: torch.nn.Module, size: int | tuple[int, ...], path: Path) -> None:
+    """Write ``model`` (eval mode) as ONNX: input ``image`` of shape ``(batch, 3, size, size)`` (or
+    ``(batch, *size)`` for a shape tuple), output ``logits``, any batch size."""
+    x = torch.rand(2, *((3, size, size) if isinstance(size, int) else tuple(size)))
     kwargs = dict(input_names=["image"], output_names=["logits"], opset_version=OPSET)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (tracer and deprecation notes)

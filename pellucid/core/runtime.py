@@ -27,17 +27,17 @@ for inference only.
 """
 from __future__ import annotations
 
-import io
 import logging
-import warnings
+import tempfile
 import weakref
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BACKENDS", "fast_forward", "onnxruntime_available"]
+__all__ = ["BACKENDS", "fast_forward", "model_device", "onnxruntime_available"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -79,7 +80,7 @@ class _TorchRunner:
         if model is None:
             raise RuntimeError("the model of this runner no longer exists")
         with torch.inference_mode():
-            x = x.to(_device_of(model))
+            x = x.to(model_device(model))
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             return model(x).float()
@@ -91,19 +92,17 @@ class _OrtRunner:
     def __init__(self, model: nn.Module, shape: tuple[int, ...], calibration: torch.Tensor | None = None):
         import onnxruntime as ort
 
-        buf = io.BytesIO()
-        probe = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+        from pellucid.core.export import _export_fp32  # the exporter `pellucid export` uses
+
         was = model.training
         model.eval()
         try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # exporter chatter (tracer and deprecation notes)
-                torch.onnx.export(model, (probe,), buf, dynamo=False, do_constant_folding=True,
-                                  input_names=["x"], output_names=["y"], opset_version=17,
-                                  dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                _export_fp32(model, shape, path)
+                graph = path.read_bytes()
         finally:
             model.train(was)
-        graph = buf.getvalue()
         self.precision = "float32"
         if calibration is not None:
             graph = _quantize_int8(graph, calibration)
@@ -116,26 +115,18 @@ class _OrtRunner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        return torch.from_numpy(self.session.run(None, {"x": arr})[0])
+        return torch.from_numpy(self.session.run(None, {"image": arr})[0])
 
 
 def _quantize_int8(graph: bytes, calibration: torch.Tensor, batch_size: int = 8) -> bytes:
     """Static INT8 (QDQ; per-channel int8 weights, uint8 activations, MinMax ranges) of an ONNX graph,
     calibrated on ``calibration`` ``(N, C, H, W)``."""
-    import tempfile
-    from pathlib import Path
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from pellucid.core.export import _Reader
 
     arr = np.ascontiguousarray(calibration.detach().to("cpu", torch.float32).numpy())
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"x": arr[i:i + batch_size]} for i in range(0, len(arr), batch_size)])
-
-        def get_next(self):
-            return next(self.batches, None)
+    batches = [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
 
     root = logging.getLogger()
     level = root.level
@@ -144,7 +135,7 @@ def _quantize_int8(graph: bytes, calibration: torch.Tensor, batch_size: int = 8)
         src.write_bytes(graph)
         try:
             root.setLevel(max(level, logging.WARNING))  # ONNX Runtime logs every tensor it calibrates
-            quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(str(src), str(dst), _Reader(batches, "image"), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
         finally:
@@ -158,7 +149,7 @@ def _check(runner, model: nn.Module, shape: tuple[int, ...], tol: float) -> floa
     model.eval()
     try:
         with torch.inference_mode():
-            ref = model(x.to(_device_of(model))).float().cpu()
+            ref = model(x.to(model_device(model))).float().cpu()
     finally:
         model.train(was)
     got = runner(x).float().cpu()
@@ -199,7 +190,7 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
 
         raise unknown_name_error("inference backend", backend, list(BACKENDS))
     shape = tuple(int(s) for s in shape)
-    on_cpu = _device_of(model).type == "cpu"
+    on_cpu = model_device(model).type == "cpu"
     if backend == "onnxruntime" and not onnxruntime_available():
         raise ValueError("the onnxruntime backend needs the packages onnx and onnxruntime: "
                          "pip install 'pellucid[export]'")
@@ -211,7 +202,7 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
     if int8 and (want != "onnxruntime" or not on_cpu):
         raise ValueError("INT8 inference needs ONNX Runtime on the CPU: pip install 'pellucid[export]' and keep the "
                          "model on the CPU, or use float32")
-    key = (want, shape, _device_of(model).type, _state_version(model), int8)
+    key = (want, shape, model_device(model).type, _state_version(model), int8)
     entries = _CACHE.setdefault(model, {})
     entry = entries.get(int8)
     if entry is not None and entry["key"] == key:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pellucid.core.runtime import model_device as _model_device
+
 __all__ = [
     "Explanation",
     "Explainer",
@@ -292,12 +294,6 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def n_outputs(output: torch.Tensor) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pellucid.core.runtime import BACKENDS, fast_forward
+from pellucid.core.runtime import BACKENDS, fast_forward, model_device
 from pellucid.explain.base import (
     Explainer,
     check_images,
@@ -55,8 +55,7 @@ PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 INT8_CALIBRATION = 16  # perturbed images of the first explained image that calibrate the INT8 graph
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+_device_of = model_device
 
 
 def native_bf16(device: torch.device) -> bool:
