@@ -427,13 +427,25 @@ def no_gradient_error(model: nn.Module, layer: str, method: str, why: str) -> Ex
 
 
 
-def require_whole_view(predictor) -> None:
-    """Refuse to explain a model whose input is a crop of the image (``--preprocess lung-crop``).
+def to_original_frame(predictor, heatmap: np.ndarray, image) -> np.ndarray:
+    """Place a map of the model's input on the original image's field of view.
 
-    Its maps cover the lungs' bounding box, not the X-ray, and every overlay, report and lung share
-    places maps on the whole image; rather than draw them in the wrong place, say so.
+    Most models see the whole image (squash-resized), so their maps are returned unchanged and
+    overlays resize them. A lung-crop model (``--preprocess lung-crop``) sees only the lungs'
+    bounding box: its map is resized into that box of an ``(H, W)`` zero map at the image's own
+    resolution (nothing outside the box was seen, so nothing there is evidence). The box comes from
+    running the model's own segmenter again on ``image``.
     """
-    if getattr(predictor, "crops_input", False):
-        raise ExplanationError("this model classifies a crop of the lungs (preprocess lung-crop), so its explanation maps "
-                         "cannot be placed on the whole X-ray yet; explain a lung-mask or whole-image model instead "
-                         "(pellucid train tb --preprocess lung-mask)")
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if not getattr(predictor, "crops_input", False):
+        return heat
+    from pellucid.explain.overlay import resize_map
+
+    box = predictor.masker(image).meta.get("lung_box")
+    if box is None:  # the segmenter found no lungs: the model saw the whole image
+        return heat
+    arr = image.array if hasattr(image, "array") else np.asarray(image)
+    y0, x0, y1, x1 = (int(v) for v in box)
+    out = np.zeros(arr.shape[:2], dtype=np.float32)
+    out[y0:y1, x0:x1] = resize_map(heat, (y1 - y0, x1 - x0))
+    return out

@@ -51,6 +51,7 @@ import torch
 import pellucid
 from pellucid.core.ood import OODCheck, OODReference, check_domain, forward_with_features, load_reference
 from pellucid.datasets.readers import DICOM_SUFFIXES, Image, ImageReadError, is_dicom, read_image
+from pellucid.explain.base import to_original_frame
 
 __all__ = [
     "REPORT_METRICS",
@@ -377,12 +378,6 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
     Returns:
         Notes for the report (methods that failed or are unavailable).
     """
-    from pellucid.explain.base import require_whole_view
-
-    try:
-        require_whole_view(predictor)
-    except ValueError as err:
-        raise ReportError(str(err)) from None
     notes: list[str] = []
     todo = [c for c in cases if c.index is not None and not c.error]
     for c in todo:
@@ -434,10 +429,10 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
                         log.warning("%s", note)
                         if note not in notes:
                             notes.append(note)
-                results = [MethodResult(m, np.clip(np.asarray(e.heatmap, dtype=np.float32), 0, 1),
+                results = [MethodResult(m, np.clip(to_original_frame(predictor, e.heatmap, c.image), 0, 1),
                                         {k: float(v) for k, v in (s or {}).items()
                                          if _is_number(v) and k not in ("image", "target")})
-                           for e, s in zip(expl, scores)]
+                           for e, s, c in zip(expl, scores, chunk)]
             for c, r in zip(chunk, results):
                 c.explanations.append(r)
             step += 1
@@ -788,7 +783,8 @@ def _splime_section(predictor, cases: Sequence[Case], per_class: int, alpha: flo
         images = torch.stack([predictor.preprocess(c.image) for c in chosen]).to(predictor.device)
         result = sp_lime(predictor.model, images, budget=per_class, targets=[c.index for c in chosen],
                          num_samples=num_samples, seed=seed)
-        cards = [_card_item(chosen[i], alpha, result.explanations[i].heatmap, "lime")
+        cards = [_card_item(chosen[i], alpha, to_original_frame(predictor, result.explanations[i].heatmap,
+                                                                 chosen[i].image), "lime")
                  for k in sorted(result.picks) for i in result.picks[k]]
     # SP-LIME is an optional section: whatever goes wrong in it becomes a note, not a lost report.
     except Exception as err:  # noqa: BLE001

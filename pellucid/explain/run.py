@@ -27,7 +27,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from pellucid.explain.base import Explanation, get_explainer, require_whole_view
+from pellucid.explain.base import Explanation, get_explainer, to_original_frame
 from pellucid.explain.metrics import DEFAULT_METRICS, score_explanations
 from pellucid.explain.overlay import save_overlay
 
@@ -77,7 +77,6 @@ def load_batches(model_dir: str | Path, paths: Sequence[str | Path], batch_size:
     from pellucid.datasets.samples import find_images
 
     predictor = Predictor(model_dir)
-    require_whole_view(predictor)
     fixed = _resolve_target(target, predictor.classes)
     files = find_images(list(paths))
     if not files:
@@ -206,9 +205,14 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
                 e.target_name = classes[e.target]
             per_method[m] = exps
         masks = []
-        if score:
+        if score:  # faithfulness is scored on the model's input, before maps move to the original frame
             flat = [e for m in methods for e in per_method[m]]
             score_explanations(predictor.model, batch.tensor, flat, metrics)
+        if getattr(predictor, "crops_input", False):  # lung-crop model: its maps cover the lungs' box
+            for m in methods:
+                for e, original in zip(per_method[m], batch.originals):
+                    e.heatmap = to_original_frame(predictor, e.heatmap, original)
+        if score:
             if segmenter is not None:
                 from pellucid.explain.lungshare import mask_shares
 

@@ -175,10 +175,30 @@ def test_explain_paths_flags_empty_maps_and_writes_finite_means(bias_driven_fold
     assert png.shape[:2] == (80, 80) and (png == OUTLINE_COLOR).all(axis=2).any()
 
 
-def test_lung_crop_models_are_refused_with_one_line(tmp_path, capsys):
-    """A lung-crop model's maps cover the lungs' box, not the X-ray: explain and report say so
-    instead of drawing them over the whole image."""
+def test_lung_crop_maps_are_placed_in_the_lungs_box():
+    """A lung-crop model's map covers the lungs' box: it goes back into that box of the original
+    image, zero elsewhere; other models' maps are left as they are."""
+    from types import SimpleNamespace
+
+    from pellucid.datasets.readers import Image
+    from pellucid.explain.base import to_original_frame
+
+    image = Image(np.zeros((100, 80, 3), np.float32), {})
+    crop = SimpleNamespace(crops_input=True,
+                           masker=lambda im: Image(np.zeros((40, 30, 3), np.float32), {"lung_box": [10, 20, 50, 50]}))
+    out = to_original_frame(crop, np.ones((16, 16), np.float32), image)
+    assert out.shape == (100, 80)
+    assert out[10:50, 20:50].min() == pytest.approx(1.0) and out.sum() == pytest.approx(40 * 30)
+    heat = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(to_original_frame(SimpleNamespace(crops_input=False), heat, image), heat)
+    no_lungs = SimpleNamespace(crops_input=True, masker=lambda im: Image(im.array, {}))  # empty mask: whole image
+    np.testing.assert_array_equal(to_original_frame(no_lungs, heat, image), heat)
+
+
+def test_lung_crop_models_explain_and_report_end_to_end(tmp_path):
     import json
+
+    from PIL import Image as PILImage
 
     from pellucid.cli import main
     from tests.ui.helpers import tiny_masked_model_folder, tiny_segmenter_folder, write_lungs_png
@@ -189,8 +209,7 @@ def test_lung_crop_models_are_refused_with_one_line(tmp_path, capsys):
     card["preprocessing"]["preprocess"] = "lung-crop"
     (model / "card.json").write_text(json.dumps(card, indent=1))
     image = write_lungs_png(tmp_path / "cxr.png")
-    for cmd in (["explain", "--model", str(model), "--method", "gradcam", "--out", str(tmp_path / "e"), str(image)],
-                ["report", "--model", str(model), "--methods", "gradcam", "--out", str(tmp_path / "r"), str(image)]):
-        assert main(cmd) == 2
-        err = capsys.readouterr().err.strip()
-        assert "lung-crop" in err and "lung-mask" in err and "\n" not in err
+    assert main(["explain", "--model", str(model), "--method", "gradcam", "--out", str(tmp_path / "e"), str(image)]) == 0
+    overlay = next((tmp_path / "e").glob("*_gradcam.png"))
+    assert PILImage.open(overlay).size == PILImage.open(image).size
+    assert main(["report", "--model", str(model), "--methods", "gradcam", "--out", str(tmp_path / "r"), str(image)]) == 0
