@@ -67,3 +67,16 @@ class QuadrantNet(nn.Module):
 @pytest.fixture()
 def quadrant_net() -> nn.Module:
     return QuadrantNet().eval()
+
+
+class NoGradProbe(nn.Module):
+    """A linear probe that computes its features without autograd (as feature caches do)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.clf = classifier
+
+    def forward(self, x):
+        with torch.no_grad():
+            f = self.clf.features(x)
+        return self.clf.head(f)

@@ -9,7 +9,7 @@ from torch import nn
 from pellucid.explain import ExplanationError, get_explainer, list_explainers
 from pellucid.explain.base import explainer_class, gradient_free_explainers
 from pellucid.explain.metrics import deletion_insertion
-from tests.explain.conftest import BACKBONES, FAST_OPTIONS, images_for, tiny_classifier
+from tests.explain.conftest import BACKBONES, FAST_OPTIONS, NoGradProbe, images_for, tiny_classifier
 
 from tests.explain.helpers import assert_same, snapshot
 
@@ -74,19 +74,6 @@ def test_frozen_backbone_still_explains_and_stays_frozen(tiny_models):
     finally:
         for p in model.backbone.parameters():
             p.requires_grad_(True)
-
-
-class NoGradProbe(nn.Module):
-    """A linear probe that computes its features without autograd (as feature caches do)."""
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.clf = classifier
-
-    def forward(self, x):
-        with torch.no_grad():
-            f = self.clf.features(x)
-        return self.clf.head(f)
 
 
 @pytest.mark.parametrize("method", [n for n in READY if explainer_class(n).needs_gradients])

@@ -28,7 +28,7 @@ from pellucid.explain.ttame import (
     ttame_loss,
     variation_loss,
 )
-from tests.explain.conftest import BACKBONES, QuadrantMask, images_for, tiny_classifier
+from tests.explain.conftest import BACKBONES, NoGradProbe, QuadrantNet, images_for, tiny_classifier
 
 from tests.explain.helpers import assert_same, snapshot
 
@@ -143,18 +143,10 @@ def test_fit_leaves_the_classifier_bit_identical_and_maps_are_valid(backbone):
         assert 0 < lo <= e.heatmap.min() + 1e-6 and e.heatmap.max() <= hi + 1e-6 < 1  # the sigmoid map itself
 
 
-class StrongQuadrantNet(nn.Module):
-    """Class-1 evidence only in the top-left quadrant, with logits far enough apart that hiding it
-    costs more cross-entropy than the area term saves: class 1 = 16 · mean(gated features) − 4,
-    class 0 = 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-        self.gate = QuadrantMask()
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.linspace(0.5, 1.5, 12).view(4, 3, 1, 1))
-            self.conv.bias.zero_()
+class StrongQuadrantNet(QuadrantNet):
+    """:class:`QuadrantNet` (class-1 evidence only in the top-left quadrant) with logits far enough
+    apart that hiding it costs more cross-entropy than the area term saves: class 1 =
+    16 · mean(gated features) − 4, class 0 = 0."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.gate(torch.relu(self.conv(x))).mean(dim=(1, 2, 3))
@@ -177,19 +169,8 @@ def test_fitted_toy_model_puts_its_map_mass_in_the_evidence_quadrant():
     assert (good < inverted).all(), (good, inverted)
 
 
-class NoGradFeatures(nn.Module):
-    def __init__(self, classifier):
-        super().__init__()
-        self.clf = classifier
-
-    def forward(self, x):
-        with torch.no_grad():
-            f = self.clf.features(x)
-        return self.clf.head(f)
-
-
 def test_fit_refuses_a_model_without_input_gradients():
-    probe = NoGradFeatures(tiny_classifier("test_resnet")).eval()
+    probe = NoGradProbe(tiny_classifier("test_resnet")).eval()
     with pytest.raises(ExplanationError, match="does not depend on its input"):
         get_explainer("ttame", **FAST).fit(probe, images_for(64, 4))
 
@@ -293,6 +274,6 @@ def test_a_map_needs_no_autograd():
     for a, b in zip(want, inside):
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6)
     # A model whose features are computed without autograd can be explained (not fitted).
-    probe = NoGradFeatures(model).eval()
+    probe = NoGradProbe(model).eval()
     explainer.attention.layers = ["clf." + n for n in default_tap_layers(model)]
     assert explainer.explain(probe, x)[0].heatmap.shape == (64, 64)
