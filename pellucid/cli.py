@@ -452,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    from pellucid.core.runtime import tune_allocator
+
+    tune_allocator()  # large CPU tensors reuse freed memory instead of page-faulting it back in
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

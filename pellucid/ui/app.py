@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import streamlit as st
 
+from pellucid.core.runtime import tune_allocator
 from pellucid.ui import common
+
+tune_allocator()  # the web app runs models on the CPU: reuse freed tensor memory (see the function)
 
 st.set_page_config(page_title="pellucid", page_icon=":material/visibility:", layout="wide")
 

@@ -108,3 +108,64 @@ def test_int8_runner_approximates_the_model_and_is_cached_beside_float32(model):
     assert diff < 0.1
     with pytest.raises(ValueError, match="ONNX Runtime"):
         fast_forward(model, (3, 32, 32), "torch", int8_calibration=calib)
+
+
+@needs_ort
+def test_int8_and_float32_share_one_export_and_keep_the_ends_in_float32(model, monkeypatch):
+    import onnx
+
+    from pellucid.core import runtime
+
+    calls = []
+    real = runtime._export_graph
+    monkeypatch.setattr(runtime, "_export_graph", lambda m, s: calls.append(s) or real(m, s))
+    f = fast_forward(model, (3, 32, 32), "onnxruntime")
+    q = fast_forward(model, (3, 32, 32), int8_calibration=_x(8, seed=5))
+    assert len(calls) == 1 and f is not q
+    graph = onnx.load_from_string(runtime._quantize_int8(real(model, (3, 32, 32)), _x(8, seed=5)))
+    producers = {o: n.op_type for n in graph.graph.node for o in n.output}
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    gemms = [n for n in graph.graph.node if n.op_type in ("Gemm", "MatMul")]
+    # the first convolution and the classifier read float weights; the convolutions between, quantized ones
+    assert producers.get(convs[0].input[1]) != "DequantizeLinear"
+    assert producers.get(gemms[-1].input[1]) != "DequantizeLinear"
+    assert any(producers.get(c.input[1]) == "DequantizeLinear" for c in convs[1:])
+    with torch.inference_mode():  # rebuilt (one new export) when the weights change
+        next(model.parameters()).add_(0.01)
+    fast_forward(model, (3, 32, 32), "onnxruntime")
+    assert len(calls) == 2
+
+
+_FAULTS = """
+import resource, sys, torch
+from pellucid.core.runtime import tune_allocator
+ok = tune_allocator() if sys.argv[1] == "tuned" else False
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):  # warm-up: 64 MiB blocks, freed at once (the heap settles after a few)
+    torch.ones(16 << 20)
+f0 = faults()
+for _ in range(8):
+    torch.ones(16 << 20)
+print(ok, faults() - f0)
+"""
+
+
+def _faults(mode: str, **env) -> tuple[str, int]:
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc malloc thresholds")
+def test_tune_allocator_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
+    ok, tuned = _faults("tuned")
+    if ok != "True":
+        pytest.skip("not glibc: tune_allocator() has nothing to tune")
+    _, default = _faults("default")
+    # 8 fresh 64 MiB tensors: ~16k page faults each with glibc's defaults (mmap per block), ~none tuned
+    assert default > 8 * 10_000 and tuned < default / 10
+    assert _faults("tuned", PELLUCID_MALLOC_TUNING="0")[0] == "False"

@@ -106,7 +106,24 @@ def test_int8_passes_give_nearly_the_float32_map(tiny_models):
     f32 = get_explainer("lime", precision="float32", **opts).explain(model, x, [1])[0]
     i8 = get_explainer("lime", precision="int8", **opts).explain(model, x, [1])[0]
     assert i8.extras["precision"] == "int8" and i8.extras["backend"] == "onnxruntime"
+    check = i8.extras["int8_check"]
+    assert check["passed"] and check["images"] == 16 and 0 <= check["mean_abs_diff"] <= check["max_abs_diff"] <= 0.1
     assert i8.heatmap.shape == f32.heatmap.shape and 0 <= i8.heatmap.min() and i8.heatmap.max() <= 1
     assert spearman(i8.extras["weights"], f32.extras["weights"]) > 0.8
     with pytest.raises(ValueError, match="ONNX Runtime"):
         get_explainer("lime", precision="int8", backend="torch")
+
+
+def test_int8_that_disagrees_with_float32_falls_back_to_float32_with_a_warning(tiny_models, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="INT8 passes need pellucid[export]")
+    import pellucid.explain.lime as lime_mod
+
+    model = tiny_models["test_resnet"]
+    x = images_for(64, 1, seed=8)
+    opts = {"num_samples": 120, "n_segments": 16}
+    f32 = get_explainer("lime", precision="float32", **opts).explain(model, x, [1])[0]
+    monkeypatch.setattr(lime_mod, "INT8_TOL_MAX", -1.0)  # no INT8 graph can pass
+    with pytest.warns(UserWarning, match="computed in float32"):
+        res = get_explainer("lime", precision="int8", **opts).explain(model, x, [1])[0]
+    assert res.extras["precision"] == "float32" and res.extras["int8_check"]["passed"] is False
+    np.testing.assert_allclose(res.extras["weights"], f32.extras["weights"], atol=1e-9)
