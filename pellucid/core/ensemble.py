@@ -245,6 +245,7 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
         "modality": cards[0].get("modality"),
         "intended_use": cards[0].get("intended_use"),
         "explainers": cards[0].get("explainers", []),
+        "explainer_options": cards[0].get("explainer_options", {}),
         "backbone": {"name": "ensemble", "members": [c["backbone"]["name"] for c in cards]},
         "weights": {"source": "members", "pretrained": True,
                     "detail": "; ".join(f"{r}: {c.get('weights', {}).get('source')}" for r, c in zip(rel, cards))},

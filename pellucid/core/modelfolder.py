@@ -46,6 +46,7 @@ def build_card(*, task: TaskSpec, model: Classifier, weight_info: dict, image_si
         "modality": task.modality,
         "intended_use": task.intended_use,
         "explainers": list(task.explainers),
+        "explainer_options": dict(task.explainer_options),
         "backbone": spec.to_dict(),
         "weights": weight_info,
         "preprocessing": {"image_size": image_size, "channels_in": task.channels, "resize": "squash",

@@ -73,6 +73,7 @@ class TaskSpec:
     intended_use: str
     default_data: str
     recipe: dict = field(default_factory=dict, hash=False, compare=False)
+    explainer_options: dict = field(default_factory=dict, hash=False, compare=False)
     aliases: dict = field(default_factory=dict, hash=False, compare=False)
     source: str = ""
 
@@ -90,7 +91,8 @@ class TaskSpec:
             "positive_class": self.positive_class, "modality": self.modality, "channels": self.channels,
             "image_size": self.image_size, "augment": self.augment, "metrics": list(self.metrics),
             "threshold_policy": self.threshold_policy, "target_sensitivity": self.target_sensitivity,
-            "explainers": list(self.explainers), "intended_use": self.intended_use,
+            "explainers": list(self.explainers), "explainer_options": dict(self.explainer_options),
+            "intended_use": self.intended_use,
             "default_data": self.default_data, "recipe": dict(self.recipe),
         }
 
@@ -149,6 +151,7 @@ def task_from_dict(data: dict, where: str = "task spec") -> TaskSpec:
     image_size = int(data.get("image_size", 224))
     if not 16 <= image_size <= 1024:
         raise TaskSpecError(f"{where}: image_size {image_size} outside 16..1024")
+    explainers = tuple(data.get("explainers", ["gradcam"]))
     return TaskSpec(
         name=name,
         title=data.get("title", name),
@@ -161,13 +164,27 @@ def task_from_dict(data: dict, where: str = "task spec") -> TaskSpec:
         metrics=tuple(data.get("metrics", ["accuracy", "balanced_accuracy", "auroc", "f1"])),
         threshold_policy=policy,
         target_sensitivity=float(threshold.get("target_sensitivity", 0.95)),
-        explainers=tuple(data.get("explainers", ["gradcam"])),
+        explainers=explainers,
+        explainer_options=_explainer_options(data.get("explainer_options", {}), explainers, where),
         intended_use=data.get("intended_use", "Research use only. Not a medical device; not for diagnosis."),
         default_data=data.get("default_data", name),
         recipe=recipe,
         aliases=_aliases(data.get("aliases", {}), classes, where),
         source=where,
     )
+
+
+def _explainer_options(raw: dict, explainers: tuple[str, ...], where: str) -> dict:
+    """``[explainer_options.<method>]`` tables: options of the task's default explainers (checked
+    against the explainer's signature when it is built)."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise TaskSpecError(f"{where}: explainer_options must hold one table per method, e.g. "
+                            "[explainer_options.lime] with segmentation = \"quickshift\"")
+    for method in raw:
+        if method not in explainers:
+            raise TaskSpecError(f"{where}: explainer_options.{method} is given but {method!r} is not one of the task's "
+                                f"explainers {list(explainers)}")
+    return {m: dict(v) for m, v in raw.items()}
 
 
 def _aliases(raw: dict, classes: tuple[str, ...], where: str) -> dict:

@@ -208,6 +208,14 @@ def get_explainer(name: str, **options: Any) -> Explainer:
     return cls(**options)
 
 
+def explainer_for(name: str, card: dict | None, **options: Any) -> Explainer:
+    """:func:`get_explainer` with the options a model card's task sets for ``name``
+    (``explainer_options`` of its ``task.toml``, e.g. Quickshift superpixels for sonar's LIME);
+    ``options`` given here win over the card's."""
+    preset = ((card or {}).get("explainer_options") or {}).get(name, {})
+    return get_explainer(name, **{**preset, **options})
+
+
 def gradient_free_explainers() -> list[str]:
     """Names of the registered explainers that need no gradient (they work on any model)."""
     _load_builtin()

@@ -289,7 +289,8 @@ class LimeExplainer(Explainer):
         heat = heatmap_from_weights(segments, weights)
         extras = {"segments": segments, "weights": weights, "r2": float(r2), "intercept": float(intercept),
                   "local_pred": float(np.ravel(local_pred)[0]),
-                  "precision": used, "backend": self._backend_used}
+                  "precision": used, "backend": self._backend_used, "segmentation": self.segmentation,
+                  "num_samples": self.num_samples, "n_superpixels": n_seg}
         if check is not None:
             extras["int8_check"] = check
         return heat, target, extras

@@ -386,7 +386,7 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
     if not todo or not methods:
         return notes
     try:
-        from pellucid.explain import get_explainer, score_explanations
+        from pellucid.explain import explainer_for, score_explanations
     except ImportError as err:
         notes.append(f"explanations unavailable: {err}")
         for c in todo:
@@ -398,7 +398,7 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
         for c in todo:
             c.explanations = [e for e in c.explanations if e.method != m]
         try:
-            explainer = get_explainer(m)
+            explainer = explainer_for(m, getattr(predictor, "card", None))
         except (KeyError, ValueError) as err:
             notes.append(f"{m}: {err}")
             for c in todo:

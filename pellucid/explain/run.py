@@ -27,7 +27,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from pellucid.explain.base import Explanation, get_explainer, to_original_frame
+from pellucid.explain.base import Explanation, explainer_for, to_original_frame
 from pellucid.explain.metrics import DEFAULT_METRICS, score_explanations
 from pellucid.explain.overlay import save_overlay
 
@@ -190,7 +190,7 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
     unknown = [m for m in options if m not in methods]
     if unknown:
         raise ValueError(f"options given for {unknown}, which are not among the methods {methods}")
-    explainers = {m: get_explainer(m, **options.get(m, {})) for m in methods}
+    explainers = {m: explainer_for(m, predictor.card, **options.get(m, {})) for m in methods}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = predictor.classes

@@ -14,6 +14,7 @@ def test_round_trip_gives_identical_outputs(tiny_model_dir, tmp_path):
     model, card = load_model(tiny_model_dir)
     assert card["kind"] == "classifier" and card["task"] == "tb"
     assert card["classes"] == ["normal", "tuberculosis"]
+    assert card["explainer_options"] == {}  # the tb task sets none (sonar sets Quickshift for LIME)
     for key in ("weights", "preprocessing", "threshold", "calibration", "metrics", "split", "pellucid_version"):
         assert key in card
     assert card["weights"]["source"] == "random"  # asked for in the fixture, and recorded

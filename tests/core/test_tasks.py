@@ -37,3 +37,13 @@ def test_bad_spec_messages(patch, message):
     data = {"name": "x", "classes": ["a", "b"], **patch}
     with pytest.raises(TaskSpecError, match=message):
         task_from_dict(data)
+
+
+def test_explainer_options_reach_the_spec_and_are_checked():
+    assert get_task("sonar").explainer_options == {"lime": {"segmentation": "quickshift"}}
+    assert get_task("sonar").to_dict()["explainer_options"]["lime"]["segmentation"] == "quickshift"
+    base = {"name": "toy", "classes": ["a", "b"], "explainers": ["gradcam"]}
+    with pytest.raises(TaskSpecError, match="explainer_options.lime is given but 'lime' is not one of"):
+        task_from_dict({**base, "explainer_options": {"lime": {"segmentation": "slic"}}})
+    with pytest.raises(TaskSpecError, match="one table per method"):
+        task_from_dict({**base, "explainer_options": {"gradcam": "fast"}})

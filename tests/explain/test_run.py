@@ -88,3 +88,26 @@ def test_heatmap_stats():
     assert s["centroid"] == [1.0, 0.0]
     assert heatmap_stats(np.zeros((3, 3)))["centroid"] is None and heatmap_stats(np.zeros((3, 3)))["empty"]
     assert not s["empty"]
+
+
+def test_card_explainer_options_apply_and_the_callers_win(image_files, tmp_path):
+    """A task's ``[explainer_options.lime]`` (e.g. sonar's Quickshift) reaches LIME through the card."""
+    folder = tmp_path / "model"
+    model = tiny_classifier("test_resnet")
+    spec = model.spec
+    card = {
+        "kind": "classifier", "task": "toy-explain", "classes": ["normal", "lesion"], "backbone": spec.to_dict(),
+        "preprocessing": {"image_size": 64, "channels_in": 3, "resize": "squash", "input_range": [0.0, 1.0],
+                          "mean": list(spec.mean), "std": list(spec.std)},
+        "threshold": {}, "calibration": {}, "explainers": ["lime"],
+        "explainer_options": {"lime": {"segmentation": "quickshift", "num_samples": 24, "kernel_size": 2,
+                                       "max_dist": 10}},
+    }
+    save_model(folder, model, card)
+    root, _ = image_files
+    explain_paths(folder, [root / "b.png"], out_dir=tmp_path / "card")
+    extras = json.loads((tmp_path / "card" / "b.json").read_text())["explanations"][0]["extras"]
+    assert extras["segmentation"] == "quickshift" and extras["num_samples"] == 24
+    explain_paths(folder, [root / "b.png"], out_dir=tmp_path / "mine", options={"lime": {"segmentation": "slic"}})
+    extras = json.loads((tmp_path / "mine" / "b.json").read_text())["explanations"][0]["extras"]
+    assert extras["segmentation"] == "slic" and extras["num_samples"] == 24
