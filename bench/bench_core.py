@@ -35,6 +35,9 @@ def main() -> None:
     if not DATA.exists():
         print(f"skipped: sample data {DATA} absent")
         return
+    from pellucid.core.runtime import tune_allocator
+
+    tune_allocator()  # as the pellucid command runs training (bench/bench_runtime.py measures the difference)
     torch.manual_seed(0)
     samples = load_samples(DATA)[:64]
     t = time.perf_counter()
@@ -86,7 +89,8 @@ def main() -> None:
         lines.append(f"| {name} | {sec:.3f} | {sec / base:.2f} |")
     lines.append(f"| decode + resize 64 PNGs once (ImageCache, 4 threads) | {decode_s:.3f} | — |")
     table = "\n".join(lines)
-    header = f"EfficientNet-Lite0, 224 px, batch 32, {torch.get_num_threads()} torch threads, CPU\n\n"
+    header = (f"EfficientNet-Lite0, 224 px, batch 32, {torch.get_num_threads()} torch threads, CPU, malloc thresholds "
+              "set by tune_allocator() as the pellucid command does\n\n")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(header + table + "\n")
     print(header + table)
