@@ -272,6 +272,42 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_value(raw: str):
+    """``--option`` value: true/false, none, an int, a float, else the text."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _explainer_options(items: list[str] | None, methods: list[str]) -> dict[str, dict]:
+    """``--option METHOD.NAME=VALUE`` items → ``{method: {name: value}}``, checked against the explainers."""
+    from pellucid.explain import get_explainer
+
+    options: dict[str, dict] = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not eq or not dot or not method or not name.strip():
+            raise UserError(f"--option {item!r}: write METHOD.NAME=VALUE, e.g. --option lime.num_samples=500")
+        if method not in methods:
+            raise UserError(f"--option {item!r}: {method!r} is not among the methods {methods} (add it to --method)")
+        options.setdefault(method, {})[name.strip()] = _option_value(raw.strip())
+    for method, opts in options.items():
+        try:
+            get_explainer(method, **opts)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--option for {method}: {err}") from None
+    return options
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from pellucid.explain.run import explain_paths
 
@@ -280,9 +316,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from pellucid.core.modelfolder import read_card
 
         methods = list(read_card(args.model).get("explainers") or ["gradcam"])
+    options = _explainer_options(args.option, methods)
     out = args.out or "runs/explain"
     rows = explain_paths(args.model, args.paths, methods=methods, target=args.target, out_dir=out,
-                         score=args.score, lung_segmenter=args.segmenter)
+                         score=args.score, lung_segmenter=args.segmenter, options=options)
     print(f"explanations written to {out}")
     if args.score and rows:
         from pellucid.explain import score_table
@@ -382,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", action="store_true", help="score faithfulness; print a method × metric table")
     p.add_argument("--segmenter", help="lung segmentation folder: add lung_share / border_share to --score "
                    "(default: the model card's segmenter, if any)")
+    p.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE",
+                   help="explainer option, repeatable; over the task's own (e.g. lime.num_samples=500, "
+                        "lime.segmentation=quickshift, lime.precision=int8)")
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_explain)
 

@@ -111,3 +111,22 @@ def test_card_explainer_options_apply_and_the_callers_win(image_files, tmp_path)
     explain_paths(folder, [root / "b.png"], out_dir=tmp_path / "mine", options={"lime": {"segmentation": "slic"}})
     extras = json.loads((tmp_path / "mine" / "b.json").read_text())["explanations"][0]["extras"]
     assert extras["segmentation"] == "slic" and extras["num_samples"] == 24
+
+
+def test_cli_option_reaches_the_explainer_and_bad_options_get_one_line(model_folder, image_files, tmp_path, capsys):
+    from pellucid.cli import main
+
+    root, _ = image_files
+    out = tmp_path / "cli"
+    assert main(["explain", "--model", str(model_folder), "--method", "lime", "--option", "lime.num_samples=20",
+                 "--option", "lime.n_segments=8", "--out", str(out), str(root / "b.png")]) == 0
+    extras = json.loads((out / "b.json").read_text())["explanations"][0]["extras"]
+    assert extras["num_samples"] == 20 and extras["segmentation"] == "slic"
+    for bad, message in ((["--option", "lime.num_sample=20"], "Did you mean 'num_samples'"),
+                         (["--option", "lime-num_samples=20"], "write METHOD.NAME=VALUE"),
+                         (["--option", "gradcam.layer=x"], "not among the methods")):
+        capsys.readouterr()
+        assert main(["explain", "--model", str(model_folder), "--method", "lime", *bad, "--out", str(out),
+                     str(root / "b.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
