@@ -309,6 +309,9 @@ class LimeExplainer(Explainer):
         chw = tuple(image.shape)
         on = data.astype(bool)
         if device.type != "cpu" or bf16:
+            if self.precision == "int8" and not bf16:
+                warnings.warn(f"LIME: INT8 passes run on the CPU and this model is on {device}; the map was "
+                              "computed in float32 there", stacklevel=5)
             return self._predict_torch(model, image, fudged, segments, on, bf16), \
                 "bfloat16" if bf16 else "float32", None
         img = np.ascontiguousarray(image.numpy(), dtype=np.float32)
