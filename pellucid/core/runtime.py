@@ -265,12 +265,12 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
     if int8 and (want != "onnxruntime" or not on_cpu):
         raise ValueError("INT8 inference needs ONNX Runtime on the CPU: pip install 'pellucid[export]' and keep the "
                          "model on the CPU, or use float32")
-    key = (want, shape, model_device(model).type, _state_version(model), int8)
+    graph_key = (shape, model_device(model).type, _state_version(model))  # what the exported graph depends on
+    key = (want, *graph_key, int8)
     entries = _CACHE.setdefault(model, {})
     entry = entries.get(int8)
     if entry is not None and entry["key"] == key:
         return entry["runner"]
-    graph_key = key[:4]
 
     def graph() -> bytes:  # one export per model, shape and weights, shared by the float32 and INT8 runners
         cached = entries.get("graph")

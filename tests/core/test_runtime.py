@@ -1,6 +1,8 @@
 """Fast inference runners: same function as the model, cached, rebuilt when weights change."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -153,14 +155,13 @@ print(ok, faults() - f0)
 def _faults(mode: str, **env) -> tuple[str, int]:
     import os
     import subprocess
-    import sys
 
     out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
                          env={**os.environ, **env}).stdout.split()
     return out[0], int(out[1])
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc malloc thresholds")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc thresholds")
 def test_tune_allocator_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
     ok, tuned = _faults("tuned")
     if ok != "True":
