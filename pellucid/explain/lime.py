@@ -18,7 +18,8 @@ What the ``lime`` package does and what this wrapper does:
   :func:`pellucid.core.runtime.fast_forward`: on CPU the model exported once (in memory) to ONNX
   Runtime, which folds BatchNorm into the convolutions and runs depthwise convolutions well, checked
   against the model before use (eager PyTorch with channels-last inputs when ONNX Runtime is not
-  installed or the graph disagrees); optionally in bfloat16 autocast instead (``precision=``);
+  installed or the graph disagrees); optionally in INT8 or bfloat16, each checked against float32
+  on every image (``precision=``);
 * the weighted ridge fit is lime's own ``LimeBase.explain_instance_with_data`` with lime's image
   kernel (exponential on cosine distance, width 0.25), for the target class only.
 
@@ -28,7 +29,6 @@ moves across seeds.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import warnings
 from functools import partial
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pellucid.core.runtime import BACKENDS, fast_forward, model_device
+from pellucid.core.runtime import BACKENDS, fast_forward, model_device, onnxruntime_available, openvino_bf16_available
 from pellucid.explain.base import (
     Explainer,
     check_images,
@@ -54,9 +54,9 @@ __all__ = ["LimeExplainer", "segment", "lime_kernel", "heatmap_from_weights", "h
 SEGMENTATIONS = ("slic", "quickshift")
 PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 INT8_CALIBRATION = 16  # perturbed images of the first explained image that calibrate the INT8 graph
-INT8_CHECK = 16  # perturbed images of every image run in both INT8 and float32 before INT8 is trusted
-INT8_TOL_MEAN = 0.02  # largest mean |change| of the target-class probability INT8 may cause on them ...
-INT8_TOL_MAX = 0.1  # ... and largest single change; otherwise the image is explained in float32
+PRECISION_CHECK = 16  # perturbed images of every image run in the reduced precision and float32 before it is trusted
+TOL_MEAN = 0.02  # largest mean |change| of the target-class probability the reduced precision may cause on them ...
+TOL_MAX = 0.1  # ... and largest single change; otherwise the next candidate, or float32
 
 
 _device_of = model_device
@@ -158,27 +158,30 @@ class LimeExplainer(Explainer):
             benchmark machine EfficientNet-Lite0 at 224 px ran fastest per image in batches of 4–10
             and up to twice as slow per image in batches of 16–32 (activations fall out of cache).
             Raise it on a GPU.
-        precision: precision of the perturbation passes: ``"float32"`` (default; the same numbers
-            as lime itself), ``"bfloat16"`` (CPU/GPU autocast), or ``"auto"`` — bfloat16 where the
-            device computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16),
-            float32 elsewhere. bfloat16 moves probabilities by about 0.005, well below LIME's
-            sampling noise (deletion AUC unchanged in ``bench/bench_explain.py``); on the 2-core
-            benchmark machine (AVX512-BF16) it ran the passes about twice as fast when the machine
-            was quiet, but slower in some runs while other jobs shared the cores, so it is not the
-            default. ``"int8"``: the passes run on an INT8 ONNX Runtime graph of the model (static
-            quantization with the first convolution and the classifier left in float32, calibrated on
-            the first 16 perturbed images of the first image explained with that model, then cached;
-            needs ``pellucid[export]``). INT8 is an approximation of the model, so it is **checked on
-            every image**: the first 16 perturbed copies run in both INT8 and float32, and INT8 is
-            used for the rest only if the target-class probability moved by at most 0.02 on average
-            and 0.1 at most (``INT8_TOL_MEAN``, ``INT8_TOL_MAX``); otherwise the image is explained
-            in float32 with a warning. ``extras["int8_check"]`` records the check and
-            ``extras["precision"]`` what was used. The explained class is always
-            decided in float32.
+        precision: precision of the perturbation passes. ``"float32"`` (default; the same numbers
+            as lime itself). Two faster approximations of the model: ``"int8"`` — an INT8 ONNX
+            Runtime graph (static quantization with the first convolution and the classifier left in
+            float32, calibrated on the first 16 perturbed images of the first image explained with
+            that model, then cached; needs ``pellucid[export]``); ``"bfloat16"`` — OpenVINO in
+            bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX; needs
+            ``pellucid[openvino]``), else PyTorch's bfloat16 autocast (CPU or GPU). Both are
+            **checked on every image**: the first 16 perturbed copies run in the reduced precision
+            and in float32, and it is used for the rest only if the target-class probability moved
+            by at most 0.02 on average and 0.1 at most (``TOL_MEAN``, ``TOL_MAX``); otherwise the
+            image is explained in float32 with a warning. ``"auto"``: bfloat16 where the device
+            computes it natively (on the CPU only through OpenVINO — PyTorch's CPU autocast ran
+            slower than float32 ONNX Runtime), else INT8 (CPU, ONNX Runtime installed), each checked
+            the same way and falling back to float32 without a warning (the extras say so). On fine-tuned models
+            the checks matter: on the TB chest X-ray model (logits up to ±11) INT8 moved the
+            probability by up to 0.74 and bfloat16 by up to 0.4 (both rejected on most images),
+            on the waste and sonar models bfloat16 stayed within 0.08 (accepted).
+            ``extras["<precision>_check"]`` records each check (images, mean and max change,
+            passed, runner) and ``extras["precision"]`` what was used. The explained class is
+            always decided in float32.
         backend: what runs the float32 perturbation passes (:func:`pellucid.core.runtime.fast_forward`):
             ``"auto"`` (default: ONNX Runtime on CPU when installed — the model exported in memory
             once per model and image shape, checked against the model — else eager PyTorch),
-            ``"torch"`` or ``"onnxruntime"``. The bfloat16 passes always run in PyTorch.
+            ``"torch"`` (also makes bfloat16 use autocast, and ``"auto"`` skip INT8) or ``"onnxruntime"``.
         seed: seeds the segmentation, the perturbation matrix and the ridge fit.
         progress: show a progress bar over images.
     """
@@ -268,7 +271,6 @@ class LimeExplainer(Explainer):
         else:
             fudged = torch.full_like(img, float(self.hide_color))
 
-        bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16(_device_of(model)))
         with torch.inference_mode():  # the predicted class is always decided in float32
             output = model(img[None].to(_device_of(model)))
         if target is None:
@@ -276,7 +278,7 @@ class LimeExplainer(Explainer):
         n_classes = n_outputs(output)
         if not 0 <= target < n_classes:
             raise ValueError(f"target class {target} out of range: the model has {n_classes} classes")
-        labels, used, check = self._predict(model, img, fudged, torch.from_numpy(segments), data, bf16, target)
+        labels, used, checks = self._predict(model, img, fudged, torch.from_numpy(segments), data, target)
 
         distances = pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
         base = LimeBase(partial(lime_kernel, kernel_width=self.kernel_width),
@@ -291,80 +293,132 @@ class LimeExplainer(Explainer):
                   "local_pred": float(np.ravel(local_pred)[0]),
                   "precision": used, "backend": self._backend_used, "segmentation": self.segmentation,
                   "num_samples": self.num_samples, "n_superpixels": n_seg}
-        if check is not None:
-            extras["int8_check"] = check
+        for prec, check in checks.items():
+            extras[f"{prec}_check"] = check
         return heat, target, extras
 
+    def _candidates(self, device: torch.device) -> list[str]:
+        """Reduced precisions to try, fastest first, each checked against float32 on the image."""
+        if self.precision in ("int8", "bfloat16"):
+            return [self.precision]
+        if self.precision == "auto":  # bfloat16 where native, else INT8 (no INT8 after a failed bfloat16:
+            # it is the coarser of the two, and its one-off quantization costs more than float32 saves)
+            if openvino_bf16_available() if device.type == "cpu" else native_bf16(device):
+                return ["bfloat16"]  # on the CPU only through OpenVINO: PyTorch's autocast ran slower than float32
+            if device.type == "cpu" and self.backend != "torch" and onnxruntime_available():
+                return ["int8"]
+        return []
+
     def _predict(self, model: nn.Module, image: torch.Tensor, fudged: torch.Tensor, segments: torch.Tensor,
-                 data: np.ndarray, bf16: bool, target: int) -> tuple[np.ndarray, str, dict | None]:
+                 data: np.ndarray, target: int) -> tuple[np.ndarray, str, dict]:
         """Class probabilities ``(N, C)`` of the perturbed images described by ``data`` ``(N, S)``.
 
-        Returns ``(probabilities, precision used, INT8 check or None)``. On the CPU the perturbed
-        images are composed with NumPy straight into the contiguous NCHW batches the runner takes,
-        and the logits are turned into probabilities once at the end: the loop then does nothing
-        but compose and run, so no PyTorch thread pool wakes up between ONNX Runtime calls (on two
-        cores that contention cost a third of the time). On a GPU they are composed there.
+        Returns ``(probabilities, precision used, {precision: check})``. A reduced precision
+        (INT8, bfloat16) is used only after its check: the first ``PRECISION_CHECK`` perturbed
+        images run in it and in float32, and it must keep the target-class probability within
+        ``TOL_MEAN`` on average and ``TOL_MAX`` at most; else the next candidate, then float32.
+
+        On the CPU the perturbed images are composed with NumPy straight into the contiguous NCHW
+        batches the runner takes, and the logits are turned into probabilities once at the end: the
+        loop then does nothing but compose and run, so no PyTorch thread pool wakes up between ONNX
+        Runtime calls (on two cores that contention cost a third of the time). On a GPU they are
+        composed there.
         """
         device = _device_of(model)
         chw = tuple(image.shape)
         on = data.astype(bool)
-        if device.type != "cpu" or bf16:
-            if self.precision == "int8" and not bf16:
+        candidates = self._candidates(device)
+        if _compose_on_device(device):
+            if self.precision == "int8":
                 warnings.warn(f"LIME: INT8 passes run on the CPU and this model is on {device}; the map was "
                               "computed in float32 there", stacklevel=5)
-            return self._predict_torch(model, image, fudged, segments, on, bf16), \
-                "bfloat16" if bf16 else "float32", None
+            candidates = [c for c in candidates if c != "int8"]
+            n = min(len(data), PRECISION_CHECK)
+            ref = self._logits_torch(model, image, fudged, segments, on[:n], False)
+            checks, used = {}, "float32"
+            for prec in candidates:
+                check = self._check(ref, self._logits_torch(model, image, fudged, segments, on[:n], True), target, prec)
+                check["backend"] = self._backend_used
+                checks[prec] = check
+                if check["passed"]:
+                    used = prec
+                    break
+            if n == len(data):  # every pass was part of the check: all of them ran in float32
+                return _probs(ref), "float32", checks
+            rest = self._logits_torch(model, image, fudged, segments, on[n:], used == "bfloat16")
+            return _probs(np.concatenate([ref, rest])), used, checks
+
         img = np.ascontiguousarray(image.numpy(), dtype=np.float32)
         fud = np.ascontiguousarray(fudged.numpy(), dtype=np.float32)
-        seg = segments.numpy()
+        flat = segments.numpy().ravel()
 
         def compose(start: int, stop: int) -> np.ndarray:
-            return np.where(on[start:stop][:, seg][:, None], img, fud)
+            # the hidden-colour image, then the kept superpixels copied in: the same values as
+            # np.where(mask, img, fud) at a third of its time (np.take beats fancy indexing for the mask)
+            keep = np.take(on[start:stop], flat, axis=1).reshape(stop - start, 1, *chw[1:])
+            out = np.empty((stop - start, *chw), dtype=np.float32)
+            out[:] = fud
+            np.copyto(out, img, where=keep)
+            return out
 
         run = fast_forward(model, chw, self.backend)
         self._backend_used = getattr(run, "backend", "torch")
-        logits, start, used, check = [], 0, "float32", None
-        if self.precision == "int8":
-            n = min(len(data), INT8_CHECK)
+        logits, start, used, checks = [], 0, "float32", {}
+        if candidates:
+            n = min(len(data), PRECISION_CHECK)
             first = compose(0, n)
-            run8 = fast_forward(model, chw, "onnxruntime",
-                                int8_calibration=torch.from_numpy(first[:INT8_CALIBRATION]))
             ref = _logits(run, first)
-            got = _logits(run8, first)
-            diff = np.abs(_probs(ref)[:, target] - _probs(got)[:, target])
-            check = {"images": int(n), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
-                     "passed": bool(diff.mean() <= INT8_TOL_MEAN and diff.max() <= INT8_TOL_MAX)}
             logits.append(ref)
             start = n
-            if check["passed"]:
-                run, used, self._backend_used = run8, "int8", "onnxruntime"
-            else:
-                warnings.warn(
-                    f"LIME: the INT8 graph moved the target-class probability of this image's first {n} perturbed "
-                    f"copies by {check['mean_abs_diff']:.3f} on average (max {check['max_abs_diff']:.3f}; allowed "
-                    f"{INT8_TOL_MEAN} / {INT8_TOL_MAX}), so the map was computed in float32", stacklevel=5)
+            for prec in candidates:
+                try:
+                    low = (fast_forward(model, chw, "onnxruntime", int8_calibration=torch.from_numpy(first[:INT8_CALIBRATION]))
+                           if prec == "int8" else fast_forward(model, chw, self.backend, bfloat16=True))
+                except ValueError:
+                    if self.precision != "auto":
+                        raise
+                    continue
+                check = self._check(ref, _logits(low, first), target, prec)
+                check["backend"] = getattr(low, "backend", "torch")
+                checks[prec] = check
+                if check["passed"]:
+                    run, used, self._backend_used = low, prec, check["backend"]
+                    break
+        if start >= len(data):  # every pass was part of the check: all of them ran in float32
+            used = "float32"
         for s in range(start, len(data), self.batch_size):
             logits.append(_logits(run, compose(s, min(s + self.batch_size, len(data)))))
-        return _probs(np.concatenate(logits)), used, check
+        return _probs(np.concatenate(logits)), used, checks
 
-    def _predict_torch(self, model: nn.Module, image: torch.Tensor, fudged: torch.Tensor, segments: torch.Tensor,
-                       on: np.ndarray, bf16: bool) -> np.ndarray:
-        """The same on the model's device with PyTorch (GPU, or bfloat16 autocast), channels-last."""
+    def _check(self, ref: np.ndarray, got: np.ndarray, target: int, precision: str) -> dict:
+        """Compare reduced-precision logits with float32 ones on the same perturbed images."""
+        diff = np.abs(_probs(ref)[:, target] - _probs(got)[:, target])
+        check = {"images": int(len(diff)), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+                 "passed": bool(diff.mean() <= TOL_MEAN and diff.max() <= TOL_MAX)}
+        if not check["passed"] and self.precision != "auto":  # auto expects to fall back; it is in the extras
+            warnings.warn(
+                f"LIME: {precision} moved the target-class probability of this image's first {len(diff)} perturbed "
+                f"copies by {check['mean_abs_diff']:.3f} on average (max {check['max_abs_diff']:.3f}; allowed "
+                f"{TOL_MEAN} / {TOL_MAX}), so the map was computed in float32", stacklevel=6)
+        return check
+
+    def _logits_torch(self, model: nn.Module, image: torch.Tensor, fudged: torch.Tensor, segments: torch.Tensor,
+                      on: np.ndarray, bf16: bool) -> np.ndarray:
+        """Logits of perturbed images composed on the model's device (a GPU) with PyTorch, channels-last."""
         device = _device_of(model)
-        run = None if bf16 else fast_forward(model, tuple(image.shape), self.backend)
-        self._backend_used = "torch" if bf16 else getattr(run, "backend", "torch")
+        run = fast_forward(model, tuple(image.shape), self.backend, bfloat16=bf16)
+        self._backend_used = getattr(run, "backend", "torch")
         image = image.to(device).permute(1, 2, 0)
         fudged = fudged.to(device).permute(1, 2, 0)
         segments = segments.to(device)
         on = torch.from_numpy(on).to(device)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
         out = []
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             for start in range(0, len(on), self.batch_size):
                 keep = on[start:start + self.batch_size][:, segments, None]  # (n, H, W, 1)
                 batch = torch.where(keep, image, fudged).permute(0, 3, 1, 2)  # channels-last strides
-                out.append((model(batch) if run is None else run(batch)).float().cpu())
-        return _probs(torch.cat(out).numpy())
+                out.append(run(batch).float().cpu())
+        return torch.cat(out).numpy()
 
     # ------------------------------------------------------------------------------------------
     def stability(self, model: nn.Module, image: torch.Tensor, seeds: Sequence[int] = (0, 1, 2),
@@ -416,6 +470,11 @@ def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
                       stacklevel=3)
         return float("nan")
     return float((ta & tb).sum() / union)
+
+
+def _compose_on_device(device: torch.device) -> bool:
+    """Whether LIME composes and runs its perturbed images with PyTorch on the model's device (GPUs)."""
+    return device.type != "cpu"
 
 
 def _logits(run, batch: np.ndarray) -> np.ndarray:

@@ -170,3 +170,23 @@ def test_tune_allocator_reuses_freed_tensor_memory_instead_of_faulting_it_in_aga
     # 8 fresh 64 MiB tensors: ~16k page faults each with glibc's defaults (mmap per block), ~none tuned
     assert default > 8 * 10_000 and tuned < default / 10
     assert _faults("tuned", PELLUCID_MALLOC_TUNING="0")[0] == "False"
+
+
+def test_bfloat16_runner_approximates_the_model_is_cached_and_excludes_int8(model):
+    from pellucid.core.runtime import openvino_bf16_available
+
+    b = fast_forward(model, (3, 32, 32), bfloat16=True)
+    assert b.precision == "bfloat16"
+    assert b.backend == ("openvino" if openvino_bf16_available() else "torch")
+    assert fast_forward(model, (3, 32, 32), bfloat16=True) is b
+    f = fast_forward(model, (3, 32, 32))
+    assert f is not b and f.precision == "float32"
+    x = _x(8, seed=6)
+    with torch.inference_mode():
+        ref = torch.softmax(model(x), 1)
+    got = b(x)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (torch.softmax(got, 1) - ref).abs().max() < 0.05
+    assert fast_forward(model, (3, 32, 32), "torch", bfloat16=True).backend == "torch"  # torch asked: autocast
+    with pytest.raises(ValueError, match="not both"):
+        fast_forward(model, (3, 32, 32), int8_calibration=_x(4), bfloat16=True)

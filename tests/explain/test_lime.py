@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pellucid.core.runtime import openvino_bf16_available
 from pellucid.explain import get_explainer
 from pellucid.explain.lime import heatmap_from_lime, segment, spearman
 from tests.explain.conftest import images_for
@@ -86,7 +87,32 @@ def test_bfloat16_precision_stays_close(tiny_models):
     f32 = get_explainer("lime", precision="float32", **OPTS).explain(model, x)[0]
     bf16 = get_explainer("lime", precision="bfloat16", **OPTS).explain(model, x)[0]
     assert bf16.extras["precision"] == "bfloat16" and bf16.target == f32.target
+    check = bf16.extras["bfloat16_check"]
+    assert check["passed"] and check["images"] == 16 and check["max_abs_diff"] <= 0.1
+    assert check["backend"] == ("openvino" if openvino_bf16_available() else "torch")
     assert spearman(f32.extras["weights"], bf16.extras["weights"]) > 0.8
+
+
+def test_auto_precision_is_checked_and_falls_back_quietly(tiny_models, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="INT8 passes need pellucid[export]")
+    import warnings
+
+    import pellucid.explain.lime as lime_mod
+
+    model = tiny_models["test_resnet"]
+    x = images_for(64, 1, seed=8)
+    opts = {"num_samples": 120, "n_segments": 16}
+    expected = "bfloat16" if openvino_bf16_available() else "int8"  # bfloat16 where native (OpenVINO), else INT8
+    fast = get_explainer("lime", precision="auto", **opts).explain(model, x, [1])[0]
+    assert fast.extras["precision"] == expected and fast.extras[f"{expected}_check"]["passed"]
+    assert len([k for k in fast.extras if k.endswith("_check")]) == 1
+    f32 = get_explainer("lime", precision="float32", **opts).explain(model, x, [1])[0]
+    monkeypatch.setattr(lime_mod, "TOL_MAX", -1.0)  # nothing can pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto falls back without warning; the extras say what happened
+        res = get_explainer("lime", precision="auto", **opts).explain(model, x, [1])[0]
+    assert res.extras["precision"] == "float32" and res.extras[f"{expected}_check"]["passed"] is False
+    np.testing.assert_allclose(res.extras["weights"], f32.extras["weights"], atol=1e-9)
 
 
 def test_bad_options():
@@ -122,8 +148,30 @@ def test_int8_that_disagrees_with_float32_falls_back_to_float32_with_a_warning(t
     x = images_for(64, 1, seed=8)
     opts = {"num_samples": 120, "n_segments": 16}
     f32 = get_explainer("lime", precision="float32", **opts).explain(model, x, [1])[0]
-    monkeypatch.setattr(lime_mod, "INT8_TOL_MAX", -1.0)  # no INT8 graph can pass
+    monkeypatch.setattr(lime_mod, "TOL_MAX", -1.0)  # no INT8 graph can pass
     with pytest.warns(UserWarning, match="computed in float32"):
         res = get_explainer("lime", precision="int8", **opts).explain(model, x, [1])[0]
     assert res.extras["precision"] == "float32" and res.extras["int8_check"]["passed"] is False
+    np.testing.assert_allclose(res.extras["weights"], f32.extras["weights"], atol=1e-9)
+
+
+def test_device_path_checks_bfloat16_and_falls_back(tiny_models, monkeypatch):
+    """The GPU path (perturbed images composed with PyTorch on the model's device), run on the CPU."""
+    import pellucid.explain.lime as lime_mod
+
+    monkeypatch.setattr(lime_mod, "_compose_on_device", lambda device: True)
+    model = tiny_models["test_resnet"]
+    x = images_for(64, 1, seed=8)
+    opts = {"num_samples": 120, "n_segments": 16, "backend": "torch"}
+    f32 = get_explainer("lime", precision="float32", **opts).explain(model, x, [1])[0]
+    bf16 = get_explainer("lime", precision="bfloat16", **opts).explain(model, x, [1])[0]
+    assert bf16.extras["precision"] == "bfloat16" and bf16.extras["bfloat16_check"]["passed"]
+    assert spearman(f32.extras["weights"], bf16.extras["weights"]) > 0.8
+    with pytest.warns(UserWarning, match="INT8 passes run on the CPU"):
+        i8 = get_explainer("lime", precision="int8", num_samples=120, n_segments=16).explain(model, x, [1])[0]
+    assert i8.extras["precision"] == "float32" and "int8_check" not in i8.extras
+    monkeypatch.setattr(lime_mod, "TOL_MAX", -1.0)
+    with pytest.warns(UserWarning, match="computed in float32"):
+        res = get_explainer("lime", precision="bfloat16", **opts).explain(model, x, [1])[0]
+    assert res.extras["precision"] == "float32" and res.extras["bfloat16_check"]["passed"] is False
     np.testing.assert_allclose(res.extras["weights"], f32.extras["weights"], atol=1e-9)
