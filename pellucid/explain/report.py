@@ -58,6 +58,7 @@ __all__ = [
     "SCORE_LABELS",
     "Case",
     "MethodResult",
+    "method_detail",
     "Progress",
     "ReportError",
     "analyse_images",
@@ -121,12 +122,33 @@ class MethodResult:
         heatmap: ``(h, w)`` float in [0, 1] at the model's input resolution, or None if it failed.
         scores: faithfulness scores by metric name.
         note: why the heatmap or scores are missing (empty when all went well).
+        detail: how the map was computed, where that varies per image (LIME: the precision of its
+            passes and the check that chose it; see :func:`method_detail`).
     """
 
     method: str
     heatmap: np.ndarray | None
     scores: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    detail: str = ""
+
+
+def method_detail(extras: dict) -> str:
+    """One line on how an explanation was computed, from its extras (empty when nothing varies).
+
+    LIME's passes may run in a reduced precision that was checked against float32 on the image;
+    the reader should see which precision made the map and what the check measured.
+    """
+    used = extras.get("precision")
+    if used is None:
+        return ""
+    for prec in ("bfloat16", "int8"):
+        check = extras.get(f"{prec}_check")
+        if check:
+            verdict = "kept" if check["passed"] else "rejected, float32 used"
+            return (f"passes in {used}; {prec} check on {check['images']} copies: mean |Δp| "
+                    f"{check['mean_abs_diff']:.3f}, max {check['max_abs_diff']:.3f} ({verdict})")
+    return f"passes in {used}"
 
 
 @dataclass(eq=False)
@@ -431,7 +453,8 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
                             notes.append(note)
                 results = [MethodResult(m, np.clip(to_original_frame(predictor, e.heatmap, c.image), 0, 1),
                                         {k: float(v) for k, v in (s or {}).items()
-                                         if _is_number(v) and k not in ("image", "target")})
+                                         if _is_number(v) and k not in ("image", "target")},
+                                        detail=method_detail(e.extras))
                            for e, s, c in zip(expl, scores, chunk)]
             for c, r in zip(chunk, results):
                 c.explanations.append(r)
@@ -702,7 +725,7 @@ def _case_context(case: Case, classes: Sequence[str], threshold: float | None, a
         ctx["input_png"] = _png(case.image.array)
     overlays = []
     for r in case.explanations:
-        item = {"method": r.method, "note": r.note, "scores": score_items(r.scores), "shares": []}
+        item = {"method": r.method, "note": r.note, "detail": r.detail, "scores": score_items(r.scores), "shares": []}
         if r.heatmap is not None and case.image is not None:
             item["png"] = _png(_outlined(case, r.heatmap, alpha, outline))
         if r.heatmap is not None and case.lung_mask is not None:
@@ -1142,6 +1165,8 @@ def _overlay_caption(o: dict) -> str:
     cap = o["method"] + ("\n" + ", ".join(f"{k} {v}" for k, v in o["scores"]) if o["scores"] else "")
     if o.get("shares"):
         cap += "\n" + ", ".join(f"{k} {v}" for k, v in o["shares"])
+    if o.get("detail"):
+        cap += "\n" + o["detail"]
     return cap
 
 

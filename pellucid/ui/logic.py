@@ -422,7 +422,8 @@ def explanation_view(case: Case, result: MethodResult, alpha: float, *, outline:
                      ) -> tuple[np.ndarray, str]:
     """What the predict page shows for one explanation: the overlay (RGB uint8 at the image's
     resolution, with the lung outline when the case has a lung mask and ``outline`` is on) and its
-    caption (method, faithfulness scores, lung share, lung area and border share)."""
+    caption (method, faithfulness scores, lung share, lung area and border share, and how the map
+    was computed where that varies, e.g. the precision of LIME's passes)."""
     from pellucid.explain.overlay import draw_outline
 
     if result.heatmap is None or case.image is None:
@@ -433,6 +434,8 @@ def explanation_view(case: Case, result: MethodResult, alpha: float, *, outline:
         if outline:
             rgb = draw_outline(rgb, case.lung_mask)
         parts += [f"{k} {v}" for k, v in share_items(result.heatmap, case.lung_mask)]
+    if result.detail:
+        parts.append(result.detail)
     return rgb, result.method + (" · " + " · ".join(parts) if parts else "")
 
 

@@ -269,3 +269,25 @@ def test_cli_report_takes_a_segmenter(model_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) == 2  # a classifier folder is not a segmenter: one line
     err = capsys.readouterr().err.strip()
     assert "segmenter" in err and "\n" not in err
+
+
+def test_method_detail_says_which_precision_made_the_lime_map():
+    check = {"images": 16, "mean_abs_diff": 0.0061, "max_abs_diff": 0.017, "passed": True}
+    assert report.method_detail({}) == ""  # Grad-CAM and friends: nothing varies per image
+    assert report.method_detail({"precision": "float32"}) == "passes in float32"
+    kept = report.method_detail({"precision": "bfloat16", "bfloat16_check": check})
+    assert kept == "passes in bfloat16; bfloat16 check on 16 copies: mean |Δp| 0.006, max 0.017 (kept)"
+    rejected = report.method_detail({"precision": "float32", "int8_check": {**check, "passed": False}})
+    assert rejected.startswith("passes in float32; int8 check") and rejected.endswith("(rejected, float32 used)")
+
+
+def test_lime_overlay_caption_shows_its_precision(model_dir, tmp_path):
+    if "lime" not in report.available_methods():
+        pytest.skip("the lime explainer is not available")
+    folder = tmp_path / "in"
+    write_png(folder / "a.png")
+    paths = report.write_report(model_dir, [folder], methods=["lime"], out_dir=tmp_path / "out")
+    html, pdf = (next(p for p in paths if p.suffix == ext) for ext in (".html", ".pdf"))
+    text = _visible_text(html.read_text())
+    assert re.search(r"passes in (float32|bfloat16)", text), text[-2000:]
+    assert "passes in" in _pdf_text(pdf)

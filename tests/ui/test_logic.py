@@ -212,6 +212,8 @@ def test_explanation_view_outlines_the_lungs(model_dir, tmp_path, monkeypatch):
     plain, caption = logic.explanation_view(cases[0], result, 0.5)  # no segmenter: the plain overlay
     np.testing.assert_array_equal(plain, overlay_rgb(cases[0].image, heat, 0.5))
     assert caption == "gradcam · deletion AUC ↓ 0.250"
+    _, lime_caption = logic.explanation_view(cases[0], MethodResult("lime", heat, {}, detail="passes in bfloat16"), 0.5)
+    assert lime_caption == "lime · passes in bfloat16"
 
     calls = []
     real = logic.attach_lung_masks
