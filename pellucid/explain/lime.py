@@ -297,13 +297,13 @@ class LimeExplainer(Explainer):
             extras[f"{prec}_check"] = check
         return heat, target, extras
 
-    def _candidates(self, device: torch.device) -> list[str]:
-        """Reduced precisions to try, fastest first, each checked against float32 on the image."""
+    def _reduced_precision(self, device: torch.device) -> str | None:
+        """The reduced precision to try (and check) on ``device``, or None for float32 throughout."""
         if self.precision in ("int8", "bfloat16"):
-            return [self.precision]
+            return self.precision
         if self.precision == "auto" and (openvino_bf16_available() if device.type == "cpu" else native_bf16(device)):
-            return ["bfloat16"]  # on the CPU only through OpenVINO: PyTorch's CPU autocast ran slower than float32
-        return []
+            return "bfloat16"  # on the CPU only through OpenVINO: PyTorch's CPU autocast ran slower than float32
+        return None
 
     def _predict(self, model: nn.Module, image: torch.Tensor, fudged: torch.Tensor, segments: torch.Tensor,
                  data: np.ndarray, target: int) -> tuple[np.ndarray, str, dict]:
@@ -323,22 +323,21 @@ class LimeExplainer(Explainer):
         device = _device_of(model)
         chw = tuple(image.shape)
         on = data.astype(bool)
-        candidates = self._candidates(device)
+        prec = self._reduced_precision(device)
+        checks: dict[str, dict] = {}
         if _compose_on_device(device):
-            if self.precision == "int8":
+            if prec == "int8":
                 warnings.warn(f"LIME: INT8 passes run on the CPU and this model is on {device}; the map was "
                               "computed in float32 there", stacklevel=5)
-            candidates = [c for c in candidates if c != "int8"]
+                prec = None
             n = min(len(data), PRECISION_CHECK)
             ref = self._logits_torch(model, image, fudged, segments, on[:n], False)
-            checks, used = {}, "float32"
-            for prec in candidates:
+            used = "float32"
+            if prec is not None:
                 check = self._check(ref, self._logits_torch(model, image, fudged, segments, on[:n], True), target, prec)
                 check["backend"] = self._backend_used
                 checks[prec] = check
-                if check["passed"]:
-                    used = prec
-                    break
+                used = prec if check["passed"] else "float32"
             if n == len(data):  # every pass was part of the check: all of them ran in float32
                 return _probs(ref), "float32", checks
             rest = self._logits_torch(model, image, fudged, segments, on[n:], used == "bfloat16")
@@ -359,30 +358,23 @@ class LimeExplainer(Explainer):
 
         run = fast_forward(model, chw, self.backend)
         self._backend_used = getattr(run, "backend", "torch")
-        logits, start, used, checks = [], 0, "float32", {}
-        if candidates:
+        logits, start, used = [], 0, "float32"
+        if prec is not None:
             n = min(len(data), PRECISION_CHECK)
             first = compose(0, n)
             ref = _logits(run, first)
             logits.append(ref)
             start = n
-            for prec in candidates:
-                try:
-                    if prec == "int8":
-                        calibration = torch.from_numpy(first[:INT8_CALIBRATION])
-                        low = fast_forward(model, chw, "onnxruntime", int8_calibration=calibration)
-                    else:
-                        low = fast_forward(model, chw, self.backend, bfloat16=True)
-                except ValueError:
-                    if self.precision != "auto":
-                        raise
-                    continue
-                check = self._check(ref, _logits(low, first), target, prec)
-                check["backend"] = getattr(low, "backend", "torch")
-                checks[prec] = check
-                if check["passed"]:
-                    run, used, self._backend_used = low, prec, check["backend"]
-                    break
+            if prec == "int8":
+                calibration = torch.from_numpy(first[:INT8_CALIBRATION])
+                low = fast_forward(model, chw, "onnxruntime", int8_calibration=calibration)
+            else:
+                low = fast_forward(model, chw, self.backend, bfloat16=True)
+            check = self._check(ref, _logits(low, first), target, prec)
+            check["backend"] = getattr(low, "backend", "torch")
+            checks[prec] = check
+            if check["passed"]:
+                run, used, self._backend_used = low, prec, check["backend"]
         if start >= len(data):  # every pass was part of the check: all of them ran in float32
             used = "float32"
         for s in range(start, len(data), self.batch_size):
