@@ -107,3 +107,12 @@ def test_cli_export_writes_files(model_dir, tmp_path, capsys):
     assert main(["export", "--model", str(model_dir), "--format", "onnx", "--out", str(out)]) == 0
     assert out.exists() and out.with_suffix(".json").exists()
     assert "fp32:" in capsys.readouterr().out
+
+
+def test_histogram_calibration_images_fit_a_pixel_budget():
+    from pellucid.core.export import HISTOGRAM_PIXEL_BUDGET, _within_pixels
+
+    at = lambda size: [np.zeros((8, 3, size, size), np.float32) for _ in range(32)]  # noqa: E731 - 256 images
+    assert sum(len(b) for b in _within_pixels(at(224), HISTOGRAM_PIXEL_BUDGET)) == 256
+    assert sum(len(b) for b in _within_pixels(at(320), HISTOGRAM_PIXEL_BUDGET)) == 120
+    assert len(_within_pixels(at(2000), HISTOGRAM_PIXEL_BUDGET)) == 1  # always at least one batch
