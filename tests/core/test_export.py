@@ -113,6 +113,6 @@ def test_histogram_calibration_images_fit_a_pixel_budget():
     from pellucid.core.export import HISTOGRAM_PIXEL_BUDGET, _within_pixels
 
     at = lambda size: [np.zeros((8, 3, size, size), np.float32) for _ in range(32)]  # noqa: E731 - 256 images
-    assert sum(len(b) for b in _within_pixels(at(224), HISTOGRAM_PIXEL_BUDGET)) == 256
-    assert sum(len(b) for b in _within_pixels(at(320), HISTOGRAM_PIXEL_BUDGET)) == 120
+    assert sum(len(b) for b in _within_pixels(at(224), HISTOGRAM_PIXEL_BUDGET)) == 128
+    assert sum(len(b) for b in _within_pixels(at(320), HISTOGRAM_PIXEL_BUDGET)) == 56
     assert len(_within_pixels(at(2000), HISTOGRAM_PIXEL_BUDGET)) == 1  # always at least one batch
