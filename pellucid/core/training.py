@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from pellucid.core.finetune import Strategy, freeze_bn_of_frozen, get_strategy
 from pellucid.core.model import Classifier, build_classifier
 from pellucid.core.tasks import TaskSpec, get_task
-from pellucid.datasets.augment import get_augment
+from pellucid.datasets.augment import get_augment, seed_worker_augment
 from pellucid.datasets.samples import Sample, load_samples
 from pellucid.datasets.splits import grouped_split, save_split
 from pellucid.datasets.torchdata import CachedDataset, ImageCache, to_tensor
@@ -477,7 +477,7 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
-    aug = get_augment(get_task(cfg.task).augment, cfg.image_size)
+    aug = get_augment(get_task(cfg.task).augment, cfg.image_size, seed=cfg.seed)
     train_ds = CachedDataset(cache, split["train"], labels, augment=aug)
     val_ds = CachedDataset(cache, split["val"], labels)
     sampler = None
@@ -486,7 +486,8 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
         w = 1.0 / np.bincount(t)[t]
         sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(t),
                                         generator=torch.Generator().manual_seed(cfg.seed))
-    dl_kw = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
+    dl_kw = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
+             "worker_init_fn": seed_worker_augment if cfg.num_workers > 0 else None}
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                           drop_last=len(train_ds) > cfg.batch_size, **dl_kw)
     val_dl = DataLoader(val_ds, batch_size=64, **dl_kw)

@@ -13,7 +13,7 @@ import albumentations as A
 
 from pellucid.core.backbones import unknown_name_error
 
-__all__ = ["get_augment", "list_augments", "register_augment"]
+__all__ = ["get_augment", "list_augments", "register_augment", "seed_worker_augment"]
 
 _PRESETS: dict[str, Callable[[int], A.Compose]] = {}
 
@@ -30,11 +30,33 @@ def list_augments() -> list[str]:
     return sorted(_PRESETS)
 
 
-def get_augment(name: str, size: int) -> A.Compose:
-    """The preset ``name`` for square images of side ``size``."""
+def get_augment(name: str, size: int, seed: int | None = None) -> A.Compose:
+    """The preset ``name`` for square images of side ``size``.
+
+    ``seed`` seeds the pipeline's own random generators. albumentations 2 draws augmentations from
+    generators inside each ``Compose``, seeded from the operating system unless given a seed —
+    ``random.seed``, ``numpy.random.seed`` and ``torch.manual_seed`` do not reach them — so without
+    it two training runs with the same recipe seed see different augmentations (on the waste recipe
+    at 320 px, two such runs ended 5.4 points apart in test accuracy).
+    """
     if name not in _PRESETS:
         raise unknown_name_error("augmentation preset", name, list(_PRESETS))
-    return _PRESETS[name](size)
+    compose = _PRESETS[name](size)
+    if seed is not None:
+        compose.set_random_seed(int(seed))
+    return compose
+
+
+def seed_worker_augment(worker_id: int) -> None:
+    """``DataLoader`` ``worker_init_fn``: every worker reseeds its copy of the dataset's augmentation
+    with its own torch seed (the loader's base seed, drawn from the seeded main process, plus the
+    worker id), so workers neither repeat each other's augmentations nor lose reproducibility."""
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    augment = getattr(getattr(info, "dataset", None), "augment", None)
+    if augment is not None and hasattr(augment, "set_random_seed"):
+        augment.set_random_seed(int(torch.initial_seed() % 2 ** 32))
 
 
 @register_augment("none")

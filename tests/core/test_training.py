@@ -162,3 +162,23 @@ def test_diverged_fine_tune_keeps_the_linear_probe(tmp_path, keep):
     finite = all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
     if keep:
         assert finite and "did not beat the linear probe" in card["training"]["kept_reason"]
+
+
+def test_same_recipe_and_seed_give_the_same_weights(tmp_path):
+    """Training is reproducible: the augmentation pipeline is seeded from the recipe (albumentations
+    ignores the global seeds), so two runs of one configuration end with identical weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    weights = []
+    for run in ("a", "b"):
+        cfg = TrainConfig.from_task(get_task("waste"), str(data_dir("waste")), str(tmp_path / run), backbone="test_resnet",
+                                    pretrained=False, finetune="full", epochs=1, image_size=32, max_images=24,
+                                    batch_size=8, progress=False, n_boot=10)
+        train(cfg)
+        weights.append(load_file(tmp_path / run / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
