@@ -45,3 +45,24 @@ def test_dataloader_workers_get_their_own_reproducible_augmentations():
     assert all(np.array_equal(a, b) for a, b in zip(first, again))  # reproducible under the main seed
     # the two workers interleave items 0,1 / 2,3 ...: without reseeding both would draw the same sequence
     assert not np.array_equal(first[0], first[1])
+
+
+
+def test_seeded_transforms_draw_independently_not_in_lockstep():
+    """One seed for the whole pipeline: a flip (p=0.5) and a brightness change (p=0.5) must not
+    always happen together, as they do when every transform gets its own generator with one seed."""
+    import albumentations as A
+
+    from pellucid.datasets.augment import seed_augment
+
+    image = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 10, (16, 1, 3))
+    aug = seed_augment(A.Compose([A.HorizontalFlip(p=0.5),
+                                  A.RandomBrightnessContrast(brightness_limit=(0.3, 0.3), contrast_limit=0, p=0.5)]),
+                       seed=5)
+    pairs = set()
+    for _ in range(40):
+        out = aug(image=image)["image"]
+        flipped = out[0, 0, 0] > out[0, -1, 0]
+        brighter = out.astype(int).sum() > image.astype(int).sum()
+        pairs.add((bool(flipped), bool(brighter)))
+    assert pairs == {(False, False), (False, True), (True, False), (True, True)}
