@@ -41,8 +41,8 @@ def get_augment(name: str, size: int, seed: int | None = None) -> A.Compose:
     it two training runs with the same recipe seed see different augmentations (on the waste recipe
     at 320 px, two such runs ended 5.4 points apart in test accuracy). The seed goes in through
     :func:`seed_augment`, not albumentations' own ``seed=``: that gives every transform its own
-    generator with the *same* seed, so all transforms draw the same numbers in lockstep (a flip
-    with p=0.5 would then always come with the colour jitter of p=0.7).
+    generator with the *same* seed, so transforms draw the same numbers in lockstep (with a
+    horizontal and a vertical flip of p=0.5 each, one happened exactly when the other did).
     """
     if name not in _PRESETS:
         raise unknown_name_error("augmentation preset", name, list(_PRESETS))
