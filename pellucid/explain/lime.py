@@ -324,62 +324,52 @@ class LimeExplainer(Explainer):
         chw = tuple(image.shape)
         on = data.astype(bool)
         prec = self._reduced_precision(device)
-        checks: dict[str, dict] = {}
         if _compose_on_device(device):
             if prec == "int8":
                 warnings.warn(f"LIME: INT8 passes run on the CPU and this model is on {device}; the map was "
                               "computed in float32 there", stacklevel=5)
                 prec = None
-            n = min(len(data), PRECISION_CHECK)
-            ref = self._logits_torch(model, image, fudged, segments, on[:n], False)
-            used = "float32"
-            if prec is not None:
-                check = self._check(ref, self._logits_torch(model, image, fudged, segments, on[:n], True), target, prec)
-                check["backend"] = self._backend_used
-                checks[prec] = check
-                used = prec if check["passed"] else "float32"
-            if n == len(data):  # every pass was part of the check: all of them ran in float32
-                return _probs(ref), "float32", checks
-            rest = self._logits_torch(model, image, fudged, segments, on[n:], used == "bfloat16")
-            return _probs(np.concatenate([ref, rest])), used, checks
 
-        img = np.ascontiguousarray(image.numpy(), dtype=np.float32)
-        fud = np.ascontiguousarray(fudged.numpy(), dtype=np.float32)
-        flat = segments.numpy().ravel()
+            def logits_of(start: int, stop: int, precision: str) -> np.ndarray:
+                return self._logits_torch(model, image, fudged, segments, on[start:stop], precision == "bfloat16")
+        else:
+            img = np.ascontiguousarray(image.numpy(), dtype=np.float32)
+            fud = np.ascontiguousarray(fudged.numpy(), dtype=np.float32)
+            flat = segments.numpy().ravel()
 
-        def compose(start: int, stop: int) -> np.ndarray:
-            # the hidden-colour image, then the kept superpixels copied in: the same values as
-            # np.where(mask, img, fud) at a third of its time (np.take beats fancy indexing for the mask)
-            keep = np.take(on[start:stop], flat, axis=1).reshape(stop - start, 1, *chw[1:])
-            out = np.empty((stop - start, *chw), dtype=np.float32)
-            out[:] = fud
-            np.copyto(out, img, where=keep)
-            return out
+            def compose(start: int, stop: int) -> np.ndarray:
+                # the hidden-colour image, then the kept superpixels copied in: the same values as
+                # np.where(mask, img, fud) at a third of its time (np.take beats fancy indexing for the mask)
+                keep = np.take(on[start:stop], flat, axis=1).reshape(stop - start, 1, *chw[1:])
+                out = np.empty((stop - start, *chw), dtype=np.float32)
+                out[:] = fud
+                np.copyto(out, img, where=keep)
+                return out
 
-        run = fast_forward(model, chw, self.backend)
-        self._backend_used = getattr(run, "backend", "torch")
-        logits, start, used = [], 0, "float32"
-        if prec is not None:
-            n = min(len(data), PRECISION_CHECK)
-            first = compose(0, n)
-            ref = _logits(run, first)
-            logits.append(ref)
-            start = n
-            if prec == "int8":
-                calibration = torch.from_numpy(first[:INT8_CALIBRATION])
-                low = fast_forward(model, chw, "onnxruntime", int8_calibration=calibration)
-            else:
-                low = fast_forward(model, chw, self.backend, bfloat16=True)
-            check = self._check(ref, _logits(low, first), target, prec)
-            check["backend"] = getattr(low, "backend", "torch")
-            checks[prec] = check
-            if check["passed"]:
-                run, used, self._backend_used = low, prec, check["backend"]
-        if start >= len(data):  # every pass was part of the check: all of them ran in float32
-            used = "float32"
-        for s in range(start, len(data), self.batch_size):
-            logits.append(_logits(run, compose(s, min(s + self.batch_size, len(data)))))
-        return _probs(np.concatenate(logits)), used, checks
+            def runner(precision: str):
+                if precision == "int8":  # calibrated on this image's first perturbed copies (then cached)
+                    calibration = torch.from_numpy(compose(0, min(len(data), INT8_CALIBRATION)))
+                    return fast_forward(model, chw, "onnxruntime", int8_calibration=calibration)
+                return fast_forward(model, chw, self.backend, bfloat16=precision == "bfloat16")
+
+            def logits_of(start: int, stop: int, precision: str) -> np.ndarray:
+                run = runner(precision)
+                self._backend_used = getattr(run, "backend", "torch")
+                return np.concatenate([_logits(run, compose(s, min(s + self.batch_size, stop)))
+                                       for s in range(start, stop, self.batch_size)])
+
+        if prec is None:
+            return _probs(logits_of(0, len(data), "float32")), "float32", {}
+        n = min(len(data), PRECISION_CHECK)
+        ref = logits_of(0, n, "float32")
+        float32_backend = self._backend_used
+        check = self._check(ref, logits_of(0, n, prec), target, prec)
+        check["backend"] = self._backend_used
+        if n == len(data):  # every pass was part of the check: all of them ran in float32
+            self._backend_used = float32_backend
+            return _probs(ref), "float32", {prec: check}
+        used = prec if check["passed"] else "float32"
+        return _probs(np.concatenate([ref, logits_of(n, len(data), used)])), used, {prec: check}
 
     def _check(self, ref: np.ndarray, got: np.ndarray, target: int, precision: str) -> dict:
         """Compare reduced-precision logits with float32 ones on the same perturbed images."""
