@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from pellucid.datasets import readers
+from pellucid.datasets.readers import dicom as readers_dicom  # where _decode_frame looks up its helpers
 from pellucid.datasets.readers import (
     DICOM_SUFFIXES,
     IDENTIFYING_TAGS,
@@ -210,7 +210,7 @@ def test_missing_decoder_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
     pytest.importorskip("pydicom")
     path = DICOM_DIR / "CT_JPEG70.dcm"
     monkeypatch.setattr(
-        readers, "_missing_decoder_packages", lambda uid: ["pylibjpeg - requires pylibjpeg>=2.0"]
+        readers_dicom, "_missing_decoder_packages", lambda uid: ["pylibjpeg - requires pylibjpeg>=2.0"]
     )
     with pytest.raises(ImageReadError) as err:
         read_image(path)
@@ -224,7 +224,7 @@ def test_missing_decoder_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
 def test_unknown_transfer_syntax_says_convert(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("pydicom")
     path = DICOM_DIR / "CT_JPEG70.dcm"
-    monkeypatch.setattr(readers, "_missing_decoder_packages", lambda uid: [])
+    monkeypatch.setattr(readers_dicom, "_missing_decoder_packages", lambda uid: [])
     with pytest.raises(ImageReadError) as err:
         read_image(path)
     message = _assert_refusal(err, path)

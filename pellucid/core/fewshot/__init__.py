@@ -1,0 +1,95 @@
+"""Few-shot prototypical networks: recognise a class from a handful of labelled examples.
+
+This package owns the prototypical network of Snell, Swersky & Zemel, "Prototypical Networks for
+Few-shot Learning" (NeurIPS 2017) on any registered backbone, and everything around it, one concern
+per module (every public name is re-exported here, so ``from pellucid.core.fewshot import X``
+works for all of them):
+
+- :mod:`~pellucid.core.fewshot.config` — :class:`ProtoConfig`, the presets :data:`PLAIN` and
+  :data:`IMPROVED`, :func:`improved_config` and :class:`FewShotError`;
+- :mod:`~pellucid.core.fewshot.maths` — the maths as pure functions: :func:`compute_prototypes`,
+  :func:`pairwise_distances` and :func:`prototype_logits` (with the feature transforms that make
+  frozen ImageNet features work better: power transform, per-layer L2 normalisation of
+  multi-layer pooled features, centering on the support mean and L2 normalisation, "CL2N" of
+  Wang et al., "SimpleShot", arXiv:1911.04623);
+- :mod:`~pellucid.core.fewshot.network` — :class:`Embedder` and :class:`PrototypicalNetwork`, the
+  ``nn.Module`` served by model folders of kind ``"prototypes"``: images ``(B, 3, S, S)`` in
+  [0, 1] in, logits ``(B, n_way)`` = scaled negative distances to the prototypes out, so
+  prediction, evaluation and CAM explanations work unchanged;
+- :mod:`~pellucid.core.fewshot.episodes` — :class:`EpisodeSampler`, N-way K-shot Q-query episodes
+  that never put one ``group`` in both the support and the query set, checked for feasibility
+  before the first episode;
+- :mod:`~pellucid.core.fewshot.features` — frozen-feature mode: :func:`extract_features` runs the
+  backbone once per image and caches the pooled features in memory and on disk
+  (:data:`DEFAULT_CACHE_DIR`);
+- :mod:`~pellucid.core.fewshot.evaluation` — :func:`evaluate_episodes` over hundreds of episodes
+  of cached features in milliseconds, :func:`shot_table` and :func:`format_shot_table`;
+- :mod:`~pellucid.core.fewshot.finetune` — episodic fine-tuning of a backbone's last stages on
+  Lightning (:class:`EpisodicFineTuner`, :func:`finetune_episodic`), trained from cached
+  activations of the frozen trunk;
+- :mod:`~pellucid.core.fewshot.folder` — the product side: :func:`fit_prototypes` writes a model
+  folder, :func:`load_prototypes` reads it, and :func:`nearest_support` gives the support images
+  closest to a query as an example-based explanation.
+
+The command line (``pellucid fewshot {fit,eval}``) lives in :mod:`pellucid.core.fewshot_cli`.
+"""
+from __future__ import annotations
+
+from pellucid.core.backbones import Backbone, create_backbone, unknown_name_error  # noqa: F401 (re-exported)
+from pellucid.core.fewshot.config import (
+    DISTANCES,
+    IMPROVED,
+    PLAIN,
+    FewShotError,
+    ProtoConfig,
+    improved_config,
+)
+from pellucid.core.fewshot.maths import (  # noqa: F401 (the private transforms are used by tests and bench)
+    _logits_from_distances,
+    _post_transform,
+    _pre_transform,
+    compute_prototypes,
+    pairwise_distances,
+    prototype_logits,
+)
+from pellucid.core.fewshot.network import Embedder, PrototypicalNetwork
+from pellucid.core.fewshot.episodes import Episode, EpisodeSampler, split_single_group_classes
+from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, clear_memory_cache, extract_features
+from pellucid.core.fewshot.evaluation import evaluate_episodes, format_shot_table, shot_table
+from pellucid.core.fewshot.finetune import (
+    EpisodicFineTuner,
+    extract_trunk_maps,
+    finetune_episodic,
+    split_backbone,
+)
+from pellucid.core.fewshot.folder import fit_prototypes, load_prototypes, nearest_support
+
+__all__ = [
+    "FewShotError",
+    "ProtoConfig",
+    "PLAIN",
+    "IMPROVED",
+    "improved_config",
+    "DISTANCES",
+    "DEFAULT_CACHE_DIR",
+    "compute_prototypes",
+    "pairwise_distances",
+    "prototype_logits",
+    "Embedder",
+    "PrototypicalNetwork",
+    "Episode",
+    "EpisodeSampler",
+    "split_single_group_classes",
+    "extract_features",
+    "clear_memory_cache",
+    "evaluate_episodes",
+    "shot_table",
+    "format_shot_table",
+    "split_backbone",
+    "extract_trunk_maps",
+    "EpisodicFineTuner",
+    "finetune_episodic",
+    "fit_prototypes",
+    "load_prototypes",
+    "nearest_support",
+]

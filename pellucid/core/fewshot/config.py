@@ -1,0 +1,102 @@
+"""Few-shot configuration: the :class:`ProtoConfig` that says how a prototypical network embeds and
+compares images, the presets :data:`PLAIN` and :data:`IMPROVED` (with :func:`improved_config`, the
+multi-layer frozen-feature variant), the supported :data:`DISTANCES`, and :class:`FewShotError`,
+the error every few-shot module raises for requests it cannot serve."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Mapping
+
+from pellucid.core.backbones import unknown_name_error
+
+__all__ = [
+    "FewShotError",
+    "ProtoConfig",
+    "PLAIN",
+    "IMPROVED",
+    "improved_config",
+    "DISTANCES",
+]
+
+DISTANCES = ("euclidean", "cosine")
+
+
+class FewShotError(ValueError):
+    """A few-shot request that cannot be served as given (impossible episode, bad support folder)."""
+
+
+@dataclass(frozen=True)
+class ProtoConfig:
+    """How a prototypical network embeds images and compares them.
+
+    Attributes:
+        distance: ``"euclidean"`` (squared, as in Snell et al.) or ``"cosine"``.
+        layers: dotted backbone paths whose outputs are average-pooled and concatenated; ``()`` uses
+            the backbone's own pooled embedding.
+        flip: average the raw features of the image and its horizontal mirror (test-time
+            augmentation; doubles the cost of a forward pass, and CAM explainers hooking a layer
+            then see two passes — leave it off for models that will be explained).
+        power: exponent of the power transform ``sign(x) |x|^p`` applied to raw features, or None.
+        center: subtract the mean of the (transformed) support features before the final
+            normalisation.
+        normalize: L2-normalise the embedding (and, with several layers, each layer's block first).
+        image_size: input side in pixels; None uses the backbone's default.
+        scale: multiplier of the logits (``-scale * distance`` or ``scale * cosine``).
+        layer_weights: with several layers and ``normalize``, the weight of each L2-normalised layer
+            block in the concatenation (one per layer), or None for equal weights.
+    """
+
+    distance: str = "euclidean"
+    layers: tuple[str, ...] = ()
+    flip: bool = False
+    power: float | None = None
+    center: bool = False
+    normalize: bool = False
+    image_size: int | None = None
+    scale: float = 1.0
+    layer_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.distance not in DISTANCES:
+            raise unknown_name_error("distance", self.distance, list(DISTANCES))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.layer_weights is not None:
+            object.__setattr__(self, "layer_weights", tuple(float(w) for w in self.layer_weights))
+            if len(self.layer_weights) != len(self.layers):
+                raise FewShotError(f"layer_weights has {len(self.layer_weights)} values for {len(self.layers)} "
+                                   f"layer(s) {list(self.layers)}; give one weight per layer")
+        if self.scale <= 0:
+            raise FewShotError(f"scale must be > 0, got {self.scale}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["layer_weights"] = None if self.layer_weights is None else list(self.layer_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ProtoConfig:
+        known = set(cls.__dataclass_fields__)
+        tuples = ("layers", "layer_weights")
+        return cls(**{k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in known})
+
+
+#: Plain prototypes (Snell et al.): pooled embedding, squared Euclidean distance.
+PLAIN = ProtoConfig()
+#: Power transform (p = 0.5), centering on the support mean and L2 normalisation ("CL2N") of the
+#: backbone's pooled embedding; the transform of :func:`improved_config` and of episodic training.
+IMPROVED = ProtoConfig(power=0.5, center=True, normalize=True, scale=10.0)
+
+
+def improved_config(spec, image_size: int | None = None) -> ProtoConfig:
+    """The frozen-feature variant measured best over the three dev sets (bench/bench_fewshot.py):
+    :data:`IMPROVED` on the concatenated pooled outputs of the backbone's ``tap_layers`` (each
+    L2-normalised, the two shallower ones at weight 0.5).
+
+    Args:
+        spec: a :class:`~pellucid.core.backbones.BackboneSpec`.
+        image_size: input side (default: the spec's).
+    """
+    taps = tuple(spec.tap_layers)
+    weights = tuple([0.5] * (len(taps) - 1) + [1.0])
+    return replace(IMPROVED, layers=taps, layer_weights=weights, image_size=image_size or spec.input_size)

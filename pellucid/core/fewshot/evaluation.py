@@ -1,0 +1,111 @@
+"""Few-shot evaluation over episodes of cached features (no backbone runs here):
+:func:`evaluate_episodes` (mean accuracy with a 95 % interval), :func:`shot_table` (one row per
+shot count, degrading gracefully when a class cannot provide enough queries) and
+:func:`format_shot_table` (the rows as a Markdown table)."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pellucid.core.fewshot.config import PLAIN, FewShotError, ProtoConfig
+from pellucid.core.fewshot.episodes import EpisodeSampler
+from pellucid.core.fewshot.maths import prototype_logits
+
+__all__ = [
+    "evaluate_episodes",
+    "shot_table",
+    "format_shot_table",
+]
+
+
+def _as_features(features) -> tuple[torch.Tensor, list[int] | None]:
+    if isinstance(features, Mapping):
+        blocks = [torch.as_tensor(v, dtype=torch.float32) for v in features.values()]
+        return torch.cat(blocks, dim=1), [b.shape[1] for b in blocks]
+    return torch.as_tensor(features, dtype=torch.float32), None
+
+
+def evaluate_episodes(features, labels: Sequence, groups: Sequence | None = None, *, n_way: int | None = None,
+                      n_shot: int = 5, n_query: int = 10, n_episodes: int = 500, seed: int = 0,
+                      config: ProtoConfig = PLAIN, dims: Sequence[int] | None = None,
+                      classes: Sequence | None = None) -> dict:
+    """Few-shot accuracy over episodes of cached features (no backbone runs here).
+
+    Args:
+        features: raw features of shape (N, D), or a mapping of named blocks (N, D_i) concatenated in
+            order (their widths become ``dims``).
+        labels: class label per image (N,).
+        groups: group per image (N,), or None.
+        n_way, n_shot, n_query, n_episodes, seed, classes: see :class:`EpisodeSampler`.
+        config: transforms and distance (:class:`ProtoConfig`).
+        dims: widths of the layer blocks concatenated in ``features``.
+
+    Returns:
+        ``{"accuracy": mean, "ci95": 1.96 * std / sqrt(n), "std": std, "episodes": n, "n_way", "n_shot",
+        "n_query"}``, accuracy in [0, 1].
+    """
+    feats, block_dims = _as_features(features)
+    dims = list(dims) if dims is not None else block_dims
+    sampler = EpisodeSampler(labels, groups, n_way, n_shot, n_query, n_episodes, seed, classes)
+    accs = np.empty(len(sampler))
+    with torch.no_grad():
+        for i, ep in enumerate(sampler):
+            logits = prototype_logits(feats[ep.support], torch.from_numpy(ep.support_labels), feats[ep.query],
+                                      sampler.n_way, config=config, dims=dims)
+            accs[i] = float((logits.argmax(1).numpy() == ep.query_labels).mean())
+    std = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
+    return {"accuracy": float(accs.mean()), "ci95": 1.96 * std / math.sqrt(len(accs)), "std": std,
+            "episodes": len(accs), "n_way": sampler.n_way, "n_shot": sampler.n_shot, "n_query": sampler.n_query}
+
+
+def shot_table(features, labels: Sequence, groups: Sequence | None = None, *, shots: Sequence[int] = (1, 5, 10),
+               n_way: int | None = None, n_query: int = 10, n_episodes: int = 500, seed: int = 0,
+               config: ProtoConfig = PLAIN, dims: Sequence[int] | None = None) -> list[dict]:
+    """:func:`evaluate_episodes` for each shot count.
+
+    When some class cannot provide ``n_query`` queries beside ``k`` shots, the row uses the largest
+    query count every class allows and says so in ``note``; when even that is impossible the row
+    carries the reason in ``error`` instead of numbers.
+
+    Returns:
+        One dict per shot count: the :func:`evaluate_episodes` result plus ``note`` / ``error``.
+    """
+    rows = []
+    for k in shots:
+        q = n_query
+        note = ""
+        try:
+            EpisodeSampler(labels, groups, n_way, k, q, 1, seed)
+        except FewShotError as err:
+            q = min(n_query, EpisodeSampler.max_query(labels, groups, k))
+            if q < 1:
+                rows.append({"n_shot": int(k), "error": str(err)})
+                continue
+            note = f"{q} queries per class (the most every class allows with {k} shots)"
+        try:
+            res = evaluate_episodes(features, labels, groups, n_way=n_way, n_shot=k, n_query=q,
+                                    n_episodes=n_episodes, seed=seed, config=config, dims=dims)
+        except FewShotError as err:
+            rows.append({"n_shot": int(k), "error": str(err)})
+            continue
+        rows.append({**res, "note": note})
+    return rows
+
+
+def format_shot_table(rows: Sequence[dict], title: str = "") -> str:
+    """Markdown table of :func:`shot_table` rows (accuracy ± 95 % interval half-width)."""
+    lines = ([f"**{title}**", ""] if title else []) + [
+        "| shots | way | queries/class | episodes | accuracy | 95% CI |", "|---:|---:|---:|---:|---:|---|"]
+    notes = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['n_shot']} | – | – | – | n/a | {r['error']} |")
+            continue
+        lines.append(f"| {r['n_shot']} | {r['n_way']} | {r['n_query']} | {r['episodes']} | {r['accuracy']:.3f} | "
+                     f"± {r['ci95']:.3f} |")
+        if r.get("note"):
+            notes.append(f"{r['n_shot']}-shot: {r['note']}")
+    return "\n".join(lines + ([""] + notes if notes else []))

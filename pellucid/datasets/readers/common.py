@@ -1,0 +1,84 @@
+"""Small utilities shared by the readers: argument checks (:func:`_check_file`,
+:func:`_check_window`), min-max normalisation, one-line error texts, and :func:`_warn`, which
+attributes a warning to the first caller outside the readers package."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pellucid.datasets.readers.image import ImageReadError
+
+__all__: list[str] = []
+
+_PACKAGE_DIR = os.path.dirname(__file__)  # _warn skips frames of every module in here
+
+
+def _check_file(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: not found — check the path")
+    if p.is_dir():
+        raise ImageReadError(f"{p}: is a directory — pass an image file inside it")
+    try:
+        size = p.stat().st_size
+    except OSError as err:
+        raise ImageReadError(
+            f"{p}: cannot be accessed ({_one_line(err)}) — check permissions"
+        ) from err
+    if size == 0:
+        raise ImageReadError(f"{p}: is empty (0 bytes) — the file is incomplete; re-export it")
+    return p
+
+
+def _check_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    try:
+        center, width = (float(v) for v in window)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"window={window!r} is not a (center, width) pair of numbers, e.g. (40, 400)"
+        ) from err
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ValueError(
+            f"window={window!r} needs a finite center and a width > 0, e.g. (40, 400)"
+        )
+    return center, width
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return list(value)
+    return [value]
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside the readers package."""
+    frame = inspect.currentframe()
+    level = 1
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == _PACKAGE_DIR:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(err).__name__}: {text}" if not text.startswith(type(err).__name__) else text
