@@ -5,16 +5,21 @@ in-house CNN), which input size and normalisation it expects, how wide its poole
 which layer the CAM explainers hook, which late stages trainable explainers tap, and the ordered
 stages that progressive fine-tuning unfreezes. Specs register themselves with
 :func:`register_backbone`; :func:`create_backbone` is the one factory, with the same keywords for
-every entry. Pretrained weights are resolved by :mod:`pellucid.core.weights`, never here.
+every entry. Pretrained weights are resolved by :mod:`pellucid.core.weights`, never here (imports
+flow one way: this module uses weights, weights knows backbones only as a type). The did-you-mean
+error of every registry, :func:`unknown_name_error`, lives in :mod:`pellucid.registry` and is
+re-exported here for its many callers.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
+
+import pellucid.core.weights as weight_sources
+from pellucid.registry import Registry, unknown_name_error
 
 __all__ = [
     "BackboneSpec",
@@ -75,22 +80,15 @@ class BackboneSpec:
         }
 
 
-_REGISTRY: dict[str, BackboneSpec] = {}
+_REGISTRY: Registry[BackboneSpec] = Registry("backbone")
 _BUILDERS: dict[str, Callable[[BackboneSpec], nn.Module]] = {}
-
-
-def unknown_name_error(kind: str, name: str, available: list[str]) -> KeyError:
-    """A KeyError whose message says did-you-mean and lists what is available."""
-    close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return KeyError(f"unknown {kind} {name!r}.{hint} Available: {', '.join(sorted(available))}")
 
 
 def register_backbone(spec: BackboneSpec, builder: Callable[[BackboneSpec], nn.Module] | None = None):
     """Add ``spec`` to the registry (``builder`` builds in-house networks)."""
     if spec.name in _REGISTRY:
         raise ValueError(f"backbone {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
+    _REGISTRY.register(spec.name, spec)
     if builder is not None:
         _BUILDERS[spec.name] = builder
     return spec
@@ -98,15 +96,12 @@ def register_backbone(spec: BackboneSpec, builder: Callable[[BackboneSpec], nn.M
 
 def get_backbone_spec(name: str) -> BackboneSpec:
     """The spec registered under ``name`` (did-you-mean on a typo)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise unknown_name_error("backbone", name, list(_REGISTRY)) from None
+    return _REGISTRY.get(name)
 
 
 def list_backbones() -> list[str]:
     """Registered backbone names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 class Backbone(nn.Module):
@@ -151,8 +146,6 @@ def create_backbone(
         ``(backbone, weight_info)`` where ``weight_info`` says where the weights came from and is
         written into the model card.
     """
-    from pellucid.core import weights as weight_sources
-
     spec = get_backbone_spec(name)
     if spec.name in _BUILDERS:
         net = _BUILDERS[spec.name](spec)

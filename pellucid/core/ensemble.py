@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pellucid.core.modelfolder import ModelFolderError, load_model, read_card
+from pellucid.registry import did_you_mean
 
 if TYPE_CHECKING:
     from pellucid.core.training import TrainConfig
@@ -341,11 +342,8 @@ def train_ensemble(cfg: TrainConfig) -> Path:
         weights.append(float(over.pop("weight", 1.0)))
         bad = sorted(set(over) - known)
         if bad:
-            import difflib
-
-            close = difflib.get_close_matches(bad[0], sorted(known), n=1)
             raise TaskSpecError(f"ensemble member {i}: unknown training option {bad[0]!r}"
-                                + (f"; did you mean {close[0]!r}?" if close else ""))
+                                + did_you_mean(bad[0], sorted(known), clause=True))
         overrides.append(over)
     dirs = []
     split_file = cfg.split_file

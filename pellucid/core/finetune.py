@@ -16,28 +16,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pellucid.core.backbones import unknown_name_error
 from pellucid.core.model import Classifier
+from pellucid.registry import Registry
 
 __all__ = ["Strategy", "LinearProbe", "Full", "Progressive", "get_strategy", "list_strategies",
            "freeze_bn_of_frozen"]
 
-_STRATEGIES: dict[str, type[Strategy]] = {}
-
-
-def _register(cls):
-    _STRATEGIES[cls.name] = cls
-    return cls
+_STRATEGIES: Registry[type[Strategy]] = Registry("fine-tune strategy")
+_register = _STRATEGIES.register  # class decorator: registers under the class's ``name``
 
 
 def list_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
+    return _STRATEGIES.names()
 
 
 def get_strategy(name: str, **options) -> Strategy:
-    if name not in _STRATEGIES:
-        raise unknown_name_error("fine-tune strategy", name, list(_STRATEGIES))
-    return _STRATEGIES[name](**options)
+    return _STRATEGIES.get(name)(**options)
 
 
 def _set_trainable(module: nn.Module, flag: bool) -> None:

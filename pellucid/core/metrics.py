@@ -14,7 +14,6 @@ NaN with a warning, never a made-up number, and is written as ``None`` in the JS
 
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 from collections.abc import Sequence
@@ -32,6 +31,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from pellucid.registry import did_you_mean
 
 __all__ = [
     "THRESHOLD_POLICIES",
@@ -65,8 +66,7 @@ _SKIP_WARN_FRACTION = 0.1
 
 
 def _did_you_mean(kind: str, given: str, available: Sequence[str]) -> str:
-    close = difflib.get_close_matches(given, available, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(given, available)
     listing = ", ".join(repr(a) for a in available)
     return f"Unknown {kind} {given!r}.{hint} Available: {listing}."
 

@@ -5,25 +5,71 @@ Weights are stored with safetensors, so loading never unpickles anything; the ca
 and its classes, the backbone and where its weights came from, preprocessing, threshold, calibration,
 metrics with intervals, the split hash and the pellucid version. Loading refuses a card whose classes
 disagree with the task app of the same name.
+
+Folders of other kinds (ensembles, few-shot prototypes, segmenters) are loaded by their own modules,
+found through a table of kind → loader (:func:`register_kind`). The built-in kinds are listed there
+by the ``"module:function"`` path of their loader, imported on first use, so this module imports
+none of them: imports flow one way (ensemble, fewshot and segmentation use this module, never the
+reverse), and ``import pellucid.core.modelfolder`` stays as cheap as it was.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import platform
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 import pellucid
 from pellucid.core.model import Classifier, build_classifier
 from pellucid.core.tasks import TaskSpec
+from pellucid.registry import Registry
 
-__all__ = ["ModelFolderError", "build_card", "save_model", "load_model", "read_card", "CARD_KINDS"]
+__all__ = ["ModelFolderError", "build_card", "save_model", "load_model", "read_card", "CARD_KINDS",
+           "register_kind", "card_kinds"]
 
+#: A loader of one folder kind: ``(folder, card) -> model in eval mode``.
+KindLoader = Callable[[Path, dict], torch.nn.Module]
+
+# Kind → loader, or the "module:function" path of the loader (imported when a folder of that kind is
+# loaded). "classifier" is built in below and is not in this table.
+_KIND_LOADERS: Registry[KindLoader | str] = Registry("model-folder kind")
+_KIND_LOADERS.register("ensemble", "pellucid.core.ensemble:load_ensemble")
+_KIND_LOADERS.register("prototypes", "pellucid.core.fewshot:load_prototypes")
+_KIND_LOADERS.register("segmentation", "pellucid.core.segmentation:load_segmenter")
+
+#: The kinds pellucid itself writes (see :func:`card_kinds` for these plus registered ones).
 CARD_KINDS = ("classifier", "ensemble", "prototypes", "segmentation")
+
+
+def register_kind(kind: str, loader: KindLoader | str, *, replace: bool = False) -> None:
+    """Teach :func:`load_model` a folder kind: ``loader(folder, card)`` returns the model.
+
+    ``loader`` may be the callable or its ``"package.module:function"`` path, imported on first use.
+    A kind already registered raises ``ValueError`` unless ``replace`` is true.
+    """
+    if kind == "classifier":
+        raise ValueError("kind 'classifier' is built into pellucid.core.modelfolder and cannot be replaced")
+    if isinstance(loader, str) and ":" not in loader:
+        raise ValueError(f"loader path {loader!r} must look like 'package.module:function'")
+    _KIND_LOADERS.register(kind, loader, replace=replace)
+
+
+def card_kinds() -> tuple[str, ...]:
+    """Every kind :func:`read_card` accepts: ``classifier`` and the registered ones."""
+    return ("classifier", *_KIND_LOADERS.names())
+
+
+def _kind_loader(kind: str) -> KindLoader:
+    loader = _KIND_LOADERS.get(kind)
+    if isinstance(loader, str):
+        module, _, attr = loader.partition(":")
+        loader = getattr(importlib.import_module(module), attr)
+    return loader
 
 
 class ModelFolderError(ValueError):
@@ -93,8 +139,9 @@ def read_card(folder: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise ModelFolderError(f"{card_path} is not valid JSON ({err.msg} at line {err.lineno})") from err
     kind = card.get("kind", "classifier")
-    if kind not in CARD_KINDS:
-        raise ModelFolderError(f"{card_path}: unknown kind {kind!r} (expected one of {', '.join(CARD_KINDS)})")
+    kinds = card_kinds()
+    if kind not in kinds:
+        raise ModelFolderError(f"{card_path}: unknown kind {kind!r} (expected one of {', '.join(kinds)})")
     for key in ("classes", "task"):
         if key not in card:
             raise ModelFolderError(f"{card_path}: missing {key!r}")
@@ -118,24 +165,14 @@ def _check_task(card: dict, card_path: Path) -> None:
 def load_model(folder: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Load a model folder: ``(model in eval mode, card)``.
 
-    Classifier folders are rebuilt from the registry (no pickles); other kinds (ensemble, prototypes,
-    segmentation) are delegated to their own loaders.
+    Classifier folders are rebuilt from the backbone registry (no pickles); other kinds (ensemble,
+    prototypes, segmentation, or one added with :func:`register_kind`) go to their own loaders.
     """
     folder = Path(folder)
     card = read_card(folder)
     kind = card.get("kind", "classifier")
-    if kind == "ensemble":
-        from pellucid.core.ensemble import load_ensemble
-
-        return load_ensemble(folder, card), card
-    if kind == "prototypes":
-        from pellucid.core.fewshot import load_prototypes
-
-        return load_prototypes(folder, card), card
-    if kind == "segmentation":
-        from pellucid.core.segmentation import load_segmenter
-
-        return load_segmenter(folder, card), card
+    if kind != "classifier":
+        return _kind_loader(kind)(folder, card), card
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise ModelFolderError(f"{folder} has no model.safetensors: the training run did not finish; retrain")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pellucid.datasets.readers import Image, ImageReadError, read_image
+from pellucid.registry import did_you_mean
 
 __all__ = [
     "SEG_CLASSES", "SEG_TASK", "SegmentationError", "SegConfig", "build_unet", "train_segmenter",
@@ -220,10 +221,7 @@ def apply_lung_mask(image: Image | np.ndarray, mask: np.ndarray, mode: str = "ma
         An empty mask leaves the image unchanged, with a warning.
     """
     if mode not in PREPROCESS_MODES:
-        import difflib
-
-        close = difflib.get_close_matches(str(mode), PREPROCESS_MODES, n=1)
-        raise SegmentationError(f"unknown lung-mask mode {mode!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        raise SegmentationError(f"unknown lung-mask mode {mode!r}" + did_you_mean(str(mode), PREPROCESS_MODES, clause=True)
                                 + f" (available: {', '.join(PREPROCESS_MODES)})")
     src = image if isinstance(image, Image) else Image(np.asarray(image, dtype=np.float32))
     arr = src.array
@@ -280,10 +278,7 @@ class LungMasker:
         """From a recipe / card: ``preprocess`` in :data:`PREPROCESS_CHOICES`; None for ``"none"``."""
         key = preprocess or "none"
         if key not in PREPROCESS_CHOICES:
-            import difflib
-
-            close = difflib.get_close_matches(key, list(PREPROCESS_CHOICES), n=1)
-            raise SegmentationError(f"unknown preprocess {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            raise SegmentationError(f"unknown preprocess {key!r}" + did_you_mean(key, PREPROCESS_CHOICES, clause=True)
                                     + f" (available: {', '.join(PREPROCESS_CHOICES)})")
         if PREPROCESS_CHOICES[key] is None:
             return None
@@ -516,11 +511,9 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
 
     unknown = set(overrides) - set(SegConfig.__dataclass_fields__)
     if unknown:
-        import difflib
-
         key = sorted(unknown)[0]
-        close = difflib.get_close_matches(key, list(SegConfig.__dataclass_fields__), n=1)
-        raise TypeError(f"train_segmenter() got an unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        raise TypeError(f"train_segmenter() got an unknown option {key!r}"
+                        + did_you_mean(key, SegConfig.__dataclass_fields__, clause=True))
     cfg = SegConfig(image_size=image_size, epochs=epochs, seed=seed, max_images=max_images, **overrides)
     if cfg.image_size % int(np.prod(cfg.strides)):
         raise SegmentationError(f"image_size {cfg.image_size} is not divisible by {int(np.prod(cfg.strides))} "

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pellucid.core.backbones import unknown_name_error
+from pellucid.registry import did_you_mean, unknown_name_error
 
 __all__ = ["TaskSpec", "TaskSpecError", "get_task", "list_tasks", "load_task_file", "DEFAULT_RECIPE"]
 
@@ -140,11 +140,8 @@ def task_from_dict(data: dict, where: str = "task spec") -> TaskSpec:
     recipe = {**DEFAULT_RECIPE, **data.get("recipe", {})}
     unknown = set(data.get("recipe", {})) - set(DEFAULT_RECIPE)
     if unknown:
-        import difflib
-
         key = sorted(unknown)[0]
-        close = difflib.get_close_matches(key, list(DEFAULT_RECIPE), n=1)
-        raise TaskSpecError(f"{where}: unknown recipe key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        raise TaskSpecError(f"{where}: unknown recipe key {key!r}" + did_you_mean(key, DEFAULT_RECIPE, clause=True))
     from pellucid.core.backbones import get_backbone_spec
 
     get_backbone_spec(recipe["backbone"])

@@ -31,7 +31,7 @@ from pellucid.core.model import Classifier, build_classifier
 from pellucid.core.tasks import TaskSpec, get_task
 from pellucid.datasets.augment import get_augment, seed_worker_augment
 from pellucid.datasets.samples import Sample, load_samples
-from pellucid.datasets.splits import grouped_split, save_split
+from pellucid.datasets.splits import grouped_split, make_split, save_split
 from pellucid.datasets.torchdata import CachedDataset, ImageCache, to_tensor
 
 __all__ = ["TrainConfig", "train", "extract_features", "fit_head", "predict_logits", "TrainingError"]
@@ -330,9 +330,7 @@ def train(cfg: TrainConfig) -> Path:
         rng = np.random.default_rng(cfg.seed)
         keep = sorted(rng.permutation(len(samples))[: cfg.max_images])
         samples = [samples[i] for i in keep]
-    from pellucid.core.kfold import make_split  # split policy: grouped, temporal, or a saved split file
-
-    samples, split = make_split(samples, cfg)
+    samples, split = make_split(samples, cfg)  # split policy: grouped, temporal, or a saved split file
     if _rank_zero():
         save_split(out / "split.json", samples, split)
     class_index = {c: i for i, c in enumerate(task.classes)}

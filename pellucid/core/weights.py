@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pellucid.registry import unknown_name_error
+
 if TYPE_CHECKING:
     from pellucid.core.backbones import Backbone
 
@@ -185,8 +187,6 @@ def load_weights(backbone: Backbone, *, pretrained: bool | str = True, checkpoin
         return {"source": "random", "pretrained": False, "detail": "random initialisation (asked for)"}
     if isinstance(pretrained, str) and pretrained is not True:
         if pretrained not in _LOADERS:
-            from pellucid.core.backbones import unknown_name_error
-
             raise unknown_name_error("weight source", pretrained, list(_LOADERS) + ["random"])
         order = [pretrained]
     else:

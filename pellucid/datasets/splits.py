@@ -1,22 +1,46 @@
-"""Grouped, stratified splits: train/validation/test and k-fold, with no group on two sides.
+"""Grouped, stratified splits: train/validation/test and k-fold, with no group on two sides, and the
+split policies a training run chooses between.
 
 Built on scikit-learn's :class:`~sklearn.model_selection.StratifiedGroupKFold`. A split is a dict of
 lists of sample indices plus a short SHA-256 hash of its contents, saved beside the model so the
 exact partition can be checked and reused.
+
+:func:`make_split` is the one place a run's train/validation/test partition is decided, by the
+recipe's ``split`` policy:
+
+* ``grouped`` — grouped, stratified hold-out (:func:`grouped_split`);
+* ``temporal`` — the same, except that a group holding a whole recording (``min_frames`` or more
+  files, e.g. the one fish and the one mine sonar sequence) is cut *in time*: frames in file-name
+  order, the first part trains, the next validates, the last tests, with a few frames dropped at
+  each cut so neighbouring frames never sit on two sides;
+* ``split_file`` (a run option, not a policy) — reuse the partition saved by another run
+  (``split.json`` or a model folder holding one), matched by file path; ensembles and k-fold folds
+  use it so every member or fold sees exactly the partition it was given.
+
+:func:`kfold_splits` makes the folds of k-fold cross-validation, each with its own validation
+hold-out. Training (``pellucid.core.training``) and the k-fold driver (``pellucid.core.kfold``)
+use these; this module imports nothing from core.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pellucid.datasets.samples import DataError, Sample
+from pellucid.registry import unknown_name_error
 
-__all__ = ["grouped_split", "grouped_kfold", "split_hash", "save_split", "load_split", "check_no_leakage"]
+__all__ = ["grouped_split", "grouped_kfold", "split_hash", "save_split", "load_split", "check_no_leakage",
+           "SPLIT_POLICIES", "SplitSettings", "make_split", "split_from_file", "temporal_split", "kfold_splits"]
+
+log = logging.getLogger(__name__)
 
 
 def _arrays(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +140,188 @@ def save_split(path: str | Path, samples: list[Sample], split: dict) -> None:
 def load_split(path: str | Path) -> dict:
     """Read a split written by :func:`save_split`."""
     return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- split policies of a run
+SPLIT_POLICIES = ("grouped", "temporal")
+
+
+class SplitSettings(Protocol):
+    """What :func:`make_split` reads from a run's settings (a ``pellucid.core.training.TrainConfig``)."""
+
+    split: str
+    split_file: str | None
+    val_fraction: float
+    test_fraction: float
+    seed: int
+
+
+def _natural_key(path: str) -> list:
+    """Sort key that orders ``image_9`` before ``image_10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def make_split(samples: list[Sample], cfg: SplitSettings) -> tuple[list[Sample], dict]:
+    """The train/val/test partition of a run, by ``cfg.split_file`` or the ``cfg.split`` policy.
+
+    Returns:
+        ``(samples, split)``: the samples the run uses (a subset when a split file names fewer; with
+        recording groups renamed to their time segment under ``temporal``) and the split dict
+        (``train``/``val``/``test`` index lists into those samples, ``seed``, ``hash``).
+    """
+    if cfg.split_file:
+        return split_from_file(samples, cfg.split_file)
+    policy = cfg.split
+    if policy == "grouped":
+        return samples, grouped_split(samples, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                      seed=cfg.seed)
+    if policy == "temporal":
+        return temporal_split(samples, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    raise unknown_name_error("split policy", policy, list(SPLIT_POLICIES))
+
+
+def split_from_file(samples: list[Sample], path: str | Path) -> tuple[list[Sample], dict]:
+    """Reuse a partition written by :func:`save_split`.
+
+    Args:
+        samples: the samples read from the data folder.
+        path: a ``split.json`` file, or a model folder that holds one.
+
+    Returns:
+        ``(used, split)`` where ``used`` holds only the samples the file names (in file order: train,
+        val, test) and ``split`` indexes into it.
+
+    Raises:
+        DataError: the file is missing, or names files (or labels) the data folder does not have.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "split.json"
+    if not path.exists():
+        raise DataError(f"split file {path} not found: give a split.json written by `pellucid train` "
+                        "or the model folder that holds one")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"split file {path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    by_path = {str(Path(s.path).resolve()): s for s in samples}
+    # Fallback for a split file written elsewhere (another machine, another data location, another
+    # working directory): match on "<folder>/<file name>" when that is unique in the data folder.
+    tails: dict[str, Sample | None] = {}
+    for s in samples:
+        key = "/".join(Path(s.path).parts[-2:])
+        tails[key] = None if key in tails else s
+    used: list[Sample] = []
+    split: dict = {"seed": saved.get("seed"), "from_file": str(path.resolve())}
+    missing: list[str] = []
+    for part in ("train", "val", "test"):
+        idx = []
+        for row in saved.get(part, []):
+            s = by_path.get(str(Path(row["path"]).resolve())) or tails.get("/".join(Path(row["path"]).parts[-2:]))
+            if s is None:
+                missing.append(row["path"])
+                continue
+            if s.label != row["label"]:
+                raise DataError(f"split file {path}: {row['path']} is labelled {row['label']!r} there but "
+                                f"{s.label!r} in the data folder")
+            # keep the file's group (it may be a time segment of a recording)
+            used.append(Sample(s.path, s.label, row.get("group", s.group)))
+            idx.append(len(used) - 1)
+        split[part] = idx
+    if missing:
+        raise DataError(f"split file {path} names {len(missing)} file(s) the data folder lacks "
+                        f"(first: {missing[0]}); train on the same data folder or drop the split file")
+    if not split["train"] or not split["test"]:
+        raise DataError(f"split file {path} has an empty train or test part")
+    check_no_leakage(used, split)
+    split["hash"] = split_hash(used, split)
+    if len(used) < len(samples):
+        log.info("split file %s uses %d of the %d samples in the data folder", path, len(used), len(samples))
+    return used, split
+
+
+def temporal_split(samples: list[Sample], *, val_fraction: float = 0.15, test_fraction: float = 0.2,
+                   seed: int = 0, min_frames: int = 20, gap_fraction: float = 0.02) -> tuple[list[Sample], dict]:
+    """Grouped split in which recordings (groups of ``min_frames`` or more files) are cut in time.
+
+    Each recording's files are ordered by file name (natural order: frame 9 before frame 10); the
+    first ``1 - val_fraction - test_fraction`` trains, the next ``val_fraction`` validates, the last
+    ``test_fraction`` tests, and ``max(1, gap_fraction * n)`` frames at each of the two cuts are
+    left out of every part. The segments become groups ``<group>#train`` / ``#val`` / ``#test``.
+    All other samples go through :func:`grouped_split`.
+
+    Returns:
+        ``(samples with recording groups renamed, split)``; the split records the recordings cut and
+        the frames left out in ``"temporal"``.
+    """
+    by_group: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_group.setdefault(s.group, []).append(i)
+    recordings = {g: idx for g, idx in by_group.items() if len(idx) >= min_frames}
+    out = list(samples)
+    split: dict = {"train": [], "val": [], "test": [], "seed": seed}
+    info: dict = {}
+    for g, idx in recordings.items():
+        order = sorted(idx, key=lambda i: _natural_key(samples[i].path))
+        n = len(order)
+        gap = max(1, int(round(gap_fraction * n)))
+        n_test = max(1, int(round(test_fraction * n)))
+        n_val = max(1, int(round(val_fraction * n)))
+        n_train = n - n_test - n_val - 2 * gap
+        if n_train < 1:
+            raise DataError(f"recording group {g!r} has {n} frames: too few to cut into train/val/test in time")
+        cuts = {"train": order[:n_train], "val": order[n_train + gap:n_train + gap + n_val],
+                "test": order[n - n_test:]}
+        for part, members in cuts.items():
+            for i in members:
+                out[i] = Sample(samples[i].path, samples[i].label, f"{g}#{part}")
+            split[part].extend(members)
+        dropped = sorted(set(order) - {i for m in cuts.values() for i in m})
+        for i in dropped:
+            out[i] = Sample(samples[i].path, samples[i].label, f"{g}#gap")
+        info[g] = {"frames": n, "train": n_train, "val": n_val, "test": n_test, "left_out": len(dropped)}
+    rest = [i for i in range(len(samples)) if samples[i].group not in recordings]
+    if rest:
+        sub = grouped_split([samples[i] for i in rest], val_fraction=val_fraction, test_fraction=test_fraction,
+                            seed=seed)
+        for part in ("train", "val", "test"):
+            split[part].extend(rest[j] for j in sub[part])
+    for part in ("train", "val", "test"):
+        split[part] = sorted(split[part])
+    split["temporal"] = info
+    check_no_leakage(out, split)
+    split["hash"] = split_hash(out, split)
+    if not recordings:
+        warnings.warn(f"temporal split: no group has {min_frames}+ files, so nothing was cut in time "
+                      "(the split is a plain grouped split)", stacklevel=2)
+    return out, split
+
+
+def kfold_splits(samples: list[Sample], k: int = 5, *, val_fraction: float = 0.15, seed: int = 0) -> list[dict]:
+    """``k`` grouped, stratified folds, each with a grouped validation hold-out from its training part.
+
+    Returns:
+        ``k`` dicts ``{"train", "val", "test", "fold", "seed", "hash"}`` of indices into ``samples``;
+        every sample is in exactly one fold's ``test`` and no group is ever on two sides.
+    """
+    if k < 2:
+        raise ValueError(f"k-fold needs k >= 2 folds, got {k}")
+    labels = np.array([s.label for s in samples])
+    groups = np.array([s.group for s in samples])
+    folds = []
+    for fold in grouped_kfold(samples, k, seed=seed):
+        rest = np.asarray(fold["train"])
+        n_splits = max(2, int(round(1.0 / val_fraction)))
+        if len(np.unique(groups[rest])) < n_splits:
+            raise DataError(f"fold {fold['fold']}: {len(np.unique(groups[rest]))} training groups are too few "
+                            f"to hold out {val_fraction:.0%} for validation; lower k or val_fraction")
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + 1 + fold["fold"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The least populated class")
+            tr, va = next(cv.split(rest, labels[rest], groups[rest]))
+        split = {"train": sorted(map(int, rest[tr])), "val": sorted(map(int, rest[va])), "test": fold["test"],
+                 "fold": fold["fold"], "seed": seed}
+        check_no_leakage(samples, split)
+        split["hash"] = split_hash(samples, split)
+        folds.append(split)
+    return folds

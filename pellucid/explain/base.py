@@ -4,7 +4,10 @@ An :class:`Explainer` turns a model and a batch of images ``(B, 3, H, W)`` in [0
 :class:`Explanation` per image: a heatmap ``(H, W)`` in [0, 1] at the input resolution, the class it
 explains, and room for scores and method-specific extras. Explainers register themselves with
 :func:`register_explainer`; :func:`get_explainer` builds one by name with keyword options (unknown
-names and options get a did-you-mean). :func:`preserved_model` is the context manager every explainer
+names and options get a did-you-mean). This module imports none of the explainers: each plugin
+module registers its classes when it is imported, and the package :mod:`pellucid.explain` imports
+the built-in ones, so the registry is full whenever any ``pellucid.explain`` module is in use.
+:func:`preserved_model` is the context manager every explainer
 runs inside: it restores train/eval mode of every module, ``requires_grad`` and ``.grad`` of every
 parameter, and removes any hook left behind, so an explanation never changes the model it explains.
 This module also holds the small helpers shared by the methods: class scores and probabilities for
@@ -14,7 +17,6 @@ the layer CAM methods hook.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from pellucid.core.runtime import model_device as _model_device
+from pellucid.registry import Registry, did_you_mean
 
 __all__ = [
     "Explanation",
@@ -154,39 +157,26 @@ class Explainer:
 
 
 # --------------------------------------------------------------------------- registry
-_REGISTRY: dict[str, type[Explainer]] = {}
+# Filled by the plugin modules (cam, lime, occlusion, ttame, ...) as they are imported; the package
+# ``pellucid.explain`` imports the built-in ones.
+_REGISTRY: Registry[type[Explainer]] = Registry("explainer")
 
 
 def register_explainer(cls: type[Explainer]) -> type[Explainer]:
     """Class decorator: add an :class:`Explainer` subclass to the registry under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name; set the class attribute `name`")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"explainer {cls.name!r} is registered twice ({_REGISTRY[cls.name].__name__}, {cls.__name__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_builtin() -> None:
-    # The built-in explainers register themselves when their modules are imported.
-    from pellucid.explain import cam, lime, occlusion, ttame  # noqa: F401
+    return _REGISTRY.register(cls.name, cls)
 
 
 def list_explainers() -> list[str]:
     """Registered explainer names, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def explainer_class(name: str) -> type[Explainer]:
     """The class registered under ``name`` (did-you-mean on a typo)."""
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        from pellucid.core.backbones import unknown_name_error
-
-        raise unknown_name_error("explainer", name, list(_REGISTRY)) from None
+    return _REGISTRY.get(name)
 
 
 def get_explainer(name: str, **options: Any) -> Explainer:
@@ -201,8 +191,7 @@ def get_explainer(name: str, **options: Any) -> Explainer:
     accepted = [p for p in params if p not in ("self", "args", "kwargs")]
     for key in options:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=2, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(key, accepted, n=2, cutoff=0.5)
             raise TypeError(f"explainer {name!r} has no option {key!r}.{hint} "
                             f"Options: {', '.join(accepted) or '(none)'}")
     return cls(**options)
@@ -218,8 +207,7 @@ def explainer_for(name: str, card: dict | None, **options: Any) -> Explainer:
 
 def gradient_free_explainers() -> list[str]:
     """Names of the registered explainers that need no gradient (they work on any model)."""
-    _load_builtin()
-    return sorted(n for n, c in _REGISTRY.items() if not c.needs_gradients)
+    return [n for n, c in _REGISTRY.items() if not c.needs_gradients]
 
 
 # --------------------------------------------------------------------------- restoring the model
@@ -419,8 +407,7 @@ def find_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
     for cand in candidates:
         if cand in names and cand:
             return cand, names[cand]
-    close = difflib.get_close_matches(layer, [n for n in names if n], n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(layer, [n for n in names if n], n=3, cutoff=0.6)
     raise KeyError(f"no layer {layer!r} in {type(model).__name__}.{hint} Give a dotted module name "
                    "as listed by model.named_modules()")
 

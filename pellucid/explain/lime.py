@@ -48,6 +48,7 @@ from pellucid.explain.base import (
     probabilities,
     register_explainer,
 )
+from pellucid.registry import unknown_name_error
 
 __all__ = ["LimeExplainer", "segment", "lime_kernel", "heatmap_from_weights", "heatmap_from_lime", "spearman"]
 
@@ -95,8 +96,6 @@ def segment(image: np.ndarray, method: str = "slic", *, n_segments: int = 50, co
     elif method == "quickshift":
         seg = quickshift(image, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio, rng=seed, channel_axis=-1)
     else:
-        from pellucid.core.backbones import unknown_name_error
-
         raise unknown_name_error("segmentation", method, list(SEGMENTATIONS))
     _, seg = np.unique(seg, return_inverse=True)
     return seg.reshape(image.shape[:2]).astype(np.int64)
@@ -194,16 +193,10 @@ class LimeExplainer(Explainer):
                  hide_color: float | None = None, kernel_width: float = 0.25, batch_size: int = 8,
                  precision: str = "auto", backend: str = "auto", seed: int = 0, progress: bool = False):
         if segmentation not in SEGMENTATIONS:
-            from pellucid.core.backbones import unknown_name_error
-
             raise unknown_name_error("segmentation", segmentation, list(SEGMENTATIONS))
         if precision not in PRECISIONS:
-            from pellucid.core.backbones import unknown_name_error
-
             raise unknown_name_error("precision", precision, list(PRECISIONS))
         if backend not in BACKENDS:
-            from pellucid.core.backbones import unknown_name_error
-
             raise unknown_name_error("backend", backend, list(BACKENDS))
         if precision == "int8" and backend == "torch":
             raise ValueError("precision='int8' runs on ONNX Runtime: use backend='auto' or 'onnxruntime'")

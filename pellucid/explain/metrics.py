@@ -47,6 +47,7 @@ from pellucid.explain.base import (
     probabilities,
 )
 from pellucid.explain.lime import spearman
+from pellucid.registry import unknown_name_error
 
 __all__ = [
     "METRICS",
@@ -293,8 +294,6 @@ def score_explanations(model: nn.Module, images: torch.Tensor, explanations: Seq
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        from pellucid.core.backbones import unknown_name_error
-
         raise unknown_name_error("metric", unknown[0], list(METRICS))
     images = check_images(images)
     b = images.shape[0]
