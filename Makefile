@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    chromium poppler-utils fonts-dejavu-core >/dev/null) || echo "note: chromium/poppler not installed"; fi
+	@# qemu-user emulates an AVX2-only CPU for the INT8 portability test (skipped with a note when absent).
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v qemu-x86_64 >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    qemu-user >/dev/null) || echo "note: qemu-user not installed"; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1

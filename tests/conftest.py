@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_report_header(config) -> str:
+    """The first lines of every ``make test``: the CPU features that decide INT8 and bfloat16 paths."""
+    from pellucid.core.quantize import cpu_features
+
+    return f"pellucid CPU: {cpu_features().summary()}"
+
+
 def data_dir(name: str) -> Path:
     """The sample data folder ``name``, or skip the test with a clear message."""
     path = DATA / name

@@ -8,12 +8,16 @@ probabilities are ``softmax(logits / temperature)`` with the temperature written
 pellucid can reproduce the model folder's predictions.
 
 INT8 uses ONNX Runtime's post-training quantization: static QDQ quantization (per-channel int8
-weights, uint8 activations) calibrated on training images listed in the model folder's
-``split.json``, with MinMax and Percentile (99.99) activation ranges both tried and the one whose
-INT8 model agrees better with fp32 on the validation images kept (never the test images), after ONNX Runtime's pre-processing (shape
-inference and graph optimisation). When static quantization cannot run (no split file, no readable
-calibration images, an operator it cannot handle), dynamic quantization (int8 weights, activations
-quantized at run time) is used instead and the sidecar says so. ``bench/bench_apps.py export``
+weights in a 7-bit range, uint8 activations: :mod:`pellucid.core.quantize` explains why that range is
+what makes the model compute the same on CPUs with and without VNNI) calibrated on training images
+listed in the model folder's ``split.json``, with MinMax and Percentile (99.99) activation ranges both
+tried and the one whose INT8 model agrees better with fp32 on the validation images kept (never the
+test images), after ONNX Runtime's pre-processing (shape inference and graph optimisation). When
+static quantization cannot run (no split file, no readable calibration images, an operator it cannot
+handle), dynamic quantization (int8 weights, activations quantized at run time) is used instead and
+the sidecar says so. Either way the INT8 graph is **not written** when its top-1 agreement with fp32
+on the validation images is below :data:`MIN_AGREEMENT` (0.95); the sidecar records the agreement,
+the settings, this CPU's instruction set and the ONNX Runtime version. ``bench/bench_apps.py export``
 measures accuracy, size and latency of both.
 """
 from __future__ import annotations
@@ -26,15 +30,16 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from pellucid.core.backbones import unknown_name_error
 from pellucid.core.modelfolder import ModelFolderError, load_model
+from pellucid.core.quantize import (INT8_SETTINGS, cpu_features, ort_version, quantize_static_portable,
+                                     saturation_safe)
 
-__all__ = ["FORMATS", "INT8_METHODS", "export_onnx", "calibration_batches", "onnx_session", "run"]
+__all__ = ["FORMATS", "INT8_METHODS", "MIN_AGREEMENT", "Int8RefusedError", "export_onnx", "calibration_batches", "onnx_session", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ CALIBRATIONS = ("MinMax", "Percentile")
 # and 120 images at 320 px (the budget of 256 at 224 px) still peaked at 17.3 GB.
 HISTOGRAM_PIXEL_BUDGET = 128 * 224 * 224
 INT8_METHODS = ("static", "dynamic")
+MIN_AGREEMENT = 0.95  # INT8 top-1 agreement with float32 on the validation images below which nothing is written
 OPSET = 17
 
 
@@ -100,23 +106,6 @@ def calibration_batches(model_dir: str | Path, card: dict, n_images: int = 256, 
                                f"(first: {rows[pick[0]]['path']}); is the data folder still there?")
     x = cache.arrays.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     return [np.ascontiguousarray(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-
-
-class _Reader:
-    """ONNX Runtime CalibrationDataReader over prepared batches."""
-
-    def __init__(self, batches: Sequence[np.ndarray], input_name: str = "image"):
-        self.batches = list(batches)
-        self.input_name = input_name
-        self._it: Iterator | None = None
-
-    def get_next(self):
-        if self._it is None:
-            self._it = iter({self.input_name: b} for b in self.batches)
-        return next(self._it, None)
-
-    def rewind(self):
-        self._it = None
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
@@ -197,10 +186,15 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
     result = {"fp32": str(fp32), "fp32_bytes": fp32.stat().st_size, "int8": None, "int8_bytes": None,
               "int8_method": None, "max_abs_diff": diff}
     quant: dict = {}
+    refused: Int8RefusedError | None = None
     if int8:
         q8 = fp32.with_name(fp32.stem + ".int8.onnx")
-        method, quant = _quantize(fp32, q8, model_dir, card, int8_method, calib_images, seed)
-        result.update(int8=str(q8), int8_bytes=q8.stat().st_size, int8_method=method)
+        q8.unlink(missing_ok=True)  # never leave an earlier INT8 file beside a new fp32 one
+        try:
+            method, quant = _quantize(fp32, q8, model_dir, card, int8_method, calib_images, seed)
+            result.update(int8=str(q8), int8_bytes=q8.stat().st_size, int8_method=method)
+        except Int8RefusedError as err:  # the fp32 file and its sidecar are still written
+            refused, quant = err, {"refused": str(err)}
     thr = card.get("threshold") or {}
     sidecar = {
         "format": "onnx", "opset": OPSET, "pellucid_version": pellucid.__version__,
@@ -224,6 +218,8 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
     side = fp32.with_suffix(".json")
     side.write_text(json.dumps(sidecar, indent=1))
     result["sidecar"] = str(side)
+    if refused is not None:
+        raise refused
     return result
 
 
@@ -245,62 +241,95 @@ def _within_pixels(batches: list[np.ndarray], budget: int) -> list[np.ndarray]:
     return kept
 
 
+class Int8RefusedError(ModelFolderError):
+    """The INT8 graph disagrees with float32 too often to be written."""
+
+
+def _quant_record(method: str, **extra) -> dict:
+    """The sidecar's ``quantization`` entry: settings, this CPU and the ONNX Runtime version."""
+    return {"method": method, **INT8_SETTINGS, **extra, "cpu": dict(cpu_features()), "onnxruntime": ort_version()}
+
+
+def _validation(model_dir: Path, card: dict, fp32: Path, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Validation images of the split and the float32 graph's top-1 on them (``None`` when unavailable)."""
+    try:
+        val = np.concatenate(calibration_batches(model_dir, card, 256, seed=seed, part="val"))
+    except ModelFolderError as err:
+        log.info("no validation images to check INT8 against (%s)", err)
+        return None, None
+    return val, _top1(onnx_session(fp32), val)
+
+
+def _static_candidates(prep: Path, tmp: Path, batches: list[np.ndarray], val, ref) -> tuple[str, dict, dict]:
+    """Quantize with each calibration, score each against float32; the best one's name and records."""
+    agreement: dict[str, float | None] = {}
+    used: dict[str, int] = {}
+    for name in CALIBRATIONS if val is not None else CALIBRATIONS[:1]:
+        if name == "MinMax":
+            these, extra = batches, None
+        else:
+            these, extra = _within_pixels(batches, HISTOGRAM_PIXEL_BUDGET), {"CalibPercentile": 99.99}
+        used[name] = int(sum(len(b) for b in these))
+        quantize_static_portable(prep, tmp / f"int8-{name}.onnx", these, calibration=name, extra_options=extra)
+        agreement[name] = float((_top1(onnx_session(tmp / f"int8-{name}.onnx"), val) == ref).mean()) \
+            if val is not None else None
+    best = max(agreement, key=lambda k: -1.0 if agreement[k] is None else agreement[k])
+    return best, agreement, used
+
+
 def _quantize(fp32: Path, q8: Path, model_dir: Path, card: dict, method: str, calib_images: int,
-              seed: int) -> tuple[str, dict]:
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+              seed: int, min_agreement: float | None = None) -> tuple[str, dict]:
+    """Write the INT8 graph ``q8`` of ``fp32`` with the portable settings, checked against float32.
+
+    Raises:
+        Int8RefusedError: top-1 agreement with float32 on the validation images below ``min_agreement``
+            (nothing is written).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
-        prep = Path(tmp) / "prep.onnx"
+    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        prep = tmp / "prep.onnx"
         try:
             quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=True)
         except Exception as err:  # pre-processing is an optimisation; quantize the raw graph without it
             log.info("ONNX Runtime pre-processing skipped (%s)", err)
             prep = fp32
+        val, ref = _validation(model_dir, card, fp32, seed)
+        record, cand = None, tmp / "int8-dynamic.onnx"
         if method == "static":
-            root = logging.getLogger()
-            level = root.level
             try:
                 batches = calibration_batches(model_dir, card, calib_images, seed=seed)
-                try:  # validation images choose between calibrations (top-1 agreement with fp32)
-                    val = np.concatenate(calibration_batches(model_dir, card, 256, seed=seed, part="val"))
-                    ref = _top1(onnx_session(fp32), val)
-                except ModelFolderError:
-                    val = ref = None
-                root.setLevel(max(level, logging.WARNING))  # ORT logs every tensor it copies to the root logger
-                agreement: dict[str, float | None] = {}
-                used: dict[str, int] = {}
-                best: tuple[str, float] | None = None
-                for name in CALIBRATIONS if val is not None else CALIBRATIONS[:1]:
-                    cand = Path(tmp) / f"int8-{name}.onnx"
-                    if name == "MinMax":
-                        these, extra = batches, None
-                    else:
-                        these, extra = _within_pixels(batches, HISTOGRAM_PIXEL_BUDGET), {"CalibPercentile": 99.99}
-                    used[name] = int(sum(len(b) for b in these))
-                    quantize_static(str(prep), str(cand), _Reader(these), quant_format=QuantFormat.QDQ,
-                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                    calibrate_method=getattr(CalibrationMethod, name), extra_options=extra)
-                    agree = float((_top1(onnx_session(cand), val) == ref).mean()) if val is not None else None
-                    agreement[name] = agree
-                    if best is None or (agree is not None and agree > best[1]):
-                        best = (name, agree if agree is not None else -1.0)
-                shutil.copyfile(Path(tmp) / f"int8-{best[0]}.onnx", q8)
-                return "static", {"method": "static", "format": "QDQ", "weights": "int8 per-channel",
-                                  "activations": "uint8 per-tensor", "calibration": best[0],
-                                  "calibration_images": used[best[0]],
-                                  "calibration_source": "training part of split.json",
-                                  "calibration_choice": {"validation_images": 0 if val is None else int(len(val)),
-                                                         "top1_agreement_with_fp32": agreement}}
+                best, agreement, used = _static_candidates(prep, tmp, batches, val, ref)
+                cand = tmp / f"int8-{best}.onnx"
+                record = _quant_record("static", calibration=best, calibration_images=used[best],
+                                       calibration_source="training part of split.json",
+                                       calibration_choice={"top1_agreement_with_fp32": agreement})
             except Exception as err:  # ModelFolderError, or an operator ORT cannot quantize statically
                 warnings.warn(f"static INT8 quantization failed ({type(err).__name__}: {str(err)[:200]}); "
                               "falling back to dynamic quantization", stacklevel=3)
-            finally:
-                root.setLevel(level)
-        quantize_dynamic(str(prep), str(q8), weight_type=QuantType.QInt8, per_channel=True)
-        return "dynamic", {"method": "dynamic", "weights": "int8 per-channel",
-                           "activations": "quantized at run time"}
+        if record is None:
+            quantize_dynamic(str(prep), str(cand), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+            record = _quant_record("dynamic", activations="quantized at run time")
+        safe, why = saturation_safe(cand)
+        if not safe:  # the settings above never produce this; a guard against a changed quantizer
+            raise Int8RefusedError(f"INT8 model not written: {why}")
+        agree = float((_top1(onnx_session(cand), val) == ref).mean()) if val is not None else None
+        record["check"] = {"validation_images": 0 if val is None else int(len(val)), "top1_agreement_with_fp32": agree,
+                           "min_agreement": min_agreement, "saturation_safe": why}
+        if agree is not None and agree < min_agreement:
+            raise Int8RefusedError(
+                f"INT8 model not written: it agrees with float32 on {agree:.3f} of {len(val)} validation images' "
+                f"top-1 (< {min_agreement}); try --int8-method dynamic or more --calib-images, or ship the fp32 "
+                f"file {fp32.name}")
+        if agree is None:
+            warnings.warn("INT8 agreement with float32 not checked: the model folder's split.json lists no readable "
+                          "validation images", stacklevel=3)
+        shutil.copyfile(cand, q8)
+        return record["method"], record
 
 
 def run(args: argparse.Namespace) -> int:

@@ -81,9 +81,104 @@ def test_sidecar_describes_input_and_calibration(exported, model_dir):
     assert side["quantization"]["method"] == "static" and side["quantization"]["calibration_images"] == 24
     choice = side["quantization"]["calibration_choice"]  # chosen on validation images: the best agreement won
     agree = choice["top1_agreement_with_fp32"]
-    assert choice["validation_images"] > 0 and set(agree) == {"MinMax", "Percentile"}
+    assert side["quantization"]["check"]["validation_images"] > 0 and set(agree) == {"MinMax", "Percentile"}
     assert side["quantization"]["calibration"] == max(agree, key=lambda k: agree[k])
+    assert side["quantization"]["check"]["top1_agreement_with_fp32"] == agree[side["quantization"]["calibration"]]
     assert side["files"] == {"fp32": "nuclei.onnx", "int8": "nuclei.int8.onnx"}
+
+
+def test_sidecar_records_portable_settings_this_cpu_and_runtime(exported):
+    import onnxruntime
+
+    from pellucid.core.quantize import cpu_features, saturation_safe
+
+    q = json.loads(open(exported["sidecar"]).read())["quantization"]
+    assert q["reduce_range"] is True and q["per_channel"] is True
+    assert q["cpu"]["isa"] == cpu_features()["isa"] and q["cpu"]["int8_dot"] == cpu_features()["int8_dot"]
+    assert q["onnxruntime"] == onnxruntime.__version__
+    assert saturation_safe(exported["int8"])[0]
+
+
+def test_full_range_int8_weights_are_flagged_unsafe(exported, model_dir, tmp_path):
+    """The check that makes a graph portable fails on ONNX Runtime's default (full 8-bit) weights."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from pellucid.core.export import calibration_batches
+    from pellucid.core.modelfolder import load_model
+    from pellucid.core.quantize import CalibrationReader, saturation_safe
+
+    full = tmp_path / "full.onnx"
+    quantize_static(exported["fp32"], str(full), CalibrationReader(calibration_batches(model_dir, load_model(model_dir)[1], 8)),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    safe, why = saturation_safe(full)
+    assert not safe and "overflow on CPUs without VNNI" in why
+    assert saturation_safe(exported["fp32"])[0]  # float graphs hold no int8 weights
+
+
+def test_int8_below_the_agreement_floor_is_refused_with_one_line(model_dir, tmp_path, monkeypatch, capsys):
+    from pellucid.core import export
+
+    monkeypatch.setattr(export, "MIN_AGREEMENT", 1.01)  # no model can reach it: the refusal path runs
+    out = tmp_path / "r.onnx"
+    assert main(["export", "--model", str(model_dir), "--int8", "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "INT8 model not written" in err and "< 1.01" in err and "\n" not in err
+    assert out.exists() and not out.with_name("r.int8.onnx").exists()  # fp32 kept, no INT8 file
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["files"]["int8"] is None and "INT8 model not written" in side["quantization"]["refused"]
+
+
+_EMULATED = r"""
+import sys, numpy as np, onnxruntime as ort
+x = np.load(sys.argv[1])
+for path in sys.argv[2:]:
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.save(path + ".out.npy", out)
+"""
+
+
+def test_int8_model_agrees_on_an_emulated_avx2_only_cpu(exported, model_dir, tmp_path):
+    """Runs the exported INT8 graph under an emulated AMD EPYC-Rome (AVX2, no VNNI, no AVX-512), where
+    ONNX Runtime takes the saturating U8S8 kernel. The portable graph must give the native answer; a
+    full-range control graph must not (which proves the emulation reaches the saturating kernel)."""
+    import platform
+    import shutil
+    import subprocess
+    import sys
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from pellucid.core.export import calibration_batches
+    from pellucid.core.modelfolder import load_model
+    from pellucid.core.quantize import CalibrationReader
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None or platform.machine() != "x86_64":
+        pytest.skip("needs qemu-x86_64 on an x86_64 machine (Debian package qemu-user) to emulate an AVX2-only CPU")
+    full = tmp_path / "full.onnx"
+    quantize_static(exported["fp32"], str(full), CalibrationReader(calibration_batches(model_dir, load_model(model_dir)[1], 24)),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    x = _batch(Predictor(model_dir), 80)
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "emulated.py"
+    script.write_text(_EMULATED)
+    safe = tmp_path / "safe.onnx"
+    shutil.copyfile(exported["int8"], safe)
+    subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, str(script), str(tmp_path / "x.npy"), str(safe),
+                    str(full)], check=True, capture_output=True, timeout=300)
+    native = {p: onnx_session(p).run(None, {"image": x})[0] for p in (safe, full)}
+    emulated = {p: np.load(str(p) + ".out.npy") for p in (safe, full)}
+    fp32 = onnx_session(exported["fp32"]).run(None, {"image": x})[0].argmax(1)
+    np.testing.assert_allclose(emulated[safe], native[safe], atol=1e-4)
+    assert float((emulated[safe].argmax(1) == fp32).mean()) >= 0.95
+    # the control: full 8-bit weights overflow the int16 pairs there (on this CPU too when it lacks VNNI)
+    from pellucid.core.quantize import cpu_features
+
+    differs = float(np.abs(emulated[full] - native[full]).max()) > 1e-3
+    assert differs == (cpu_features()["int8_dot"] == "vnni"), (cpu_features().summary(),
+                                                               float(np.abs(emulated[full] - native[full]).max()))
 
 
 def test_dynamic_batch_and_dynamic_quantization(model_dir, tmp_path):
