@@ -267,7 +267,8 @@ def test_registry_helper():
     reg.register("red", 1)  # the same object again is harmless
     with pytest.raises(ValueError, match="colour 'red' is registered twice"):
         reg.register("red", 3)
-    with pytest.raises(KeyError, match=r"unknown colour 'gren'. Did you mean 'green', 'red'\? Available: blue, green, red"):
+    with pytest.raises(KeyError, match=r"unknown colour 'gren'\. Did you mean 'green', 'red'\? "
+                                       r"Available: blue, green, red"):
         reg.get("gren")
     assert did_you_mean("gren", ["green", "red"]) == " Did you mean 'green'?"
     assert did_you_mean("gren", ["green"], clause=True) == "; did you mean 'green'?"

@@ -221,7 +221,8 @@ def apply_lung_mask(image: Image | np.ndarray, mask: np.ndarray, mode: str = "ma
         An empty mask leaves the image unchanged, with a warning.
     """
     if mode not in PREPROCESS_MODES:
-        raise SegmentationError(f"unknown lung-mask mode {mode!r}" + did_you_mean(str(mode), PREPROCESS_MODES, clause=True)
+        raise SegmentationError(f"unknown lung-mask mode {mode!r}"
+                                + did_you_mean(str(mode), PREPROCESS_MODES, clause=True)
                                 + f" (available: {', '.join(PREPROCESS_MODES)})")
     src = image if isinstance(image, Image) else Image(np.asarray(image, dtype=np.float32))
     arr = src.array

@@ -11,7 +11,8 @@
 
 Random initialisation happens only when asked for (``pretrained=False``) and is then recorded as
 ``{"source": "random"}``. When pretrained weights were asked for and no source can serve them, a
-:class:`WeightSourceError` says what was tried.
+:class:`WeightSourceError` says what was tried. This module knows
+:class:`~pellucid.core.backbones.Backbone` only as a type: imports flow one way, backbones → weights.
 """
 from __future__ import annotations
 
