@@ -109,8 +109,10 @@ def test_unreadable_dicom_error_hides_file_name(model_dir, tmp_path):
 
 
 def test_folder_report_with_labels(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "SPLIME_SAMPLE", 2)  # LIME is slow on CPU; two images exercise the pick
-    monkeypatch.setattr(report, "SPLIME_LIME_SAMPLES", 20)
+    from pellucid.explain.report import summary  # where the SP-LIME section reads them
+
+    monkeypatch.setattr(summary, "SPLIME_SAMPLE", 2)  # LIME is slow on CPU; two images exercise the pick
+    monkeypatch.setattr(summary, "SPLIME_LIME_SAMPLES", 20)
     src = data_dir("tb_cxr")
     folder = tmp_path / "set"
     for cls in ("normal", "tuberculosis"):
@@ -291,3 +293,66 @@ def test_lime_overlay_caption_shows_its_precision(model_dir, tmp_path):
     text = _visible_text(html.read_text())
     assert re.search(r"passes in (float32|bfloat16)", text), text[-2000:]
     assert "passes in" in _pdf_text(pdf)
+
+
+# ----------------------------------------------------------------------------- PDF engines
+@pytest.fixture(scope="module")
+def single_context(model_dir):
+    """The report context of one readable image (no explainers) and its predicted label."""
+    from pellucid.core.predict import Predictor
+    from pellucid.explain.report import analyse_paths, build_context
+
+    predictor = Predictor(model_dir)
+    cases = analyse_paths(predictor, [sorted((data_dir("tb_cxr") / "normal").glob("*.png"))[0]])
+    return build_context(predictor, cases), cases[0].label
+
+
+def _bytes_text(pdf: bytes, tmp_path: Path) -> str:
+    path = tmp_path / "r.pdf"
+    path.write_bytes(pdf)
+    return _pdf_text(path)
+
+
+# what the HTML says of a single input, which every PDF must say too
+_SHARED_PHRASES = ("Intended use", "Decision rule", "calibrated probabilities", "SHA-256", "Model", "Held-out metrics")
+
+
+@pytest.mark.parametrize("engine", ["chromium", "fpdf2"])
+def test_pdf_engines_show_the_html_content(single_context, tmp_path, engine):
+    from pellucid.explain.report import chromium_path, render_html, render_pdf
+
+    if engine == "chromium" and chromium_path() is None:
+        pytest.skip("Chromium (Debian package chromium) is not installed")
+    ctx, label = single_context
+    pdf = render_pdf(ctx, engine=engine)
+    assert pdf.startswith(b"%PDF-")
+    text, html = _bytes_text(pdf, tmp_path), _visible_text(render_html(ctx))
+    for phrase in (f"Predicted: {label}", *_SHARED_PHRASES):
+        assert phrase in html and phrase in text, phrase
+    sha = ctx["cases"][0]["sha256"]  # long monospace words may wrap in either PDF
+    assert sha in html and sha in re.sub(r"\s+", "", text)
+    # only fpdf2 numbers its pages in a footer: the engine asked for is the one that ran
+    assert ("page 1/" in text) == (engine == "fpdf2")
+
+
+def test_pdf_falls_back_to_fpdf2_without_a_working_chromium(single_context, tmp_path, monkeypatch, caplog):
+    from pellucid.explain.report import ReportError, pdf, render_pdf
+
+    ctx, label = single_context
+    monkeypatch.setattr(pdf, "chromium_path", lambda: None)  # not installed
+    text = _bytes_text(render_pdf(ctx), tmp_path)
+    assert f"Predicted: {label}" in text and "page 1/" in text
+    with pytest.raises(ReportError, match="no Chromium found"):
+        render_pdf(ctx, engine="chromium")
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no 'false' executable to stand in for a failing browser")
+    monkeypatch.setattr(pdf, "chromium_path", lambda: false)  # installed but failing
+    caplog.set_level(logging.WARNING)
+    text = _bytes_text(render_pdf(ctx), tmp_path)
+    assert f"Predicted: {label}" in text and "page 1/" in text
+    assert "Chromium could not print the report" in caplog.text
+    with pytest.raises(ReportError, match="Chromium could not print"):
+        render_pdf(ctx, engine="chromium")
+    with pytest.raises(ReportError, match="unknown PDF engine 'weasy'"):
+        render_pdf(ctx, engine="weasy")
