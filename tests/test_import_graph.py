@@ -21,9 +21,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pellucid"
 # (importer, imported) pairs that break the layer rules today, each owned by a file outside this
 # check's reach. Remove an entry when its edge is gone (test_known_violations_still_exist says so).
 KNOWN_LAYER_VIOLATIONS = {
-    # datasets/augment.py: `from pellucid.core.backbones import unknown_name_error` should import it
-    # from pellucid.registry.
-    ("pellucid.datasets.augment", "pellucid.core.backbones"),
     # core/fewshot_cli.py is the CLI of the few-shot command and reuses helpers of pellucid.cli.
     ("pellucid.core.fewshot_cli", "pellucid.cli"),
 }

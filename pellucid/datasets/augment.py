@@ -13,7 +13,7 @@ from typing import Callable
 import albumentations as A
 import numpy as np
 
-from pellucid.core.backbones import unknown_name_error
+from pellucid.registry import unknown_name_error
 
 __all__ = ["get_augment", "list_augments", "register_augment", "seed_augment", "seed_worker_augment"]
 

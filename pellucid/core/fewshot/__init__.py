@@ -35,7 +35,7 @@ The command line (``pellucid fewshot {fit,eval}``) lives in :mod:`pellucid.core.
 """
 from __future__ import annotations
 
-from pellucid.core.backbones import Backbone, create_backbone, unknown_name_error  # noqa: F401 (re-exported)
+from pellucid.core.backbones import Backbone, create_backbone  # noqa: F401 (re-exported)
 from pellucid.core.fewshot.config import (
     DISTANCES,
     IMPROVED,
@@ -63,6 +63,7 @@ from pellucid.core.fewshot.finetune import (
     split_backbone,
 )
 from pellucid.core.fewshot.folder import fit_prototypes, load_prototypes, nearest_support
+from pellucid.registry import unknown_name_error  # noqa: F401 (re-exported)
 
 __all__ = [
     "FewShotError",

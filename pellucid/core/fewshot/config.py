@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Mapping
 
-from pellucid.core.backbones import unknown_name_error
+from pellucid.registry import unknown_name_error
 
 __all__ = [
     "FewShotError",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pellucid.core.backbones import Backbone, unknown_name_error
+from pellucid.core.backbones import Backbone
 from pellucid.core.fewshot.config import IMPROVED, FewShotError, ProtoConfig
 from pellucid.core.fewshot.episodes import EpisodeSampler
 from pellucid.core.fewshot.features import (
@@ -26,6 +26,7 @@ from pellucid.core.fewshot.features import (
 )
 from pellucid.core.fewshot.maths import prototype_logits
 from pellucid.core.fewshot.network import _pool
+from pellucid.registry import unknown_name_error
 
 __all__ = [
     "split_backbone",

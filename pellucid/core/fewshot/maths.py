@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pellucid.core.backbones import unknown_name_error
 from pellucid.core.fewshot.config import DISTANCES, PLAIN, FewShotError, ProtoConfig
+from pellucid.registry import unknown_name_error
 
 __all__ = [
     "compute_prototypes",

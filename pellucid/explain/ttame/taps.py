@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pellucid.explain.base import ExplanationError
+from pellucid.registry import did_you_mean
 
 __all__ = [
     "default_tap_layers",
@@ -39,8 +40,6 @@ def default_tap_layers(model: nn.Module) -> list[str]:
 
 
 def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
-    import difflib
-
     names = list(layers) if layers else default_tap_layers(model)
     modules = dict(model.named_modules())
     found = _backbone(model)
@@ -52,8 +51,7 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tupl
                 out.append((cand, modules[cand]))
                 break
         else:
-            close = difflib.get_close_matches(n, [m for m in modules if m], n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(n, [m for m in modules if m], n=3)
             raise ExplanationError(f"no layer {n!r} to tap in {type(model).__name__}.{hint} T-TAME taps dotted module "
                                    "names as listed by model.named_modules()")
     return out
