@@ -205,40 +205,32 @@ def _batches(ds, batch_size: int):
 
 
 # ----------------------------------------------------------------------------- Lightning module
-def _lightning():
-    import lightning as L
+def _history_callback():
+    """A Lightning callback whose ``rows`` collect per-epoch numbers for the training-curve plot."""
+    from pellucid.core.trainer import Callback
 
-    return L
+    class History(Callback):
+        def __init__(self):
+            self.rows: list[dict] = []
 
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            row = {"epoch": trainer.current_epoch, **m}
+            opt = trainer.optimizers[0] if trainer.optimizers else None
+            if opt is not None:
+                row["lr"] = max(g["lr"] for g in opt.param_groups)
+            self.rows.append(row)
 
-class _History:
-    """Collects per-epoch numbers for the training-curve plot (a Lightning callback)."""
-
-    def __new__(cls, *args, **kwargs):
-        L = _lightning()
-
-        class History(L.Callback):
-            def __init__(self):
-                self.rows: list[dict] = []
-
-            def on_validation_epoch_end(self, trainer, pl_module):
-                if trainer.sanity_checking:
-                    return
-                m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-                row = {"epoch": trainer.current_epoch, **m}
-                opt = trainer.optimizers[0] if trainer.optimizers else None
-                if opt is not None:
-                    row["lr"] = max(g["lr"] for g in opt.param_groups)
-                self.rows.append(row)
-
-        return History()
+    return History()
 
 
 def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_weight: torch.Tensor | None):
     """The LightningModule that fine-tunes ``model`` under ``strategy``."""
-    L = _lightning()
+    from pellucid.core.trainer import LightningModule
 
-    class ClassifierModule(L.LightningModule):
+    class ClassifierModule(LightningModule):
         def __init__(self):
             super().__init__()
             self.model = model
@@ -312,34 +304,14 @@ def train(cfg: TrainConfig) -> Path:
     Returns:
         The model folder path.
     """
-    from pellucid.core import calibration, metrics, plots
-    from pellucid.core.modelfolder import build_card, save_model
+    from pellucid.core.segmentation import LungMasker
+    from pellucid.core.trainer import seed_everything
 
     t0 = time.time()
-    L = _lightning()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed_everything(cfg.seed)
     task = get_task(cfg.task)
     out = Path(cfg.out)
-    from pellucid.core.backbones import get_backbone_spec
-
-    get_backbone_spec(cfg.backbone)  # fail on a typo before any work
-    samples = load_samples(cfg.data, classes=task.classes, aliases=task.aliases)
-    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-    if cfg.max_images:
-        rng = np.random.default_rng(cfg.seed)
-        keep = sorted(rng.permutation(len(samples))[: cfg.max_images])
-        samples = [samples[i] for i in keep]
-    samples, split = make_split(samples, cfg)  # split policy: grouped, temporal, or a saved split file
-    if _rank_zero():
-        save_split(out / "split.json", samples, split)
-    class_index = {c: i for i, c in enumerate(task.classes)}
-    labels = [class_index[s.label] for s in samples]
-    log.info("split %s: train %d, val %d, test %d", split["hash"], len(split["train"]), len(split["val"]),
-             len(split["test"]))
-
-    from pellucid.core.segmentation import LungMasker
-
+    samples, split, labels = _prepare_split(cfg, task, out)
     masker = LungMasker.from_settings(cfg.preprocess, cfg.segmenter)
     cache = ImageCache([s.path for s in samples], cfg.image_size, channels=task.channels, progress=cfg.progress,
                        preprocess=masker)
@@ -359,18 +331,7 @@ def train(cfg: TrainConfig) -> Path:
     cw = _class_weights(y["train"].numpy(), len(task.classes)) if cfg.balance == "weights" else None
 
     history: list[dict] = []
-    probe_info: dict = {}
-    if strategy.probe_first:
-        t = time.time()
-        feats = {p: extract_features(model, _batches(plain[p], 64), device, cfg.progress, f"features ({p})")
-                 for p in ("train", "val")}
-        probe_info = fit_head(model.head, feats["train"], y["train"], weight=cw,
-                              epochs=cfg.probe_epochs, label_smoothing=cfg.label_smoothing,
-                              val=(feats["val"], y["val"]))
-        probe_info["seconds"] = round(time.time() - t, 1)
-        history.append({"epoch": -1, "phase": "linear-probe", **probe_info})
-        log.info("linear probe: %s", probe_info)
-
+    probe_info = _linear_probe(model, plain, y, cw, cfg, device, history) if strategy.probe_first else {}
     trainer_info: dict = {}
     if strategy.needs_images and cfg.epochs > 0:
         probe_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -378,74 +339,129 @@ def train(cfg: TrainConfig) -> Path:
         trainer_info = _fine_tune(model, strategy, cfg, cache, split, labels, cw, out, history)
         if not _rank_zero():
             return out
-        trainer_info["kept"] = "fine-tuned"
-        tuned = [float(h["val_loss"]) if np.isfinite(h["val_loss"]) else float("inf")  # NaN: diverged
-                 for h in history if h.get("epoch", -1) >= 0 and h.get("val_loss") is not None]
-        if probe_state is not None and tuned and min(tuned) > probe_info["val_loss"]:
-            # Fine-tuning that ends worse on validation than its own starting point (a diverged or
-            # collapsed run) must not replace it: keep the linear probe and say so.
-            model.load_state_dict(probe_state)
-            trainer_info["kept"] = "linear-probe"
-            msg = (f"fine-tuning did not beat the linear probe on validation (best val loss {min(tuned):.4f} vs "
-                   f"{probe_info['val_loss']:.4f}); the model folder keeps the linear probe")
-            trainer_info["kept_reason"] = msg
-            log.warning(msg)
+        trainer_info.update(_keep_better(model, probe_state, probe_info, history))
 
     # ---- evaluation on rank zero: calibrate on val, threshold on val, score on test
-    logits = {p: predict_logits(model, _batches(plain[p], 64), device) for p in ("val", "test")}
-    T = calibration.fit_temperature(logits["val"], y["val"])
-    probs = {p: calibration.apply_temperature(logits[p], T) for p in logits}
-    raw_test = calibration.apply_temperature(logits["test"], 1.0)
-    pos = task.positive_index
-    threshold = None
-    yv = (y["val"].numpy() == pos).astype(int) if pos is not None else None
-    if task.binary and pos is not None and task.threshold_policy != "argmax":
-        if 0 < yv.sum() < len(yv):
-            threshold = metrics.choose_threshold(yv, probs["val"][:, pos], task.threshold_policy,
-                                                 task.target_sensitivity)
-        else:  # a validation split with one class cannot place a threshold: say so, keep argmax
-            warnings.warn(f"validation split has only one class: the {task.threshold_policy!r} threshold "
-                          "cannot be chosen; using argmax (0.5)", stacklevel=2)
-    test_metrics = metrics.classification_metrics(y["test"].numpy(), probs["test"], list(task.classes),
-                                                  threshold=threshold, positive_index=pos, n_boot=cfg.n_boot,
-                                                  seed=cfg.seed)
-    cal = {"method": "temperature", "temperature": float(T),
-           "ece_before": float(calibration.expected_calibration_error(raw_test, y["test"].numpy())),
-           "ece_after": float(calibration.expected_calibration_error(probs["test"], y["test"].numpy()))}
-    plot_dir = out / "plots"
-    plot_dir.mkdir(exist_ok=True)
-    plots.plot_roc(y["test"].numpy(), probs["test"], list(task.classes), plot_dir / "roc.png", positive_index=pos)
-    plots.plot_confusion(np.array(test_metrics["confusion_matrix"]), list(task.classes), plot_dir / "confusion.png")
-    plots.plot_reliability(probs["test"], y["test"].numpy(), plot_dir / "reliability.png", T=T)
-    if any("val_loss" in h for h in history):
-        plots.plot_training_curves([h for h in history if h.get("epoch", -1) >= 0] or history,
-                                   plot_dir / "training_curves.png")
-    (out / "metrics.json").write_text(json.dumps(test_metrics, indent=1))
-    (out / "history.json").write_text(json.dumps(history, indent=1, default=float))
-
+    cal, threshold, test_metrics = _evaluate(model, plain, y, task, cfg, device, out, history)
     seconds = round(time.time() - t0, 1)
-    card = build_card(
-        task=task, model=model, weight_info=weight_info, image_size=cfg.image_size,
-        threshold={"policy": task.threshold_policy if threshold is not None else "argmax",
-                   "value": threshold, "positive_class": task.positive_class,
-                   "target_sensitivity": task.target_sensitivity if task.threshold_policy == "sensitivity" else None},
-        calibration=cal, metrics=test_metrics,
-        split={"hash": split["hash"], "seed": cfg.seed, "train": len(plain["train"]), "val": len(plain["val"]),
-               "test": len(plain["test"]), "file": "split.json"},
-        training={"finetune": cfg.finetune, "epochs": cfg.epochs, "seconds": seconds, "device": str(device),
-                  "linear_probe": probe_info, **trainer_info, "data": str(Path(cfg.data).resolve()),
-                  "skipped_files": [f"{p}: {e}" for p, e in cache.failures]},
-        recipe={k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "extra", "progress")},
-    )
+    card = _card(cfg, task, model, weight_info, cal, threshold, test_metrics, split, plain,
+                 training={"finetune": cfg.finetune, "epochs": cfg.epochs, "seconds": seconds, "device": str(device),
+                           "linear_probe": probe_info, **trainer_info, "data": str(Path(cfg.data).resolve()),
+                           "skipped_files": [f"{p}: {e}" for p, e in cache.failures]})
     if masker is not None:
         card["preprocessing"].update(masker.card_entry())  # predict / explain / report / UI re-run the chain
+    _write_model_folder(out, model, card, plain, cfg, cache)
+    log.info("model folder %s written in %.0f s", out, seconds)
+    return out
+
+
+def _prepare_split(cfg: TrainConfig, task: TaskSpec, out: Path) -> tuple[list[Sample], dict, list[int]]:
+    """Read the samples, write ``config.json``, make (and on rank zero save) the split.
+
+    Returns:
+        ``(samples, split, labels)``: the samples used, the split (indices per part and its hash)
+        and each sample's class index.
+    """
+    from pellucid.core.backbones import get_backbone_spec
+
+    get_backbone_spec(cfg.backbone)  # fail on a typo before any work
+    samples = load_samples(cfg.data, classes=task.classes, aliases=task.aliases)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    if cfg.max_images:
+        rng = np.random.default_rng(cfg.seed)
+        keep = sorted(rng.permutation(len(samples))[: cfg.max_images])
+        samples = [samples[i] for i in keep]
+    samples, split = make_split(samples, cfg)  # split policy: grouped, temporal, or a saved split file
+    if _rank_zero():
+        save_split(out / "split.json", samples, split)
+    class_index = {c: i for i, c in enumerate(task.classes)}
+    labels = [class_index[s.label] for s in samples]
+    log.info("split %s: train %d, val %d, test %d", split["hash"], len(split["train"]), len(split["val"]),
+             len(split["test"]))
+    return samples, split, labels
+
+
+def _linear_probe(model: Classifier, plain: dict, y: dict, cw: torch.Tensor | None, cfg: TrainConfig,
+                  device: torch.device, history: list[dict]) -> dict:
+    """Fit the head on cached frozen features of the training part (L2 chosen on validation);
+    appends the probe's row to ``history`` and returns its :func:`fit_head` numbers (+ seconds)."""
+    t = time.time()
+    feats = {p: extract_features(model, _batches(plain[p], 64), device, cfg.progress, f"features ({p})")
+             for p in ("train", "val")}
+    probe_info = fit_head(model.head, feats["train"], y["train"], weight=cw,
+                          epochs=cfg.probe_epochs, label_smoothing=cfg.label_smoothing,
+                          val=(feats["val"], y["val"]))
+    probe_info["seconds"] = round(time.time() - t, 1)
+    history.append({"epoch": -1, "phase": "linear-probe", **probe_info})
+    log.info("linear probe: %s", probe_info)
+    return probe_info
+
+
+def _keep_better(model: Classifier, probe_state: dict | None, probe_info: dict, history: list[dict]) -> dict:
+    """Which weights the folder keeps: the fine-tuned ones, unless they end worse on validation than
+    the linear probe they started from (then ``probe_state`` is loaded back into ``model``).
+
+    Returns:
+        ``{"kept": "fine-tuned" | "linear-probe"}`` (+ ``"kept_reason"`` when the probe is kept).
+    """
+    tuned = [float(h["val_loss"]) if np.isfinite(h["val_loss"]) else float("inf")  # NaN: diverged
+             for h in history if h.get("epoch", -1) >= 0 and h.get("val_loss") is not None]
+    if probe_state is None or not tuned or min(tuned) <= probe_info["val_loss"]:
+        return {"kept": "fine-tuned"}
+    # Fine-tuning that ends worse on validation than its own starting point (a diverged or
+    # collapsed run) must not replace it: keep the linear probe and say so.
+    model.load_state_dict(probe_state)
+    msg = (f"fine-tuning did not beat the linear probe on validation (best val loss {min(tuned):.4f} vs "
+           f"{probe_info['val_loss']:.4f}); the model folder keeps the linear probe")
+    log.warning(msg)
+    return {"kept": "linear-probe", "kept_reason": msg}
+
+
+def _evaluate(model: Classifier, plain: dict, y: dict, task: TaskSpec, cfg: TrainConfig, device: torch.device,
+              out: Path, history: list[dict]) -> tuple[dict, dict, dict]:
+    """Calibrate and threshold on validation, score on test (``metrics.json`` and plots), then draw
+    the training curves and write ``history.json``. Returns ``(calibration, threshold, metrics)``."""
+    from pellucid.core import plots
+    from pellucid.core.scoring import score_split
+
+    logits = {p: predict_logits(model, _batches(plain[p], 64), device) for p in ("val", "test")}
+    cal, threshold, test_metrics = score_split(
+        logits["val"], y["val"].numpy(), logits["test"], y["test"].numpy(), task.classes, out,
+        positive_index=task.positive_index, positive_class=task.positive_class, policy=task.threshold_policy,
+        target_sensitivity=task.target_sensitivity, n_boot=cfg.n_boot, seed=cfg.seed)
+    if any("val_loss" in h for h in history):
+        plots.plot_training_curves([h for h in history if h.get("epoch", -1) >= 0] or history,
+                                   out / "plots" / "training_curves.png")
+    (out / "history.json").write_text(json.dumps(history, indent=1, default=float))
+    return cal, threshold, test_metrics
+
+
+def _card(cfg: TrainConfig, task: TaskSpec, model: Classifier, weight_info: dict, cal: dict, threshold: dict,
+          test_metrics: dict, split: dict, plain: dict, training: dict) -> dict:
+    """The model card of a trained classifier (see :func:`pellucid.core.modelfolder.build_card`)."""
+    from pellucid.core.modelfolder import build_card
+
+    return build_card(
+        task=task, model=model, weight_info=weight_info, image_size=cfg.image_size,
+        threshold=threshold, calibration=cal, metrics=test_metrics,
+        split={"hash": split["hash"], "seed": cfg.seed, "train": len(plain["train"]), "val": len(plain["val"]),
+               "test": len(plain["test"]), "file": "split.json"},
+        training=training,
+        recipe={k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "extra", "progress")},
+    )
+
+
+def _write_model_folder(out: Path, model: Classifier, card: dict, plain: dict, cfg: TrainConfig,
+                        cache: ImageCache) -> None:
+    """Save weights and card, the out-of-domain reference, and report unreadable files."""
+    from pellucid.core.modelfolder import save_model
+
     save_model(out, model, card)
     _save_ood_reference(out, model, plain, cfg)
     if cache.failures:
         log.warning("%d unreadable file(s) were skipped:\n  %s", len(cache.failures),
                     "\n  ".join(e for _, e in cache.failures))
-    log.info("model folder %s written in %.0f s", out, seconds)
-    return out
 
 
 def _save_ood_reference(out: Path, model: Classifier, plain: dict, cfg: TrainConfig) -> None:
@@ -468,11 +484,9 @@ def _save_ood_reference(out: Path, model: Classifier, plain: dict, cfg: TrainCon
         warnings.warn(f"no out-of-domain reference stored: {err}", stacklevel=2)
 
 
-def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,
-               labels: list[int], cw: torch.Tensor | None, out: Path, history: list[dict]) -> dict:
-    L = _lightning()
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
+def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]):
+    """The fine-tuning loaders: augmented, balanced (``cfg.balance == "sampler"``) training batches
+    and plain validation batches."""
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     aug = get_augment(get_task(cfg.task).augment, cfg.image_size, seed=cfg.seed)
@@ -489,8 +503,14 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                           drop_last=len(train_ds) > cfg.batch_size, **dl_kw)
     val_dl = DataLoader(val_ds, batch_size=64, **dl_kw)
+    return train_dl, val_dl
 
-    on_gpu = _device_for(cfg).type == "cuda"
+
+def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,
+               labels: list[int], cw: torch.Tensor | None, out: Path, history: list[dict]) -> dict:
+    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, make_trainer
+
+    train_dl, val_dl = _loaders(cfg, cache, split, labels)
     # channels-last on CPU too: oneDNN's convolutions (depthwise ones above all) run in that layout;
     # an EfficientNet-Lite0 training step at 224 px took about half the time on the 2-core benchmark
     # machine. The saved weights are converted back to the default layout below.
@@ -498,17 +518,13 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     module = make_module(model, strategy, cfg, cw)
     ckpt_dir = out / "checkpoints"
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
-    hist = _History()
-    callbacks = [ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist]
-    if cfg.progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
-    trainer = L.Trainer(
+    hist = _history_callback()
+    trainer = make_trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy, precision="bf16-mixed" if on_gpu else "32-true",
-        logger=CSVLogger(str(out), name="logs"),  # logs/version_N: one per (resumed) run
-        callbacks=callbacks,
-        enable_progress_bar=cfg.progress, enable_model_summary=False, deterministic=False,
-        log_every_n_steps=max(1, min(10, len(train_dl))), num_sanity_val_steps=0,
+        strategy=cfg.strategy, bf16=True,  # bf16 autocast on CUDA, 32-bit elsewhere
+        log_dir=out,  # logs/version_N: one per (resumed) run
+        callbacks=[ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist],
+        progress=cfg.progress, deterministic=False, log_every_n_steps=max(1, min(10, len(train_dl))),
     )
     resume = ckpt_dir / "last.ckpt"
     t = time.time()

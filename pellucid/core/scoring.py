@@ -1,0 +1,90 @@
+"""The evaluation tail of a trained model: calibrate, threshold, score and plot one partition.
+
+This module owns what happens between "the model's logits on the validation and test parts" and
+"the numbers and figures a model folder records": :func:`score_split` fits the temperature on
+validation, chooses the decision threshold on validation by the task's policy (binary tasks; a
+validation part with one class keeps argmax, with a warning), scores the test part with bootstrap
+intervals, measures calibration before and after scaling, and writes ``metrics.json`` and the
+ROC, confusion and reliability plots. Single models (:func:`pellucid.core.training.train`) and
+ensembles (:func:`pellucid.core.ensemble.build_ensemble`) both end here, so their cards say the
+same things in the same words.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pellucid.core import calibration, metrics, plots
+
+__all__ = ["score_split", "choose_split_threshold"]
+
+
+def choose_split_threshold(y_val: np.ndarray, probs_val: np.ndarray, n_classes: int, positive_index: int | None,
+                           policy: str, target_sensitivity: float | None) -> float | None:
+    """The decision threshold chosen on validation, or None (argmax).
+
+    Only binary tasks with a positive class and a policy other than ``argmax`` get one; a validation
+    part with a single class cannot place it, which is said with a warning (argmax is kept).
+    """
+    if n_classes != 2 or positive_index is None or policy == "argmax":
+        return None
+    yv = (np.asarray(y_val) == positive_index).astype(int)
+    if 0 < yv.sum() < len(yv):
+        return metrics.choose_threshold(yv, probs_val[:, positive_index], policy, target_sensitivity)
+    warnings.warn(f"validation split has only one class: the {policy!r} threshold "
+                  "cannot be chosen; using argmax (0.5)", stacklevel=3)
+    return None
+
+
+def score_split(logits_val: Any, y_val: Any, logits_test: Any, y_test: Any, classes: Sequence[str],
+                out_dir: str | Path, *, positive_index: int | None, positive_class: str | None,
+                policy: str = "argmax", target_sensitivity: float | None = None, n_boot: int = 1000,
+                seed: int = 0) -> tuple[dict, dict, dict]:
+    """Calibrate and threshold on validation, score on test, write ``metrics.json`` and the plots.
+
+    Args:
+        logits_val, logits_test: logits ``(N, C)`` (tensor or array) of the validation and test parts.
+        y_val, y_test: their true class indices ``(N,)`` (tensor or array).
+        classes: class names in column order.
+        out_dir: the model folder; ``metrics.json`` goes there, ``roc.png``, ``confusion.png`` and
+            ``reliability.png`` under ``plots/``.
+        positive_index: the positive class column, used for the threshold, the metrics and the ROC
+            curve (None: argmax and macro averages).
+        positive_class: its name, recorded in the threshold entry.
+        policy: the task's threshold policy (see :data:`pellucid.core.metrics.THRESHOLD_POLICIES`).
+        target_sensitivity: the target of the ``sensitivity`` policy.
+        n_boot, seed: bootstrap resamples and seed of the test intervals.
+
+    Returns:
+        ``(calibration, threshold, test_metrics)``: the card's ``calibration`` entry (temperature,
+        ECE before and after scaling, on test), its ``threshold`` entry (policy, value, positive
+        class, target sensitivity) and the :func:`~pellucid.core.metrics.classification_metrics`
+        result.
+    """
+    classes = list(classes)
+    y_val, y_test = np.asarray(y_val), np.asarray(y_test)
+    T = calibration.fit_temperature(logits_val, y_val)
+    probs_val = calibration.apply_temperature(logits_val, T)
+    probs_test = calibration.apply_temperature(logits_test, T)
+    threshold = choose_split_threshold(y_val, probs_val, len(classes), positive_index, policy, target_sensitivity)
+    test_metrics = metrics.classification_metrics(y_test, probs_test, classes, threshold=threshold,
+                                                  positive_index=positive_index, n_boot=n_boot, seed=seed)
+    raw_test = calibration.apply_temperature(logits_test, 1.0)
+    cal = {"method": "temperature", "temperature": float(T),
+           "ece_before": float(calibration.expected_calibration_error(raw_test, y_test)),
+           "ece_after": float(calibration.expected_calibration_error(probs_test, y_test))}
+    threshold_entry = {"policy": policy if threshold is not None else "argmax", "value": threshold,
+                       "positive_class": positive_class,
+                       "target_sensitivity": target_sensitivity if policy == "sensitivity" else None}
+    out_dir = Path(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(test_metrics, indent=1))
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    plots.plot_roc(y_test, probs_test, classes, plot_dir / "roc.png", positive_index=positive_index)
+    plots.plot_confusion(np.array(test_metrics["confusion_matrix"]), classes, plot_dir / "confusion.png")
+    plots.plot_reliability(probs_test, y_test, plot_dir / "reliability.png", T=T)
+    return cal, threshold_entry, test_metrics
