@@ -36,6 +36,7 @@ from pellucid.core.modelfolder import ModelFolderError, load_model, read_card
 from pellucid.registry import did_you_mean
 
 if TYPE_CHECKING:
+    from pellucid.core.tasks import TaskSpec
     from pellucid.core.training import TrainConfig
 
 __all__ = ["Ensemble", "build_ensemble", "load_ensemble", "train_ensemble"]
@@ -188,10 +189,6 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
     Returns:
         The ensemble folder.
     """
-    import pellucid
-    from pellucid.core import calibration, metrics, plots
-    from pellucid.core.tasks import get_task
-
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +196,37 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
     if not member_dirs:
         raise ValueError("build_ensemble needs at least one member folder, got none")
     cards = [read_card(d) for d in member_dirs]
+    channels_in = _check_members(member_dirs, cards)
+    inside = _place_members(member_dirs, out, copy)
+    rel = [p.relative_to(out.resolve()).as_posix() for p in inside]
+    if weights is not None and len(weights) != len(rel):
+        raise ValueError(f"{len(weights)} weights for {len(rel)} members")
+    w = np.ones(len(rel)) if weights is None else np.asarray(weights, dtype=np.float64)
+    task = _task_or_none(cards[0]["task"])
+    card = _ensemble_card(cards, rel, w / w.sum(), channels_in)
+    shared = _shared_split(inside)
+    reason = "members do not share one validation/test partition" if shared is None else None
+    if shared is not None and not any(Path(r["path"]).exists() for r in shared["val"]):
+        reason = f"the members' validation images ({shared['val'][0]['path']}, ...) cannot be read from here"
+        shared = None
+    if shared is None:
+        warnings.warn(f"{reason}: the ensemble is left uncalibrated (temperature 1) and unscored", stacklevel=2)
+        card.update(calibration={"method": "none", "temperature": 1.0, "note": reason},
+                    threshold={"policy": "argmax", "value": None, "positive_class": card["positive_class"]},
+                    metrics={"note": f"not scored: {reason}"}, split=None)
+    else:
+        card.update(_score_ensemble(out, card, shared, task, n_boot=n_boot, seed=seed))
+    card["training"] = {"seconds": round(time.time() - t0, 1), "kind": "ensemble of trained members",
+                        **(training or {})}
+    card["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    (out / "card.json").write_text(json.dumps(card, indent=1))
+    log.info("ensemble of %d members written to %s", len(rel), out)
+    return out
+
+
+def _check_members(member_dirs: Sequence[Path], cards: Sequence[dict]) -> int | None:
+    """Check that the members are plain models of one task with the same classes and input channels;
+    return those channels (``preprocessing.channels_in``)."""
     if any(c.get("kind", "classifier") == "ensemble" for c in cards):
         raise ModelFolderError("an ensemble member may not itself be an ensemble; give its members instead")
     task_name, classes = cards[0]["task"], list(cards[0]["classes"])
@@ -209,7 +237,12 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
     channels = {c.get("preprocessing", {}).get("channels_in") for c in cards}
     if len(channels) != 1:
         raise ModelFolderError(f"members disagree on input channels {sorted(map(str, channels))}")
-    channels_in = channels.pop()
+    return channels.pop()
+
+
+def _place_members(member_dirs: Sequence[Path], out: Path, copy: bool) -> list[Path]:
+    """Resolved member folders inside ``out``: members already there stay, the others are copied to
+    ``out/members/<name>`` (a name taken gets ``_`` appended)."""
     inside = []
     used_names: set[str] = set()
     for d in member_dirs:
@@ -224,24 +257,22 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
         used_names.add(name)
         _copy_member(d, out / "members" / name)
         inside.append((out / "members" / name).resolve())
-    rel = [p.relative_to(out.resolve()).as_posix() for p in inside]
-    if weights is not None and len(weights) != len(rel):
-        raise ValueError(f"{len(weights)} weights for {len(rel)} members")
-    w = np.ones(len(rel)) if weights is None else np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
+    return inside
+
+
+def _ensemble_card(cards: Sequence[dict], rel: Sequence[str], w: np.ndarray, channels_in: int | None) -> dict:
+    """The ensemble's card before scoring: task facts from the first member, one ``members`` entry
+    per member (path, normalised weight, backbone, size, temperature, test metrics)."""
+    import pellucid
+
+    task_name = cards[0]["task"]
     sizes = [int(c["preprocessing"]["image_size"]) for c in cards]
-    size = max(sizes)
-    task = None
-    try:
-        task = get_task(task_name)
-    except KeyError:
-        pass
-    card: dict = {
+    return {
         "kind": "ensemble",
         "pellucid_version": pellucid.__version__,
         "task": task_name,
         "title": cards[0].get("title", task_name),
-        "classes": classes,
+        "classes": list(cards[0]["classes"]),
         "positive_class": cards[0].get("positive_class"),
         "modality": cards[0].get("modality"),
         "intended_use": cards[0].get("intended_use"),
@@ -255,64 +286,50 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
                      "test_metrics": {k: v.get("value")
                                       for k, v in (c.get("metrics") or {}).get("metrics", {}).items()}}
                     for r, wi, c, s in zip(rel, w, cards, sizes)],
-        "preprocessing": {"image_size": size, "channels_in": channels_in, "resize": "squash",
+        "preprocessing": {"image_size": max(sizes), "channels_in": channels_in, "resize": "squash",
                           "input_range": [0.0, 1.0], "member_sizes": sizes,
                           "note": "each member resizes the input to its own size (bilinear, antialiased)"},
     }
-    shared = _shared_split(inside)
-    reason = "members do not share one validation/test partition" if shared is None else None
-    if shared is not None and not any(Path(r["path"]).exists() for r in shared["val"]):
-        reason = f"the members' validation images ({shared['val'][0]['path']}, ...) cannot be read from here"
-        shared = None
-    if shared is None:
-        warnings.warn(f"{reason}: the ensemble is left uncalibrated (temperature 1) and unscored", stacklevel=2)
-        card.update(calibration={"method": "none", "temperature": 1.0, "note": reason},
-                    threshold={"policy": "argmax", "value": None, "positive_class": card["positive_class"]},
-                    metrics={"note": f"not scored: {reason}"}, split=None)
-    else:
-        (out / "split.json").write_text(json.dumps(shared, indent=1))
-        model = load_ensemble(out, card)
-        idx = {c: i for i, c in enumerate(classes)}
-        logits, y = {}, {}
-        for part in ("val", "test"):
-            rows = shared[part]
-            lg, ok = _logits_of(model, [r["path"] for r in rows], size, channels_in)
-            logits[part], y[part] = lg, np.array([idx[rows[i]["label"]] for i in ok])
-        T = calibration.fit_temperature(logits["val"], y["val"])
-        probs = {p: calibration.apply_temperature(logits[p], T) for p in logits}
-        pos = classes.index(card["positive_class"]) if card["positive_class"] in classes else None
-        policy = task.threshold_policy if task is not None else "argmax"
-        threshold = None
-        if len(classes) == 2 and pos is not None and policy != "argmax":
-            threshold = metrics.choose_threshold((y["val"] == pos).astype(int), probs["val"][:, pos], policy,
-                                                 task.target_sensitivity)
-        test_metrics = metrics.classification_metrics(y["test"], probs["test"], classes, threshold=threshold,
-                                                      positive_index=pos if len(classes) == 2 else None,
-                                                      n_boot=n_boot, seed=seed)
-        raw = calibration.apply_temperature(logits["test"], 1.0)
-        card.update(
-            calibration={"method": "temperature", "temperature": float(T),
-                         "ece_before": float(calibration.expected_calibration_error(raw, y["test"])),
-                         "ece_after": float(calibration.expected_calibration_error(probs["test"], y["test"]))},
-            threshold={"policy": policy if threshold is not None else "argmax", "value": threshold,
-                       "positive_class": card["positive_class"],
-                       "target_sensitivity": task.target_sensitivity if task and policy == "sensitivity" else None},
-            metrics=test_metrics,
-            split={"hash": shared.get("hash"), "seed": shared.get("seed"), "train": len(shared.get("train", [])),
-                   "val": len(shared["val"]), "test": len(shared["test"]), "file": "split.json"},
-        )
-        (out / "metrics.json").write_text(json.dumps(test_metrics, indent=1))
-        plot_dir = out / "plots"
-        plot_dir.mkdir(exist_ok=True)
-        plots.plot_roc(y["test"], probs["test"], classes, plot_dir / "roc.png", positive_index=pos)
-        plots.plot_confusion(np.array(test_metrics["confusion_matrix"]), classes, plot_dir / "confusion.png")
-        plots.plot_reliability(probs["test"], y["test"], plot_dir / "reliability.png", T=T)
-    card["training"] = {"seconds": round(time.time() - t0, 1), "kind": "ensemble of trained members",
-                        **(training or {})}
-    card["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    (out / "card.json").write_text(json.dumps(card, indent=1))
-    log.info("ensemble of %d members written to %s", len(rel), out)
-    return out
+
+
+def _task_or_none(name: str) -> TaskSpec | None:
+    """The members' task spec, or None for a task this installation does not know."""
+    from pellucid.core.tasks import get_task
+
+    try:
+        return get_task(name)
+    except KeyError:
+        return None
+
+
+def _score_ensemble(out: Path, card: dict, shared: dict, task: TaskSpec | None, *, n_boot: int, seed: int) -> dict:
+    """Calibrate and threshold the ensemble on the shared validation part and score it on the shared
+    test part (``split.json``, ``metrics.json`` and plots written to ``out``).
+
+    Returns:
+        The card entries ``calibration``, ``threshold``, ``metrics`` and ``split``.
+    """
+    from pellucid.core.scoring import score_split
+
+    (out / "split.json").write_text(json.dumps(shared, indent=1))
+    model = load_ensemble(out, card)
+    classes = card["classes"]
+    idx = {c: i for i, c in enumerate(classes)}
+    logits, y = {}, {}
+    for part in ("val", "test"):
+        rows = shared[part]
+        lg, ok = _logits_of(model, [r["path"] for r in rows], card["preprocessing"]["image_size"],
+                            card["preprocessing"]["channels_in"])
+        logits[part], y[part] = lg, np.array([idx[rows[i]["label"]] for i in ok])
+    pos = classes.index(card["positive_class"]) if card["positive_class"] in classes else None
+    cal, threshold, test_metrics = score_split(
+        logits["val"], y["val"], logits["test"], y["test"], classes, out,
+        positive_index=pos if len(classes) == 2 else None, positive_class=card["positive_class"],
+        policy=task.threshold_policy if task is not None else "argmax",
+        target_sensitivity=task.target_sensitivity if task is not None else None, n_boot=n_boot, seed=seed)
+    split = {"hash": shared.get("hash"), "seed": shared.get("seed"), "train": len(shared.get("train", [])),
+             "val": len(shared["val"]), "test": len(shared["test"]), "file": "split.json"}
+    return {"calibration": cal, "threshold": threshold, "metrics": test_metrics, "split": split}
 
 
 def train_ensemble(cfg: TrainConfig) -> Path:
