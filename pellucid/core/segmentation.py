@@ -444,11 +444,12 @@ class _PairDataset(torch.utils.data.Dataset):
 
 
 def _make_module(model: nn.Module, cfg: SegConfig):
-    import lightning as L
     from monai.losses import DiceCELoss
     from monai.metrics import DiceMetric
 
-    class SegmenterModule(L.LightningModule):
+    from pellucid.core.trainer import LightningModule
+
+    class SegmenterModule(LightningModule):
         def __init__(self):
             super().__init__()
             self.model = model
@@ -501,31 +502,61 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
     Returns:
         The model folder path.
     """
-    import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    import pellucid
     from pellucid.core.modelfolder import save_model
-    from pellucid.datasets.samples import Sample
-    from pellucid.datasets.splits import grouped_split, save_split
+    from pellucid.core.trainer import seed_everything
 
-    unknown = set(overrides) - set(SegConfig.__dataclass_fields__)
+    cfg = _seg_config(image_size=image_size, epochs=epochs, seed=seed, max_images=max_images, **overrides)
+    t0, c0 = time.time(), time.process_time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"data": str(data_dir), **asdict(cfg)}, indent=1, default=str))
+
+    rows, split = _seg_split(data_dir, cfg, out)
+    x, y, ok, bad = _load_pairs(rows, cfg.image_size, cfg.progress)
+    pos = {row: k for k, row in enumerate(ok)}
+    parts = {p: [pos[i] for i in split[p] if i in pos] for p in ("train", "val", "test")}
+    for p, idx in parts.items():
+        if not idx:
+            raise SegmentationError(f"the {p} split has no readable image/mask pairs; check {data_dir}")
+
+    model, fit = _fit_unet(cfg, x, y, parts, out)
+    metrics = _score_segmenter(model, [rows[ok[k]] for k in parts["test"]], cfg, out)
+    card = _seg_card(cfg, split, parts, metrics, training={
+        "seconds": round(time.time() - t0, 1), "fit_seconds": fit["fit_seconds"],
+        "cpu_seconds": round(time.process_time() - c0, 1), "epochs_run": fit["epochs_run"],
+        "max_epochs": cfg.epochs, "stopped_early": fit["stopped_early"], "best_val_dice": fit["best_val_dice"],
+        "torch_threads": torch.get_num_threads(), "device": "cpu",
+        "loss": "monai.losses.DiceCELoss(sigmoid=True)", "optimizer": "AdamW + OneCycle",
+        "data": str(Path(data_dir).resolve()), "skipped_files": bad})
+    save_model(out, model, card)
+    log.info("segmentation folder %s: test Dice %.4f [%.4f, %.4f], HD95 %.2f px", out, metrics["dice"]["value"],
+             metrics["dice"]["low"], metrics["dice"]["high"], metrics["hd95"]["value"])
+    return out
+
+
+def _seg_config(**options) -> SegConfig:
+    """The :class:`SegConfig` of ``options``; did-you-mean on an unknown option, and the image size
+    checked against the U-Net's strides."""
+    unknown = set(options) - set(SegConfig.__dataclass_fields__)
     if unknown:
         key = sorted(unknown)[0]
         raise TypeError(f"train_segmenter() got an unknown option {key!r}"
                         + did_you_mean(key, SegConfig.__dataclass_fields__, clause=True))
-    cfg = SegConfig(image_size=image_size, epochs=epochs, seed=seed, max_images=max_images, **overrides)
+    cfg = SegConfig(**options)
     if cfg.image_size % int(np.prod(cfg.strides)):
         raise SegmentationError(f"image_size {cfg.image_size} is not divisible by {int(np.prod(cfg.strides))} "
                                 f"(the product of strides {cfg.strides})")
-    t0, c0 = time.time(), time.process_time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"data": str(data_dir), **asdict(cfg)}, indent=1, default=str))
+    return cfg
+
+
+def _seg_split(data_dir: str | Path, cfg: SegConfig, out: Path) -> tuple[list[dict], dict]:
+    """The manifest rows used (a seeded subset with ``max_images``) and their grouped split, saved as
+    ``out/split.json``."""
+    from pellucid.datasets.samples import Sample
+    from pellucid.datasets.splits import grouped_split, save_split
 
     rows = read_seg_manifest(data_dir)
     if cfg.max_images:
@@ -536,13 +567,18 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
     save_split(out / "split.json", samples, split)
     log.info("split %s: train %d, val %d, test %d", split["hash"], len(split["train"]), len(split["val"]),
              len(split["test"]))
+    return rows, split
 
-    x, y, ok, bad = _load_pairs(rows, cfg.image_size, cfg.progress)
-    pos = {row: k for k, row in enumerate(ok)}
-    parts = {p: [pos[i] for i in split[p] if i in pos] for p in ("train", "val", "test")}
-    for p, idx in parts.items():
-        if not idx:
-            raise SegmentationError(f"the {p} split has no readable image/mask pairs; check {data_dir}")
+
+def _fit_unet(cfg: SegConfig, x: np.ndarray, y: np.ndarray, parts: dict, out: Path) -> tuple[nn.Module, dict]:
+    """Train the U-Net on the training part, early-stopping on validation Dice, and reload the best
+    checkpoint.
+
+    Returns:
+        ``(model, facts)``: the model on the CPU in eval mode (``image_size`` set), and the card's
+        training facts ``fit_seconds``, ``epochs_run``, ``stopped_early`` and ``best_val_dice``.
+    """
+    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, make_trainer
 
     model = build_unet(cfg.channels, cfg.strides, cfg.num_res_units)
     module = _make_module(model, cfg)
@@ -552,12 +588,11 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
                   generator=torch.Generator().manual_seed(cfg.seed))
     val_dl = dl(_PairDataset(x[parts["val"]], y[parts["val"]], False, cfg.seed), batch_size=32)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_dice", mode="max")
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator="auto", devices=1, precision="32-true",
-        logger=CSVLogger(str(out), name="logs"),
+    trainer = make_trainer(
+        max_epochs=cfg.epochs, accelerator="auto", devices=1, log_dir=out,
         callbacks=[ckpt, EarlyStopping(monitor="val_dice", mode="max", patience=cfg.patience)],
-        enable_progress_bar=cfg.progress, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(10, len(train_dl))),
+        progress=cfg.progress, log_every_n_steps=max(1, min(10, len(train_dl))),
+        deterministic=None,  # leaves torch's global deterministic-algorithms setting as it is
     )
     t_fit = time.time()
     trainer.fit(module, train_dl, val_dl)
@@ -566,9 +601,15 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
         module.load_state_dict(torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"])
     model = module.model.cpu().eval()
     model.image_size = cfg.image_size
+    best_val = ckpt.best_model_score
+    return model, {"fit_seconds": round(fit_seconds, 1), "epochs_run": trainer.current_epoch,
+                   "stopped_early": bool(trainer.should_stop),
+                   "best_val_dice": float(best_val) if best_val is not None else None}
 
-    # ---- test split at each mask's own resolution, after the same post-processing as segment()
-    test_rows = [rows[ok[k]] for k in parts["test"]]
+
+def _score_segmenter(model: nn.Module, test_rows: list[dict], cfg: SegConfig, out: Path) -> dict:
+    """Dice and HD95 on the test rows at each mask's own resolution, after the same post-processing
+    as :func:`segment`; writes ``out/metrics.json`` (with per-image scores) and returns the summary."""
     preds, targets = [], []
     for r in test_rows:
         preds.append(segment(model, read_image(r["path"], channels=1)))
@@ -578,8 +619,14 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
     (out / "metrics.json").write_text(json.dumps(
         {**metrics, "per_image": [{"path": r["path"], "dice": d, "hd95": h}
                                   for r, d, h in zip(test_rows, per_image["dice"], per_image["hd95"])]}, indent=1))
-    best_val = ckpt.best_model_score
-    card = {
+    return metrics
+
+
+def _seg_card(cfg: SegConfig, split: dict, parts: dict, metrics: dict, training: dict) -> dict:
+    """The card of a segmentation model folder."""
+    import pellucid
+
+    return {
         "kind": "segmentation",
         "pellucid_version": pellucid.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -601,19 +648,9 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
                     "interval": "95% percentile bootstrap over images", "n_boot": cfg.n_boot},
         "split": {"hash": split["hash"], "seed": cfg.seed, "train": len(parts["train"]), "val": len(parts["val"]),
                   "test": len(parts["test"]), "file": "split.json"},
-        "training": {"seconds": round(time.time() - t0, 1), "fit_seconds": round(fit_seconds, 1),
-                     "cpu_seconds": round(time.process_time() - c0, 1), "epochs_run": trainer.current_epoch,
-                     "max_epochs": cfg.epochs, "stopped_early": bool(trainer.should_stop),
-                     "best_val_dice": float(best_val) if best_val is not None else None,
-                     "torch_threads": torch.get_num_threads(), "device": "cpu",
-                     "loss": "monai.losses.DiceCELoss(sigmoid=True)", "optimizer": "AdamW + OneCycle",
-                     "data": str(Path(data_dir).resolve()), "skipped_files": bad},
+        "training": training,
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
     }
-    save_model(out, model, card)
-    log.info("segmentation folder %s: test Dice %.4f [%.4f, %.4f], HD95 %.2f px", out, metrics["dice"]["value"],
-             metrics["dice"]["low"], metrics["dice"]["high"], metrics["hd95"]["value"])
-    return out
 
 
 # ----------------------------------------------------------------------------- prediction
