@@ -5,7 +5,6 @@ caches the trunk's activations once per image, and :class:`EpisodicFineTuner` /
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +25,7 @@ from pellucid.core.fewshot.features import (
 )
 from pellucid.core.fewshot.maths import prototype_logits
 from pellucid.core.fewshot.network import _pool
+from pellucid.core.trainer import FEW_WORKERS_WARNING, LightningModule, make_trainer, quiet_warnings, seed_everything
 from pellucid.registry import unknown_name_error
 
 __all__ = [
@@ -187,16 +187,7 @@ class _EpisodeMaps(torch.utils.data.Dataset):
         return x, torch.from_numpy(ep.support_labels), torch.from_numpy(ep.query_labels), len(ep.support)
 
 
-try:  # Lightning is a core dependency; keep the import local to this class's definition
-    import lightning as L
-
-    _LightningModule = L.LightningModule
-except ImportError:  # pragma: no cover - lightning is in the project dependencies
-    L = None
-    _LightningModule = nn.Module
-
-
-class EpisodicFineTuner(_LightningModule):
+class EpisodicFineTuner(LightningModule):
     """Episodic training of a backbone's tail with the prototypical loss (Snell et al., 2017).
 
     Each training step is one episode: the tail embeds the cached trunk activations of its support
@@ -261,18 +252,13 @@ def finetune_episodic(tail: nn.Module, maps: torch.Tensor, labels: Sequence, gro
     Returns:
         The trained :class:`EpisodicFineTuner` (its ``tail`` shares modules with the backbone).
     """
-    if L is None:  # pragma: no cover
-        raise FewShotError("episodic fine-tuning needs the 'lightning' package: pip install lightning")
     sampler = EpisodeSampler(labels, groups, n_way, n_shot, n_query, episodes, seed)
     module = EpisodicFineTuner(tail, config, lr=lr)
     module.dims = list(dims) if dims is not None else None
     loader = torch.utils.data.DataLoader(_EpisodeMaps(maps, sampler, flip, seed), batch_size=None, shuffle=False)
-    L.seed_everything(seed, workers=True, verbose=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-                            enable_model_summary=False, num_sanity_val_steps=0, deterministic=False)
+    seed_everything(seed)
+    with quiet_warnings(FEW_WORKERS_WARNING, ".*GPU available but not used.*"):
+        trainer = make_trainer(max_epochs=1, progress=progress, deterministic=False)
         trainer.fit(module, loader)
     module.eval()
     return module

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -23,9 +22,9 @@ __all__: list[str] = []
 def _lightning_module(attention: TTAMEAttention, classifier: nn.Module, weights: LossWeights, lr: float,
                       weight_decay: float):
     """The LightningModule that trains ``attention`` against the frozen ``classifier``."""
-    import lightning as L
+    from pellucid.core.trainer import LightningModule
 
-    class TTAMEModule(L.LightningModule):
+    class TTAMEModule(LightningModule):
         def __init__(self):
             super().__init__()
             self.attention = attention
@@ -104,23 +103,15 @@ def _run_trainer(module, train_dl, val_dl, device: torch.device, *, epochs: int,
                  progress: bool) -> tuple[Any, float]:
     """Fit ``module`` on a Lightning Trainer (on ``device``), stopping early on the validation loss;
     returns ``(trainer, seconds spent in trainer.fit)``."""
-    import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
+    from pellucid.core.trainer import FEW_WORKERS_WARNING, EarlyStopping, make_trainer, quiet_warnings
 
-    callbacks = [EarlyStopping(monitor="val_loss", patience=patience, mode="min")]
-    if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
     on_gpu = device.type == "cuda"
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # Cached tensors need no loader workers; Lightning's hint about them is noise here.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer = L.Trainer(
-            max_epochs=epochs, accelerator="gpu" if on_gpu else "cpu",
-            devices=[device.index or 0] if on_gpu else 1, logger=False, enable_checkpointing=False,
-            callbacks=callbacks, enable_progress_bar=progress, enable_model_summary=False,
-            num_sanity_val_steps=0, default_root_dir=tmp, log_every_n_steps=max(1, len(train_dl)),
-            deterministic=False)
+    # Cached tensors need no loader workers; Lightning's hint about them is noise here.
+    with tempfile.TemporaryDirectory() as tmp, quiet_warnings(FEW_WORKERS_WARNING, ".*LeafSpec.*"):
+        trainer = make_trainer(
+            max_epochs=epochs, accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1,
+            callbacks=[EarlyStopping(monitor="val_loss", patience=patience, mode="min")], progress=progress,
+            default_root_dir=tmp, log_every_n_steps=max(1, len(train_dl)), deterministic=False)
         t_fit = time.perf_counter()
         trainer.fit(module, train_dl, val_dl)
         fit_seconds = time.perf_counter() - t_fit
