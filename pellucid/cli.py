@@ -27,6 +27,7 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pellucid.core.modelfolder import ModelFolderError
+    from pellucid.core.pipeline import PipelineError
     from pellucid.core.tasks import TaskSpecError
     from pellucid.core.training import TrainingError
     from pellucid.core.weights import WeightSourceError
@@ -46,7 +47,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         extra.append(ExplanationError)
     except ImportError:
         pass
-    return (*extra, UserError, ModelFolderError, TaskSpecError, TrainingError, WeightSourceError, ImageReadError,
+    return (*extra, UserError, ModelFolderError, PipelineError, TaskSpecError, TrainingError, WeightSourceError, ImageReadError,
             DataError, KeyError, FileNotFoundError)
 
 
@@ -225,24 +226,53 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if bad:
             print(f"{len(bad)} file(s) could not be read:", *[r["error"] for r in bad], sep="\n  ", file=sys.stderr)
         return 0
-    pred = Predictor(args.model)
-    results = pred.predict_paths(args.paths, progress=True)
-    if not results:
-        raise UserError(f"no image files found in {' '.join(args.paths)}")
-    if args.out:
-        write_predictions_csv(args.out, results, pred.classes)
-        print(f"{len(results)} rows written to {args.out}")
-    else:
-        import csv
+    return _predict_classifier(args)
 
-        w = csv.DictWriter(sys.stdout, fieldnames=["path", "label", *[f"prob_{c}" for c in pred.classes], "error"])
-        w.writeheader()
-        for r in results:
-            w.writerow(r.row(pred.classes))
-    bad = [r for r in results if r.error]
-    if bad:
-        print(f"{len(bad)} file(s) could not be read:", *[r.error for r in bad], sep="\n  ", file=sys.stderr)
-    return 0
+
+def _predict_classifier(args: argparse.Namespace) -> int:
+    """Stream Cases of the inputs into the predictions CSV (or stdout); resumable; exit 1 if any input failed."""
+    from tqdm.auto import tqdm
+
+    from pellucid.core.pipeline import CaseWriter
+    from pellucid.core.predict import Predictor
+
+    out = _output_file(args.out, ".csv") if args.out else None
+    pred = Predictor(args.model, device=args.device)
+    pipe = pred.pipeline(batch_size=args.batch_size, workers=args.workers, policy=args.domain_policy,
+                         include_identifiers=args.include_identifiers, keep_images=False)
+    bar = tqdm(total=1.0, desc="predicting", leave=False, bar_format="{l_bar}{bar}| {elapsed}", disable=out is None)
+    with CaseWriter(out, pred.classes, resume=not args.no_resume, stream=None if out else sys.stdout) as w:
+        def progress(fraction: float, text: str) -> None:
+            bar.n = fraction
+            bar.set_postfix_str(text, refresh=True)
+
+        for case in pipe.from_paths(args.paths, skip=w.done, progress=progress):
+            w.write(case)
+        bar.close()
+        if out is not None:
+            resumed = f" (resumed: {w.resumed} earlier rows kept)" if w.resumed else ""
+            print(f"{w.rows} rows written to {out}{resumed}; {w.flagged} flagged out of domain "
+                  f"(policy: {pipe.policy}); {w.errors} unreadable")
+        if w.errors:
+            print(f"{w.errors} input(s) could not be read (see the error column)", file=sys.stderr)
+    return 1 if w.errors else 0
+
+
+def _output_file(path: str, suffix: str) -> Path:
+    """``--out`` checked before any work: not a folder, its folder creatable and writable."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name, e.g. {out / ('predictions' + suffix)}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create its folder ({err.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {parent} is not writable")
+    return out
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -319,13 +349,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     options = _explainer_options(args.option, methods)
     out = args.out or "runs/explain"
     rows = explain_paths(args.model, args.paths, methods=methods, target=args.target, out_dir=out,
-                         score=args.score, lung_segmenter=args.segmenter, options=options)
+                         score=args.score, lung_segmenter=args.segmenter, options=options, progress=True)
     print(f"explanations written to {out}")
-    if args.score and rows:
+    good = [r for r in rows if not r.get("error")]
+    if args.score and good:
         from pellucid.explain import score_table
 
-        print(score_table(rows))
-    return 0
+        print(score_table(good))
+    bad = [r for r in rows if r.get("error")]
+    if bad:
+        print(f"{len(bad)} input(s) or method(s) failed:", *sorted({r["error"] for r in bad}), sep="\n  ",
+              file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -406,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict files or folders; writes CSV")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+                   help="processes that decode images (0: decode in this process)")
+    p.add_argument("--domain-policy", choices=["label", "withhold"],
+                   help="flagged (out-of-domain) inputs: keep the label beside the flag, or withhold it "
+                        "(default: the model card's; withhold for radiology and pathology models)")
+    p.add_argument("--no-resume", action="store_true", help="start the CSV afresh instead of skipping rows it holds")
+    p.add_argument("--include-identifiers", action="store_true",
+                   help="name DICOM inputs by their file names (default: by a hash of their bytes)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", help="CSV file (default: stdout)")
     p.add_argument("paths", nargs="+")

@@ -38,9 +38,10 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, out: str | Path | None
     except KeyError:
         pass  # a model of a task without an app folder
     samples = load_samples(data_dir, classes=pred.classes, aliases=aliases)
-    results = pred.predict_paths([s.path for s in samples], progress=progress)
-    by_path = {r.path: r for r in results}
-    ok = [(s, by_path[s.path]) for s in samples if s.path in by_path and not by_path[s.path].error]
+    results = list(pred.pipeline(keep_images=False).from_paths([s.path for s in samples]))
+    by_path = {str(r.path): r for r in results}
+    ok = [(s, by_path[str(s.path)]) for s in samples
+          if str(s.path) in by_path and not by_path[str(s.path)].error and by_path[str(s.path)].probs]
     if not ok:
         raise ValueError(f"{data_dir}: none of the {len(samples)} images could be read")
     y = np.array([pred.classes.index(s.label) for s, _ in ok])

@@ -43,6 +43,7 @@ __all__ = [
     "fit_reference",
     "forward_with_features",
     "load_reference",
+    "modality_reasons",
     "reference_from_split",
     "save_reference",
 ]
@@ -58,6 +59,57 @@ REFERENCE_FILE = "ood.safetensors"
 _COLOUR_LIMIT = 0.10  # colour_spread above this on a grey modality is flagged
 _BLANK_STD = 0.02  # pixel standard deviation below this is a near-blank image
 _CHROMA_MIN = 0.08  # a pixel counts as coloured above this chroma (max - min of RGB)
+
+
+#: DICOM ``Modality`` values that fit each task modality (upper case). A DICOM input of any other
+#: modality is flagged; a task modality not listed here gets no DICOM check.
+DICOM_MODALITIES: dict[str, frozenset[str]] = {
+    "CXR": frozenset({"CR", "DX"}),
+    "XR": frozenset({"CR", "DX"}),
+    "HISTOPATHOLOGY": frozenset({"SM"}),
+    "PHOTO": frozenset({"XC", "VL"}),
+    "SONAR": frozenset(),
+}
+#: ``BodyPartExamined`` values that fit a task modality, where the tag is present.
+BODY_PARTS: dict[str, frozenset[str]] = {"CXR": frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})}
+_TASK_WORDS = {"CXR": "chest radiograph", "XR": "radiograph", "HISTOPATHOLOGY": "slide-microscopy image",
+               "PHOTO": "photograph", "SONAR": "sonar image"}
+
+
+def modality_reasons(meta: dict, task_modality: str | None) -> list[str]:
+    """Why a DICOM input does not fit the task's modality (empty when it fits or is not DICOM).
+
+    Looks at the reader's ``modality`` (DICOM ``Modality``), ``body_part`` (``BodyPartExamined``)
+    and ``sop_class`` (the SOP class name): a CT, MR, ultrasound or mammography file given to a
+    chest X-ray model is flagged with the reason, and so is a DICOM whose modality says nothing
+    (``OT``: other) — it cannot be shown to be a radiograph.
+
+    Args:
+        meta: an image's reader metadata (``Image.meta``).
+        task_modality: the model card's modality (``"CXR"``, ``"photo"`` ...).
+    """
+    if meta.get("format") != "dicom" or not task_modality:
+        return []
+    task = task_modality.strip().upper()
+    allowed = DICOM_MODALITIES.get(task)
+    if allowed is None:
+        return []
+    found = (meta.get("modality") or "").upper() or "unknown"
+    sop = meta.get("sop_class") or ""
+    what = f"DICOM Modality {found}" + (f" ({sop})" if sop else "")
+    want = _TASK_WORDS.get(task, task_modality)
+    expects = f"this {task_modality} model expects {' or '.join(sorted(allowed))}" if allowed else \
+        f"this {task_modality} model takes no DICOM images"
+    if found not in allowed:
+        return [f"{what} is not a {want}; {expects}"]
+    reasons = []
+    if "MAMMOGRAPHY" in sop.upper():
+        reasons.append(f"{what} is a mammogram, not a {want}")
+    part = (meta.get("body_part") or "").upper()
+    parts = BODY_PARTS.get(task)
+    if part and parts and part not in parts:
+        reasons.append(f"DICOM BodyPartExamined {part} is not {' / '.join(sorted(parts))}")
+    return reasons
 
 
 @dataclass
@@ -320,6 +372,8 @@ def check_domain(image: Image | np.ndarray, logits: np.ndarray, probs: np.ndarra
     if gray and scores["colour_spread"] > _COLOUR_LIMIT:
         reasons.append(f"many colours ({scores['colour_spread']:.2f} > {_COLOUR_LIMIT}) for a "
                        f"grey-scale {modality} task")
+    if isinstance(image, Image):
+        reasons.extend(modality_reasons(image.meta, modality))
     method = "heuristic"
     if reference is not None and features is not None:
         method = "reference"

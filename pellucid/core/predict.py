@@ -1,15 +1,14 @@
 """Prediction with a model folder: files in, calibrated probabilities and decisions out.
 
-:class:`Predictor` loads a model folder once and applies exactly the card's preprocessing,
-temperature and threshold policy. :func:`predict_paths` serves ``pellucid predict``: every input
-file gets a row — unreadable files get their error in the ``error`` column instead of stopping the
-run — and rows are written as CSV with ``path,label,prob_<class>...,error``.
+:class:`Predictor` loads a model folder once and holds exactly the card's preprocessing, temperature
+and threshold policy; reading, batching, the domain check and the domain policy are the case
+pipeline's (:mod:`pellucid.core.pipeline`), which every door uses. :func:`predict_paths` serves the
+library: every input gets a row — unreadable files get their error in the ``error`` column instead of
+stopping the run — written as CSV ``path,label,prob_<class>...,domain,domain_reason,error``.
 """
 from __future__ import annotations
 
-import csv
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -19,8 +18,8 @@ import torch
 from pellucid.core.calibration import apply_temperature
 from pellucid.core.metrics import decide
 from pellucid.core.modelfolder import load_model
-from pellucid.datasets.readers import Image, ImageReadError, read_image
-from pellucid.datasets.samples import find_images
+from pellucid.core.pipeline import Case, CasePipeline, CaseWriter
+from pellucid.datasets.readers import Image
 from pellucid.datasets.torchdata import prepare, to_tensor
 
 __all__ = ["Prediction", "Predictor", "predict", "predict_paths", "write_predictions_csv"]
@@ -28,23 +27,8 @@ __all__ = ["Prediction", "Predictor", "predict", "predict_paths", "write_predict
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Prediction:
-    """One image's result: label, calibrated probabilities (card's class order), and provenance."""
-
-    path: str
-    label: str | None
-    probs: dict[str, float] = field(default_factory=dict)
-    index: int | None = None
-    error: str = ""
-    meta: dict = field(default_factory=dict)
-
-    def row(self, classes: Sequence[str]) -> dict:
-        r = {"path": self.path, "label": self.label or ""}
-        for c in classes:
-            r[f"prob_{c}"] = "" if self.error else f"{self.probs[c]:.6f}"
-        r["error"] = self.error
-        return r
+#: A prediction is a :class:`~pellucid.core.pipeline.Case` (kept as a name for library users).
+Prediction = Case
 
 
 class Predictor:
@@ -93,63 +77,32 @@ class Predictor:
         """Predicted class indices under the card's threshold policy."""
         return decide(probs, self.threshold, self.positive_index)
 
+    def pipeline(self, **options) -> CasePipeline:
+        """The case pipeline over this predictor (options: see :class:`~pellucid.core.pipeline.CasePipeline`)."""
+        return CasePipeline(self, **options)
+
     def predict_images(self, images: Sequence[Image | np.ndarray], names: Sequence[str] | None = None,
-                       batch_size: int = 32) -> list[Prediction]:
-        """Predict already-read images."""
-        names = list(names) if names is not None else [f"image{i}" for i in range(len(images))]
-        out: list[Prediction] = []
-        for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size]
-            probs = self.probabilities(torch.stack([self.preprocess(im) for im in chunk]))
-            idx = self.decide(probs)
-            for j, (p, k) in enumerate(zip(probs, idx)):
-                im = chunk[j]
-                out.append(Prediction(path=names[i + j], label=self.classes[int(k)], index=int(k),
-                                      probs={c: float(v) for c, v in zip(self.classes, p)},
-                                      meta=dict(im.meta) if isinstance(im, Image) else {}))
-        return out
+                       batch_size: int = 32, **options) -> list[Case]:
+        """Cases of already-read images (through the one pipeline)."""
+        return self.pipeline(batch_size=batch_size, **options).from_images(images, names)
 
-    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False
-                      ) -> list[Prediction]:
-        """Predict files (folders expand recursively); unreadable files get an error row."""
-        from tqdm.auto import tqdm
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 32, progress: bool = False,
+                      **options) -> list[Case]:
+        """Cases of files (folders expand recursively); unreadable files get an error Case."""
+        from pellucid.core.pipeline import PipelineError
 
-        files = find_images(list(paths))
-        results: list[Prediction] = []
-        pending: list[tuple[str, Image]] = []
-
-        def flush():
-            if pending:
-                results.extend(self.predict_images([im for _, im in pending], [n for n, _ in pending]))
-                pending.clear()
-
-        for f in tqdm(files, desc="predicting", disable=not progress, leave=False):
-            try:
-                pending.append((str(f), read_image(f)))
-            except ImageReadError as err:
-                flush()
-                results.append(Prediction(path=str(f), label=None, error=str(err)))
-                continue
-            if len(pending) >= batch_size:
-                flush()
-        flush()
-        bad = [r for r in results if r.error]
-        if bad:
-            log.warning("%d of %d file(s) could not be read:\n  %s", len(bad), len(results),
-                        "\n  ".join(r.error for r in bad))
-        return results
+        try:
+            return list(self.pipeline(batch_size=batch_size, **options).from_paths(paths))
+        except PipelineError:
+            return []
 
 
-def write_predictions_csv(path: str | Path, predictions: Sequence[Prediction], classes: Sequence[str]) -> Path:
-    """Write ``path,label,prob_<class>...,error`` rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label", *[f"prob_{c}" for c in classes], "error"])
-        w.writeheader()
-        for p in predictions:
-            w.writerow(p.row(classes))
-    return path
+def write_predictions_csv(path: str | Path, cases: Sequence[Case], classes: Sequence[str]) -> Path:
+    """Write ``path,label,prob_<class>...,domain,domain_reason,error`` rows."""
+    with CaseWriter(path, classes) as w:
+        for c in cases:
+            w.write(c)
+    return Path(path)
 
 
 def predict_paths(model_dir: str | Path, paths: Sequence[str | Path], out: str | Path | None = None,

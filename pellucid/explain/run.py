@@ -14,99 +14,29 @@ batches, and writes, into ``out_dir``:
   empty maps (all-zero maps have no share; they are named in a warning and never averaged as NaN).
 
 It returns one row per image × method (the same fields, flat), which
-:func:`pellucid.explain.score_table` turns into the method × metric table.
+:func:`pellucid.explain.score_table` turns into the method × metric table. Reading, prediction, the
+domain check and the explanations all come from the one case pipeline
+(:mod:`pellucid.core.pipeline`, :mod:`pellucid.explain.pipeline`), batch by batch, so a folder of any
+size runs in bounded memory; an unreadable input gets an ``error`` row (written once).
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from pellucid.explain.base import Explanation, explainer_for, to_original_frame
-from pellucid.explain.metrics import DEFAULT_METRICS, score_explanations
+from pellucid.core.pipeline import Case, CasePipeline
+from pellucid.explain.base import explainer_for
+from pellucid.explain.metrics import DEFAULT_METRICS
 from pellucid.explain.overlay import save_overlay
+from pellucid.explain.pipeline import explain_cases, resolve_target
 
-__all__ = ["explain_paths", "heatmap_stats", "load_batches", "ImageBatch"]
+__all__ = ["explain_paths", "heatmap_stats"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageBatch:
-    """Images read and preprocessed for one model: files, originals, ``(B, 3, S, S)`` tensor,
-    classes to explain, the model's decisions and calibrated probabilities ``(B, C)``."""
-
-    names: list[str]
-    originals: list
-    tensor: torch.Tensor
-    targets: list[int]
-    decided: list[int]
-    probs: np.ndarray
-
-
-def _resolve_target(target: int | str | None, classes: Sequence[str]) -> int | None:
-    if target is None:
-        return None
-    if isinstance(target, str) and target in classes:
-        return list(classes).index(target)
-    try:
-        idx = int(target)
-    except (TypeError, ValueError):
-        from pellucid.core.backbones import unknown_name_error
-
-        raise unknown_name_error("class", str(target), list(classes)) from None
-    if not 0 <= idx < len(classes):
-        raise ValueError(f"target class index {idx} out of range: the model has classes {list(classes)}")
-    return idx
-
-
-def load_batches(model_dir: str | Path, paths: Sequence[str | Path], batch_size: int = 8,
-                 target: int | str | None = None):
-    """Load a model folder and iterate over the readable images in batches.
-
-    Returns:
-        ``(predictor, iterator of ImageBatch)``; unreadable files are logged and skipped.
-    """
-    from pellucid.core.predict import Predictor
-    from pellucid.datasets.readers import ImageReadError, read_image
-    from pellucid.datasets.samples import find_images
-
-    predictor = Predictor(model_dir)
-    fixed = _resolve_target(target, predictor.classes)
-    files = find_images(list(paths))
-    if not files:
-        raise FileNotFoundError(f"no image files found in {', '.join(map(str, paths))}")
-
-    def batches() -> Iterator[ImageBatch]:
-        pending: list[tuple[str, object]] = []
-
-        def flush() -> ImageBatch:
-            tensor = torch.stack([predictor.preprocess(im) for _, im in pending])
-            probs = predictor.probabilities(tensor)
-            decided = [int(i) for i in predictor.decide(probs)]
-            batch = ImageBatch(names=[n for n, _ in pending], originals=[im for _, im in pending],
-                               tensor=tensor, targets=[fixed] * len(pending) if fixed is not None else decided,
-                               decided=decided, probs=np.asarray(probs))
-            pending.clear()
-            return batch
-
-        for f in files:
-            try:
-                pending.append((str(f), read_image(f)))
-            except ImageReadError as err:
-                log.warning("skipped: %s", err)
-                continue
-            if len(pending) >= batch_size:
-                yield flush()
-        if pending:
-            yield flush()
-
-    return predictor, batches()
 
 
 def heatmap_stats(heatmap: np.ndarray) -> dict:
@@ -124,18 +54,6 @@ def heatmap_stats(heatmap: np.ndarray) -> dict:
             "centroid": centroid, "empty": not bool(total > 0)}
 
 
-def _json_safe(extras: dict) -> dict:
-    out = {}
-    for k, v in extras.items():
-        if isinstance(v, (str, int, float, bool)) or v is None:
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
-            out[k] = list(v)
-        elif isinstance(v, dict):
-            out[k] = _json_safe(v)
-    return out
-
-
 def _file_stem(name: str, seen: dict[str, int]) -> str:
     stem = Path(name).stem
     n = seen.get(stem, 0)
@@ -143,11 +61,76 @@ def _file_stem(name: str, seen: dict[str, int]) -> str:
     return stem if n == 0 else f"{stem}_{n}"
 
 
+def _batches(cases: Iterator[Case], size: int) -> Iterator[list[Case]]:
+    chunk: list[Case] = []
+    for c in cases:
+        chunk.append(c)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _segmenter(predictor, model_dir, lung_segmenter, score: bool):
+    """The lung segmenter for lung shares (only with scores), or None."""
+    if not (score and (lung_segmenter or (predictor.card.get("preprocessing") or {}).get("segmenter"))):
+        return None
+    from pellucid.explain.lungshare import resolve_segmenter
+
+    masker = getattr(predictor, "masker", None)
+    return masker.model if masker is not None and not lung_segmenter else resolve_segmenter(lung_segmenter or model_dir)
+
+
+def _lung_shares(segmenter, cases: Sequence[Case], share_rows: list[dict]) -> None:
+    """Lung and border shares of every map of ``cases`` into its scores (masks from the originals)."""
+    from pellucid.explain.lungshare import mask_shares
+    from pellucid.explain.report.lungs import attach_lung_masks
+
+    attach_lung_masks(segmenter, cases)
+    for c in cases:
+        for r in c.explanations:
+            if c.lung_mask is None or r.heatmap is None:
+                continue
+            shares = mask_shares(r.heatmap, c.lung_mask)
+            r.scores.update({k: shares[k] for k in ("lung_share", "border_share", "lung_fraction")})
+            share_rows.append({"method": r.method, **shares})
+            if shares["empty"]:
+                log.warning("%s, %s of %r: the map is all zero (no region raises that class's score; the decision "
+                            "comes from elsewhere, e.g. the head's bias): lung and border shares undefined, left out "
+                            "of the means", c.name, r.method, r.extras.get("target_name"))
+
+
+def _write_case(case: Case, out: Path, stem: str, classes: Sequence[str], alpha: float) -> tuple[dict, list[dict]]:
+    """One input's overlays and JSON record; its rows (one per method, or one error row)."""
+    record = {"image": case.name, "error": case.error or None, "explanations": []}
+    if case.error:
+        return record, [{"path": case.name, "method": "", "error": case.error}]
+    record["original_size"] = list(case.image.array.shape[:2])
+    record["prediction"] = {"label": case.label, "decided": classes[case.index], "probabilities": dict(case.probs),
+                            "domain": case.row(classes)["domain"], "domain_reasons": list(case.ood.reasons)}
+    rows = []
+    for r in case.explanations:
+        if r.heatmap is None:
+            rows.append({"path": case.name, "method": r.method, "error": r.note})
+            continue
+        png = save_overlay(out / f"{stem}_{r.method.replace('+', 'plus')}.png", case.image, r.heatmap, alpha,
+                           outline=case.lung_mask)
+        target, name = r.extras.get("target"), r.extras.get("target_name")
+        entry = {"method": r.method, "target": target, "target_name": name, "overlay": str(png),
+                 "heatmap": heatmap_stats(r.heatmap), "scores": dict(r.scores),
+                 "extras": {k: v for k, v in r.extras.items() if k not in ("target", "target_name")}}
+        record["explanations"].append(entry)
+        rows.append({"path": case.name, "method": r.method, "target": target, "target_name": name, "overlay": str(png),
+                     **{f"heatmap_{k}": v for k, v in entry["heatmap"].items()}, **r.scores})
+    return record, rows
+
+
 def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: Sequence[str] | None = None,
                   target: int | str | None = None, *, out_dir: str | Path = "explanations", score: bool = False,
                   metrics: Sequence[str] = DEFAULT_METRICS, options: Mapping[str, dict] | None = None,
                   batch_size: int = 8, alpha: float = 0.5, progress: bool = False,
-                  lung_segmenter: str | Path | None = None) -> list[dict]:
+                  lung_segmenter: str | Path | None = None, include_identifiers: bool = False) -> list[dict]:
     """Explain image files with a model folder; write overlays and one JSON per image.
 
     Args:
@@ -166,89 +149,52 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
         progress: show a progress bar over batches.
         lung_segmenter: segmentation model folder for the lung shares with ``score``; None uses the
             model card's segmenter (``preprocessing.segmenter``) when it has one.
+        include_identifiers: name DICOM inputs by file name (default: ``DICOM <hash>``).
 
     Returns:
         One row per image × method: ``path``, ``method``, ``target``, ``target_name``, ``overlay``,
         the heatmap statistics and, with ``score``, the metric columns (see
-        :func:`pellucid.explain.score_table`).
+        :func:`pellucid.explain.score_table`); an unreadable input or a failed method gives a row
+        with ``error``.
+
+    Raises:
+        KeyError: an unknown method or class name (with did-you-mean); TypeError / ValueError: a bad
+            explainer option. Both before any image is read.
     """
     from tqdm.auto import tqdm
 
-    predictor, batches = load_batches(model_dir, paths, batch_size, target)
-    segmenter = None
-    if score and (lung_segmenter or (predictor.card.get("preprocessing") or {}).get("segmenter")):
-        from pellucid.core.segmentation import segment_many
-        from pellucid.explain.lungshare import resolve_segmenter
+    from pellucid.core.predict import Predictor
 
-        masker = getattr(predictor, "masker", None)
-        segmenter = (masker.model if masker is not None and not lung_segmenter
-                     else resolve_segmenter(lung_segmenter or model_dir))
-    if methods is None:
-        methods = list(predictor.card.get("explainers") or ["gradcam"])
-    methods = list(methods)
+    predictor = Predictor(model_dir)
+    resolve_target(target, predictor.classes)  # a bad class name fails before any work
+    methods = list(methods) if methods is not None else list(predictor.card.get("explainers") or ["gradcam"])
     options = dict(options or {})
     unknown = [m for m in options if m not in methods]
     if unknown:
         raise ValueError(f"options given for {unknown}, which are not among the methods {methods}")
-    explainers = {m: explainer_for(m, predictor.card, **options.get(m, {})) for m in methods}
+    for m in methods:  # bad names and options fail here, with did-you-mean, before any work
+        explainer_for(m, predictor.card, **options.get(m, {}))
+    segmenter = _segmenter(predictor, model_dir, lung_segmenter, score)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    classes = predictor.classes
+    pipe = CasePipeline(predictor, batch_size=batch_size, include_identifiers=include_identifiers)
     rows: list[dict] = []
     share_rows: list[dict] = []
     seen: dict[str, int] = {}
-    for batch in tqdm(batches, desc="explaining", disable=not progress, leave=False):
-        per_method: dict[str, list[Explanation]] = {}
-        for m, explainer in explainers.items():
-            exps = explainer.explain(predictor.model, batch.tensor, batch.targets)
-            for e in exps:
-                e.target_name = classes[e.target]
-            per_method[m] = exps
-        masks = []
-        if score:  # faithfulness is scored on the model's input, before maps move to the original frame
-            flat = [e for m in methods for e in per_method[m]]
-            score_explanations(predictor.model, batch.tensor, flat, metrics)
-        if getattr(predictor, "crops_input", False):  # lung-crop model: its maps cover the lungs' box
-            for m in methods:
-                for e, original in zip(per_method[m], batch.originals):
-                    e.heatmap = to_original_frame(predictor, e.heatmap, original)
-        if score:
-            if segmenter is not None:
-                from pellucid.explain.lungshare import mask_shares
-
-                # the masks are computed on the originals; heatmaps share their field of view (squash resize)
-                masks = segment_many(segmenter, batch.originals)
-                for m in methods:
-                    for i, (e, mask) in enumerate(zip(per_method[m], masks)):
-                        r = mask_shares(e.heatmap, mask)
-                        e.scores.update({k: r[k] for k in ("lung_share", "border_share", "lung_fraction")})
-                        share_rows.append({"method": m, **r})
-                        if r["empty"]:
-                            log.warning("%s, %s of %r: the map is all zero (no region raises that class's score; "
-                                        "the decision comes from elsewhere, e.g. the head's bias): lung and border "
-                                        "shares undefined, left out of the means", batch.names[i], m, e.target_name)
-        for i, name in enumerate(batch.names):
-            stem = _file_stem(name, seen)
-            original = batch.originals[i]
-            record = {
-                "image": name,
-                "original_size": list(original.array.shape[:2]),
-                "prediction": {"label": classes[batch.decided[i]],
-                               "probabilities": {c: float(p) for c, p in zip(classes, batch.probs[i])}},
-                "explanations": [],
-            }
-            for m in methods:
-                e = per_method[m][i]
-                png = save_overlay(out / f"{stem}_{m.replace('+', 'plus')}.png", original, e.heatmap, alpha,
-                                   outline=masks[i] if masks else None)
-                entry = {"method": m, "target": e.target, "target_name": e.target_name, "overlay": str(png),
-                         "heatmap": heatmap_stats(e.heatmap), "scores": dict(e.scores),
-                         "extras": _json_safe(e.extras)}
-                record["explanations"].append(entry)
-                rows.append({"path": name, "method": m, "target": e.target, "target_name": e.target_name,
-                             "overlay": str(png), **{f"heatmap_{k}": v for k, v in entry["heatmap"].items()},
-                             **e.scores})
+    for chunk in tqdm(_batches(pipe.from_paths(paths), batch_size), desc="explaining", disable=not progress,
+                      leave=False):
+        notes = explain_cases(predictor, chunk, methods, batch_size=batch_size, score=score, metrics=metrics,
+                              options=options, target=target)
+        if notes:
+            log.warning("; ".join(notes))
+        if segmenter is not None:
+            _lung_shares(segmenter, chunk, share_rows)
+        for case in chunk:
+            stem = _file_stem(case.name, seen)
+            record, case_rows = _write_case(case, out, stem, predictor.classes, alpha)
             (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+            rows.extend(case_rows)
+            case.image = None  # released: memory stays bounded by one batch
     if share_rows:
         from pellucid.explain.lungshare import summarize_shares
 

@@ -459,9 +459,10 @@ def cases_table(cases: Sequence[Case], classes: Sequence[str]) -> list[dict]:
     """Rows for the batch table: input, folder label, prediction, probabilities, domain check, error."""
     rows = []
     for c in cases:
-        row = {"input": c.name, "folder label": c.true_label or "", "predicted": c.label or ""}
+        row = {"input": c.name, "folder label": c.true_label or "",
+               "predicted": "withheld" if c.withheld else c.label or ""}
         for k in classes:
-            row[f"P({k})"] = None if c.error or c.label is None else round(c.probs[k], 4)
+            row[f"P({k})"] = None if c.error or not c.probs else round(c.probs[k], 4)
         row["domain check"] = c.ood.summary() if c.ood else ""
         row["error"] = c.error
         rows.append(row)

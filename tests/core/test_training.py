@@ -39,10 +39,14 @@ def test_predict_rows_and_bad_files(tiny_model_dir, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     out = tmp_path / "pred.csv"
-    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), *map(str, good), str(bad)]) == 0
+    # one unreadable input: every row is written, and the exit code says something failed
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), "--domain-policy", "label",
+                 *map(str, good), str(bad)]) == 1
     rows = list(csv.DictReader(out.open()))
     assert [r["path"] for r in rows] == [*map(str, good), str(bad)]
-    assert list(rows[0]) == ["path", "label", "prob_normal", "prob_tuberculosis", "error"]
+    assert list(rows[0]) == ["path", "label", "prob_normal", "prob_tuberculosis", "domain", "domain_reason", "error"]
+    assert all(r["domain"] in ("ok", "uncertain", "out_of_domain") for r in rows[:3])
+    assert all(bool(r["domain_reason"]) == (r["domain"] == "out_of_domain") for r in rows[:3])
     for r in rows[:3]:
         p = float(r["prob_normal"]) + float(r["prob_tuberculosis"])
         assert abs(p - 1) < 1e-4 and r["label"] in ("normal", "tuberculosis") and r["error"] == ""

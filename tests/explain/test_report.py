@@ -130,7 +130,8 @@ def test_folder_report_with_labels(model_dir, tmp_path, monkeypatch):
     assert len(rows) == 14
     by_name = {r["path"]: r for r in rows}
     assert by_name["normal/broken.png"]["error"] and by_name["normal/broken.png"]["label"] == ""
-    assert by_name["unsorted/photo.png"]["domain"].startswith("out of domain")  # colourful photo, CXR task
+    assert by_name["unsorted/photo.png"]["domain"] == "out_of_domain"  # colourful photo, CXR task
+    assert "colours" in by_name["unsorted/photo.png"]["domain_reason"]
     assert by_name["unsorted/photo.png"]["true_label"] == ""
     assert sum(r["true_label"] == "tuberculosis" for r in rows) == 6
     text = _visible_text(html.read_text())

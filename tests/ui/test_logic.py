@@ -148,7 +148,7 @@ def test_uploads_to_cases_table_and_csv(model_dir, tmp_path):
     assert rows[1]["P(normal)"] is None and rows[1]["error"]
     text = logic.csv_bytes(cases, predictor.classes).decode()
     lines = text.strip().splitlines()
-    assert lines[0].startswith("path,label,prob_normal,prob_tuberculosis,error") and len(lines) == 4
+    assert lines[0].startswith("path,label,prob_normal,prob_tuberculosis,domain,domain_reason,error") and len(lines) == 4
 
 
 def test_explanation_cache_computes_once(model_dir, tmp_path, monkeypatch):

@@ -122,6 +122,8 @@ def _read_dicom(
         "original_size": (int(arr.shape[0]), int(arr.shape[1])),
         "mode": original_photometric,
         "modality": modality or None,
+        "body_part": _text_tag(ds, "BodyPartExamined"),
+        "sop_class": _sop_class_name(ds),
         "photometric": original_photometric,
         "monochrome1_inverted": False,
         "rescale": (slope, intercept),
@@ -211,6 +213,25 @@ def _choose_frame(frame: int | None, n_frames: int, p: Path, notes: list[str]) -
         if n_frames > 1:
             notes.append(f"frame {frame} of {n_frames} (requested)")
     return frame
+
+
+def _text_tag(ds: Dataset, keyword: str) -> str | None:
+    """A short coded-string tag, upper-cased, or None when absent or unreadable (never raises)."""
+    try:
+        value = str(ds.get(keyword, "") or "").strip().upper()
+    except Exception:  # noqa: BLE001 - a corrupt element must not stop reading the pixels
+        return None
+    return value[:64] if value and value.replace("_", "").replace(" ", "").isalnum() else None
+
+
+def _sop_class_name(ds: Dataset) -> str | None:
+    """The SOP class's registered name (e.g. ``CT Image Storage``), or None when unknown."""
+    try:
+        sop = ds.get("SOPClassUID")
+        name = getattr(sop, "name", None)
+    except Exception:  # noqa: BLE001 - as above
+        return None
+    return name if name and name != str(sop) else None
 
 
 def _describe_object(ds: Dataset, modality: str) -> str:

@@ -3,11 +3,12 @@
 The package owns the path from files to a report, and the web app reuses every step of it; each
 concern has its module:
 
-- :mod:`.cases`: :func:`analyse_paths` / :func:`analyse_images` read inputs, predict them in batches
-  (calibrated probabilities, the card's threshold policy) and run the out-of-domain check of
-  :mod:`pellucid.core.ood` on each; every input gets a :class:`Case` (:mod:`.records`), unreadable ones
-  with their error instead of stopping the run. :func:`explain_cases` computes the chosen explainers
-  in batches, with their faithfulness scores (:mod:`.explainers` lists and checks their names).
+- the one case pipeline: :func:`analyse_paths` / :func:`analyse_images` (:mod:`pellucid.core.pipeline`
+  through :mod:`pellucid.explain.pipeline`) read inputs, predict them in batches (calibrated
+  probabilities, the card's threshold policy) and check each one's domain; every input gets a
+  :class:`Case`, unreadable ones with their error instead of stopping the run. :func:`explain_cases`
+  computes the chosen explainers in batches, with their faithfulness scores (:mod:`.explainers`
+  lists and checks their names).
 - :mod:`.context`: :func:`build_context` turns cases + model card (:mod:`.card`) into one plain dict
   (PNG bytes for figures, :mod:`.figures`) that every renderer reads: :func:`render_html` (:mod:`.html`,
   jinja2 template, images embedded as base64) and :func:`render_pdf` (:mod:`.pdf`: that HTML printed by
@@ -37,8 +38,8 @@ from pellucid.explain.report.card import (
     metric_rows,
     threshold_text,
 )
-from pellucid.explain.report.cases import (
-    REPORT_METRICS,
+from pellucid.explain.pipeline import SCORE_METRICS as REPORT_METRICS
+from pellucid.explain.pipeline import (
     analyse_images,
     analyse_paths,
     explain_cases,

@@ -25,9 +25,11 @@ def _case_context(case: Case, classes: Sequence[str], threshold: float | None, a
                   include_identifiers: bool, outline: bool = True) -> dict:
     ctx: dict[str, Any] = {"name": case.name, "sha256": case.sha256, "error": case.error,
                            "label": case.label, "true_label": case.true_label, "is_dicom": case.is_dicom}
-    if case.error or case.label is None:
+    if case.error or not case.probs:
         return ctx
     top = case.label
+    if case.withheld:  # the domain policy withholds labels of flagged inputs: the report says so
+        ctx["label"] = "withheld (out of domain)"
     ctx["probs"] = [(c, case.probs[c], c == top) for c in classes]
     ctx["prob_png"] = _prob_chart(case, classes, threshold)
     if case.image is not None:
@@ -69,7 +71,7 @@ def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = 
     """
     card = predictor.card
     classes = predictor.classes
-    ok = [c for c in cases if not c.error and c.label is not None]
+    ok = [c for c in cases if not c.error and c.probs]
     notes = list(notes)
     ctx: dict[str, Any] = {
         "title": title or f"pellucid report — {card.get('title') or card.get('task')}",

@@ -212,7 +212,8 @@ def _case(doc: _PDF, ctx: dict, c: dict) -> None:
     if c["error"]:
         doc.text("Could not be read: " + c["error"], colour=(160, 0, 0))
         return
-    label_line = f"Predicted: {c['label']}  ({dict((k, p) for k, p, _ in c['probs'])[c['label']]:.1%})"
+    top = [p for _, p, is_top in c["probs"] if is_top]
+    label_line = f"Predicted: {c['label']}" + (f"  ({top[0]:.1%})" if top else "")
     if c.get("true_label"):
         label_line += f"   ·   folder label: {c['true_label']}"
     doc.text(label_line, 12, bold=True)

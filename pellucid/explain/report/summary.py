@@ -14,7 +14,7 @@ import torch
 
 from pellucid.explain.base import to_original_frame
 from pellucid.explain.report.card import metric_rows
-from pellucid.explain.report.cases import explain_cases
+from pellucid.explain.pipeline import explain_cases
 from pellucid.explain.report.figures import _outlined, _plot_png, _png
 from pellucid.explain.report.lungs import _share_summary, attach_lung_masks
 from pellucid.explain.report.privacy import _read

@@ -4,14 +4,14 @@ prediction table as CSV (:func:`write_cases_csv`).
 """
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
 from pellucid.core.ood import load_reference
-from pellucid.explain.report.cases import analyse_paths, explain_cases
+from pellucid.core.pipeline import CaseWriter, PipelineError
+from pellucid.explain.pipeline import analyse_paths, explain_cases
 from pellucid.explain.report.context import build_context
 from pellucid.explain.report.explainers import _check_methods, available_methods
 from pellucid.explain.report.html import render_html
@@ -25,17 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def write_cases_csv(path: str | Path, cases: Sequence[Case], classes: Sequence[str]) -> Path:
-    """``path,label,prob_<class>...,error,true_label,domain,sha256`` rows (display names as path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", *[f"prob_{c}" for c in classes], "error", "true_label", "domain", "sha256"])
+    """The predictions CSV of every door (:class:`~pellucid.core.pipeline.CaseWriter`), with the
+    folder label and the input's SHA-256 added (display names as path)."""
+    with CaseWriter(path, classes, extra=("true_label", "sha256")) as w:
         for c in cases:
-            probs = ["" if c.error or c.label is None else f"{c.probs[k]:.6f}" for k in classes]
-            w.writerow([c.name, c.label or "", *probs, c.error, c.true_label or "",
-                        c.ood.summary() if c.ood else "", c.sha256])
-    return path
+            w.write(c)
+    return Path(path)
 
 
 def _slug(text: str) -> str:
@@ -85,8 +80,11 @@ def write_report(model_dir: str | Path, paths: Sequence[str | Path], methods: Se
         methods = _check_methods([m for m in methods if m])
     reference = load_reference(model_dir)
     inputs = [Path(p) for p in paths]
-    cases = analyse_paths(predictor, inputs, include_identifiers=include_identifiers,
-                          keep_images=False, reference=reference, batch_size=batch_size, progress=progress)
+    try:
+        cases = analyse_paths(predictor, inputs, include_identifiers=include_identifiers,
+                              keep_images=False, reference=reference, batch_size=batch_size, progress=progress)
+    except PipelineError as err:
+        raise ReportError(str(err)) from None
     log.info("report: %d input(s), %d unreadable", len(cases), sum(1 for c in cases if c.error))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

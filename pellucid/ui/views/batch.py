@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from pellucid.core.pipeline import PipelineError
 from pellucid.explain.report import SPLIME_SAMPLE, ReportError, analyse_paths, available_methods
 from pellucid.ui import common, logic
 
@@ -48,7 +49,7 @@ if run:
         bar.empty()
         st.session_state["batch"] = {"cases": cases, "label": label, "key": loaded.key}
         st.session_state.pop("batch_report", None)
-    except (logic.UploadError, ReportError) as err:
+    except (logic.UploadError, ReportError, PipelineError) as err:
         st.error(str(err))
         st.session_state.pop("batch", None)
 
@@ -58,7 +59,7 @@ if not res or res["key"] != loaded.key:
 
 cases = res["cases"]
 classes = predictor.classes
-ok = [c for c in cases if c.label]
+ok = [c for c in cases if c.probs]
 flagged = sum(1 for c in ok if c.ood and c.ood.flagged)
 cols = st.columns(3 + len(classes))
 cols[0].metric("Inputs", len(cases))

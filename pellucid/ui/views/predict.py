@@ -84,7 +84,7 @@ with st.spinner("Predicting…"):
     cases = logic.uploads_to_cases(predictor, uploads, reference=loaded.reference)
 
 notes: list[str] = []
-if methods and any(c.label for c in cases):
+if methods and any(c.probs for c in cases):
     cache = st.session_state.setdefault("explanation_cache", logic.ExplanationCache())
     bar = st.progress(0.0, text="Explaining…")
     notes = cache.attach(predictor, cases, methods, loaded.key,
@@ -116,8 +116,13 @@ for case, up in zip(cases, uploads):
                 _window_controls(up)
         with right:
             flag = " (flagged)" if case.ood and case.ood.flagged else ""
-            st.markdown(f"### Predicted{flag}: **{case.label}**")
-            st.markdown(f"{case.confidence:.1%} calibrated probability · decision: {threshold_text(card)}")
+            if case.withheld:
+                st.markdown(f"### Predicted{flag}: **withheld**")
+                st.markdown(f"The model's policy withholds labels of out-of-domain inputs · decision: "
+                            f"{threshold_text(card)}")
+            else:
+                st.markdown(f"### Predicted{flag}: **{case.label}**")
+                st.markdown(f"{case.confidence:.1%} calibrated probability · decision: {threshold_text(card)}")
             if case.ood and case.ood.uncertain and not case.ood.flagged:
                 st.warning("Low confidence: the top probability is close to chance.",
                            icon=":material/help:")
@@ -126,7 +131,7 @@ for case, up in zip(cases, uploads):
             if case.ood:
                 st.caption(f"Domain check ({case.ood.method}): {case.ood.summary()}")
         if case.explanations:
-            st.markdown(f"**Explanations of “{case.label}”** · overlay opacity {alpha:.2f}"
+            st.markdown(f"**Explanations of “{predictor.classes[case.index]}”** · overlay opacity {alpha:.2f}"
                         + (f" · lungs (magenta) by {segmenter.name}" if show_outline and case.lung_mask is not None
                            else ""))
             cols = st.columns(max(3, len(case.explanations)))
@@ -138,7 +143,7 @@ for case, up in zip(cases, uploads):
                     rgb, caption = logic.explanation_view(case, r, alpha, outline=show_outline)
                     st.image(rgb, width="stretch", caption=caption)
 
-readable = [c for c in cases if c.label]
+readable = [c for c in cases if c.probs]
 if readable:
     st.divider()
     holder = st.session_state.setdefault("report_holder", {})
