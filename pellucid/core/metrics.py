@@ -466,6 +466,44 @@ def classification_metrics(
             on a task that is not binary, or ``ci`` / ``n_boot`` out of range.
     """
     classes = [str(c) for c in classes]
+    y, p, positive_index = _checked_inputs(
+        y_true, probs, classes, threshold, positive_index, n_boot, ci
+    )
+    pred = decide(p, threshold, positive_index)
+    values, reasons = _point_estimates(y, pred, p, classes, positive_index)
+    for reason in reasons:
+        warnings.warn(f"Metric undefined, reported as NaN: {reason}.", stacklevel=2)
+
+    boot = _bootstrap(y, pred, p, positive_index, n_boot, seed) if n_boot > 0 else None
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    return {
+        "n": int(y.size),
+        "classes": classes,
+        "threshold": None if threshold is None else float(threshold),
+        "positive_index": positive_index,
+        "ci": float(ci),
+        "n_boot": int(n_boot),
+        "metrics": _with_intervals(values, boot, n_boot, ci),
+        "confusion_matrix": cm.astype(int).tolist(),
+        "per_class": _per_class(y, pred, classes),
+    }
+
+
+def _checked_inputs(
+    y_true: Any,
+    probs: np.ndarray,
+    classes: list[str],
+    threshold: float | None,
+    positive_index: int | None,
+    n_boot: int,
+    ci: float,
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Validate the arguments of :func:`classification_metrics`.
+
+    Returns:
+        ``(y, probs, positive_index)``: class indices (N,), probabilities (N, C) as float64, and the
+        positive column (1 by default for a binary task, None otherwise).
+    """
     n_classes = len(classes)
     if n_classes < 2:
         raise ValueError(f"Need at least 2 classes; got {classes}.")
@@ -493,13 +531,14 @@ def classification_metrics(
             f"threshold and positive_index apply to binary tasks only; this task has {n_classes} "
             f"classes {classes}. Pass threshold=None, positive_index=None."
         )
+    return y, p, positive_index
 
-    pred = decide(p, threshold, positive_index)
-    values, reasons = _point_estimates(y, pred, p, classes, positive_index)
-    for reason in reasons:
-        warnings.warn(f"Metric undefined, reported as NaN: {reason}.", stacklevel=2)
 
-    boot = _bootstrap(y, pred, p, positive_index, n_boot, seed) if n_boot > 0 else None
+def _with_intervals(
+    values: dict[str, float], boot: dict[str, np.ndarray] | None, n_boot: int, ci: float
+) -> dict[str, dict[str, float | None]]:
+    """``{name: {'value', 'low', 'high'}}``: point estimates with percentile intervals from the
+    bootstrap (NaN resamples skipped, with a warning when more than 10% are), JSON-able."""
     alpha = (1.0 - ci) / 2.0
     metrics: dict[str, dict[str, float | None]] = {}
     for name in METRIC_NAMES:
@@ -513,21 +552,25 @@ def classification_metrics(
                 warnings.warn(
                     f"{name}: {skipped} of {n_boot} bootstrap resamples were skipped because the "
                     "metric is undefined on them; its interval is less reliable.",
-                    stacklevel=2,
+                    stacklevel=3,  # the caller of classification_metrics
                 )
         metrics[name] = {
             "value": _jsonable(values[name]),
             "low": _jsonable(low),
             "high": _jsonable(high),
         }
+    return metrics
 
-    cm = confusion_matrix(y, pred, labels=list(range(n_classes)))
+
+def _per_class(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, dict]:
+    """Precision, sensitivity, f1 (None where undefined) and support of every class."""
+    labels = list(range(len(classes)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prec, rec, f1, support = precision_recall_fscore_support(
-            y, pred, labels=list(range(n_classes)), average=None, zero_division=np.nan
+            y, pred, labels=labels, average=None, zero_division=np.nan
         )
-    per_class = {
+    return {
         cls: {
             "precision": _jsonable(float(prec[i])),
             "sensitivity": _jsonable(float(rec[i])),
@@ -535,17 +578,6 @@ def classification_metrics(
             "support": int(support[i]),
         }
         for i, cls in enumerate(classes)
-    }
-    return {
-        "n": int(y.size),
-        "classes": classes,
-        "threshold": None if threshold is None else float(threshold),
-        "positive_index": positive_index,
-        "ci": float(ci),
-        "n_boot": int(n_boot),
-        "metrics": metrics,
-        "confusion_matrix": cm.astype(int).tolist(),
-        "per_class": per_class,
     }
 
 
