@@ -439,8 +439,9 @@ def explanation_view(case: Case, result: MethodResult, alpha: float, *, outline:
     return rgb, result.method + (" · " + " · ".join(parts) if parts else "")
 
 
-def uploads_to_cases(predictor, uploads: Sequence[Upload], *, reference=None) -> list[Case]:
-    """Predict the readable uploads; unreadable ones become cases that carry their error."""
+def uploads_to_cases(predictor, uploads: Sequence[Upload], *, reference="auto") -> list[Case]:
+    """Predict the readable uploads through the one pipeline (the model folder's out-of-domain
+    reference by default, as every door); unreadable ones become cases that carry their error."""
     good = [u for u in uploads if u.image is not None]
     predicted = iter(analyse_images(predictor, [u.image for u in good], [u.name for u in good],
                                     [u.sha256 for u in good], dicom=[u.is_dicom for u in good], reference=reference))

@@ -1,0 +1,185 @@
+"""The one case pipeline: every door gives the same answer, the domain check (OOD + DICOM modality) is
+on every Case, the domain policy decides labels, and the predictions CSV streams and resumes."""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+from pellucid.cli import main
+from pellucid.core.ood import modality_reasons
+from pellucid.core.pipeline import CasePipeline, CaseWriter, PipelineError, csv_fields
+from pellucid.core.predict import Predictor
+
+from tests.conftest import data_dir
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Three chest X-rays, a photo of another task, and a CT and a DX DICOM from the shared samples."""
+    root = tmp_path_factory.mktemp("inputs")
+    cxr = sorted((data_dir("tb_cxr") / "normal").iterdir())[:2] + sorted((data_dir("tb_cxr") / "tuberculosis").iterdir())[:1]
+    photo = sorted((data_dir("waste") / "glass").iterdir())[:1]
+    dicom = data_dir("dicom")
+    files = [*cxr, *photo, dicom / "CT_Explicit_Little.dcm",
+             next(f for f in sorted(dicom.iterdir()) if f.name.startswith("1.3.6.1"))]
+    for f in files:
+        shutil.copyfile(f, root / f.name)
+    return root, [root / f.name for f in files]
+
+
+def _csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_every_door_gives_the_same_labels_probabilities_flags_and_maps(tiny_model_dir, inputs, tmp_path):
+    from pellucid.explain.pipeline import explain_cases
+    from pellucid.explain.report import write_report
+    from pellucid.ui import logic
+
+    root, files = inputs
+    pred = Predictor(tiny_model_dir)
+    lib = {c.name: c for c in pred.predict_paths(files)}
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(tmp_path / "p.csv"), "--workers", "0",
+                 *map(str, files)]) == 0
+    cli = {r["path"]: r for r in _csv(tmp_path / "p.csv")}
+    written = write_report(tiny_model_dir, files, methods=[], out_dir=tmp_path / "rep")
+    rep = {r["path"]: r for r in _csv([p for p in written if p.suffix == ".csv"][0])}
+    uploads = [logic.read_upload(f.name, f.read_bytes()) for f in files]
+    app = {c.name: c for c in logic.uploads_to_cases(pred, uploads)}
+    assert len(lib) == len(cli) == len(rep) == len(app) == len(files)
+    for name, case in lib.items():
+        shown = name if case.is_dicom else case.path.name  # the app sees upload names, not paths
+        for row in (cli[name], rep[name]):
+            assert row["label"] == (case.label or "") and row["domain"] == case.row(pred.classes)["domain"]
+            for k in pred.classes:
+                assert float(row[f"prob_{k}"]) == pytest.approx(case.probs[k], abs=1e-6)
+        other = app[shown]
+        assert other.label == case.label and other.ood.flagged == case.ood.flagged
+        assert other.ood.reasons == case.ood.reasons
+        assert all(abs(other.probs[k] - case.probs[k]) <= 1e-6 for k in pred.classes)
+    # Grad-CAM of the same inputs through the explain half: from files and from uploads, identical maps
+    from_files = [c for c in pred.pipeline().from_paths(files) if not c.error]
+    from_uploads = [c for c in logic.uploads_to_cases(pred, uploads) if not c.error]
+    explain_cases(pred, from_files, ["gradcam"], score=False)
+    explain_cases(pred, from_uploads, ["gradcam"], score=False)
+    for a, b in zip(from_files, from_uploads):
+        np.testing.assert_allclose(a.explanations[0].heatmap, b.explanations[0].heatmap, atol=1e-6)
+
+
+def test_non_radiograph_dicoms_and_other_photos_are_flagged_for_a_chest_xray_model(tiny_model_dir, inputs):
+    _, files = inputs
+    cases = {c.path.name: c for c in Predictor(tiny_model_dir).predict_paths(files)}
+    ct = cases["CT_Explicit_Little.dcm"]
+    assert ct.ood.flagged and any("Modality CT" in r and "not a chest radiograph" in r for r in ct.ood.reasons)
+    assert ct.label is None and ct.withheld  # a CXR model withholds labels of flagged inputs by default
+    dx = next(c for n, c in cases.items() if n.startswith("1.3.6.1"))
+    assert not any("Modality" in r for r in dx.ood.reasons)  # a chest DX fits the modality check
+    photo = next(c for c in cases.values() if c.path.suffix == ".jpg")
+    assert photo.ood.flagged and any("colours" in r for r in photo.ood.reasons)
+
+
+@pytest.mark.parametrize("meta, task, expect", [
+    ({"format": "dicom", "modality": "MR", "sop_class": "MR Image Storage"}, "CXR", "Modality MR"),
+    ({"format": "dicom", "modality": "US"}, "CXR", "not a chest radiograph"),
+    ({"format": "dicom", "modality": "DX", "sop_class": "Digital Mammography X-Ray Image Storage - For Presentation"},
+     "CXR", "mammogram"),
+    ({"format": "dicom", "modality": "CR", "body_part": "KNEE"}, "CXR", "BodyPartExamined KNEE"),
+    ({"format": "dicom", "modality": "OT"}, "CXR", "Modality OT"),
+    ({"format": "dicom", "modality": "CT"}, "photo", "Modality CT"),
+    ({"format": "dicom", "modality": "XC"}, "sonar", "takes no DICOM"),
+])
+def test_modality_reasons(meta, task, expect):
+    reasons = modality_reasons(meta, task)
+    assert reasons and expect in " ".join(reasons)
+
+
+@pytest.mark.parametrize("meta, task", [
+    ({"format": "dicom", "modality": "DX", "body_part": "CHEST"}, "CXR"),
+    ({"format": "dicom", "modality": "CR"}, "CXR"),
+    ({"format": "png"}, "CXR"),
+    ({"format": "dicom", "modality": "CT"}, None),
+])
+def test_modality_reasons_pass(meta, task):
+    assert modality_reasons(meta, task) == []
+
+
+def test_domain_policy_decides_labels_of_flagged_inputs(tiny_model_dir, inputs, tmp_path):
+    _, files = inputs
+    ct = [f for f in files if f.name.startswith("CT_")]
+    for policy, expect_label in (("withhold", False), ("label", True)):
+        out = tmp_path / f"{policy}.csv"
+        assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), "--domain-policy", policy,
+                     *map(str, ct)]) == 0
+        row = _csv(out)[0]
+        assert row["domain"] == "out_of_domain" and "Modality CT" in row["domain_reason"]
+        assert bool(row["label"]) == expect_label and float(row["prob_normal"]) >= 0
+        assert row["path"].startswith("DICOM ")  # DICOM names are hashed by default
+
+
+def test_predict_streams_and_resumes(tiny_model_dir, inputs, tmp_path):
+    root, files = inputs
+    out = tmp_path / "r.csv"
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), *map(str, files[:2])]) == 0
+    first = _csv(out)
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), *map(str, files)]) == 0
+    rows = _csv(out)
+    assert rows[:2] == first and len(rows) == len(files)  # earlier rows kept, none repeated
+    assert len({r["path"] for r in rows}) == len(files)
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), "--no-resume", str(files[0])]) == 0
+    assert len(_csv(out)) == 1
+
+
+def test_workers_give_the_same_cases_as_the_main_process(tiny_model_dir, inputs):
+    root, _ = inputs
+    pred = Predictor(tiny_model_dir)
+    a = list(pred.pipeline(workers=0, batch_size=2).from_paths([root]))
+    b = list(pred.pipeline(workers=2, batch_size=2).from_paths([root]))
+    assert [c.name for c in a] == [c.name for c in b]
+    for x, y in zip(a, b):
+        assert x.label == y.label and x.probs == y.probs and x.error == y.error
+
+
+def test_cases_stream_one_batch_at_a_time(tiny_model_dir, inputs, monkeypatch):
+    """The first Case arrives before the later files are read: memory is bounded by a batch."""
+    root, files = inputs
+    pipe = Predictor(tiny_model_dir).pipeline(batch_size=2, workers=0, keep_images=False)
+    read = []
+    original = pipe._read
+    monkeypatch.setattr(pipe, "_read", lambda src: (read.append(src.path), original(src))[1])
+    stream = pipe.from_paths([root])
+    first = next(stream)
+    assert first.image is None and len(read) == 2 < len(files)
+    assert len([first, *stream]) == len(files)
+
+
+def test_bad_requests_are_one_line(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--model", str(tiny_model_dir), str(tmp_path / "empty")]) == 2
+    assert "no image or DICOM files" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(tmp_path), str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a folder" in err and "\n" not in err
+    with pytest.raises(PipelineError):
+        list(Predictor(tiny_model_dir).pipeline().from_paths([tmp_path / "empty"]))
+
+
+def test_writer_refuses_a_foreign_csv(tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(PipelineError, match="columns"):
+        CaseWriter(other, ["x", "y"], resume=True)
+    assert csv_fields(["x"]) == ["path", "label", "prob_x", "domain", "domain_reason", "error"]
+
+
+def test_in_memory_arrays_go_through_the_same_checks(tiny_model_dir):
+    pred = Predictor(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    colourful = rng.random((64, 64, 3)).astype(np.float32)
+    blank = np.full((64, 64), 0.5, np.float32)
+    cases = CasePipeline(pred).from_images([colourful, blank], names=["noise", "blank"])
+    assert cases[0].ood.flagged and cases[1].ood.flagged
+    assert any("blank" in r for r in cases[1].ood.reasons)
