@@ -32,7 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pellucid.core.card import Calibration, ModelCard, SplitSummary, Threshold, TrainingInfo, write_card
 from pellucid.core.modelfolder import ModelFolderError, load_model, read_card
+from pellucid.datasets.splits import Split, load_split, split_file
 from pellucid.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -102,10 +104,10 @@ class Ensemble(nn.Module):
         return torch.logsumexp(lp, dim=0)
 
 
-def load_ensemble(folder: str | Path, card: dict) -> Ensemble:
+def load_ensemble(folder: str | Path, card: ModelCard) -> Ensemble:
     """Build the :class:`Ensemble` of an ensemble model folder (called by ``load_model``)."""
     folder = Path(folder)
-    entries = card.get("members")
+    entries = card.extra.get("members")
     if not entries:
         raise ModelFolderError(f"{folder}/card.json: an ensemble card needs a non-empty 'members' list")
     members, temps, sizes = [], [], []
@@ -115,15 +117,15 @@ def load_ensemble(folder: str | Path, card: dict) -> Ensemble:
         if folder.resolve() not in path.parents:
             raise ModelFolderError(f"{folder}/card.json: member path {rel!r} points outside the ensemble folder")
         model, mcard = load_model(path)
-        if list(mcard["classes"]) != list(card["classes"]):
-            raise ModelFolderError(f"ensemble member {rel}: classes {mcard['classes']} differ from the "
-                                   f"ensemble's {card['classes']}")
+        if mcard.classes != card.classes:
+            raise ModelFolderError(f"ensemble member {rel}: classes {mcard.classes} differ from the "
+                                   f"ensemble's {card.classes}")
         members.append(model)
-        temps.append(float((mcard.get("calibration") or {}).get("temperature") or 1.0))
-        sizes.append(int(mcard.get("preprocessing", {}).get("image_size") or card["preprocessing"]["image_size"]))
-    # Member weights live in each ``members`` entry; ``card["weights"]`` is, as in every model card, the
+        temps.append(mcard.temperature)
+        sizes.append(int(mcard.image_size or card.image_size))
+    # Member weights live in each ``members`` entry; ``card.weights`` is, as in every model card, the
     # record of where the weights came from (a plain list there is accepted too).
-    weights = card["weights"] if isinstance(card.get("weights"), list) else \
+    weights = card.weights if isinstance(card.weights, list) else \
         [float(e.get("weight", 1.0)) if isinstance(e, dict) else 1.0 for e in entries]
     if len(weights) != len(members):
         raise ModelFolderError(f"{folder}/card.json: {len(weights)} weights for {len(members)} members")
@@ -139,19 +141,17 @@ def _copy_member(src: Path, dst: Path) -> None:
         shutil.copytree(src / "plots", dst / "plots", dirs_exist_ok=True)
 
 
-def _shared_split(member_dirs: Sequence[Path]) -> dict | None:
+def _shared_split(member_dirs: Sequence[Path]) -> Split | None:
     """The partition all members were trained on, or None when they differ or one lacks it."""
     keys, first = set(), None
     for d in member_dirs:
-        f = d / "split.json"
-        if not f.exists():
+        if not split_file(d).is_file():
             return None
-        s = json.loads(f.read_text())
-        key = tuple(tuple(sorted(Path(r["path"]).resolve().as_posix() for r in s.get(p, [])))
-                    for p in ("val", "test"))
+        s = load_split(d)
+        key = tuple(tuple(sorted(Path(r.path).resolve().as_posix() for r in s.part(p))) for p in ("val", "test"))
         keys.add(key)
         first = first or s
-    return first if len(keys) == 1 and first.get("val") and first.get("test") else None
+    return first if len(keys) == 1 and first.val and first.test else None
 
 
 @torch.inference_mode()
@@ -202,39 +202,42 @@ def build_ensemble(member_dirs: Sequence[str | Path], out: str | Path, weights: 
     if weights is not None and len(weights) != len(rel):
         raise ValueError(f"{len(weights)} weights for {len(rel)} members")
     w = np.ones(len(rel)) if weights is None else np.asarray(weights, dtype=np.float64)
-    task = _task_or_none(cards[0]["task"])
+    task = _task_or_none(cards[0].task)
     card = _ensemble_card(cards, rel, w / w.sum(), channels_in)
     shared = _shared_split(inside)
     reason = "members do not share one validation/test partition" if shared is None else None
-    if shared is not None and not any(Path(r["path"]).exists() for r in shared["val"]):
-        reason = f"the members' validation images ({shared['val'][0]['path']}, ...) cannot be read from here"
+    if shared is not None and not any(r.found for r in shared.val):
+        reason = f"the members' validation images ({shared.val[0].written}, ...) cannot be read from here"
         shared = None
     if shared is None:
         warnings.warn(f"{reason}: the ensemble is left uncalibrated (temperature 1) and unscored", stacklevel=2)
-        card.update(calibration={"method": "none", "temperature": 1.0, "note": reason},
-                    threshold={"policy": "argmax", "value": None, "positive_class": card["positive_class"]},
-                    metrics={"note": f"not scored: {reason}"}, split=None)
+        card.calibration = Calibration(method="none", temperature=1.0, extra={"note": reason})
+        card.threshold = Threshold(policy="argmax", value=None, positive_class=card.positive_class)
+        card.metrics, card.split = {"note": f"not scored: {reason}"}, None
     else:
-        card.update(_score_ensemble(out, card, shared, task, n_boot=n_boot, seed=seed))
-    card["training"] = {"seconds": round(time.time() - t0, 1), "kind": "ensemble of trained members",
-                        **(training or {})}
-    card["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    (out / "card.json").write_text(json.dumps(card, indent=1))
+        scored = _score_ensemble(out, card, shared, task, n_boot=n_boot, seed=seed)
+        card.calibration = Calibration.from_dict(scored["calibration"])
+        card.threshold = Threshold.from_dict(scored["threshold"])
+        card.metrics, card.split = scored["metrics"], SplitSummary.from_dict(scored["split"])
+    card.training = TrainingInfo.from_dict({"seconds": round(time.time() - t0, 1), "kind": "ensemble of trained members",
+                                            **(training or {})})
+    card.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_card(out, card)
     log.info("ensemble of %d members written to %s", len(rel), out)
     return out
 
 
-def _check_members(member_dirs: Sequence[Path], cards: Sequence[dict]) -> int | None:
+def _check_members(member_dirs: Sequence[Path], cards: Sequence[ModelCard]) -> int | None:
     """Check that the members are plain models of one task with the same classes and input channels;
     return those channels (``preprocessing.channels_in``)."""
-    if any(c.get("kind", "classifier") == "ensemble" for c in cards):
+    if any(c.kind == "ensemble" for c in cards):
         raise ModelFolderError("an ensemble member may not itself be an ensemble; give its members instead")
-    task_name, classes = cards[0]["task"], list(cards[0]["classes"])
+    task_name, classes = cards[0].task, list(cards[0].classes)
     for d, c in zip(member_dirs, cards):
-        if c["task"] != task_name or list(c["classes"]) != classes:
-            raise ModelFolderError(f"member {d} is for task {c['task']!r} with classes {c['classes']}; "
+        if c.task != task_name or c.classes != classes:
+            raise ModelFolderError(f"member {d} is for task {c.task!r} with classes {c.classes}; "
                                    f"the first member is {task_name!r} with {classes}")
-    channels = {c.get("preprocessing", {}).get("channels_in") for c in cards}
+    channels = {c.preprocessing.channels_in for c in cards}
     if len(channels) != 1:
         raise ModelFolderError(f"members disagree on input channels {sorted(map(str, channels))}")
     return channels.pop()
@@ -260,36 +263,36 @@ def _place_members(member_dirs: Sequence[Path], out: Path, copy: bool) -> list[P
     return inside
 
 
-def _ensemble_card(cards: Sequence[dict], rel: Sequence[str], w: np.ndarray, channels_in: int | None) -> dict:
+def _ensemble_card(cards: Sequence[ModelCard], rel: Sequence[str], w: np.ndarray, channels_in: int | None
+                   ) -> ModelCard:
     """The ensemble's card before scoring: task facts from the first member, one ``members`` entry
     per member (path, normalised weight, backbone, size, temperature, test metrics)."""
     import pellucid
 
-    task_name = cards[0]["task"]
-    sizes = [int(c["preprocessing"]["image_size"]) for c in cards]
-    return {
+    first = cards[0]
+    sizes = [int(c.image_size) for c in cards]
+    return ModelCard.from_dict({
         "kind": "ensemble",
         "pellucid_version": pellucid.__version__,
-        "task": task_name,
-        "title": cards[0].get("title", task_name),
-        "classes": list(cards[0]["classes"]),
-        "positive_class": cards[0].get("positive_class"),
-        "modality": cards[0].get("modality"),
-        "intended_use": cards[0].get("intended_use"),
-        "explainers": cards[0].get("explainers", []),
-        "explainer_options": cards[0].get("explainer_options", {}),
-        "backbone": {"name": "ensemble", "members": [c["backbone"]["name"] for c in cards]},
+        "task": first.task,
+        "title": first.title if first.title is not None else first.task,
+        "classes": list(first.classes),
+        "positive_class": first.positive_class,
+        "modality": first.modality,
+        "intended_use": first.intended_use,
+        "explainers": list(first.explainers),
+        "explainer_options": dict(first.explainer_options),
+        "backbone": {"name": "ensemble", "members": [c.backbone_name for c in cards]},
         "weights": {"source": "members", "pretrained": True,
-                    "detail": "; ".join(f"{r}: {c.get('weights', {}).get('source')}" for r, c in zip(rel, cards))},
-        "members": [{"path": r, "weight": float(wi), "backbone": c["backbone"]["name"], "image_size": s,
-                     "temperature": float((c.get("calibration") or {}).get("temperature") or 1.0),
-                     "test_metrics": {k: v.get("value")
-                                      for k, v in (c.get("metrics") or {}).get("metrics", {}).items()}}
+                    "detail": "; ".join(f"{r}: {c.weight_source}" for r, c in zip(rel, cards))},
+        "members": [{"path": r, "weight": float(wi), "backbone": c.backbone_name, "image_size": s,
+                     "temperature": c.temperature,
+                     "test_metrics": {k: v.get("value") for k, v in c.metrics.get("metrics", {}).items()}}
                     for r, wi, c, s in zip(rel, w, cards, sizes)],
         "preprocessing": {"image_size": max(sizes), "channels_in": channels_in, "resize": "squash",
                           "input_range": [0.0, 1.0], "member_sizes": sizes,
                           "note": "each member resizes the input to its own size (bilinear, antialiased)"},
-    }
+    })
 
 
 def _task_or_none(name: str) -> TaskSpec | None:
@@ -302,7 +305,7 @@ def _task_or_none(name: str) -> TaskSpec | None:
         return None
 
 
-def _score_ensemble(out: Path, card: dict, shared: dict, task: TaskSpec | None, *, n_boot: int, seed: int) -> dict:
+def _score_ensemble(out: Path, card: ModelCard, shared: Split, task: TaskSpec | None, *, n_boot: int, seed: int) -> dict:
     """Calibrate and threshold the ensemble on the shared validation part and score it on the shared
     test part (``split.json``, ``metrics.json`` and plots written to ``out``).
 
@@ -311,24 +314,23 @@ def _score_ensemble(out: Path, card: dict, shared: dict, task: TaskSpec | None, 
     """
     from pellucid.core.scoring import score_split
 
-    (out / "split.json").write_text(json.dumps(shared, indent=1))
+    shared.save(out / "split.json")
     model = load_ensemble(out, card)
-    classes = card["classes"]
+    classes = card.classes
     idx = {c: i for i, c in enumerate(classes)}
     logits, y = {}, {}
     for part in ("val", "test"):
-        rows = shared[part]
-        lg, ok = _logits_of(model, [r["path"] for r in rows], card["preprocessing"]["image_size"],
-                            card["preprocessing"]["channels_in"])
-        logits[part], y[part] = lg, np.array([idx[rows[i]["label"]] for i in ok])
-    pos = classes.index(card["positive_class"]) if card["positive_class"] in classes else None
+        rows = shared.part(part)
+        lg, ok = _logits_of(model, [r.path for r in rows], card.image_size, card.preprocessing.channels_in)
+        logits[part], y[part] = lg, np.array([idx[rows[i].label] for i in ok])
+    pos = classes.index(card.positive_class) if card.positive_class in classes else None
     cal, threshold, test_metrics = score_split(
         logits["val"], y["val"], logits["test"], y["test"], classes, out,
-        positive_index=pos if len(classes) == 2 else None, positive_class=card["positive_class"],
+        positive_index=pos if len(classes) == 2 else None, positive_class=card.positive_class,
         policy=task.threshold_policy if task is not None else "argmax",
         target_sensitivity=task.target_sensitivity if task is not None else None, n_boot=n_boot, seed=seed)
-    split = {"hash": shared.get("hash"), "seed": shared.get("seed"), "train": len(shared.get("train", [])),
-             "val": len(shared["val"]), "test": len(shared["test"]), "file": "split.json"}
+    split = {"hash": shared.hash, "seed": shared.seed, "train": len(shared.train),
+             "val": len(shared.val), "test": len(shared.test), "file": "split.json"}
     return {"calibration": cal, "threshold": threshold, "metrics": test_metrics, "split": split}
 
 
@@ -377,7 +379,7 @@ def train_ensemble(cfg: TrainConfig) -> Path:
     t_build = time.time()
     folder = build_ensemble(dirs, out, weights, n_boot=cfg.n_boot, seed=cfg.seed,
                             training={"members_seconds": round(t_build - t0, 1), "data": str(Path(cfg.data).resolve())})
-    card = json.loads((folder / "card.json").read_text())
-    card["training"]["seconds"] = round(time.time() - t0, 1)
-    (folder / "card.json").write_text(json.dumps(card, indent=1))
+    card = read_card(folder)
+    card.training.seconds = round(time.time() - t0, 1)
+    write_card(folder, card)
     return folder

@@ -34,7 +34,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, out: str | Path | None
     try:
         from pellucid.core.tasks import get_task
 
-        aliases = get_task(pred.card["task"]).aliases
+        aliases = get_task(pred.card.task).aliases
     except KeyError:
         pass  # a model of a task without an app folder
     samples = load_samples(data_dir, classes=pred.classes, aliases=aliases)

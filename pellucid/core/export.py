@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from pellucid.core.backbones import unknown_name_error
+from pellucid.core.card import ModelCard, as_card
 from pellucid.core.modelfolder import ModelFolderError, load_model
 from pellucid.core.quantize import (INT8_SETTINGS, cpu_features, ort_version, quantize_static_portable,
                                      saturation_safe)
@@ -66,11 +67,11 @@ def _require_onnx():
                                "pip install 'pellucid[export]'") from None
 
 
-def _channels(card: dict) -> int | None:
-    return card.get("preprocessing", {}).get("channels_in")
+def _channels(card: ModelCard | dict) -> int | None:
+    return as_card(card).preprocessing.channels_in
 
 
-def calibration_batches(model_dir: str | Path, card: dict, n_images: int = 256, batch_size: int = 8,
+def calibration_batches(model_dir: str | Path, card: ModelCard | dict, n_images: int = 256, batch_size: int = 8,
                         seed: int = 0, part: str = "train") -> list[np.ndarray]:
     """Prepared training images of a model folder, for INT8 calibration.
 
@@ -89,21 +90,22 @@ def calibration_batches(model_dir: str | Path, card: dict, n_images: int = 256, 
     Raises:
         ModelFolderError: no split file, or none of the drawn images could be read.
     """
+    from pellucid.datasets import splits
     from pellucid.datasets.torchdata import ImageCache
 
-    split_file = Path(model_dir) / "split.json"
-    if not split_file.exists():
+    split_file = splits.split_file(model_dir)
+    if not split_file.is_file():
         raise ModelFolderError(f"{model_dir} has no split.json: INT8 calibration needs the training images it lists")
-    rows = json.loads(split_file.read_text()).get(part, [])
+    rows = splits.load_split(split_file).part(part)
     if not rows:
         raise ModelFolderError(f"{split_file} lists no {part} images")
     rng = np.random.default_rng(seed)
     pick = sorted(rng.permutation(len(rows))[:n_images])
-    size = int(card["preprocessing"]["image_size"])
-    cache = ImageCache([rows[i]["path"] for i in pick], size, channels=_channels(card), progress=False)
+    size = int(as_card(card).image_size)
+    cache = ImageCache([rows[i].path for i in pick], size, channels=_channels(card), progress=False)
     if len(cache) == 0:
         raise ModelFolderError(f"none of the {len(pick)} calibration images from {split_file} could be read "
-                               f"(first: {rows[pick[0]]['path']}); is the data folder still there?")
+                               f"(first: {rows[pick[0]].written}); is the data folder still there?")
     x = cache.arrays.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     return [np.ascontiguousarray(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
@@ -175,7 +177,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
     model_dir = Path(model_dir)
     model, card = load_model(model_dir)
     model.eval()
-    size = int(card["preprocessing"]["image_size"])
+    size = int(card.image_size)
     fp32 = Path(out) if out else model_dir / "export" / "model.onnx"
     if fp32.suffix != ".onnx":
         fp32 = fp32.with_suffix(".onnx")
@@ -195,21 +197,22 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, int8: bool
             result.update(int8=str(q8), int8_bytes=q8.stat().st_size, int8_method=method)
         except Int8RefusedError as err:  # the fp32 file and its sidecar are still written
             refused, quant = err, {"refused": str(err)}
-    thr = card.get("threshold") or {}
+    thr = card.threshold
     sidecar = {
         "format": "onnx", "opset": OPSET, "pellucid_version": pellucid.__version__,
-        "source_model": str(model_dir.resolve()), "task": card.get("task"), "kind": card.get("kind", "classifier"),
-        "classes": card["classes"], "positive_class": card.get("positive_class"),
+        "source_model": str(model_dir.resolve()), "task": card.task, "kind": card.kind,
+        "classes": card.classes, "positive_class": card.positive_class,
         "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
                   "layout": "NCHW", "color": "RGB (gray replicated)",
-                  "channels_in": _channels(card), "resize": card["preprocessing"].get("resize", "squash"),
+                  "channels_in": _channels(card), "resize": card.preprocessing.resize or "squash",
                   "note": "normalisation (mean/std) is inside the graph"
                           + ("; convert colour input to luminance first (channels_in = 1)" if _channels(card) == 1
                              else "")},
-        "output": {"name": "logits", "shape": ["batch", len(card["classes"])],
+        "output": {"name": "logits", "shape": ["batch", len(card.classes)],
                    "probabilities": "softmax(logits / temperature)"},
-        "temperature": float((card.get("calibration") or {}).get("temperature") or 1.0),
-        "threshold": {"policy": thr.get("policy", "argmax"), "value": thr.get("value")},
+        "temperature": card.temperature,
+        "threshold": {"policy": (thr.policy if thr is not None else None) or "argmax",
+                      "value": thr.value if thr is not None else None},
         "files": {"fp32": fp32.name, "int8": Path(result["int8"]).name if result["int8"] else None},
         "quantization": quant or None,
         "check": {"max_abs_logit_diff_fp32_vs_torch": diff},

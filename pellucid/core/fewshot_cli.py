@@ -50,12 +50,13 @@ def _fit(args: argparse.Namespace) -> int:
     folder = fit_prototypes(args.support, out, backbone=args.backbone or "efficientnet_lite0",
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
                             progress=True)
-    card = json.loads((Path(folder) / "card.json").read_text())
-    m = card["metrics"]
+    from pellucid.core.card import read_card
+
+    card = read_card(folder)
+    m = card.metrics
     print(f"model folder: {folder}")
-    print(f"classes:      " + ", ".join(f"{c} ({m['per_class'][c]})" for c in card["classes"]))
-    print(f"backbone:     {card['backbone']['name']} ({card['weights'].get('source')}), "
-          f"{card['preprocessing']['image_size']} px")
+    print(f"classes:      " + ", ".join(f"{c} ({m['per_class'][c]})" for c in card.classes))
+    print(f"backbone:     {card.backbone_name} ({card.weight_source}), {card.image_size} px")
     if "support_loo_accuracy" in m:
         print(f"leave-one-out accuracy on the support set: {m['support_loo_accuracy']:.3f} (n={m['n_support']})")
     print(f"predict with: pellucid predict --model {folder} IMAGES...")

@@ -288,24 +288,25 @@ def reference_from_split(folder: str | Path, model: torch.nn.Module, preprocess:
                          progress: Callable[[float, str], None] | None = None) -> OODReference:
     """Build a reference from the training / validation images listed in ``folder/split.json``.
 
-    Paths in ``split.json`` are tried as written, then relative to the card's training data folder.
-    Unreadable files are skipped.
+    Paths in ``split.json`` are found by :func:`pellucid.datasets.splits.load_split` (as written, then
+    relative to the model folder). Unreadable files are skipped.
 
     Raises:
         FileNotFoundError: no ``split.json`` or none of its images can be found.
     """
     from pellucid.datasets.readers import ImageReadError, read_image
+    from pellucid.datasets.splits import load_split, split_file
 
     folder = Path(folder)
-    split_path = folder / "split.json"
-    if not split_path.exists():
+    split_path = split_file(folder)
+    if not split_path.is_file():
         raise FileNotFoundError(f"{split_path} not found: the OOD reference is built from the training split; "
                                 "retrain with `pellucid train` or call fit_reference with your own images")
-    split = json.loads(split_path.read_text())
+    split = load_split(split_path)
     rng = np.random.default_rng(seed)
 
     def pick(part: str, n: int) -> list[str]:
-        paths = [row["path"] if isinstance(row, dict) else str(row) for row in split.get(part, [])]
+        paths = split.paths(part)
         if len(paths) > n:
             paths = [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
         return paths

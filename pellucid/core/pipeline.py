@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pellucid.core.calibration import apply_temperature
+from pellucid.core.card import ModelCard, as_card
 from pellucid.core.ood import GRAY_MODALITIES, OODCheck, check_domain, forward_with_features
 from pellucid.core.privacy import display_name, read_quietly, safe_meta, scrub_path, sha256_file
 from pellucid.datasets.readers import DICOM_SUFFIXES, Image, ImageReadError, is_dicom
@@ -142,12 +143,13 @@ def csv_fields(classes: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     return ["path", "label", *[f"prob_{c}" for c in classes], "domain", "domain_reason", "error", *extra]
 
 
-def default_domain_policy(card: dict) -> str:
+def default_domain_policy(card: ModelCard | dict) -> str:
     """The card's ``domain_policy``, else ``"withhold"`` for radiology/pathology modalities, else ``"label"``."""
-    policy = card.get("domain_policy")
+    card = as_card(card)
+    policy = card.domain_policy
     if policy in DOMAIN_POLICIES:
         return policy
-    modality = str(card.get("modality") or "").strip().upper()
+    modality = str(card.modality or "").strip().upper()
     return "withhold" if modality in GRAY_MODALITIES or modality == "HISTOPATHOLOGY" else "label"
 
 
@@ -299,7 +301,7 @@ class CasePipeline:
         logits, feats = forward_with_features(pred.model, batch)
         probs = apply_temperature(torch.from_numpy(logits), pred.temperature)
         idx = pred.decide(probs)
-        modality = pred.card.get("modality")
+        modality = as_card(pred.card).modality
         for j, (c, _) in enumerate(todo):
             c.logits = logits[j]
             c.index = int(idx[j])

@@ -43,17 +43,16 @@ class Predictor:
         self.folder = Path(folder)
         self.model, self.card = load_model(folder, map_location=device)
         self.device = torch.device(device)
-        self.classes: list[str] = list(self.card["classes"])
-        self.image_size: int = int(self.card["preprocessing"]["image_size"])
-        self.channels: int | None = self.card["preprocessing"].get("channels_in")
-        self.temperature: float = float(self.card.get("calibration", {}).get("temperature", 1.0) or 1.0)
-        thr = self.card.get("threshold") or {}
-        self.threshold: float | None = thr.get("value")
-        pos = self.card.get("positive_class")
+        self.classes: list[str] = list(self.card.classes)
+        self.image_size: int = int(self.card.image_size)
+        self.channels: int | None = self.card.preprocessing.channels_in
+        self.temperature: float = self.card.temperature
+        self.threshold: float | None = self.card.threshold.value if self.card.threshold is not None else None
+        pos = self.card.positive_class
         self.positive_index: int | None = self.classes.index(pos) if pos in self.classes else None
         from pellucid.core.segmentation import LungMasker
 
-        self.masker = LungMasker.from_card(self.card) if self.card.get("kind", "classifier") != "segmentation" else None
+        self.masker = LungMasker.from_card(self.card) if self.card.kind != "segmentation" else None
         # A lung-crop model sees only the lungs' bounding box, not the whole X-ray.
         self.crops_input: bool = getattr(self.masker, "mode", None) == "crop"
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pellucid.core.card import ModelCard, as_card
 from pellucid.datasets.readers import Image, ImageReadError, read_image
 from pellucid.registry import did_you_mean
 
@@ -90,14 +91,14 @@ def build_unet(channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[in
                 num_res_units=num_res_units)
 
 
-def _arch(card: dict) -> dict:
-    arch = card.get("architecture") or {}
+def _arch(card: ModelCard) -> dict:
+    arch = card.extra.get("architecture") or {}
     return {"channels": tuple(arch.get("channels", (16, 32, 64, 128))),
             "strides": tuple(arch.get("strides", (2, 2, 2))),
             "num_res_units": int(arch.get("num_res_units", 1))}
 
 
-def load_segmenter(folder: str | Path, card: dict) -> nn.Module:
+def load_segmenter(folder: str | Path, card: ModelCard) -> nn.Module:
     """Rebuild the U-Net described by ``card`` and load ``model.safetensors`` (no pickles).
 
     The returned module is in eval mode and carries ``image_size`` and ``card`` attributes, which
@@ -117,7 +118,7 @@ def load_segmenter(folder: str | Path, card: dict) -> nn.Module:
     except RuntimeError as err:
         raise ModelFolderError(f"{weights} does not fit the U-Net of its card ({_arch(card)}): "
                                f"{str(err).splitlines()[0]}") from err
-    model.image_size = int(card.get("image_size") or card["preprocessing"]["image_size"])
+    model.image_size = int(card.image_size)
     model.card = card
     model._pellucid_folder = str(folder)
     return model.eval()
@@ -129,8 +130,8 @@ def _as_segmenter(model_or_folder) -> nn.Module:
     from pellucid.core.modelfolder import load_model
 
     model, card = load_model(model_or_folder)
-    if card.get("kind") != "segmentation":
-        raise SegmentationError(f"{model_or_folder} is a {card.get('kind', 'classifier')!r} model folder; "
+    if card.kind != "segmentation":
+        raise SegmentationError(f"{model_or_folder} is a {card.kind!r} model folder; "
                                 "give a segmentation folder (written by `pellucid train tb-lungseg`)")
     return model
 
@@ -289,10 +290,10 @@ class LungMasker:
         return cls(segmenter, PREPROCESS_CHOICES[key])
 
     @classmethod
-    def from_card(cls, card: dict) -> LungMasker | None:
-        """The masker a classifier card asks for (``card['preprocessing']['preprocess']``), or None."""
-        pre = card.get("preprocessing") or {}
-        return cls.from_settings(pre.get("preprocess"), pre.get("segmenter"))
+    def from_card(cls, card: ModelCard | dict) -> LungMasker | None:
+        """The masker a classifier card asks for (``card.preprocessing.preprocess``), or None."""
+        pre = as_card(card).preprocessing
+        return cls.from_settings(pre.preprocess, pre.segmenter)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -622,11 +623,11 @@ def _score_segmenter(model: nn.Module, test_rows: list[dict], cfg: SegConfig, ou
     return metrics
 
 
-def _seg_card(cfg: SegConfig, split: dict, parts: dict, metrics: dict, training: dict) -> dict:
+def _seg_card(cfg: SegConfig, split: dict, parts: dict, metrics: dict, training: dict) -> ModelCard:
     """The card of a segmentation model folder."""
     import pellucid
 
-    return {
+    return ModelCard.from_dict({
         "kind": "segmentation",
         "pellucid_version": pellucid.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -650,7 +651,7 @@ def _seg_card(cfg: SegConfig, split: dict, parts: dict, metrics: dict, training:
                   "test": len(parts["test"]), "file": "split.json"},
         "training": training,
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
-    }
+    })
 
 
 # ----------------------------------------------------------------------------- prediction

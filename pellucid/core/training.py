@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pellucid.core.card import ModelCard, Preprocessing
 from pellucid.core.finetune import Strategy, freeze_bn_of_frozen, get_strategy
 from pellucid.core.model import Classifier, build_classifier
 from pellucid.core.tasks import TaskSpec, get_task
@@ -349,7 +350,8 @@ def train(cfg: TrainConfig) -> Path:
                            "linear_probe": probe_info, **trainer_info, "data": str(Path(cfg.data).resolve()),
                            "skipped_files": [f"{p}: {e}" for p, e in cache.failures]})
     if masker is not None:
-        card["preprocessing"].update(masker.card_entry())  # predict / explain / report / UI re-run the chain
+        # predict / explain / report / UI re-run the chain
+        card.preprocessing = Preprocessing.from_dict({**card.preprocessing.to_dict(), **masker.card_entry()})
     _write_model_folder(out, model, card, plain, cfg, cache)
     log.info("model folder %s written in %.0f s", out, seconds)
     return out
@@ -438,7 +440,7 @@ def _evaluate(model: Classifier, plain: dict, y: dict, task: TaskSpec, cfg: Trai
 
 
 def _card(cfg: TrainConfig, task: TaskSpec, model: Classifier, weight_info: dict, cal: dict, threshold: dict,
-          test_metrics: dict, split: dict, plain: dict, training: dict) -> dict:
+          test_metrics: dict, split: dict, plain: dict, training: dict) -> ModelCard:
     """The model card of a trained classifier (see :func:`pellucid.core.modelfolder.build_card`)."""
     from pellucid.core.modelfolder import build_card
 
@@ -452,7 +454,7 @@ def _card(cfg: TrainConfig, task: TaskSpec, model: Classifier, weight_info: dict
     )
 
 
-def _write_model_folder(out: Path, model: Classifier, card: dict, plain: dict, cfg: TrainConfig,
+def _write_model_folder(out: Path, model: Classifier, card: ModelCard, plain: dict, cfg: TrainConfig,
                         cache: ImageCache) -> None:
     """Save weights and card, the out-of-domain reference, and report unreadable files."""
     from pellucid.core.modelfolder import save_model

@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +38,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from pellucid.datasets.samples import DataError, Sample
 from pellucid.registry import unknown_name_error
 
-__all__ = ["grouped_split", "grouped_kfold", "split_hash", "save_split", "load_split", "check_no_leakage",
+__all__ = ["grouped_split", "grouped_kfold", "split_hash", "save_split", "load_split", "split_file", "Split",
+           "SplitRow", "SPLIT_FILE", "SPLIT_PARTS", "check_no_leakage",
            "SPLIT_POLICIES", "SplitSettings", "make_split", "split_from_file", "temporal_split", "kfold_splits"]
 
 log = logging.getLogger(__name__)
@@ -127,19 +129,147 @@ def split_hash(samples: list[Sample], split: dict) -> str:
     return h.hexdigest()[:16]
 
 
+SPLIT_FILE = "split.json"
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def split_file(path: str | Path) -> Path:
+    """The ``split.json`` meant by ``path``: the file itself, or ``path/split.json`` for a folder."""
+    path = Path(path)
+    return path / SPLIT_FILE if path.is_dir() else path
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """One file of a saved split: ``path`` as resolved by :func:`load_split` (``written`` as in the file)."""
+
+    path: str
+    label: str | None = None
+    group: str | None = None
+    written: str = ""
+    found: bool = False
+
+    def to_dict(self) -> dict:
+        """The row as :func:`save_split` writes it (the path as written)."""
+        out: dict = {"path": self.written or self.path}
+        if self.label is not None:
+            out["label"] = self.label
+        if self.group is not None:
+            out["group"] = self.group
+        return out
+
+
+@dataclass
+class Split:
+    """A saved partition: rows of the ``train``/``val``/``test`` parts, its ``hash`` and ``seed``, the
+    ``file`` it was read from, and every other key of the file in ``extra`` (``fold``, ``temporal``...)."""
+
+    train: list[SplitRow] = field(default_factory=list)
+    val: list[SplitRow] = field(default_factory=list)
+    test: list[SplitRow] = field(default_factory=list)
+    hash: str | None = None
+    seed: int | None = None
+    file: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def part(self, name: str) -> list[SplitRow]:
+        """The rows of part ``name`` (``train``, ``val`` or ``test``)."""
+        if name not in SPLIT_PARTS:
+            raise unknown_name_error("split part", name, SPLIT_PARTS)
+        return getattr(self, name)
+
+    def paths(self, name: str) -> list[str]:
+        """The resolved paths of part ``name``."""
+        return [r.path for r in self.part(name)]
+
+    def to_dict(self) -> dict:
+        """The JSON object of ``split.json`` (paths as they were written)."""
+        out = {**self.extra, "seed": self.seed}
+        if self.hash is not None:
+            out["hash"] = self.hash
+        for name in SPLIT_PARTS:
+            out[name] = [r.to_dict() for r in getattr(self, name)]
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write this split as JSON to ``path`` (a file, or a folder to hold ``split.json``)."""
+        path = split_file(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
 def save_split(path: str | Path, samples: list[Sample], split: dict) -> None:
-    """Write the split as JSON with the file names per part (readable, and re-checkable by hash)."""
-    out = {k: v for k, v in split.items() if k not in ("train", "val", "test")}
-    for part in ("train", "val", "test"):
-        if part in split:
-            out[part] = [{"path": samples[i].path, "label": samples[i].label, "group": samples[i].group}
-                         for i in split[part]]
-    Path(path).write_text(json.dumps(out, indent=1))
+    """Write the split as JSON with the file names per part (readable, and re-checkable by hash).
+
+    The one writer of ``split.json`` (with :meth:`Split.save`, which this calls)."""
+    parts = {part: [SplitRow(samples[i].path, samples[i].label, samples[i].group, written=samples[i].path)
+                    for i in split[part]] for part in SPLIT_PARTS if part in split}
+    extra = {k: v for k, v in split.items() if k not in SPLIT_PARTS and k not in ("hash", "seed")}
+    Split(**parts, hash=split.get("hash"), seed=split.get("seed"), extra=extra).save(path)
 
 
-def load_split(path: str | Path) -> dict:
-    """Read a split written by :func:`save_split`."""
-    return json.loads(Path(path).read_text())
+def _candidates(written: str, base: Path, data_root: str | None, data_as_given: str | None) -> list[Path]:
+    cands = [Path(written)]
+    if not Path(written).is_absolute():
+        cands.append(base / written)
+    if data_root:
+        if data_as_given and written.startswith(str(data_as_given)):
+            cands.append(Path(data_root) / written[len(str(data_as_given)):].lstrip("/\\"))
+        parts = Path(written).parts
+        root_name = Path(data_root).name
+        if root_name in parts:
+            i = len(parts) - 1 - parts[::-1].index(root_name)
+            cands.append(Path(data_root).joinpath(*parts[i + 1:]))
+    return cands
+
+
+def load_split(path: str | Path, *, data_root: str | Path | None = None,
+               data_as_given: str | None = None) -> Split:
+    """Read a ``split.json`` (written by :func:`save_split`): the one reader of split files.
+
+    Path rule: each row's path is tried, in order, (1) as written (absolute, or relative to the
+    current directory, which is how ``pellucid train`` writes the paths of a data folder given
+    relative), (2) relative to the folder holding ``split.json``, and, with ``data_root`` (the
+    training data folder, a card's ``training.data``), (3) with ``data_as_given`` (the data folder
+    as the run was given it, ``config.json`` ``data``) replaced by ``data_root`` and (4) re-rooted
+    under ``data_root`` after the last path part named like it (the data folder was moved). The first
+    candidate that is a file wins (``row.found``); when none is, the path stays as written.
+
+    Args:
+        path: a ``split.json`` file, or a folder (a model folder) holding one.
+        data_root: the training data folder, for rules (3) and (4).
+        data_as_given: the data folder as written in the run's settings, for rule (3).
+
+    Raises:
+        DataError: the file is missing, is not valid JSON, or is not a split (rows without ``path``).
+    """
+    path = split_file(path)
+    if not path.is_file():
+        raise DataError(f"split file {path} not found: give a split.json written by `pellucid train` "
+                        "or the model folder that holds one")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"split file {path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(saved, dict):
+        raise DataError(f"split file {path} is not a split (a JSON object with train/val/test parts)")
+    base = path.parent
+    parts: dict[str, list[SplitRow]] = {}
+    for part in SPLIT_PARTS:
+        rows = []
+        for row in saved.pop(part, None) or []:
+            if isinstance(row, dict):
+                if "path" not in row:
+                    raise DataError(f"split file {path}: a {part} row has no 'path' ({row!r})")
+                written, label, group = str(row["path"]), row.get("label"), row.get("group")
+            else:
+                written, label, group = str(row), None, None
+            hit = next((c for c in _candidates(written, base, data_root and str(data_root), data_as_given)
+                        if c.is_file()), None)
+            rows.append(SplitRow(str(hit) if hit is not None else written, label, group, written=written,
+                                 found=hit is not None))
+        parts[part] = rows
+    return Split(**parts, hash=saved.pop("hash", None), seed=saved.pop("seed", None), file=path, extra=saved)
 
 
 # --------------------------------------------------------------------------- split policies of a run
@@ -194,16 +324,8 @@ def split_from_file(samples: list[Sample], path: str | Path) -> tuple[list[Sampl
     Raises:
         DataError: the file is missing, or names files (or labels) the data folder does not have.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "split.json"
-    if not path.exists():
-        raise DataError(f"split file {path} not found: give a split.json written by `pellucid train` "
-                        "or the model folder that holds one")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"split file {path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    saved = load_split(path)
+    path = saved.file
     by_path = {str(Path(s.path).resolve()): s for s in samples}
     # Fallback for a split file written elsewhere (another machine, another data location, another
     # working directory): match on "<folder>/<file name>" when that is unique in the data folder.
@@ -212,20 +334,20 @@ def split_from_file(samples: list[Sample], path: str | Path) -> tuple[list[Sampl
         key = "/".join(Path(s.path).parts[-2:])
         tails[key] = None if key in tails else s
     used: list[Sample] = []
-    split: dict = {"seed": saved.get("seed"), "from_file": str(path.resolve())}
+    split: dict = {"seed": saved.seed, "from_file": str(path.resolve())}
     missing: list[str] = []
-    for part in ("train", "val", "test"):
+    for part in SPLIT_PARTS:
         idx = []
-        for row in saved.get(part, []):
-            s = by_path.get(str(Path(row["path"]).resolve())) or tails.get("/".join(Path(row["path"]).parts[-2:]))
+        for row in saved.part(part):
+            s = by_path.get(str(Path(row.path).resolve())) or tails.get("/".join(Path(row.written).parts[-2:]))
             if s is None:
-                missing.append(row["path"])
+                missing.append(row.written)
                 continue
-            if s.label != row["label"]:
-                raise DataError(f"split file {path}: {row['path']} is labelled {row['label']!r} there but "
+            if s.label != row.label:
+                raise DataError(f"split file {path}: {row.written} is labelled {row.label!r} there but "
                                 f"{s.label!r} in the data folder")
             # keep the file's group (it may be a time segment of a recording)
-            used.append(Sample(s.path, s.label, row.get("group", s.group)))
+            used.append(Sample(s.path, s.label, row.group if row.group is not None else s.group))
             idx.append(len(used) - 1)
         split[part] = idx
     if missing:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pellucid.core.backbones import create_backbone
+from pellucid.core.card import ModelCard
 from pellucid.core.fewshot.config import FewShotError, ProtoConfig, improved_config
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, extract_features
 from pellucid.core.fewshot.maths import _logits_from_distances, pairwise_distances
@@ -64,11 +65,11 @@ def _check_support_classes(support_dir: Path, classes: list[str], task: str) -> 
 
 
 def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, spec, info: dict, size: int,
-                     config: ProtoConfig, fitted, metrics: dict, *, seconds: float) -> dict:
+                     config: ProtoConfig, fitted, metrics: dict, *, seconds: float) -> ModelCard:
     """The ``card.json`` of a prototypes model folder built by :func:`fit_prototypes`."""
     import pellucid
 
-    return {
+    return ModelCard.from_dict({
         "kind": "prototypes",
         "pellucid_version": pellucid.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -94,7 +95,7 @@ def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, 
         "training": {"seconds": seconds, "python": platform.python_version(),
                      "torch": torch.__version__, "support_dir": str(support_dir.resolve())},
         "recipe": {"mode": "frozen features"},
-    }
+    })
 
 
 def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = "efficientnet_lite0",
@@ -161,7 +162,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
     return save_model(out, net, card)
 
 
-def load_prototypes(folder: str | Path, card: dict) -> PrototypicalNetwork:
+def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:
     """Rebuild the :class:`PrototypicalNetwork` of a prototypes model folder (eval mode, CPU).
 
     Raises:
@@ -176,25 +177,25 @@ def load_prototypes(folder: str | Path, card: dict) -> PrototypicalNetwork:
     if not weights.exists():
         raise ModelFolderError(f"{folder} has no model.safetensors: rerun `pellucid fewshot fit`")
     try:
-        config = ProtoConfig.from_dict(card["fewshot"])
-        bb, _ = create_backbone(card["backbone"]["name"], pretrained=False)
+        config = ProtoConfig.from_dict(card.extra["fewshot"])
+        bb, _ = create_backbone(card.backbone_name, pretrained=False)
     except (KeyError, TypeError) as err:
         raise ModelFolderError(f"{folder}/card.json: prototypes card is missing or has a bad {err}") from err
-    pre = card.get("preprocessing", {})
-    if pre.get("mean") and pre.get("std"):
-        bb.spec = replace(bb.spec, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    pre = card.preprocessing
+    if pre.mean and pre.std:
+        bb.spec = replace(bb.spec, mean=tuple(pre.mean), std=tuple(pre.std))
     net = PrototypicalNetwork(bb, config)
     state = load_file(str(weights))
     net._resize_buffers(state)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise ModelFolderError(f"{weights} does not fit backbone {card['backbone']['name']!r}: "
+        raise ModelFolderError(f"{weights} does not fit backbone {card.backbone_name!r}: "
                                f"{str(err).splitlines()[0]}") from err
-    if net.n_way != len(card["classes"]):
+    if net.n_way != len(card.classes):
         raise ModelFolderError(f"{weights} holds {net.n_way} prototypes but the card lists "
-                               f"{len(card['classes'])} classes")
-    net.support_items = [(s["path"], s["label"]) for s in card.get("support", [])]
+                               f"{len(card.classes)} classes")
+    net.support_items = [(s["path"], s["label"]) for s in card.extra.get("support", [])]
     return net.eval()
 
 
