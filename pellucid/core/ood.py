@@ -337,7 +337,7 @@ def reference_from_split(folder: str | Path, model: torch.nn.Module, preprocess:
     if not fit_b or not calib_b:
         raise FileNotFoundError(f"the images listed in {split_path} could not be read from here "
                                 f"(first: {fit_paths[:1] or calib_paths[:1]}); run from the folder training ran in")
-    return fit_reference(model, fit_b, calib_b, source=f"{split_path.name}: train/val split {split.get('hash', '')}")
+    return fit_reference(model, fit_b, calib_b, source=f"{split_path.name}: train/val split {split.hash or ''}")
 
 
 def check_domain(image: Image | np.ndarray, logits: np.ndarray, probs: np.ndarray, *, modality: str | None,
