@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import sys
@@ -146,12 +145,14 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         close = difflib.get_close_matches(bad[0], sorted(known), n=1)
         raise UserError(f"unknown segmentation option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     folder = train_segmenter(data, out, **{k: v for k, v in over.items() if k in known})
-    card = json.loads((Path(folder) / "card.json").read_text())
-    m = card["metrics"]
+    from pellucid.core.card import read_card
+
+    card = read_card(folder)
+    m = card.metrics
     print(f"model folder: {folder}")
     print(f"test Dice {m['dice']['value']:.4f} [{m['dice']['low']:.4f}, {m['dice']['high']:.4f}]; "
           f"HD95 {m['hd95']['value']:.2f} px [{m['hd95']['low']:.2f}, {m['hd95']['high']:.2f}] (n={m['dice']['n']})")
-    print(f"time: {card['training']['seconds']} s")
+    print(f"time: {card.training.seconds} s")
     return 0
 
 
@@ -185,16 +186,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(folder: Path) -> None:
-    card_path = Path(folder) / "card.json"
-    if not card_path.exists():
+    from pellucid.core.card import CARD_FILE, read_card
+
+    if not (Path(folder) / CARD_FILE).exists():
         return
-    card = json.loads(card_path.read_text())
+    card = read_card(folder)
     from pellucid.core.metrics import format_metrics
 
     print(f"model folder: {folder}")
-    print(f"metrics:      {Path(folder) / 'metrics.json'} (test split, n={card['metrics'].get('n')})")
-    print(format_metrics(card["metrics"]))
-    print(f"time: {card['training'].get('seconds')} s; weights: {card['weights'].get('source')}")
+    print(f"metrics:      {Path(folder) / 'metrics.json'} (test split, n={card.metrics.get('n')})")
+    print(format_metrics(card.metrics))
+    print(f"time: {card.training.seconds if card.training else None} s; weights: {card.weight_source}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -213,7 +215,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pellucid.core.modelfolder import read_card
     from pellucid.core.predict import Predictor, write_predictions_csv
 
-    if read_card(args.model).get("kind") == "segmentation":
+    if read_card(args.model).kind == "segmentation":
         from pellucid.core.segmentation import predict_masks
 
         if not args.out:
@@ -345,7 +347,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not methods:
         from pellucid.core.modelfolder import read_card
 
-        methods = list(read_card(args.model).get("explainers") or ["gradcam"])
+        methods = list(read_card(args.model).explainers or ["gradcam"])
     options = _explainer_options(args.option, methods)
     out = args.out or "runs/explain"
     rows = explain_paths(args.model, args.paths, methods=methods, target=args.target, out_dir=out,

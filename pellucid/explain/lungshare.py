@@ -87,7 +87,7 @@ def border_share(heatmap: np.ndarray, width_frac: float = 0.08) -> float:
 
 def resolve_segmenter(model_or_folder):
     """A loaded segmenter from a segmentation module, a segmentation folder, or a classifier folder
-    whose card names one (``card['preprocessing']['segmenter']`` or ``card['recipe']['segmenter']``)."""
+    whose card names one (``card.preprocessing.segmenter`` or ``card.recipe['segmenter']``)."""
     import torch
 
     if isinstance(model_or_folder, torch.nn.Module):
@@ -96,10 +96,10 @@ def resolve_segmenter(model_or_folder):
 
     folder = Path(model_or_folder)
     card = read_card(folder)
-    if card.get("kind") != "segmentation":
-        ref = (card.get("preprocessing") or {}).get("segmenter") or (card.get("recipe") or {}).get("segmenter")
+    if card.kind != "segmentation":
+        ref = card.segmenter
         if not ref:
-            raise ValueError(f"{folder} is a {card.get('kind', 'classifier')!r} model without a segmenter; give a "
+            raise ValueError(f"{folder} is a {card.kind!r} model without a segmenter; give a "
                              "segmentation model folder (pellucid train tb-lungseg) to score lung shares")
         folder = Path(ref) if Path(ref).is_absolute() else (folder / ref if (folder / ref).exists() else Path(ref))
     return load_model(folder)[0]

@@ -74,7 +74,7 @@ def _batches(cases: Iterator[Case], size: int) -> Iterator[list[Case]]:
 
 def _segmenter(predictor, model_dir, lung_segmenter, score: bool):
     """The lung segmenter for lung shares (only with scores), or None."""
-    if not (score and (lung_segmenter or (predictor.card.get("preprocessing") or {}).get("segmenter"))):
+    if not (score and (lung_segmenter or predictor.card.preprocessing.segmenter)):
         return None
     from pellucid.explain.lungshare import resolve_segmenter
 
@@ -167,7 +167,7 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
 
     predictor = Predictor(model_dir)
     resolve_target(target, predictor.classes)  # a bad class name fails before any work
-    methods = list(methods) if methods is not None else list(predictor.card.get("explainers") or ["gradcam"])
+    methods = list(methods) if methods is not None else list(predictor.card.explainers or ["gradcam"])
     options = dict(options or {})
     unknown = [m for m in options if m not in methods]
     if unknown:

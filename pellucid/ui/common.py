@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from pellucid.core.card import ModelCard
 from pellucid.core.ood import OODReference, load_reference
 from pellucid.core.predict import Predictor
 from pellucid.explain.report import DEFAULT_INTENDED_USE, ReportError, intended_use
@@ -45,7 +46,7 @@ class Loaded:
     key: str
 
     @property
-    def card(self) -> dict:
+    def card(self) -> ModelCard:
         return self.predictor.card
 
 
@@ -127,13 +128,13 @@ def model_picker() -> None:
     except (ValueError, OSError, KeyError) as err:  # ModelFolderError / TaskSpecError are ValueErrors
         st.sidebar.error(f"Cannot load {folder}: {str(err).splitlines()[0]}")
         return
-    if predictor.card.get("kind") == "segmentation":
+    if predictor.card.kind == "segmentation":
         st.sidebar.error(f"{folder} is a lung segmentation folder, not a classifier: choose it as the lung segmenter "
                          "of a chest X-ray model")
         return
     st.session_state[_STATE] = Loaded(path, predictor, reference, f"{path.resolve()}@{_stamp(path)}")
     card = predictor.card
-    st.sidebar.caption(f"**{card.get('title') or card.get('task')}** · {card.get('backbone', {}).get('name', '?')} "
+    st.sidebar.caption(f"**{card.title or card.task}** · {card.backbone_name or '?'} "
                        f"· classes: {', '.join(predictor.classes)}")
     _segmenter_picker(st.session_state[_STATE])
 

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pellucid.core.card import ModelCard, as_card
 from pellucid.datasets.readers import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -104,13 +105,12 @@ def max_upload_bytes() -> int:
 
 
 def _card_kind(card_path: Path) -> str | None:
-    import json
+    from pellucid.core.card import read_card
 
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, ValueError):
+        return read_card(card_path.parent).kind
+    except (OSError, ValueError):  # CardError / ModelFolderError are ValueErrors
         return None
-    return card.get("kind") if isinstance(card, dict) else None
 
 
 def find_model_folders(root: str | Path = "runs", *, segmenters: bool = False) -> list[Path]:
@@ -133,19 +133,18 @@ def find_segmenter_folders(root: str | Path = "runs") -> list[Path]:
     return find_model_folders(root, segmenters=True)
 
 
-def is_cxr(card: dict) -> bool:
+def is_cxr(card: ModelCard | dict) -> bool:
     """Whether a model card is a chest X-ray model (the only kind lung outlines apply to)."""
-    return str(card.get("modality") or "").upper() == "CXR"
+    return str(as_card(card).modality or "").upper() == "CXR"
 
 
-def segmenter_choices(card: dict, root: str | Path = "runs") -> list[str]:
+def segmenter_choices(card: ModelCard | dict, root: str | Path = "runs") -> list[str]:
     """Options of the sidebar's lung segmenter picker for a model: empty for a model that is not a
     chest X-ray model; else the model card's own segmenter first (when it names one, and then the
     default), ``None`` and the segmentation folders under ``root``."""
     if not is_cxr(card):
         return []
-    pre, recipe = card.get("preprocessing") or {}, card.get("recipe") or {}
-    own = [MODEL_SEGMENTER] if (pre.get("segmenter") or recipe.get("segmenter")) else []
+    own = [MODEL_SEGMENTER] if as_card(card).segmenter else []
     return own + [NO_SEGMENTER] + [str(p) for p in find_segmenter_folders(root)]
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from pellucid.core.card import ModelCard, WeightSource, as_card
+
 __all__ = ["DEFAULT_INTENDED_USE", "card_rows", "intended_use", "metric_rows", "threshold_text"]
 
 DEFAULT_INTENDED_USE = "Research use only. Not a diagnostic device; every result needs review by a qualified person."
@@ -18,16 +20,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
 
 
-def intended_use(card: dict) -> str:
+def intended_use(card: ModelCard | dict) -> str:
     """The card's intended-use text, or the default research-use notice."""
-    return str(card.get("intended_use") or DEFAULT_INTENDED_USE)
+    return str(as_card(card).intended_use or DEFAULT_INTENDED_USE)
 
 
-def threshold_text(card: dict) -> str:
+def threshold_text(card: ModelCard | dict) -> str:
     """How the decision is made, e.g. ``tuberculosis if P(tuberculosis) >= 0.430 (policy: youden)``."""
-    thr = card.get("threshold") or {}
-    value, policy = thr.get("value"), thr.get("policy") or "argmax"
-    pos = thr.get("positive_class") or card.get("positive_class")
+    card = as_card(card)
+    thr = card.threshold
+    value, policy = (thr.value, thr.policy or "argmax") if thr is not None else (None, "argmax")
+    pos = (thr.positive_class if thr is not None else None) or card.positive_class
     if value is None or pos is None:
         return f"highest probability wins (policy: {policy})"
     return f"{pos} if P({pos}) ≥ {float(value):.3f}, else the other class (policy: {policy})"
@@ -39,34 +42,33 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if _is_number(v) else str(v)
 
 
-def card_rows(card: dict) -> list[tuple[str, str]]:
+def card_rows(card: ModelCard | dict) -> list[tuple[str, str]]:
     """The model card summary as ``(field, value)`` rows for reports and the web app."""
-    bb = card.get("backbone") or {}
-    weights = card.get("weights") or {}
-    training = card.get("training") or {}
-    split = card.get("split") or {}
-    cal = card.get("calibration") or {}
-    pre = card.get("preprocessing") or {}
-    rows = [("Task", f"{card.get('title') or card.get('task')} ({card.get('task')})"),
-            ("Classes", ", ".join(card.get("classes", []))),
-            ("Modality", str(card.get("modality") or "n/a")),
-            ("Backbone", f"{bb.get('name', 'n/a')}" + (f" ({bb['family']})" if bb.get("family") else "")
-             + (f", {pre['image_size']} px input" if pre.get("image_size") else "")),
-            ("Weights", " — ".join(str(x) for x in (weights.get("source"), weights.get("detail")) if x) or "n/a")]
-    if training.get("data"):
-        rows.append(("Training data", str(training["data"])))
-    if split:
-        parts = [f"{k} {split[k]}" for k in ("train", "val", "test") if isinstance(split.get(k), int)]
-        rows.append(("Split", ", ".join(parts) + (f" (hash {split['hash']})" if split.get("hash") else "")))
-    if cal.get("temperature") is not None:
+    card = as_card(card)
+    bb, pre, split, cal = card.backbone, card.preprocessing, card.split, card.calibration
+    family = bb.extra.get("family") if bb is not None else None
+    weights = card.weights if isinstance(card.weights, WeightSource) else WeightSource()
+    rows = [("Task", f"{card.title or card.task} ({card.task})"),
+            ("Classes", ", ".join(card.classes)),
+            ("Modality", str(card.modality or "n/a")),
+            ("Backbone", f"{card.backbone_name or 'n/a'}" + (f" ({family})" if family else "")
+             + (f", {pre.image_size} px input" if pre.image_size else "")),
+            ("Weights", " — ".join(str(x) for x in (weights.source, weights.detail) if x) or "n/a")]
+    if card.training is not None and card.training.data:
+        rows.append(("Training data", str(card.training.data)))
+    if split is not None and split.to_dict():
+        parts = [f"{k} {getattr(split, k)}" for k in ("train", "val", "test") if isinstance(getattr(split, k), int)]
+        rows.append(("Split", ", ".join(parts) + (f" (hash {split.hash})" if split.hash else "")))
+    if cal is not None and cal.temperature is not None:
         ece = ""
-        if cal.get("ece_before") is not None and cal.get("ece_after") is not None:
-            ece = f"; ECE {_fmt(cal['ece_before'])} → {_fmt(cal['ece_after'])}"
-        rows.append(("Calibration", f"temperature {_fmt(cal['temperature'], 2)}{ece}"))
+        before, after = cal.extra.get("ece_before"), cal.extra.get("ece_after")
+        if before is not None and after is not None:
+            ece = f"; ECE {_fmt(before)} → {_fmt(after)}"
+        rows.append(("Calibration", f"temperature {_fmt(cal.temperature, 2)}{ece}"))
     rows.append(("Decision", threshold_text(card)))
-    rows.append(("Model pellucid version", str(card.get("pellucid_version", "n/a"))))
-    if card.get("created"):
-        rows.append(("Model created", str(card["created"])))
+    rows.append(("Model pellucid version", str(card.pellucid_version or "n/a")))
+    if card.created:
+        rows.append(("Model created", str(card.created)))
     return rows
 
 

@@ -11,6 +11,7 @@ import datetime as _dt
 from typing import Any, Sequence
 
 import pellucid
+from pellucid.core.card import as_card
 from pellucid.explain.report.card import _fmt, card_rows, intended_use, metric_rows, threshold_text
 from pellucid.explain.report.explainers import score_items
 from pellucid.explain.report.figures import _outlined, _png, _prob_chart
@@ -69,18 +70,18 @@ def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = 
     and the folder summary their means per explainer; cases that already carry a ``lung_mask`` show
     it even without a segmenter. ``outline=False`` keeps the shares but draws no outline.
     """
-    card = predictor.card
+    card = as_card(predictor.card)
     classes = predictor.classes
     ok = [c for c in cases if not c.error and c.probs]
     notes = list(notes)
     ctx: dict[str, Any] = {
-        "title": title or f"pellucid report — {card.get('title') or card.get('task')}",
+        "title": title or f"pellucid report — {card.title or card.task}",
         "generated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "version": pellucid.__version__,
         "intended_use": intended_use(card),
         "card_rows": card_rows(card),
-        "card_metrics": metric_rows(card.get("metrics")),
-        "card_metrics_n": (card.get("metrics") or {}).get("n"),
+        "card_metrics": metric_rows(card.metrics),
+        "card_metrics_n": card.metrics.get("n"),
         "threshold": threshold_text(card),
         "methods": list(methods),
         "alpha": alpha,

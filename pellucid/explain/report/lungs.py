@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pellucid.core.card import ModelCard, as_card
 from pellucid.explain.report.records import Case, ReportError
 
 __all__ = ["attach_lung_masks", "lung_segmenter_for", "share_items"]
@@ -31,8 +32,8 @@ def share_items(heatmap: np.ndarray, mask: np.ndarray) -> list[tuple[str, str]]:
             ("border share", f"{r['border_share']:.1%}")]
 
 
-def _is_cxr(card: dict) -> bool:
-    return str(card.get("modality") or "").upper() == "CXR"
+def _is_cxr(card: ModelCard | dict) -> bool:
+    return str(as_card(card).modality or "").upper() == "CXR"
 
 
 def lung_segmenter_for(predictor, lung_segmenter=None) -> tuple[Any, str] | tuple[None, None]:
@@ -51,18 +52,17 @@ def lung_segmenter_for(predictor, lung_segmenter=None) -> tuple[Any, str] | tupl
         ReportError: a segmenter was given for a model that is not a chest X-ray model, or the
             folder is not a usable segmentation folder.
     """
-    card = predictor.card
+    card = as_card(predictor.card)
     if lung_segmenter is None:
         masker = getattr(predictor, "masker", None)
         if masker is not None:
             return masker.model, Path(masker.folder).name if masker.folder else "the model's segmenter"
-        pre, recipe = card.get("preprocessing") or {}, card.get("recipe") or {}
-        if not (pre.get("segmenter") or recipe.get("segmenter")):
+        if not card.segmenter:
             return None, None
         lung_segmenter = predictor.folder
     elif not _is_cxr(card):
         raise ReportError(f"a lung segmenter outlines chest X-rays; this model's modality is "
-                          f"{card.get('modality') or 'not stated'} ({card.get('task')}): leave the segmenter out")
+                          f"{card.modality or 'not stated'} ({card.task}): leave the segmenter out")
     from pellucid.explain.lungshare import resolve_segmenter
 
     try:

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from pellucid.core.card import as_card
 from pellucid.core.ood import load_reference
 from pellucid.core.pipeline import CaseWriter, PipelineError
 from pellucid.explain.pipeline import analyse_paths, explain_cases
@@ -72,8 +73,8 @@ def write_report(model_dir: str | Path, paths: Sequence[str | Path], methods: Se
     notes: list[str] = []
     if methods is None:
         known = available_methods()
-        methods = [m for m in card.get("explainers", []) if m in known]
-        missing = [m for m in card.get("explainers", []) if m not in known]
+        methods = [m for m in as_card(card).explainers if m in known]
+        missing = [m for m in as_card(card).explainers if m not in known]
         if missing:
             notes.append(f"explainers not installed: {', '.join(missing)}")
     else:

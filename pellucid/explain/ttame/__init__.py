@@ -45,7 +45,7 @@ from pellucid.explain.ttame.loss import LossWeights, area_loss, masked_ce_loss, 
 from pellucid.explain.ttame.attention import FeatureBranch, TTAMEAttention
 from pellucid.explain.ttame.taps import _resolve_layers, _Taps, default_tap_layers  # noqa: F401 (tests use the privates)
 from pellucid.explain.ttame.persistence import WEIGHTS_FILE, has_ttame, load_ttame, save_ttame
-from pellucid.explain.ttame.data import _decode, _resolve_paths, folder_images  # noqa: F401 (bench uses the privates)
+from pellucid.explain.ttame.data import _decode, _resolve_paths, _split_of, folder_images  # noqa: F401 (bench uses the privates)
 from pellucid.explain.ttame.explainer import TTAME  # registers the "ttame" explainer
 from pellucid.explain.ttame.cli import run_cli
 

@@ -25,8 +25,8 @@ def run_cli(args) -> int:
     if epochs is not None and epochs < 1:
         raise ModelFolderError(f"--epochs must be >= 1; got {epochs}")
     model, card = load_model(folder)
-    if card.get("kind", "classifier") != "classifier":
-        raise ModelFolderError(f"{folder} is a {card.get('kind')} folder; T-TAME is fitted to one classifier "
+    if card.kind != "classifier":
+        raise ModelFolderError(f"{folder} is a {card.kind} folder; T-TAME is fitted to one classifier "
                                "(fit it to each member's folder)")
     explainer = TTAME(progress=True, **({"epochs": epochs} if epochs else {}))
     t0 = time.perf_counter()

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pellucid.core.card import ModelCard
+from pellucid.datasets.splits import Split, SplitRow, load_split, split_file
 from pellucid.explain.base import check_images, n_outputs, targets_from_output
 from pellucid.explain.ttame.taps import _Taps
 
@@ -21,10 +23,11 @@ __all__ = [
 ]
 
 
-def _resolve_paths(folder: Path, card: dict, rows: Sequence) -> tuple[list[str], int]:
-    """Files of ``split.json`` rows as found from here: as written, relative to the model folder, or
-    moved under the card's training data folder. Returns ``(found, n_missing)``."""
-    data_root = card.get("training", {}).get("data")
+def _split_of(folder: Path, card: ModelCard) -> Split:
+    """The folder's ``split.json`` with its rows found from here by the one path rule of
+    :func:`~pellucid.datasets.splits.load_split`: as written, relative to the model folder, or moved
+    under the card's training data folder (``config.json`` ``data`` says how the run named it)."""
+    data_root = card.training.data if card.training is not None else None
     config_data = None
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
@@ -32,26 +35,13 @@ def _resolve_paths(folder: Path, card: dict, rows: Sequence) -> tuple[list[str],
             config_data = json.loads(cfg_path.read_text()).get("data")
         except json.JSONDecodeError:
             config_data = None
-    found, missing = [], 0
-    for row in rows:
-        p = str(row["path"] if isinstance(row, dict) else row)
-        cands = [Path(p)]
-        if not Path(p).is_absolute():
-            cands.append(folder / p)
-        if data_root:
-            if config_data and p.startswith(str(config_data)):
-                cands.append(Path(data_root) / p[len(str(config_data)):].lstrip("/\\"))
-            parts = Path(p).parts
-            root_name = Path(data_root).name
-            if root_name in parts:
-                i = len(parts) - 1 - parts[::-1].index(root_name)
-                cands.append(Path(data_root).joinpath(*parts[i + 1:]))
-        hit = next((c for c in cands if c.is_file()), None)
-        if hit is None:
-            missing += 1
-        else:
-            found.append(str(hit))
-    return found, missing
+    return load_split(folder, data_root=data_root, data_as_given=config_data)
+
+
+def _resolve_paths(rows: Sequence[SplitRow]) -> tuple[list[str], int]:
+    """Files of ``split.json`` rows found from here. Returns ``(found, n_missing)``."""
+    found = [r.path for r in rows if r.found]
+    return found, len(rows) - len(found)
 
 
 def _subset(paths: list[str], n: int | None, seed: int) -> list[str]:
@@ -88,9 +78,8 @@ def folder_images(folder: str | Path, *, data: str | Path | None = None, max_ima
 
     folder = Path(folder)
     card = read_card(folder)
-    pre = card.get("preprocessing", {})
-    size = int(pre.get("image_size") or card.get("backbone", {}).get("input_size") or 224)
-    channels = pre.get("channels_in")
+    size = int(card.image_size or (card.backbone.input_size if card.backbone is not None else None) or 224)
+    channels = card.preprocessing.channels_in
     if data is not None:
         from pellucid.datasets.samples import find_images
 
@@ -104,22 +93,22 @@ def folder_images(folder: str | Path, *, data: str | Path | None = None, max_ima
         train_paths = [files[i] for i in sorted(order[n_val:])]
         source = f"{data} ({len(files)} images)"
     else:
-        split_path = folder / "split.json"
+        split_path = split_file(folder)
         if not split_path.is_file():
             raise ModelFolderError(f"{folder} has no split.json, so its training images are unknown: give them with "
                                    f"`pellucid fit-explainer ttame --model {folder} --data DIR`")
-        split = json.loads(split_path.read_text())
-        train_paths, miss_t = _resolve_paths(folder, card, split.get("train", []))
-        val_paths, miss_v = _resolve_paths(folder, card, split.get("val", []))
+        split = _split_of(folder, card)
+        train_paths, miss_t = _resolve_paths(split.train)
+        val_paths, miss_v = _resolve_paths(split.val)
         if not train_paths:
-            first = (split.get("train") or [{}])[0]
+            first = split.train[0].written if split.train else None
             raise ModelFolderError(f"none of the {miss_t} training images listed in {split_path} can be found from here "
-                                   f"(first: {first.get('path') if isinstance(first, dict) else first}); run from the "
+                                   f"(first: {first}); run from the "
                                    "folder training ran in, or give the images with --data DIR")
         if miss_t or miss_v:
             warnings.warn(f"{miss_t + miss_v} image(s) listed in {split_path} were not found and are skipped",
                           stacklevel=2)
-        source = f"{split_path.name} train/val (split {split.get('hash', '?')})"
+        source = f"{split_path.name} train/val (split {split.hash or '?'})"
     train_paths = _subset(train_paths, max_images, seed)
     val_paths = _subset(val_paths, max_val, seed + 1)
     train = _decode(train_paths, size, channels, progress)

@@ -34,12 +34,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def has_ttame(folder: str | Path) -> bool:
     """True when the model folder holds fitted T-TAME weights."""
     return (Path(folder) / WEIGHTS_FILE).is_file()
@@ -47,7 +41,7 @@ def has_ttame(folder: str | Path) -> bool:
 
 def save_ttame(folder: str | Path, attention: TTAMEAttention, info: dict | None = None) -> Path:
     """Write ``attention`` into a model folder: ``ttame.safetensors`` (weights + rebuild config)
-    and ``card['explainers_fitted']['ttame']`` (config + ``info``), both replaced atomically.
+    and ``card.explainers_fitted['ttame']`` (config + ``info``), both replaced atomically.
 
     Returns:
         The weights file.
@@ -55,11 +49,10 @@ def save_ttame(folder: str | Path, attention: TTAMEAttention, info: dict | None 
     from safetensors.torch import save_file
 
     import pellucid
-    from pellucid.core.modelfolder import read_card
+    from pellucid.core.card import read_card, write_card
 
     folder = Path(folder)
     read_card(folder)  # a real model folder, or a clear ModelFolderError
-    card_path = folder / "card.json"
     target = folder / WEIGHTS_FILE
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in attention.state_dict().items()}
@@ -73,9 +66,9 @@ def save_ttame(folder: str | Path, attention: TTAMEAttention, info: dict | None 
     if weights.is_file():
         entry["model_sha256"] = _sha256(weights)
     entry.update(info or {})
-    card = json.loads(card_path.read_text())  # read-modify-write the raw card
-    card.setdefault("explainers_fitted", {})["ttame"] = entry
-    _atomic_write_text(card_path, json.dumps(card, indent=1))
+    card = read_card(folder)  # read-modify-write (keys the card does not model are kept in its extra)
+    card.explainers_fitted = {**(card.explainers_fitted or {}), "ttame": entry}
+    write_card(folder, card)
     return target
 
 
@@ -112,12 +105,13 @@ def load_ttame(folder: str | Path, *, check_model: bool = True) -> TTAMEAttentio
         att.load_state_dict(load_file(str(path)))
     except RuntimeError as err:
         raise ExplanationError(f"{path} does not match its own config: {str(err).splitlines()[0]}; refit") from err
+    from pellucid.core.card import CardError, read_card
+
     att.info = {}
-    card_path = folder / "card.json"
-    if card_path.is_file():
+    if (folder / "card.json").is_file():
         try:
-            att.info = json.loads(card_path.read_text()).get("explainers_fitted", {}).get("ttame", {})
-        except json.JSONDecodeError:
+            att.info = (read_card(folder).explainers_fitted or {}).get("ttame", {})
+        except CardError:
             att.info = {}
     known = att.info.get("model_sha256")
     if check_model and known and (folder / "model.safetensors").is_file() and \

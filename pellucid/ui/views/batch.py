@@ -77,10 +77,10 @@ probability = {f"P({k})": st.column_config.ProgressColumn(f"P({k})", format="per
 st.dataframe(logic.cases_table(cases, classes), hide_index=True, width="stretch", column_config=probability)
 
 st.subheader("Downloads")
-known = [m for m in available_methods() if m != "ttame" or "ttame" in loaded.card.get("explainers_fitted", {})]
+known = [m for m in available_methods() if m != "ttame" or "ttame" in (loaded.card.explainers_fitted or {})]
 m1, m2, m3 = st.columns([2, 1, 1])
 methods = m1.multiselect("Explainers for the report's galleries", known, key="batch_methods",
-                         default=[m for m in loaded.card.get("explainers", []) if m in known])
+                         default=[m for m in loaded.card.explainers if m in known])
 alpha = m2.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="batch_alpha")
 splime = m3.checkbox("SP-LIME picks", value=False, key="batch_splime",
                      help=f"Representative cases per class; runs LIME on up to {SPLIME_SAMPLE} images (slow on CPU).")

@@ -6,12 +6,13 @@ import json
 import streamlit as st
 
 from pellucid.core.ood import reference_from_split, save_reference
+from pellucid.datasets.splits import split_file
 from pellucid.explain.report import metric_rows, card_rows
 from pellucid.ui import common, logic
 
 loaded = common.require_model()
 card = loaded.card
-st.title(card.get("title") or card.get("task", "Model"))
+st.title(card.title or card.task or "Model")
 st.caption(f"Model folder: `{loaded.folder}`")
 
 left, right = st.columns([3, 2])
@@ -19,8 +20,8 @@ with left:
     st.subheader("Card")
     st.table({"field": [k for k, _ in card_rows(card)], "value": [v for _, v in card_rows(card)]})
 with right:
-    rows = metric_rows(card.get("metrics"))
-    n = (card.get("metrics") or {}).get("n")
+    rows = metric_rows(card.metrics)
+    n = card.metrics.get("n")
     st.subheader("Held-out metrics")
     if rows:
         st.table({"metric": [r[0] for r in rows], "value": [r[1] for r in rows], "95% CI": [r[2] for r in rows]})
@@ -46,7 +47,7 @@ else:
     st.info("No in-domain reference is stored with this model, so only heuristics run (near-blank images; "
             "many colours on a grey-scale modality). Build one from the training split to flag images whose "
             "embedding is far from the training images.")
-    if (loaded.folder / "split.json").exists() and st.button("Build the reference from split.json",
+    if split_file(loaded.folder).is_file() and st.button("Build the reference from split.json",
                                                              icon=":material/insights:"):
         bar = st.progress(0.0, text="Embedding training images…")
         try:
@@ -61,4 +62,4 @@ else:
             bar.empty()
 
 with st.expander("card.json"):
-    st.code(json.dumps(card, indent=1), language="json")
+    st.code(json.dumps(card.to_dict(), indent=1), language="json")

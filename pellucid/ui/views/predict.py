@@ -52,9 +52,9 @@ segmenter = common.lung_segmenter()
 files = st.file_uploader("Images or DICOM files", accept_multiple_files=True, key="uploads",
                          help="PNG, JPEG, TIFF, BMP or DICOM (.dcm or no suffix); "
                               f"up to {logic.max_upload_bytes() / 2**20:.0f} MB each.")
-known = [m for m in available_methods() if m != "ttame" or "ttame" in card.get("explainers_fitted", {})]
+known = [m for m in available_methods() if m != "ttame" or "ttame" in (card.explainers_fitted or {})]
 c1, c2, c3 = st.columns([2, 1, 1])
-methods = c1.multiselect("Explainers", known, default=[m for m in card.get("explainers", []) if m in known],
+methods = c1.multiselect("Explainers", known, default=[m for m in card.explainers if m in known],
                          key="methods", placeholder="none installed" if not known else "choose explainers",
                          help="Explanations of the predicted class, side by side.")
 alpha = c2.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha")
