@@ -93,10 +93,25 @@ def test_sidecar_records_portable_settings_this_cpu_and_runtime(exported):
     from pellucid.core.quantize import cpu_features, saturation_safe
 
     q = json.loads(open(exported["sidecar"]).read())["quantization"]
-    assert q["reduce_range"] is True and q["per_channel"] is True
+    assert q["weight_type"] == "QUInt8" and q["per_channel"] is True and q["reduce_range"] is False
+    assert q["float32_nodes"]  # the first convolution and the classifier stay in float32
     assert q["cpu"]["isa"] == cpu_features()["isa"] and q["cpu"]["int8_dot"] == cpu_features()["int8_dot"]
     assert q["onnxruntime"] == onnxruntime.__version__
     assert saturation_safe(exported["int8"])[0]
+
+
+def test_local_int8_settings_follow_this_cpu():
+    """LIME's in-process INT8 graphs use int8 weights, 7-bit exactly where this CPU's int8 products saturate."""
+    from pellucid.core.quantize import cpu_features, local_settings
+
+    cpu = cpu_features()
+    s = local_settings()
+    branch = cpu["int8_dot"]
+    assert s["weight_type"] == "QInt8"
+    assert s["reduce_range"] == (branch in ("saturating-int16", "unknown")), branch
+    # both branches, whatever this machine is
+    assert local_settings({**cpu, "int8_dot": "vnni"})["reduce_range"] is False
+    assert local_settings({**cpu, "int8_dot": "saturating-int16"})["reduce_range"] is True
 
 
 def test_full_range_int8_weights_are_flagged_unsafe(exported, model_dir, tmp_path):
