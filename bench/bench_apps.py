@@ -26,20 +26,21 @@ import torch
 
 from pellucid.core.export import export_onnx, onnx_session
 from pellucid.core.metrics import classification_metrics
+from pellucid.core.card import ModelCard, read_card
 from pellucid.core.modelfolder import load_model
+from pellucid.datasets.splits import load_split
 from pellucid.datasets.torchdata import ImageCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _test_split(model_dir: Path, card: dict) -> tuple[np.ndarray, np.ndarray]:
-    rows = json.loads((model_dir / "split.json").read_text())["test"]
-    size = int(card["preprocessing"]["image_size"])
-    cache = ImageCache([r["path"] for r in rows], size, channels=card["preprocessing"].get("channels_in"),
-                       progress=False)
+def _test_split(model_dir: Path, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    rows = load_split(model_dir).test
+    size = int(card.image_size)
+    cache = ImageCache([r.path for r in rows], size, channels=card.preprocessing.channels_in, progress=False)
     ok = cache.ok(range(len(rows)))
     x = cache.arrays.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    y = np.array([card["classes"].index(rows[i]["label"]) for i in ok])
+    y = np.array([card.classes.index(rows[i].label) for i in ok])
     return x, y
 
 
@@ -63,7 +64,7 @@ def _softmax(z: np.ndarray, T: float) -> np.ndarray:
 def bench_export(model_dir: Path, threads: int, repeats: int) -> dict:
     torch.set_num_threads(threads)
     model, card = load_model(model_dir)
-    T = float((card.get("calibration") or {}).get("temperature") or 1.0)
+    T = card.temperature
     x, y = _test_split(model_dir, card)
     out_dir = model_dir / "export"  # beside the model: large files stay out of the repository
     static = export_onnx(model_dir, out_dir / "model.onnx", int8=True, int8_method="static")
@@ -83,13 +84,13 @@ def bench_export(model_dir: Path, threads: int, repeats: int) -> dict:
             sess = onnx_session(path, threads=threads)
             run = lambda a, s=sess: s.run(None, {"image": a})[0]  # noqa: E731
         logits = np.concatenate([run(x[i:i + 32]) for i in range(0, len(x), 32)])
-        m = classification_metrics(y, _softmax(logits, T), card["classes"], n_boot=1000, seed=0)
+        m = classification_metrics(y, _softmax(logits, T), card.classes, n_boot=1000, seed=0)
         pred = logits.argmax(1)
         ref = pred if ref is None else ref
         rows[name] = {"accuracy": m["metrics"]["accuracy"], "macro_f1": m["metrics"]["macro_f1"],
                       "agreement_with_torch": float((pred == ref).mean()), "bytes": sizes[name],
                       **_latency(run, x[:1], repeats)}
-    return {"model": str(model_dir), "task": card["task"], "n_test": int(len(y)), "threads": threads,
+    return {"model": str(model_dir), "task": card.task, "n_test": int(len(y)), "threads": threads,
             "repeats": repeats, "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
             "quantization": {"static": static["int8_method"], "dynamic": dynamic["int8_method"]}, "rows": rows}
 
@@ -129,11 +130,11 @@ def runs_table(folders: list[Path]) -> str:
                          f"{cell('macro_f1')} | {cell('auroc')} | {cell('balanced_accuracy')} | "
                          f"{s['seconds'] / 60:.1f} min |")
             continue
-        card = json.loads((f / "card.json").read_text())
-        m = card["metrics"]["metrics"]
-        lines.append(f"| `{f}` | {card.get('kind', 'classifier')} | {card['metrics']['n']} | {_fmt(m['accuracy'])} | "
+        card = read_card(f)
+        m = card.metrics["metrics"]
+        lines.append(f"| `{f}` | {card.kind} | {card.metrics['n']} | {_fmt(m['accuracy'])} | "
                      f"{_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} | {_fmt(m['balanced_accuracy'])} | "
-                     f"{card['training']['seconds'] / 60:.1f} min |")
+                     f"{card.training.seconds / 60:.1f} min |")
     return "\n".join(lines)
 
 

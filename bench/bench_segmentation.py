@@ -38,15 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     folder = train_segmenter(args.data, args.out, image_size=args.image_size, epochs=args.epochs, seed=0,
                              threads=args.threads, progress=False)
-    card = json.loads((Path(folder) / "card.json").read_text())
-    model, _ = load_model(folder)
+    model, card = load_model(folder)
     img = read_image(read_seg_manifest(args.data)[0]["path"], channels=1)
     segment(model, img)
     t = time.perf_counter()
     for _ in range(10):
         segment(model, img)
     per_image_ms = (time.perf_counter() - t) / 10 * 1000
-    m, tr = card["metrics"], card["training"]
+    m, tr, arch = card.metrics, card.training, card.extra["architecture"]
     lines = [
         "# Lung segmentation (tb_lungs, grouped test split)",
         "",
@@ -56,13 +55,13 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "| model | size | test images | Dice [95 % CI] | HD95 px @256 [95 % CI] | epochs | wall s | CPU s | segment() ms/image |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| MONAI UNet {tuple(card['architecture']['channels'])}, res units {card['architecture']['num_res_units']} "
-        f"| {args.image_size} | {card['split']['test']} | {m['dice']['value']:.4f} [{m['dice']['low']:.4f}, "
+        f"| MONAI UNet {tuple(arch['channels'])}, res units {arch['num_res_units']} "
+        f"| {args.image_size} | {card.split.test} | {m['dice']['value']:.4f} [{m['dice']['low']:.4f}, "
         f"{m['dice']['high']:.4f}] | {m['hd95']['value']:.2f} [{m['hd95']['low']:.2f}, {m['hd95']['high']:.2f}] "
-        f"| {tr['epochs_run']} | {tr['seconds']:.0f} | {tr['cpu_seconds']:.0f} | {per_image_ms:.1f} |",
+        f"| {tr.extra['epochs_run']} | {tr.seconds:.0f} | {tr.extra['cpu_seconds']:.0f} | {per_image_ms:.1f} |",
         "",
-        f"Split hash {card['split']['hash']}; best validation Dice {tr['best_val_dice']:.4f}; "
-        f"early stop: {tr['stopped_early']}; torch threads {tr['torch_threads']}. Dice and HD95 are computed "
+        f"Split hash {card.split.hash}; best validation Dice {tr.extra['best_val_dice']:.4f}; "
+        f"early stop: {tr.extra['stopped_early']}; torch threads {tr.extra['torch_threads']}. Dice and HD95 are computed "
         "after post-processing (sigmoid > 0.5, two largest components), at each mask's own resolution (256 px).",
         "",
     ]

@@ -20,7 +20,6 @@ thread is several times faster than two); the load average is recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from bench import write_table
+from pellucid.core.card import ModelCard, read_card
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results" / "ttame.md"
@@ -44,10 +44,10 @@ def find_tb_model(runs: Path) -> Path | None:
     found = []
     for card_path in runs.glob("**/card.json"):
         try:
-            card = json.loads(card_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            card = read_card(card_path.parent)
+        except (OSError, ValueError):  # CardError is a ValueError
             continue
-        if card.get("task") == "tb" and card.get("kind", "classifier") == "classifier" and \
+        if card.task == "tb" and card.kind == "classifier" and \
                 (card_path.parent / "model.safetensors").is_file():
             found.append((card_path.stat().st_mtime, card_path.parent))
     return max(found)[1] if found else None
@@ -66,16 +66,14 @@ def _best(fns: dict, repeat: int) -> dict[str, float]:
     return best
 
 
-def _test_images(folder: Path, card: dict, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    from pellucid.explain.ttame import _decode, _resolve_paths
+def _test_images(folder: Path, card: ModelCard, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    from pellucid.explain.ttame import _decode, _resolve_paths, _split_of
 
-    split = json.loads((folder / "split.json").read_text())
-    paths, _ = _resolve_paths(folder, card, split.get("test", []))
+    paths, _ = _resolve_paths(_split_of(folder, card).test)
     rng = np.random.default_rng(seed)
     if len(paths) > n:
         paths = [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
-    pre = card.get("preprocessing", {})
-    x = _decode(paths, int(pre.get("image_size", 224)), pre.get("channels_in"), progress=False)
+    x = _decode(paths, int(card.image_size or 224), card.preprocessing.channels_in, progress=False)
     return x.float() / 255.0, paths
 
 
@@ -161,13 +159,13 @@ def main(argv: list[str] | None = None) -> None:
 
     n = len(x)
     per = {k: 1000 * v / n for k, v in timing.items()}
-    counts = {c: targets.count(i) for i, c in enumerate(card["classes"])}
+    counts = {c: targets.count(i) for i, c in enumerate(card.classes)}
     lines = [
-        f"# T-TAME on the {card['task']} model (CPU)",
+        f"# T-TAME on the {card.task} model (CPU)",
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `PELLUCID_OFFLINE=1 .venv/bin/python bench/bench_ttame.py"
-        f"{' ' + ' '.join(argv) if argv else ''}`; model folder `{folder}` ({card['backbone']['name']}, "
-        f"{card['preprocessing']['image_size']} px, classes {card['classes']}); torch {torch.__version__}, "
+        f"{' ' + ' '.join(argv) if argv else ''}`; model folder `{folder}` ({card.backbone_name}, "
+        f"{card.image_size} px, classes {card.classes}); torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), {platform.machine()}, shared machine: load average "
         f"{load_before:.1f} before, {load_after:.1f} after.",
         "",

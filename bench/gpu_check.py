@@ -248,9 +248,10 @@ class Check:
         """``n`` image files: from the trained folder's split ``part`` when there is one, else a
         seeded choice from the data folder."""
         paths: list[str] = []
-        if self.folder is not None and (self.folder / "split.json").is_file():
-            split = json.loads((self.folder / "split.json").read_text())
-            paths = [row["path"] for row in split.get(part, [])]
+        from pellucid.datasets.splits import load_split, split_file
+
+        if self.folder is not None and split_file(self.folder).is_file():
+            paths = load_split(self.folder).paths(part)
         if len(paths) < n:
             import numpy as np
 
@@ -314,15 +315,15 @@ class Check:
         total = time.perf_counter() - t
         self.folder = Path(folder)
         card = read_card(self.folder)
-        training = card.get("training", {})
-        n_train = int(card["split"]["train"])
+        training = card.training.extra if card.training is not None else {}
+        n_train = int(card.split.train)
         epochs = int(training.get("epochs_run") or 0)
         per_epoch = (n_train // s.batch_size) * s.batch_size if n_train > s.batch_size else n_train
         seconds = float(training.get("fine_tune_seconds") or 0.0)
         ours = per_epoch * epochs / seconds if seconds > 0 else 0.0
         row.pellucid = (f"{ours:.0f} img/s fine-tune (Lightning, "
                         f"{'bf16-mixed' if on_gpu else '32-true'}, channels-last)")
-        row.notes += [f"trained on {training.get('device')}", f"weights {card.get('weights', {}).get('source')}",
+        row.notes += [f"trained on {card.training.device if card.training else None}", f"weights {card.weight_source}",
                       f"{n_train} train images × {epochs} epoch(s) in {seconds:.1f} s (includes per-epoch validation "
                       "and checkpoints)",
                       f"whole train() {total:.1f} s = {per_epoch * epochs / total:.0f} img/s end to end (decoding, "
@@ -336,12 +337,12 @@ class Check:
         from torch.nn import functional as F
 
         from pellucid.core.backbones import get_backbone_spec
+        from pellucid.datasets.splits import load_split
 
-        split = json.loads((self.folder / "split.json").read_text())
-        rows = split["train"]
+        rows = load_split(self.folder).train
         index = {c: i for i, c in enumerate(self.task.classes)}
-        x_all = self.images([r["path"] for r in rows]).to(self.device).contiguous(memory_format=torch.channels_last)
-        y_all = torch.tensor([index[r["label"]] for r in rows], device=self.device)
+        x_all = self.images([r.path for r in rows]).to(self.device).contiguous(memory_format=torch.channels_last)
+        y_all = torch.tensor([index[r.label] for r in rows], device=self.device)
         spec = get_backbone_spec(s.backbone)
         torch.manual_seed(0)
         net = timm.create_model(spec.arch, pretrained=False, num_classes=len(self.task.classes), **spec.timm_kwargs)
