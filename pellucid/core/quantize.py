@@ -205,4 +205,4 @@ def saturation_safe(model) -> tuple[bool, str]:
         if peak > SAFE_WEIGHT_ABS:
             return False, (f"int8 weight {t.name!r} uses the full 8-bit range (|w| up to {peak}): "
                            "it can overflow on CPUs without VNNI")
-    return True, "int8 weights within 7 bits (no int16 overflow on any x86 kernel)"
+    return True, "no int8 weight beyond ±64 (uint8 or 7-bit weights): no int16 overflow on any x86 kernel"

@@ -58,6 +58,9 @@ INT8_CALIBRATION = 16  # perturbed images of the first explained image that cali
 PRECISION_CHECK = 16  # perturbed images of every image run in the reduced precision and float32 before it is trusted
 TOL_MEAN = 0.02  # largest mean |change| of the target-class probability the reduced precision may cause on them ...
 TOL_MAX = 0.1  # ... and largest single change; otherwise the image is explained in float32
+CONVERGE_RHO = 0.95  # stop sampling once two successive fits rank the superpixels this alike (and share the top 5)
+MIN_SAMPLES = 300  # ... but never before this many perturbed images
+CONVERGE_STEP = 100  # perturbed images between convergence checks
 
 
 _device_of = model_device
@@ -183,6 +186,14 @@ class LimeExplainer(Explainer):
             ``"torch"`` (also makes bfloat16 use autocast) or ``"onnxruntime"``.
         seed: seeds the segmentation, the perturbation matrix and the ridge fit.
         progress: show a progress bar over images.
+        converge: stop drawing perturbations once the fit has settled: after ``min_samples`` and then
+            every ``CONVERGE_STEP`` images the ridge fit is redone, and sampling stops when two
+            successive fits rank the superpixels alike (Spearman ≥ ``converge``) with the same five
+            strongest superpixels. The rows used are the first rows of lime's own draw, so the map is
+            what a full run would give with that many samples, and the same seed gives the same map.
+            ``None``: always ``num_samples`` (lime's behaviour). ``extras["samples_used"]`` says how
+            many ran. Faithfulness of both is compared in ``bench/bench_explain.py``.
+        min_samples: the fewest perturbed images before convergence is checked.
     """
 
     name = "lime"
@@ -191,7 +202,8 @@ class LimeExplainer(Explainer):
     def __init__(self, num_samples: int = 1000, segmentation: str = "slic", n_segments: int = 50,
                  compactness: float = 10.0, kernel_size: float = 4, max_dist: float = 200, ratio: float = 0.2,
                  hide_color: float | None = None, kernel_width: float = 0.25, batch_size: int = 8,
-                 precision: str = "auto", backend: str = "auto", seed: int = 0, progress: bool = False):
+                 precision: str = "auto", backend: str = "auto", seed: int = 0, progress: bool = False,
+                 converge: float | None = CONVERGE_RHO, min_samples: int = MIN_SAMPLES):
         if segmentation not in SEGMENTATIONS:
             raise unknown_name_error("segmentation", segmentation, list(SEGMENTATIONS))
         if precision not in PRECISIONS:
@@ -205,7 +217,10 @@ class LimeExplainer(Explainer):
         super().__init__(num_samples=num_samples, segmentation=segmentation, n_segments=n_segments,
                          compactness=compactness, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio,
                          hide_color=hide_color, kernel_width=kernel_width, batch_size=batch_size,
-                         precision=precision, backend=backend, seed=seed, progress=progress)
+                         precision=precision, backend=backend, seed=seed, progress=progress,
+                         converge=converge, min_samples=min_samples)
+        if converge is not None and not 0 < converge <= 1:
+            raise ValueError(f"converge must be in (0, 1] or None (got {converge})")
         self.num_samples = num_samples
         self.segmentation = segmentation
         self.seg_options = dict(n_segments=n_segments, compactness=compactness, kernel_size=kernel_size,
@@ -217,6 +232,8 @@ class LimeExplainer(Explainer):
         self.backend = backend
         self.seed = seed
         self.progress = progress
+        self.converge = converge
+        self.min_samples = max(2, int(min_samples))
 
     # ------------------------------------------------------------------------------------------
     def _explain(self, model: nn.Module, images: torch.Tensor, targets: list[int] | None):
@@ -237,9 +254,6 @@ class LimeExplainer(Explainer):
         ``extras`` holds ``segments`` ``(H, W)``, the superpixel ``weights``, the fit's ``r2``,
         ``intercept`` and ``local_pred``, and the ``precision`` of the perturbation passes.
         """
-        from lime.lime_base import LimeBase
-        from sklearn.metrics import pairwise_distances
-
         img = image.detach().float().cpu()
         hwc = img.permute(1, 2, 0).numpy()
         if hwc.shape[2] == 1:
@@ -271,7 +285,55 @@ class LimeExplainer(Explainer):
         n_classes = n_outputs(output)
         if not 0 <= target < n_classes:
             raise ValueError(f"target class {target} out of range: the model has {n_classes} classes")
-        labels, used, checks = self._predict(model, img, fudged, torch.from_numpy(segments), data, target)
+        labels, used, checks, weights, fit = self._sample_and_fit(model, img, fudged, segments, data, target, seed)
+        heat = heatmap_from_weights(segments, weights)
+        extras = {"segments": segments, "weights": weights, **fit,
+                  "precision": used, "backend": self._backend_used, "segmentation": self.segmentation,
+                  "num_samples": self.num_samples, "samples_used": int(len(labels)), "n_superpixels": n_seg}
+        for prec, check in checks.items():
+            extras[f"{prec}_check"] = check
+        return heat, target, extras
+
+    def _stops(self) -> list[int]:
+        """Sample counts after which the fit is checked for convergence (the last is ``num_samples``)."""
+        if self.converge is None or self.num_samples <= self.min_samples:
+            return [self.num_samples]
+        return [*range(self.min_samples, self.num_samples, CONVERGE_STEP), self.num_samples]
+
+    def _sample_and_fit(self, model: nn.Module, img: torch.Tensor, fudged: torch.Tensor, segments: np.ndarray,
+                        data: np.ndarray, target: int, seed: int) -> tuple[np.ndarray, str, dict, np.ndarray, dict]:
+        """Run the perturbed images in stages and refit after each; stop once the fit has converged.
+
+        The rows of ``data`` are lime's draw in order, so stopping after ``k`` rows uses exactly the
+        first ``k`` perturbations a full run would; with ``converge`` set, the run stops at the first
+        stage (after ``min_samples``, then every ``CONVERGE_STEP``) whose superpixel weights rank like
+        the previous stage's (Spearman ≥ ``converge``) with the same five strongest superpixels.
+
+        Returns:
+            ``(probabilities of the rows used, precision used, checks, weights, fit statistics)``.
+        """
+        segs = torch.from_numpy(segments)
+        parts: list[np.ndarray] = []
+        used, checks, prev = "float32", {}, None
+        for stop in self._stops():
+            start = sum(len(p) for p in parts)
+            if not parts:
+                probs, used, checks = self._predict(model, img, fudged, segs, data[:stop], target)
+            else:
+                probs = self._predict(model, img, fudged, segs, data[start:stop], target, fixed=used)[0]
+            parts.append(probs)
+            labels = np.concatenate(parts)
+            weights, fit = self._fit(data[:stop], labels, target, seed, int(segments.max()) + 1)
+            if prev is not None and _converged(prev, weights, self.converge):
+                break
+            prev = weights
+        return labels, used, checks, weights, fit
+
+    def _fit(self, data: np.ndarray, labels: np.ndarray, target: int, seed: int, n_seg: int
+             ) -> tuple[np.ndarray, dict]:
+        """lime's weighted ridge fit of the target-class probability on the on/off rows."""
+        from lime.lime_base import LimeBase
+        from sklearn.metrics import pairwise_distances
 
         distances = pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
         base = LimeBase(partial(lime_kernel, kernel_width=self.kernel_width),
@@ -281,14 +343,7 @@ class LimeExplainer(Explainer):
         weights = np.zeros(n_seg)
         for f, w in exp:
             weights[f] = w
-        heat = heatmap_from_weights(segments, weights)
-        extras = {"segments": segments, "weights": weights, "r2": float(r2), "intercept": float(intercept),
-                  "local_pred": float(np.ravel(local_pred)[0]),
-                  "precision": used, "backend": self._backend_used, "segmentation": self.segmentation,
-                  "num_samples": self.num_samples, "n_superpixels": n_seg}
-        for prec, check in checks.items():
-            extras[f"{prec}_check"] = check
-        return heat, target, extras
+        return weights, {"r2": float(r2), "intercept": float(intercept), "local_pred": float(np.ravel(local_pred)[0])}
 
     def _reduced_precision(self, device: torch.device) -> str | None:
         """The reduced precision to try (and check) on ``device``, or None for float32 throughout."""
@@ -299,13 +354,14 @@ class LimeExplainer(Explainer):
         return None
 
     def _predict(self, model: nn.Module, image: torch.Tensor, fudged: torch.Tensor, segments: torch.Tensor,
-                 data: np.ndarray, target: int) -> tuple[np.ndarray, str, dict]:
+                 data: np.ndarray, target: int, fixed: str | None = None) -> tuple[np.ndarray, str, dict]:
         """Class probabilities ``(N, C)`` of the perturbed images described by ``data`` ``(N, S)``.
 
         Returns ``(probabilities, precision used, {precision: check})``. A reduced precision
         (INT8, bfloat16) is used only after its check: the first ``PRECISION_CHECK`` perturbed
         images run in it and in float32, and it must keep the target-class probability within
-        ``TOL_MEAN`` on average and ``TOL_MAX`` at most; else float32.
+        ``TOL_MEAN`` on average and ``TOL_MAX`` at most; else float32. ``fixed`` names a precision
+        already chosen for this image (a later stage of the same image): no check then.
 
         On the CPU the perturbed images are composed with NumPy straight into the contiguous NCHW
         batches the runner takes, and the logits are turned into probabilities once at the end: the
@@ -316,7 +372,7 @@ class LimeExplainer(Explainer):
         device = _device_of(model)
         chw = tuple(image.shape)
         on = data.astype(bool)
-        prec = self._reduced_precision(device)
+        prec = self._reduced_precision(device) if fixed is None else (None if fixed == "float32" else fixed)
         if _compose_on_device(device):
             if prec == "int8":
                 warnings.warn(f"LIME: INT8 passes run on the CPU and this model is on {device}; the map was "
@@ -353,6 +409,8 @@ class LimeExplainer(Explainer):
 
         if prec is None:
             return _probs(logits_of(0, len(data), "float32")), "float32", {}
+        if fixed is not None:
+            return _probs(logits_of(0, len(data), prec)), prec, {}
         n = min(len(data), PRECISION_CHECK)
         ref = logits_of(0, n, "float32")
         float32_backend = self._backend_used
@@ -444,6 +502,13 @@ def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
                       stacklevel=3)
         return float("nan")
     return float((ta & tb).sum() / union)
+
+
+def _converged(prev: np.ndarray, weights: np.ndarray, rho: float, top: int = 5) -> bool:
+    """Whether two successive fits agree: Spearman of the weights ≥ ``rho`` and the same ``top`` strongest."""
+    k = min(top, len(weights))
+    same_top = set(np.argsort(-prev)[:k]) == set(np.argsort(-weights)[:k])
+    return same_top and spearman(prev, weights) >= rho
 
 
 def _compose_on_device(device: torch.device) -> bool:

@@ -177,3 +177,25 @@ def test_device_path_checks_bfloat16_and_falls_back(tiny_models, monkeypatch):
         res = get_explainer("lime", precision="bfloat16", **opts).explain(model, x, [1])[0]
     assert res.extras["precision"] == "float32" and res.extras["bfloat16_check"]["passed"] is False
     np.testing.assert_allclose(res.extras["weights"], f32.extras["weights"], atol=1e-9)
+
+
+def test_convergence_stops_on_a_prefix_of_limes_draw(tiny_models):
+    """Stopping early uses exactly the first rows of the full draw: the map equals a plain run with that
+    many samples, the same seed gives the same map, and ``converge=None`` runs every sample."""
+    model = tiny_models["test_resnet"]
+    x = images_for(64, 1, seed=8)
+    opts = {"n_segments": 16, "precision": "float32", "backend": "torch", "min_samples": 100}
+    early = get_explainer("lime", num_samples=600, **opts).explain(model, x, [1])[0]
+    again = get_explainer("lime", num_samples=600, **opts).explain(model, x, [1])[0]
+    used = early.extras["samples_used"]
+    assert 100 <= used < 600, used  # this image settles before the end (so the prefix check below means something)
+    assert used % 100 == 0 and early.extras["num_samples"] == 600
+    np.testing.assert_array_equal(early.heatmap, again.heatmap)
+    plain = get_explainer("lime", num_samples=used, converge=None, **opts).explain(model, x, [1])[0]
+    np.testing.assert_allclose(early.extras["weights"], plain.extras["weights"], atol=1e-12)
+    full = get_explainer("lime", num_samples=600, converge=None, **opts).explain(model, x, [1])[0]
+    assert full.extras["samples_used"] == 600
+    never = get_explainer("lime", num_samples=600, converge=1.0, **opts).explain(model, x, [1])[0]
+    assert never.extras["samples_used"] >= used  # a stricter bar never stops sooner
+    with pytest.raises(ValueError, match="converge"):
+        get_explainer("lime", converge=1.5)
