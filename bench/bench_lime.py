@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
@@ -39,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="glibc malloc thresholds for this process, so for both sides: tune_allocator() "
                              "(default, as the pellucid command runs; eager PyTorch, so the lime package, gains "
                              "most) or glibc's defaults")
+    parser.add_argument("--only", action="append", help="run only these pellucid variants (repeatable; e.g. "
+                        "'defaults', 'float32', 'float32, every sample'); the lime package always runs")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv if argv is not None else [])
     os.environ.setdefault("PELLUCID_OFFLINE", "1")
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.bench_ttame import _test_images
     from pellucid.core.modelfolder import load_model
+    from pellucid.core.quantize import cpu_features
     from pellucid.explain import get_explainer
     from pellucid.explain.base import probabilities
     from pellucid.explain.lime import heatmap_from_lime
@@ -77,10 +79,13 @@ def main(argv: list[str] | None = None) -> None:
                 return probabilities(model(t_)).numpy()
 
         result = {}
-        variants = {"lime package": None, "float32": {"precision": "float32"}, "int8": {"precision": "int8"},
+        variants = {"lime package": None, "defaults": {},
+                    "float32, every sample": {"precision": "float32", "converge": None},
+                    "float32": {"precision": "float32"}, "int8": {"precision": "int8"},
                     "bfloat16": {"precision": "bfloat16"},
                     "float32, Quickshift": {"precision": "float32", "segmentation": "quickshift"},
                     "bfloat16, Quickshift": {"precision": "bfloat16", "segmentation": "quickshift"}}
+        variants = {k: v for k, v in variants.items() if not args.only or k == "lime package" or k in args.only}
         for name, options in variants.items():
             maps, checks, t0 = [], [], time.perf_counter()
             explainer = None if options is None else get_explainer("lime", num_samples=args.samples, **options)
@@ -100,25 +105,28 @@ def main(argv: list[str] | None = None) -> None:
             result[name] = (secs, float(np.mean(auc)), checks)
         base = result["lime package"][0]
         for name, (secs, auc, checks) in result.items():
-            note = ""
+            used = [e["samples_used"] for e in checks if "samples_used" in e]
+            note = f"samples run: {min(used)}–{max(used)} (mean {np.mean(used):.0f}); " if used else ""
             prec = name.split(",")[0]
             if prec in ("int8", "bfloat16"):
                 found = [e[f"{prec}_check"] for e in checks if f"{prec}_check" in e]
                 passed = [c for c in found if c["passed"]]
                 diffs = [c["mean_abs_diff"] for c in found]
                 runner = found[0].get("backend", "?") if found else "?"
-                note = (f"{prec} ({runner}) used on {len(passed)} of {len(checks)} images (mean |Δp| on the check: "
+                note += (f"{prec} ({runner}) used on {len(passed)} of {len(checks)} images (mean |Δp| on the check: "
                         f"{min(diffs):.3f}–{max(diffs):.3f})") if found else ""
-            rows.append((Path(folder).name, card.get("task", "?"), name, secs, base / secs, auc, note))
+            rows.append((Path(folder).name, card.task or "?", name, secs, base / secs, auc, note))
     load_after = os.getloadavg()[0]
     lines = [
         "# LIME on trained task models (CPU)",
         "",
         f"{args.images} test images per model ({args.samples} samples each); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, malloc thresholds: "
+        f"{torch.get_num_threads()} thread(s), CPU: {cpu_features().summary()}; malloc thresholds: "
         f"{'tune_allocator()' if args.allocator == 'tuned' else 'glibc defaults'}; load average "
         f"{load_before:.1f} before, {load_after:.1f} after. Time: total over the images, pellucid's one-off export "
-        "and quantization included. Deletion AUC: mean over the images, float32 model (lower is more faithful).",
+        "and quantization included. Deletion AUC: mean over the images, float32 model (lower is more faithful). "
+        "Pellucid rows stop sampling once the fit has converged (``converge``) unless marked 'every sample'; "
+        "'defaults' is precision='auto' (checked bfloat16 where the CPU has it natively, else float32).",
         "",
         "| model | task | LIME | total s | speed-up vs lime | deletion AUC ↓ | note |",
         "|---|---|---|---:|---:|---:|---|",
