@@ -302,12 +302,14 @@ class CasePipeline:
         probs = apply_temperature(torch.from_numpy(logits), pred.temperature)
         idx = pred.decide(probs)
         modality = as_card(pred.card).modality
+        dists = self.reference.distance(feats) if self.reference is not None and feats is not None else None
         for j, (c, _) in enumerate(todo):
             c.logits = logits[j]
             c.index = int(idx[j])
             c.probs = {k: float(v) for k, v in zip(pred.classes, probs[j])}
             c.ood = check_domain(c.image, logits[j], probs[j], modality=modality,
-                                 features=None if feats is None else feats[j], reference=self.reference)
+                                 features=None if feats is None else feats[j], reference=self.reference,
+                                 distance=None if dists is None else dists[j])
             c.withheld = bool(c.ood.flagged and self.policy == "withhold")
             c.label = None if c.withheld else pred.classes[c.index]
 
@@ -382,6 +384,20 @@ class CasePipeline:
         return self._finish(cases)
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut a file back to its last newline (a run killed mid-row leaves a partial last line)."""
+    with path.open("rb+") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        step = min(size, 1 << 16)
+        fh.seek(size - step)
+        tail = fh.read(step)
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        fh.truncate(size - step + cut + 1 if cut >= 0 else 0)
+
+
 class CaseWriter:
     """Predictions CSV written row by row as Cases arrive, resumable.
 
@@ -406,6 +422,8 @@ class CaseWriter:
             return
         self.path, self._own = Path(path), True
         append = False
+        if resume and self.path.is_file():
+            _drop_partial_line(self.path)
         if resume and self.path.is_file() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as fh:
                 reader = csv.DictReader(fh)
@@ -432,11 +450,10 @@ class CaseWriter:
 
     def write(self, case: Case) -> None:
         self._w.writerow(case.row(self.classes, self.extra))
+        self._fh.flush()  # whole rows reach the file one by one: a killed run leaves no half row behind
         self.rows += 1
         self.errors += bool(case.error)
         self.flagged += bool(case.ood is not None and case.ood.flagged)
-        if self.rows % 64 == 0:
-            self._fh.flush()
 
     def close(self) -> None:
         if self._own:

@@ -133,6 +133,18 @@ def test_predict_streams_and_resumes(tiny_model_dir, inputs, tmp_path):
     assert len(_csv(out)) == 1
 
 
+def test_resume_after_a_run_killed_mid_row(tiny_model_dir, inputs, tmp_path):
+    _, files = inputs
+    out = tmp_path / "cut.csv"
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), *map(str, files[:3])]) == 0
+    text = out.read_text()
+    out.write_text(text[: len(text) - 25])  # the third row cut in the middle, no newline
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), *map(str, files)]) == 0
+    rows = _csv(out)
+    assert len(rows) == len(files) and len({r["path"] for r in rows}) == len(files)
+    assert all(r["domain"] in ("ok", "uncertain", "out_of_domain") for r in rows)  # no glued, malformed row
+
+
 def test_workers_give_the_same_cases_as_the_main_process(tiny_model_dir, inputs):
     root, _ = inputs
     pred = Predictor(tiny_model_dir)
