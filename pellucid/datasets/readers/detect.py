@@ -1,15 +1,20 @@
 """Telling DICOM files apart (:func:`is_dicom`: suffix, ``DICM`` preamble, or a parsable header
-of a headless file) and the shared DICOM plumbing: importing pydicom with an install hint, and
-checking that a dataset has the attributes of an image object."""
+of a headless file) and the shared DICOM plumbing: importing pydicom with an install hint,
+checking that a dataset has the attributes of an image object, and the inflation guard that every
+parse of a file goes through first (:func:`_check_deflated`: a Deflated Explicit VR Little Endian
+dataset is inflated in bounded chunks and refused past the budget of
+:func:`~pellucid.datasets.readers.limits.max_inflated_bytes`, before pydicom inflates it whole)."""
 
 from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, ImageReadError
+from pellucid.datasets.readers.limits import max_inflated_bytes
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -51,6 +56,10 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
     except ImportError:
         return False
     try:
+        _check_deflated(p)
+    except ImageReadError:
+        return True  # a file meta group with a deflated transfer syntax: DICOM, refused later
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
@@ -84,3 +93,61 @@ def _has_image_object_attributes(ds: Dataset) -> bool:
         return True
     file_meta = getattr(ds, "file_meta", None)
     return bool(file_meta) and "MediaStorageSOPClassUID" in file_meta
+
+
+_DEFLATED_UID = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_CHUNK = 1 << 20
+
+
+def _check_deflated(path: Path) -> None:
+    """Refuse a deflated DICOM whose dataset inflates beyond the budget, reading in 1 MiB chunks.
+
+    Files that are not deflated, or whose file meta cannot be read, pass: the parser that follows
+    judges them. Memory stays at a few MiB whatever the compression ratio.
+
+    Raises:
+        ImageReadError: the inflated dataset exceeds :func:`max_inflated_bytes`, or the deflate
+            stream is corrupt.
+    """
+    try:
+        from pydicom.filereader import (
+            _read_command_set_elements,
+            _read_file_meta_info,
+            read_preamble,
+        )
+    except ImportError:  # another pydicom layout: nothing to guard with
+        return
+    with path.open("rb") as fh:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                read_preamble(fh, True)
+                file_meta = _read_file_meta_info(fh)
+                _read_command_set_elements(fh)
+                uid = str(file_meta.get("TransferSyntaxUID") or "").strip("\0 ")
+        except Exception:  # noqa: BLE001 - a corrupt meta group is the parser's to refuse
+            return
+        if uid != _DEFLATED_UID:
+            return
+        budget = max_inflated_bytes()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while not inflater.eof:
+                chunk = fh.read(_CHUNK)
+                if not chunk:
+                    break
+                total += len(inflater.decompress(chunk, _CHUNK))
+                while inflater.unconsumed_tail and total <= budget:
+                    total += len(inflater.decompress(inflater.unconsumed_tail, _CHUNK))
+                if total > budget:
+                    raise ImageReadError(
+                        f"{path}: its deflated dataset inflates to more than {budget} bytes, over "
+                        "the budget of the pixel limit — re-save it uncompressed, or raise "
+                        "PELLUCID_MAX_PIXELS if it really is one image"
+                    )
+        except zlib.error as err:
+            raise ImageReadError(
+                f"{path}: could not be decoded: its deflated dataset is corrupt (zlib.error) — "
+                "re-export it"
+            ) from err

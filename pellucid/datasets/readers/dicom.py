@@ -2,22 +2,42 @@
 (no pixel data, segmentations, structure sets, ...), the transfer syntax (inferred for headless
 files) and the defaults old files omit, frame choice, and decoding one frame with a clear message
 when no installed decoder handles its compression. The pixel values are then mapped to
-``[0, 1]`` by :mod:`pellucid.datasets.readers.dicom_values`."""
+``[0, 1]`` by :mod:`pellucid.datasets.readers.dicom_values`.
+
+Hostile or corrupt headers: the image size is checked against the pixel limit
+(:mod:`pellucid.datasets.readers.limits`) from Rows, Columns, Samples per Pixel and Number of
+Frames -- and, for JPEG-family compressed frames, from the frame's own SOF/SIZ marker -- before any
+pixel is decoded; deflated files are inflated under a budget first; large legal frames are
+block-averaged to at most ``MAX_SIDE`` in their stored type. Messages quote no header text: only
+validated codes (a Modality from the known list, a registered SOP class or transfer syntax name)
+and numbers, never a pydicom exception text, which may repeat header values."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _check_file, _check_window, _one_line, _warn
-from pellucid.datasets.readers.detect import _DICOM_INSTALL_HINT, _has_image_object_attributes, _import_pydicom
-from pellucid.datasets.readers.dicom_values import _dicom_colour, _dicom_monochrome, _frame_view
+from pellucid.datasets.readers.common import _check_file, _check_window, _warn
+from pellucid.datasets.readers.detect import (
+    _DICOM_INSTALL_HINT,
+    _check_deflated,
+    _has_image_object_attributes,
+    _import_pydicom,
+)
+from pellucid.datasets.readers.dicom_values import (
+    _dicom_colour,
+    _dicom_monochrome,
+    _frame_view,
+    _header_number,
+)
 from pellucid.datasets.readers.image import IMAGE_SUFFIXES, Image, ImageReadError
+from pellucid.datasets.readers.limits import max_pixels, reduce_array, reduction_factor
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -41,6 +61,28 @@ _NON_IMAGE_MODALITIES: dict[str, str] = {
     "KO": "a key object selection",
     "REG": "a registration",
 }
+
+# Modality codes (PS3.3 C.7.3.1.1.1, current and retired) that may appear in a message or in meta.
+_KNOWN_MODALITIES: frozenset[str] = frozenset(
+    """AR ASMT AU BDUS BI BMD CD CF CP CR CS CT DD DF DG DM DOC DS DX EC ECG EPS ES FA FID FS GM
+    HC HD IO IOL IVOCT IVUS KER KO LEN LP LS M3D MA MG MR MS NM OAM OCT OP OPM OPR OPT OPTBSV
+    OPTENF OPV OSS OT PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN RTRECORD RTSTRUCT
+    RWV SEG SM SMR SR SRF ST STAIN TEXTUREMAP TG US VA VF XA XAPROTOCOL XC""".split()
+)
+_MODALITY_PATTERN = re.compile(r"^[A-Z]{1,16}$")
+
+# Photometric interpretations pydicom can decode (PS3.3 C.7.6.3.1.2).
+_KNOWN_PHOTOMETRIC: frozenset[str] = frozenset(
+    {
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+        "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+    }
+)
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CODE_PATTERN = re.compile(r"^[A-Z0-9_]{1,16}$")
+
+# Total pixels of all frames together (stored data, not decoded) may be this many times the limit.
+_ALL_FRAMES_FACTOR = 32
 
 
 def read_dicom(
@@ -75,6 +117,8 @@ def read_dicom(
     """
     p = _check_file(path)
     window = _check_window(window)
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
+        raise ImageReadError(f"{p}: frame={frame!r} is not an integer — pass a frame number from 0")
     pydicom = _import_pydicom(p)
     caveats: list[str] = []
     # pydicom reports non-conformant header values (a DS too long, ...) as warnings while values
@@ -84,6 +128,15 @@ def read_dicom(
         warnings.simplefilter("always")
         try:
             image = _read_dicom(pydicom, p, frame, window, caveats)
+        except ImageReadError:
+            raise
+        except MemoryError as err:
+            raise ImageReadError(
+                f"{p}: ran out of memory while decoding — lower PELLUCID_MAX_PIXELS or reduce the "
+                "image"
+            ) from err
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt headers
+            raise ImageReadError(_corrupt_header(p, err)) from err
         finally:
             if caught:
                 logger.debug("pydicom: %d header warning(s) while reading %s", len(caught), p.name)
@@ -105,21 +158,24 @@ def _read_dicom(
 
     tsyntax = _ensure_transfer_syntax(ds, notes)
     _fill_retired_defaults(ds, p, notes, caveats)
+    original_photometric = _photometric(ds, p)
 
     n_frames = _number_of_frames(ds)
+    _check_size(ds, p, n_frames)
     frame = _choose_frame(frame, n_frames, p, notes)
 
     arr, photometric = _decode_frame(ds, p, tsyntax, frame, notes)
-    bits_stored = int(ds.get("BitsStored", 0) or 0) or int(arr.dtype.itemsize * 8)
-    original_photometric = str(ds.PhotometricInterpretation).strip().upper()
+    rows, columns = int(arr.shape[0]), int(arr.shape[1])
+    bits_stored = _header_int(ds, "BitsStored", 1, 64) or int(arr.dtype.itemsize * 8)
+    arr = _reduce_frame(arr, photometric, notes)
     view = _frame_view(ds, frame)
-    slope = float(view.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(view.get("RescaleIntercept", 0.0) or 0.0)
+    slope = _header_number(view, "RescaleSlope", 1.0, p, limit=1e6)
+    intercept = _header_number(view, "RescaleIntercept", 0.0, p, limit=1e9)
 
     meta: dict[str, Any] = {
         "path": str(p),
         "format": "dicom",
-        "original_size": (int(arr.shape[0]), int(arr.shape[1])),
+        "original_size": (rows, columns),
         "mode": original_photometric,
         "modality": modality or None,
         "body_part": _text_tag(ds, "BodyPartExamined"),
@@ -132,13 +188,13 @@ def _read_dicom(
         "frame": frame,
         "n_frames": n_frames,
         "bits_stored": bits_stored,
-        "transfer_syntax": str(tsyntax),
-        "transfer_syntax_name": tsyntax.name,
+        "transfer_syntax": _uid_text(tsyntax),
+        "transfer_syntax_name": _uid_name(tsyntax),
         "notes": notes,
     }
     if tsyntax.is_compressed and not getattr(tsyntax, "is_deflated", False):
-        notes.append(f"decoded {tsyntax.name}")
-    if ds.get("LossyImageCompression") == "01":
+        notes.append(f"decoded {_uid_name(tsyntax) or 'a compressed transfer syntax'}")
+    if _safe_get(ds, "LossyImageCompression") == "01":
         notes.append("the file states it has undergone lossy compression")
 
     if arr.ndim == 3:  # colour
@@ -156,6 +212,11 @@ def _read_dicom(
             notes.append("inverted MONOCHROME1 so that higher values are brighter")
         out = out[:, :, None]
 
+    if not np.all(np.isfinite(out)):
+        raise ImageReadError(
+            f"{p}: pixel values are not finite (NaN or infinite) after the rescale and window — "
+            "the header's rescale/window values or the pixel data are corrupt; re-export it"
+        )
     image = Image(np.clip(out, 0.0, 1.0).astype(np.float32, copy=False), meta)
     logger.debug("read %s: shape %s; %s", p.name, image.array.shape, "; ".join(notes))
     return image
@@ -163,14 +224,128 @@ def _read_dicom(
 
 def _parse(pydicom: Any, p: Path) -> Dataset:
     """The whole dataset of ``p`` (``force=True``: files without the preamble work)."""
+    _check_deflated(p)
     try:
         ds = pydicom.dcmread(p, force=True)
+    except MemoryError as err:
+        raise ImageReadError(
+            f"{p}: ran out of memory while parsing DICOM — the file is too large; lower "
+            "PELLUCID_MAX_PIXELS or reduce it"
+        ) from err
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt files
         raise ImageReadError(
-            f"{p}: could not be parsed as DICOM ({_one_line(err)}) — the file is corrupt or "
-            "truncated; re-export it"
+            f"{p}: could not be parsed as DICOM: the header is corrupt or the file truncated "
+            f"({type(err).__name__}) — re-export it"
         ) from err
     return ds
+
+
+def _corrupt_header(p: Path, err: BaseException) -> str:
+    """The one-line refusal for an unexpected failure: the exception type, never its text."""
+    return (
+        f"{p}: could not be decoded: the DICOM header is corrupt ({type(err).__name__}) — "
+        "re-export it or convert it with a DICOM tool (e.g. dcmtk's dcmconv)"
+    )
+
+
+def _safe_get(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)``, or None when the element cannot be converted."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a corrupt element reads as absent
+        return None
+
+
+def _header_int(ds: Dataset, keyword: str, low: int, high: int) -> int | None:
+    """A single integer in ``[low, high]``, or None when absent, multi-valued or out of range."""
+    value = _safe_get(ds, keyword)
+    if value is None or value == "" or isinstance(value, (bytes, bytearray, str)):
+        return None
+    try:
+        if type(value).__name__ == "MultiValue" or isinstance(value, (list, tuple)):
+            return None
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if low <= number <= high else None
+
+
+def _photometric(ds: Dataset, p: Path) -> str:
+    """The Photometric Interpretation if it is one pydicom decodes; else a refusal (unquoted)."""
+    value = _safe_get(ds, "PhotometricInterpretation")
+    text = str(value).strip().upper() if isinstance(value, str) else ""
+    if text not in _KNOWN_PHOTOMETRIC:
+        raise ImageReadError(
+            f"{p}: could not be decoded: its Photometric Interpretation is missing or not one "
+            "pellucid knows — the header is corrupt; re-export it as MONOCHROME2 or RGB"
+        )
+    return text
+
+
+def _check_size(ds: Dataset, p: Path, n_frames: int) -> None:
+    """Refuse frames larger than the pixel limit, from the header alone (nothing decoded yet)."""
+    rows = _header_int(ds, "Rows", 1, 65535)
+    columns = _header_int(ds, "Columns", 1, 65535)
+    samples = _header_int(ds, "SamplesPerPixel", 1, 4)
+    bits = _header_int(ds, "BitsAllocated", 1, 64)
+    if rows is None or columns is None or samples is None or (
+        "PixelData" in ds and bits not in (1, 8, 16, 32, 64)
+    ):
+        raise ImageReadError(
+            f"{p}: could not be decoded: its Rows, Columns, Samples per Pixel or Bits Allocated "
+            "are missing or invalid — the header is corrupt; re-export it"
+        )
+    limit = max_pixels()
+    per_frame = rows * columns * samples
+    if per_frame > limit:
+        raise ImageReadError(
+            f"{p}: is too large to decode ({columns}×{rows}×{samples} samples = {per_frame} per "
+            f"frame, over the pixel limit of {limit}) — reduce it first, or raise "
+            "PELLUCID_MAX_PIXELS if it really is an image"
+        )
+    if per_frame * n_frames > _ALL_FRAMES_FACTOR * limit:
+        raise ImageReadError(
+            f"{p}: is too large to decode ({n_frames} frames of {per_frame} samples, over "
+            f"{_ALL_FRAMES_FACTOR} × the pixel limit of {limit}) — export the frames you need, or "
+            "raise PELLUCID_MAX_PIXELS"
+        )
+
+
+def _reduce_frame(arr: np.ndarray, photometric: str, notes: list[str]) -> np.ndarray:
+    """Block-average a large decoded frame to at most MAX_SIDE (no full-size float copy).
+
+    Palette indices are subsampled instead (averaging indices would invent colours)."""
+    rows, columns = int(arr.shape[0]), int(arr.shape[1])
+    k = reduction_factor(rows, columns)
+    if k <= 1:
+        return arr
+    if photometric == "PALETTE COLOR":
+        out = np.ascontiguousarray(arr[::k, ::k])
+    else:
+        out = reduce_array(arr, k)
+    notes.append(
+        f"downscaled from {columns}×{rows} to {out.shape[1]}×{out.shape[0]} on read"
+    )
+    return out
+
+
+def _uid_text(uid: Any) -> str | None:
+    """The UID if it is a well-formed UID (digits and dots), else None — never other text."""
+    text = str(uid).strip() if uid is not None else ""
+    return text if len(text) <= 64 and _UID_PATTERN.match(text) else None
+
+
+def _uid_name(uid: Any) -> str | None:
+    """The registered name of a UID (from pydicom's dictionary), else None."""
+    text = _uid_text(uid)
+    if text is None:
+        return None
+    try:
+        from pydicom.uid import UID_dictionary
+    except ImportError:  # pragma: no cover - older layout
+        from pydicom._uid_dict import UID_dictionary  # type: ignore[no-redef]
+    entry = UID_dictionary.get(text)
+    return str(entry[0]) if entry else None
 
 
 def _image_modality(ds: Dataset, p: Path) -> str:
@@ -180,7 +355,7 @@ def _image_modality(ds: Dataset, p: Path) -> str:
             f"{p}: is not a DICOM file (no DICOM header found) — pass a .dcm image or an "
             f"ordinary image ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    modality = str(ds.get("Modality", "") or "").strip().upper()
+    modality = _modality(ds)
     described = _describe_object(ds, modality)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageReadError(
@@ -193,6 +368,13 @@ def _image_modality(ds: Dataset, p: Path) -> str:
             "image series instead"
         )
     return modality
+
+
+def _modality(ds: Dataset) -> str:
+    """The Modality when it is a known code (``^[A-Z]{1,16}$`` and in the list), else ``''``."""
+    value = _safe_get(ds, "Modality")
+    text = value.strip().upper() if isinstance(value, str) else ""
+    return text if _MODALITY_PATTERN.match(text) and text in _KNOWN_MODALITIES else ""
 
 
 def _choose_frame(frame: int | None, n_frames: int, p: Path, notes: list[str]) -> int:
@@ -217,30 +399,21 @@ def _choose_frame(frame: int | None, n_frames: int, p: Path, notes: list[str]) -
 
 def _text_tag(ds: Dataset, keyword: str) -> str | None:
     """A short coded-string tag, upper-cased, or None when absent or unreadable (never raises)."""
-    try:
-        value = str(ds.get(keyword, "") or "").strip().upper()
-    except Exception:  # noqa: BLE001 - a corrupt element must not stop reading the pixels
-        return None
-    return value[:64] if value and value.replace("_", "").replace(" ", "").isalnum() else None
+    value = _safe_get(ds, keyword)
+    text = value.strip().upper() if isinstance(value, str) else ""
+    return text if _CODE_PATTERN.match(text) else None
 
 
 def _sop_class_name(ds: Dataset) -> str | None:
     """The SOP class's registered name (e.g. ``CT Image Storage``), or None when unknown."""
-    try:
-        sop = ds.get("SOPClassUID")
-        name = getattr(sop, "name", None)
-    except Exception:  # noqa: BLE001 - as above
-        return None
-    return name if name and name != str(sop) else None
+    return _uid_name(_safe_get(ds, "SOPClassUID"))
 
 
 def _describe_object(ds: Dataset, modality: str) -> str:
     parts = [f"Modality {modality or 'unknown'}"]
-    sop = ds.get("SOPClassUID")
-    if sop is not None:
-        name = getattr(sop, "name", str(sop))
-        if name and name != str(sop):
-            parts.append(name)
+    name = _sop_class_name(ds)
+    if name:
+        parts.append(name)
     return ", ".join(parts)
 
 
@@ -258,7 +431,7 @@ def _ensure_transfer_syntax(ds: Dataset, notes: list[str]) -> Any:
         ds.file_meta = FileMetaDataset()
     uid = ds.file_meta.get("TransferSyntaxUID")
     if uid:
-        return UID(str(uid))
+        return UID(str(uid).strip("\0 "))
     implicit, little = ds.original_encoding
     if implicit:
         uid = ImplicitVRLittleEndian
@@ -299,10 +472,13 @@ def _fill_retired_defaults(
 
 
 def _number_of_frames(ds: Dataset) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
+    value = _safe_get(ds, "NumberOfFrames")
+    if value in (None, ""):
         return 1
+    frames = _header_int(ds, "NumberOfFrames", 0, 2**31 - 1)
+    if frames is None:
+        raise ValueError("NumberOfFrames")
+    return max(1, frames)
 
 
 def _missing_decoder_packages(tsyntax: Any) -> list[str] | None:
@@ -336,30 +512,112 @@ def _decode_frame(
     missing = _missing_decoder_packages(tsyntax)
     if missing == []:
         raise ImageReadError(
-            f"{path}: pixel data uses transfer syntax {tsyntax} ({tsyntax.name}), which pydicom "
+            f"{path}: pixel data uses transfer syntax {_describe_uid(tsyntax)}, which pydicom "
             "cannot decode — convert the file to an uncompressed transfer syntax (e.g. with "
             "dcmtk's dcmdjpeg or gdcmconv --raw)"
         )
     if missing is not None:
         options = f" (or one of: {'; '.join(missing)})"
         raise ImageReadError(
-            f"{path}: pixel data uses transfer syntax {tsyntax} ({tsyntax.name}), which no "
+            f"{path}: pixel data uses transfer syntax {_describe_uid(tsyntax)}, which no "
             f"installed decoder handles — {_DICOM_INSTALL_HINT} for pylibjpeg and "
             f"pylibjpeg-libjpeg{options}, or convert the file to an uncompressed transfer syntax"
         )
+    if tsyntax.is_encapsulated:
+        _check_compressed_frame(ds, path, tsyntax, frame)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             decoder = get_decoder(tsyntax)
             arr, props = decoder.as_array(ds, index=frame, **as_pixel_options(ds))
+    except MemoryError as err:
+        raise ImageReadError(
+            f"{path}: ran out of memory while decoding the pixel data — lower "
+            "PELLUCID_MAX_PIXELS or reduce the image"
+        ) from err
     except Exception as err:  # noqa: BLE001 - decoders raise many types on bad data
         raise ImageReadError(
-            f"{path}: pixel data could not be decoded ({_one_line(err)}) — the file is corrupt "
-            "or truncated; re-export it"
+            f"{path}: pixel data could not be decoded ({type(err).__name__}) — the file is "
+            "corrupt or truncated; re-export it"
         ) from err
-    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
-        notes.append(f"pydicom: {message}")
+    if caught:  # their texts may quote header values: only the count is kept
+        notes.append(f"pydicom: {len(caught)} decoder warning(s) (texts not kept)")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     photometric = str(props.get("photometric_interpretation", ds.PhotometricInterpretation))
-    return arr, photometric.strip().upper()
+    photometric = photometric.strip().upper()
+    if photometric not in _KNOWN_PHOTOMETRIC:
+        raise ImageReadError(
+            f"{path}: could not be decoded: the decoder gave an unknown colour space — the "
+            "header is corrupt; re-export it"
+        )
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or arr.dtype.kind not in "uif":
+        raise ImageReadError(
+            f"{path}: could not be decoded: the pixel data has an unexpected layout "
+            f"({arr.ndim} axes) — the header is corrupt; re-export it"
+        )
+    return arr, photometric
+
+
+def _describe_uid(uid: Any) -> str:
+    text, name = _uid_text(uid), _uid_name(uid)
+    if text is None:
+        return "(an invalid UID)"
+    return f"{text} ({name})" if name else text
+
+
+# JPEG start-of-frame markers (SOF0..SOF15 less DHT, JPG and DAC) and JPEG-LS SOF55.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def _compressed_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """``(rows, columns, components)`` from a JPEG/JPEG-LS SOF or JPEG 2000 SIZ marker."""
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(data):
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:
+                pos += 1
+                continue
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                pos += 2
+                continue
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker in _SOF_MARKERS and pos + 10 <= len(data):
+                rows = int.from_bytes(data[pos + 5 : pos + 7], "big")
+                columns = int.from_bytes(data[pos + 7 : pos + 9], "big")
+                return rows, columns, data[pos + 9]
+            if marker == 0xDA or length < 2:
+                return None
+            pos += 2 + length
+        return None
+    siz = data.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if siz >= 0 and siz + 42 <= len(data):
+        base = siz + 4 + 2 + 2  # SOC, SIZ, Lsiz, Rsiz
+        x, y, x0, y0 = (int.from_bytes(data[base + 4 * i : base + 4 * i + 4], "big") for i in range(4))
+        components = int.from_bytes(data[base + 32 : base + 34], "big")
+        return max(0, y - y0), max(0, x - x0), components
+    return None
+
+
+def _check_compressed_frame(ds: Dataset, path: Path, tsyntax: Any, frame: int) -> None:
+    """Refuse a compressed frame whose own header is larger than the limit or than Rows×Columns."""
+    try:
+        from pydicom.encaps import get_frame
+
+        data = get_frame(ds.PixelData, frame, number_of_frames=_number_of_frames(ds))
+    except Exception:  # noqa: BLE001 - the decoder will refuse a broken encapsulation
+        return
+    size = _compressed_frame_size(bytes(data[:65536]))
+    if size is None:
+        return
+    rows, columns, components = size
+    limit = max_pixels()
+    declared = (_header_int(ds, "Rows", 1, 65535) or 0) * (_header_int(ds, "Columns", 1, 65535) or 0)
+    if rows * columns * max(1, components) > limit or rows * columns > declared:
+        raise ImageReadError(
+            f"{path}: its compressed frame is {columns}×{rows}×{components}, larger than the "
+            "header's Rows×Columns or the pixel limit — the file is corrupt or hostile; re-export it"
+        )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _as_list, _min_max, _one_line
+from pellucid.datasets.readers.common import _as_list, _min_max
 from pellucid.datasets.readers.image import ImageReadError
 
 if TYPE_CHECKING:
@@ -68,6 +68,36 @@ def _frame_view(ds: Dataset, frame: int) -> Dataset:
     return view
 
 
+def _header_number(
+    view: Dataset, keyword: str, default: float, path: Path, *, limit: float
+) -> float:
+    """A single finite number with ``abs(value) <= limit``; ``default`` when absent, empty or 0.
+
+    Raises:
+        ImageReadError: the element is multi-valued, not a number, not finite or out of range
+            (the message names the keyword, never the value).
+    """
+    try:
+        value = view.get(keyword)
+        if value is None or value == "":
+            return default
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            if len(value) != 1:
+                raise ValueError("multi-valued")
+            value = value[0]
+        if isinstance(value, (bytes, bytearray)):
+            raise TypeError("raw bytes")
+        number = float(value)
+        if not math.isfinite(number) or abs(number) > limit:
+            raise ValueError("out of range")
+    except Exception as err:  # noqa: BLE001 - every bad value gets the same message
+        raise ImageReadError(
+            f"{path}: could not be decoded: its {keyword} is not a single finite number within "
+            f"±{limit:g} — the header is corrupt; fix it or re-export the file"
+        ) from err
+    return number or default
+
+
 def _dicom_monochrome(
     arr: np.ndarray,
     view: Dataset,
@@ -101,7 +131,9 @@ def _modality_values(arr: np.ndarray, view: Dataset, meta: dict[str, Any], notes
     from pydicom.pixels import apply_modality_lut
 
     if view.get("ModalityLUTSequence"):
-        values = apply_modality_lut(arr, view)
+        if arr.dtype.kind == "f":  # block-averaged on read: the LUT takes stored integers
+            arr = np.rint(arr).astype(np.int64)
+        values = np.asarray(apply_modality_lut(arr, view), dtype=np.float64)
         notes.append("applied the Modality LUT Sequence")
     else:
         slope, intercept = meta["rescale"]
@@ -168,7 +200,7 @@ def _file_voi(
                 raise ValueError(f"center {center}, width {width}")
             out = _apply_voi(values, voi_view, apply_voi_lut)
         except Exception as err:  # noqa: BLE001
-            notes.append(f"file window unusable ({_one_line(err)})")
+            notes.append(f"file window unusable ({type(err).__name__})")
             caveats.append(
                 f"{path.name}: the file's Window Center/Width is unusable; min-max used instead"
             )
@@ -232,11 +264,18 @@ def _dicom_colour(
     """Colour pixels to RGB float ``(H, W, 3)`` in ``[0, 1]``."""
     from pydicom.pixels import apply_color_lut, convert_color_space
 
+    original = str(ds.PhotometricInterpretation).strip().upper()  # validated by the caller
     peak = float(2**bits_stored - 1)
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
-        depth = int(descriptor[2]) if descriptor else 16
+        try:
+            arr = apply_color_lut(arr, ds)
+            descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+            depth = int(descriptor[2]) if descriptor else 16
+        except Exception as err:  # noqa: BLE001 - a corrupt LUT raises many types
+            raise ImageReadError(
+                f"{path}: could not be decoded: its palette colour lookup table is corrupt "
+                f"({type(err).__name__}) — re-export the image as RGB"
+            ) from err
         peak = float(2 ** (8 if depth <= 8 else 16) - 1)
         notes.append("applied the palette colour LUT")
     elif photometric.startswith("YBR"):
@@ -246,17 +285,15 @@ def _dicom_colour(
         except Exception as err:  # noqa: BLE001
             raise ImageReadError(
                 f"{path}: colour space {photometric} cannot be converted to RGB "
-                f"({_one_line(err)}) — convert the file to RGB"
+                f"({type(err).__name__}) — convert the file to RGB"
             ) from err
     elif photometric != "RGB":
         caveats.append(
-            f"{path.name}: unexpected 3-sample photometric interpretation {photometric!r}; "
+            f"{path.name}: unexpected 3-sample photometric interpretation {photometric}; "
             "treated as RGB"
         )
-    if str(ds.PhotometricInterpretation).strip().upper() != photometric:
-        notes.append(
-            f"decoder converted {str(ds.PhotometricInterpretation).strip()} to {photometric}"
-        )
+    if original != photometric:
+        notes.append(f"decoder converted {original} to {photometric}")
     if arr.ndim == 2:  # palette applied to a 2-D index image gives (H, W, 3) already
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     notes.append(f"scaled colour values by {peak:.0f}")

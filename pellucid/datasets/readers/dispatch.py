@@ -1,15 +1,23 @@
 """The single door through which pixels enter pellucid: :func:`read_image` checks the file, sends
 DICOM (by suffix, preamble or header) to :func:`~pellucid.datasets.readers.dicom.read_dicom` and
-ordinary images to Pillow, and converts to the requested channel count."""
+ordinary images to Pillow, and converts to the requested channel count.
+
+Whatever the bytes, :func:`read_image` returns a finite float32 image in ``[0, 1]`` or raises
+:class:`ImageReadError` with one line that names the file, says what is wrong and what to do: an
+unexpected failure anywhere below is reported by its exception type only (its text may quote
+header values), and MemoryError becomes a refusal too."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from pellucid.datasets.readers.common import _check_file, _warn
+import numpy as np
+
+from pellucid.datasets.readers.common import _check_file, _check_window, _warn
 from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
-from pellucid.datasets.readers.image import IMAGE_SUFFIXES, Image, ImageReadError
+from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
 from pellucid.datasets.readers.pil import _read_pil
 
 __all__ = [
@@ -47,26 +55,60 @@ def read_image(
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels!r} is not supported: use 1, 3 or None (keep native)")
+    window = _check_window(window)
     p = _check_file(path)
+    try:
+        image = _read(p, frame, window)
+        if channels is not None and image.array.shape[2] != channels:
+            if channels == 1:
+                image.array = image.gray
+                image.meta["notes"].append("converted RGB to gray (ITU-R BT.601 luminance)")
+            else:
+                image.array = image.rgb
+                image.meta["notes"].append("replicated gray to 3 channels")
+    except ImageReadError:
+        raise
+    except MemoryError as err:
+        raise ImageReadError(
+            f"{p}: ran out of memory while decoding — lower PELLUCID_MAX_PIXELS or reduce the "
+            "image"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - the door: nothing but ImageReadError leaves it
+        kind = "DICOM header" if p.suffix.lower() in DICOM_SUFFIXES else "file"
+        raise ImageReadError(
+            f"{p}: could not be decoded: the {kind} is corrupt ({type(err).__name__}) — "
+            "re-export it"
+        ) from err
+    if not _valid(image.array):
+        raise ImageReadError(
+            f"{p}: could not be decoded: the pixel values are not finite numbers in [0, 1] — "
+            "the file is corrupt; re-export it"
+        )
+    return image
+
+
+def _valid(array: np.ndarray) -> bool:
+    return (
+        array.dtype == np.float32
+        and array.ndim == 3
+        and array.shape[2] in (1, 3)
+        and array.size > 0
+        and bool(np.isfinite(array).all())
+        and float(array.min()) >= 0.0
+        and float(array.max()) <= 1.0
+    )
+
+
+def _read(p: Path, frame: int | None, window: tuple[float, float] | None) -> Image:
     if is_dicom(p):
-        image = read_dicom(p, frame=frame, window=window)
-    elif p.suffix.lower() in IMAGE_SUFFIXES:
+        return read_dicom(p, frame=frame, window=window)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
         if window is not None:
             _warn(
                 f"window={window!r} ignored for {p.name}: windowing applies to DICOM only"
             )
-        image = _read_pil(p, frame=frame)
-    else:
-        raise ImageReadError(
-            f"{p}: unsupported file type {p.suffix or '(no suffix)'!r} and no DICOM header "
-            "found — "
-            f"convert it to one of {', '.join(sorted(IMAGE_SUFFIXES))} or DICOM"
-        )
-    if channels is not None and image.array.shape[2] != channels:
-        if channels == 1:
-            image.array = image.gray
-            image.meta["notes"].append("converted RGB to gray (ITU-R BT.601 luminance)")
-        else:
-            image.array = image.rgb
-            image.meta["notes"].append("replicated gray to 3 channels")
-    return image
+        return _read_pil(p, frame=frame)
+    raise ImageReadError(
+        f"{p}: unsupported file type {p.suffix or '(no suffix)'!r} and no DICOM header found — "
+        f"convert it to one of {', '.join(sorted(IMAGE_SUFFIXES))} or DICOM"
+    )

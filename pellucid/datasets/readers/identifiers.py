@@ -10,7 +10,7 @@ import warnings
 from typing import Any
 
 from pellucid.datasets.readers.common import _check_file
-from pellucid.datasets.readers.detect import _import_pydicom, is_dicom
+from pellucid.datasets.readers.detect import _check_deflated, _import_pydicom, is_dicom
 from pellucid.datasets.readers.image import ImageReadError
 
 __all__ = [
@@ -74,37 +74,81 @@ def dicom_identifying_tags(path: str | os.PathLike[str]) -> dict[str, str]:
         empty when nothing identifying is present.
 
     Raises:
-        ImageReadError: the file is missing, or is not DICOM, or cannot be parsed.
+        ImageReadError: the file is missing, or is not DICOM, or cannot be parsed (the message
+            quotes no header value), whatever its bytes.
     """
     p = _check_file(path)
-    if not is_dicom(p):
-        raise ImageReadError(f"{p}: is not a DICOM file — identifying tags exist only in DICOM")
-    pydicom = _import_pydicom(p)
     try:
+        if not is_dicom(p):
+            raise ImageReadError(
+                f"{p}: is not a DICOM file — identifying tags exist only in DICOM"
+            )
+        pydicom = _import_pydicom(p)
+        _check_deflated(p)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # pydicom's complaints quote header values
             ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
-    except Exception as err:  # noqa: BLE001
+            found: dict[str, str] = {}
+            _collect(ds, found, nested=False)  # top level first
+            _collect(ds, found, nested=True)  # then anything nested in sequences
+    except ImageReadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - MemoryError, RecursionError, pydicom's many types
         raise ImageReadError(
-            f"{p}: could not be parsed as DICOM ({type(err).__name__}) — the file is corrupt; "
-            "re-export it"
+            f"{p}: could not be parsed as DICOM: the header is corrupt or the file truncated "
+            f"({type(err).__name__}) — re-export it"
         ) from err
-    wanted = set(IDENTIFYING_TAGS)
-    found: dict[str, str] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom's complaints about value formats
-        for keyword in IDENTIFYING_TAGS:  # top level first
-            if keyword in ds:
-                text = _element_text(ds[keyword])
-                if text:
-                    found[keyword] = text
-        for elem in ds.iterall():  # then anything nested in sequences
-            keyword = elem.keyword
-            if keyword in wanted and keyword not in found:
-                text = _element_text(elem)
-                if text:
-                    found[keyword] = text
     return found
+
+
+_WANTED = frozenset(IDENTIFYING_TAGS)
+_MAX_DEPTH = 32  # sequences nested deeper than this are not searched
+
+
+def _collect(ds: Any, found: dict[str, str], *, nested: bool, depth: int = 0) -> None:
+    """Add the identifying values of ``ds`` to ``found`` (first wins), element by element.
+
+    An element that cannot be converted (wrong VR, bad length, unknown VR) is read from its raw
+    bytes instead, so a corrupt element neither stops the search nor hides its value.
+    """
+    from pydicom.datadict import keyword_for_tag
+
+    for tag in list(ds.keys()):
+        try:
+            keyword = keyword_for_tag(tag)
+        except Exception:  # noqa: BLE001
+            keyword = ""
+        try:
+            elem = ds[tag]
+        except Exception:  # noqa: BLE001 - an unconvertible element: use its raw bytes
+            elem = None
+        if keyword in _WANTED and keyword not in found and (nested or depth == 0):
+            text = ""
+            try:
+                text = _element_text(elem) if elem is not None else _raw_text(ds, tag)
+            except Exception:  # noqa: BLE001
+                text = _raw_text(ds, tag)
+            if text:
+                found[keyword] = text
+        if nested and elem is not None and depth < _MAX_DEPTH and getattr(elem, "VR", "") == "SQ":
+            try:
+                items = list(elem.value or [])
+            except Exception:  # noqa: BLE001
+                items = []
+            for item in items:
+                if hasattr(item, "keys"):
+                    _collect(item, found, nested=True, depth=depth + 1)
+
+
+def _raw_text(ds: Any, tag: Any) -> str:
+    """The raw value bytes of an element as latin-1 text, or ``''``."""
+    try:
+        value = ds.get_item(tag).value
+    except Exception:  # noqa: BLE001
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("latin-1", errors="replace").strip("\x00 ")
+    return ""
 
 
 def _element_text(elem: Any) -> str:

@@ -5,13 +5,15 @@ float32 ``(H, W, C)`` in ``[0, 1]``, each step recorded in ``meta['notes']``."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _min_max, _one_line, _warn
+from pellucid.datasets.readers.common import _min_max, _warn
 from pellucid.datasets.readers.image import Image, ImageReadError
+from pellucid.datasets.readers.limits import max_pixels, reduction_factor
 
 __all__: list[str] = []
 
@@ -24,38 +26,64 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
     from PIL import Image as PILImage
     from PIL import ImageOps
 
+    limit = _sync_pil_limit(PILImage)
     notes: list[str] = []
     try:
-        with PILImage.open(path) as im:
-            fmt = _PIL_FORMATS.get(str(im.format), str(im.format).lower())
-            n_frames = int(getattr(im, "n_frames", 1) or 1)
-            if frame is not None:
-                if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
-                    raise ImageReadError(
-                        f"{path}: frame={frame!r} is not an integer — pass 0..{n_frames - 1}"
-                    )
-                if not 0 <= int(frame) < n_frames:
-                    raise ImageReadError(
-                        f"{path}: frame {frame} is out of range — the file has {n_frames} "
-                        f"frame(s), pass 0..{n_frames - 1}"
-                    )
-                im.seek(int(frame))
-            elif n_frames > 1:
-                notes.append(f"frame 0 of {n_frames} (first frame by default)")
-            im.load()
-            mode = im.mode
-            if _exif_rotated(im):
-                im = ImageOps.exif_transpose(im)
-                notes.append("applied the EXIF orientation")
-            original_size = (im.height, im.width)
-            array = _pil_to_float(im, path, notes)
+        # Pillow's own bomb check (at open, from the header) warns above MAX_IMAGE_PIXELS and
+        # refuses above twice that; both become our one-line refusal.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(path) as im:
+                fmt = _PIL_FORMATS.get(str(im.format), str(im.format).lower())
+                _check_pixels(im.size, limit, path)
+                n_frames = int(getattr(im, "n_frames", 1) or 1)
+                if frame is not None:
+                    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
+                        raise ImageReadError(
+                            f"{path}: frame={frame!r} is not an integer — pass 0..{n_frames - 1}"
+                        )
+                    if not 0 <= int(frame) < n_frames:
+                        raise ImageReadError(
+                            f"{path}: frame {frame} is out of range — the file has {n_frames} "
+                            f"frame(s), pass 0..{n_frames - 1}"
+                        )
+                    im.seek(int(frame))
+                    _check_pixels(im.size, limit, path)
+                elif n_frames > 1:
+                    notes.append(f"frame 0 of {n_frames} (first frame by default)")
+                mode = im.mode
+                file_size = im.size
+                if fmt == "jpeg" and reduction_factor(im.height, im.width) > 1:
+                    # libjpeg decodes at 1/2, 1/4 or 1/8 scale: the smallest one still >= target
+                    k = reduction_factor(im.height, im.width)
+                    im.draft(im.mode, (-(-im.width // k), -(-im.height // k)))
+                im.load()
+                rotated = _exif_rotated(im)
+                if rotated:
+                    im = ImageOps.exif_transpose(im)
+                    notes.append("applied the EXIF orientation")
+                    if _swaps_axes(rotated):
+                        file_size = (file_size[1], file_size[0])
+                im = _reduce_pil(im, file_size, notes)
+                original_size = (file_size[1], file_size[0])
+                array = _pil_to_float(im, path, notes)
     except ImageReadError:
         raise
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
+        raise ImageReadError(
+            f"{path}: is too large to decode (over {limit} pixels, the pixel limit) — reduce it "
+            "first, or raise PELLUCID_MAX_PIXELS if it really is an image"
+        ) from err
+    except MemoryError as err:
+        raise ImageReadError(
+            f"{path}: ran out of memory while decoding — reduce the image or lower "
+            "PELLUCID_MAX_PIXELS"
+        ) from err
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         raise ImageReadError(
-            f"{path}: cannot be read as an image ({_one_line(err)}) — the file is corrupt, "
-            "truncated or not really a "
-            f"{path.suffix.lstrip('.').upper() or 'image'}; re-export or re-download it"
+            f"{path}: could not be decoded: the file is corrupt, truncated or not really a "
+            f"{path.suffix.lstrip('.').upper() or 'image'} ({type(err).__name__}) — re-export "
+            "or re-download it"
         ) from err
     meta: dict[str, Any] = {
         "path": str(path),
@@ -71,11 +99,74 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
     return image
 
 
-def _exif_rotated(im: Any) -> bool:
+def _sync_pil_limit(pil_image: Any) -> int:
+    """Set ``PIL.Image.MAX_IMAGE_PIXELS`` to the readers' pixel limit and return the limit."""
+    limit = max_pixels()
+    pil_image.MAX_IMAGE_PIXELS = limit
+    return limit
+
+
+def _check_pixels(size: tuple[int, int], limit: int, path: Path) -> None:
+    width, height = (int(v) for v in size)
+    if width <= 0 or height <= 0:
+        raise ImageReadError(
+            f"{path}: its header gives an empty image ({width}×{height}) — the file is corrupt; "
+            "re-export it"
+        )
+    if width * height > limit:
+        raise ImageReadError(
+            f"{path}: is too large to decode ({width}×{height} = {width * height} pixels, over "
+            f"the limit of {limit}) — reduce it first, or raise PELLUCID_MAX_PIXELS if it really "
+            "is an image"
+        )
+
+
+def _swaps_axes(orientation: int) -> bool:
+    return orientation in (5, 6, 7, 8)
+
+
+def _reduce_pil(im: Any, file_size: tuple[int, int], notes: list[str]) -> Any:
+    """Reduce a loaded image (already drafted for JPEG) to at most MAX_SIDE, in its own type."""
+    k = reduction_factor(im.height, im.width)
+    if k > 1:
+        mode = im.mode
+        if mode == "1":
+            im = im.convert("L")
+        elif mode in ("P", "PA"):
+            gray_palette = _palette_is_gray(im)
+            has_alpha = mode == "PA" or "transparency" in im.info
+            im = im.convert(("LA" if has_alpha else "L") if gray_palette else ("RGBA" if has_alpha else "RGB"))
+            notes.append("expanded palette to " + ("gray" if gray_palette else "RGB"))
+        elif mode.startswith("I;16"):
+            im = im.convert("I")
+        try:
+            im = im.reduce(k)
+        except ValueError:  # a mode Pillow cannot reduce: go through RGB
+            im = im.convert("RGB").reduce(k)
+            notes.append(f"converted {mode} to RGB")
+    if im.size != file_size:
+        notes.append(
+            f"downscaled from {file_size[0]}×{file_size[1]} to {im.width}×{im.height} on read"
+        )
+    return im
+
+
+def _palette_is_gray(im: Any) -> bool:
     try:
-        return int(im.getexif().get(0x0112, 1)) not in (0, 1)
-    except Exception:  # noqa: BLE001 - malformed EXIF is not a reason to refuse the image
+        palette = im.getpalette() or []
+    except Exception:  # noqa: BLE001
         return False
+    rgb = [tuple(palette[i : i + 3]) for i in range(0, len(palette) - 2, 3)]
+    return bool(rgb) and all(r == g == b for r, g, b in rgb)
+
+
+def _exif_rotated(im: Any) -> int:
+    """The EXIF orientation (2..8) when it asks for a transform, else 0."""
+    try:
+        orientation = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF is not a reason to refuse the image
+        return 0
+    return orientation if 2 <= orientation <= 8 else 0
 
 
 def _pil_to_float(im: Any, path: Path, notes: list[str]) -> np.ndarray:
