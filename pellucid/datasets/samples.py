@@ -8,7 +8,10 @@ reported as :class:`DataError` with one line naming the folder or file and what 
 from __future__ import annotations
 
 import csv
+import errno
 import logging
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +40,92 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
 
 
-def find_images(paths: list[str | Path]) -> list[Path]:
+def find_images(
+    paths: list[str | Path], problems: list[tuple[Path, str]] | None = None
+) -> list[Path]:
     """Expand files and folders (recursively) into a sorted list of candidate image files.
 
     Files given explicitly are kept whatever their suffix (so a bad file gets a clear error row
-    later); inside folders only image/DICOM suffixes are picked up.
+    later); inside folders only image/DICOM suffixes are picked up. Symbolic links to files are
+    followed; symbolic links to folders are not (so a link cannot loop or leave the tree).
+
+    Args:
+        paths: files and folders.
+        problems: when given, what was skipped inside the folders is appended to it as
+            ``(path, message)``: a folder that cannot be listed (permissions), a symbolic link
+            that loops, a broken link with an image suffix, a link to a folder (not followed).
+            The message is one line saying what is wrong and what to do; it does not repeat the
+            path (which may be identifying: show it as the caller shows input names). The return
+            value is the same with or without ``problems``.
+
+    Returns:
+        The given files, then each folder's image files sorted, in the order given.
     """
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and _is_image(f)))
+            skipped: list[tuple[Path, str]] = []
+            found.extend(sorted(_walk_images(p, skipped)))
+            if problems is not None:
+                problems.extend(sorted(skipped))
         else:
             found.append(p)
     return found
+
+
+def _walk_images(root: Path, problems: list[tuple[Path, str]]) -> list[Path]:
+    """Image files under ``root`` (not following folder links), noting what had to be skipped."""
+    def report(path: Path, message: str) -> None:
+        problems.append((path, message))
+
+    images: list[Path] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as err:
+            report(folder, f"folder cannot be listed ({type(err).__name__}) — its images were "
+                           "skipped; fix its permissions or leave it out")
+            continue
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                    continue
+                if entry.is_symlink():
+                    try:
+                        target = os.stat(path)
+                    except OSError as err:
+                        if err.errno == errno.ELOOP:
+                            report(path, "is a symbolic link loop — skipped; fix or remove the link")
+                        elif _is_image(path):
+                            report(path, "is a broken symbolic link (its target is missing) — "
+                                         "skipped; fix or remove the link")
+                        continue
+                    if stat.S_ISDIR(target.st_mode):
+                        if _links_to_ancestor(path):
+                            report(path, "is a symbolic link loop (it points to a folder that "
+                                         "contains it) — not followed; remove the link")
+                        else:
+                            report(path, "is a symbolic link to a folder — not followed; pass "
+                                         "the folder itself to include its images")
+                        continue
+                if entry.is_file() and _is_image(path):
+                    images.append(path)
+            except OSError as err:
+                report(path, f"cannot be examined ({type(err).__name__}) — skipped; check it")
+    return images
+
+
+def _links_to_ancestor(link: Path) -> bool:
+    try:
+        target = link.resolve(strict=True)
+        return target == link.parent.resolve() or target in link.parent.resolve().parents
+    except (OSError, RuntimeError):
+        return True
 
 
 def class_counts(samples: list[Sample]) -> dict[str, int]:
