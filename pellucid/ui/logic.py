@@ -3,17 +3,28 @@
 Pages in :mod:`pellucid.ui.views` stay thin: they lay out widgets and call these functions, which in
 turn call the same API as the command line (:class:`~pellucid.core.predict.Predictor`,
 :mod:`pellucid.explain.report`, :mod:`pellucid.core.ood`). This module finds model folders, turns
-uploaded bytes into images with one-line errors (size limit, not an image, corrupt, DICOM without
-pixels), reads a DICOM's value range for the window controls, unpacks zip uploads safely, caches
-explanations so that moving the opacity slider does not recompute them, segments the lungs of chest
-X-rays for the outline and lung share of each explanation (:class:`LungMaskCache`,
-:func:`explanation_view`), and builds the report of what is on screen.
+uploaded bytes into images with one-line errors (size limit, pixel budget checked from the header
+before decoding, not an image, corrupt, DICOM without pixels), reads a DICOM's value range for the
+window controls, unpacks zip uploads within a budget (:class:`ZipBudget`: total and per-file size,
+file count, compression ratio, checked from the central directory and again while streaming; no
+paths outside the folder, no links, no nested zips), confines typed folders to the configured data
+root (:func:`resolve_in_root`), caches explanations so that moving the opacity slider does not
+recompute them (bounded in items and bytes), segments the lungs of chest X-rays for the outline and
+lung share of each explanation (:class:`LungMaskCache`, :func:`explanation_view`), and builds the
+report of what is on screen.
+
+Everything a visitor can send is untrusted: errors are one line, name the upload (never a server
+path) and say what to do; unexpected failures are logged here with their traceback and reported to
+the visitor as one line.
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
+import stat
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +65,15 @@ from pellucid.explain.report import (
 __all__ = [
     "DicomRange",
     "ExplanationCache",
+    "FolderError",
+    "ZipBudget",
     "LungMaskCache",
     "NO_SEGMENTER",
     "Upload",
     "UploadError",
     "cases_table",
     "csv_bytes",
+    "data_root",
     "default_model",
     "dicom_range",
     "explanation_view",
@@ -70,17 +84,28 @@ __all__ = [
     "load_lung_segmenter",
     "segmenter_choices",
     "max_upload_bytes",
+    "max_upload_pixels",
     "model_plots",
     "read_upload",
     "report_files",
+    "resolve_in_root",
     "uploads_to_cases",
 ]
 
 PLOTS = (("roc.png", "ROC"), ("confusion.png", "Confusion matrix"), ("reliability.png", "Reliability"),
          ("training_curves.png", "Training curves"))
 DEFAULT_MAX_UPLOAD_MB = 50
+#: pixels (rows x columns x frames) an upload may declare in its header before it is decoded
+DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 MAX_ZIP_FILES = 10_000
-MAX_ZIP_BYTES = 4 << 30
+MAX_ZIP_BYTES = 2 << 30
+MAX_ZIP_MEMBER_BYTES = 256 << 20
+MAX_ZIP_RATIO = 100.0
+#: members smaller than this may compress better than MAX_ZIP_RATIO (headers, blank masks)
+_RATIO_FLOOR = 1 << 20
+_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 #: the sidebar choice that turns lung outlines off
 NO_SEGMENTER = "None"
 MODEL_SEGMENTER = "From the model card"
@@ -90,14 +115,69 @@ class UploadError(ValueError):
     """An uploaded file that cannot be used; the message is one line naming the file."""
 
 
+class FolderError(UploadError):
+    """A typed folder the Batch page may not or cannot read; the message is one line."""
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        log.warning("%s=%r is not a number; using %s", name, raw, default)
+        return default
+    return value if value > 0 else default
+
+
 def max_upload_bytes() -> int:
     """Per-file upload limit: ``PELLUCID_MAX_UPLOAD_MB`` megabytes (default 50)."""
-    raw = os.environ.get("PELLUCID_MAX_UPLOAD_MB", "")
+    return int(_env_number("PELLUCID_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB) * (1 << 20))
+
+
+def max_upload_pixels() -> int:
+    """Pixels an uploaded image may declare in its header (one frame, times samples per pixel for
+    DICOM): ``PELLUCID_MAX_UPLOAD_PIXELS`` when set, else the readers' own budget
+    (``PELLUCID_MAX_PIXELS``, 40 million by default). Checked before anything is decoded."""
+    if os.environ.get("PELLUCID_MAX_UPLOAD_PIXELS", "").strip():
+        return int(_env_number("PELLUCID_MAX_UPLOAD_PIXELS", DEFAULT_MAX_UPLOAD_PIXELS))
     try:
-        mb = float(raw) if raw else DEFAULT_MAX_UPLOAD_MB
-    except ValueError:
-        mb = DEFAULT_MAX_UPLOAD_MB
-    return int(mb * (1 << 20))
+        from pellucid.datasets.readers.limits import max_pixels
+    except ImportError:  # readers without a pixel budget
+        return DEFAULT_MAX_UPLOAD_PIXELS
+    try:
+        return int(max_pixels())
+    except ValueError as err:  # a malformed PELLUCID_MAX_PIXELS: the server log says so
+        log.warning("%s; uploads use %d pixels", err, DEFAULT_MAX_UPLOAD_PIXELS)
+        return DEFAULT_MAX_UPLOAD_PIXELS
+
+
+def data_root() -> Path | None:
+    """The one folder (with its sub-folders) the Batch page may read: ``PELLUCID_DATA_ROOT``, set by
+    ``pellucid ui --data-root DIR``; None (the default) turns typed folders off."""
+    raw = os.environ.get("PELLUCID_DATA_ROOT", "").strip()
+    return Path(raw) if raw else None
+
+
+def resolve_in_root(typed: str, root: str | Path) -> Path:
+    """The folder a visitor typed, resolved (symlinks followed) and checked to lie inside ``root``.
+
+    A relative path is taken from ``root``. Nothing outside ``root`` is looked at: the containment is
+    decided on the resolved path before asking whether the folder exists.
+
+    Raises:
+        FolderError: outside the data root, or not a folder there (one line, no server path).
+    """
+    text = typed.strip()
+    if not text or "\0" in text:
+        raise FolderError("type a folder path inside the data root")
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(base, text))
+    if os.path.commonpath([base, target]) != base:
+        raise FolderError(f"{text} is outside the data root this app may read — type a folder inside it "
+                          "(relative paths start there)")
+    if not os.path.isdir(target):
+        raise FolderError(f"{text} is not a folder inside the data root — check the spelling")
+    return Path(target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,9 +306,39 @@ def _suffix(name: str) -> str:
     return suffix if suffix in IMAGE_SUFFIXES | DICOM_SUFFIXES else ""
 
 
+def _declared_pixels(path: Path, dicom: bool) -> int | None:
+    """Pixels of one frame the file's header declares (rows x columns, x samples per pixel for DICOM,
+    as the readers count), without decoding anything; None when the header cannot be parsed (the
+    reader then says what is wrong)."""
+    if dicom:
+        import pydicom
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        return rows * cols * max(samples, 1) if rows and cols else None
+    from PIL import Image as PILImage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DecompressionBombWarning: the budget below decides
+        try:
+            with PILImage.open(path) as im:  # reads the header only
+                return int(im.width) * int(im.height)
+        except PILImage.DecompressionBombError:
+            return max(PILImage.MAX_IMAGE_PIXELS or 0, 1) * 2 + 1
+        except Exception:  # noqa: BLE001 - not an image Pillow knows: read_image says so in one line
+            return None
+
+
 def read_upload(name: str, data: bytes, *, window: tuple[float, float] | None = None,
-                include_identifiers: bool = False, max_bytes: int | None = None) -> Upload:
+                include_identifiers: bool = False, max_bytes: int | None = None,
+                max_pixels: int | None = None) -> Upload:
     """Read uploaded bytes as an image or DICOM.
+
+    The byte size is checked first, then the pixel count the header declares (before anything is
+    decoded), then the file is read through :func:`~pellucid.datasets.readers.read_image`.
 
     Args:
         name: the uploaded file's name (its suffix decides the reader; DICOM is also sniffed).
@@ -236,38 +346,60 @@ def read_upload(name: str, data: bytes, *, window: tuple[float, float] | None = 
         window: DICOM ``(center, width)``; None keeps the file's own.
         include_identifiers: show a DICOM file's own name instead of its hash.
         max_bytes: size limit (default :func:`max_upload_bytes`).
+        max_pixels: pixel limit (default :func:`max_upload_pixels`).
 
     Returns:
-        An :class:`Upload`; problems are in its ``error`` (one line), never raised.
+        An :class:`Upload`; problems are in its ``error`` (one line, no server path), never raised.
+        Unexpected failures are logged with their traceback.
     """
     limit = max_upload_bytes() if max_bytes is None else max_bytes
+    pixel_limit = max_upload_pixels() if max_pixels is None else max_pixels
     sha = sha256_bytes(data)
     if len(data) > limit:
         return Upload(name=name, sha256=sha, error=f"{name} is {len(data) / 2**20:.1f} MB, over the "
                       f"{limit / 2**20:.0f} MB limit — downscale it, or raise PELLUCID_MAX_UPLOAD_MB")
     if not data:
         return Upload(name=name, sha256=sha, error=f"{name} is empty — upload the file again")
+    shown, dicom = name, False
     with tempfile.TemporaryDirectory(prefix="pellucid-upload-") as tmp:
         path = Path(tmp) / f"upload{_suffix(name)}"
-        path.write_bytes(data)
-        dicom = is_dicom(path)
-        shown = display_name(name, sha, dicom, include_identifiers)
-        up = Upload(name=shown, sha256=sha, is_dicom=dicom, window=window if dicom else None)
         try:
+            path.write_bytes(data)
+            dicom = is_dicom(path)
+            shown = display_name(name, sha, dicom, include_identifiers)
+            up = Upload(name=shown, sha256=sha, is_dicom=dicom, window=window if dicom else None)
+            pixels = _declared_pixels(path, dicom)
+            if pixels is not None and pixels > pixel_limit:
+                up.error = (f"{shown} declares {pixels / 1e6:.0f} million pixels, over the "
+                            f"{pixel_limit / 1e6:.0f} million limit of this app — downscale it before uploading")
+                return up
             up.image = read_image(path, window=up.window)
+            up.meta = dict(up.image.meta)
+            up.meta.pop("path", None)
+            if dicom and up.image.array.shape[2] == 1:
+                up.dicom_range = dicom_range(data)
+            if dicom and include_identifiers:
+                up.identifiers = dicom_identifying_tags(path)
         except ImageReadError as err:
-            up.error = scrub_path(str(err), path, shown)
-            return up
+            return Upload(name=shown, sha256=sha, is_dicom=dicom, window=window if dicom else None,
+                          error=_one_line(scrub_path(str(err), path, shown)))
         except ValueError as err:  # a window with width <= 0
-            up.error = f"{shown}: {err}"
-            return up
-        up.meta = dict(up.image.meta)
-        up.meta.pop("path", None)
-        if dicom and up.image.array.shape[2] == 1:
-            up.dicom_range = dicom_range(data)
-        if dicom and include_identifiers:
-            up.identifiers = dicom_identifying_tags(path)
+            return Upload(name=shown, sha256=sha, is_dicom=dicom, window=window if dicom else None,
+                          error=_one_line(scrub_path(f"{shown}: {err}", path, shown)))
+        except MemoryError:
+            log.warning("upload %s: out of memory while reading", sha[:12])
+            return Upload(name=shown, sha256=sha, is_dicom=dicom,
+                          error=f"{shown}: too large to read on this server — downscale it before uploading")
+        except Exception:  # noqa: BLE001 - a fuzzed file can break any decoder: one line, the rest to the log
+            log.exception("upload %s (%s): unexpected error while reading", sha[:12], shown)
+            return Upload(name=shown, sha256=sha, is_dicom=dicom,
+                          error=f"{shown}: cannot be read — the file is corrupt or not a supported image or "
+                                "DICOM; re-export it")
     return up
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
 
 
 def dicom_range(data: bytes) -> DicomRange | None:
@@ -275,15 +407,15 @@ def dicom_range(data: bytes) -> DicomRange | None:
     import warnings
 
     import pydicom
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut, pixel_array
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            arr = ds.pixel_array
-            if arr.ndim == 3 and int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                arr = arr[arr.shape[0] // 2]
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            # only the middle frame is decoded (a multi-frame file is not expanded whole)
+            arr = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
             values = apply_modality_lut(arr, ds).astype(np.float64)
     except Exception:  # noqa: BLE001 - the image was read already; the sliders are optional
         return None
@@ -303,37 +435,147 @@ def dicom_range(data: bytes) -> DicomRange | None:
     return DicomRange(low=low, high=high, center=center, width=width)
 
 
-def extract_zip(data: bytes, dest: str | Path, *, max_files: int = MAX_ZIP_FILES,
-                max_bytes: int = MAX_ZIP_BYTES) -> Path:
-    """Unpack a zip upload into ``dest`` safely (no paths outside it, bounded size and count).
+@dataclass(frozen=True)
+class ZipBudget:
+    """What one zip upload may unpack to.
+
+    Attributes:
+        max_files: members (folders not counted).
+        max_bytes: total unpacked bytes (``PELLUCID_MAX_ZIP_MB`` megabytes, default 2048).
+        max_file_bytes: unpacked bytes of one member.
+        max_ratio: unpacked / compressed size of one member larger than 1 MB (images barely
+            compress; a zip bomb's members compress hundreds of times).
+    """
+
+    max_files: int = MAX_ZIP_FILES
+    max_bytes: int = MAX_ZIP_BYTES
+    max_file_bytes: int = MAX_ZIP_MEMBER_BYTES
+    max_ratio: float = MAX_ZIP_RATIO
+
+    @classmethod
+    def from_env(cls) -> ZipBudget:
+        """The default budget, its total from ``PELLUCID_MAX_ZIP_MB`` when set."""
+        total = int(_env_number("PELLUCID_MAX_ZIP_MB", MAX_ZIP_BYTES / (1 << 20)) * (1 << 20))
+        return cls(max_bytes=total, max_file_bytes=min(MAX_ZIP_MEMBER_BYTES, total))
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{int(n)} bytes"
+
+
+def _member_problem(m: zipfile.ZipInfo) -> str | None:
+    """Why a member's name or type is refused (None: it may be unpacked)."""
+    name = m.filename
+    mode = (m.external_attr >> 16) & 0o177777
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "is not a regular file"
+    parts = name.split("/")
+    if (name.startswith("/") or "\\" in name or "\0" in name or ".." in parts
+            or (parts and len(parts[0]) >= 2 and parts[0][1] == ":")):
+        return "points outside the folder"
+    if m.flag_bits & 0x1:
+        return "is encrypted"
+    if m.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return "uses a compression other than deflate"
+    return None
+
+
+def extract_zip(data: bytes, dest: str | Path, *, max_files: int | None = None, max_bytes: int | None = None,
+                budget: ZipBudget | None = None) -> Path:
+    """Unpack a zip upload into ``dest`` within a :class:`ZipBudget`.
+
+    The central directory is checked first (count, total and per-member size, compression ratio,
+    names, links, compression method), then every member is streamed in 1 MB chunks and counted
+    again, since a header can lie. Nested zips are left packed (not written); ``__MACOSX`` and dot
+    files are skipped. On any refusal what was written is removed.
+
+    Args:
+        data: the zip file's bytes.
+        dest: folder to unpack into (created).
+        max_files / max_bytes: override the budget's count and total (kept for callers).
+        budget: the limits (default :meth:`ZipBudget.from_env`).
 
     Raises:
-        UploadError: not a zip file, too many files, too large, or a member escaping ``dest``.
+        UploadError: not a zip, damaged, over budget, or a member that is a link, encrypted, or
+            points outside ``dest`` (one line).
     """
+    import dataclasses
+    import shutil
+    import zlib
+
+    budget = budget or ZipBudget.from_env()
+    if max_files is not None:
+        budget = dataclasses.replace(budget, max_files=max_files)
+    if max_bytes is not None:
+        budget = dataclasses.replace(budget, max_bytes=max_bytes, max_file_bytes=min(budget.max_file_bytes, max_bytes))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise UploadError("the upload is not a zip file — zip the folder of images and upload that") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, IndexError):
+        raise UploadError("the upload is not a zip file, or a damaged one — zip the folder of images again "
+                          "and upload that") from None
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > max_files:
-            raise UploadError(f"the zip holds {len(members)} files, over the limit of {max_files}; split it")
+        if len(members) > budget.max_files:
+            raise UploadError(f"the zip holds {len(members)} files, over the limit of {budget.max_files}; split it")
+        for m in zf.infolist():
+            problem = _member_problem(m)
+            if problem:
+                raise UploadError(f"the zip member {m.filename[:80]!r} {problem}; re-create the zip with plain "
+                                  "image files only")
         total = sum(m.file_size for m in members)
-        if total > max_bytes:
-            raise UploadError(f"the zip unpacks to {total / 2**30:.1f} GB, over the limit of "
-                              f"{max_bytes / 2**30:.0f} GB; split it")
-        root = dest.resolve()
+        if total > budget.max_bytes:
+            raise UploadError(f"the zip unpacks to {_size(total)}, over the limit of {_size(budget.max_bytes)}; "
+                              "split it")
+        if sum(m.compress_size for m in members) > len(data):
+            raise UploadError("the zip's members overlap (a zip bomb's trick); re-create the zip")
         for m in members:
-            target = (dest / m.filename).resolve()
-            if not target.is_relative_to(root):
-                raise UploadError(f"the zip member {m.filename!r} points outside the folder; re-create the zip")
-            if Path(m.filename).name.startswith(".") or "__MACOSX" in Path(m.filename).parts:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, target.open("wb") as out:
-                out.write(src.read())
+            if m.file_size > budget.max_file_bytes:
+                raise UploadError(f"the zip member {m.filename[:80]!r} unpacks to {_size(m.file_size)}, over the "
+                                  f"per-file limit of {_size(budget.max_file_bytes)}; split or downscale it")
+            if m.file_size > _RATIO_FLOOR and m.file_size > budget.max_ratio * max(m.compress_size, 1):
+                raise UploadError(f"the zip member {m.filename[:80]!r} is compressed "
+                                  f"{m.file_size / max(m.compress_size, 1):.0f} times, over the limit of "
+                                  f"{budget.max_ratio:.0f} (images do not compress that well); re-create the zip")
+        root = dest.resolve()
+        written = 0
+        try:
+            for m in members:
+                rel = Path(m.filename)
+                if rel.name.startswith(".") or "__MACOSX" in rel.parts or rel.suffix.lower() == ".zip":
+                    continue
+                target = (dest / rel).resolve()
+                if not target.is_relative_to(root) or target == root:
+                    raise UploadError(f"the zip member {m.filename[:80]!r} points outside the folder; "
+                                      "re-create the zip")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                size = 0
+                with zf.open(m) as src, target.open("wb") as out:
+                    while chunk := src.read(_CHUNK):
+                        size += len(chunk)
+                        written += len(chunk)
+                        if size > m.file_size or size > budget.max_file_bytes or written > budget.max_bytes:
+                            log.warning("zip upload: member %r unpacked past its budget after %d bytes "
+                                        "(%d in all); refused", m.filename, size, written)
+                            raise UploadError(f"the zip member {m.filename[:80]!r} unpacks to more than its "
+                                              "header says or than the budget allows; re-create the zip")
+                        out.write(chunk)
+        except UploadError:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        except OSError as err:  # disk full, name too long, ...
+            shutil.rmtree(dest, ignore_errors=True)
+            log.warning("zip upload: cannot unpack: %s", err)
+            raise UploadError("the zip could not be unpacked on this server (disk space or a file name) — "
+                              "try a smaller zip with short names") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError) as err:
+            shutil.rmtree(dest, ignore_errors=True)
+            log.warning("zip upload: %s: %s", type(err).__name__, err)
+            raise UploadError("the zip is damaged (a member does not match its header) — zip the folder of "
+                              "images again and upload that") from None
     return dest
 
 
@@ -341,12 +583,66 @@ def extract_zip(data: bytes, dest: str | Path, *, max_files: int = MAX_ZIP_FILES
 # explanations and reports
 
 
-class ExplanationCache:
-    """Explanations by (model, input hash, window, method), so reruns only compute what is new."""
+def _nbytes(value) -> int:
+    """Bytes of the arrays a cached value holds (a heatmap, a mask)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    heatmap = getattr(value, "heatmap", None)
+    return int(heatmap.nbytes) if isinstance(heatmap, np.ndarray) else 0
 
-    def __init__(self, max_items: int = 512):
-        self._items: dict[tuple, MethodResult] = {}
+
+class _Bounded:
+    """An insertion-ordered store bounded in items and in array bytes (oldest out first)."""
+
+    def __init__(self, max_items: int, max_bytes: int):
+        self._items: dict[tuple, object] = {}
         self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._items
+
+    def get(self, key: tuple):
+        return self._items.get(key)
+
+    def put(self, key: tuple, value) -> None:
+        if key in self._items:
+            self.nbytes -= _nbytes(self._items.pop(key))
+        size = _nbytes(value)
+        if size > self.max_bytes:  # one item over the whole budget is not kept
+            return
+        self._items[key] = value
+        self.nbytes += size
+        while self._items and (len(self._items) > self.max_items or self.nbytes > self.max_bytes):
+            self.nbytes -= _nbytes(self._items.pop(next(iter(self._items))))
+
+
+class ExplanationCache:
+    """Explanations by (model, input hash, window, method), so reruns only compute what is new.
+
+    One cache lives in each visitor's session: it keeps at most ``max_items`` results and
+    ``max_bytes`` of heatmaps (each is ``H x W`` float32 at the image's resolution, so an item is
+    bounded by the upload pixel budget), dropping the oldest first.
+    """
+
+    def __init__(self, max_items: int = 512, max_bytes: int = 256 << 20):
+        self._store = _Bounded(max_items, max_bytes)
+
+    @property
+    def max_items(self) -> int:
+        return self._store.max_items
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the heatmaps held."""
+        return self._store.nbytes
+
+    def __len__(self) -> int:
+        return len(self._store)
 
     @staticmethod
     def _key(model_key: str, case: Case, method: str) -> tuple:
@@ -364,9 +660,10 @@ class ExplanationCache:
             if c.error or c.index is None:
                 continue
             for m in methods:
-                if self._key(model_key, c, m) not in self._items:
+                if self._key(model_key, c, m) not in self._store:
                     missing.setdefault(m, []).append(c)
         notes: list[str] = []
+        fresh: dict[tuple, MethodResult] = {}
         for i, (m, todo) in enumerate(missing.items()):
             def step(f: float, text: str, i: int = i) -> None:
                 progress((i + f) / len(missing), text)
@@ -375,23 +672,36 @@ class ExplanationCache:
             for c in todo:
                 for r in c.explanations:
                     if r.method == m:
-                        self._items[self._key(model_key, c, m)] = r
-        while len(self._items) > self.max_items:
-            self._items.pop(next(iter(self._items)))
+                        fresh[self._key(model_key, c, m)] = r
+                        self._store.put(self._key(model_key, c, m), r)
         for c in cases:
             if c.error or c.index is None:
                 continue
-            c.explanations = [self._items[self._key(model_key, c, m)] for m in methods
-                              if self._key(model_key, c, m) in self._items]
+            found = ((self._store.get(k) or fresh.get(k)) for k in (self._key(model_key, c, m) for m in methods))
+            c.explanations = [r for r in found if r is not None]
         return notes
 
 
 class LungMaskCache:
-    """Lung masks by (segmenter, input hash, window), so reruns (a moved slider) do not segment again."""
+    """Lung masks by (segmenter, input hash, window), so reruns (a moved slider) do not segment again.
 
-    def __init__(self, max_items: int = 256):
-        self._items: dict[tuple, np.ndarray] = {}
-        self.max_items = max_items
+    Bounded like :class:`ExplanationCache`: ``max_items`` masks and ``max_bytes`` of them.
+    """
+
+    def __init__(self, max_items: int = 256, max_bytes: int = 64 << 20):
+        self._store = _Bounded(max_items, max_bytes)
+
+    @property
+    def max_items(self) -> int:
+        return self._store.max_items
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the masks held."""
+        return self._store.nbytes
+
+    def __len__(self) -> int:
+        return len(self._store)
 
     def attach(self, segmenter, cases: Sequence[Case], segmenter_key: str) -> list[str]:
         """Give every readable case its lung mask (``case.lung_mask``), segmenting the missing ones.
@@ -405,15 +715,13 @@ class LungMaskCache:
         for c in cases:
             if c.error or c.image is None:
                 continue
-            c.lung_mask = self._items.get((segmenter_key, c.sha256, c.window))
+            c.lung_mask = self._store.get((segmenter_key, c.sha256, c.window))
             if c.lung_mask is None:
                 todo.append(c)
         notes = attach_lung_masks(segmenter, todo)
         for c in todo:
             if c.lung_mask is not None:
-                self._items[(segmenter_key, c.sha256, c.window)] = c.lung_mask
-        while len(self._items) > self.max_items:
-            self._items.pop(next(iter(self._items)))
+                self._store.put((segmenter_key, c.sha256, c.window), c.lung_mask)
         return notes
 
 
