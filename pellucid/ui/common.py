@@ -6,10 +6,18 @@ referenced folder is picked up). ``app.py`` runs :func:`model_picker` and :func:
 and leaves the loaded model in the session for the page to fetch with :func:`loaded_model`. For chest
 X-ray models the sidebar also offers a lung segmenter (the model card's own by default, or a
 segmentation folder under ``runs/``); :func:`lung_segmenter` hands it to the page.
+
+:func:`incident_guard` wraps each page: an unexpected exception is logged with its traceback and an
+incident id on the server, and the visitor sees one line with that id (never a traceback or a server
+path).
 """
 from __future__ import annotations
 
+import logging
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +36,10 @@ from pellucid.ui.logic import (
     segmenter_choices,
 )
 
-__all__ = ["Loaded", "Segmenter", "banner", "loaded_model", "lung_segmenter", "model_picker", "require_model",
-           "to_uint8", "runs_root"]
+__all__ = ["Loaded", "Segmenter", "banner", "incident_guard", "loaded_model", "lung_segmenter", "model_picker",
+           "require_model", "to_uint8", "runs_root"]
+
+log = logging.getLogger(__name__)
 
 OTHER = "Other folder…"
 _STATE = "_pellucid_loaded"
@@ -152,6 +162,23 @@ def require_model() -> Loaded:
                 "with `pellucid ui --model DIR`.")
         st.stop()
     return loaded
+
+
+@contextmanager
+def incident_guard(where: str = "page") -> Iterator[None]:
+    """Run a page (or the sidebar) so that an unexpected exception shows one line to the visitor.
+
+    The traceback goes to the server log with a random incident id; the page shows "Something went
+    wrong (incident <id>)". Streamlit's own control flow (``st.stop``, ``st.rerun``, page switches)
+    raises ``BaseException`` subclasses and passes through.
+    """
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - the last line of defence between a visitor and a traceback
+        incident = secrets.token_hex(4)
+        log.exception("web app incident %s in the %s", incident, where)
+        st.error(f"Something went wrong (incident {incident}); the details are in the server log.",
+                 icon=":material/error:")
 
 
 def banner() -> None:

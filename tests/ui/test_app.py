@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -148,7 +150,8 @@ def test_model_page_shows_card_and_plots(app):
     assert any("No in-domain reference" in i.value for i in app.info)
 
 
-def test_batch_page_folder(app, tmp_path):
+def test_batch_page_folder(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("PELLUCID_DATA_ROOT", str(tmp_path))
     folder = tmp_path / "set"
     for cls in ("normal", "tuberculosis"):
         for i in range(2):
@@ -172,7 +175,8 @@ def test_batch_page_folder(app, tmp_path):
                                                                    "Report (PDF)"]
 
 
-def test_batch_page_zip_and_bad_inputs(app, tmp_path):
+def test_batch_page_zip_and_bad_inputs(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("PELLUCID_DATA_ROOT", str(tmp_path))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for i in range(3):
@@ -180,15 +184,84 @@ def test_batch_page_zip_and_bad_inputs(app, tmp_path):
     app.switch_page("views/batch.py").run()
     app.text_input(key="batch_folder").set_value(str(tmp_path / "missing")).run()
     app.button[0].click().run()
-    assert any("is not a folder" in e.value for e in app.error)
+    assert any("is not a folder inside the data root" in e.value for e in app.error)
     app.radio(key="batch_source").set_value("Zip upload").run()
     app.file_uploader(key="batch_zip").set_value(("broken.zip", b"not a zip", "application/zip")).run()
     app.button[0].click().run()
     assert any("not a zip file" in e.value for e in app.error)
+    app.file_uploader(key="batch_zip").set_value(("bomb.zip", _bomb(), "application/zip")).run()
+    app.button[0].click().run()
+    errors = [e.value for e in app.error]
+    assert len(errors) == 1 and "compressed" in errors[0] and "\n" not in errors[0], errors
     app.file_uploader(key="batch_zip").set_value(("set.zip", buf.getvalue(), "application/zip")).run()
     app.button[0].click().run()
     assert not app.exception, app.exception
     assert {m.label: m.value for m in app.metric}["Inputs"] == "3"
+
+
+def _texts(node) -> list[str]:
+    """Every value and label on the page, depth first."""
+    out = [str(v) for v in (getattr(node, "value", None), getattr(node, "label", None)) if isinstance(v, str)]
+    for child in getattr(node, "children", {}).values():
+        out += _texts(child)
+    return out
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("scan.png", bytes(16 << 20))
+    return buf.getvalue()
+
+
+def test_batch_page_folders_off_without_data_root(app, tmp_path, monkeypatch):
+    monkeypatch.delenv("PELLUCID_DATA_ROOT", raising=False)
+    app.switch_page("views/batch.py").run()
+    assert not app.exception, app.exception
+    assert not app.get("radio") and not app.text_input  # no way to type a server folder
+    assert any("--data-root" in c.value for c in app.caption)
+    assert app.file_uploader(key="batch_zip")
+
+
+def test_batch_page_folder_outside_the_data_root(app, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "set").mkdir(parents=True)
+    write_png(tmp_path / "secret" / "a.png")
+    monkeypatch.setenv("PELLUCID_DATA_ROOT", str(root))
+    app.switch_page("views/batch.py").run()
+    for typed in (str(tmp_path / "secret"), "../secret", "/etc"):
+        app.text_input(key="batch_folder").set_value(typed).run()
+        app.button[0].click().run()
+        assert not app.exception, app.exception
+        errors = [e.value for e in app.error]
+        assert len(errors) == 1 and "outside the data root" in errors[0] and "\n" not in errors[0], errors
+        assert not app.metric and not app.dataframe  # nothing was listed or read
+
+
+def test_unexpected_error_shows_an_incident_not_a_traceback(app, monkeypatch, caplog):
+    from pellucid.ui import logic
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaboom in /srv/pellucid/secret/path.py")
+
+    monkeypatch.setattr(logic, "uploads_to_cases", boom)
+    name, data = _sample()
+    app.multiselect(key="methods").set_value([])
+    with caplog.at_level(logging.ERROR, logger="pellucid.ui.common"):
+        app.file_uploader(key="uploads").set_value((name, data, "image/png")).run()
+    assert not app.exception, app.exception
+    errors = [e.value for e in app.error]
+    assert len(errors) == 1, errors
+    match = re.fullmatch(r"Something went wrong \(incident ([0-9a-f]{8})\); the details are in the server log\.",
+                         errors[0])
+    assert match, errors
+    shown = " ".join(_texts(app.main))
+    assert "Something went wrong" in shown and "Predict" in shown
+    assert "Traceback" not in shown and "/srv/" not in shown and "kaboom" not in shown
+    logged = [r for r in caplog.records if match.group(1) in r.getMessage()]
+    assert logged and logged[0].exc_info and "kaboom" in str(logged[0].exc_info[1])
+    # the sidebar and the banner still work
+    assert any(INTENDED_USE in w.value for w in app.warning)
 
 
 def test_model_page_builds_ood_reference(model_dir, tmp_path, monkeypatch):

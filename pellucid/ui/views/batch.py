@@ -1,4 +1,9 @@
-"""Batch page: a folder or a zip of images → prediction table, CSV and the folder report."""
+"""Batch page: a folder or a zip of images → prediction table, CSV and the folder report.
+
+Typed folders are read only inside the data root the server was started with (``pellucid ui
+--data-root DIR``); without one, only zip uploads are offered. Zips unpack within a budget
+(:func:`pellucid.ui.logic.extract_zip`).
+"""
 from __future__ import annotations
 
 import shutil
@@ -11,16 +16,23 @@ from pellucid.core.pipeline import PipelineError
 from pellucid.explain.report import SPLIME_SAMPLE, ReportError, analyse_paths, available_methods
 from pellucid.ui import common, logic
 
-FOLDER, ZIP = "Folder on this computer", "Zip upload"
+FOLDER, ZIP = "Folder in the data root", "Zip upload"
 
 st.title("Batch")
 loaded = common.require_model()
 predictor = loaded.predictor
+data_root = logic.data_root()
 
-source = st.radio("Images from", [FOLDER, ZIP], horizontal=True, key="batch_source")
+if data_root is None:
+    source = ZIP
+    st.caption("Upload a zip of images. (Reading folders on the server is off: start the app with "
+               "`pellucid ui --data-root DIR` to allow folders inside DIR.)")
+else:
+    source = st.radio("Images from", [FOLDER, ZIP], horizontal=True, key="batch_source")
 if source == FOLDER:
-    folder = st.text_input("Folder path", key="batch_folder", placeholder="/data/chest-xrays",
-                           help="Searched recursively. Sub-folders named like the model's classes "
+    folder = st.text_input("Folder path", key="batch_folder", placeholder="chest-xrays/2024",
+                           help="A folder inside the data root this app was started with (relative paths start "
+                                "there); searched recursively. Sub-folders named like the model's classes "
                                 f"({', '.join(predictor.classes)}) give labels for metrics.")
     ready = bool(folder)
 else:
@@ -34,10 +46,8 @@ if run:
         shutil.rmtree(old, ignore_errors=True)
     try:
         if source == FOLDER:
-            root = Path(folder).expanduser()
-            if not root.is_dir():
-                raise logic.UploadError(f"{folder} is not a folder on this computer")
-            label = str(root)
+            root = logic.resolve_in_root(folder, data_root)
+            label = folder.strip()
         else:
             tmp = tempfile.mkdtemp(prefix="pellucid-batch-")
             st.session_state["batch_tmp"] = tmp
@@ -50,7 +60,12 @@ if run:
         st.session_state["batch"] = {"cases": cases, "label": label, "key": loaded.key}
         st.session_state.pop("batch_report", None)
     except (logic.UploadError, ReportError, PipelineError) as err:
-        st.error(str(err))
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if source == FOLDER and data_root is not None:
+            message = message.replace(str(Path(data_root).resolve()), "<data root>")
+        elif st.session_state.get("batch_tmp"):
+            message = message.replace(st.session_state["batch_tmp"], upload.name)
+        st.error(message)
         st.session_state.pop("batch", None)
 
 res = st.session_state.get("batch")

@@ -1,4 +1,10 @@
-"""Predict page: upload images or DICOM files; prediction, probabilities, explanations, report."""
+"""Predict page: upload images or DICOM files; prediction, probabilities, explanations, report.
+
+Uploads are read once per file and window and kept in the visitor's session only while they are
+uploaded (no cache shared between visitors, no raw bytes kept: the uploader holds those, and a moved
+DICOM window slider reads them again); explanations and lung masks go to per-session caches bounded
+in items and bytes.
+"""
 from __future__ import annotations
 
 import streamlit as st
@@ -7,9 +13,30 @@ from pellucid.explain.report import available_methods, threshold_text
 from pellucid.ui import common, logic
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _read(name: str, data: bytes, window: tuple[float, float] | None, include_identifiers: bool) -> logic.Upload:
-    return logic.read_upload(name, data, window=window, include_identifiers=include_identifiers)
+_READS = "_pellucid_reads"
+
+
+def _read_files(files, include_identifiers: bool) -> list[logic.Upload]:
+    """Each uploaded file read (with the DICOM window its sliders set), reusing this session's reads
+    of the files still uploaded; reads of files no longer uploaded are dropped."""
+    before = st.session_state.get(_READS, {})
+    kept: dict[tuple, logic.Upload] = {}
+
+    def read(f, window: tuple[float, float] | None) -> logic.Upload:
+        key = (getattr(f, "file_id", None) or f.name, f.size, window, include_identifiers)
+        up = kept.get(key) or before.get(key)
+        if up is None:
+            up = logic.read_upload(f.name, f.getvalue(), window=window, include_identifiers=include_identifiers)
+        kept[key] = up
+        return up
+
+    uploads = []
+    for f in files:
+        up = read(f, None)
+        window = _window_of(up)
+        uploads.append(read(f, window) if window is not None else up)
+    st.session_state[_READS] = kept
+    return uploads
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -68,17 +95,11 @@ if segmenter is not None:
 if not known:
     st.caption("No explainers are installed (`pip install \"pellucid[explain]\"`); predictions only.")
 if not files:
+    st.session_state.pop(_READS, None)
     st.info("Upload one or more images to see the model's prediction and its explanations.")
     st.stop()
 
-uploads = []
-for f in files:
-    data = f.getvalue()
-    up = _read(f.name, data, None, include_ids)
-    window = _window_of(up)
-    if window is not None:
-        up = _read(f.name, data, window, include_ids)
-    uploads.append(up)
+uploads = _read_files(files, include_ids)
 
 with st.spinner("Predicting…"):
     cases = logic.uploads_to_cases(predictor, uploads, reference=loaded.reference)
