@@ -4,7 +4,7 @@
 ``"prototypes"`` that ``pellucid predict``, ``explain``, ``report`` and the web app use like any
 other model. ``eval`` prints the 1/5/10-shot accuracy table (mean over episodes with a 95 %
 interval) of the same embedding on a labelled data folder, respecting its groups. Mistakes a user
-can fix end with one line (:class:`pellucid.cli.UserError`).
+can fix end with one line (:class:`~pellucid.core.fewshot.FewShotError`, which the command line prints as one line).
 """
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import json
 import logging
 from pathlib import Path
 
+from pellucid.core.fewshot.config import FewShotError
+
 __all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
 
 def _shots(text: str) -> list[int]:
-    from pellucid.cli import UserError
-
     try:
         shots = [int(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"--shots must be comma-separated whole numbers such as 1,5,10; got {text!r}") from None
+        raise FewShotError(f"--shots must be comma-separated whole numbers such as 1,5,10; got {text!r}") from None
     if not shots or min(shots) < 1:
-        raise UserError(f"--shots must be comma-separated whole numbers >= 1 such as 1,5,10; got {text!r}")
+        raise FewShotError(f"--shots must be comma-separated whole numbers >= 1 such as 1,5,10; got {text!r}")
     return shots
 
 
@@ -41,11 +41,10 @@ def _pretrained(args: argparse.Namespace):
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from pellucid.cli import UserError
     from pellucid.core.fewshot import fit_prototypes
 
     if not args.support:
-        raise UserError("fewshot fit needs --support DIR: a folder with one sub-folder of a few images per class")
+        raise FewShotError("fewshot fit needs --support DIR: a folder with one sub-folder of a few images per class")
     out = args.out or f"runs/fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     folder = fit_prototypes(args.support, out, backbone=args.backbone or "efficientnet_lite0",
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
@@ -64,18 +63,17 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pellucid.cli import UserError
     from pellucid.core.backbones import create_backbone
     from pellucid.core.fewshot import (EpisodeSampler, PrototypicalNetwork, extract_features, format_shot_table,
                                        improved_config, shot_table)
     from pellucid.datasets.samples import class_counts, load_samples
 
     if not args.data:
-        raise UserError("fewshot eval needs --data DIR: a labelled folder (class sub-folders or manifest.csv)")
+        raise FewShotError("fewshot eval needs --data DIR: a labelled folder (class sub-folders or manifest.csv)")
     shots = _shots(args.shots)
     episodes = int(args.episodes)
     if episodes < 1:
-        raise UserError(f"--episodes must be at least 1; got {episodes}")
+        raise FewShotError(f"--episodes must be at least 1; got {episodes}")
     samples = load_samples(args.data)
     labels = [s.label for s in samples]
     groups = [s.group for s in samples]
@@ -88,7 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
     rows = shot_table(feats, labels, groups, shots=shots, n_query=10, n_episodes=episodes, config=config,
                       dims=net.embedder.dims)
     if all("error" in r for r in rows):
-        raise UserError(rows[0]["error"])
+        raise FewShotError(rows[0]["error"])
     counts = class_counts(samples)
     title = (f"{args.data}: {len(counts)}-way, {bb.spec.name} ({info.get('source')}) frozen features, "
              f"prototypes with power + CL2N transform, groups kept apart")
@@ -106,7 +104,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``pellucid fewshot {fit,eval}`` (``args`` from :func:`pellucid.cli.build_parser`)."""
-    from pellucid.cli import UserError
     from pellucid.core.fewshot import FewShotError
 
     try:
@@ -114,6 +111,6 @@ def run(args: argparse.Namespace) -> int:
             return _fit(args)
         if args.action == "eval":
             return _eval(args)
-        raise UserError(f"unknown fewshot action {args.action!r}; use fit or eval")
+        raise FewShotError(f"unknown fewshot action {args.action!r}; use fit or eval")
     except FewShotError as err:  # one line, like every other user error of the CLI
-        raise UserError(str(err)) from None
+        raise FewShotError(str(err)) from None

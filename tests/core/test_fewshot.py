@@ -435,14 +435,18 @@ def test_cli_fit_and_eval(tmp_path, capsys, monkeypatch):
     (dict(action="eval", data="DATA", shots="1,five"), "--shots must be comma-separated whole numbers"),
     (dict(action="eval", data="DATA", shots="40"), "class 'blue' has 8 images"),
 ])
-def test_cli_user_errors_are_one_line(tmp_path, kw, message, monkeypatch):
-    from pellucid.cli import UserError
+def test_cli_user_errors_are_one_line(tmp_path, kw, message, monkeypatch, capsys):
+    from pellucid.cli import main
     from pellucid.core import fewshot_cli
+    from pellucid.core.fewshot import FewShotError
 
     monkeypatch.chdir(tmp_path)
     data = _write_images(tmp_path / "data", per_class=8)
     if kw.get("data") == "DATA":
         kw["data"] = str(data)
-    with pytest.raises(UserError, match=message) as err:
+    with pytest.raises(FewShotError, match=message) as err:
         fewshot_cli.run(_ns(**kw))
     assert "\n" not in str(err.value)
+    if kw["action"] == "fit":  # through the command line: one line on stderr, exit code 2
+        assert main(["fewshot", "fit"]) == 2
+        assert message in capsys.readouterr().err
