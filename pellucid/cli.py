@@ -377,16 +377,68 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """``streamlit run`` the web app on 127.0.0.1 (``--host`` to change; it has no login), Batch
+    folders confined to ``--data-root``, error details off; the server runs in its own process group,
+    stopped with this command (Ctrl-C, SIGTERM, SIGHUP)."""
+    import ipaddress
+    import signal
     import subprocess
+    import threading
+    import time
 
     app = Path(__file__).parent / "ui" / "app.py"
     env = dict(os.environ)
     if args.model:
         env["PELLUCID_MODEL"] = str(Path(args.model).resolve())
+    data_root = getattr(args, "data_root", None) or os.environ.get("PELLUCID_DATA_ROOT")
+    if data_root:
+        if not Path(data_root).expanduser().is_dir():
+            raise UserError(f"--data-root {data_root} is not a folder: give the folder the Batch page may read")
+        env["PELLUCID_DATA_ROOT"] = os.path.realpath(Path(data_root).expanduser())
+    host = getattr(args, "host", None) or "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
-    print(f"pellucid web app on http://localhost:{args.port} (Ctrl-C stops it)")
-    return subprocess.call(cmd, env=env)
+           "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal", "--client.showErrorDetails", "none",
+           "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+    if not loopback:
+        print(f"pellucid ui: warning: listening on {host}, reachable from other machines, and the app has no "
+              "login: anyone who reaches the port can use it (bind 127.0.0.1, the default, or put an "
+              "authenticating proxy in front)", file=sys.stderr)
+    shown = "localhost" if loopback else host
+    print(f"pellucid web app on http://{shown}:{args.port} (Ctrl-C stops it)", flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped with us
+    stopping: list[float] = []
+
+    def stop(signum, _frame) -> None:
+        if not stopping:
+            stopping.append(time.monotonic())
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = ({s: signal.signal(s, stop) for s in signals}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stopping and time.monotonic() - stopping[0] > 10:
+                    os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:  # an exception here: do not leave the server behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return 130 if stopping else code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -485,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the Streamlit web app")
     p.add_argument("--model")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only); the app has no login")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="the folder whose sub-folders the Batch page may read (env PELLUCID_DATA_ROOT); "
+                        "without it only zip uploads are offered")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("list", help="list backbones, tasks, explainers")
