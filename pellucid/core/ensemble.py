@@ -347,14 +347,13 @@ def train_ensemble(cfg: TrainConfig) -> Path:
         ``cfg.out``, an ensemble model folder whose members sit in ``cfg.out/members/``.
     """
     from pellucid.core.tasks import TaskSpecError
-    from pellucid.core.training import TrainConfig, train
+    from pellucid.core.training import TrainConfig, check_run_folder, train
 
+    run_folder = check_run_folder(cfg, kind="ensemble")  # another run in cfg.out: one-line refusal, before any work
     t0 = time.time()
     known = set(TrainConfig.__dataclass_fields__) - {"task", "data", "out", "members"}
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-    base = replace(cfg, members=[])
+    base = replace(cfg, members=[], overwrite=False)  # --overwrite clears cfg.out (members included) once
     overrides, weights = [], []
     for i, entry in enumerate(cfg.members):
         over = dict(entry)
@@ -364,6 +363,8 @@ def train_ensemble(cfg: TrainConfig) -> Path:
             raise TaskSpecError(f"ensemble member {i}: unknown training option {bad[0]!r}"
                                 + did_you_mean(bad[0], sorted(known), clause=True))
         overrides.append(over)
+    run_folder.start()
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     dirs = []
     split_file = cfg.split_file
     for i, over in enumerate(overrides):

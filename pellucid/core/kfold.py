@@ -6,6 +6,10 @@ one model folder per fold and a ``summary.json`` with every headline metric per 
 mean ± sd over folds. :func:`run_training` is what ``pellucid train`` dispatches to: k-fold, an
 ensemble (a recipe with ``members``) or one model.
 
+The output folder is checked like a single run's (:func:`pellucid.core.training.check_run_folder`,
+kind ``kfold-<k>``): another run there is refused unless ``overwrite``; each fold folder is a run of
+its own, so an interrupted k-fold run continues fold by fold.
+
 The split policies a run uses (:func:`make_split`, :func:`split_from_file`, :func:`temporal_split`,
 :func:`kfold_splits`) live in :mod:`pellucid.datasets.splits`, below training, and are re-exported
 here for existing callers; this module sits above training and ensembles and nothing in core
@@ -63,7 +67,7 @@ def train_kfold(cfg: TrainConfig, k: int = 5) -> Path:
         ``cfg.out``.
     """
     from pellucid.core.tasks import get_task
-    from pellucid.core.training import train
+    from pellucid.core.training import check_run_folder, train
     from pellucid.datasets.samples import load_samples
 
     if cfg.split != "grouped" or cfg.split_file:
@@ -72,11 +76,13 @@ def train_kfold(cfg: TrainConfig, k: int = 5) -> Path:
     if cfg.members:
         raise ValueError("k-fold of an ensemble recipe is not supported: pass a config with members = [] "
                          "or train the ensemble without --folds")
+    run_folder = check_run_folder(cfg, kind=f"kfold-{k}")  # one-line refusals before any work
     t0 = time.time()
     task = get_task(cfg.task)
     out = Path(cfg.out)
-    (out / "folds").mkdir(parents=True, exist_ok=True)
     samples = load_samples(cfg.data, classes=task.classes)
+    run_folder.start()
+    (out / "folds").mkdir(parents=True, exist_ok=True)
     if cfg.max_images:
         rng = np.random.default_rng(cfg.seed)
         samples = [samples[i] for i in sorted(rng.permutation(len(samples))[: cfg.max_images])]
@@ -88,7 +94,8 @@ def train_kfold(cfg: TrainConfig, k: int = 5) -> Path:
         save_split(split_path, samples, fold)
         log.info("fold %d/%d: train %d, val %d, test %d", i + 1, k, len(fold["train"]), len(fold["val"]),
                  len(fold["test"]))
-        folder = train(replace(cfg, out=str(out / f"fold_{i}"), split_file=str(split_path), max_images=None))
+        folder = train(replace(cfg, out=str(out / f"fold_{i}"), split_file=str(split_path), max_images=None,
+                               overwrite=False))  # --overwrite already cleared the fold folders
         m = json.loads((Path(folder) / "metrics.json").read_text())
         rows.append({"fold": i, "folder": f"fold_{i}", "n_train": len(fold["train"]), "n_val": len(fold["val"]),
                      "n_test": len(fold["test"]), "split_hash": fold["hash"],

@@ -505,7 +505,10 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
     """
     from pellucid.core.modelfolder import save_model
     from pellucid.core.trainer import seed_everything
+    from pellucid.core.training import check_data_path, check_out_path
 
+    check_data_path(data_dir)  # a file as out, an unwritable or unreadable folder: one line, before any work
+    check_out_path(out)
     cfg = _seg_config(image_size=image_size, epochs=epochs, seed=seed, max_images=max_images, **overrides)
     t0, c0 = time.time(), time.process_time()
     if cfg.threads:

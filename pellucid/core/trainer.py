@@ -6,6 +6,10 @@ a CSV log under ``<log_dir>/logs/version_N`` or no logger at all, checkpointing 
 caller hands in a :class:`ModelCheckpoint`, and a tqdm progress bar (refresh every step) or none.
 :func:`seed_everything` seeds Python, NumPy, torch and the loader workers the same way for every
 loop, and :func:`quiet_warnings` silences Lightning hints that are noise for a given loop.
+:func:`fit` runs ``Trainer.fit`` and, when it continues from a checkpoint, has Lightning load it
+with ``weights_only=True`` (Lightning passes None to ``torch.load`` otherwise, leaving the choice to
+torch's default); callers check the checkpoint themselves first (see
+:func:`pellucid.core.training.check_checkpoint`).
 
 Its users are classifier training (:mod:`pellucid.core.training`), the lung segmenter
 (:mod:`pellucid.core.segmentation`), episodic few-shot fine-tuning
@@ -17,6 +21,7 @@ the Lightning classes they subclass (:class:`LightningModule`, :class:`Callback`
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +33,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 __all__ = [
-    "make_trainer", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
+    "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
     "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint",
 ]
 
@@ -99,3 +104,18 @@ def make_trainer(*, max_epochs: int, accelerator: str = "auto", devices: Any = "
         options["log_every_n_steps"] = log_every_n_steps
     options.update(extra)
     return L.Trainer(**options)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+        *, ckpt_path: str | Path | None = None) -> None:
+    """``trainer.fit``; a checkpoint to continue from is loaded with ``weights_only=True``.
+
+    Lightning versions whose ``fit`` has no ``weights_only`` argument leave it to ``torch.load``,
+    whose default is ``weights_only=True`` from torch 2.6 on (the version pellucid requires).
+    """
+    kwargs: dict[str, Any] = {}
+    if ckpt_path is not None:
+        kwargs["ckpt_path"] = str(ckpt_path)
+        if "weights_only" in inspect.signature(trainer.fit).parameters:
+            kwargs["weights_only"] = True
+    trainer.fit(module, train_dataloaders, val_dataloaders, **kwargs)
