@@ -118,7 +118,13 @@ def load_model(folder: str | Path, *, map_location: str | torch.device = "cpu") 
     called as ``loader(folder, card)`` with the :class:`~pellucid.core.card.ModelCard`.
     """
     folder = Path(folder)
-    card = read_card(folder)
+    try:
+        card = read_card(folder)
+    except CardError as err:
+        msg = str(err)
+        if "is not valid JSON" in msg or "cannot be read" in msg:  # truncated or damaged on disk
+            raise CardError(f"{msg}; the model folder {folder} is damaged: copy it again or retrain") from None
+        raise
     if card.kind != "classifier":
         return _kind_loader(card.kind)(folder, card), card
     weights = folder / "model.safetensors"
@@ -134,7 +140,12 @@ def load_model(folder: str | Path, *, map_location: str | torch.device = "cpu") 
         model.backbone.spec = replace(model.backbone.spec, mean=tuple(pre.mean), std=tuple(pre.std))
         model.mean.copy_(torch.tensor(pre.mean).view(1, 3, 1, 1))
         model.std.copy_(torch.tensor(pre.std).view(1, 3, 1, 1))
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # SafetensorError (truncated, not safetensors), OSError (unreadable)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelFolderError(f"{weights} cannot be loaded ({reason}): the model folder {folder} is damaged; "
+                               f"copy it again or retrain") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
