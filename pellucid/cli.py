@@ -164,6 +164,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return cmd_train_segmenter(args)
     task = get_task(args.task)
     over = _train_overrides(args)
+    if getattr(args, "resume", False) and args.no_resume:
+        raise UserError("--resume and --no-resume contradict each other: give one")
+    if getattr(args, "resume", False):
+        over["resume"] = True
+    if getattr(args, "overwrite", False):
+        over["overwrite"] = True
     if over.get("backbone"):
         from pellucid.core.backbones import get_backbone_spec
 
@@ -180,7 +186,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_task(task, str(data), str(out), **over)
     from pellucid.core.kfold import run_training
 
-    folder = run_training(cfg, folds=getattr(args, "folds", None))
+    try:
+        folder = run_training(cfg, folds=getattr(args, "folds", None))
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+        raise UserError(f"{err.filename or out}: {err.strerror or err}; check the permissions of --out {out} "
+                        f"and --data {data}") from None
     _print_summary(folder)
     return 0
 
@@ -486,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a task app's model")
     p.add_argument("task")
     _add_train_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out; refused unless it is this run (same task, data, seed, settings). "
+                        "Default: an interrupted run of the same settings continues, another run is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds another run: remove what pellucid wrote there (checkpoints, card, weights, "
+                        "ood, plots, logs, split) and train afresh")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a model folder on a labelled data folder")
