@@ -760,3 +760,265 @@ def test_jfif_photo_is_read() -> None:
         pytest.skip(f"no .jfif sample photos at {folder}")
     image = read_image(files[0])
     assert image.array.ndim == 3 and image.array.shape[2] == 3 and image.array.dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------------
+# pixel budget: refused from the header, large legal images reduced on read
+
+def _png_with_size(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose IHDR claims ``width`` x ``height`` (CRC fixed): a decompression bomb."""
+    import struct
+    import zlib
+
+    buf = __import__("io").BytesIO()
+    PILImage.new("L", (8, 8)).save(buf, format="PNG")
+    data = buf.getvalue()
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    path.write_bytes(data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:])
+    return path
+
+
+@pytest.mark.parametrize("size", [(13000, 13000), (100000, 1000), (10000, 10000)])
+def test_png_over_pixel_limit_refused_from_header(tmp_path: Path, size: tuple[int, int]) -> None:
+    path = _png_with_size(tmp_path / "bomb.png", *size)
+    with pytest.raises(ImageReadError, match="too large to decode") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+    assert "PELLUCID_MAX_PIXELS" in str(err.value)
+
+
+def test_jpeg_over_pixel_limit_refused_from_header(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.jpg"
+    PILImage.new("L", (16, 16)).save(path, quality=50)
+    data = bytearray(path.read_bytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (12000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match="too large to decode") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+
+
+def test_pixel_limit_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image as PILModule
+
+    path = tmp_path / "small.png"
+    PILImage.fromarray(_gradient(40, 40)).save(path)
+    monkeypatch.setenv("PELLUCID_MAX_PIXELS", "1000")
+    with pytest.raises(ImageReadError, match="pixel limit of 1000") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+    assert PILModule.MAX_IMAGE_PIXELS == 1000  # Pillow's own check kept in step
+    dcm = _write_dicom(tmp_path / "small.dcm", RAMP)
+    with pytest.raises(ImageReadError, match="too large to decode"):
+        read_image(dcm)
+    monkeypatch.setenv("PELLUCID_MAX_PIXELS", "lots")
+    with pytest.raises(ValueError, match="PELLUCID_MAX_PIXELS"):
+        read_image(path)
+    monkeypatch.delenv("PELLUCID_MAX_PIXELS")
+    assert read_image(path).array.shape == (40, 40, 1)
+
+
+def test_large_legal_images_downscaled_on_read(tmp_path: Path) -> None:
+    from pellucid.datasets.readers.limits import MAX_SIDE
+
+    gray = np.tile(np.arange(256, dtype=np.uint8), (3000, 20))[:, :5000]  # 5000 x 3000
+    png = tmp_path / "wide.png"
+    PILImage.fromarray(gray).save(png)
+    image = read_image(png)
+    assert max(image.array.shape[:2]) <= MAX_SIDE and image.array.shape[2] == 1
+    assert image.meta["original_size"] == (3000, 5000)
+    assert "downscaled from 5000×3000 to 1667×1000 on read" in image.meta["notes"]
+    jpg = tmp_path / "wide.jpg"
+    PILImage.fromarray(np.stack([gray] * 3, axis=2)).save(jpg, quality=80)
+    image = read_image(jpg)
+    assert max(image.array.shape[:2]) <= MAX_SIDE and image.array.shape[2] == 3
+    assert any(n.startswith("downscaled from 5000×3000 to ") for n in image.meta["notes"])
+    tif = tmp_path / "wide16.tif"
+    PILImage.fromarray(gray.astype(np.uint16) * 257).save(tif)
+    image = read_image(tif)
+    assert image.array.shape == (1000, 1667, 1)
+    np.testing.assert_allclose(image.array[:, :85, 0].mean(axis=0), gray[:, :255].reshape(-1)[: 85 * 3].reshape(85, 3).mean(axis=1)[:85] / 255, atol=0.01)
+    big = np.tile(RAMP, (40, 50))  # 2560 x 3200
+    dcm = _write_dicom(tmp_path / "big.dcm", big, bits_stored=12)
+    image = read_image(dcm)
+    assert image.array.shape == (1280, 1600, 1) and image.meta["original_size"] == (2560, 3200)
+    assert "downscaled from 3200×2560 to 1600×1280 on read" in image.meta["notes"]
+    _assert_valid(image)
+
+
+def test_deflated_dicom_bomb_refused_before_inflating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pydicom")
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from pellucid.datasets.readers.limits import max_inflated_bytes
+
+    plain = _write_dicom(tmp_path / "plain.dcm", RAMP, bits_stored=12)
+    small = tmp_path / "deflated.dcm"
+    from pydicom import dcmread
+
+    ds = dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(small, enforce_file_format=True)
+    np.testing.assert_allclose(read_image(small).array, read_image(plain).array)
+    # A header inflating past the budget: the meta of ``small``, then a deflate stream of zeros.
+    monkeypatch.setenv("PELLUCID_MAX_PIXELS", "1000")
+    budget = max_inflated_bytes()
+    raw = small.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = comp.compress(zlib.decompress(raw[meta_end:], -zlib.MAX_WBITS)) + comp.compress(bytes(budget + (8 << 20))) + comp.flush()
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(raw[:meta_end] + body)
+    assert bomb.stat().st_size < budget // 100
+    for reader in (read_image, dicom_identifying_tags):
+        with pytest.raises(ImageReadError, match="inflates to more than") as err:
+            reader(bomb)
+        _assert_refusal(err, bomb)
+    corrupt = tmp_path / "corrupt.dcm"
+    corrupt.write_bytes(raw[:meta_end] + b"\xff" * 64)
+    with pytest.raises(ImageReadError, match="deflated dataset is corrupt"):
+        read_image(corrupt)
+
+
+def test_compressed_frame_larger_than_header_refused(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    import io
+
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    plain = _write_dicom(tmp_path / "plain.dcm", RAMP[:16, :16], bits_stored=12)
+    ds = dcmread(plain)
+    buf = io.BytesIO()
+    PILImage.new("L", (64, 64)).save(buf, format="JPEG")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    path = tmp_path / "lying.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match="compressed frame is 64×64×1") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+
+
+def _splice_value(raw: bytes, keyword: str, value: bytes) -> bytes:
+    """Replace one element's value in an Explicit VR Little Endian file, bytes as given."""
+    import struct
+
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    pos = raw.find(struct.pack("<HH", tag >> 16, tag & 0xFFFF), 0 if tag >> 16 == 2 else 132)
+    assert pos > 0, keyword
+    value += b" " * (len(value) % 2)
+    if raw[pos + 4 : pos + 6] in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL"):
+        (old,) = struct.unpack("<I", raw[pos + 8 : pos + 12])
+        return raw[: pos + 8] + struct.pack("<I", len(value)) + value + raw[pos + 12 + old :]
+    (old,) = struct.unpack("<H", raw[pos + 6 : pos + 8])
+    return raw[: pos + 6] + struct.pack("<H", len(value)) + value + raw[pos + 8 + old :]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("RescaleSlope", "nan"), ("RescaleSlope", "inf"), ("RescaleSlope", "1\\2"),
+     ("RescaleIntercept", "-inf"), ("RescaleSlope", "abc"), ("RescaleSlope", "1e300")],
+)
+def test_bad_rescale_refused_not_nan(tmp_path: Path, keyword: str, value: str) -> None:
+    path = _write_dicom(tmp_path / "r.dcm", RAMP, bits_stored=12, RescaleSlope="1", RescaleIntercept="0")
+    path.write_bytes(_splice_value(path.read_bytes(), keyword, value.encode()))
+    with pytest.raises(ImageReadError, match=keyword) as err:
+        read_image(path)
+    assert value not in str(err.value).split("±")[0].replace(path.name, "")
+    _assert_refusal(err, path)
+
+
+# ------------------------------------------------------------------------------------------
+# no patient data in messages
+
+PLANTED = ("DOE^JANE", "SECRET123", "ST ELSEWHERE HOSPITAL")
+
+
+def _leaks(text: str) -> list[str]:
+    low = text.lower()
+    return [v for v in PLANTED if v.lower() in low or v.replace("^", " ").lower() in low]
+
+
+def _phi_variants(tmp_path: Path) -> list[Path]:
+    """DICOMs with planted identifiers, corrupted in many ways (each named without them)."""
+    base = _write_dicom(
+        tmp_path / "base.dcm", RAMP, bits_stored=12, PatientName="DOE^JANE", PatientID="SECRET123",
+        InstitutionName="ST ELSEWHERE HOSPITAL", RescaleSlope="1", RescaleIntercept="0",
+        WindowCenter="2000", WindowWidth="4000", BodyPartExamined="CHEST", NumberOfFrames="1",
+        SpecificCharacterSet="ISO_IR 100", VOILUTFunction="LINEAR", LossyImageCompression="00",
+    )
+    raw = base.read_bytes()
+    out: list[Path] = []
+
+    def variant(data: bytes) -> None:
+        path = tmp_path / f"v{len(out):03d}.dcm"
+        path.write_bytes(data)
+        out.append(path)
+
+    no_pixels = raw[: raw.find(b"\xe0\x7f\x10\x00", 132)]
+    names = [b"DOE^JANE", b"SECRET123", b"ST ELSEWHERE HOSPITAL", b"DOE JANE"]
+    for name in names:
+        for keyword in ("Modality", "SOPClassUID", "PhotometricInterpretation"):
+            variant(_splice_value(no_pixels, keyword, name))
+        for keyword in ("Modality", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth",
+                        "PhotometricInterpretation", "SOPClassUID", "BodyPartExamined", "Rows",
+                        "BitsStored", "NumberOfFrames", "SpecificCharacterSet", "VOILUTFunction",
+                        "LossyImageCompression", "SamplesPerPixel", "PixelRepresentation",
+                        "TransferSyntaxUID", "MediaStorageSOPClassUID"):
+            variant(_splice_value(raw, keyword, name))
+    variant(no_pixels)
+    for value in (b"1\\2", b"nan", b"inf", b"abc", b""):
+        variant(_splice_value(raw, "RescaleSlope", value))
+    # byte-level: truncations, a wrong VR on the identifying elements, name bytes spliced in
+    for i, cut in enumerate((200, 300, 400, 600, len(raw) // 2, len(raw) - 10)):
+        path = tmp_path / f"cut{i}.dcm"
+        path.write_bytes(raw[:cut])
+        out.append(path)
+    for target in (b"DOE^JANE", b"SECRET123", b"ST ELSEWHERE HOSPITAL"):
+        at = raw.find(target)
+        assert at > 0
+        for vr in (b"ZZ", b"US", b"SQ", b"\x00\x00", b"OB"):
+            path = tmp_path / f"vr{len(out):03d}.dcm"
+            path.write_bytes(raw[: at - 4] + vr + raw[at - 2 :])
+            out.append(path)
+    for offset in range(140, len(raw) - 8192, 97):
+        path = tmp_path / f"splice{offset}.dcm"
+        path.write_bytes(raw[:offset] + b"DOE^JANE" + raw[offset + 8 :])
+        out.append(path)
+        if len(out) > 400:
+            break
+    return out
+
+
+def test_no_planted_identifier_in_any_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pellucid.core.privacy import SAFE_META
+
+    variants = _phi_variants(tmp_path)
+    refused = 0
+    for path in variants:
+        texts: list[str] = []
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+            warnings.simplefilter("always")
+            for reader in (read_image, dicom_identifying_tags):
+                try:
+                    result = reader(path)
+                except ImageReadError as err:
+                    texts.append(str(err))
+                    refused += reader is read_image
+                else:
+                    if reader is read_image:
+                        texts.append(repr({k: result.meta.get(k) for k in SAFE_META}))
+        texts += [str(w.message) for w in caught] + [caplog.text]
+        caplog.clear()
+        for text in texts:
+            assert not _leaks(text), (path.name, text)
+    assert len(variants) > 100 and refused > 50

@@ -1,13 +1,19 @@
 """Small utilities shared by the readers: argument checks (:func:`_check_file`,
-:func:`_check_window`), min-max normalisation, one-line error texts, and :func:`_warn`, which
-attributes a warning to the first caller outside the readers package."""
+:func:`_check_window`), min-max normalisation, one-line error texts, :func:`_warn`, which
+attributes a warning to the first caller outside the readers package, and :func:`_pydicom_quiet`,
+which keeps pydicom's log records (they quote header values, e.g. a patient name in an invalid
+element) out of the logs while a file is read."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import math
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +88,30 @@ def _one_line(err: BaseException) -> str:
     if len(text) > 160:
         text = text[:157] + "..."
     return f"{type(err).__name__}: {text}" if not text.startswith(type(err).__name__) else text
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_DROP = _DropAll()
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def _pydicom_quiet() -> Iterator[None]:
+    """Drop the ``pydicom`` logger's records (and warnings) while reading; nestable, thread-safe."""
+    global _quiet_depth
+    logger = logging.getLogger("pydicom")
+    with _QUIET_LOCK:
+        _quiet_depth += 1
+        logger.addFilter(_DROP)
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logger.removeFilter(_DROP)

@@ -59,8 +59,10 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
         _check_deflated(p)
     except ImageReadError:
         return True  # a file meta group with a deflated transfer syntax: DICOM, refused later
+    from pellucid.datasets.readers.common import _pydicom_quiet
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pydicom_quiet():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - any parse failure just means "not DICOM"
@@ -118,8 +120,10 @@ def _check_deflated(path: Path) -> None:
     except ImportError:  # another pydicom layout: nothing to guard with
         return
     with path.open("rb") as fh:
+        from pellucid.datasets.readers.common import _pydicom_quiet
+
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _pydicom_quiet():
                 warnings.simplefilter("ignore")
                 read_preamble(fh, True)
                 file_meta = _read_file_meta_info(fh)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _check_file, _check_window, _warn
+from pellucid.datasets.readers.common import _check_file, _check_window, _pydicom_quiet, _warn
 from pellucid.datasets.readers.detect import (
     _DICOM_INSTALL_HINT,
     _check_deflated,
@@ -78,6 +78,15 @@ _KNOWN_PHOTOMETRIC: frozenset[str] = frozenset(
         "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
     }
 )
+# Body Part Examined codes (PS3.16 Annex L, the common ones) that may appear in meta.
+_KNOWN_BODY_PARTS: frozenset[str] = frozenset(
+    """ABDOMEN ABDOMENPELVIS ANKLE AORTA ARM BLADDER BRAIN BREAST BRONCHUS CAROTID CHEST
+    CHESTABDOMEN CHESTABDPELVIS CLAVICLE COCCYX COLON CSPINE CTSPINE EAR ELBOW ESOPHAGUS EXTREMITY
+    EYE FACE FEMUR FINGER FOOT FOREARM GALLBLADDER HAND HEAD HEADNECK HEART HIP HUMERUS IAC JAW
+    KIDNEY KNEE LARYNX LEG LIVER LSPINE LSSPINE LUNG MEDIASTINUM NECK ORBIT PANCREAS PELVIS
+    PROSTATE RIB SACRUM SHOULDER SINUS SKULL SPINE SPLEEN SSPINE STERNUM STOMACH TESTIS THIGH
+    THORAX THUMB THYROID TIBIA TLSPINE TMJ TOE TSPINE UTERUS WHOLEBODY WRIST ZYGOMA""".split()
+)
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CODE_PATTERN = re.compile(r"^[A-Z0-9_]{1,16}$")
 
@@ -124,7 +133,7 @@ def read_dicom(
     # pydicom reports non-conformant header values (a DS too long, ...) as warnings while values
     # are read lazily. They are chatter for our purpose and may quote identifying values, so only
     # their count is logged; our own caveats are warned once the reading is done.
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _pydicom_quiet():
         warnings.simplefilter("always")
         try:
             image = _read_dicom(pydicom, p, frame, window, caveats)
@@ -398,10 +407,10 @@ def _choose_frame(frame: int | None, n_frames: int, p: Path, notes: list[str]) -
 
 
 def _text_tag(ds: Dataset, keyword: str) -> str | None:
-    """A short coded-string tag, upper-cased, or None when absent or unreadable (never raises)."""
+    """A known Body Part Examined code, upper-cased, or None (never raises, never other text)."""
     value = _safe_get(ds, keyword)
     text = value.strip().upper() if isinstance(value, str) else ""
-    return text if _CODE_PATTERN.match(text) else None
+    return text if _CODE_PATTERN.match(text) and text in _KNOWN_BODY_PARTS else None
 
 
 def _sop_class_name(ds: Dataset) -> str | None:

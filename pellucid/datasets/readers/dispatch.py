@@ -18,6 +18,7 @@ from pellucid.datasets.readers.common import _check_file, _check_window, _warn
 from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
+from pellucid.datasets.readers.limits import max_pixels
 from pellucid.datasets.readers.pil import _read_pil
 
 __all__ = [
@@ -51,11 +52,13 @@ def read_image(
     Raises:
         ImageReadError: the file is missing, empty, corrupt, of an unsupported type, a DICOM
             object without an image, or compressed with a codec no installed decoder handles.
-        ValueError: ``channels`` is not 1, 3 or None, or ``window`` has a width <= 0.
+        ValueError: ``channels`` is not 1, 3 or None, ``window`` has a width <= 0, or
+            ``PELLUCID_MAX_PIXELS`` is set but not a positive integer.
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels={channels!r} is not supported: use 1, 3 or None (keep native)")
     window = _check_window(window)
+    max_pixels()  # a malformed PELLUCID_MAX_PIXELS is a configuration error, not a corrupt file
     p = _check_file(path)
     try:
         image = _read(p, frame, window)

@@ -9,7 +9,7 @@ import os
 import warnings
 from typing import Any
 
-from pellucid.datasets.readers.common import _check_file
+from pellucid.datasets.readers.common import _check_file, _pydicom_quiet
 from pellucid.datasets.readers.detect import _check_deflated, _import_pydicom, is_dicom
 from pellucid.datasets.readers.image import ImageReadError
 
@@ -85,7 +85,7 @@ def dicom_identifying_tags(path: str | os.PathLike[str]) -> dict[str, str]:
             )
         pydicom = _import_pydicom(p)
         _check_deflated(p)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pydicom_quiet():
             warnings.simplefilter("ignore")  # pydicom's complaints quote header values
             ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
             found: dict[str, str] = {}

@@ -71,8 +71,8 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
         raise ImageReadError(
-            f"{path}: is too large to decode (over {limit} pixels, the pixel limit) — reduce it "
-            "first, or raise PELLUCID_MAX_PIXELS if it really is an image"
+            f"{path}: is too large to decode (more pixels than the pixel limit of {limit}) — "
+            "reduce it first, or raise PELLUCID_MAX_PIXELS if it really is an image"
         ) from err
     except MemoryError as err:
         raise ImageReadError(
@@ -116,7 +116,7 @@ def _check_pixels(size: tuple[int, int], limit: int, path: Path) -> None:
     if width * height > limit:
         raise ImageReadError(
             f"{path}: is too large to decode ({width}×{height} = {width * height} pixels, over "
-            f"the limit of {limit}) — reduce it first, or raise PELLUCID_MAX_PIXELS if it really "
+            f"the pixel limit of {limit}) — reduce it first, or raise PELLUCID_MAX_PIXELS if it really "
             "is an image"
         )
 

@@ -1,0 +1,462 @@
+"""Mutation fuzzing of the one door pixels enter by: :func:`pellucid.datasets.readers.read_image`
+(and :func:`~pellucid.datasets.readers.dicom_identifying_tags` for DICOM inputs).
+
+Seeds: the real sample DICOMs of ``../shared/data/dicom`` (when present), small DICOMs built here
+with pydicom (monochrome with rescale and window, MONOCHROME1 with a VOI LUT, palette colour, RGB
+multi-frame, deflated, headless implicit VR with a modality LUT, JPEG baseline, float pixel data)
+and small PNG/JPEG/TIFF/BMP files. Each execution mutates one seed with a seeded random choice of
+byte flips, truncation, region duplication or deletion, DICOM element value replacement (random
+bytes, strings, numbers including NaN/inf, multi-values, packed integers, patient-name bytes, a
+wrong VR) and PNG/JPEG header size changes, writes it to a temporary file and reads it.
+
+Outcomes: an image (checked: float32 ``(H, W, 1|3)``, finite, in ``[0, 1]``), a project error
+(:class:`~pellucid.datasets.readers.ImageReadError`), or a non-project exception, reported with its
+type and the deepest source location. The target is zero non-project exceptions and zero invalid
+images. Writes ``bench/results/fuzz.md``::
+
+    nice python -m bench.bench_fuzz --executions 50000 --seconds 900
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import struct
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DICOM_DIR = ROOT.parent / "shared" / "data" / "dicom"
+OUT = Path(__file__).parent / "results" / "fuzz.md"
+
+__all__ = ["check_outcome", "fuzz", "main", "mutate", "seeds", "table"]
+
+PHI_NAME = b"DOE^JANE"
+
+# (group, element) of the DICOM elements worth replacing.
+_TAGS: tuple[tuple[int, int], ...] = (
+    (0x0002, 0x0010), (0x0008, 0x0005), (0x0008, 0x0016), (0x0008, 0x0060), (0x0010, 0x0010),
+    (0x0018, 0x0015), (0x0028, 0x0002), (0x0028, 0x0004), (0x0028, 0x0006), (0x0028, 0x0008),
+    (0x0028, 0x0010), (0x0028, 0x0011), (0x0028, 0x0100), (0x0028, 0x0101), (0x0028, 0x0102),
+    (0x0028, 0x0103), (0x0028, 0x1050), (0x0028, 0x1051), (0x0028, 0x1052), (0x0028, 0x1053),
+    (0x0028, 0x1056), (0x0028, 0x1101), (0x0028, 0x1102), (0x0028, 0x1103), (0x0028, 0x1201),
+    (0x0028, 0x1202), (0x0028, 0x1203), (0x0028, 0x2110), (0x0028, 0x3000), (0x0028, 0x3002),
+    (0x0028, 0x3006), (0x0028, 0x3010), (0x5200, 0x9229), (0x5200, 0x9230), (0x7FE0, 0x0010),
+)
+_TEXT_VALUES: tuple[bytes, ...] = (
+    b"nan", b"NaN", b"inf", b"-inf", b"1e308", b"-1e308", b"1e999", b"0", b"-0", b"1\\2",
+    b"1\\nan", b"nan\\inf", b"abc", b"", b" ", b"1.5e-320", b"+", b"4294967296", b"-1", b"65535",
+    b"99999999999999999999", b"0.0\\0.0\\0.0", b"MONOCHROME2", b"PALETTE COLOR", b"YBR_FULL",
+    b"RGB", b"CT", b"SEG", b"1.2.840.10008.1.2.1.99", b"1.2.840.10008.1.2.4.50", b"1.2.3",
+    b"ISO_IR 192", b"\\", b"2\\2\\2\\2", PHI_NAME, b"\x00\x00", b"\xff\xfe\xfd",
+)
+_INT_PACKS = ("<H", "<I", "<h", "<i", ">H", ">I", "<d", "<f")
+_INT_VALUES = (0, 1, 2, 3, 7, 8, 12, 16, 17, 32, 64, 255, 256, 4096, 32767, 32768, 65535, 65536,
+               2**31 - 1, 2**32 - 1)
+_VRS = (b"US", b"UL", b"SS", b"DS", b"IS", b"CS", b"LO", b"OB", b"OW", b"SQ", b"UN", b"FD", b"ZZ",
+        b"\x00\x00", b"PN", b"UI", b"AT", b"OF")
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds
+
+def _image_seeds() -> list[tuple[str, bytes]]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gray = (np.add.outer(np.arange(24), np.arange(32)) * 4).astype(np.uint8)
+    rgb = np.stack([gray, gray[::-1], 255 - gray], axis=2)
+    out: list[tuple[str, bytes]] = []
+
+    def save(suffix: str, im: Any, **kw: Any) -> None:
+        buf = io.BytesIO()
+        im.save(buf, **kw)
+        out.append((suffix, buf.getvalue()))
+
+    save(".png", Image.fromarray(gray), format="PNG")
+    save(".png", Image.fromarray(rgb), format="PNG")
+    save(".png", Image.fromarray(np.dstack([rgb, gray])), format="PNG")
+    save(".png", Image.fromarray((gray.astype(np.uint16) * 200)), format="PNG")
+    save(".png", Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE), format="PNG")
+    save(".jpg", Image.fromarray(rgb), format="JPEG", quality=90)
+    save(".jpg", Image.fromarray(gray), format="JPEG", quality=75, progressive=True)
+    save(".tif", Image.fromarray(gray.astype(np.uint16) * 100), format="TIFF")
+    frames = [Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)) for _ in range(3)]
+    save(".tif", frames[0], format="TIFF", save_all=True, append_images=frames[1:])
+    save(".bmp", Image.fromarray(rgb), format="BMP")
+    return out
+
+
+def _dicom_bytes(ds: Any, syntax: Any, *, implicit: bool = False, preamble: bool = True) -> bytes:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=preamble)
+    return buf.getvalue()
+
+
+def _dicom_seeds() -> list[tuple[str, bytes]]:
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+    )
+    from PIL import Image
+
+    ramp = (np.add.outer(np.arange(20), np.arange(24)) * 37 % 4096).astype(np.uint16)
+
+    def base(modality: str = "CT") -> Dataset:
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = "1.2.3.4.5.6.7"
+        ds.Modality = modality
+        ds.PatientName = PHI_NAME.decode()
+        ds.PatientID = "SECRET123"
+        ds.InstitutionName = "ST ELSEWHERE HOSPITAL"
+        ds.BodyPartExamined = "CHEST"
+        ds.Rows, ds.Columns = ramp.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        return ds
+
+    out: list[tuple[str, bytes]] = []
+    ds = base()
+    ds.RescaleSlope, ds.RescaleIntercept = "1.5", "-1024"
+    ds.WindowCenter, ds.WindowWidth = ["40", "300"], ["400", "1500"]
+    ds.PixelData = ramp.tobytes()
+    out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
+    out.append((".dcm", _dicom_bytes(ds, DeflatedExplicitVRLittleEndian)))
+
+    ds = base("CR")
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 16]
+    lut.add_new(0x00283006, "US", list(range(0, 65536, 256)))
+    ds.VOILUTSequence = [lut]
+    ds.PixelData = ramp.tobytes()
+    out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
+
+    ds = base("OT")
+    mlut = Dataset()
+    mlut.LUTDescriptor = [4096, 0, 16]
+    mlut.ModalityLUTType = "HU"
+    mlut.add_new(0x00283006, "US", list(range(4096)))
+    ds.ModalityLUTSequence = [mlut]
+    ds.PixelData = ramp.tobytes()
+    out.append(("", _dicom_bytes(ds, ImplicitVRLittleEndian, preamble=False)))
+
+    ds = base("US")
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    for colour, scale in (("Red", 1), ("Green", 2), ("Blue", 3)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData",
+                (np.arange(256, dtype=np.uint16) * 257 // scale).astype("<u2").tobytes())
+    ds.PixelData = (ramp % 256).astype(np.uint8).tobytes()
+    out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
+
+    ds = base("XC")
+    rgb = np.stack([ramp % 256, (ramp * 3) % 256, 255 - ramp % 256], axis=2).astype(np.uint8)
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([rgb, rgb[::-1]]).tobytes()
+    out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
+
+    ds = base("XC")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    out.append((".dcm", _dicom_bytes(ds, JPEGBaseline8Bit)))
+
+    ds = base("MR")
+    ds.BitsAllocated = 32
+    del ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.FloatPixelData = (ramp.astype(np.float32) / 7).tobytes()
+    out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
+    return out
+
+
+def seeds(real_dicoms: bool = True) -> list[tuple[str, bytes]]:
+    """``(suffix, bytes)`` of every seed: real sample DICOMs (if present), built DICOMs, images."""
+    out = _image_seeds() + _dicom_seeds()
+    if real_dicoms and DICOM_DIR.is_dir():
+        out += [(".dcm", p.read_bytes()) for p in sorted(DICOM_DIR.iterdir()) if p.is_file()]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mutations
+
+def _random_value(rng: random.Random) -> bytes:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.choice(_TEXT_VALUES)
+    if kind == 1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 17)))
+    if kind == 2:
+        fmt = rng.choice(_INT_PACKS)
+        value = rng.choice(_INT_VALUES) if "d" not in fmt and "f" not in fmt else rng.choice(
+            (float("nan"), float("inf"), -1e300, 0.0, 1.5))
+        try:
+            return struct.pack(fmt, value) * rng.choice((1, 1, 2, 3))
+        except (struct.error, OverflowError):
+            return struct.pack(fmt, 0)
+    if kind == 3:
+        return "\\".join(rng.choice(("nan", "inf", "1", "-3.5", "1e400", "x", "")) for _ in range(
+            rng.randrange(1, 5))).encode()
+    if kind == 4:
+        return PHI_NAME + bytes(rng.randrange(2))
+    return str(rng.uniform(-1e6, 1e6)).encode()
+
+
+def _find_element(data: bytes, tag: tuple[int, int], rng: random.Random) -> tuple[int, bool] | None:
+    group, element = tag
+    starts = []
+    for order in ("<", ">"):
+        key = struct.pack(order + "HH", group, element)
+        pos = data.find(key, 0 if tag[0] == 2 else 132)
+        if pos >= 0:
+            starts.append((pos, order == "<"))
+    return rng.choice(starts) if starts else None
+
+
+def _replace_element(data: bytes, rng: random.Random) -> bytes:
+    """Replace the value (and sometimes the VR) of one DICOM element, fixing its length field."""
+    found = _find_element(data, rng.choice(_TAGS), rng)
+    if found is None:
+        return _flip(data, rng)
+    pos, little = found
+    order = "<" if little else ">"
+    vr = data[pos + 4 : pos + 6]
+    explicit = vr.isalpha() and vr.isupper()
+    value = _random_value(rng)
+    if explicit and vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL"):
+        head, length_fmt, value_at = 12, order + "I", pos + 8
+    elif explicit:
+        head, length_fmt, value_at = 8, order + "H", pos + 6
+    else:
+        head, length_fmt, value_at = 8, order + "I", pos + 4
+    try:
+        (old_len,) = struct.unpack(length_fmt, data[value_at : value_at + struct.calcsize(length_fmt)])
+    except struct.error:
+        return data[:pos]
+    if old_len == 0xFFFFFFFF or pos + head + old_len > len(data):
+        old_len = min(len(data) - pos - head, 64) if rng.random() < 0.5 else 0
+    new = struct.pack(length_fmt, min(len(value), 0xFFFF if length_fmt.endswith("H") else 2**32 - 1))
+    prefix = data[:pos + 4]
+    if explicit:
+        new_vr = rng.choice(_VRS) if rng.random() < 0.15 else vr
+        prefix += new_vr + (b"\x00\x00" if head == 12 else b"")
+    return prefix + new + value + data[pos + head + old_len :]
+
+
+def _flip(data: bytes, rng: random.Random) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.choice((1, 1, 2, 4, 16))):
+        i = rng.randrange(len(buf))
+        buf[i] = rng.randrange(256) if rng.random() < 0.7 else buf[i] ^ (1 << rng.randrange(8))
+    return bytes(buf)
+
+
+def _header_size(data: bytes, rng: random.Random) -> bytes:
+    """Give a PNG (IHDR, CRC fixed) or JPEG (SOF) header another width/height."""
+    size = rng.choice((0, 1, 65535, 2**31 - 1, 100000, 12000, 6500, rng.randrange(1, 70000)))
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        ihdr = bytearray(data[8 + 8 : 8 + 8 + 13])
+        at = rng.choice((0, 4))
+        ihdr[at : at + 4] = struct.pack(">I", size)
+        chunk = b"IHDR" + bytes(ihdr)
+        return data[:8] + data[8:12] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[8 + 8 + 13 + 4 :]
+    for marker in (b"\xff\xc0", b"\xff\xc2", b"\xff\xc1"):
+        pos = data.find(marker)
+        if pos >= 0:
+            at = pos + 5 + rng.choice((0, 2))
+            return data[:at] + struct.pack(">H", min(size, 65535)) + data[at + 2 :]
+    return _flip(data, rng)
+
+
+def mutate(data: bytes, suffix: str, rng: random.Random) -> bytes:
+    """One seeded mutation of ``data`` (a file with ``suffix``); may stack up to three."""
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        if not data:
+            return data
+        is_dicom = suffix in (".dcm", "")
+        kind = rng.random()
+        if is_dicom and kind < 0.45:
+            data = _replace_element(data, rng)
+        elif not is_dicom and kind < 0.2:
+            data = _header_size(data, rng)
+        elif kind < 0.75:
+            data = _flip(data, rng)
+        elif kind < 0.87:
+            data = data[: rng.randrange(len(data))]
+        elif kind < 0.94:
+            i = rng.randrange(len(data))
+            j = min(len(data), i + rng.randrange(1, 512))
+            data = data[:i] + data[j:] if rng.random() < 0.5 else data[:j] + data[i:j] + data[j:]
+        else:
+            i = rng.randrange(len(data))
+            data = data[:i] + PHI_NAME + data[i + rng.choice((0, len(PHI_NAME))) :]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# execution
+
+def _location(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return "?"
+    ours = [f for f in frames if "pellucid" in f.filename and "/.venv/" not in f.filename]
+    last = frames[-1]
+    where = f"{Path(last.filename).name}:{last.lineno}"
+    if ours and ours[-1] is not last:
+        where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} → {where}"
+    return where
+
+
+def check_outcome(path: Path, dicom: bool) -> tuple[str, str]:
+    """Read ``path`` through the door: ``('image'|'project'|'crash'|'invalid', detail)``."""
+    from pellucid.datasets.readers import ImageReadError, dicom_identifying_tags, read_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if dicom:
+                try:
+                    dicom_identifying_tags(path)
+                except ImageReadError:
+                    pass
+            image = read_image(path)
+        except ImageReadError as err:
+            message = str(err)
+            if "\n" in message or path.name not in message:
+                return "invalid", f"message not one line naming the file: {message[:120]}"
+            cause = err.__cause__
+            if cause is not None and not isinstance(cause, ImageReadError) and ("header is corrupt (" in message or "the file is corrupt (" in message):
+                # refused by a catch-all: counted, with where it came from, to show what is left
+                return "project", f"caught generically: {type(cause).__name__} at {_location(cause)}"
+            return "project", ""
+        except Exception as err:  # noqa: BLE001 - what the fuzzer is looking for
+            return "crash", f"{type(err).__name__} at {_location(err)}"
+    arr = image.array
+    if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[2] not in (1, 3) or not arr.size:
+        return "invalid", f"array {arr.dtype} {arr.shape}"
+    if not np.isfinite(arr).all():
+        return "invalid", "non-finite image"
+    if float(arr.min()) < 0.0 or float(arr.max()) > 1.0:
+        return "invalid", "values outside [0, 1]"
+    return "image", ""
+
+
+def fuzz(executions: int, seconds: float, seed: int = 0, *, real_dicoms: bool = True,
+         work: Path | None = None) -> dict[str, Any]:
+    """Run up to ``executions`` mutations (stopping after ``seconds``) and count the outcomes."""
+    rng = random.Random(seed)
+    corpus = seeds(real_dicoms)
+    counts: Counter[str] = Counter()
+    problems: Counter[str] = Counter()
+    examples: dict[str, int] = {}
+    slowest = (0.0, -1)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        for i in range(executions):
+            if time.perf_counter() - t0 > seconds:
+                break
+            suffix, data = corpus[rng.randrange(len(corpus))]
+            data = mutate(data, suffix, rng)
+            path = Path(tmp) / f"case{i % 7}{suffix}"
+            path.write_bytes(data)
+            start = time.perf_counter()
+            outcome, detail = check_outcome(path, suffix in (".dcm", ""))
+            took = time.perf_counter() - start
+            if took > slowest[0]:
+                slowest = (took, i)
+            counts[outcome] += 1
+            if detail:
+                problems[f"{outcome}: {detail}"] += 1
+                examples.setdefault(f"{outcome}: {detail}", i)
+    return {
+        "executions": sum(counts.values()), "counts": dict(counts), "problems": dict(problems),
+        "examples": examples, "seconds": time.perf_counter() - t0, "seed": seed,
+        "n_seeds": len(corpus), "slowest_s": slowest[0], "slowest_case": slowest[1],
+    }
+
+
+def table(res: dict[str, Any], cpu: str, command: str) -> list[str]:
+    c = res["counts"]
+    crashes = c.get("crash", 0)
+    lines = [
+        "# Reader fuzzing (`read_image`, `dicom_identifying_tags`)",
+        "",
+        f"`{command}` — seed {res['seed']}, {res['n_seeds']} seed files, CPU: {cpu}",
+        "",
+        "| executions | images returned | project errors (ImageReadError) | non-project exceptions "
+        "| invalid images / messages | seconds | executions/s | slowest execution |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {res['executions']} | {c.get('image', 0)} | {c.get('project', 0)} | {crashes} | "
+        f"{c.get('invalid', 0)} | {res['seconds']:.0f} | {res['executions'] / max(res['seconds'], 1e-9):.0f} "
+        f"| {res['slowest_s']:.2f} s (case {res['slowest_case']}) |",
+        "",
+    ]
+    if res["problems"]:
+        lines += [
+            "Non-project exceptions and invalid outcomes would be listed first; `project: caught "
+            "generically` rows are refusals by a catch-all (one-line message naming the exception "
+            "type only), with where the underlying exception was raised.",
+            "",
+            "| outcome: type and location | count | first case |",
+            "|---|---:|---:|",
+        ]
+        for key, n in sorted(res["problems"].items(), key=lambda kv: (kv[0].startswith("project"), -kv[1])):
+            lines.append(f"| {key} | {n} | {res['examples'][key]} |")
+    if not crashes and not c.get("invalid", 0):
+        lines += ["", "No non-project exception, no invalid image, no malformed message."]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_fuzz", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--executions", type=int, default=50_000)
+    parser.add_argument("--seconds", type=float, default=900.0, help="stop after this long")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    from bench import write_table
+    from pellucid.core.quantize import cpu_features
+
+    res = fuzz(args.executions, args.seconds, args.seed)
+    command = (f"python -m bench.bench_fuzz --executions {args.executions} --seconds {args.seconds:g} "
+               f"--seed {args.seed}")
+    write_table(table(res, cpu_features().summary(), command), args.out)
+    return 1 if res["counts"].get("crash") or res["counts"].get("invalid") else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
