@@ -25,6 +25,7 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from pellucid.core.fewshot.config import FewShotError
     from pellucid.core.modelfolder import ModelFolderError
     from pellucid.core.pipeline import PipelineError
     from pellucid.core.tasks import TaskSpecError
@@ -46,7 +47,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         extra.append(ExplanationError)
     except ImportError:
         pass
-    return (*extra, UserError, ModelFolderError, PipelineError, TaskSpecError, TrainingError, WeightSourceError, ImageReadError,
+    return (*extra, UserError, FewShotError, ModelFolderError, PipelineError, TaskSpecError, TrainingError,
+            WeightSourceError, ImageReadError,
             DataError, KeyError, FileNotFoundError)
 
 
@@ -602,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote header values verbatim
     for noisy in ("PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for own_handler in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -618,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted; `pellucid train` resumes from the last checkpoint in --out", file=sys.stderr)
+        hint = {"train": "; `pellucid train` resumes from the last checkpoint in --out",
+                "predict": "; run the same command again: rows already in --out are kept and skipped"}
+        print(f"interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
     except Exception as err:  # one clear line for what a user can fix
         if os.environ.get("PELLUCID_DEBUG") == "1" or not isinstance(err, _user_errors()):

@@ -160,10 +160,11 @@ def _class_of(path: Path, classes: Sequence[str]) -> str | None:
 
 @dataclass
 class _Source:
-    """One input file and the name it is shown by."""
+    """One input file and the name it is shown by (``problem``: why a folder entry cannot be read)."""
 
     path: Path
     shown: str
+    problem: str = ""
 
 
 class _Reading(torch.utils.data.Dataset):
@@ -235,17 +236,21 @@ class CasePipeline:
         from pellucid.datasets.samples import find_images
 
         roots = [Path(p) for p in paths]
-        files = find_images(roots)
+        problems: list[tuple[Path, str]] = []
+        files = find_images(roots, problems)
         dirs = [r for r in roots if r.is_dir()]
-        out = []
-        for f in files:
-            # a file inside a folder given is named relative to that folder (no server paths in outputs)
-            rel = next((f.relative_to(d).as_posix() for d in dirs if f.is_relative_to(d)), str(f))
-            out.append(_Source(Path(f), rel))
-        return out
+
+        def shown(f: Path) -> str:  # inside a folder given: relative to it (no server paths in outputs)
+            return next((f.relative_to(d).as_posix() for d in dirs if f.is_relative_to(d)), str(f))
+
+        # unreadable sub-folders and link loops are rows too, so nothing is skipped silently
+        return [_Source(Path(f), shown(Path(f))) for f in files] + \
+            [_Source(Path(f), shown(Path(f)), problem=msg) for f, msg in problems]
 
     def _shown_name(self, src: _Source) -> str:
         """The name a Case of ``src`` will carry (hashing DICOM files, whose names are hidden)."""
+        if src.problem:
+            return src.shown
         try:
             if is_dicom(src.path) and not self.include_identifiers:
                 return display_name(src.shown, sha256_file(src.path), True)
@@ -256,6 +261,8 @@ class CasePipeline:
     def _read(self, src: _Source) -> Case:
         """One file → a Case holding its image, or its error (never raises for a bad file)."""
         f = src.path
+        if src.problem:
+            return Case(name=src.shown, error=f"{src.shown}: {src.problem}", path=f)
         try:
             sha = sha256_file(f)
         except OSError as err:

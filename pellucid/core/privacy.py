@@ -9,14 +9,16 @@ the library) names inputs through these functions.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
 import warnings
 from pathlib import Path
 
 from pellucid.datasets.readers import Image, read_image
 
-__all__ = ["SAFE_META", "display_name", "read_quietly", "safe_meta", "scrub_path", "sha256_bytes", "sha256_file"]
+__all__ = ["SAFE_META", "display_name", "header_text_silenced", "read_quietly", "safe_meta", "scrub_path", "sha256_bytes", "sha256_file"]
 
 #: Reader metadata keys that never carry identifiers.
 SAFE_META = ("format", "original_size", "modality", "body_part", "sop_class", "photometric", "window",
@@ -67,8 +69,23 @@ def safe_meta(meta: dict) -> dict:
     return {k: meta[k] for k in SAFE_META if k in meta and meta[k] not in (None, [], "")}
 
 
+@contextlib.contextmanager
+def header_text_silenced():
+    """Silence the channels through which DICOM header text can escape while a file is read:
+    Python warnings (reader caveats) and pydicom's own logger (it logs invalid values verbatim)."""
+    pydicom_log = logging.getLogger("pydicom")
+    was = pydicom_log.disabled
+    pydicom_log.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.disabled = was
+
+
 def read_quietly(path: Path, window: tuple[float, float] | None = None) -> Image:
-    """:func:`read_image` with reader warnings silenced (they can quote header values)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """:func:`read_image` with reader warnings and pydicom's logging silenced (they can quote header
+    values, such as a patient's name in a corrupt Modality)."""
+    with header_text_silenced():
         return read_image(path, window=window)

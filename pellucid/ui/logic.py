@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from pellucid.core.card import ModelCard, as_card
+from pellucid.core.privacy import header_text_silenced
 from pellucid.datasets.readers import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -361,7 +362,8 @@ def read_upload(name: str, data: bytes, *, window: tuple[float, float] | None = 
     if not data:
         return Upload(name=name, sha256=sha, error=f"{name} is empty — upload the file again")
     shown, dicom = name, False
-    with tempfile.TemporaryDirectory(prefix="pellucid-upload-") as tmp:
+    # pydicom logs invalid header values verbatim (a patient's name in a corrupt tag): silenced throughout
+    with tempfile.TemporaryDirectory(prefix="pellucid-upload-") as tmp, header_text_silenced():
         path = Path(tmp) / f"upload{_suffix(name)}"
         try:
             path.write_bytes(data)

@@ -195,3 +195,25 @@ def test_in_memory_arrays_go_through_the_same_checks(tiny_model_dir):
     cases = CasePipeline(pred).from_images([colourful, blank], names=["noise", "blank"])
     assert cases[0].ood.flagged and cases[1].ood.flagged
     assert any("blank" in r for r in cases[1].ood.reasons)
+
+
+def test_unreadable_folders_and_link_loops_are_rows(tiny_model_dir, inputs, tmp_path):
+    import os
+
+    root, files = inputs
+    tree = tmp_path / "tree"
+    (tree / "ok").mkdir(parents=True)
+    shutil.copyfile(files[0], tree / "ok" / "a.png")
+    (tree / "loop").symlink_to(tree / "loop")  # a link to itself
+    (tree / "locked").mkdir()
+    shutil.copyfile(files[1], tree / "locked" / "b.png")
+    os.chmod(tree / "locked", 0)
+    try:
+        cases = list(Predictor(tiny_model_dir).pipeline().from_paths([tree]))
+    finally:
+        os.chmod(tree / "locked", 0o755)
+    by_name = {c.name: c for c in cases}
+    assert not by_name["ok/a.png"].error
+    assert by_name["loop"].error.startswith("loop: ")
+    if os.geteuid() != 0:  # root can read any folder: only then is "locked" readable
+        assert by_name["locked"].error.startswith("locked: ")

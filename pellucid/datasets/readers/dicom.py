@@ -148,7 +148,7 @@ def read_dicom(
             raise ImageReadError(_corrupt_header(p, err)) from err
         finally:
             if caught:
-                logger.debug("pydicom: %d header warning(s) while reading %s", len(caught), p.name)
+                logger.debug("pydicom: %d header warning(s) while reading a DICOM file", len(caught))
     for message in caveats:
         _warn(message)
     return image
@@ -227,7 +227,7 @@ def _read_dicom(
             "the header's rescale/window values or the pixel data are corrupt; re-export it"
         )
     image = Image(np.clip(out, 0.0, 1.0).astype(np.float32, copy=False), meta)
-    logger.debug("read %s: shape %s; %s", p.name, image.array.shape, "; ".join(notes))
+    logger.debug("read a DICOM image: shape %s; %s", image.array.shape, "; ".join(notes))
     return image
 
 

@@ -95,7 +95,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
         "notes": notes,
     }
     image = Image(array, meta)
-    logger.debug("read %s: shape %s; %s", path.name, image.array.shape, "; ".join(notes))
+    logger.debug("read an image: shape %s; %s", image.array.shape, "; ".join(notes))
     return image
 
 
