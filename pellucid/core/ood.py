@@ -39,6 +39,7 @@ __all__ = [
     "OODReference",
     "check_domain",
     "colour_spread",
+    "domain_view",
     "energy_score",
     "fit_reference",
     "forward_with_features",
@@ -174,6 +175,32 @@ def energy_score(logits: np.ndarray | torch.Tensor) -> np.ndarray:
     """Energy ``-logsumexp(logits)`` per row, shape ``(N,)``; higher means less familiar."""
     t = torch.as_tensor(np.asarray(logits, dtype=np.float64)).reshape(-1, np.shape(logits)[-1])
     return (-torch.logsumexp(t, dim=1)).numpy()
+
+
+DOMAIN_VIEW_SIDE = 256  # the image heuristics look at the image shrunk to this longest side
+
+
+def domain_view(image: Image | np.ndarray) -> np.ndarray:
+    """The small RGB view the image heuristics are computed on: uint8-quantised, longest side at most
+    :data:`DOMAIN_VIEW_SIDE` (area averaging), as float32 ``(h, w, 3)`` in [0, 1].
+
+    Idempotent (the view of a view is itself), so a caller that keeps only the view of a large image
+    (the pipeline streaming a folder) gets exactly the check of one that keeps the whole image.
+    """
+    import cv2
+
+    arr = image.rgb if isinstance(image, Image) else np.asarray(image, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    u8 = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    side = max(u8.shape[:2])
+    if side > DOMAIN_VIEW_SIDE:
+        s = DOMAIN_VIEW_SIDE / side
+        size = (max(1, round(u8.shape[1] * s)), max(1, round(u8.shape[0] * s)))
+        u8 = cv2.resize(u8, size, interpolation=cv2.INTER_AREA)
+    return u8.astype(np.float32) / 255.0
 
 
 def colour_spread(rgb: np.ndarray) -> float:
@@ -358,11 +385,7 @@ def check_domain(image: Image | np.ndarray, logits: np.ndarray, probs: np.ndarra
             between chance and certainty (0.75 for two classes).
         distance: the Mahalanobis distance of ``features`` when already computed for a batch.
     """
-    arr = image.rgb if isinstance(image, Image) else np.asarray(image, dtype=np.float32)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
+    arr = domain_view(image)
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     k = p.size
     limit = uncertain_below if uncertain_below is not None else 1.0 / k + 0.5 * (1.0 - 1.0 / k)

@@ -30,7 +30,7 @@ import torch
 
 from pellucid.core.calibration import apply_temperature
 from pellucid.core.card import ModelCard, as_card
-from pellucid.core.ood import GRAY_MODALITIES, OODCheck, check_domain, forward_with_features
+from pellucid.core.ood import GRAY_MODALITIES, OODCheck, check_domain, domain_view, forward_with_features
 from pellucid.core.privacy import display_name, read_quietly, safe_meta, scrub_path, sha256_file
 from pellucid.datasets.readers import DICOM_SUFFIXES, Image, ImageReadError, is_dicom
 
@@ -184,6 +184,9 @@ class _Reading(torch.utils.data.Dataset):
         x = None
         if self.preprocess and case.image is not None:
             x = self.pipeline._preprocess(case)
+            if x is not None and not self.pipeline.keep_images:
+                # only the small view the domain check reads stays in flight (memory per item: ~1 MB)
+                case.image = Image(domain_view(case.image), case.image.meta)
         return case, x
 
 
@@ -350,8 +353,10 @@ class CasePipeline:
         total = len(sources)
         if skip is not None:
             sources = [s for s in sources if not skip(self._shown_name(s))]
-        preprocess_in_workers = self.workers > 0 and getattr(self.predictor, "masker", None) is None
-        reading = _Reading(self, sources, preprocess_in_workers)
+        # preprocessing happens where the file is read (in a worker, when there are workers), so only
+        # model-sized tensors and small domain views are held per batch; a lung-masking model segments
+        # in this process instead
+        reading = _Reading(self, sources, getattr(self.predictor, "masker", None) is None)
         if self.workers > 0 and len(sources) > self.batch_size:
             loader = torch.utils.data.DataLoader(reading, batch_size=self.batch_size, num_workers=self.workers,
                                                  collate_fn=_collate, prefetch_factor=2, persistent_workers=False)
