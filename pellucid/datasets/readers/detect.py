@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pellucid.datasets.readers.common import _pydicom_quiet
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, ImageReadError
 from pellucid.datasets.readers.limits import max_inflated_bytes
 
@@ -59,8 +60,6 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
         _check_deflated(p)
     except ImageReadError:
         return True  # a file meta group with a deflated transfer syntax: DICOM, refused later
-    from pellucid.datasets.readers.common import _pydicom_quiet
-
     try:
         with warnings.catch_warnings(), _pydicom_quiet():
             warnings.simplefilter("ignore")
@@ -120,8 +119,6 @@ def _check_deflated(path: Path) -> None:
     except ImportError:  # another pydicom layout: nothing to guard with
         return
     with path.open("rb") as fh:
-        from pellucid.datasets.readers.common import _pydicom_quiet
-
         try:
             with warnings.catch_warnings(), _pydicom_quiet():
                 warnings.simplefilter("ignore")
