@@ -6,7 +6,7 @@ one model folder per fold and a ``summary.json`` with every headline metric per 
 mean ± sd over folds. :func:`run_training` is what ``pellucid train`` dispatches to: k-fold, an
 ensemble (a recipe with ``members``) or one model.
 
-The output folder is checked like a single run's (:func:`pellucid.core.training.check_run_folder`,
+The output folder is checked like a single run's (:func:`pellucid.core.runs.check_run_folder`,
 kind ``kfold-<k>``): another run there is refused unless ``overwrite``; each fold folder is a run of
 its own, so an interrupted k-fold run continues fold by fold.
 

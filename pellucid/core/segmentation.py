@@ -505,7 +505,7 @@ def train_segmenter(data_dir: str | Path, out: str | Path, *, image_size: int = 
     """
     from pellucid.core.modelfolder import save_model
     from pellucid.core.trainer import seed_everything
-    from pellucid.core.training import check_data_path, check_out_path
+    from pellucid.core.runs import check_data_path, check_out_path
 
     check_data_path(data_dir)  # a file as out, an unwritable or unreadable folder: one line, before any work
     check_out_path(out)
