@@ -160,7 +160,7 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pellucid.core.tasks import get_task
-    from pellucid.core.training import TrainConfig, train
+    from pellucid.core.training import TrainConfig
 
     if args.task.replace("_", "-") in SEGMENTATION_TASKS:
         return cmd_train_segmenter(args)
@@ -225,7 +225,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pellucid.core.modelfolder import read_card
-    from pellucid.core.predict import Predictor, write_predictions_csv
 
     if read_card(args.model).kind == "segmentation":
         from pellucid.core.segmentation import predict_masks
@@ -495,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_model_commands(sub)
+    _add_explain_and_tool_commands(sub)
+    return parser
+
+
+def _add_model_commands(sub) -> None:
+    """``train``, ``eval``, ``predict``: the commands that make and use model folders."""
     p = sub.add_parser("train", help="train a task app's model")
     p.add_argument("task")
     _add_train_args(p)
@@ -528,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_explain_and_tool_commands(sub) -> None:
+    """``explain``, ``report``, ``ui``, ``list``, ``demo``, ``fewshot``, ``export``, ``fit-explainer``."""
     p = sub.add_parser("explain", help="explanation overlays + JSON per image")
     p.add_argument("--model", required=True)
     p.add_argument("--method", help="comma-separated methods (default: the task's explainers)")
@@ -598,8 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--epochs", type=int)
     p.set_defaults(func=_lazy("pellucid.explain.ttame", "run_cli"))
-    return parser
-
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
