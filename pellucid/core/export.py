@@ -112,9 +112,20 @@ def calibration_batches(model_dir: str | Path, card: ModelCard | dict, n_images:
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``path`` (``threads`` intra-op threads; None = runtime default)."""
+    """An ONNX Runtime CPU session for ``path`` (``threads`` intra-op threads; None = runtime default).
+
+    An INT8 graph whose int8 weights use the full 8-bit range (not written by pellucid: its exports
+    are :func:`~pellucid.core.quantize.saturation_safe`) gets a warning on a CPU whose int8 products
+    saturate (x86 without VNNI): its answers there can differ from the ones it was checked with.
+    """
     _require_onnx()
     import onnxruntime as ort
+
+    if cpu_features()["int8_dot"] == "saturating-int16":
+        safe, why = saturation_safe(path)
+        if not safe:
+            warnings.warn(f"{Path(path).name}: {why}, as this CPU does; re-export it with pellucid export --int8 "
+                          "(uint8 weights) or use the fp32 model", stacklevel=2)
 
     opts = ort.SessionOptions()
     if threads:

@@ -129,6 +129,21 @@ def test_full_range_int8_weights_are_flagged_unsafe(exported, model_dir, tmp_pat
     safe, why = saturation_safe(full)
     assert not safe and "overflow on CPUs without VNNI" in why
     assert saturation_safe(exported["fp32"])[0]  # float graphs hold no int8 weights
+    # loading it on a CPU whose int8 products saturate warns (asserted for both kinds of CPU)
+    import warnings
+
+    from pellucid.core import export
+
+    for dot, warns in (("saturating-int16", True), ("vnni", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            orig = export.cpu_features
+            export.cpu_features = lambda dot=dot: {**orig(), "int8_dot": dot}
+            try:
+                onnx_session(full)
+            finally:
+                export.cpu_features = orig
+        assert any("overflow" in str(w.message) for w in caught) == warns, dot
 
 
 def test_int8_below_the_agreement_floor_is_refused_with_one_line(model_dir, tmp_path, monkeypatch, capsys):
