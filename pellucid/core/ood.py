@@ -4,7 +4,10 @@ A classifier always answers, even for a photo of a bottle sent to a chest X-ray 
 says when its answer should not be trusted. Two levels, and the result always says which one ran:
 
 * **Reference check** (preferred). An :class:`OODReference` holds the mean and the Ledoit-Wolf
-  shrunk precision matrix of the model's pooled embeddings on training images, and thresholds at the
+  shrunk precision matrix of the model's pooled embeddings on training images — L2-normalised first:
+  on linear-probe models of the seven apps, against 200 images of the other apps each, that raised
+  the Mahalanobis AUROC from 0.883–1.000 to 0.986–1.000 (sonar 0.883 → 0.986, bpd 0.938 → 0.999,
+  waste 0.969 → 0.986; ``bench/bench_ood.py``) — and thresholds at the
   ``quantile`` (default 99 %) of held-out validation images' Mahalanobis distance (Lee et al., "A
   simple unified framework for detecting out-of-distribution samples and adversarial attacks",
   NeurIPS 2018) and of their energy score (Liu et al., "Energy-based out-of-distribution
@@ -162,13 +165,21 @@ class OODReference:
     n_fit: int
     n_calib: int
     source: str = ""
+    normalize: bool = False
 
     def distance(self, features: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of embeddings ``(N, D)`` → ``(N,)``."""
-        z = np.asarray(features, dtype=np.float64).reshape(-1, self.mean.size) - self.mean
+        """Mahalanobis distance of embeddings ``(N, D)`` → ``(N,)`` (of the L2-normalised embeddings
+        when the reference was fitted on them, ``normalize``)."""
+        f = np.asarray(features, dtype=np.float64).reshape(-1, self.mean.size)
+        z = (_unit(f) if self.normalize else f) - self.mean
         # (z P) · z row by row: one matrix product (an unoptimised three-operand einsum cost as much
         # as the model's forward pass when called per image)
         return np.sqrt(np.maximum(((z @ self.precision) * z).sum(axis=1), 0.0))
+
+
+def _unit(f: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
 def energy_score(logits: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -273,10 +284,10 @@ def fit_reference(model: torch.nn.Module, fit_batches: Sequence[torch.Tensor],
     if feats.shape[0] < 8 or not calib:
         raise ValueError(f"an OOD reference needs at least 8 training and 1 held-out image; got "
                          f"{feats.shape[0]} and {sum(len(c[0]) for c in calib)}")
-    lw = LedoitWolf().fit(feats.astype(np.float64))
+    lw = LedoitWolf().fit(_unit(feats.astype(np.float64)))
     ref = OODReference(mean=lw.location_, precision=lw.precision_, distance_threshold=0.0,
                        energy_threshold=0.0, quantile=quantile, n_fit=int(feats.shape[0]),
-                       n_calib=int(sum(len(c[0]) for c in calib)), source=source)
+                       n_calib=int(sum(len(c[0]) for c in calib)), source=source, normalize=True)
     dist = ref.distance(np.concatenate([c[1] for c in calib]))
     energy = energy_score(np.concatenate([c[0] for c in calib]))
     ref.distance_threshold = float(np.quantile(dist, quantile))
@@ -290,7 +301,8 @@ def save_reference(folder: str | Path, ref: OODReference) -> Path:
 
     path = Path(folder) / REFERENCE_FILE
     meta = {"distance_threshold": ref.distance_threshold, "energy_threshold": ref.energy_threshold,
-            "quantile": ref.quantile, "n_fit": ref.n_fit, "n_calib": ref.n_calib, "source": ref.source}
+            "quantile": ref.quantile, "n_fit": ref.n_fit, "n_calib": ref.n_calib, "source": ref.source,
+            "normalize": ref.normalize}
     save_file({"mean": ref.mean.astype(np.float32), "precision": ref.precision.astype(np.float32)},
               str(path), metadata={"pellucid_ood": json.dumps(meta)})
     return path
@@ -309,7 +321,8 @@ def load_reference(folder: str | Path) -> OODReference | None:
         precision = fh.get_tensor("precision").astype(np.float64)
     return OODReference(mean=mean, precision=precision, distance_threshold=float(meta["distance_threshold"]),
                         energy_threshold=float(meta["energy_threshold"]), quantile=float(meta["quantile"]),
-                        n_fit=int(meta["n_fit"]), n_calib=int(meta["n_calib"]), source=str(meta.get("source", "")))
+                        n_fit=int(meta["n_fit"]), n_calib=int(meta["n_calib"]), source=str(meta.get("source", "")),
+                        normalize=bool(meta.get("normalize", False)))  # references written before: raw embeddings
 
 
 def reference_from_split(folder: str | Path, model: torch.nn.Module, preprocess: Callable[[Image], torch.Tensor],
