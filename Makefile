@@ -31,6 +31,7 @@ demo: $(STAMP)
 # One torch thread per test process: the tests are many small models, where threads cost more than
 # they give (and the DDP test starts two processes on two cores).
 test: $(STAMP)
+	@$(PY) -c "from pellucid.core.quantize import cpu_features; print('pellucid CPU:', cpu_features().summary())"
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests
 
 bench: $(STAMP)
