@@ -623,15 +623,10 @@ class _Bounded:
             self.nbytes -= _nbytes(self._items.pop(next(iter(self._items))))
 
 
-class ExplanationCache:
-    """Explanations by (model, input hash, window, method), so reruns only compute what is new.
+class _SessionCache:
+    """A per-session cache bounded in items and bytes (:class:`_Bounded`)."""
 
-    One cache lives in each visitor's session: it keeps at most ``max_items`` results and
-    ``max_bytes`` of heatmaps (each is ``H x W`` float32 at the image's resolution, so an item is
-    bounded by the upload pixel budget), dropping the oldest first.
-    """
-
-    def __init__(self, max_items: int = 512, max_bytes: int = 256 << 20):
+    def __init__(self, max_items: int, max_bytes: int):
         self._store = _Bounded(max_items, max_bytes)
 
     @property
@@ -640,11 +635,24 @@ class ExplanationCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the heatmaps held."""
+        """Bytes of the arrays held."""
         return self._store.nbytes
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+class ExplanationCache(_SessionCache):
+    """Explanations by (model, input hash, window, method), so reruns only compute what is new.
+
+    One cache lives in each visitor's session: it keeps at most ``max_items`` results and
+    ``max_bytes`` of heatmaps (each is ``H x W`` float32 at the image's resolution, so an item is
+    bounded by the upload pixel budget), dropping the oldest first.
+    """
+
+    def __init__(self, max_items: int = 512, max_bytes: int = 256 << 20):
+        super().__init__(max_items, max_bytes)
+
 
     @staticmethod
     def _key(model_key: str, case: Case, method: str) -> tuple:
@@ -684,26 +692,15 @@ class ExplanationCache:
         return notes
 
 
-class LungMaskCache:
+class LungMaskCache(_SessionCache):
     """Lung masks by (segmenter, input hash, window), so reruns (a moved slider) do not segment again.
 
     Bounded like :class:`ExplanationCache`: ``max_items`` masks and ``max_bytes`` of them.
     """
 
     def __init__(self, max_items: int = 256, max_bytes: int = 64 << 20):
-        self._store = _Bounded(max_items, max_bytes)
+        super().__init__(max_items, max_bytes)
 
-    @property
-    def max_items(self) -> int:
-        return self._store.max_items
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the masks held."""
-        return self._store.nbytes
-
-    def __len__(self) -> int:
-        return len(self._store)
 
     def attach(self, segmenter, cases: Sequence[Case], segmenter_key: str) -> list[str]:
         """Give every readable case its lung mask (``case.lung_mask``), segmenting the missing ones.
