@@ -153,6 +153,11 @@ def default_domain_policy(card: ModelCard | dict) -> str:
     return "withhold" if modality in GRAY_MODALITIES or modality == "HISTOPATHOLOGY" else "label"
 
 
+def is_dicom_name(path: Path) -> bool:
+    """Whether a file's name says DICOM (its name is then hidden unless identifiers are asked for)."""
+    return path.suffix.lower() in DICOM_SUFFIXES
+
+
 def _class_of(path: Path, classes: Sequence[str]) -> str | None:
     folded = {c.casefold(): c for c in classes}
     return folded.get(path.parent.name.casefold())
@@ -263,14 +268,24 @@ class CasePipeline:
 
     def _read(self, src: _Source) -> Case:
         """One file → a Case holding its image, or its error (never raises for a bad file)."""
+        try:
+            return self._read_file(src)
+        except (ImageReadError, OSError, ValueError, MemoryError) as err:  # past the readers' own guards
+            # Every input is one row, whatever happens: the message names the file as shown and the
+            # kind of failure only (an exception's text could quote header values).
+            log.debug("unexpected failure reading an input", exc_info=True)
+            shown = "DICOM file" if is_dicom_name(src.path) and not self.include_identifiers else src.shown
+            return Case(name=shown, path=src.path,
+                        error=f"{shown}: could not be read ({type(err).__name__}); check the file, or re-export it")
+
+    def _read_file(self, src: _Source) -> Case:
         f = src.path
         if src.problem:
             return Case(name=src.shown, error=f"{src.shown}: {src.problem}", path=f)
         try:
             sha = sha256_file(f)
         except OSError as err:
-            dicom_name = f.suffix.lower() in DICOM_SUFFIXES and not self.include_identifiers
-            shown = "DICOM file" if dicom_name else src.shown
+            shown = "DICOM file" if is_dicom_name(f) and not self.include_identifiers else src.shown
             return Case(name=shown, error=f"{shown}: cannot be opened ({err.strerror or err})", path=f)
         dcm = is_dicom(f)
         name = display_name(src.shown, sha, dcm, self.include_identifiers)
@@ -293,6 +308,11 @@ class CasePipeline:
             return self.predictor.preprocess(case.image)
         except (ValueError, ImageReadError) as err:  # e.g. an image too small for a lung crop
             case.error = scrub_path(f"{case.name}: cannot be prepared for this model ({err})", case.path, case.name)
+            case.image = None
+            return None
+        except (RuntimeError, MemoryError) as err:  # a failure inside the model's preprocessing: one row
+            log.debug("preprocessing failed", exc_info=True)
+            case.error = f"{case.name}: cannot be prepared for this model ({type(err).__name__})"
             case.image = None
             return None
 

@@ -217,3 +217,21 @@ def test_unreadable_folders_and_link_loops_are_rows(tiny_model_dir, inputs, tmp_
     assert by_name["loop"].error.startswith("loop: ")
     if os.geteuid() != 0:  # root can read any folder: only then is "locked" readable
         assert by_name["locked"].error.startswith("locked: ")
+
+
+def test_an_unexpected_reader_failure_is_one_row_not_a_lost_run(tiny_model_dir, inputs, monkeypatch):
+    import pellucid.core.pipeline as pipeline_mod
+
+    root, files = inputs
+
+    def boom(path):
+        if path.name.startswith("CT_"):
+            raise MemoryError("SECRET123 in a message that must not be quoted")
+        return False
+
+    monkeypatch.setattr(pipeline_mod, "is_dicom", boom)
+    cases = list(Predictor(tiny_model_dir).pipeline().from_paths(files))
+    assert len(cases) == len(files)
+    bad = [c for c in cases if c.error]
+    assert len(bad) == 1 and "MemoryError" in bad[0].error and "SECRET123" not in bad[0].error
+    assert bad[0].name == "DICOM file"
