@@ -289,19 +289,8 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
         raise unknown_name_error("inference backend", backend, list(BACKENDS))
     shape = tuple(int(s) for s in shape)
     on_cpu = model_device(model).type == "cpu"
-    if backend == "onnxruntime" and not onnxruntime_available():
-        raise ValueError("the onnxruntime backend needs the packages onnx and onnxruntime: "
-                         "pip install 'pellucid[export]'")
-    if backend == "onnxruntime" and not on_cpu:
-        raise ValueError("the onnxruntime backend runs on the CPU; move the model to the CPU or use backend='torch'")
-    want = "onnxruntime" if backend == "onnxruntime" or (backend == "auto" and on_cpu and onnxruntime_available()) \
-        else "torch"
+    want = _backend_for(backend, on_cpu, int8_calibration is not None, bfloat16)
     int8 = int8_calibration is not None
-    if int8 and bfloat16:
-        raise ValueError("ask for INT8 (int8_calibration=) or bfloat16, not both")
-    if int8 and (want != "onnxruntime" or not on_cpu):
-        raise ValueError("INT8 inference needs ONNX Runtime on the CPU: pip install 'pellucid[export]' and keep the "
-                         "model on the CPU, or use float32")
     mode = "int8" if int8 else "bfloat16" if bfloat16 else "float32"
     graph_key = (shape, model_device(model).type, _state_version(model))  # what the exported graph depends on
     key = (want, *graph_key, mode)
@@ -333,24 +322,45 @@ def fast_forward(model: nn.Module, shape: tuple[int, ...], backend: str = "auto"
                 log.info("OpenVINO bfloat16 runner failed (%s: %s); using torch autocast", type(err).__name__, err)
         entries[mode] = {"key": key, "runner": runner}
         return runner
-    runner = _TorchRunner(model)
-    if want == "onnxruntime":
-        try:
-            candidate = _OrtRunner(graph())
-            diff = _check(candidate, model, shape, tol)
-            if diff <= tol:
-                runner = candidate
-            elif backend == "onnxruntime":
-                raise ValueError(f"the ONNX graph of this model differs from it (relative max |logit diff| {diff:.2e} "
-                                 f"> {tol:.0e}); use backend='torch'")
-            else:
-                log.info("ONNX Runtime graph differs from the model (%.2e); using torch", diff)
-        except ValueError:
-            raise
-        except Exception as err:  # an operator the exporter cannot handle: eager torch still works
-            if backend == "onnxruntime":
-                raise ValueError(f"this model cannot run on ONNX Runtime ({type(err).__name__}: {str(err)[:200]}); "
-                                 "use backend='torch'") from None
-            log.info("ONNX export for the fast path failed (%s: %s); using torch", type(err).__name__, err)
+    runner = _float32_runner(model, shape, graph, backend, tol) if want == "onnxruntime" else _TorchRunner(model)
     entries[mode] = {"key": key, "runner": runner}
     return runner
+
+
+def _backend_for(backend: str, on_cpu: bool, int8: bool, bfloat16: bool) -> str:
+    """What runs the passes (``"onnxruntime"`` or ``"torch"``) for the request; ValueError when impossible."""
+    if backend == "onnxruntime" and not onnxruntime_available():
+        raise ValueError("the onnxruntime backend needs the packages onnx and onnxruntime: "
+                         "pip install 'pellucid[export]'")
+    if backend == "onnxruntime" and not on_cpu:
+        raise ValueError("the onnxruntime backend runs on the CPU; move the model to the CPU or use backend='torch'")
+    want = "onnxruntime" if backend == "onnxruntime" or (backend == "auto" and on_cpu and onnxruntime_available()) \
+        else "torch"
+    if int8 and bfloat16:
+        raise ValueError("ask for INT8 (int8_calibration=) or bfloat16, not both")
+    if int8 and (want != "onnxruntime" or not on_cpu):
+        raise ValueError("INT8 inference needs ONNX Runtime on the CPU: pip install 'pellucid[export]' and keep the "
+                         "model on the CPU, or use float32")
+    return want
+
+
+def _float32_runner(model: nn.Module, shape: tuple[int, ...], graph: Callable[[], bytes], backend: str, tol: float):
+    """The ONNX Runtime float32 runner when its graph reproduces the model, else eager torch (or, when
+    ONNX Runtime was asked for by name, a ValueError saying why not)."""
+    try:
+        candidate = _OrtRunner(graph())
+        diff = _check(candidate, model, shape, tol)
+        if diff <= tol:
+            return candidate
+        if backend == "onnxruntime":
+            raise ValueError(f"the ONNX graph of this model differs from it (relative max |logit diff| {diff:.2e} "
+                             f"> {tol:.0e}); use backend='torch'")
+        log.info("ONNX Runtime graph differs from the model (%.2e); using torch", diff)
+    except ValueError:
+        raise
+    except Exception as err:  # an operator the exporter cannot handle: eager torch still works
+        if backend == "onnxruntime":
+            raise ValueError(f"this model cannot run on ONNX Runtime ({type(err).__name__}: {str(err)[:200]}); "
+                             "use backend='torch'") from None
+        log.info("ONNX export for the fast path failed (%s: %s); using torch", type(err).__name__, err)
+    return _TorchRunner(model)
