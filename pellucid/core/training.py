@@ -232,7 +232,9 @@ def _history_callback():
         def __init__(self):
             self.rows: list[dict] = []
 
-        def on_validation_epoch_end(self, trainer, pl_module):
+        # After the epoch's validation, when the epoch's own training loss has been reduced: recorded at
+        # validation end, each row carried the previous epoch's train_loss and the first had none.
+        def on_train_epoch_end(self, trainer, pl_module):
             if trainer.sanity_checking:
                 return
             m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

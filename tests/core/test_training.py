@@ -186,3 +186,21 @@ def test_same_recipe_and_seed_give_the_same_weights(tmp_path):
         weights.append(load_file(tmp_path / run / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_history_gives_each_epoch_its_own_training_loss(tmp_path):
+    """history.json (the training-curve plot's data) matches Lightning's own log epoch by epoch."""
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    out = tmp_path / "h"
+    cfg = TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(out), backbone="test_resnet",
+                                pretrained=False, image_size=64, epochs=2, max_images=40, batch_size=8,
+                                progress=False, n_boot=0, finetune="full")
+    train(cfg)
+    history = [r for r in json.loads((out / "history.json").read_text()) if r.get("epoch", -1) >= 0]
+    logged = {int(r["epoch"]): float(r["train_loss"]) for r in csv.DictReader(open(next(out.glob("logs/*/metrics.csv"))))
+              if r["train_loss"]}
+    assert [r["epoch"] for r in history] == sorted(logged) == [0, 1]  # every epoch, the last one too
+    for r in history:
+        assert r["train_loss"] == pytest.approx(logged[r["epoch"]], rel=1e-6)
