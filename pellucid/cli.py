@@ -294,7 +294,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         from pellucid.core.backbones import get_backbone_spec, list_backbones
 
         print("backbones:")
-        for n in list_backbones():
+        for n in list_backbones(include_tests=False):  # test_resnet is a test fixture, not a choice
             s = get_backbone_spec(n)
             print(f"  {n:20s} {s.input_size:4d}px  dim {s.embedding_dim:5d}  cam {s.cam_layer:16s} "
                   f"weights: {', '.join(s.weight_sources)}")

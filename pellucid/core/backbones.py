@@ -50,6 +50,7 @@ class BackboneSpec:
         stages: dotted paths of the blocks progressive fine-tuning unfreezes, input to output.
         weight_sources: ordered names of the weight sources that can serve this network.
         family: a short family label (resnet, efficientnet, vgg, ...).
+        for_tests: a tiny network for tests and smoke runs (not offered to users by ``pellucid list``).
     """
 
     name: str
@@ -64,6 +65,7 @@ class BackboneSpec:
     weight_sources: tuple[str, ...] = ("checkpoint", "timm")
     family: str = ""
     timm_kwargs: dict = field(default_factory=dict, hash=False, compare=False)
+    for_tests: bool = False
 
     def to_dict(self) -> dict:
         """JSON-friendly description (used in model cards and ``pellucid list``)."""
@@ -99,9 +101,10 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     return _REGISTRY.get(name)
 
 
-def list_backbones() -> list[str]:
-    """Registered backbone names, sorted."""
-    return _REGISTRY.names()
+def list_backbones(include_tests: bool = True) -> list[str]:
+    """Registered backbone names, sorted (``include_tests=False`` leaves out the tiny test networks)."""
+    names = _REGISTRY.names()
+    return names if include_tests else [n for n in names if not get_backbone_spec(n).for_tests]
 
 
 class Backbone(nn.Module):
@@ -191,10 +194,11 @@ class ShallowCNN(nn.Module):
 
 
 def _timm(name: str, arch: str, dim: int, cam: str, taps: tuple[str, ...], stages: tuple[str, ...],
-          family: str, sources: tuple[str, ...] = ("checkpoint", "timm"), size: int = 224, **kw) -> None:
+          family: str, sources: tuple[str, ...] = ("checkpoint", "timm"), size: int = 224, for_tests: bool = False,
+          **kw) -> None:
     register_backbone(BackboneSpec(name=name, arch=arch, input_size=size, embedding_dim=dim, cam_layer=cam,
                                    tap_layers=taps, stages=stages, family=family, weight_sources=sources,
-                                   timm_kwargs=kw))
+                                   timm_kwargs=kw, for_tests=for_tests))
 
 
 _RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
@@ -225,7 +229,7 @@ _timm("densenet121", "densenet121", 1024, "features.norm5",
        "features.denseblock4"), "densenet")
 # A very small timm network for tests and smoke runs.
 _timm("test_resnet", "test_resnet.r160_in1k", 96, "layer4", ("layer2", "layer3", "layer4"),
-      ("conv1", "layer1", "layer2", "layer3", "layer4"), "resnet", size=64)
+      ("conv1", "layer1", "layer2", "layer3", "layer4"), "resnet", size=64, for_tests=True)
 
 register_backbone(
     BackboneSpec(name="shallow_cnn", arch="pellucid:shallow_cnn", input_size=32, embedding_dim=128,

@@ -78,3 +78,13 @@ def test_checkpoint_source_from_model_folder(tiny_model_dir):
 def test_checkpoint_of_other_backbone_is_refused(tiny_model_dir):
     with pytest.raises(WeightSourceError, match="does not match backbone"):
         create_backbone("resnet18", checkpoint=str(tiny_model_dir))
+
+
+def test_the_test_network_is_not_offered_to_users(capsys):
+    from pellucid.cli import main
+    from pellucid.core.backbones import list_backbones
+
+    assert "test_resnet" in list_backbones() and "test_resnet" not in list_backbones(include_tests=False)
+    assert main(["list", "backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0" in out and "test_resnet" not in out
