@@ -142,9 +142,9 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
     known = set(SegConfig.__dataclass_fields__)
     bad = sorted(set(over) - known - classifier_only)
     if bad:
-        import difflib
+        from pellucid.registry import close_matches
 
-        close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+        close = close_matches(bad[0], sorted(known), n=1)
         raise UserError(f"unknown segmentation option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     folder = train_segmenter(data, out, **{k: v for k, v in over.items() if k in known})
     from pellucid.core.card import read_card
@@ -181,11 +181,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     known = set(TrainConfig.__dataclass_fields__)
     bad = sorted(set(over) - known)
     if bad:
-        import difflib
+        from pellucid.registry import close_matches
 
-        close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+        close = close_matches(bad[0], sorted(known), n=1)
         raise UserError(f"unknown training option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     cfg = TrainConfig.from_task(task, str(data), str(out), **over)
+    if cfg.members and getattr(args, "backbone", None):  # the members name their own backbones
+        raise UserError(f"--backbone {args.backbone}: the {task.name} recipe is an ensemble of "
+                        f"{len(cfg.members)} members, each with its own backbone; give a config whose members "
+                        "use it (see pellucid/apps/<task>/*.toml), or one with members = [] to train one model")
     from pellucid.core.kfold import run_training
 
     try:

@@ -204,3 +204,10 @@ def test_history_gives_each_epoch_its_own_training_loss(tmp_path):
     assert [r["epoch"] for r in history] == sorted(logged) == [0, 1]  # every epoch, the last one too
     for r in history:
         assert r["train_loss"] == pytest.approx(logged[r["epoch"]], rel=1e-6)
+
+
+def test_backbone_flag_on_an_ensemble_recipe_is_refused_not_ignored(tmp_path, capsys):
+    data_dir("snow")
+    assert main(["train", "snow", "--backbone", "resnet50", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ensemble of 2 members" in err and "\n" not in err and not (tmp_path / "s").exists()
