@@ -357,3 +357,9 @@ def test_pdf_falls_back_to_fpdf2_without_a_working_chromium(single_context, tmp_
         render_pdf(ctx, engine="chromium")
     with pytest.raises(ReportError, match="unknown PDF engine 'weasy'"):
         render_pdf(ctx, engine="weasy")
+
+
+@pytest.mark.parametrize("p, text", [(0.99997, "> 99.9%"), (0.5, "50.0%"), (0.0004, "< 0.1%"), (1.0, "100.0%"),
+                                     (None, ""), (float("nan"), "")])
+def test_probabilities_never_round_to_certainty(p, text):
+    assert report.probability_text(p) == text

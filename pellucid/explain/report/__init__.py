@@ -36,6 +36,7 @@ from pellucid.explain.report.card import (
     card_rows,
     intended_use,
     metric_rows,
+    probability_text,
     threshold_text,
 )
 from pellucid.explain.pipeline import SCORE_METRICS as REPORT_METRICS
@@ -91,6 +92,7 @@ __all__ = [
     "select_gallery",
     "share_items",
     "sha256_bytes",
+    "probability_text",
     "threshold_text",
     "write_cases_csv",
     "write_report",

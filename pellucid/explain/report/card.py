@@ -11,13 +11,26 @@ import numpy as np
 
 from pellucid.core.card import ModelCard, WeightSource, as_card
 
-__all__ = ["DEFAULT_INTENDED_USE", "card_rows", "intended_use", "metric_rows", "threshold_text"]
+__all__ = ["DEFAULT_INTENDED_USE", "card_rows", "intended_use", "metric_rows", "probability_text", "threshold_text"]
 
 DEFAULT_INTENDED_USE = "Research use only. Not a diagnostic device; every result needs review by a qualified person."
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def probability_text(p: Any) -> str:
+    """A probability as a percentage that never claims certainty the model does not have: above
+    99.9 % and below 100 % reads "> 99.9 %", between 0 and 0.1 % "< 0.1 %" ("" for a missing value)."""
+    if p is None or not _is_number(p) or not math.isfinite(float(p)):
+        return ""
+    p = float(p)
+    if 0.999 < p < 1.0:
+        return "> 99.9%"
+    if 0.0 < p < 0.001:
+        return "< 0.1%"
+    return f"{p:.1%}"
 
 
 def intended_use(card: ModelCard | dict) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pellucid
+from pellucid.explain.report.card import probability_text
 
 __all__ = ["render_pdf_layout"]
 
@@ -213,7 +214,7 @@ def _case(doc: _PDF, ctx: dict, c: dict) -> None:
         doc.text("Could not be read: " + c["error"], colour=(160, 0, 0))
         return
     top = [p for _, p, is_top in c["probs"] if is_top]
-    label_line = f"Predicted: {c['label']}" + (f"  ({top[0]:.1%})" if top else "")
+    label_line = f"Predicted: {c['label']}" + (f"  ({probability_text(top[0])})" if top else "")
     if c.get("true_label"):
         label_line += f"   ·   folder label: {c['true_label']}"
     doc.text(label_line, 12, bold=True)
@@ -242,7 +243,7 @@ def _case(doc: _PDF, ctx: dict, c: dict) -> None:
 
 
 def _card_caption(c: dict) -> str:
-    cap = f"{c['name']}\n{c['label']} {c['confidence']:.1%}"
+    cap = f"{c['name']}\n{c['label']} {probability_text(c['confidence'])}"
     if c["true_label"]:
         cap += f" · true {c['true_label']}" + (" ✓" if c["correct"] else " ✗")
     if c["ood"]:

@@ -5,10 +5,9 @@ and every image embedded as a base64 PNG.
 from __future__ import annotations
 
 import base64
-import math
 from pathlib import Path
 
-from pellucid.explain.report.card import _is_number
+from pellucid.explain.report.card import probability_text
 
 __all__ = ["render_html"]
 
@@ -26,5 +25,5 @@ def render_html(ctx: dict) -> str:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
     env.filters["datauri"] = _datauri
-    env.filters["pct"] = lambda v: "" if v is None or not _is_number(v) or not math.isfinite(v) else f"{v:.1%}"
+    env.filters["pct"] = probability_text
     return env.get_template("report.html.j2").render(**ctx)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pellucid.explain.report import available_methods, threshold_text
+from pellucid.explain.report import available_methods, probability_text, threshold_text
 from pellucid.ui import common, logic
 
 
@@ -143,7 +143,7 @@ for case, up in zip(cases, uploads):
                             f"{threshold_text(card)}")
             else:
                 st.markdown(f"### Predicted{flag}: **{case.label}**")
-                st.markdown(f"{case.confidence:.1%} calibrated probability · decision: {threshold_text(card)}")
+                st.markdown(f"{probability_text(case.confidence)} calibrated probability · decision: {threshold_text(card)}")
             if case.ood and case.ood.uncertain and not case.ood.flagged:
                 st.warning("Low confidence: the top probability is close to chance.",
                            icon=":material/help:")
