@@ -186,8 +186,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         close = close_matches(bad[0], sorted(known), n=1)
         raise UserError(f"unknown training option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     cfg = TrainConfig.from_task(task, str(data), str(out), **over)
-    if cfg.members and getattr(args, "backbone", None):  # the members name their own backbones
-        raise UserError(f"--backbone {args.backbone}: the {task.name} recipe is an ensemble of "
+    flag = getattr(args, "backbone", None)
+    if cfg.members and flag and any(dict(m).get("backbone") != flag for m in cfg.members):
+        # the members name their own backbones: a different one in the flag would be silently ignored
+        raise UserError(f"--backbone {flag}: the {task.name} recipe is an ensemble of "
                         f"{len(cfg.members)} members, each with its own backbone; give a config whose members "
                         "use it (see pellucid/apps/<task>/*.toml), or one with members = [] to train one model")
     from pellucid.core.kfold import run_training
