@@ -8,6 +8,7 @@ line on stderr and exit status 2 — never a traceback. ``PELLUCID_DEBUG=1`` sho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -250,8 +251,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_classifier(args: argparse.Namespace) -> int:
     """Stream Cases of the inputs into the predictions CSV (or stdout); resumable; exit 1 if any input failed."""
-    from tqdm.auto import tqdm
-
     from pellucid.core.pipeline import CaseWriter
     from pellucid.core.predict import Predictor
 
@@ -259,15 +258,10 @@ def _predict_classifier(args: argparse.Namespace) -> int:
     pred = Predictor(args.model, device=args.device)
     pipe = pred.pipeline(batch_size=args.batch_size, workers=args.workers, policy=args.domain_policy,
                          include_identifiers=args.include_identifiers, keep_images=False)
-    bar = tqdm(total=1.0, desc="predicting", leave=False, bar_format="{l_bar}{bar}| {elapsed}", disable=out is None)
     with CaseWriter(out, pred.classes, resume=not args.no_resume, stream=None if out else sys.stdout) as w:
-        def progress(fraction: float, text: str) -> None:
-            bar.n = fraction
-            bar.set_postfix_str(text, refresh=True)
-
-        for case in pipe.from_paths(args.paths, skip=w.done, progress=progress):
-            w.write(case)
-        bar.close()
+        with _progress_bar("predicting", disable=out is None) as progress:  # no bar in a CSV on stdout
+            for case in pipe.from_paths(args.paths, skip=w.done, progress=progress):
+                w.write(case)
         if out is not None:
             resumed = f" (resumed: {w.resumed} earlier rows kept)" if w.resumed else ""
             print(f"{w.rows} rows written to {out}{resumed}; {w.flagged} flagged out of domain "
@@ -382,12 +376,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+@contextlib.contextmanager
+def _progress_bar(desc: str, disable: bool = False):
+    """A ``progress(fraction, text)`` callback drawing one tqdm bar on stderr (closed on exit)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1.0, desc=desc, leave=False, bar_format="{l_bar}{bar}| {elapsed} {postfix}", disable=disable)
+
+    def progress(fraction: float, text: str) -> None:
+        bar.n = min(max(float(fraction), 0.0), 1.0)
+        bar.set_postfix_str(text, refresh=True)
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pellucid.explain.report import write_report
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    paths = write_report(args.model, args.paths, methods=methods, out_dir=args.out or "runs/report",
-                         include_identifiers=args.include_identifiers, lung_segmenter=args.segmenter)
+    with _progress_bar("report") as progress:  # predicting, explaining and laying out can take minutes
+        paths = write_report(args.model, args.paths, methods=methods, out_dir=args.out or "runs/report",
+                             include_identifiers=args.include_identifiers, lung_segmenter=args.segmenter,
+                             progress=progress)
     for p in paths:
         print(f"written: {p}")
     return 0
