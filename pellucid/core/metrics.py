@@ -476,6 +476,9 @@ def classification_metrics(
 
     boot = _bootstrap(y, pred, p, positive_index, n_boot, seed) if n_boot > 0 else None
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    metrics = _with_intervals(values, boot, n_boot, ci)
+    if n_boot > 0:
+        _wilson_for_proportions(metrics, cm, positive_index, ci)
     return {
         "n": int(y.size),
         "classes": classes,
@@ -483,10 +486,36 @@ def classification_metrics(
         "positive_index": positive_index,
         "ci": float(ci),
         "n_boot": int(n_boot),
-        "metrics": _with_intervals(values, boot, n_boot, ci),
+        "metrics": metrics,
         "confusion_matrix": cm.astype(int).tolist(),
         "per_class": _per_class(y, pred, classes),
     }
+
+
+def _wilson_for_proportions(metrics: dict, cm: np.ndarray, positive_index: int | None, ci: float) -> None:
+    """Score (Wilson) intervals for the metrics that are plain proportions of cases: accuracy, and for
+    a binary task sensitivity, specificity and precision (in place; ``interval`` says which kind).
+
+    The percentile bootstrap collapses at small n: 6 of 6 correct gives [1.000, 1.000], as if six
+    cases proved perfection; the Wilson interval for 6 of 6 is [0.61, 1.00]. Other metrics keep the
+    bootstrap (``interval: "bootstrap"``).
+    """
+    from scipy.stats import binomtest
+
+    counts = {"accuracy": (int(np.trace(cm)), int(cm.sum()))}
+    if positive_index is not None:
+        pos, neg = positive_index, 1 - positive_index
+        counts.update(sensitivity=(int(cm[pos, pos]), int(cm[pos].sum())),
+                      specificity=(int(cm[neg, neg]), int(cm[neg].sum())),
+                      precision=(int(cm[pos, pos]), int(cm[:, pos].sum())))
+    for name, row in metrics.items():
+        if row.get("value") is None:  # undefined: no interval of either kind
+            continue
+        row["interval"] = "bootstrap"
+        if name in counts and counts[name][1] > 0:
+            k, n = counts[name]
+            lo, hi = binomtest(k, n).proportion_ci(confidence_level=ci, method="wilson")
+            row.update(low=float(lo), high=float(hi), interval="wilson")
 
 
 def _checked_inputs(

@@ -329,3 +329,16 @@ def test_no_runtime_warnings_from_nan_handling() -> None:
         warnings.simplefilter("always")
         classification_metrics(y, probs, ["a", "b"], n_boot=50)
     assert not [w for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_proportions_get_score_intervals_that_do_not_collapse_at_small_n() -> None:
+    """6 of 6 correct is not proof of perfection: accuracy, sensitivity, specificity and precision get
+    Wilson intervals (6/6 → [0.61, 1.00]); the other metrics keep the bootstrap and say so."""
+    y = [0, 0, 0, 1, 1, 1]
+    probs = np.array([[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 3)
+    m = classification_metrics(y, probs, ["a", "b"], n_boot=200)["metrics"]
+    assert m["accuracy"]["interval"] == "wilson" and m["accuracy"]["low"] == pytest.approx(0.6097, abs=1e-4)
+    for name in ("sensitivity", "specificity", "precision"):  # 3 of 3
+        assert m[name]["interval"] == "wilson" and m[name]["low"] == pytest.approx(0.4385, abs=1e-4)
+        assert m[name]["high"] == 1.0
+    assert m["auroc"]["interval"] == "bootstrap"
