@@ -83,6 +83,11 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=level)
 
 
+def _out_of_memory(path: Path, doing: str = "decoding") -> ImageReadError:
+    """The one-line refusal when reading ``path`` ran out of memory while ``doing`` something."""
+    return ImageReadError(f"{path}: ran out of memory while {doing} — lower PELLUCID_MAX_PIXELS or reduce the image")
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     if len(text) > 160:

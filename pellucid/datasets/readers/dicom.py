@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _check_file, _check_window, _pydicom_quiet, _warn
+from pellucid.datasets.readers.common import _check_file, _check_window, _out_of_memory, _pydicom_quiet, _warn
 from pellucid.datasets.readers.detect import (
     _DICOM_INSTALL_HINT,
     _check_deflated,
@@ -140,10 +140,7 @@ def read_dicom(
         except ImageReadError:
             raise
         except MemoryError as err:
-            raise ImageReadError(
-                f"{p}: ran out of memory while decoding — lower PELLUCID_MAX_PIXELS or reduce the "
-                "image"
-            ) from err
+            raise _out_of_memory(p) from err
         except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt headers
             raise ImageReadError(_corrupt_header(p, err)) from err
         finally:
@@ -237,10 +234,7 @@ def _parse(pydicom: Any, p: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(p, force=True)
     except MemoryError as err:
-        raise ImageReadError(
-            f"{p}: ran out of memory while parsing DICOM — the file is too large; lower "
-            "PELLUCID_MAX_PIXELS or reduce it"
-        ) from err
+        raise _out_of_memory(p, "parsing the DICOM header") from err
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt files
         raise ImageReadError(
             f"{p}: could not be parsed as DICOM: the header is corrupt or the file truncated "
@@ -540,10 +534,7 @@ def _decode_frame(
             decoder = get_decoder(tsyntax)
             arr, props = decoder.as_array(ds, index=frame, **as_pixel_options(ds))
     except MemoryError as err:
-        raise ImageReadError(
-            f"{path}: ran out of memory while decoding the pixel data — lower "
-            "PELLUCID_MAX_PIXELS or reduce the image"
-        ) from err
+        raise _out_of_memory(path, "decoding the pixel data") from err
     except Exception as err:  # noqa: BLE001 - decoders raise many types on bad data
         raise ImageReadError(
             f"{path}: pixel data could not be decoded ({type(err).__name__}) — the file is "

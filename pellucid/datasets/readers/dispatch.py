@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _check_file, _check_window, _warn
+from pellucid.datasets.readers.common import _check_file, _check_window, _out_of_memory, _warn
 from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
@@ -72,10 +72,7 @@ def read_image(
     except ImageReadError:
         raise
     except MemoryError as err:
-        raise ImageReadError(
-            f"{p}: ran out of memory while decoding — lower PELLUCID_MAX_PIXELS or reduce the "
-            "image"
-        ) from err
+        raise _out_of_memory(p) from err
     except Exception as err:  # noqa: BLE001 - the door: nothing but ImageReadError leaves it
         kind = "DICOM header" if p.suffix.lower() in DICOM_SUFFIXES else "file"
         raise ImageReadError(

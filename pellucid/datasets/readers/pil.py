@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _min_max, _warn
+from pellucid.datasets.readers.common import _min_max, _out_of_memory, _warn
 from pellucid.datasets.readers.image import Image, ImageReadError
 from pellucid.datasets.readers.limits import max_pixels, reduction_factor
 
@@ -75,10 +75,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
             "reduce it first, or raise PELLUCID_MAX_PIXELS if it really is an image"
         ) from err
     except MemoryError as err:
-        raise ImageReadError(
-            f"{path}: ran out of memory while decoding — reduce the image or lower "
-            "PELLUCID_MAX_PIXELS"
-        ) from err
+        raise _out_of_memory(path) from err
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         raise ImageReadError(
             f"{path}: could not be decoded: the file is corrupt, truncated or not really a "
