@@ -1,8 +1,10 @@
 """Evaluation of a model folder on a labelled data folder: metrics JSON with intervals, and plots.
 
 ``pellucid eval --model DIR --data DIR`` runs :func:`evaluate`: every image is predicted with the
-card's preprocessing, calibration and threshold; metrics carry 95 % bootstrap intervals; the ROC
-curve, confusion matrix and reliability diagram are written as PNG beside ``metrics.json``.
+card's preprocessing, calibration and threshold; metrics carry 95 % intervals (Wilson for
+proportions, bootstrap for the rest) or, with too few labelled inputs, a note that says so instead
+(:mod:`pellucid.core.intervals`); the ROC curve, confusion matrix and reliability diagram are
+written as PNG beside ``metrics.json``. :func:`pellucid.core.metrics.format_metrics` renders the result.
 """
 from __future__ import annotations
 

@@ -3,8 +3,10 @@
 This module owns how a set of predicted probabilities becomes reportable numbers: the decision
 rule (:func:`decide`, with an optional threshold on the positive class), the choice of that
 threshold from validation data (:func:`choose_threshold`), and the headline metrics with
-percentile-bootstrap intervals (:func:`classification_metrics`, rendered by
-:func:`format_metrics`). Point estimates come from scikit-learn. The bootstrap recomputes the same
+confidence intervals (:func:`classification_metrics`, rendered by :func:`format_metrics` and
+:func:`format_metric` from :mod:`pellucid.core.metric_text`). Which interval a metric gets — Wilson
+for proportions, the percentile bootstrap for the rest, none with a "too few labelled inputs" note
+below a minimum count — is :mod:`pellucid.core.intervals`. Point estimates come from scikit-learn. The bootstrap recomputes the same
 definitions from per-resample confusion matrices and weighted Mann-Whitney sums, because calling
 scikit-learn once per resample and metric is two orders of magnitude too slow for 1000 resamples;
 ``tests/core/test_metrics.py`` checks that both paths agree.
@@ -32,6 +34,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pellucid.core.intervals import (MIN_LABELLED, MIN_PER_CLASS, PROPORTION_METRICS, apply_wilson,
+                                    small_sample_notes)
+from pellucid.core.metric_text import format_metric, format_metrics
 from pellucid.registry import did_you_mean
 
 __all__ = [
@@ -41,6 +46,9 @@ __all__ = [
     "decide",
     "classification_metrics",
     "format_metrics",
+    "format_metric",
+    "MIN_LABELLED",
+    "MIN_PER_CLASS",
 ]
 
 THRESHOLD_POLICIES = ("argmax", "youden", "sensitivity")
@@ -429,14 +437,22 @@ def classification_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    min_n: int = MIN_LABELLED,
+    min_per_class: int = MIN_PER_CLASS,
 ) -> dict:
-    """Headline classification metrics with percentile-bootstrap confidence intervals.
+    """Headline classification metrics with confidence intervals that hold at small n.
 
     For a binary task precision, sensitivity, specificity, f1 and auroc are for the positive class;
     for more classes they are macro averages over classes (specificity one-vs-rest, auroc macro
-    one-vs-rest). Intervals are percentiles of ``n_boot`` resamples of the cases with replacement;
-    resamples where a metric is undefined are skipped for that metric (with a warning when more
-    than 10% are).
+    one-vs-rest). Intervals (see :mod:`pellucid.core.intervals`):
+
+    * below ``min_n`` labelled inputs, or ``min_per_class`` inputs of a class the metric depends on,
+      none: the value is kept and ``note`` says ``too few labelled inputs (n=6; need ≥ 10)``;
+    * proportions (accuracy; binary sensitivity, specificity, precision): Wilson score intervals;
+    * the rest: percentiles of ``n_boot`` resamples of the cases with replacement; resamples where a
+      metric is undefined are skipped for it (one warning names the metrics where more than 10% were).
+
+    Undefined metrics (NaN) get one warning for all of them, and a ``note`` saying why.
 
     Args:
         y_true: True labels of shape (N,), class indices or class names.
@@ -446,16 +462,21 @@ def classification_metrics(
             threshold``. ``None`` uses argmax.
         positive_index: Positive class column for a binary task (default 1); must be ``None`` for
             more than two classes.
-        n_boot: Number of bootstrap resamples; 0 skips the intervals.
+        n_boot: Number of bootstrap resamples; 0 skips the intervals (notes are still given).
         seed: Seed of the resampling, so results are reproducible.
         ci: Coverage of the intervals, in (0, 1).
+        min_n: Fewest labelled inputs for any interval.
+        min_per_class: Fewest inputs per class (or predicted positive, for precision) for the
+            intervals of the metrics that depend on that class.
 
     Returns:
         A JSON-serialisable dict::
 
             {'n': N, 'classes': [...], 'threshold': float | None, 'positive_index': int | None,
-             'ci': 0.95, 'n_boot': 1000,
-             'metrics': {name: {'value': v, 'low': lo, 'high': hi}},   # names in METRIC_NAMES
+             'ci': 0.95, 'n_boot': 1000, 'min_counts': {'overall': 10, 'per_class': 5},
+             'metrics': {name: {'value': v, 'low': lo, 'high': hi,      # names in METRIC_NAMES
+                                'interval': 'wilson' | 'bootstrap' | None,
+                                'note': str}},                          # note only when it applies
              'confusion_matrix': [[...]],                              # rows true, cols predicted
              'per_class': {cls: {'precision', 'sensitivity', 'f1', 'support'}}}
 
@@ -471,14 +492,21 @@ def classification_metrics(
     )
     pred = decide(p, threshold, positive_index)
     values, reasons = _point_estimates(y, pred, p, classes, positive_index)
-    for reason in reasons:
-        warnings.warn(f"Metric undefined, reported as NaN: {reason}.", stacklevel=2)
-
-    boot = _bootstrap(y, pred, p, positive_index, n_boot, seed) if n_boot > 0 else None
+    if reasons:
+        warnings.warn(f"Metric undefined, reported as NaN: {'; '.join(reasons)}.", stacklevel=2)
+    notes = {r.split(": ", 1)[0]: f"undefined: {r.split(': ', 1)[1]}" for r in reasons}
+    for name, note in small_sample_notes(y, pred, classes, positive_index, METRIC_NAMES, min_n=min_n,
+                                         min_per_class=min_per_class).items():
+        notes.setdefault(name, note)
+    proportions = ("accuracy",) if positive_index is None else PROPORTION_METRICS
+    bootstrapped = [name for name in METRIC_NAMES if name not in proportions and name not in notes]
+    boot = None
+    if n_boot > 0 and bootstrapped:
+        boot = _bootstrap(y, pred, p, positive_index, n_boot, seed)
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
-    metrics = _with_intervals(values, boot, n_boot, ci)
+    metrics = _with_intervals(values, boot, bootstrapped, n_boot, ci, notes)
     if n_boot > 0:
-        _wilson_for_proportions(metrics, cm, positive_index, ci)
+        apply_wilson(metrics, cm, positive_index, ci)
     return {
         "n": int(y.size),
         "classes": classes,
@@ -486,36 +514,11 @@ def classification_metrics(
         "positive_index": positive_index,
         "ci": float(ci),
         "n_boot": int(n_boot),
+        "min_counts": {"overall": int(min_n), "per_class": int(min_per_class)},
         "metrics": metrics,
         "confusion_matrix": cm.astype(int).tolist(),
         "per_class": _per_class(y, pred, classes),
     }
-
-
-def _wilson_for_proportions(metrics: dict, cm: np.ndarray, positive_index: int | None, ci: float) -> None:
-    """Score (Wilson) intervals for the metrics that are plain proportions of cases: accuracy, and for
-    a binary task sensitivity, specificity and precision (in place; ``interval`` says which kind).
-
-    The percentile bootstrap collapses at small n: 6 of 6 correct gives [1.000, 1.000], as if six
-    cases proved perfection; the Wilson interval for 6 of 6 is [0.61, 1.00]. Other metrics keep the
-    bootstrap (``interval: "bootstrap"``).
-    """
-    from scipy.stats import binomtest
-
-    counts = {"accuracy": (int(np.trace(cm)), int(cm.sum()))}
-    if positive_index is not None:
-        pos, neg = positive_index, 1 - positive_index
-        counts.update(sensitivity=(int(cm[pos, pos]), int(cm[pos].sum())),
-                      specificity=(int(cm[neg, neg]), int(cm[neg].sum())),
-                      precision=(int(cm[pos, pos]), int(cm[:, pos].sum())))
-    for name, row in metrics.items():
-        if row.get("value") is None:  # undefined: no interval of either kind
-            continue
-        row["interval"] = "bootstrap"
-        if name in counts and counts[name][1] > 0:
-            k, n = counts[name]
-            lo, hi = binomtest(k, n).proportion_ci(confidence_level=ci, method="wilson")
-            row.update(low=float(lo), high=float(hi), interval="wilson")
 
 
 def _checked_inputs(
@@ -564,30 +567,39 @@ def _checked_inputs(
 
 
 def _with_intervals(
-    values: dict[str, float], boot: dict[str, np.ndarray] | None, n_boot: int, ci: float
-) -> dict[str, dict[str, float | None]]:
-    """``{name: {'value', 'low', 'high'}}``: point estimates with percentile intervals from the
-    bootstrap (NaN resamples skipped, with a warning when more than 10% are), JSON-able."""
+    values: dict[str, float],
+    boot: dict[str, np.ndarray] | None,
+    bootstrapped: list[str],
+    n_boot: int,
+    ci: float,
+    notes: dict[str, str],
+) -> dict[str, dict[str, Any]]:
+    """``{name: {'value', 'low', 'high', 'interval'[, 'note']}}``, JSON-able: point estimates, with
+    percentile intervals from the bootstrap for the metrics in ``bootstrapped`` (NaN resamples
+    skipped; one warning names the metrics where more than 10% were) and the ``notes`` attached."""
     alpha = (1.0 - ci) / 2.0
-    metrics: dict[str, dict[str, float | None]] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    skipped_report: list[str] = []
     for name in METRIC_NAMES:
         low = high = math.nan
-        if boot is not None:
+        if boot is not None and name in bootstrapped:
             samples = boot[name][~np.isnan(boot[name])]
             skipped = n_boot - samples.size
             if samples.size:
                 low, high = (float(q) for q in np.quantile(samples, [alpha, 1.0 - alpha]))
             if skipped > _SKIP_WARN_FRACTION * n_boot and not math.isnan(values[name]):
-                warnings.warn(
-                    f"{name}: {skipped} of {n_boot} bootstrap resamples were skipped because the "
-                    "metric is undefined on them; its interval is less reliable.",
-                    stacklevel=3,  # the caller of classification_metrics
-                )
-        metrics[name] = {
-            "value": _jsonable(values[name]),
-            "low": _jsonable(low),
-            "high": _jsonable(high),
-        }
+                skipped_report.append(f"{name} {skipped} of {n_boot}")
+        row: dict[str, Any] = {"value": _jsonable(values[name]), "low": _jsonable(low), "high": _jsonable(high)}
+        row["interval"] = "bootstrap" if row["low"] is not None else None
+        if name in notes:
+            row["note"] = notes[name]
+        metrics[name] = row
+    if skipped_report:
+        warnings.warn(
+            "Bootstrap resamples where the metric is undefined were skipped ("
+            + ", ".join(skipped_report) + "); those intervals are less reliable.",
+            stacklevel=3,  # the caller of classification_metrics
+        )
     return metrics
 
 
@@ -608,31 +620,3 @@ def _per_class(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str,
         }
         for i, cls in enumerate(classes)
     }
-
-
-def format_metrics(result: dict) -> str:
-    """Render the ``metrics`` of a :func:`classification_metrics` result as a small text table.
-
-    Args:
-        result: A dict returned by :func:`classification_metrics` (or loaded back from JSON).
-
-    Returns:
-        Lines ``metric  value  [low, high]``; undefined values print as ``n/a``.
-    """
-
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
-
-    rows = result["metrics"]
-    width = max([len("metric")] + [len(name) for name in rows])
-    level = result.get("ci")
-    ci_head = f"{round(level * 100):d}% CI" if level is not None else "CI"
-    lines = [f"{'metric':<{width}}  {'value':>5}  [low, high] ({ci_head})"]
-    for name, row in rows.items():
-        interval = (
-            ""
-            if row.get("low") is None and row.get("high") is None
-            else f"[{fmt(row.get('low'))}, {fmt(row.get('high'))}]"
-        )
-        lines.append(f"{name:<{width}}  {fmt(row.get('value')):>5}  {interval}".rstrip())
-    return "\n".join(lines)

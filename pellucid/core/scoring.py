@@ -3,8 +3,8 @@
 This module owns what happens between "the model's logits on the validation and test parts" and
 "the numbers and figures a model folder records": :func:`score_split` fits the temperature on
 validation, chooses the decision threshold on validation by the task's policy (binary tasks; a
-validation part with one class keeps argmax, with a warning), scores the test part with bootstrap
-intervals, measures calibration before and after scaling, and writes ``metrics.json`` and the
+validation part with one class keeps argmax, with a warning), scores the test part with intervals
+that hold at small n (or a "too few labelled inputs" note; :mod:`pellucid.core.intervals`), measures calibration before and after scaling, and writes ``metrics.json`` and the
 ROC, confusion and reliability plots. Single models (:func:`pellucid.core.training.train`) and
 ensembles (:func:`pellucid.core.ensemble.build_ensemble`) both end here, so their cards say the
 same things in the same words.

@@ -219,7 +219,9 @@ def test_auroc_with_one_class_is_nan_with_warning() -> None:
     assert any("sensitivity: no case of the positive class 'tb'" in m for m in messages)
     assert not any("specificity" in m for m in messages)
     assert all(w.category is UserWarning and w.filename == __file__ for w in record)  # stacklevel
-    assert result["metrics"]["auroc"] == {"value": None, "low": None, "high": None}
+    assert len(record) == 1  # one warning for all undefined metrics, not one each
+    assert result["metrics"]["auroc"] == {"value": None, "low": None, "high": None, "interval": None,
+                                          "note": "undefined: only one class present in y_true (8 cases)"}
     assert result["metrics"]["sensitivity"]["value"] is None
     assert result["metrics"]["specificity"]["value"] == pytest.approx(5 / 8)
     json.dumps(result, allow_nan=False)  # NaN became None
@@ -233,22 +235,41 @@ def test_multiclass_auroc_with_absent_class_is_nan() -> None:
     assert result["metrics"]["auroc"]["value"] is None
 
 
-def test_skipped_resamples_warn_but_interval_survives() -> None:
-    # One positive in 20: about a third of resamples have no positive, where AUROC is undefined.
+def test_skipped_resamples_give_one_warning_but_interval_survives() -> None:
+    # One positive in 20: about a third of resamples have no positive, where AUROC is undefined. With
+    # the minimum per class lowered to 1 the bootstrap runs anyway, and says so in one warning.
     y = np.zeros(20, dtype=int)
     y[16] = 1
     p = np.linspace(0.05, 0.95, 20)
     probs = np.stack([1 - p, p], axis=1)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        result = classification_metrics(y, probs, ["neg", "pos"], n_boot=500)
+        result = classification_metrics(y, probs, ["neg", "pos"], n_boot=500, min_per_class=1)
     messages = [str(w.message) for w in record]
-    skipped = [m for m in messages if "bootstrap resamples were skipped" in m]
-    assert {m.split(":")[0] for m in skipped} == {"auroc", "sensitivity"}
-    assert all(120 < int(m.split()[1]) < 250 for m in skipped)  # about 500 * (19/20)**20 = 179
+    assert len(messages) == 1 and "resamples where the metric is undefined were skipped" in messages[0]
+    skipped = int(messages[0].split("auroc ")[1].split()[0])
+    assert 120 < skipped < 250  # about 500 * (19/20)**20 = 179
     row = result["metrics"]["auroc"]
     assert row["value"] == pytest.approx(16 / 19)
     assert row["low"] is not None and row["low"] <= row["value"] <= row["high"]
+    assert row["interval"] == "bootstrap" and "note" not in row
+
+
+def test_one_positive_gets_a_note_instead_of_a_bootstrap_and_no_warning() -> None:
+    """The same data at the default minimum: no interval for what depends on the positive class, and
+    nothing to warn about (the note says it)."""
+    y = np.zeros(20, dtype=int)
+    y[16] = 1
+    p = np.linspace(0.05, 0.95, 20)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        m = classification_metrics(y, np.stack([1 - p, p], axis=1), ["neg", "pos"], n_boot=500)["metrics"]
+    assert record == []
+    for name in ("auroc", "sensitivity", "f1", "balanced_accuracy", "macro_f1"):
+        assert m[name]["note"] == "too few labelled inputs of 'pos' (n=1; need ≥ 5)", name
+        assert m[name]["low"] is None and m[name]["high"] is None and m[name]["interval"] is None
+    assert m["auroc"]["value"] == pytest.approx(16 / 19)  # the value is kept
+    assert m["specificity"]["interval"] == "wilson" and "note" not in m["specificity"]  # 19 negatives
 
 
 def test_result_is_json_serialisable() -> None:
@@ -331,14 +352,83 @@ def test_no_runtime_warnings_from_nan_handling() -> None:
     assert not [w for w in record if issubclass(w.category, RuntimeWarning)]
 
 
-def test_proportions_get_score_intervals_that_do_not_collapse_at_small_n() -> None:
-    """6 of 6 correct is not proof of perfection: accuracy, sensitivity, specificity and precision get
-    Wilson intervals (6/6 → [0.61, 1.00]); the other metrics keep the bootstrap and say so."""
-    y = [0, 0, 0, 1, 1, 1]
-    probs = np.array([[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 3)
+def test_proportions_get_score_intervals_that_do_not_collapse() -> None:
+    """10 of 10 correct is not proof of perfection: accuracy, sensitivity, specificity and precision get
+    Wilson intervals (10/10 → [0.72, 1.00], 5/5 → [0.57, 1.00]); the other metrics keep the bootstrap."""
+    y = [0] * 5 + [1] * 5
+    probs = np.array([[0.9, 0.1]] * 5 + [[0.1, 0.9]] * 5)
     m = classification_metrics(y, probs, ["a", "b"], n_boot=200)["metrics"]
-    assert m["accuracy"]["interval"] == "wilson" and m["accuracy"]["low"] == pytest.approx(0.6097, abs=1e-4)
-    for name in ("sensitivity", "specificity", "precision"):  # 3 of 3
-        assert m[name]["interval"] == "wilson" and m[name]["low"] == pytest.approx(0.4385, abs=1e-4)
+    assert m["accuracy"]["interval"] == "wilson" and m["accuracy"]["low"] == pytest.approx(0.7225, abs=1e-4)
+    for name in ("sensitivity", "specificity", "precision"):  # 5 of 5
+        assert m[name]["interval"] == "wilson" and m[name]["low"] == pytest.approx(0.5655, abs=1e-4)
         assert m[name]["high"] == 1.0
     assert m["auroc"]["interval"] == "bootstrap"
+    assert not any("note" in row for row in m.values())
+
+
+def test_six_inputs_say_too_few_instead_of_a_point_interval() -> None:
+    """`pellucid eval` on 6 images printed [1.000, 1.000] for every metric (issue 18)."""
+    y = [0, 0, 0, 1, 1, 1]
+    probs = np.array([[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = classification_metrics(y, probs, ["a", "b"], n_boot=1000)
+    assert record == []  # no bootstrap warnings at tiny n
+    assert result["min_counts"] == {"overall": 10, "per_class": 5}
+    for name, row in result["metrics"].items():
+        assert row["value"] == 1.0 and row["low"] is None and row["high"] is None, name
+        assert row["interval"] is None and row["note"] == "too few labelled inputs (n=6; need ≥ 10)"
+    text = format_metrics(result)
+    assert "[1.000, 1.000]" not in text and "1.000, 1.000" not in text
+    assert text.count("too few labelled inputs (n=6; need ≥ 10)") == len(METRIC_NAMES)
+    json.loads(json.dumps(result, allow_nan=False))
+
+
+def test_notes_are_given_without_intervals_too() -> None:
+    m = classification_metrics([0, 1, 1], np.tile([0.2, 0.8], (3, 1)), ["a", "b"], n_boot=0)["metrics"]
+    assert m["accuracy"]["note"] == "too few labelled inputs (n=3; need ≥ 10)"
+    assert m["accuracy"]["interval"] is None
+
+
+def test_precision_needs_enough_positive_predictions() -> None:
+    # 10 negatives, 10 positives; only 3 cases predicted positive.
+    y = np.array([0] * 10 + [1] * 10)
+    p = np.array([0.1] * 10 + [0.9] * 3 + [0.2] * 7)
+    m = classification_metrics(y, np.stack([1 - p, p], axis=1), ["neg", "pos"], n_boot=100)["metrics"]
+    assert m["precision"]["value"] == 1.0
+    assert m["precision"]["note"] == "too few inputs predicted 'pos' (n=3; need ≥ 5)"
+    assert m["sensitivity"]["interval"] == "wilson" and m["auroc"]["interval"] == "bootstrap"
+
+
+def test_minimums_are_settable() -> None:
+    y = [0, 0, 0, 1, 1, 1]
+    probs = np.array([[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 3)
+    result = classification_metrics(y, probs, ["a", "b"], n_boot=100, min_n=6, min_per_class=3)
+    assert result["min_counts"] == {"overall": 6, "per_class": 3}
+    assert result["metrics"]["accuracy"]["low"] == pytest.approx(0.6097, abs=1e-4)  # Wilson, 6 of 6
+    assert not any("note" in row for row in result["metrics"].values())
+
+
+def test_multiclass_rare_class_blocks_the_macro_intervals_only() -> None:
+    y, probs = _random_multiclass(n=60, k=3, seed=2)
+    keep = np.flatnonzero(y != 2)
+    keep = np.concatenate([keep, np.flatnonzero(y == 2)[:3]])  # 3 inputs of class 'c'
+    m = classification_metrics(y[keep], probs[keep], ["a", "b", "c"], n_boot=200)["metrics"]
+    assert m["accuracy"]["interval"] == "wilson"
+    for name in ("balanced_accuracy", "precision", "sensitivity", "specificity", "f1", "auroc", "macro_f1"):
+        assert m[name]["note"] == "too few labelled inputs of 'c' (n=3; need ≥ 5)", name
+
+
+@pytest.mark.parametrize(
+    "entry, line",
+    [
+        ({"value": 0.7, "low": 0.3971, "high": 0.8922, "interval": "wilson"}, "accuracy 0.700 [0.397, 0.892]"),
+        ({"value": 1.0, "low": None, "high": None, "interval": None,
+          "note": "too few labelled inputs (n=6; need ≥ 10)"},
+         "accuracy 1.000 — too few labelled inputs (n=6; need ≥ 10)"),
+        ({"value": None, "low": None, "high": None}, "accuracy n/a"),
+        ({"value": 0.5}, "accuracy 0.500"),
+    ],
+)
+def test_format_metric_one_line(entry: dict, line: str) -> None:
+    assert M.format_metric("accuracy", entry) == line
