@@ -280,11 +280,21 @@ def plot_reliability(
     return _save(fig, path)
 
 
+def _bar_text(p: float) -> str:
+    """A bar's probability label that never claims certainty (``> 99.9%``, ``< 0.1%``)."""
+    if 0.999 < p < 1.0:
+        return "> 99.9%"
+    if 0.0 < p < 0.001:
+        return "< 0.1%"
+    return f"{p:.1%}"
+
+
 def plot_probabilities(
     probs_row: np.ndarray | Sequence[float],
     classes: Sequence[str],
     path: str | Path,
     threshold: float | None = None,
+    positive_index: int | None = None,
 ) -> Path:
     """Horizontal bar chart of one prediction's class probabilities, the top class highlighted.
 
@@ -292,7 +302,10 @@ def plot_probabilities(
         probs_row: Probabilities of shape (C,).
         classes: Class names in order.
         path: Output PNG path.
-        threshold: Decision threshold on the positive class, drawn as a vertical line.
+        threshold: Decision threshold on the positive class, drawn as a dashed mark across that class's
+            bar only (it says nothing about the other bars).
+        positive_index: Index of the class the threshold applies to; None takes the last class of a
+            binary task (required with ``threshold`` for more classes).
 
     Returns:
         The PNG path.
@@ -303,16 +316,23 @@ def plot_probabilities(
             f"probs_row has {p.size} values; expected {len(classes)} for {list(classes)}."
         )
     k = len(classes)
+    if threshold is not None and positive_index is None:
+        if k != 2:
+            raise ValueError(f"a threshold on {k} classes needs positive_index (which class it applies to)")
+        positive_index = 1
+    if positive_index is not None and not 0 <= positive_index < k:
+        raise ValueError(f"positive_index {positive_index} out of range for {k} classes {list(classes)}")
     colours = ["tab:blue" if i == int(np.argmax(p)) else "0.7" for i in range(k)]
     fig = _new_figure(5.0, max(2.0, 0.5 * k + 1.2))
     ax = fig.add_subplot()
     positions = np.arange(k)
-    ax.barh(positions, p, color=colours)
+    ax.barh(positions, p, color=colours, height=0.8)
     for pos, value in zip(positions, p):
-        ax.text(min(value + 0.01, 0.88), pos, f"{value:.1%}", va="center", fontsize="small")
+        ax.text(min(value + 0.01, 0.88), pos, _bar_text(float(value)), va="center", fontsize="small")
     if threshold is not None:
-        label = f"threshold {threshold:.2f}"
-        ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1, label=label)
+        label = f"threshold {threshold:.2f} on P({classes[positive_index]})"
+        ax.plot([threshold, threshold], [positive_index - 0.48, positive_index + 0.48], color="tab:red",
+                linestyle="--", linewidth=1.5, label=label)
         ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     ax.set_yticks(positions, labels=list(classes))
     ax.invert_yaxis()

@@ -9,6 +9,12 @@ image returned by the reader.
 :func:`draw_outline` draws the contour of a binary mask (the lungs, from
 :mod:`pellucid.core.segmentation`) as a thin :data:`OUTLINE_COLOR` line over an image or an overlay,
 also at the original resolution; ``overlay(..., outline=mask)`` does both in one call.
+
+:func:`with_colorbar` puts a colour bar under an overlay: the :data:`COLORMAP` gradient with what its
+low and high ends mean (the words come from :mod:`pellucid.explain.captions`), so a map is never shown
+without its legend. Overlays narrower than ``min_width`` are first enlarged by a whole factor (nearest
+neighbour, so each original pixel stays a square block) to leave the legend's text room to be read.
+``save_overlay(..., legend=...)`` writes the overlay with its colour bar.
 """
 from __future__ import annotations
 
@@ -16,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLORMAP", "OUTLINE_COLOR", "overlay", "save_overlay", "colorize", "resize_map", "mask_outline",
-           "outline_width", "draw_outline"]
+__all__ = ["COLORMAP", "OUTLINE_COLOR", "LEGEND_MIN_WIDTH", "overlay", "save_overlay", "colorize", "resize_map",
+           "mask_outline", "outline_width", "draw_outline", "colorbar_strip", "with_colorbar"]
 
 COLORMAP = "jet"
 #: RGB colour of mask outlines: magenta, which the jet colormap never produces and which stands out on
 #: grey X-rays.
 OUTLINE_COLOR = (255, 0, 255)
+#: Overlays narrower than this (pixels) are enlarged by a whole factor before a colour bar is added.
+LEGEND_MIN_WIDTH = 320
+_INK = (31, 41, 51)
 
 
 def resize_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -155,13 +164,113 @@ def overlay(image, heatmap: np.ndarray, alpha: float = 0.5, outline: np.ndarray 
     return out if outline is None else draw_outline(out, outline)
 
 
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib) at ``size`` pixels; Pillow's own font where it is missing."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import get_data_path
+
+        return ImageFont.truetype(str(Path(get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (OSError, ImportError):
+        return ImageFont.load_default(size=size)
+
+
+def _fitting_font(texts: list[str], width: int, size: int):
+    """The largest font up to ``size`` (at least 8 px) in which every text fits ``width`` pixels."""
+    font = _font(size)
+    while size > 8 and max(font.getlength(t) for t in texts) > width:
+        size -= 1
+        font = _font(size)
+    return font
+
+
+def colorbar_strip(width: int, high: str, low: str, title: str | None = None) -> np.ndarray:
+    """A legend strip ``(h, width, 3)`` uint8 on white: an optional title, the :data:`COLORMAP` gradient
+    from 0 (left) to 1 (right), and under it ``low`` at the left end and ``high`` at the right end.
+
+    Text size follows ``width`` (about a 28th of it, at least 8 px) and shrinks until every line fits;
+    when ``low`` and ``high`` do not fit side by side they go on two lines.
+    """
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    width = int(width)
+    if width < 16:
+        raise ValueError(f"a colour bar needs at least 16 pixels of width; got {width}")
+    pad = max(2, width // 80)
+    size = max(8, min(96, width // 28))
+    low_t, high_t = f"◀ low: {low}", f"high: {high} ▶"
+    font = _fitting_font([t for t in (title, low_t, high_t) if t], width - 2 * pad, size)
+    line = int(font.size * 1.3)
+    side_by_side = font.getlength(low_t) + font.getlength(high_t) + 3 * pad <= width - 2 * pad
+    bar_h = max(6, font.size)
+    rows = (1 if title else 0) + (1 if side_by_side else 2)
+    height = pad + rows * line + bar_h + 2 * pad
+    im = PILImage.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    y = pad
+    if title:
+        draw.text((pad, y), title, fill=_INK, font=font)
+        y += line
+    ramp = colorize(np.tile(np.linspace(0, 1, width - 2 * pad, dtype=np.float32), (bar_h, 1)))
+    im.paste(PILImage.fromarray((ramp * 255 + 0.5).astype(np.uint8)), (pad, y))
+    y += bar_h + pad
+    draw.text((pad, y), low_t, fill=_INK, font=font)
+    if not side_by_side:
+        y += line
+    draw.text((width - pad - font.getlength(high_t), y), high_t, fill=_INK, font=font)
+    return np.asarray(im)
+
+
+def with_colorbar(rgb: np.ndarray, high: str, low: str, title: str | None = None,
+                  min_width: int = LEGEND_MIN_WIDTH, max_side: int | None = None) -> np.ndarray:
+    """An overlay with its colour bar (:func:`colorbar_strip`) underneath.
+
+    Args:
+        rgb: the overlay, RGB uint8 ``(H, W, 3)`` (e.g. from :func:`overlay`).
+        high / low: what the warm and cool ends of the colour map mean.
+        title: the legend's title line (None: no title).
+        min_width: overlays narrower than this are first enlarged by the smallest whole factor that
+            reaches it (nearest neighbour).
+        max_side: for display (reports, the web app): an overlay whose longer side exceeds this is
+            first shrunk to it (Lanczos), so the legend's text keeps its size on screen. None keeps
+            the original resolution.
+
+    Returns:
+        RGB uint8 ``(k*H + h, k*W, 3)``: the (enlarged by ``k``) overlay on top, unchanged otherwise,
+        and the legend strip of height ``h`` below.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be an RGB uint8 (H, W, 3) overlay; got {rgb.dtype} {rgb.shape}")
+    if max_side is not None and max(rgb.shape[:2]) > max_side:
+        from PIL import Image as PILImage
+
+        im = PILImage.fromarray(rgb)
+        im.thumbnail((max_side, max_side), PILImage.Resampling.LANCZOS)
+        rgb = np.asarray(im)
+    k = max(1, int(np.ceil(min_width / max(rgb.shape[1], 1))))
+    if k > 1:
+        rgb = np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
+    return np.concatenate([rgb, colorbar_strip(rgb.shape[1], high, low, title)], axis=0)
+
+
 def save_overlay(path: str | Path, image, heatmap: np.ndarray, alpha: float = 0.5,
-                 outline: np.ndarray | None = None) -> Path:
+                 outline: np.ndarray | None = None, legend=None) -> Path:
     """Write :func:`overlay` (with the ``outline`` of a mask, if given) as a PNG (parent folders are
-    created); returns the path."""
+    created); returns the path.
+
+    ``legend``: a :class:`pellucid.explain.captions.Legend` (or anything with ``title``, ``high`` and
+    ``low``) adds the colour bar of :func:`with_colorbar`; None writes the bare overlay at the
+    image's resolution.
+    """
     from PIL import Image as PILImage
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(overlay(image, heatmap, alpha, outline)).save(path)
+    rgb = overlay(image, heatmap, alpha, outline)
+    if legend is not None:
+        rgb = with_colorbar(rgb, legend.high, legend.low, legend.title)
+    PILImage.fromarray(rgb).save(path)
     return path

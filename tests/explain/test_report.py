@@ -187,7 +187,7 @@ def _overlay_pngs(html: str, method: str = "gradcam") -> list:
     import numpy as np
     from PIL import Image
 
-    found = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="' + method + ' overlay">', html)
+    found = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="' + re.escape(method) + r' overlay[^"]*">', html)
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in found]
 
 

@@ -2,7 +2,8 @@
 that every renderer reads (the HTML of :mod:`.html`, and the PDF of :mod:`.pdf`, which prints that HTML
 or lays the same dict out with fpdf2). Its sections: title, intended use and notes; ``card_rows`` /
 ``card_metrics`` (model card text); ``cases``, one full section per input up to ``detail_limit``
-(probabilities, figures as PNG bytes, overlays with their scores and lung shares, metadata); and
+(probabilities, figures as PNG bytes, overlays with their colour bars, plain-language readings
+(:mod:`pellucid.explain.captions`), scores and lung shares, metadata); ``how_to_read``; and
 ``summary`` for several inputs (table rows, metrics, galleries, SP-LIME, lung shares; :mod:`.summary`).
 """
 from __future__ import annotations
@@ -13,17 +14,30 @@ from typing import Any, Sequence
 import pellucid
 from pellucid.core.card import as_card
 from pellucid.explain.report.card import _fmt, card_rows, intended_use, metric_rows, threshold_text
-from pellucid.explain.report.explainers import score_items
-from pellucid.explain.report.figures import _outlined, _png, _prob_chart
-from pellucid.explain.report.lungs import attach_lung_masks, share_items
+from pellucid.explain.captions import HOW_TO_READ_ITEMS, read_case_result, reading_dict, score_items, share_items
+from pellucid.explain.report.figures import _outlined, _png, _prob_chart, legend_png
+from pellucid.explain.report.lungs import attach_lung_masks
 from pellucid.explain.report.records import Case, Progress
 from pellucid.explain.report.summary import folder_summary
 
 __all__ = ["build_context"]
 
 
+def _overlay_item(case: Case, r, alpha: float, outline: bool) -> dict:
+    """One explanation of a case: its picture with colour bar, the plain words of
+    :mod:`pellucid.explain.captions` (sentence, score sentences, notes) and the technical details."""
+    item = {"method": r.method, "note": r.note, "detail": r.detail, "scores": score_items(r.scores), "shares": []}
+    reading = read_case_result(case, r)
+    item.update(reading_dict(reading))
+    if r.heatmap is not None and case.image is not None:
+        item["png"] = legend_png(_outlined(case, r.heatmap, alpha, outline), reading.legend)
+    if r.heatmap is not None and case.lung_mask is not None:
+        item["shares"] = share_items(r.heatmap, case.lung_mask)
+    return item
+
+
 def _case_context(case: Case, classes: Sequence[str], threshold: float | None, alpha: float,
-                  include_identifiers: bool, outline: bool = True) -> dict:
+                  include_identifiers: bool, outline: bool = True, positive_index: int | None = None) -> dict:
     ctx: dict[str, Any] = {"name": case.name, "sha256": case.sha256, "error": case.error,
                            "label": case.label, "true_label": case.true_label, "is_dicom": case.is_dicom}
     if case.error or not case.probs:
@@ -32,18 +46,10 @@ def _case_context(case: Case, classes: Sequence[str], threshold: float | None, a
     if case.withheld:  # the domain policy withholds labels of flagged inputs: the report says so
         ctx["label"] = "withheld (out of domain)"
     ctx["probs"] = [(c, case.probs[c], c == top) for c in classes]
-    ctx["prob_png"] = _prob_chart(case, classes, threshold)
+    ctx["prob_png"] = _prob_chart(case, classes, threshold, positive_index)
     if case.image is not None:
         ctx["input_png"] = _png(case.image.array)
-    overlays = []
-    for r in case.explanations:
-        item = {"method": r.method, "note": r.note, "detail": r.detail, "scores": score_items(r.scores), "shares": []}
-        if r.heatmap is not None and case.image is not None:
-            item["png"] = _png(_outlined(case, r.heatmap, alpha, outline))
-        if r.heatmap is not None and case.lung_mask is not None:
-            item["shares"] = share_items(r.heatmap, case.lung_mask)
-        overlays.append(item)
-    ctx["overlays"] = overlays
+    ctx["overlays"] = [_overlay_item(case, r, alpha, outline) for r in case.explanations]
     if case.ood is not None:
         ctx["ood"] = {"flagged": case.ood.flagged, "uncertain": case.ood.uncertain, "text": case.ood.summary(),
                       "method": case.ood.method,
@@ -89,17 +95,20 @@ def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = 
         "cases": [],
         "summary": None,
         "lung_segmenter": None,
+        "how_to_read": list(HOW_TO_READ_ITEMS),
     }
     if segmenter is not None:
         notes.extend(n for n in attach_lung_masks(segmenter, [c for c in ok if c.explanations]) if n not in notes)
     threshold = predictor.threshold if len(classes) == 2 else None
+    positive = getattr(predictor, "positive_index", None) if threshold is not None else None
     if len(cases) > 1:
         ctx["summary"] = folder_summary(predictor, cases, ok, notes, methods=methods, alpha=alpha,
                                         detail_limit=detail_limit, gallery_size=gallery_size,
                                         splime_per_class=splime_per_class, csv_name=csv_name,
                                         progress=progress, segmenter=segmenter, outline=outline)
     if len(cases) <= detail_limit:
-        ctx["cases"] = [_case_context(c, classes, threshold, alpha, include_identifiers, outline) for c in cases]
+        ctx["cases"] = [_case_context(c, classes, threshold, alpha, include_identifiers, outline, positive)
+                        for c in cases]
     if any(c.lung_mask is not None for c in ok):
         ctx["lung_segmenter"] = segmenter_name or "lung segmenter"
     ctx["outline"] = bool(outline and ctx["lung_segmenter"])

@@ -1,18 +1,16 @@
 """Which explainers a report can run and how their results read: the registered explainer names, the
-check of asked-for names (with a did-you-mean), and the faithfulness scores shown beside each overlay.
+check of asked-for names (with a did-you-mean). The faithfulness scores shown beside each overlay are
+formatted by :mod:`pellucid.explain.captions` (re-exported here).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-from pellucid.explain.report.card import _fmt
+from pellucid.explain.captions import SCORE_LABELS, score_items
 from pellucid.explain.report.records import ReportError
 from pellucid.registry import close_matches
 
 __all__ = ["SCORE_LABELS", "available_methods", "score_items"]
-
-SCORE_LABELS = {"deletion_auc": "deletion AUC ↓", "insertion_auc": "insertion AUC ↑", "road": "ROAD ↑",
-                "ad_50": "drop with top 50% kept ↓"}
 
 
 def available_methods() -> list[str]:
@@ -34,9 +32,3 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ReportError(f"unknown explainer {m!r}: {hint}available: {', '.join(known) or 'none installed'}")
     return list(methods)
-
-
-def score_items(scores: dict[str, float]) -> list[tuple[str, str]]:
-    """The scores a report shows, as ``(label, "0.123")`` (see :data:`SCORE_LABELS`)."""
-    shown = [(k, label) for k, label in SCORE_LABELS.items() if k in scores] or [(k, k) for k in scores]
-    return [(label, f"{scores[k]:.1f}%" if k.startswith(("ad_", "ic_")) else _fmt(scores[k])) for k, label in shown]

@@ -1,5 +1,6 @@
 """The pictures of a report as PNG bytes: inputs and overlays (heatmap over the image, with the lung
-outline when the case has a mask), scaled down to at most :data:`_THUMB` pixels, and matplotlib charts.
+outline when the case has a mask, and its colour bar), scaled down to at most :data:`_THUMB` pixels, and
+matplotlib charts (the decision threshold drawn on the positive class's bar only).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 from pellucid.datasets.readers import Image
 from pellucid.explain.report.records import Case
 
-__all__ = ["overlay_rgb"]
+__all__ = ["legend_png", "overlay_rgb"]
 
 _THUMB = 512  # longest side of images embedded in reports, pixels
 
@@ -54,6 +55,14 @@ def _outlined(case: Case, heatmap: np.ndarray, alpha: float, outline: bool = Tru
     return draw_outline(rgb, case.lung_mask)
 
 
+def legend_png(rgb: np.ndarray, legend, max_side: int = _THUMB) -> bytes:
+    """An overlay (RGB uint8) shrunk to at most ``max_side`` pixels with its colour bar underneath
+    (:func:`pellucid.explain.overlay.with_colorbar`; ``legend`` from :mod:`pellucid.explain.captions`), as PNG."""
+    from pellucid.explain.overlay import with_colorbar
+
+    return _png(with_colorbar(rgb, legend.high, legend.low, legend.title, max_side=max_side), max_side=1 << 16)
+
+
 def _png(array: np.ndarray, max_side: int = _THUMB) -> bytes:
     from PIL import Image as PILImage
 
@@ -77,7 +86,8 @@ def _plot_png(draw: Callable[[Path], Any]) -> bytes:
         return path.read_bytes()
 
 
-def _prob_chart(case: Case, classes: Sequence[str], threshold: float | None) -> bytes:
+def _prob_chart(case: Case, classes: Sequence[str], threshold: float | None, positive_index: int | None = None) -> bytes:
     from pellucid.core.plots import plot_probabilities
 
-    return _plot_png(lambda p: plot_probabilities([case.probs[c] for c in classes], classes, p, threshold=threshold))
+    return _plot_png(lambda p: plot_probabilities([case.probs[c] for c in classes], classes, p, threshold=threshold,
+                                                  positive_index=positive_index))

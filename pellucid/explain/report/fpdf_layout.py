@@ -147,6 +147,10 @@ def render_pdf_layout(ctx: dict) -> bytes:
                  colour=(90, 90, 90))
     for note in ctx.get("notes", []):
         doc.text("Note: " + note, 8, colour=(150, 60, 0))
+    if ctx.get("methods") and ctx.get("how_to_read"):
+        doc.text("How to read the explanations", 9, bold=True)
+        for head, text in ctx["how_to_read"]:
+            doc.text(f"• {head}. {text}", 8)
     s = ctx.get("summary")
     if s:
         _summary(doc, ctx, s)
@@ -234,6 +238,10 @@ def _case(doc: _PDF, ctx: dict, c: dict) -> None:
         for o in c["overlays"]:
             if not o.get("png"):
                 doc.text(f"{o['method']}: {o['note'] or 'no heatmap'}", 8, colour=(150, 60, 0))
+                continue
+            doc.text(f"{o.get('title', o['method'])}: " + " ".join([o.get("sentence", ""), *o.get("scores_text", [])]), 8)
+            for n in o.get("notes", []):
+                doc.text("Note: " + n, 8, colour=(150, 60, 0))
     rows = [("field", "value"), ("SHA-256", c["sha256"]), *c["meta"]]
     if ood:
         rows.append(("domain check", f"{ood['text']} ({ood['method']}): "
@@ -252,7 +260,8 @@ def _card_caption(c: dict) -> str:
 
 
 def _overlay_caption(o: dict) -> str:
-    cap = o["method"] + ("\n" + ", ".join(f"{k} {v}" for k, v in o["scores"]) if o["scores"] else "")
+    """Under the picture: the method and the technical numbers (the plain sentences follow the row)."""
+    cap = o.get("title", o["method"]) + ("\n" + ", ".join(f"{k} {v}" for k, v in o["scores"]) if o["scores"] else "")
     if o.get("shares"):
         cap += "\n" + ", ".join(f"{k} {v}" for k, v in o["shares"])
     if o.get("detail"):

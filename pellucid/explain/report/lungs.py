@@ -9,27 +9,15 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from pellucid.core.card import ModelCard, as_card
+from pellucid.explain.captions import share_items
 from pellucid.explain.report.records import Case, ReportError
 
 __all__ = ["attach_lung_masks", "lung_segmenter_for", "share_items"]
 
 log = logging.getLogger(__name__)
-
-
-def share_items(heatmap: np.ndarray, mask: np.ndarray) -> list[tuple[str, str]]:
-    """Where a map's mass falls, as ``(label, "38.2%")``: lung share, the lung area (a uniform
-    map's lung share) and border share; an all-zero map says so instead of showing NaN."""
-    from pellucid.explain.lungshare import mask_shares
-
-    r = mask_shares(heatmap, mask)
-    if r["empty"]:
-        return [("lung share", "n/a (empty map)"), ("lung area", f"{r['lung_fraction']:.1%}")]
-    return [("lung share", f"{r['lung_share']:.1%}"), ("lung area", f"{r['lung_fraction']:.1%}"),
-            ("border share", f"{r['border_share']:.1%}")]
 
 
 def _is_cxr(card: ModelCard | dict) -> bool:

@@ -105,7 +105,7 @@ def render_pdf(ctx: dict, engine: str = "auto") -> bytes:
                               "chromium, or use engine='fpdf2'")
         return render_pdf_layout(ctx)
     try:
-        return html_to_pdf(render_html(ctx), browser)
+        return html_to_pdf(render_html({**ctx, "print": True}), browser)  # "details" printed open
     except (OSError, subprocess.SubprocessError) as err:
         if engine == "chromium":
             raise ReportError(f"Chromium could not print the report: {err}") from err
