@@ -3,8 +3,8 @@
 This module owns the shape of ``card.json``: :class:`ModelCard` and its sections
 (:class:`Backbone`, :class:`WeightSource`, :class:`Preprocessing`, :class:`Threshold`,
 :class:`Calibration`, :class:`SplitSummary`, :class:`TrainingInfo`), :func:`write_card` (the only
-code that writes a ``card.json``), :func:`read_card` (the only code that parses one) and the set of
-card kinds a reader accepts (:func:`card_kinds`, from the kind → loader table :data:`KIND_LOADERS`
+code that writes a ``card.json``, and the ``MODEL_CARD.md`` beside it), :func:`read_card` (the only
+code that parses one) and the set of card kinds a reader accepts (:func:`card_kinds`, from the kind → loader table :data:`KIND_LOADERS`
 that ``pellucid.core.modelfolder.register_kind`` fills and ``load_model`` uses).
 
 Compatibility rules:
@@ -22,7 +22,8 @@ It is the compatibility path for library users' code written when cards were pla
 this package uses the attributes.
 
 This module imports no other ``pellucid.core`` module at import time (the task check in
-:func:`read_card` imports ``pellucid.core.tasks`` when it runs), so every module may use it.
+:func:`read_card` imports ``pellucid.core.tasks`` and :func:`write_card` imports
+``pellucid.core.modelcard_md`` when they run), so every module may use it.
 """
 from __future__ import annotations
 
@@ -381,7 +382,9 @@ def as_card(card: ModelCard | Mapping[str, Any]) -> ModelCard:
 
 # --------------------------------------------------------------------------- one writer, one reader
 def write_card(folder: str | Path, card: ModelCard | Mapping[str, Any]) -> Path:
-    """Write ``folder/card.json`` (replaced atomically) from a :class:`ModelCard` or a card dict.
+    """Write ``folder/card.json`` (replaced atomically) from a :class:`ModelCard` or a card dict, and
+    the human-readable ``folder/MODEL_CARD.md`` beside it
+    (:func:`pellucid.core.modelcard_md.render_model_card`), so the two always agree.
 
     A dict goes through :meth:`ModelCard.from_dict` first, so what is written always reads back.
 
@@ -398,6 +401,9 @@ def write_card(folder: str | Path, card: ModelCard | Mapping[str, Any]) -> Path:
     tmp = folder / (CARD_FILE + ".tmp")
     tmp.write_text(json.dumps(card.to_dict(), indent=1, default=_json_default))
     os.replace(tmp, path)
+    from pellucid.core.modelcard_md import write_model_card_md
+
+    write_model_card_md(folder, card)
     return path
 
 

@@ -46,7 +46,8 @@ __all__ = ["Ensemble", "build_ensemble", "load_ensemble", "train_ensemble"]
 log = logging.getLogger(__name__)
 
 # Files of a member folder copied into the ensemble (checkpoints and logs stay behind).
-_MEMBER_FILES = ("card.json", "model.safetensors", "metrics.json", "split.json", "config.json", "history.json")
+_MEMBER_FILES = ("card.json", "MODEL_CARD.md", "model.safetensors", "metrics.json", "split.json", "config.json",
+                 "history.json")
 
 
 class Ensemble(nn.Module):
@@ -292,6 +293,7 @@ def _ensemble_card(cards: Sequence[ModelCard], rel: Sequence[str], w: np.ndarray
         "preprocessing": {"image_size": max(sizes), "channels_in": channels_in, "resize": "squash",
                           "input_range": [0.0, 1.0], "member_sizes": sizes,
                           "note": "each member resizes the input to its own size (bilinear, antialiased)"},
+        **({"task_spec": first.extra["task_spec"]} if "task_spec" in first.extra else {}),
     })
 
 

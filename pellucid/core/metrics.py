@@ -428,17 +428,9 @@ def _jsonable(x: float) -> float | None:
 
 
 def classification_metrics(
-    y_true: np.ndarray | Sequence[int] | Sequence[str],
-    probs: np.ndarray,
-    classes: list[str],
-    *,
-    threshold: float | None = None,
-    positive_index: int | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-    min_n: int = MIN_LABELLED,
-    min_per_class: int = MIN_PER_CLASS,
+    y_true: np.ndarray | Sequence[int] | Sequence[str], probs: np.ndarray, classes: list[str], *,
+    threshold: float | None = None, positive_index: int | None = None, n_boot: int = 1000, seed: int = 0,
+    ci: float = 0.95, min_n: int = MIN_LABELLED, min_per_class: int = MIN_PER_CLASS,
 ) -> dict:
     """Headline classification metrics with confidence intervals that hold at small n.
 
@@ -452,7 +444,7 @@ def classification_metrics(
     * the rest: percentiles of ``n_boot`` resamples of the cases with replacement; resamples where a
       metric is undefined are skipped for it (one warning names the metrics where more than 10% were).
 
-    Undefined metrics (NaN) get one warning for all of them, and a ``note`` saying why.
+    Undefined metrics (NaN, written as ``None``) get one warning for all, and a ``note`` saying why.
 
     Args:
         y_true: True labels of shape (N,), class indices or class names.
@@ -480,24 +472,17 @@ def classification_metrics(
              'confusion_matrix': [[...]],                              # rows true, cols predicted
              'per_class': {cls: {'precision', 'sensitivity', 'f1', 'support'}}}
 
-        Undefined values (NaN) are written as ``None``, so ``json.dumps`` gives valid JSON.
-
     Raises:
         ValueError: Shapes or labels that do not match ``classes``, a threshold or positive index
             on a task that is not binary, or ``ci`` / ``n_boot`` out of range.
     """
     classes = [str(c) for c in classes]
-    y, p, positive_index = _checked_inputs(
-        y_true, probs, classes, threshold, positive_index, n_boot, ci
-    )
+    y, p, positive_index = _checked_inputs(y_true, probs, classes, threshold, positive_index, n_boot, ci)
     pred = decide(p, threshold, positive_index)
     values, reasons = _point_estimates(y, pred, p, classes, positive_index)
     if reasons:
         warnings.warn(f"Metric undefined, reported as NaN: {'; '.join(reasons)}.", stacklevel=2)
-    notes = {r.split(": ", 1)[0]: f"undefined: {r.split(': ', 1)[1]}" for r in reasons}
-    for name, note in small_sample_notes(y, pred, classes, positive_index, METRIC_NAMES, min_n=min_n,
-                                         min_per_class=min_per_class).items():
-        notes.setdefault(name, note)
+    notes = _notes(y, pred, classes, positive_index, reasons, min_n, min_per_class)
     proportions = ("accuracy",) if positive_index is None else PROPORTION_METRICS
     bootstrapped = [name for name in METRIC_NAMES if name not in proportions and name not in notes]
     boot = None
@@ -519,6 +504,16 @@ def classification_metrics(
         "confusion_matrix": cm.astype(int).tolist(),
         "per_class": _per_class(y, pred, classes),
     }
+
+
+def _notes(y: np.ndarray, pred: np.ndarray, classes: list[str], positive_index: int | None,
+           reasons: list[str], min_n: int, min_per_class: int) -> dict[str, str]:
+    """``{metric: note}``: why an undefined metric is undefined, else why it gets no interval."""
+    notes = {r.split(": ", 1)[0]: f"undefined: {r.split(': ', 1)[1]}" for r in reasons}
+    for name, note in small_sample_notes(y, pred, classes, positive_index, METRIC_NAMES, min_n=min_n,
+                                         min_per_class=min_per_class).items():
+        notes.setdefault(name, note)
+    return notes
 
 
 def _checked_inputs(

@@ -1,4 +1,4 @@
-"""The model folder: ``model.safetensors`` + ``card.json`` (+ metrics, plots, split, logs).
+"""The model folder: ``model.safetensors`` + ``card.json`` + ``MODEL_CARD.md`` (+ metrics, plots, split, logs).
 
 A model folder is the unit everything else consumes: predict, eval, explain, reports, the web app.
 Weights are stored with safetensors, so loading never unpickles anything; the card records the task
@@ -95,11 +95,13 @@ def build_card(*, task: TaskSpec, model: Classifier, weight_info: dict, image_si
         split=SplitSummary.from_dict(split),
         training=TrainingInfo.from_dict({**training, "python": platform.python_version(), "torch": torch.__version__}),
         recipe=recipe,
+        extra={"task_spec": task.to_toml_dict()},  # the whole task: the folder needs no installed app
     )
 
 
 def save_model(folder: str | Path, model: torch.nn.Module, card: ModelCard | dict) -> Path:
-    """Write ``model.safetensors`` and ``card.json`` (through :func:`~pellucid.core.card.write_card`) into ``folder``."""
+    """Write ``model.safetensors`` and ``card.json`` (through :func:`~pellucid.core.card.write_card`, which
+    also writes the human-readable ``MODEL_CARD.md``) into ``folder``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)

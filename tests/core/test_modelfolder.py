@@ -49,3 +49,13 @@ def test_weights_file_is_not_a_pickle(tiny_model_dir):
     head = (tiny_model_dir / "model.safetensors").read_bytes()[:8]
     header_len = int.from_bytes(head, "little")
     assert 0 < header_len < 10_000_000  # safetensors header, not a pickle stream
+
+
+def test_saved_folder_has_a_human_readable_model_card(tiny_model_dir):
+    """save_model writes MODEL_CARD.md beside card.json (through write_card), and it agrees with the card."""
+    from pellucid.core.modelcard_md import SECTIONS, render_model_card
+
+    text = (tiny_model_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert text == render_model_card(read_card(tiny_model_dir), tiny_model_dir)
+    for section in SECTIONS:
+        assert f"\n## {section}\n" in text, section
