@@ -1,22 +1,37 @@
-"""Task specifications: each app's classes, preprocessing, recipe and policies, read from TOML.
+"""Task specifications: each task's classes, preprocessing, recipe and policies, read from TOML.
 
-A :class:`TaskSpec` is data, not code: ``pellucid/apps/<task>/task.toml`` says which classes exist
-and in which order, the positive class, the modality and channels, the image size, the default
-backbone and fine-tuning recipe, the augmentation preset, the headline metrics, the threshold
-policy, the default explainers and the intended-use text. Specs are validated when loaded, with
-messages that name the file and the key.
+A :class:`TaskSpec` is data, not code: a ``task.toml`` says which classes exist and in which order,
+the positive class, the modality and channels, the image size, the default backbone and fine-tuning
+recipe, the augmentation preset, the headline metrics, the threshold policy, the default explainers
+and the intended-use text. Specs are validated when loaded, with messages that name the file and
+the key. :func:`get_task` finds a task by name along a search path: tasks registered in this process
+(:func:`register_task`, e.g. one the command line built from a data folder), then the current
+folder (``<name>.toml``, ``<name>/task.toml`` or any ``*.toml`` whose ``name`` is the task's), then
+each folder of ``PELLUCID_TASKS`` (``os.pathsep``-separated) the same way, then the apps shipped in
+``pellucid/apps/<task>/task.toml``. :func:`task_toml` writes a spec back as an editable TOML file,
+and a model folder's card carries its spec (``task_spec``), read back by :func:`task_of_card`.
+This module imports nothing heavy: the backbone named by a recipe is checked (which imports torch)
+only when ``check_backbone`` is true, so the command line can validate names and paths first.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from pellucid.registry import did_you_mean, unknown_name_error
 
-__all__ = ["TaskSpec", "TaskSpecError", "get_task", "list_tasks", "load_task_file", "DEFAULT_RECIPE"]
+__all__ = ["TaskSpec", "TaskSpecError", "get_task", "list_tasks", "load_task_file", "task_from_dict", "DEFAULT_RECIPE",
+           "TASKS_ENV", "register_task", "unregister_task", "task_dirs", "find_task_file", "task_toml",
+           "task_of_card"]
+
+#: Environment variable: extra folders of task specs, separated by ``os.pathsep``.
+TASKS_ENV = "PELLUCID_TASKS"
 
 DEFAULT_RECIPE: dict[str, Any] = {
     "backbone": "efficientnet_lite0",
@@ -96,6 +111,20 @@ class TaskSpec:
             "default_data": self.default_data, "recipe": dict(self.recipe),
         }
 
+    def to_toml_dict(self) -> dict:
+        """The spec in ``task.toml`` form (``task_from_dict`` reads it back to an equal spec); keys
+        whose value is None are left out (TOML has no null; the defaults restore them)."""
+        out = {"name": self.name, "title": self.title, "classes": list(self.classes),
+               "positive_class": self.positive_class, "modality": self.modality, "channels": self.channels,
+               "image_size": self.image_size, "augment": self.augment, "default_data": self.default_data,
+               "metrics": list(self.metrics), "explainers": list(self.explainers),
+               "intended_use": self.intended_use,
+               "threshold": {"policy": self.threshold_policy, "target_sensitivity": self.target_sensitivity},
+               "recipe": {k: v for k, v in self.recipe.items() if v is not None},
+               "explainer_options": {m: dict(o) for m, o in self.explainer_options.items()},
+               "aliases": dict(self.aliases)}
+        return {k: v for k, v in out.items() if v is not None}
+
 
 def _need(data: dict, key: str, kind: type, where: str):
     if key not in data:
@@ -106,18 +135,24 @@ def _need(data: dict, key: str, kind: type, where: str):
     return value
 
 
-def load_task_file(path: str | Path) -> TaskSpec:
-    """Read and validate one ``task.toml``."""
+def load_task_file(path: str | Path, *, check_backbone: bool = True) -> TaskSpec:
+    """Read and validate one ``task.toml`` (``check_backbone``: see :func:`task_from_dict`)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise TaskSpecError(f"{path}: cannot read task spec ({err})") from err
-    return task_from_dict(data, where=str(path))
+    return task_from_dict(data, where=str(path), check_backbone=check_backbone)
 
 
-def task_from_dict(data: dict, where: str = "task spec") -> TaskSpec:
-    """Validate a parsed task dict (the contents of a task.toml) into a :class:`TaskSpec`."""
+def task_from_dict(data: dict, where: str = "task spec", *, check_backbone: bool = True) -> TaskSpec:
+    """Validate a parsed task dict (the contents of a task.toml) into a :class:`TaskSpec`.
+
+    ``check_backbone``: also check that the recipe's backbone is registered (imports torch); the
+    command line passes False to answer name and path errors before the heavy imports.
+    """
+    if not isinstance(data, Mapping):
+        raise TaskSpecError(f"{where}: a task spec must be a table, got {type(data).__name__}")
     name = _need(data, "name", str, where)
     classes = tuple(_need(data, "classes", list, where))
     if len(classes) < 2 or len(set(classes)) != len(classes):
@@ -142,9 +177,10 @@ def task_from_dict(data: dict, where: str = "task spec") -> TaskSpec:
     if unknown:
         key = sorted(unknown)[0]
         raise TaskSpecError(f"{where}: unknown recipe key {key!r}" + did_you_mean(key, DEFAULT_RECIPE, clause=True))
-    from pellucid.core.backbones import get_backbone_spec
+    if check_backbone:
+        from pellucid.core.backbones import get_backbone_spec
 
-    get_backbone_spec(recipe["backbone"])
+        get_backbone_spec(recipe["backbone"])
     image_size = int(data.get("image_size", 224))
     if not 16 <= image_size <= 1024:
         raise TaskSpecError(f"{where}: image_size {image_size} outside 16..1024")
@@ -195,15 +231,143 @@ def _apps_root() -> Path:
     return Path(str(resources.files("pellucid.apps")))
 
 
-def list_tasks() -> list[str]:
-    """Names of the task apps that ship a task.toml."""
-    return sorted(p.parent.name.replace("_", "-") for p in _apps_root().glob("*/task.toml"))
+# ----------------------------------------------------------------------------- the search path
+_REGISTERED: dict[str, TaskSpec] = {}
 
 
-def get_task(name: str) -> TaskSpec:
-    """The validated :class:`TaskSpec` of app ``name`` (did-you-mean on a typo)."""
-    folder = _apps_root() / name.replace("-", "_")
-    path = folder / "task.toml"
-    if not path.exists():
+def _key(name: str) -> str:
+    return str(name).replace("_", "-")
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Make ``spec`` the task of its name in this process (first on the search path); returns it."""
+    _REGISTERED[_key(spec.name)] = spec
+    return spec
+
+
+def unregister_task(name: str) -> None:
+    """Forget a task registered with :func:`register_task` (no error when there is none)."""
+    _REGISTERED.pop(_key(name), None)
+
+
+def task_dirs() -> list[Path]:
+    """The folders searched for user task specs, in order: the current folder, then ``PELLUCID_TASKS``."""
+    extra = [Path(p).expanduser() for p in os.environ.get(TASKS_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path.cwd(), *extra]
+
+
+def _spec_name(path: Path) -> str | None:
+    """The ``name`` of a TOML file that looks like a task spec (``name`` and ``classes``), else None."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    name = data.get("name")
+    return name if isinstance(name, str) and isinstance(data.get("classes"), list) else None
+
+
+def _user_task_files(directory: Path) -> Iterator[tuple[str, Path]]:
+    """``(name, file)`` of every task spec in ``directory``: ``*.toml`` and ``*/task.toml``."""
+    if not directory.is_dir():
+        return
+    for path in sorted([*directory.glob("*.toml"), *directory.glob("*/task.toml")]):
+        name = _spec_name(path)
+        if name is not None:
+            yield name, path
+
+
+def find_task_file(name: str) -> Path | None:
+    """The task spec file of ``name`` on the search path (user folders, then the apps), or None."""
+    key = _key(name)
+    for directory in task_dirs():
+        for path in (directory / f"{name}.toml", directory / name / "task.toml"):
+            if path.is_file() and _spec_name(path) is not None and _key(_spec_name(path)) == key:
+                return path
+        for found, path in _user_task_files(directory):
+            if _key(found) == key:
+                return path
+    path = _apps_root() / name.replace("-", "_") / "task.toml"
+    return path if path.is_file() else None
+
+
+def list_tasks(*, include_user: bool = True) -> list[str]:
+    """Names of the known tasks: the apps that ship a task.toml and (``include_user``) the tasks
+    registered in this process or found in the user folders of :func:`task_dirs`."""
+    names = {p.parent.name.replace("_", "-") for p in _apps_root().glob("*/task.toml")}
+    if include_user:
+        names |= set(_REGISTERED)
+        for directory in task_dirs():
+            names |= {_key(n) for n, _ in _user_task_files(directory)}
+    return sorted(names)
+
+
+def get_task(name: str, *, check_backbone: bool = True) -> TaskSpec:
+    """The validated :class:`TaskSpec` of task ``name`` along the search path (see the module
+    docstring); did-you-mean on a typo. ``check_backbone``: see :func:`task_from_dict`."""
+    if _key(name) in _REGISTERED:
+        return _REGISTERED[_key(name)]
+    path = find_task_file(name)
+    if path is None:
         raise unknown_name_error("task", name, list_tasks())
-    return load_task_file(path)
+    return load_task_file(path, check_backbone=check_backbone)
+
+
+def task_of_card(card: Mapping[str, Any], *, check_backbone: bool = False) -> TaskSpec:
+    """The task of a model folder from its card: the spec the card carries (``task_spec``, written
+    by training), else the task of the card's name on the search path (``KeyError`` when unknown)."""
+    spec = card.get("task_spec")
+    if isinstance(spec, Mapping):
+        return task_from_dict(dict(spec), where=f"the card's task_spec of {card.get('task')!r}",
+                              check_backbone=check_backbone)
+    return get_task(str(card.get("task")), check_backbone=check_backbone)
+
+
+# ----------------------------------------------------------------------------- TOML out
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + inner + " }" if inner else "{}"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} to TOML")
+
+
+def _toml_table(header: str, table: Mapping[str, Any]) -> list[str]:
+    """``[header]`` with its scalar keys, then one ``[[header.key]]`` per entry of a list of tables."""
+    lines, arrays = [f"[{header}]"], []
+    for k, v in table.items():
+        if isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
+            for entry in v:
+                arrays += ["", f"[[{header}.{_toml_key(k)}]]"]
+                arrays += [f"{_toml_key(str(a))} = {_toml_value(b)}" for a, b in entry.items() if b is not None]
+        elif v is not None:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    return lines + arrays
+
+
+def task_toml(spec: TaskSpec, header: str = "") -> str:
+    """``spec`` as the text of an editable ``task.toml`` (``header``: comment lines put on top)."""
+    data = spec.to_toml_dict()
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    tables = {k: data.pop(k) for k in ("threshold", "recipe", "explainer_options", "aliases")}
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()]
+    for key in ("threshold", "recipe"):
+        lines += ["", *_toml_table(key, tables[key])]
+    for method, options in tables["explainer_options"].items():
+        lines += ["", *_toml_table(f"explainer_options.{_toml_key(method)}", options)]
+    if tables["aliases"]:
+        lines += ["", *_toml_table("aliases", tables["aliases"])]
+    return "\n".join(lines) + "\n"

@@ -47,3 +47,77 @@ def test_explainer_options_reach_the_spec_and_are_checked():
         task_from_dict({**base, "explainer_options": {"lime": {"segmentation": "slic"}}})
     with pytest.raises(TaskSpecError, match="one table per method"):
         task_from_dict({**base, "explainer_options": {"gradcam": "fast"}})
+
+
+# ----------------------------------------------------------------------------- search path, TOML, cards
+import tomllib  # noqa: E402
+
+from pellucid.core.tasks import (TASKS_ENV, find_task_file, register_task, task_of_card, task_toml,  # noqa: E402
+                                 unregister_task)
+
+
+@pytest.mark.parametrize("name", list_tasks(include_user=False))
+def test_task_toml_round_trips_every_app(name):
+    t = get_task(name)
+    back = task_from_dict(tomllib.loads(task_toml(t, header="a comment\non two lines")), where=t.source)
+    assert back == t
+    assert (back.recipe, back.aliases, back.explainer_options) == (t.recipe, t.aliases, t.explainer_options)
+
+
+def _write_spec(path, name, classes=("cat", "dog"), **extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = task_from_dict({"name": name, "classes": list(classes), **extra}, check_backbone=False)
+    path.write_text(task_toml(spec))
+    return path
+
+
+def test_search_path_current_folder_then_env_then_apps(tmp_path, monkeypatch):
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv(TASKS_ENV, str(elsewhere))
+    _write_spec(elsewhere / "pets" / "task.toml", "pets")
+    _write_spec(elsewhere / "birds.toml", "birds", classes=("owl", "wren"))
+    (here / "pyproject.toml").write_text('[project]\nname = "x"\n')  # not a task spec: ignored
+    assert get_task("pets").classes == ("cat", "dog") and get_task("birds").classes == ("owl", "wren")
+    assert {"pets", "birds", "tb"} <= set(list_tasks()) and "x" not in list_tasks()
+    assert "pets" not in list_tasks(include_user=False)
+    # the current folder comes first, under any file name whose `name` is the task's
+    _write_spec(here / "my-pets-spec.toml", "pets", classes=("cat", "dog", "fish"))
+    assert get_task("pets").classes == ("cat", "dog", "fish")
+    assert find_task_file("pets") == here / "my-pets-spec.toml"
+    # a user spec may shadow an app; an app is still found without one
+    _write_spec(here / "tb.toml", "tb", classes=("normal", "tuberculosis"), recipe={"epochs": 1})
+    assert get_task("tb").recipe["epochs"] == 1
+    (here / "tb.toml").unlink()
+    assert get_task("tb").recipe["epochs"] != 1
+    with pytest.raises(KeyError, match="Did you mean 'pets'"):
+        get_task("pet")
+
+
+def test_registered_task_comes_first_and_can_be_removed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = task_from_dict({"name": "rt-demo", "classes": ["a", "b"]})
+    try:
+        assert register_task(spec) is spec
+        assert get_task("rt_demo") is spec and "rt-demo" in list_tasks()
+    finally:
+        unregister_task("rt-demo")
+    with pytest.raises(KeyError):
+        get_task("rt-demo")
+
+
+def test_backbone_check_can_wait_but_is_made_by_default():
+    data = {"name": "x", "classes": ["a", "b"], "recipe": {"backbone": "resnt50"}}
+    assert task_from_dict(data, check_backbone=False).recipe["backbone"] == "resnt50"
+    with pytest.raises(KeyError, match="resnet50"):
+        task_from_dict(data)
+
+
+def test_task_of_card_prefers_the_spec_the_card_carries():
+    spec = task_from_dict({"name": "mine", "classes": ["x", "y"], "aliases": {"X": "x"}})
+    card = {"task": "mine", "classes": ["x", "y"], "task_spec": spec.to_toml_dict()}
+    assert task_of_card(card).to_toml_dict() == spec.to_toml_dict() and task_of_card(card).aliases == {"X": "x"}
+    assert task_of_card({"task": "tb", "classes": ["normal", "tuberculosis"]}).name == "tb"
+    with pytest.raises(KeyError, match="unknown task 'nowhere'"):
+        task_of_card({"task": "nowhere", "classes": ["x", "y"]})
