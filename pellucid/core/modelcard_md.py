@@ -27,7 +27,8 @@ from pellucid.core.metric_text import INTERVAL_KINDS, interval_text, value_text
 if TYPE_CHECKING:
     from pellucid.core.card import ModelCard
 
-__all__ = ["MODEL_CARD_FILE", "SECTIONS", "render_model_card", "write_model_card_md", "redact_paths"]
+__all__ = ["MODEL_CARD_FILE", "SECTIONS", "render_model_card", "write_model_card_md", "redact_paths",
+           "strip_front_matter"]
 
 #: The Markdown card's file name inside a model folder.
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -359,3 +360,12 @@ def write_model_card_md(folder: str | Path, card: ModelCard) -> Path:
     tmp.write_text(render_model_card(card, folder), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def strip_front_matter(text: str) -> str:
+    """The Markdown without its leading YAML front matter (``---`` … ``---``), for showing it on a page."""
+    if text.startswith("---\n"):
+        end = text.find("\n---\n", 4)
+        if end != -1:
+            return text[end + 5:].lstrip("\n")
+    return text

@@ -10,7 +10,8 @@ import pytest
 
 from pellucid.core.card import as_card, read_card, write_card
 from pellucid.core.metric_text import interval_text, value_text
-from pellucid.core.modelcard_md import MODEL_CARD_FILE, SECTIONS, redact_paths, render_model_card
+from pellucid.core.modelcard_md import (MODEL_CARD_FILE, SECTIONS, redact_paths, render_model_card,
+                                        strip_front_matter)
 
 TOO_FEW = "too few labelled inputs (n=6; need ≥ 10)"
 CARD = {
@@ -130,3 +131,10 @@ def test_ensemble_folder_and_its_members_have_model_cards(tiny_model_dir, tmp_pa
     for member in read_card(out).extra["members"]:
         assert (out / member["path"] / MODEL_CARD_FILE).is_file()
     assert str(tiny_model_dir) not in text
+
+
+def test_strip_front_matter_for_a_web_page():
+    text = render_model_card(as_card(CARD))
+    body = strip_front_matter(text)
+    assert body.startswith("# Toy task — pellucid classifier model") and "library_name" not in body
+    assert strip_front_matter(body) == body  # nothing to strip: unchanged
