@@ -233,9 +233,9 @@ def with_colorbar(rgb: np.ndarray, high: str, low: str, title: str | None = None
         title: the legend's title line (None: no title).
         min_width: overlays narrower than this are first enlarged by the smallest whole factor that
             reaches it (nearest neighbour).
-        max_side: for display (reports, the web app): an overlay whose longer side exceeds this is
-            first shrunk to it (Lanczos), so the legend's text keeps its size on screen. None keeps
-            the original resolution.
+        max_side: for display (reports, the web app): an overlay whose longer side exceeds this (or
+            ``min_width``, the larger) is first shrunk to it (Lanczos), so the legend's text keeps its
+            size on screen. None keeps the original resolution.
 
     Returns:
         RGB uint8 ``(k*H + h, k*W, 3)``: the (enlarged by ``k``) overlay on top, unchanged otherwise,
@@ -244,11 +244,12 @@ def with_colorbar(rgb: np.ndarray, high: str, low: str, title: str | None = None
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb must be an RGB uint8 (H, W, 3) overlay; got {rgb.dtype} {rgb.shape}")
-    if max_side is not None and max(rgb.shape[:2]) > max_side:
+    if max_side is not None and max(rgb.shape[:2]) > max(max_side, min_width):
         from PIL import Image as PILImage
 
+        side = max(max_side, min_width)  # never shrunk below what the legend needs
         im = PILImage.fromarray(rgb)
-        im.thumbnail((max_side, max_side), PILImage.Resampling.LANCZOS)
+        im.thumbnail((side, side), PILImage.Resampling.LANCZOS)
         rgb = np.asarray(im)
     k = max(1, int(np.ceil(min_width / max(rgb.shape[1], 1))))
     if k > 1:

@@ -132,6 +132,11 @@ def _results(predictor, method: str, expl, scores, chunk: Sequence[Case]) -> lis
     return out
 
 
+def _span(start: int, n: int) -> str:
+    """``"3"`` or ``"3–5"``: images ``start + 1 .. start + n`` in words."""
+    return f"{start + 1}" if n == 1 else f"{start + 1}–{start + n}"
+
+
 def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, batch_size: int = 8,
                   score: bool = True, metrics: Sequence[str] = SCORE_METRICS,
                   options: Mapping[str, dict] | None = None, target: int | str | None = None,
@@ -147,7 +152,8 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
         score: compute the faithfulness ``metrics`` of every map (on the model's input).
         options: explainer options by method name (the card's presets apply underneath).
         target: class name or index to explain for every case; None explains each decided class.
-        progress: ``progress(fraction, text)`` after each batch.
+        progress: ``progress(fraction, text)`` before each batch is explained, before it is scored,
+            and after it is done (the text names the method and the images).
 
     Returns:
         Notes: methods that are unavailable or failed, and scores that could not be computed.
@@ -177,6 +183,8 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
             continue
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
+            if progress:  # before the (possibly long) explainer call, so a slow method is never silent
+                progress(step / steps, f"{m}: explaining image {_span(i, len(chunk))} of {len(todo)}")
             x = torch.stack([predictor.preprocess(c.image) for c in chunk]).to(predictor.device)
             # An explainer can fail in many ways (no gradient at the hooked layer, a library error);
             # one failing method must not cost the user the rest of the run, so it becomes a note.
@@ -188,6 +196,8 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
             else:
                 scores: list[dict] = [{} for _ in chunk]
                 if score:
+                    if progress:
+                        progress((step + 0.5) / steps, f"{m}: scoring {_span(i, len(chunk))} of {len(todo)}")
                     try:
                         scores = list(score_explanations(predictor.model, x, expl, metrics=tuple(metrics)))
                     except Exception as err:  # noqa: BLE001 - scores are optional, same reason

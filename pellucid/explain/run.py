@@ -4,10 +4,17 @@
 reader), preprocesses it exactly as the model card says, explains it with each requested method in
 batches, and writes, into ``out_dir``:
 
-* ``<stem>_<method>.png`` — the heatmap over the original image, at its original resolution;
+* ``<stem>_<method>.png`` — the heatmap over the original image with its colour bar underneath (what
+  red and blue mean for that method; :func:`pellucid.explain.overlay.with_colorbar`): the image at its
+  original resolution, enlarged by a whole factor when narrower than
+  :data:`~pellucid.explain.overlay.LEGEND_MIN_WIDTH` so the legend can be read (``legend=False``: the
+  bare overlay at the original resolution);
 * ``<stem>.json`` — the prediction, and per method the explained class, heatmap statistics (mean,
   max, share of pixels above 0.5, mass centroid as ``(x, y)`` fractions of width and height, whether
-  the map is empty) and, with ``score=True``, the faithfulness scores;
+  the map is empty), with ``score=True`` the faithfulness scores, and ``reading``: the same plain
+  words the web app and the report show (:mod:`pellucid.explain.captions`: the method in one
+  sentence, one sentence per score, notes on a blank map or one on the border or outside the lungs,
+  and the legend); each note is also logged as a warning;
 * with ``score=True`` and a lung segmenter (``lung_segmenter=`` or the model card's), each map's
   lung and border shares (:mod:`pellucid.explain.lungshare`), the lung outline drawn on the overlays,
   and ``lung_shares.json``: the means per method over the maps that have mass, with the number of
@@ -17,7 +24,9 @@ It returns one row per image × method (the same fields, flat), which
 :func:`pellucid.explain.score_table` turns into the method × metric table. Reading, prediction, the
 domain check and the explanations all come from the one case pipeline
 (:mod:`pellucid.core.pipeline`, :mod:`pellucid.explain.pipeline`), batch by batch, so a folder of any
-size runs in bounded memory; an unreadable input gets an ``error`` row (written once).
+size runs in bounded memory; an unreadable input gets an ``error`` row (written once). With
+``progress=True`` one bar on stderr counts the images done and names the step under way
+("lime: explaining image 3 of 8"), so a slow explainer is never silent.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ import numpy as np
 
 from pellucid.core.pipeline import Case, CasePipeline
 from pellucid.explain.base import explainer_for
+from pellucid.explain.captions import read_case_result, reading_dict
 from pellucid.explain.metrics import DEFAULT_METRICS
 from pellucid.explain.overlay import save_overlay
 from pellucid.explain.pipeline import explain_cases, resolve_target
@@ -101,7 +111,8 @@ def _lung_shares(segmenter, cases: Sequence[Case], share_rows: list[dict]) -> No
                             "of the means", c.name, r.method, r.extras.get("target_name"))
 
 
-def _write_case(case: Case, out: Path, stem: str, classes: Sequence[str], alpha: float) -> tuple[dict, list[dict]]:
+def _write_case(case: Case, out: Path, stem: str, classes: Sequence[str], alpha: float,
+                legend: bool = True) -> tuple[dict, list[dict]]:
     """One input's overlays and JSON record; its rows (one per method, or one error row)."""
     record = {"image": case.name, "error": case.error or None, "explanations": []}
     if case.error:
@@ -114,23 +125,61 @@ def _write_case(case: Case, out: Path, stem: str, classes: Sequence[str], alpha:
         if r.heatmap is None:
             rows.append({"path": case.name, "method": r.method, "error": r.note})
             continue
+        reading = read_case_result(case, r)
         png = save_overlay(out / f"{stem}_{r.method.replace('+', 'plus')}.png", case.image, r.heatmap, alpha,
-                           outline=case.lung_mask)
+                           outline=case.lung_mask, legend=reading.legend if legend else None)
+        for note in reading.notes:
+            log.warning("%s, %s: %s", case.name, r.method, note)
         target, name = r.extras.get("target"), r.extras.get("target_name")
         entry = {"method": r.method, "target": target, "target_name": name, "overlay": str(png),
                  "heatmap": heatmap_stats(r.heatmap), "scores": dict(r.scores),
-                 "extras": {k: v for k, v in r.extras.items() if k not in ("target", "target_name")}}
+                 "extras": {k: v for k, v in r.extras.items() if k not in ("target", "target_name")},
+                 "reading": reading_dict(reading)}
         record["explanations"].append(entry)
         rows.append({"path": case.name, "method": r.method, "target": target, "target_name": name, "overlay": str(png),
                      **{f"heatmap_{k}": v for k, v in entry["heatmap"].items()}, **r.scores})
     return record, rows
 
 
+class _ImageBar:
+    """One tqdm bar on stderr counting images, with the step under way as its postfix."""
+
+    def __init__(self, paths: Sequence[str | Path], enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            from pellucid.datasets.samples import find_images
+
+            total = len(find_images([Path(p) for p in paths], []))
+            self.bar = tqdm(total=total or None, desc="explaining", unit="image", leave=False)
+
+    def step(self, fraction: float, text: str) -> None:
+        """``explain_cases``'s progress: the step under way (the count moves per image written)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def done(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"written {name}", refresh=False)
+            self.bar.update(1)
+            self.bar.refresh()  # every image shows, however quick
+
+    def __enter__(self) -> "_ImageBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: Sequence[str] | None = None,
                   target: int | str | None = None, *, out_dir: str | Path = "explanations", score: bool = False,
                   metrics: Sequence[str] = DEFAULT_METRICS, options: Mapping[str, dict] | None = None,
                   batch_size: int = 8, alpha: float = 0.5, progress: bool = False,
-                  lung_segmenter: str | Path | None = None, include_identifiers: bool = False) -> list[dict]:
+                  lung_segmenter: str | Path | None = None, include_identifiers: bool = False,
+                  legend: bool = True) -> list[dict]:
     """Explain image files with a model folder; write overlays and one JSON per image.
 
     Args:
@@ -146,10 +195,11 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
         options: per-method explainer options, e.g. ``{"lime": {"num_samples": 500}}``.
         batch_size: images per batch.
         alpha: overlay opacity.
-        progress: show a progress bar over batches.
+        progress: show a progress bar on stderr: images done, and the step under way.
         lung_segmenter: segmentation model folder for the lung shares with ``score``; None uses the
             model card's segmenter (``preprocessing.segmenter``) when it has one.
         include_identifiers: name DICOM inputs by file name (default: ``DICOM <hash>``).
+        legend: draw the colour bar under each overlay PNG (False: the bare overlay).
 
     Returns:
         One row per image × method: ``path``, ``method``, ``target``, ``target_name``, ``overlay``,
@@ -161,8 +211,6 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
         KeyError: an unknown method or class name (with did-you-mean); TypeError / ValueError: a bad
             explainer option. Both before any image is read.
     """
-    from tqdm.auto import tqdm
-
     from pellucid.core.predict import Predictor
 
     predictor = Predictor(model_dir)
@@ -181,20 +229,21 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
     rows: list[dict] = []
     share_rows: list[dict] = []
     seen: dict[str, int] = {}
-    for chunk in tqdm(_batches(pipe.from_paths(paths), batch_size), desc="explaining", disable=not progress,
-                      leave=False):
-        notes = explain_cases(predictor, chunk, methods, batch_size=batch_size, score=score, metrics=metrics,
-                              options=options, target=target)
-        if notes:
-            log.warning("; ".join(notes))
-        if segmenter is not None:
-            _lung_shares(segmenter, chunk, share_rows)
-        for case in chunk:
-            stem = _file_stem(case.name, seen)
-            record, case_rows = _write_case(case, out, stem, predictor.classes, alpha)
-            (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-            rows.extend(case_rows)
-            case.image = None  # released: memory stays bounded by one batch
+    with _ImageBar(paths, progress) as bar:
+        for chunk in _batches(pipe.from_paths(paths), batch_size):
+            notes = explain_cases(predictor, chunk, methods, batch_size=batch_size, score=score, metrics=metrics,
+                                  options=options, target=target, progress=bar.step)
+            if notes:
+                log.warning("; ".join(notes))
+            if segmenter is not None:
+                _lung_shares(segmenter, chunk, share_rows)
+            for case in chunk:
+                stem = _file_stem(case.name, seen)
+                record, case_rows = _write_case(case, out, stem, predictor.classes, alpha, legend)
+                (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+                rows.extend(case_rows)
+                case.image = None  # released: memory stays bounded by one batch
+                bar.done(case.name)
     if share_rows:
         from pellucid.explain.lungshare import summarize_shares
 

@@ -104,3 +104,137 @@ def test_overlay_with_outline_is_overlay_then_outline(tmp_path):
     np.testing.assert_array_equal(both, draw_outline(overlay(img, heat, 0.4), mask))
     path = save_overlay(tmp_path / "o.png", img, heat, 0.4, outline=mask)
     np.testing.assert_array_equal(np.asarray(PILImage.open(path)), both)
+
+
+# ----------------------------------------------------------------------------- colour bars
+def _jet_ends() -> tuple[np.ndarray, np.ndarray]:
+    return tuple(np.round(colorize(np.array([[v]]))[0, 0] * 255) for v in (0.0, 1.0))
+
+
+def _has_colour_bar(strip: np.ndarray) -> bool:
+    lo, hi = _jet_ends()
+    return any(np.abs(row[8].astype(float) - lo).max() < 30 and np.abs(row[-9].astype(float) - hi).max() < 30
+               for row in strip)
+
+
+def test_with_colorbar_puts_the_legend_under_the_map():
+    from pellucid.explain.overlay import LEGEND_MIN_WIDTH, with_colorbar
+
+    rgb = overlay(np.random.default_rng(0).random((60, 80), dtype=np.float32), np.eye(8, dtype=np.float32))
+    out = with_colorbar(rgb, "more influence on “tb”", "less influence", "Grad-CAM: influence on “tb”")
+    k = -(-LEGEND_MIN_WIDTH // 80)  # enlarged by a whole factor, each pixel a k x k block
+    assert out.dtype == np.uint8 and out.shape[1] == 80 * k and out.shape[0] > 60 * k
+    np.testing.assert_array_equal(out[: 60 * k: k, :: k], rgb)
+    assert _has_colour_bar(out[60 * k:]) and not _has_colour_bar(out[: 60 * k])
+    # the strip has text (dark ink) besides the bar
+    strip = out[60 * k:]
+    assert ((strip < 80).all(axis=2) & ~(strip[..., 2] > 100)).sum() > 50
+    big = overlay(np.zeros((400, 900), np.float32), np.eye(8, dtype=np.float32))
+    wide = with_colorbar(big, "high", "low")
+    assert wide.shape[1] == 900 and np.array_equal(wide[:400], big)
+    shrunk = with_colorbar(big, "high", "low", max_side=300)
+    assert shrunk.shape[1] == LEGEND_MIN_WIDTH  # shrunk for display, but never below what the legend needs
+    with pytest.raises(ValueError, match="RGB uint8"):
+        with_colorbar(np.zeros((4, 4)), "h", "l")
+
+
+def test_colorbar_strip_fits_long_words_on_two_lines():
+    from pellucid.explain.overlay import colorbar_strip
+
+    one = colorbar_strip(600, "more", "less")
+    two = colorbar_strip(200, "more influence on “a very long class name indeed”", "less influence")
+    assert one.shape[1] == 600 and two.shape[1] == 200
+    assert two.shape[0] > colorbar_strip(200, "more", "less").shape[0]  # low and high on their own lines
+    with pytest.raises(ValueError, match="16 pixels"):
+        colorbar_strip(10, "h", "l")
+
+
+def test_save_overlay_with_legend(tmp_path):
+    from pellucid.explain.captions import legend_for
+
+    path = save_overlay(tmp_path / "x.png", np.zeros((400, 500, 3), np.float32), np.ones((8, 8), np.float32),
+                        legend=legend_for("lime", "tb"))
+    with PILImage.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    assert arr.shape[1] == 500 and arr.shape[0] > 400 and _has_colour_bar(arr[400:])
+
+
+# ----------------------------------------------------------------------------- plain words
+def test_legends_say_what_high_and_low_mean():
+    from pellucid.explain.captions import legend_for
+
+    assert legend_for("gradcam", "tb").high == "more influence on “tb”"
+    assert legend_for("gradcam", "tb").low == "less influence"
+    lime = legend_for("lime", "tb")
+    assert "evidence for “tb”" in lime.high and "neutral or against" in lime.low
+    assert "hiding this lowers" in legend_for("occlusion", "tb").high
+    assert legend_for("ttame").title.startswith("T-TAME")
+
+
+@pytest.mark.parametrize("scores, confidence, expected", [
+    ({"deletion_auc": 0.986}, 0.99, "lowered the model's confidence slowly: this map is a weak guide"),
+    ({"deletion_auc": 0.1}, 0.9, "fall quickly: the map points at what the model used"),
+    ({"deletion_auc": 0.45}, 0.9, "only gradually"),
+    ({"insertion_auc": 0.85}, 0.9, "brought the confidence back quickly"),
+    ({"insertion_auc": 0.1}, 0.9, "brought little of the confidence back"),
+    ({"ad_50": 0.0}, None, "cost 0% of the confidence: that half holds almost all"),
+    ({"ad_50": 80.0}, None, "lies largely outside the highlighted half"),
+    ({"road": 0.2}, None, "as a faithful map should"),
+    ({"road": -0.1}, None, "not borne out"),
+    ({"sanity_pass": False}, None, "barely changed when the model's weights were randomised"),
+])
+def test_score_sentences(scores, confidence, expected):
+    from pellucid.explain.captions import score_sentences
+
+    out = score_sentences(scores, confidence)
+    assert len(out) == 1 and expected in out[0]
+
+
+def test_score_sentences_skip_missing_and_nan():
+    from pellucid.explain.captions import score_sentences
+
+    assert score_sentences({}) == [] and score_sentences({"deletion_auc": float("nan")}) == []
+
+
+def test_map_notes_blank_nearly_blank_border_and_lungs():
+    from pellucid.explain.captions import map_notes
+
+    blank = map_notes("occlusion", np.zeros((50, 50)), "tb")
+    assert len(blank) == 1 and blank[0].startswith("This map is blank")
+    assert "barely changed when patches were hidden" in blank[0]
+    assert "no region's features raised the score" in map_notes("gradcam", np.zeros((5, 5)), "tb")[0]
+    speck = np.zeros((100, 100))
+    speck[50, 50] = 1.0
+    assert map_notes("occlusion", speck, "tb")[0].startswith("This map is nearly blank")
+    centre = np.zeros((100, 100))
+    centre[30:70, 30:70] = 1.0
+    assert map_notes("gradcam", centre, "tb") == []
+    frame = np.zeros((100, 100))
+    frame[:5] = frame[-5:] = 1.0
+    notes = map_notes("gradcam", frame, "tb")
+    assert len(notes) == 1 and "outer edge" in notes[0] and notes[0].startswith("100%")
+    lungs = np.zeros((100, 100), bool)
+    lungs[20:80, 10:40] = lungs[20:80, 60:90] = True
+    between = np.zeros((100, 100))
+    between[20:80, 45:55] = 1.0  # the mediastinum: inside the image, outside the lungs
+    assert map_notes("gradcam", between, "tb") == []
+    notes = map_notes("gradcam", between, "tb", lung_mask=lungs)
+    assert len(notes) == 1 and notes[0].startswith("Only 0% of this map falls inside the lungs")
+    assert map_notes("gradcam", np.where(lungs, 1.0, 0.0), "tb", lung_mask=lungs) == []
+
+
+def test_read_explanation_gathers_the_words():
+    from pellucid.core.pipeline import MethodResult
+    from pellucid.explain.captions import read_explanation, reading_dict
+
+    r = MethodResult("lime", np.zeros((20, 20), np.float32), {"deletion_auc": 0.9, "ad_50": 5.0},
+                     detail="passes in float32", extras={"target_name": "tb"})
+    reading = read_explanation(r, confidence=0.95)
+    assert reading.title == "LIME" and "evidence for “tb”" in reading.caption
+    assert reading.sentence.startswith("LIME hid random patches")
+    assert len(reading.scores) == 2 and reading.notes[0].startswith("This map is blank")
+    details = dict(reading.details)
+    assert details["method"] == "lime" and details["deletion AUC ↓"] == "0.900"
+    assert details["drop with top 50% kept ↓"] == "5.0%" and details["computed"] == "passes in float32"
+    d = reading_dict(reading)
+    assert d["legend"]["high"] == "strong evidence for “tb”" and d["scores_text"] == reading.scores

@@ -363,3 +363,67 @@ def test_pdf_falls_back_to_fpdf2_without_a_working_chromium(single_context, tmp_
                                      (None, ""), (float("nan"), "")])
 def test_probabilities_never_round_to_certainty(p, text):
     assert report.probability_text(p) == text
+
+
+# ----------------------------------------------------------------------------- legible explanations
+def test_report_overlays_have_colour_bars_plain_words_and_details(model_dir, tmp_path):
+    import numpy as np
+
+    from pellucid.explain.overlay import colorize
+
+    image = write_png(tmp_path / "in" / "x.png", seed=3)
+    html, pdf = report.write_report(model_dir, [image], methods=_methods(), out_dir=tmp_path / "out")
+    page = html.read_text()
+    text = _visible_text(page)
+    # a colour bar under the map: some row of the picture runs from the map's blue to its red
+    (png,) = _overlay_pngs(page)
+    lo, hi = (np.round(colorize(np.array([[v]]))[0, 0] * 255) for v in (0.0, 1.0))
+    assert any(np.abs(r[8].astype(float) - lo).max() < 30 and np.abs(r[-9].astype(float) - hi).max() < 30
+               for r in png[png.shape[0] // 2:])
+    assert re.search(r'alt="gradcam overlay with colour bar: red more influence on “(normal|tuberculosis)”, '
+                     r'blue less influence"', page)
+    # plain words first, the jargon behind "details"
+    assert "Grad-CAM shows where the network" in text
+    assert "Removing the highlighted regions first" in text
+    details = re.search(r"<details><summary>details</summary>(.*?)</details>", page, re.S).group(1)
+    assert "deletion AUC ↓" in details and "method: gradcam" in details
+    assert "deletion AUC" not in _visible_text(re.sub(r"<details>.*?</details>", "", page, flags=re.S))
+    assert "How to read the explanations" in text and "Not a diagnosis" in text
+    if shutil.which("pdftotext"):  # printed with the details open
+        assert "deletion AUC" in _pdf_text(pdf) and "Removing the highlighted" in _pdf_text(pdf)
+
+
+def test_report_notes_a_blank_map(model_dir, tmp_path):
+    import numpy as np
+
+    from pellucid.core.predict import Predictor
+    from pellucid.explain.report import MethodResult, analyse_paths, build_context, render_html
+
+    predictor = Predictor(model_dir)
+    (case,) = analyse_paths(predictor, [write_png(tmp_path / "b.png", seed=1)])
+    case.explanations = [MethodResult("occlusion", np.zeros((80, 80), np.float32), {},
+                                      extras={"target_name": case.label})]
+    text = _visible_text(render_html(build_context(predictor, [case], methods=["occlusion"])))
+    assert "This map is blank" in text and "barely changed when patches were hidden" in text
+
+
+def test_threshold_drawn_on_the_positive_class_only(tmp_path):
+    """The dashed threshold mark crosses the positive class's bar, never the other one."""
+    import numpy as np
+    from PIL import Image
+
+    from pellucid.core.plots import plot_probabilities
+
+    def mark_rows(positive: int):
+        path = plot_probabilities([0.3, 0.7], ["normal", "tb"], tmp_path / f"p{positive}.png", threshold=0.2,
+                                  positive_index=positive)
+        a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        red = (a[..., 0] > 180) & (a[..., 1] < 90) & (a[..., 2] < 90)
+        col = int(np.argmax(red.sum(axis=0)))  # the vertical mark's column (the legend sample is horizontal)
+        return np.nonzero(red[:, col])[0]
+
+    top, bottom = mark_rows(0), mark_rows(1)  # the axis is inverted: class 0's bar is drawn on top
+    assert len(top) > 5 and len(bottom) > 5
+    assert top.max() < bottom.min()  # each mark crosses its own bar only; a full-height line would overlap
+    with pytest.raises(ValueError, match="positive_index"):
+        plot_probabilities([0.2, 0.3, 0.5], ["a", "b", "c"], tmp_path / "x.png", threshold=0.5)

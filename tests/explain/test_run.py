@@ -9,6 +9,7 @@ from PIL import Image as PILImage
 
 from pellucid.core.modelfolder import save_model
 from pellucid.explain import score_table
+from pellucid.explain.overlay import LEGEND_MIN_WIDTH
 from pellucid.explain.run import explain_paths, heatmap_stats
 from tests.explain.conftest import tiny_classifier
 
@@ -54,7 +55,9 @@ def test_explain_paths_writes_overlays_json_and_rows(model_folder, image_files, 
         assert 0 <= r["deletion_auc"] <= 1 and "ad_100" in r
         with PILImage.open(r["overlay"]) as im:
             h, w = sizes[r["path"]]  # named relative to the folder given
-            assert im.size == (w, h)
+            k = -(-LEGEND_MIN_WIDTH // w)  # small images are enlarged by a whole factor for the legend
+            assert im.size[0] == w * k and im.size[1] > h * k  # the colour bar sits under the map
+            _assert_colour_bar(np.asarray(im.convert("RGB"))[h * k:])
     # Same stem in two folders: the second gets a suffix instead of overwriting.
     assert sorted(p.name for p in out.glob("*.json")) == ["a.json", "a_1.json", "b.json"]
     record = json.loads((out / "b.json").read_text())
@@ -64,8 +67,34 @@ def test_explain_paths_writes_overlays_json_and_rows(model_folder, image_files, 
     assert entry["method"] == "gradcam" and entry["extras"]["layer"] == "backbone.net.layer4"
     assert set(entry["heatmap"]) == {"mean", "max", "frac_above_0.5", "centroid", "empty"}
     assert "deletion_auc" in entry["scores"]
+    reading = entry["reading"]  # the same plain words as the web app and the report
+    assert reading["legend"]["high"] == f"more influence on “{entry['target_name']}”"
+    assert reading["sentence"].startswith("Grad-CAM shows where") and len(reading["scores_text"]) >= 2
+    assert any(s.startswith("Removing the highlighted regions first") for s in reading["scores_text"])
+    assert ["method", "gradcam"] in reading["details"]
     assert (out / "b_gradcamplusplus.png").exists()
     assert "| gradcam | 3 |" in score_table(rows)
+
+
+def _assert_colour_bar(strip: np.ndarray) -> None:
+    """Some row of ``strip`` runs through the colour map: dark blue at its left end, dark red at its right."""
+    from pellucid.explain.overlay import colorize
+
+    lo, hi = (np.round(colorize(np.array([[v]]))[0, 0] * 255) for v in (0.0, 1.0))
+    ok = [row for row in strip if row.shape[0] > 20 and np.abs(row[8].astype(float) - lo).max() < 30
+          and np.abs(row[-9].astype(float) - hi).max() < 30]
+    assert ok, "no colour bar under the overlay"
+
+
+def test_explain_paths_bare_overlays_and_progress(model_folder, image_files, tmp_path, capsys):
+    """``legend=False`` keeps the bare overlay at the original size; ``progress`` draws one bar per image."""
+    root, sizes = image_files
+    rows = explain_paths(model_folder, [root / "a.png"], ["gradcam"], out_dir=tmp_path, legend=False,
+                         progress=True)
+    with PILImage.open(rows[0]["overlay"]) as im:
+        assert im.size == (sizes["a.png"][1], sizes["a.png"][0])
+    err = capsys.readouterr().err
+    assert "explaining" in err and "1/1" in err and "image" in err
 
 
 def test_explain_paths_fixed_target_and_errors(model_folder, image_files, tmp_path):
