@@ -41,14 +41,14 @@ def _pretrained(args: argparse.Namespace):
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from pellucid.core.fewshot import fit_prototypes
+    from pellucid.core.fewshot import DEFAULT_BACKBONE, fit_prototypes
 
     if not args.support:
         raise FewShotError("fewshot fit needs --support DIR: a folder with one sub-folder of a few images per class")
     out = args.out or f"runs/fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    folder = fit_prototypes(args.support, out, backbone=args.backbone or "efficientnet_lite0",
+    folder = fit_prototypes(args.support, out, backbone=args.backbone or DEFAULT_BACKBONE,
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
-                            progress=True)
+                            transductive=getattr(args, "transductive", None), progress=True)
     from pellucid.core.card import read_card
 
     card = read_card(folder)
@@ -56,6 +56,10 @@ def _fit(args: argparse.Namespace) -> int:
     print(f"model folder: {folder}")
     print(f"classes:      " + ", ".join(f"{c} ({m['per_class'][c]})" for c in card.classes))
     print(f"backbone:     {card.backbone_name} ({card.weight_source}), {card.image_size} px")
+    fewshot = card.extra.get("fewshot", {})
+    print("embedding:    " + ", ".join(f"{k} {fewshot.get(k)}" for k in ("flip", "support_flip", "transductive")))
+    if fewshot.get("transductive"):
+        print("note:         transductive refinement: a prediction depends on the other images predicted with it")
     if "support_loo_accuracy" in m:
         print(f"leave-one-out accuracy on the support set: {m['support_loo_accuracy']:.3f} (n={m['n_support']})")
     print(f"predict with: pellucid predict --model {folder} IMAGES...")
@@ -64,8 +68,8 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from pellucid.core.backbones import create_backbone
-    from pellucid.core.fewshot import (EpisodeSampler, PrototypicalNetwork, extract_features, format_shot_table,
-                                       improved_config, shot_table)
+    from pellucid.core.fewshot import (DEFAULT_BACKBONE, EpisodeSampler, PrototypicalNetwork, extract_features,
+                                       format_shot_table, improved_config, shot_table)
     from pellucid.datasets.samples import class_counts, load_samples
 
     if not args.data:
@@ -78,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
     labels = [s.label for s in samples]
     groups = [s.group for s in samples]
     EpisodeSampler(labels, groups, None, min(shots), 1, 1)  # impossible even at the fewest shots: say so now
-    bb, info = create_backbone(args.backbone or "efficientnet_lite0", pretrained=_pretrained(args))
+    bb, info = create_backbone(args.backbone or DEFAULT_BACKBONE, pretrained=_pretrained(args))
     config = improved_config(bb.spec)
     net = PrototypicalNetwork(bb, config)
     feats = extract_features(net, [s.path for s in samples], image_size=config.image_size, weight_info=info,

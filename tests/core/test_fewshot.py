@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -450,3 +451,144 @@ def test_cli_user_errors_are_one_line(tmp_path, kw, message, monkeypatch, capsys
     if kw["action"] == "fit":  # through the command line: one line on stderr, exit code 2
         assert main(["fewshot", "fit"]) == 2
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- levers: support_flip, transductive
+def test_new_config_fields_validate_and_default_off():
+    cfg = ProtoConfig()
+    assert cfg.support_flip is False and cfg.transductive == 0
+    with pytest.raises(FewShotError, match="transductive must be a whole number of steps"):
+        ProtoConfig(transductive=-1)
+    cfg = ProtoConfig(support_flip=True, transductive=3)
+    assert ProtoConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # a card written before these fields existed still reads (both off)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("support_flip", "transductive")}
+    assert ProtoConfig.from_dict(old) == ProtoConfig()
+
+
+def _two_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    query = torch.cat([centers[0] + 0.5 * torch.randn(40, 2, generator=g),
+                       centers[1] + 0.5 * torch.randn(40, 2, generator=g)])
+    truth = torch.tensor([0] * 40 + [1] * 40)
+    # a biased support: both classes' examples sit right of their cluster
+    support = torch.tensor([[2.0, 0.2], [2.0, -0.2], [4.5, 0.2], [4.5, -0.2]])
+    return centers, query, truth, support, torch.tensor([0, 0, 1, 1])
+
+
+def test_refine_prototypes_moves_towards_the_query_clusters():
+    centers, query, truth, support, labels = _two_clusters()
+    plain = fs.refine_prototypes(support, labels, query, 2, steps=0)
+    torch.testing.assert_close(plain, compute_prototypes(support, labels, 2))
+    refined = fs.refine_prototypes(support, labels, query, 2, steps=3, scale=1.0)
+    assert ((refined - centers).norm(dim=1) < (plain - centers).norm(dim=1) / 2).all()
+
+    def acc(p):
+        return float((pairwise_distances(query, p).argmin(1) == truth).float().mean())
+
+    assert acc(plain) < 0.7 and acc(refined) > 0.95
+    # an empty batch leaves the prototypes alone
+    torch.testing.assert_close(fs.refine_prototypes(support, labels, query[:0], 2, steps=3), plain)
+
+
+def test_transductive_network_refines_per_batch_and_keeps_its_prototypes(tiny_backbone):
+    centers, query, truth, support, labels = _two_clusters()
+    bb, _ = tiny_backbone
+    net = fs.PrototypicalNetwork(bb, ProtoConfig(transductive=3))
+    net.set_support(support, labels, 2)
+    stored = net.prototypes.clone()
+    logits = net.logits(query)
+    assert float((logits.argmax(1) == truth).float().mean()) > 0.95
+    torch.testing.assert_close(net.prototypes, stored)
+    plain = fs.PrototypicalNetwork(bb, ProtoConfig())
+    plain.set_support(support, labels, 2)
+    assert float((plain.logits(query).argmax(1) == truth).float().mean()) < 0.7
+    # the batch matters: one query alone is scored against (nearly) the support prototypes
+    assert not torch.allclose(net.logits(query[:1]), logits[:1])
+
+
+def test_mirror_features_match_the_flipped_forward(tmp_path, tiny_backbone):
+    bb, info = tiny_backbone
+    data = _write_images(tmp_path / "d", per_class=2)
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    net = fs.PrototypicalNetwork(bb, ProtoConfig(layers=("layer3", "layer4"))).eval()
+    fs.clear_memory_cache()
+    plain = fs.extract_features(net, paths, image_size=64, weight_info=info, cache_dir=tmp_path / "c")
+    mirrored = fs.extract_features(net, paths, image_size=64, weight_info=info, cache_dir=tmp_path / "c",
+                                   mirror=True)
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2  # own cache keys
+    from pellucid.datasets.torchdata import load_prepared, to_tensor
+
+    x = torch.stack([to_tensor(load_prepared(p, 64)) for p in paths])
+    with torch.no_grad():
+        torch.testing.assert_close(mirrored, net.raw_features(x.flip(3)), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, mirrored)
+
+
+def test_support_flip_adds_mirrored_support_embeddings(tmp_path):
+    support = _support_manifest(tmp_path, per_class=3)
+    cfg = ProtoConfig(layers=("layer3", "layer4"), power=0.5, center=True, normalize=True, image_size=64)
+    torch.manual_seed(0)
+    folder = fs.fit_prototypes(support, tmp_path / "m", backbone="test_resnet", pretrained=False,
+                               config=replace(cfg, support_flip=True), cache_dir=tmp_path / "cache")
+    from pellucid.core.modelfolder import load_model
+    from pellucid.datasets.torchdata import load_prepared, to_tensor
+
+    model, card = load_model(folder)
+    assert card["fewshot"]["support_flip"] is True and any("mirror" in n for n in card["fewshot"]["notes"])
+    assert len(card["support"]) == 6 and model.support_embeddings.shape[0] == 12
+    assert model.support_labels.tolist() == [0, 0, 0, 1, 1, 1] * 2
+    x = torch.stack([to_tensor(load_prepared(s["path"], 64)) for s in card["support"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.support_embeddings[6:], model.features(x.flip(3)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.support_embeddings[:6], model.features(x), atol=1e-4, rtol=1e-4)
+    # prototypes are the means over originals and mirrors; explanations name each image once
+    torch.testing.assert_close(model.prototypes, compute_prototypes(model.support_embeddings, model.support_labels, 2))
+    near = fs.nearest_support(model, x[0], k=6)
+    assert len({p for p, _, _ in near}) == 6 and near[0][0] == card["support"][0]["path"]
+    assert 0.0 <= card["metrics"]["support_loo_accuracy"] <= 1.0
+
+
+def test_leave_one_out_drops_an_image_with_its_mirror():
+    from pellucid.core.fewshot.folder import _fit_scale
+
+    emb = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    # mirrors identical to their images: leaving out both must give the same answer as no mirrors
+    with_mirrors = _fit_scale(torch.cat([emb[:4], emb[:4]]), torch.cat([labels, labels]), 2, ProtoConfig(),
+                              n_images=4)
+    alone = _fit_scale(emb[:4], labels, 2, ProtoConfig())
+    assert with_mirrors == pytest.approx(alone)
+
+
+def test_defaults_are_recorded_in_the_card_and_old_folders_load(tmp_path):
+    from pellucid.core.modelfolder import load_model
+
+    support = _support_manifest(tmp_path, per_class=2)
+    torch.manual_seed(0)
+    folder = fs.fit_prototypes(support, tmp_path / "m", backbone="test_resnet", pretrained=False,
+                               cache_dir=tmp_path / "cache")
+    card = json.loads((folder / "card.json").read_text())
+    spec = fs.create_backbone("test_resnet")[0].spec
+    want = fs.default_config(spec)
+    for key in ("layers", "layer_weights", "flip", "support_flip", "transductive", "power", "center", "normalize"):
+        got = card["fewshot"][key]
+        assert (tuple(got) if isinstance(got, list) else got) == getattr(want, key), key
+    assert card["fewshot"]["transductive"] == 0  # never a default
+    # opt-in transduction is recorded and stated
+    t = fs.fit_prototypes(support, tmp_path / "t", backbone="test_resnet", pretrained=False,
+                          cache_dir=tmp_path / "cache", transductive=2)
+    tcard = json.loads((t / "card.json").read_text())
+    assert tcard["fewshot"]["transductive"] == 2
+    assert any("depends on the other images" in n for n in tcard["fewshot"]["notes"])
+    # a folder written before support_flip / transductive existed loads and predicts as before
+    old = json.loads((folder / "card.json").read_text())
+    for key in ("support_flip", "transductive", "notes"):
+        old["fewshot"].pop(key, None)
+    (folder / "card.json").write_text(json.dumps(old))
+    model, _ = load_model(folder)
+    assert model.config.support_flip is False and model.config.transductive == 0
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (2, 2)

@@ -6,12 +6,14 @@ per module (every public name is re-exported here, so ``from pellucid.core.fewsh
 works for all of them):
 
 - :mod:`~pellucid.core.fewshot.config` — :class:`ProtoConfig`, the presets :data:`PLAIN` and
-  :data:`IMPROVED`, :func:`improved_config` and :class:`FewShotError`;
+  :data:`IMPROVED`, :func:`improved_config`, :func:`default_config` (what ``fewshot fit`` fits, on
+  :data:`DEFAULT_BACKBONE`) and :class:`FewShotError`;
 - :mod:`~pellucid.core.fewshot.maths` — the maths as pure functions: :func:`compute_prototypes`,
   :func:`pairwise_distances` and :func:`prototype_logits` (with the feature transforms that make
   frozen ImageNet features work better: power transform, per-layer L2 normalisation of
   multi-layer pooled features, centering on the support mean and L2 normalisation, "CL2N" of
-  Wang et al., "SimpleShot", arXiv:1911.04623);
+  Wang et al., "SimpleShot", arXiv:1911.04623), and :func:`refine_prototypes`, the opt-in
+  transductive soft k-means of the prototypes on a query batch;
 - :mod:`~pellucid.core.fewshot.network` — :class:`Embedder` and :class:`PrototypicalNetwork`, the
   ``nn.Module`` served by model folders of kind ``"prototypes"``: images ``(B, 3, S, S)`` in
   [0, 1] in, logits ``(B, n_way)`` = scaled negative distances to the prototypes out, so
@@ -28,8 +30,9 @@ works for all of them):
   Lightning (:class:`EpisodicFineTuner`, :func:`finetune_episodic`), trained from cached
   activations of the frozen trunk;
 - :mod:`~pellucid.core.fewshot.folder` — the product side: :func:`fit_prototypes` writes a model
-  folder, :func:`load_prototypes` reads it, and :func:`nearest_support` gives the support images
-  closest to a query as an example-based explanation.
+  folder (:func:`fit_support` is its fitting step on features), :func:`load_prototypes` reads
+  it, and :func:`nearest_support` gives the support images closest to a query as an
+  example-based explanation.
 
 The command line (``pellucid fewshot {fit,eval}``) lives in :mod:`pellucid.core.fewshot_cli`.
 """
@@ -41,7 +44,9 @@ from pellucid.core.fewshot.config import (
     IMPROVED,
     PLAIN,
     FewShotError,
+    DEFAULT_BACKBONE,
     ProtoConfig,
+    default_config,
     improved_config,
 )
 from pellucid.core.fewshot.maths import (  # noqa: F401 (the private transforms are used by tests and bench)
@@ -51,6 +56,7 @@ from pellucid.core.fewshot.maths import (  # noqa: F401 (the private transforms 
     compute_prototypes,
     pairwise_distances,
     prototype_logits,
+    refine_prototypes,
 )
 from pellucid.core.fewshot.network import Embedder, PrototypicalNetwork
 from pellucid.core.fewshot.episodes import Episode, EpisodeSampler, split_single_group_classes
@@ -62,7 +68,7 @@ from pellucid.core.fewshot.finetune import (
     finetune_episodic,
     split_backbone,
 )
-from pellucid.core.fewshot.folder import fit_prototypes, load_prototypes, nearest_support
+from pellucid.core.fewshot.folder import fit_prototypes, fit_support, load_prototypes, nearest_support
 from pellucid.registry import unknown_name_error  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -71,11 +77,14 @@ __all__ = [
     "PLAIN",
     "IMPROVED",
     "improved_config",
+    "default_config",
+    "DEFAULT_BACKBONE",
     "DISTANCES",
     "DEFAULT_CACHE_DIR",
     "compute_prototypes",
     "pairwise_distances",
     "prototype_logits",
+    "refine_prototypes",
     "Embedder",
     "PrototypicalNetwork",
     "Episode",
@@ -91,6 +100,7 @@ __all__ = [
     "EpisodicFineTuner",
     "finetune_episodic",
     "fit_prototypes",
+    "fit_support",
     "load_prototypes",
     "nearest_support",
 ]

@@ -15,6 +15,8 @@ __all__ = [
     "PLAIN",
     "IMPROVED",
     "improved_config",
+    "default_config",
+    "DEFAULT_BACKBONE",
     "DISTANCES",
 ]
 
@@ -44,6 +46,13 @@ class ProtoConfig:
         scale: multiplier of the logits (``-scale * distance`` or ``scale * cosine``).
         layer_weights: with several layers and ``normalize``, the weight of each L2-normalised layer
             block in the concatenation (one per layer), or None for equal weights.
+        support_flip: support augmentation — the horizontal mirror of every support image is added
+            as an extra support embedding of its class (fitting only; prediction costs nothing more).
+            Redundant with ``flip``, whose features are already mirror-averaged.
+        transductive: soft k-means steps that refine the prototypes on the batch being classified
+            (:func:`~pellucid.core.fewshot.maths.refine_prototypes`); 0 turns it off. With steps > 0
+            a prediction depends on the other images of the same batch (in ``pellucid predict``, the
+            images passed together); the stored prototypes never change.
     """
 
     distance: str = "euclidean"
@@ -55,6 +64,8 @@ class ProtoConfig:
     image_size: int | None = None
     scale: float = 1.0
     layer_weights: tuple[float, ...] | None = None
+    support_flip: bool = False
+    transductive: int = 0
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
@@ -67,6 +78,10 @@ class ProtoConfig:
                                    f"layer(s) {list(self.layers)}; give one weight per layer")
         if self.scale <= 0:
             raise FewShotError(f"scale must be > 0, got {self.scale}")
+        if int(self.transductive) != self.transductive or self.transductive < 0:
+            raise FewShotError(f"transductive must be a whole number of steps >= 0, got {self.transductive}")
+        object.__setattr__(self, "transductive", int(self.transductive))
+        object.__setattr__(self, "support_flip", bool(self.support_flip))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -100,3 +115,22 @@ def improved_config(spec, image_size: int | None = None) -> ProtoConfig:
     taps = tuple(spec.tap_layers)
     weights = tuple([0.5] * (len(taps) - 1) + [1.0])
     return replace(IMPROVED, layers=taps, layer_weights=weights, image_size=image_size or spec.input_size)
+
+
+#: The backbone ``pellucid fewshot fit`` uses unless told otherwise (chosen over many support draws,
+#: ``python -m bench.fewshot_draws``; see docs/fewshot.md).
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def default_config(spec, image_size: int | None = None) -> ProtoConfig:
+    """What ``pellucid fewshot fit`` fits by default: :func:`improved_config` of the backbone with the
+    levers that won over many 5-shot support draws on the three dev sets
+    (``python -m bench.fewshot_draws``, bench/results/fewshot-draws.md). Transductive refinement is
+    never a default: it makes a prediction depend on the rest of its batch (opt in with
+    ``replace(config, transductive=steps)``).
+
+    Args:
+        spec: a :class:`~pellucid.core.backbones.BackboneSpec`.
+        image_size: input side (default: the spec's).
+    """
+    return improved_config(spec, image_size)

@@ -118,7 +118,7 @@ def _cached(key: str, cache_dir: Path | None, compute, meta: dict) -> dict[str, 
 def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[str | Path], *,
                      image_size: int | None = None, weight_info: dict | None = None,
                      cache_dir: str | Path | None = DEFAULT_CACHE_DIR, batch_size: int = 32,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, mirror: bool = False) -> torch.Tensor:
     """Raw features of image files, computed once (one backbone pass per image) and cached.
 
     The cache key hashes the backbone name, its weight source and a fingerprint of its weights, the
@@ -133,6 +133,8 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
         cache_dir: folder of the disk cache, or None for memory only.
         batch_size: images per forward pass.
         progress: show progress bars.
+        mirror: features of the horizontally mirrored images instead (support augmentation,
+            :attr:`ProtoConfig.support_flip`); cached under their own key.
 
     Returns:
         Raw features of shape (len(paths), D), float32 on the CPU.
@@ -143,6 +145,8 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
     size = int(image_size or embedder.spec.input_size)
     desc = {"backbone": embedder.spec.name, "size": size, "layers": list(embedder.layers), "flip": embedder.flip,
             "mean": list(embedder.spec.mean), "std": list(embedder.spec.std)}
+    if mirror:  # only when set, so the keys of unmirrored features stay what they were
+        desc["mirror"] = True
     key = _cache_key("pooled", desc, weight_info or {}, paths, _weights_fingerprint(embedder.backbone))
 
     def compute() -> torch.Tensor:
@@ -150,7 +154,8 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
         embedder.eval()
         try:
             with torch.no_grad():
-                feats = _run_batches(lambda x: embedder(x).float(), paths, size, batch_size, progress).clone()
+                forward = (lambda x: embedder(x.flip(3)).float()) if mirror else (lambda x: embedder(x).float())
+                feats = _run_batches(forward, paths, size, batch_size, progress).clone()
         finally:
             embedder.train(was)
         return {"features": feats, "dims": torch.tensor(embedder.dims or [feats.shape[1]], dtype=torch.long)}

@@ -16,40 +16,67 @@ import torch
 
 from pellucid.core.backbones import create_backbone
 from pellucid.core.card import ModelCard
-from pellucid.core.fewshot.config import FewShotError, ProtoConfig, improved_config
+from pellucid.core.fewshot.config import DEFAULT_BACKBONE, FewShotError, ProtoConfig, default_config
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, extract_features
 from pellucid.core.fewshot.maths import _logits_from_distances, pairwise_distances
 from pellucid.core.fewshot.network import PrototypicalNetwork
 
 __all__ = [
     "fit_prototypes",
+    "fit_support",
     "load_prototypes",
     "nearest_support",
 ]
 
 
-def _fit_scale(emb: torch.Tensor, labels: torch.Tensor, n_way: int, cfg: ProtoConfig) -> tuple[float, float] | None:
+def _fit_scale(emb: torch.Tensor, labels: torch.Tensor, n_way: int, cfg: ProtoConfig,
+               n_images: int | None = None) -> tuple[float, float] | None:
     """Leave-one-out over the support set: (fitted logit scale, LOO accuracy), or None when some
-    class has a single support image."""
-    counts = torch.bincount(labels, minlength=n_way)
-    if bool((counts < 2).any()):
+    class has a single support image.
+
+    ``n_images``: the number of support images when ``emb`` also holds their mirrored copies (row
+    ``i + k * n_images`` belongs to image ``i``); leaving an image out removes all its rows, and only
+    the unmirrored row is scored (queries are not mirrored)."""
+    n_images = len(emb) if n_images is None else int(n_images)
+    labels = labels.long()
+    if bool((torch.bincount(labels[:n_images], minlength=n_way) < 2).any()):
         return None
     from pellucid.core.calibration import fit_temperature
 
-    sums = torch.zeros(n_way, emb.shape[1]).index_add(0, labels, emb)
-    dist = torch.empty(len(emb), n_way)
-    for i in range(len(emb)):
-        protos = sums / counts.unsqueeze(1)
+    owner = torch.arange(len(emb)) % n_images
+    counts = torch.bincount(labels, minlength=n_way).to(emb.dtype)
+    sums = torch.zeros(n_way, emb.shape[1], dtype=emb.dtype).index_add(0, labels, emb)
+    dist = torch.empty(n_images, n_way)
+    for i in range(n_images):
+        mine = owner == i
         c = labels[i]
-        protos[c] = (sums[c] - emb[i]) / (counts[c] - 1)
+        protos = sums / counts.unsqueeze(1)
+        protos[c] = (sums[c] - emb[mine].sum(0)) / (counts[c] - mine.sum())
         dist[i] = pairwise_distances(emb[i:i + 1], protos, cfg.distance)[0]
     base = _logits_from_distances(dist, cfg, 1.0)
-    acc = float((base.argmax(1) == labels).float().mean())
+    acc = float((base.argmax(1) == labels[:n_images]).float().mean())
     try:
-        temperature = fit_temperature(base.double(), labels)
+        temperature = fit_temperature(base.double(), labels[:n_images])
     except ValueError:
         return None
     return float(min(max(1.0 / temperature, 1e-2), 1e4)), acc
+
+
+def fit_support(net: PrototypicalNetwork, raw: torch.Tensor, labels: torch.Tensor, n_way: int,
+                mirrored: torch.Tensor | None = None) -> tuple[float, float] | None:
+    """What ``fewshot fit`` fits from support features: the prototypes
+    (:meth:`PrototypicalNetwork.set_support`, with the ``mirrored`` copies when given) and the logit
+    scale by leave-one-out NLL, written into ``net`` (its ``log_scale`` and ``config.scale``).
+
+    Returns:
+        (scale, leave-one-out accuracy), or None when some class has a single image (scale unchanged).
+    """
+    net.set_support(raw, labels, n_way, mirrored=mirrored)
+    fitted = _fit_scale(net.support_embeddings, net.support_labels, n_way, net.config, n_images=len(raw))
+    if fitted is not None:
+        net.log_scale.fill_(math.log(fitted[0]))
+        net.config = replace(net.config, scale=fitted[0])
+    return fitted
 
 
 def _check_support_classes(support_dir: Path, classes: list[str], task: str) -> None:
@@ -62,6 +89,24 @@ def _check_support_classes(support_dir: Path, classes: list[str], task: str) -> 
     if task in list_tasks() and list(get_task(task).classes) != classes:
         raise FewShotError(f"task name {task!r} belongs to the registered task with classes "
                            f"{list(get_task(task).classes)}, not {classes}; pick another --task name")
+
+
+def _fewshot_section(config: ProtoConfig) -> dict:
+    """The card's ``fewshot`` section: every :class:`ProtoConfig` field, the method, and what the
+    opt-in levers mean for a user."""
+    out = {**config.to_dict(), "method": "prototypical network (Snell et al., 2017)"}
+    notes = []
+    if config.support_flip:
+        notes.append("support augmentation: the mirror of every support image is an extra support embedding")
+    if config.flip:
+        notes.append("test-time flip: features are averaged over each image and its mirror")
+    if config.transductive:
+        notes.append(f"transductive: the prototypes are refined by {config.transductive} soft k-means step(s) on "
+                     "each batch being predicted, so a prediction depends on the other images predicted with it "
+                     "(in `pellucid predict`, the images passed together); the stored prototypes never change")
+    if notes:
+        out["notes"] = notes
+    return out
 
 
 def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, spec, info: dict, size: int,
@@ -88,7 +133,7 @@ def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, 
         "threshold": None,
         "calibration": {"temperature": 1.0, "method": "logit scale fitted by leave-one-out NLL on the support set"
                         if fitted else "none"},
-        "fewshot": {**config.to_dict(), "method": "prototypical network (Snell et al., 2017)"},
+        "fewshot": _fewshot_section(config),
         "support": [{"path": str(Path(s.path).resolve()), "label": s.label} for s in samples],
         "metrics": metrics,
         "split": {},
@@ -98,10 +143,10 @@ def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, 
     })
 
 
-def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = "efficientnet_lite0",
+def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE,
                    pretrained: bool | str = True, checkpoint: str | None = None, config: ProtoConfig | None = None,
                    task: str = "fewshot", cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                   progress: bool = False) -> Path:
+                   transductive: int | None = None, progress: bool = False) -> Path:
     """Build a prototypes model folder from a folder of labelled support images.
 
     Args:
@@ -111,10 +156,13 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         pretrained: weight source as in :func:`~pellucid.core.backbones.create_backbone` (``False`` for
             random weights — tests only; the card records it).
         checkpoint: explicit weights file or model folder for the backbone.
-        config: embedding and distance; default :func:`improved_config` of the backbone.
+        config: embedding and distance; default :func:`~pellucid.core.fewshot.config.default_config`
+            of the backbone.
         task: task name written in the card; a registered task name is accepted only when its classes
             are exactly the support classes.
         cache_dir: feature cache folder (None: memory only).
+        transductive: when given, overrides ``config.transductive`` (soft k-means steps on each
+            predicted batch; opt-in, since a prediction then depends on the rest of its batch).
         progress: show progress bars.
 
     Returns:
@@ -137,25 +185,27 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
     _check_support_classes(support_dir, classes, task)
     bb, info = create_backbone(backbone, pretrained=pretrained, checkpoint=checkpoint)
     if config is None:
-        config = improved_config(bb.spec)
+        config = default_config(bb.spec)
+    if transductive is not None:
+        config = replace(config, transductive=transductive)
     size = int(config.image_size or bb.spec.input_size)
     config = replace(config, image_size=size)
     net = PrototypicalNetwork(bb, config)
     paths = [s.path for s in samples]
     labels = torch.tensor([classes.index(s.label) for s in samples])
     raw = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir, progress=progress)
-    net.set_support(raw, labels, len(classes))
-    fitted = _fit_scale(net.support_embeddings, labels, len(classes), config)
+    mirrored = None
+    if config.support_flip and not config.flip:  # with flip the features are mirror-averaged already
+        mirrored = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir,
+                                    progress=progress, mirror=True)
+    fitted = fit_support(net, raw, labels, len(classes), mirrored=mirrored)
+    config = net.config
     metrics: dict = {"n_support": len(samples), "per_class": class_counts(samples)}
     if fitted is None:
         warnings.warn("a class has a single support image: the logit scale is not fitted (probabilities are "
                       "uncalibrated); add a second image per class", stacklevel=2)
     else:
-        scale, loo = fitted
-        net.log_scale.fill_(math.log(scale))
-        config = replace(config, scale=scale)
-        net.config = config
-        metrics["support_loo_accuracy"] = loo
+        metrics["support_loo_accuracy"] = fitted[1]
     card = _prototypes_card(support_dir, samples, classes, task, bb.spec, info, size, config, fitted,
                             metrics, seconds=round(time.time() - t0, 1))
     net.support_items = [(str(Path(s.path).resolve()), s.label) for s in samples]
@@ -225,5 +275,10 @@ def nearest_support(model: PrototypicalNetwork, image: torch.Tensor, k: int = 3)
     finally:
         model.train(was)
     dist = pairwise_distances(emb, model.support_embeddings, model.config.distance)[0]
-    order = torch.argsort(dist)[:k].tolist()
-    return [(model.support_items[i][0], model.support_items[i][1], float(dist[i])) for i in order]
+    n = len(model.support_items)
+    best: dict[int, float] = {}  # image -> its closest row (mirrored copies of support_flip share an image)
+    for i in torch.argsort(dist).tolist():
+        best.setdefault(i % n, float(dist[i]))
+        if len(best) == k:
+            break
+    return [(model.support_items[i][0], model.support_items[i][1], d) for i, d in best.items()]

@@ -17,6 +17,7 @@ __all__ = [
     "compute_prototypes",
     "pairwise_distances",
     "prototype_logits",
+    "refine_prototypes",
 ]
 
 
@@ -46,6 +47,41 @@ def compute_prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int |
     sums = torch.zeros(n_way, support.shape[1], dtype=support.dtype, device=support.device)
     sums = sums.index_add(0, labels, support)
     return sums / counts.to(support.dtype).unsqueeze(1)
+
+
+def refine_prototypes(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
+                      n_way: int | None = None, *, steps: int = 1, scale: torch.Tensor | float = 1.0,
+                      distance: str = "euclidean") -> torch.Tensor:
+    """Transductive prototypes: soft k-means on the query batch, seeded by the support.
+
+    The refinement of Ren et al., "Meta-Learning for Semi-Supervised Few-Shot Classification"
+    (ICLR 2018): each step assigns every query softly to the classes (softmax of the scaled negative
+    distances to the current prototypes) and recomputes each prototype as the weighted mean of its
+    support embeddings (weight 1) and the queries (weight = their assignment to the class).
+
+    Args:
+        support: transformed support embeddings (n_support, D).
+        support_labels: class index per support embedding (n_support,).
+        query: transformed query embeddings (n_query, D), the batch being classified.
+        n_way: number of classes (default ``support_labels.max() + 1``).
+        steps: refinement steps; 0 returns the plain prototypes.
+        scale: logit scale of the soft assignments (the model's fitted scale).
+        distance: ``"euclidean"`` or ``"cosine"``.
+
+    Returns:
+        Refined prototypes (n_way, D).
+    """
+    protos = compute_prototypes(support, support_labels, n_way)
+    if steps <= 0 or len(query) == 0:
+        return protos
+    labels = support_labels.long()
+    sums = torch.zeros_like(protos).index_add(0, labels, support)
+    counts = torch.bincount(labels, minlength=protos.shape[0]).to(support.dtype)
+    for _ in range(int(steps)):
+        # softmax is shift-invariant, so -scale * d serves both distances
+        w = torch.softmax(-scale * pairwise_distances(query, protos, distance), dim=1)
+        protos = (sums + w.T @ query) / (counts + w.sum(0)).unsqueeze(1)
+    return protos
 
 
 def pairwise_distances(query: torch.Tensor, prototypes: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:

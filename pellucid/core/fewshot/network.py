@@ -19,6 +19,7 @@ from pellucid.core.fewshot.maths import (
     _pre_transform,
     compute_prototypes,
     pairwise_distances,
+    refine_prototypes,
 )
 
 __all__ = [
@@ -155,9 +156,17 @@ class PrototypicalNetwork(nn.Module):
         """Embeddings ``(B, D)`` of images in [0, 1] (what the prototypes are compared with)."""
         return self.transform(self.raw_features(x))
 
-    def set_support(self, raw: torch.Tensor, labels: torch.Tensor, n_way: int | None = None) -> None:
-        """Store the support set from raw features ``(n_support, D)`` and labels ``(n_support,)``."""
+    def set_support(self, raw: torch.Tensor, labels: torch.Tensor, n_way: int | None = None,
+                    mirrored: torch.Tensor | None = None) -> None:
+        """Store the support set from raw features ``(n_support, D)`` and labels ``(n_support,)``.
+
+        ``mirrored``: raw features of the mirrored support images (``config.support_flip``), stored
+        after the originals as extra support embeddings of the same classes (row ``i + n_support``
+        is the mirror of row ``i``)."""
         raw = raw.detach().float()
+        if mirrored is not None:
+            raw = torch.cat([raw, mirrored.detach().float().to(raw.device)])
+            labels = torch.cat([labels, labels])
         dims = self._dims(raw.shape[1])
         self.dims = torch.tensor(dims, dtype=torch.long, device=raw.device)
         pre = _pre_transform(raw, dims, self.config)
@@ -173,10 +182,19 @@ class PrototypicalNetwork(nn.Module):
         self.set_support(self.raw_features(images), labels, n_way)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Logits ``(n_query, n_way)`` of transformed embeddings ``(n_query, D)``."""
+        """Logits ``(n_query, n_way)`` of transformed embeddings ``(n_query, D)``.
+
+        With ``config.transductive`` steps the prototypes are first refined on this batch
+        (:func:`~pellucid.core.fewshot.maths.refine_prototypes`): each row then depends on the other
+        rows of the batch. The stored prototypes are left as they are."""
         if self.prototypes.numel() == 0:
             raise FewShotError("no support set: call process_support_set(images, labels) first")
-        dist = pairwise_distances(embeddings, self.prototypes, self.config.distance)
+        prototypes = self.prototypes
+        if self.config.transductive and len(embeddings) and self.support_embeddings.numel():
+            prototypes = refine_prototypes(self.support_embeddings, self.support_labels, embeddings, self.n_way,
+                                           steps=self.config.transductive, scale=self.scale,
+                                           distance=self.config.distance)
+        dist = pairwise_distances(embeddings, prototypes, self.config.distance)
         return _logits_from_distances(dist, self.config, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,310 @@
+"""Few-shot over many support draws: what ``pellucid fewshot fit`` would score on unseen images.
+
+For tb_cxr (2-way), waste (6-way) and sonar (6-way) from ``../shared/data/<name>`` this draws, many
+times with a seed, ``--shots`` random support images per class; the query set is every other image
+that shares no ``group`` with the support. Each draw fits exactly what ``fewshot fit`` fits — the
+package's own functions: :func:`~pellucid.core.fewshot.extract_features` (with its disk cache),
+:meth:`~pellucid.core.fewshot.PrototypicalNetwork.set_support` and the leave-one-out logit scale of
+:func:`~pellucid.core.fewshot.folder.fit_support` — and scores the queries in batches of
+``--batch`` images (what ``pellucid predict`` passes the model at once; it matters only for the
+transductive variants). The report gives, per data set and variant, the mean accuracy over draws,
+its 95 % interval (1.96 · sd / √draws) and the sd over draws.
+
+Variants (the levers of issue 17, point 3): the backbone (EfficientNet-Lite0 / Lite1 / Lite2, and the
+concatenation of two), support augmentation (``support_flip``: mirrored support images as extra
+support embeddings), test-time flip (``flip``) and transductive refinement of the prototypes on the
+query batch (``transductive``: soft k-means steps). The levers are chosen on the *dev* draws (seed
+0); the chosen setting and the old default are then scored again on fresh *confirm* draws (seed 1),
+so the reported margin is not the maximum of many noisy comparisons.
+
+Every image goes through each backbone twice (as is and mirrored); the features are cached under
+``runs/.cache/features`` so reruns skip the backbones. Run from the repository root::
+
+    OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["main"]
+
+log = logging.getLogger("pellucid.bench.fewshot_draws")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+DATASETS = ("tb_cxr", "waste", "sonar")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+TARGETS = {"tb_cxr": 0.90, "waste": 0.65, "sonar": 0.90}
+OUT = ROOT / "bench" / "results" / "fewshot-draws.md"
+
+
+# ----------------------------------------------------------------------------- data and features
+def load_dataset(name: str, root: Path):
+    """Samples of one data set, labels (class indices), groups and the class names.
+
+    Classes that are one group each (sonar's ``fish`` and ``mine``: one recording) are cut into 10
+    contiguous blocks in frame order, as in ``bench/bench_fewshot.py``; otherwise strict group
+    separation would leave no query of those classes."""
+    from pellucid.core.fewshot import split_single_group_classes
+    from pellucid.datasets.samples import load_samples
+
+    samples = load_samples(root / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        samples = split_single_group_classes(samples, n_blocks=10)
+    classes = sorted({s.label for s in samples})
+    labels = np.array([classes.index(s.label) for s in samples])
+    groups = np.array([str(s.group) for s in samples])
+    return samples, labels, groups, classes
+
+
+@dataclass
+class Features:
+    """Raw features of every image of a data set on one backbone: as is, and mirrored."""
+
+    backbone: str
+    plain: torch.Tensor
+    mirrored: torch.Tensor
+    dims: list[int]
+    taps: tuple[str, ...]
+    seconds: float
+
+
+def backbone_features(samples, backbone: str, progress: bool) -> Features:
+    """Features as ``fewshot fit`` computes them (its default embedding of ``backbone``), cached."""
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, extract_features, improved_config
+
+    t0 = time.time()
+    bb, info = create_backbone(backbone, pretrained=True)
+    config = improved_config(bb.spec)
+    net = PrototypicalNetwork(bb, config)
+    paths = [s.path for s in samples]
+    plain = extract_features(net, paths, image_size=config.image_size, weight_info=info, progress=progress)
+    mirrored = extract_features(net, paths, image_size=config.image_size, weight_info=info, progress=progress,
+                                mirror=True)
+    return Features(backbone, plain, mirrored, list(net.embedder.dims), tuple(config.layers),
+                    round(time.time() - t0, 1))
+
+
+def concat_features(a: Features, b: Features) -> Features:
+    return Features(f"{a.backbone}+{b.backbone}", torch.cat([a.plain, b.plain], 1),
+                    torch.cat([a.mirrored, b.mirrored], 1), a.dims + b.dims,
+                    a.taps + tuple(f"{b.backbone}:{t}" for t in b.taps), 0.0)
+
+
+# ----------------------------------------------------------------------------- draws
+def support_draws(labels: np.ndarray, groups: np.ndarray, shots: int, n_draws: int, seed: int):
+    """``n_draws`` (support indices, query indices): ``shots`` random images per class in the
+    support, and as queries every image whose group is not in the support."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_draws):
+        support = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False)
+                                  for c in range(int(labels.max()) + 1)])
+        query = np.flatnonzero(~np.isin(groups, groups[support]))
+        out.append((support, rng.permutation(query)))
+    return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of the levers."""
+
+    name: str
+    backbone: str  # a backbone name or "a+b"
+    support_flip: bool = False
+    flip: bool = False
+    transductive: int = 0
+
+
+def _network(feats: Features, variant: Variant):
+    """A :class:`PrototypicalNetwork` configured like ``fewshot fit`` for ``variant`` (the first
+    backbone's module; with two backbones the layer list names both, features come from the cache)."""
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, improved_config
+
+    first = variant.backbone.split("+")[0]
+    bb, _ = create_backbone(first, pretrained=False)
+    net = PrototypicalNetwork(bb, improved_config(bb.spec))
+    blocks = len(feats.dims) // 3
+    weights = tuple(([0.5, 0.5, 1.0]) * blocks)
+    net.config = replace(net.config, layers=feats.taps, layer_weights=weights, flip=variant.flip,
+                         support_flip=variant.support_flip, transductive=variant.transductive)
+    net.embedder.dims = list(feats.dims)
+    return net
+
+
+def score_draw(net, feats: Features, labels: np.ndarray, support: np.ndarray, query: np.ndarray,
+               batch: int) -> float:
+    """Fit on the support (as ``fewshot fit``) and return the accuracy on the queries."""
+    from pellucid.core.fewshot.folder import fit_support
+
+    cfg = net.config
+    if cfg.flip:  # test-time flip: the embedder averages the pooled features of image and mirror
+        raw = (feats.plain + feats.mirrored) / 2
+    else:
+        raw = feats.plain
+    mirrored = feats.mirrored[support] if cfg.support_flip and not cfg.flip else None
+    y = torch.from_numpy(labels)
+    net.config = replace(cfg, scale=1.0)
+    net.log_scale.fill_(0.0)
+    fit_support(net, raw[support], y[support], int(labels.max()) + 1, mirrored=mirrored)
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(query), batch):
+            q = query[s:s + batch]
+            correct += int((net.logits(net.transform(raw[q])).argmax(1) == y[q]).sum())
+    return correct / len(query)
+
+
+def run_variant(feats: Features, variant: Variant, labels, draws, batch: int) -> dict:
+    net = _network(feats, variant)
+    accs = np.array([score_draw(net, feats, labels, s, q, batch) for s, q in draws])
+    sd = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
+    return {"variant": variant, "mean": float(accs.mean()), "ci95": 1.96 * sd / math.sqrt(len(accs)), "sd": sd,
+            "draws": len(accs), "queries": float(np.mean([len(q) for _, q in draws]))}
+
+
+def variants(backbones, concat: str | None, steps=(0, 2, 5)) -> list[Variant]:
+    """The grid: each backbone (and the concatenation) × {nothing, support_flip, flip} × transductive steps."""
+    out = []
+    for bb in list(backbones) + ([concat] if concat else []):
+        short = "+".join(b.replace("efficientnet_", "") for b in bb.split("+"))
+        for aug in ("", "support_flip", "flip"):
+            for t in steps:
+                name = short + (f" +{aug}" if aug else "") + (f" +transductive {t}" if t else "")
+                out.append(Variant(name, bb, support_flip=aug == "support_flip", flip=aug == "flip", transductive=t))
+    return out
+
+
+def _extract_all(args) -> tuple[dict, dict]:
+    """Features of every data set on every backbone (cached on disk), and the data sets."""
+    feats, data = {}, {}
+    for name in args.datasets:
+        samples, labels, groups, classes = load_dataset(name, Path(args.data))
+        data[name] = (labels, groups, classes)
+        for bb in args.backbones:
+            t0 = time.time()
+            feats[(name, bb)] = backbone_features(samples, bb, progress=not args.quiet)
+            log.warning("%s %s: %d images, features %s in %.0f s", name, bb, len(samples),
+                        tuple(feats[(name, bb)].plain.shape), time.time() - t0)
+        if args.concat:
+            a, b = args.concat.split("+")
+            feats[(name, args.concat)] = concat_features(feats[(name, a)], feats[(name, b)])
+    return feats, data
+
+
+def _grid(feats, data, grid, args, seed: int) -> dict:
+    """{(dataset, variant name): result} over ``args.draws`` draws of ``seed`` (same draws for every variant)."""
+    results = {}
+    for name, (labels, groups, _) in data.items():
+        draws = support_draws(labels, groups, args.shots, args.draws, seed)
+        for v in grid:
+            t0 = time.time()
+            r = run_variant(feats[(name, v.backbone)], v, labels, draws, args.batch)
+            results[(name, v.name)] = r
+            log.warning("seed %d %s %-42s %.3f ± %.3f (sd %.3f) %.1f s", seed, name, v.name, r["mean"], r["ci95"],
+                        r["sd"], time.time() - t0)
+    return results
+
+
+def _fmt(r: dict) -> str:
+    return f"{r['mean']:.3f} ± {r['ci95']:.3f} (sd {r['sd']:.3f})"
+
+
+def _overall(results: dict, datasets, name: str) -> float:
+    return float(np.mean([results[(d, name)]["mean"] for d in datasets]))
+
+
+def choose(results: dict, datasets, grid, allow_transductive: bool) -> Variant:
+    """The variant with the best mean accuracy over the data sets (dev draws)."""
+    pool = [v for v in grid if allow_transductive or not v.transductive]
+    return max(pool, key=lambda v: _overall(results, datasets, v.name))
+
+
+def render(dev: dict, confirm: dict, grid, chosen: dict, args, command: str, timing: dict) -> str:
+    from pellucid.core.quantize import cpu_features
+
+    ds = list(args.datasets)
+    lines = ["# Few-shot over many support draws (`fewshot fit`, 5-shot)", "",
+             f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` (torch {torch.__version__}, "
+             f"{torch.get_num_threads()} thread(s)).", "", f"CPU: {cpu_features().summary()}", "",
+             f"Each draw: {args.shots} random support images per class; queries = every other image sharing no "
+             f"`group` with the support (sonar's one-recording classes fish and mine cut into 10 frame-order "
+             f"blocks, so their support and queries come from different stretches of the recording). Each draw "
+             f"fits what `pellucid fewshot fit` fits (features, prototypes, leave-one-out logit scale) and scores "
+             f"the queries in batches of {args.batch}. Mean accuracy over draws ± 95 % interval "
+             f"(1.96 · sd / √draws), and the sd over draws. Same draws for every variant of a data set.", ""]
+    lines += [f"## Dev draws (seed 0, {args.draws} draws per data set): every variant", "",
+              "| variant | " + " | ".join(ds) + " | mean |", "|---|" + "---:|" * (len(ds) + 1)]
+    for v in grid:
+        lines.append(f"| {v.name} | " + " | ".join(_fmt(dev[(d, v.name)]) for d in ds)
+                     + f" | {_overall(dev, ds, v.name):.3f} |")
+    lines += ["", f"Queries per draw (mean): " + ", ".join(
+        f"{d} {dev[(d, grid[0].name)]['queries']:.0f}" for d in ds), ""]
+    lines += [f"## Confirm draws (seed 1, {args.draws} fresh draws per data set)", "",
+              "| setting | variant | " + " | ".join(ds) + " |", "|---|---|" + "---:|" * len(ds)]
+    for label, v in chosen.items():
+        lines.append(f"| {label} | {v.name} | " + " | ".join(_fmt(confirm[(d, v.name)]) for d in ds) + " |")
+    lines.append("| target | | " + " | ".join(f"{TARGETS.get(d, float('nan')):.2f}" for d in ds) + " |")
+    lines += ["", "## Feature extraction (both passes: as is and mirrored; 0 s = disk cache)", "",
+              "| data | " + " | ".join(args.backbones) + " |", "|---|" + "---:|" * len(args.backbones)]
+    for d in ds:
+        lines.append(f"| {d} | " + " | ".join(f"{timing[(d, b)]:.0f} s" for b in args.backbones) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    p.add_argument("--concat", default="efficientnet_lite0+efficientnet_lite2",
+                   help="two backbones whose features are concatenated as one more variant ('' for none)")
+    p.add_argument("--steps", default="0,2,5", help="transductive steps to try")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--draws", type=int, default=40)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--extract-only", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default=str(OUT))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    feats, data = _extract_all(args)
+    if args.extract_only:
+        return 0
+    grid = variants(args.backbones, args.concat or None, tuple(int(t) for t in args.steps.split(",")))
+    dev = _grid(feats, data, grid, args, seed=0)
+    base = next(v for v in grid if v.name == "lite0")
+    chosen = {"old default": base, "chosen (no transduction)": choose(dev, args.datasets, grid, False),
+              "chosen (with transduction, opt-in)": choose(dev, args.datasets, grid, True)}
+    confirm = _grid(feats, data, list({v.name: v for v in chosen.values()}.values()), args, seed=1)
+    command = "OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    timing = {k: f.seconds for k, f in feats.items()}
+    text = render(dev, confirm, grid, chosen, args, command.strip(), timing)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
