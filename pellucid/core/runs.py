@@ -43,7 +43,7 @@ RUN_FILE = "run.json"
 #: TrainConfig keys outside a run's identity: where it is written and how it reports, how it may be
 #: continued, and how long it goes on (an interrupted run may be continued with more epochs or
 #: patience; the schedule is recomputed from the new length).
-NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "num_workers", "epochs", "patience")
+NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience")
 
 #: Files pellucid writes into a model folder (training, k-fold, ensembles, T-TAME, export).
 RUN_FILES = (RUN_FILE, "config.json", "split.json", "card.json", "model.safetensors", "metrics.json", "history.json",

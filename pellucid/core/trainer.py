@@ -2,14 +2,21 @@
 
 :func:`make_trainer` holds the choices every training loop in the project shares: no model summary,
 no sanity validation, bf16-mixed precision only when asked for *and* on CUDA (32-bit otherwise),
-a CSV log under ``<log_dir>/logs/version_N`` or no logger at all, checkpointing on exactly when the
+one experiment logger (:func:`make_logger`: Lightning's CSV log under ``<log_dir>/logs/version_N``,
+TensorBoard under ``<log_dir>/logs/version_N``, or an MLflow run) or none, checkpointing on exactly when the
 caller hands in a :class:`ModelCheckpoint`, and a tqdm progress bar (refresh every step) or none.
 :func:`seed_everything` seeds Python, NumPy, torch and the loader workers the same way for every
 loop, and :func:`quiet_warnings` silences Lightning hints that are noise for a given loop.
 :func:`fit` runs ``Trainer.fit`` and, when it continues from a checkpoint, has Lightning load it
 with ``weights_only=True`` (Lightning passes None to ``torch.load`` otherwise, leaving the choice to
 torch's default); callers check the checkpoint themselves first (see
-:func:`pellucid.core.training.check_checkpoint`).
+:func:`pellucid.core.training.check_checkpoint`). :func:`log_run` finishes a training run's record in
+the same logger: the resolved configuration, the final test metrics with their intervals and, for
+MLflow, the plots and the model folder as artifacts (also for a run that never called ``fit``).
+
+MLflow reads its server from the standard ``MLFLOW_TRACKING_URI``; without it, runs go to
+``./mlruns`` (a file store in the current folder; ``mlflow ui --backend-store-uri ./mlruns``
+shows them) and the experiment is the task's name (``MLFLOW_EXPERIMENT_NAME`` overrides it).
 
 Its users are classifier training (:mod:`pellucid.core.training`), the lung segmenter
 (:mod:`pellucid.core.segmentation`), episodic few-shot fine-tuning
@@ -21,21 +28,38 @@ the Lightning classes they subclass (:class:`LightningModule`, :class:`Callback`
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
+import logging
+import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+
+from pellucid.registry import unknown_name_error
 
 __all__ = [
     "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
-    "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint",
+    "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint", "LOGGERS", "TrackingError",
+    "make_logger", "log_run", "tracking_uri", "final_metrics",
 ]
+
+log = logging.getLogger(__name__)
+
+#: Experiment loggers ``--logger`` accepts, and the package each needs.
+LOGGERS: dict[str, str | None] = {"csv": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+class TrackingError(ValueError):
+    """An experiment logger that cannot be used here (its package is missing)."""
 
 LightningModule = L.LightningModule
 
@@ -66,7 +90,7 @@ def make_trainer(*, max_epochs: int, accelerator: str = "auto", devices: Any = "
                  strategy: Any = "auto", bf16: bool = False, callbacks: Sequence[Callback] = (),
                  log_dir: str | Path | None = None, progress: bool = False, log_every_n_steps: int | None = None,
                  default_root_dir: str | Path | None = None, deterministic: bool | None = False,
-                 **extra: Any) -> L.Trainer:
+                 logger: str = "csv", experiment: str | None = None, **extra: Any) -> L.Trainer:
     """A Lightning ``Trainer`` with the project's shared settings.
 
     Args:
@@ -76,8 +100,10 @@ def make_trainer(*, max_epochs: int, accelerator: str = "auto", devices: Any = "
             everywhere else, and when False, ``"32-true"``.
         callbacks: Lightning callbacks; checkpointing is enabled exactly when one of them is a
             :class:`ModelCheckpoint` (so no default checkpoint is ever written behind the caller's back).
-        log_dir: write a CSV log to ``log_dir/logs/version_N`` (one version per run, a resumed run
-            included); None: no logger.
+        log_dir: log the run under ``log_dir`` (``log_dir/logs/version_N``, one version per run, a
+            resumed run included; MLflow: a run named after the folder); None: no logger.
+        logger: which experiment logger, one of :data:`LOGGERS` (see :func:`make_logger`).
+        experiment: the MLflow experiment (default ``MLFLOW_EXPERIMENT_NAME``, else ``"pellucid"``).
         progress: show a tqdm progress bar refreshed every step.
         log_every_n_steps: logging interval in steps (None: Lightning's default).
         default_root_dir: Lightning's root folder (None: the working directory).
@@ -94,7 +120,7 @@ def make_trainer(*, max_epochs: int, accelerator: str = "auto", devices: Any = "
     options: dict[str, Any] = {
         "max_epochs": max_epochs, "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes,
         "strategy": strategy, "precision": "bf16-mixed" if bf16 and uses_cuda(accelerator) else "32-true",
-        "logger": CSVLogger(str(log_dir), name="logs") if log_dir is not None else False,
+        "logger": make_logger(logger, log_dir, experiment=experiment) if log_dir is not None else False,
         "callbacks": callbacks, "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
         "enable_progress_bar": progress, "enable_model_summary": False, "num_sanity_val_steps": 0,
         "default_root_dir": None if default_root_dir is None else str(default_root_dir),
@@ -119,3 +145,114 @@ def fit(trainer: L.Trainer, module: L.LightningModule, train_dataloaders: Any = 
         if "weights_only" in inspect.signature(trainer.fit).parameters:
             kwargs["weights_only"] = True
     trainer.fit(module, train_dataloaders, val_dataloaders, **kwargs)
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+_RUN_LOGGERS: dict[str, Logger] = {}  # log_dir → the logger of its latest trainer (log_run continues it)
+
+
+def tracking_uri() -> str:
+    """MLflow's tracking URI: ``MLFLOW_TRACKING_URI``, else the file store ``./mlruns``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or (Path.cwd() / "mlruns").as_uri()
+
+
+def _require(kind: str) -> None:
+    package = LOGGERS[kind]
+    present = package is None or importlib.util.find_spec(package) is not None or (
+        kind == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None)
+    if not present:
+        raise TrackingError(f"--logger {kind} needs the {package} package: pip install {package} "
+                            f"(or pip install 'pellucid[tracking]'), or use --logger csv")
+
+
+def make_logger(kind: str, log_dir: str | Path, *, experiment: str | None = None) -> Logger:
+    """A Lightning experiment logger for a run whose outputs go to ``log_dir``.
+
+    Args:
+        kind: ``"csv"`` (``log_dir/logs/version_N/metrics.csv``), ``"tensorboard"`` (event files in
+            ``log_dir/logs/version_N``) or ``"mlflow"`` (a run named after ``log_dir`` in
+            :func:`tracking_uri`, experiment ``MLFLOW_EXPERIMENT_NAME`` or ``experiment``).
+        log_dir: the run's output folder.
+        experiment: MLflow experiment name when ``MLFLOW_EXPERIMENT_NAME`` is unset (default "pellucid").
+
+    Raises:
+        KeyError: an unknown ``kind`` (did-you-mean). TrackingError: its package is not installed.
+    """
+    if kind not in LOGGERS:
+        raise unknown_name_error("logger", kind, LOGGERS)
+    _require(kind)
+    if kind == "csv":
+        made: Logger = CSVLogger(str(log_dir), name="logs")
+    elif kind == "tensorboard":
+        made = TensorBoardLogger(str(log_dir), name="logs", default_hp_metric=False)
+    else:
+        uri = tracking_uri()
+        if uri.startswith("file:") and "MLFLOW_TRACKING_URI" not in os.environ:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
+        made = MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment or "pellucid",
+                            run_name=Path(log_dir).resolve().name, tracking_uri=uri)
+    _RUN_LOGGERS[str(Path(log_dir).resolve())] = made
+    return made
+
+
+def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → ``{"a.b": value}`` with lists as JSON text (every logger takes these)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat_params(value, prefix=f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value, default=str)
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return out
+
+
+def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """``metrics.json`` of a model folder → flat ``test_<name>`` values with ``_low`` / ``_high``
+    interval ends (NaN and missing entries left out)."""
+    flat: dict[str, float] = {}
+    for name, entry in (metrics.get("metrics") or {}).items():
+        entry = entry if isinstance(entry, Mapping) else {"value": entry}
+        for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high")):
+            value = entry.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                flat[f"test_{name}{suffix}"] = float(value)
+    if isinstance(metrics.get("n"), int):
+        flat["test_n"] = float(metrics["n"])
+    return flat
+
+
+def log_run(out: str | Path, params: Mapping[str, Any], *, kind: str = "csv", experiment: str | None = None) -> Logger:
+    """Finish the experiment record of the training run that wrote the model folder ``out``.
+
+    Continues the logger of the run's last trainer (:func:`make_trainer` with ``log_dir=out``), or
+    makes one when no trainer ran (a linear-probe-only run), and logs ``params`` (the resolved
+    configuration), the final test metrics with their intervals from ``out/metrics.json`` (see
+    :func:`final_metrics`) and, for MLflow, ``out/plots`` and the model folder (weights, card,
+    metrics, split; not checkpoints or logs) as artifacts.
+
+    Returns:
+        The logger (finalized).
+    """
+    out = Path(out)
+    made = _RUN_LOGGERS.pop(str(out.resolve()), None) or make_logger(kind, out, experiment=experiment)
+    _RUN_LOGGERS.pop(str(out.resolve()), None)
+    made.log_hyperparams(_flat_params(params))
+    path = out / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    flat = final_metrics(metrics)
+    if flat:
+        made.log_metrics(flat)
+    if isinstance(made, MLFlowLogger):
+        client, run = made.experiment, made.run_id
+        for f in sorted(out.iterdir()):
+            if f.is_file():
+                client.log_artifact(run, str(f), "model")
+        if (out / "plots").is_dir():
+            client.log_artifacts(run, str(out / "plots"), "plots")
+    made.finalize("success")
+    log.info("run logged with %s (%d final metrics)%s", type(made).__name__, len(flat),
+             f" to {tracking_uri()}" if isinstance(made, MLFlowLogger) else f" in {getattr(made, 'log_dir', out)}")
+    return made

@@ -81,3 +81,99 @@ def test_score_split_with_one_class_in_validation_keeps_argmax(tmp_path):
                                                 n_boot=10)
     assert threshold == {"policy": "argmax", "value": None, "positive_class": "b", "target_sensitivity": None}
     assert metrics["threshold"] is None
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+_METRICS = {"n": 40, "metrics": {"accuracy": {"value": 0.75, "low": 0.6, "high": 0.86, "interval": "wilson"},
+                                 "auroc": {"value": 0.8, "low": None, "high": None, "note": "too few"},
+                                 "f1": {"value": float("nan")}}}
+
+
+def _fake_model_folder(root):
+    out = root / "model"
+    (out / "plots").mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(_METRICS))
+    (out / "card.json").write_text('{"task": "x", "classes": ["a", "b"]}')
+    (out / "plots" / "roc.png").write_bytes(b"\x89PNG")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"big")
+    return out
+
+
+def test_final_metrics_flatten_values_and_interval_ends_and_skip_nan():
+    from pellucid.core.trainer import final_metrics
+
+    assert final_metrics(_METRICS) == {"test_accuracy": 0.75, "test_accuracy_low": 0.6, "test_accuracy_high": 0.86,
+                                       "test_auroc": 0.8, "test_n": 40.0}
+
+
+def test_make_logger_kinds_and_refusals(tmp_path, monkeypatch):
+    import importlib.util
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from pellucid.core.trainer import TrackingError, make_logger, make_trainer
+
+    assert isinstance(make_logger("csv", tmp_path), CSVLogger)
+    with pytest.raises(KeyError, match="Did you mean 'mlflow'"):
+        make_logger("mlflw", tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(TrackingError, match="--logger mlflow needs the mlflow package: pip install mlflow"):
+        make_trainer(max_epochs=1, accelerator="cpu", log_dir=tmp_path, logger="mlflow")
+
+
+def test_log_run_csv_without_a_trainer_logs_params_and_final_metrics(tmp_path):
+    from pellucid.core.trainer import log_run
+
+    out = _fake_model_folder(tmp_path)
+    made = log_run(out, {"backbone": "test_resnet", "members": [{"backbone": "a"}], "extra": {"seed": 1}})
+    rows = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert float(last[header.index("test_accuracy_low")]) == 0.6 and "test_f1" not in header
+    hparams = (out / "logs" / "version_0" / "hparams.yaml").read_text()
+    assert "backbone: test_resnet" in hparams and "extra.seed: 1" in hparams
+    assert made.log_dir == str(out / "logs" / "version_0")
+
+
+def test_tensorboard_logger_records_epochs_and_final_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pellucid.core.trainer import log_run, make_trainer
+
+    out = _fake_model_folder(tmp_path)
+    trainer = make_trainer(max_epochs=1, accelerator="cpu", log_dir=out, logger="tensorboard")
+    trainer.logger.log_metrics({"val_loss": 0.5}, step=0)  # what Lightning logs each epoch
+    log_run(out, {"lr": 0.001}, kind="tensorboard")  # continues the trainer's logger: one version
+    runs = sorted((out / "logs").iterdir())
+    assert [r.name for r in runs] == ["version_0"]
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val_loss", "test_accuracy", "test_accuracy_low", "test_accuracy_high"} <= tags
+    assert events.Scalars("test_accuracy")[-1].value == pytest.approx(0.75)
+
+
+@pytest.mark.timeout(120)
+def test_mlflow_run_gets_params_metrics_plots_and_the_model_folder(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from pellucid.core.trainer import log_run, tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert tracking_uri() == (tmp_path / "mlruns").as_uri()
+    out = _fake_model_folder(tmp_path)
+    made = log_run(out, {"backbone": "test_resnet", "epochs": 0}, kind="mlflow", experiment="pets")
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(made.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "pets" and run.info.run_name == "model"
+    assert run.data.params["backbone"] == "test_resnet"
+    assert run.data.metrics["test_accuracy_high"] == pytest.approx(0.86)
+    artifacts = {a.path for a in client.list_artifacts(made.run_id, "model")} | \
+        {a.path for a in client.list_artifacts(made.run_id, "plots")}
+    assert {"model/metrics.json", "model/card.json", "plots/roc.png"} <= artifacts
+    assert not any("ckpt" in a for a in artifacts)  # checkpoints stay out

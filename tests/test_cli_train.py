@@ -1,0 +1,186 @@
+"""``pellucid train`` on a user's own data, and the command line's early answers.
+
+A new task from a folder of class sub-folders (``--data`` with no task name, ``--like``, ``--name``)
+trains, and its model folder carries the whole task, so predict and eval work where the task is not
+installed; ``init-task`` writes a spec the search path finds; a typo, a missing folder or a flag that
+cannot be honoured is answered in one line before torch is imported.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pellucid.cli import build_parser, main
+from pellucid.cli_train import check_train
+
+from tests.conftest import data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+_TINY = ["--backbone", "test_resnet", "--pretrained", "random", "--image-size", "32", "--max-images", "24",
+         "--epochs", "1", "--batch-size", "8", "--no-progress"]
+
+
+def _roads(root: Path, per_class: int = 12) -> Path:
+    """A data folder with the user's own class names: links to the snow sample images (none copied)."""
+    src = data_dir("snow")
+    for theirs, ours in (("no_snow", "clear_road"), ("snow", "snowy_road")):
+        (root / ours).mkdir(parents=True)
+        for f in sorted((src / theirs).iterdir())[:per_class]:
+            (root / ours / f.name).symlink_to(f)
+    return root
+
+
+def _early(argv: list[str], cwd: Path, env: dict | None = None) -> tuple[int, str, list[str]]:
+    """Run ``main(argv)`` in a fresh interpreter: (exit status, stderr, heavy modules it imported)."""
+    code = ("import sys\nfrom pellucid.cli import main\nrc = main(sys.argv[1:])\n"
+            "heavy = [m for m in ('torch', 'lightning', 'timm') if m in sys.modules]\n"
+            "print('HEAVY=' + ','.join(heavy))\nraise SystemExit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    heavy = run.stdout.split("HEAVY=")[-1].strip()
+    return run.returncode, run.stderr.strip(), [m for m in heavy.split(",") if m]
+
+
+@pytest.fixture(scope="module")
+def roads(tmp_path_factory) -> Path:
+    return _roads(tmp_path_factory.mktemp("user") / "My Roads")
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["train", "tbb", "--data", "x"], "unknown task 'tbb'. Did you mean 'tb'?"),
+    (["train", "tb", "--data", "/nonexistent"], "data folder /nonexistent not found"),
+    (["train"], "give a task (see `pellucid list tasks`) or --data DIR"),
+    (["train", "snow", "--data", "{roads}"], "to train a new task on these classes run "
+                                             "`pellucid train --data {roads} --like snow`"),
+    (["train", "{roads}"], "is a folder, not a task: to train a new task on its classes run"),
+    (["train", "tb", "--data", "{roads}", "--like", "snow"], "--like makes a new task from --data: drop the task"),
+    (["train", "--data", "{roads}", "--like", "snoww"], "Did you mean 'snow'"),
+    (["train", "--data", "{roads}", "--backbone", "a,b"], "the my-roads recipe trains one model; give one backbone"),
+    (["train", "--data", "{roads}", "--like", "snow", "--backbone", "a,b,c"],
+     "ensemble of 2 members; give 2 backbones separated by commas"),
+    (["train", "snow", "--backbone", "resnet50", "--data", "{snow}"], "ensemble of 2 members; give 2 backbones"),
+    (["train", "--data", "{roads}", "--like", "snow", "--folds", "3"], "--folds: the my-roads recipe is an ensemble"),
+    (["train", "--data", "{snow}"], "task name 'snow' is taken by"),
+    (["train", "--data", "{roads}", "--positive-class", "sunny"], "--positive-class 'sunny' is not one of"),
+])
+def test_early_errors_are_one_line_and_import_no_torch(argv, expect, roads, tmp_path):
+    fill = {"roads": str(roads), "snow": str(data_dir("snow"))}
+    argv = [a.format(**fill) for a in argv]
+    rc, err, heavy = _early(argv, cwd=tmp_path)
+    assert rc == 2 and err.startswith("pellucid train: error: ") and "\n" not in err, err
+    assert expect.format(**fill) in err
+    assert heavy == [], f"imported {heavy} before refusing"
+
+
+def test_snow_mismatch_names_the_labels_and_the_like_command(roads, capsys):
+    assert main(["train", "snow", "--data", str(roads)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing class(es) ['no_snow', 'snow']" in err and "unexpected label(s) ['clear_road', 'snowy_road']" in err
+    assert err.endswith(f"run `pellucid train --data {roads} --like snow`")
+
+
+def test_ensemble_backbone_list_sets_one_backbone_per_member(roads):
+    args = build_parser().parse_args(["train", "--data", str(roads), "--like", "snow", "--name", "roads2",
+                                      "--backbone", "resnet50, vgg19"])
+    check_train(args)
+    members = args.overrides["members"]
+    assert [m["backbone"] for m in members] == ["resnet50", "vgg19"]
+    assert [m["image_size"] for m in members] == [224, 160]  # the rest of each member is the recipe's
+    # one backbone that every member already uses is no conflict
+    args = build_parser().parse_args(["train", "snow", "--data", str(data_dir("snow")),
+                                      "--backbone", "efficientnet_lite0"])
+    check_train(args)
+    assert {m["backbone"] for m in args.overrides["members"]} == {"efficientnet_lite0"}
+
+
+def test_new_task_trains_and_its_folder_needs_no_installed_task(roads, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "model"
+    assert main(["train", "--data", str(roads), "--out", str(out), *_TINY]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["task"] == "my-roads" and card["classes"] == ["clear_road", "snowy_road"]
+    spec = card["task_spec"]
+    assert spec["classes"] == card["classes"] and spec["recipe"]["backbone"] == "efficientnet_lite0"
+    assert spec["modality"] == "photo" and spec["threshold"]["policy"] == "argmax"
+    # elsewhere, in a fresh process, the task is known to nobody: predict and eval read the folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    images = sorted((roads / "snowy_road").iterdir())[:2]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "pellucid", "predict", "--model", str(out), "--workers", "0",
+                          "--out", "p.csv", *map(str, images)], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = list(csv.DictReader((elsewhere / "p.csv").open()))
+    assert len(rows) == 2 and all(r["label"] in ("clear_road", "snowy_road") and not r["error"] for r in rows)
+    run = subprocess.run([sys.executable, "-m", "pellucid", "eval", "--model", str(out), "--data", str(roads),
+                          "--out", "ev"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((elsewhere / "ev" / "metrics.json").read_text())["n"] == 24
+
+
+def test_init_task_writes_a_spec_the_search_path_finds(roads, tmp_path, monkeypatch, capsys):
+    tasks = tmp_path / "tasks"
+    monkeypatch.chdir(tmp_path)
+    assert main(["init-task", "lungs", "--like", "tb", "--data", str(roads), "--positive-class", "snowy_road",
+                 "--out", str(tasks / "lungs.toml")]) == 0
+    text = (tasks / "lungs.toml").read_text()
+    assert text.startswith("# Task 'lungs': edit freely") and 'policy = "youden"' in text
+    assert main(["init-task", "lungs", "--like", "tb", "--out", str(tasks / "lungs.toml")]) == 2
+    assert "lungs.toml exists: edit it, or give --force" in capsys.readouterr().err
+    # from another folder, through PELLUCID_TASKS; the data folder is remembered in the spec
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    monkeypatch.setenv("PELLUCID_TASKS", str(tasks))
+    args = build_parser().parse_args(["train", "lungs"])
+    check_train(args)
+    assert args.task_spec.classes == ("clear_road", "snowy_road") and args.task_spec.positive_class == "snowy_road"
+    assert args.data_dir == roads.resolve() and args.task_spec.recipe["finetune"] == "progressive"
+    rc, err, heavy = _early(["init-task", "x2"], cwd=other)
+    assert rc == 2 and "give --data DIR" in err and heavy == []
+
+
+@pytest.mark.timeout(300)
+def test_linear_probe_only_run_logs_params_and_final_metrics_to_mlflow(roads, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    argv = ["train", "--data", str(roads), "--name", "roads-probe", "--out", str(tmp_path / "m"), *_TINY,
+            "--finetune", "linear-probe", "--logger", "mlflow"]
+    assert main(argv) == 0
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("roads-probe")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["finetune"] == "linear-probe" and run.data.params["logger"] == "mlflow"
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0 and "test_n" in run.data.metrics
+    assert "model/card.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+
+
+def test_predict_exits_1_and_counts_failed_inputs(tiny_model_dir, tmp_path, capsys):
+    good = sorted((data_dir("tb_cxr") / "normal").iterdir())[:2]
+    argv = ["predict", "--model", str(tiny_model_dir), "--workers", "0", "--out", str(tmp_path / "p.csv"),
+            *map(str, good), str(tmp_path / "missing.png")]
+    assert main(argv) == 1
+    assert "1 of 3 input(s) failed" in capsys.readouterr().err
+    assert main(argv[:-1] + ["--no-resume"]) == 0
+
+
+def test_tune_command_arguments():
+    args = build_parser().parse_args(["tune", "tb"])
+    assert (args.task, args.data, args.folds, args.budget, args.candidates, args.out, args.seed, args.write_recipe) \
+        == ("tb", None, 5, 15.0, None, "bench/results", 0, False)
+    args = build_parser().parse_args(["tune", "snow", "--data", "d", "--folds", "3", "--budget", "2.5",
+                                      "--candidates", "a,b", "--out", "o", "--seed", "4", "--write-recipe"])
+    assert (args.folds, args.budget, args.candidates, args.out, args.seed, args.write_recipe) == \
+        (3, 2.5, "a,b", "o", 4, True)
+    assert callable(args.func)
