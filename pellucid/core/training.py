@@ -106,6 +106,7 @@ class TrainConfig:
     n_boot: int = 1000
     preprocess: str = "none"
     segmenter: str | None = None
+    logger: str = "csv"  # experiment tracking: csv | tensorboard | mlflow (pellucid.core.trainer.make_logger)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -333,7 +334,7 @@ def train(cfg: TrainConfig) -> Path:
         The model folder path.
     """
     from pellucid.core.segmentation import LungMasker
-    from pellucid.core.trainer import seed_everything
+    from pellucid.core.trainer import log_run, seed_everything
 
     t0 = time.time()
     folder = check_run_folder(cfg)  # one-line refusals before any work
@@ -381,6 +382,7 @@ def train(cfg: TrainConfig) -> Path:
         # predict / explain / report / UI re-run the chain
         card.preprocessing = Preprocessing.from_dict({**card.preprocessing.to_dict(), **masker.card_entry()})
     _write_model_folder(out, model, card, plain, cfg, cache)
+    log_run(out, asdict(cfg), kind=cfg.logger, experiment=cfg.task)  # params, final metrics, artifacts
     log.info("model folder %s written in %.0f s", out, seconds)
     return out
 
@@ -562,7 +564,7 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     trainer = make_trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, bf16=True,  # bf16 autocast on CUDA, 32-bit elsewhere
-        log_dir=out,  # logs/version_N: one per (resumed) run
+        log_dir=out, logger=cfg.logger, experiment=cfg.task,  # logs/version_N: one per (resumed) run
         callbacks=[ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist],
         progress=cfg.progress, deterministic=False, log_every_n_steps=max(1, min(10, len(train_dl))),
     )
