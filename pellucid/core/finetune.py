@@ -3,6 +3,9 @@
 * ``linear-probe`` — the backbone stays frozen; its features are computed once and cached, and only
   the head is fitted (a convex problem, solved on the cached tensor).
 * ``full`` — every parameter trains; the backbone at ``lr`` and the head at ``head_lr``.
+* ``lp-ft`` — LP-FT (Kumar et al., 2022): the head is first fitted as a linear probe, then every
+  parameter trains at a small learning rate, so a random head does not distort the pretrained
+  features early in fine-tuning (and the fine-tune starts from, rather than below, its probe).
 * ``progressive`` — the head is first fitted as a linear probe, then backbone stages thaw one by one
   from the top, each deeper stage at a smaller learning rate (``lr * lr_decay**depth``):
   discriminative learning rates with gradual unfreezing, the BPD paper's recipe.
@@ -19,7 +22,7 @@ from torch import nn
 from pellucid.core.model import Classifier
 from pellucid.registry import Registry
 
-__all__ = ["Strategy", "LinearProbe", "Full", "Progressive", "get_strategy", "list_strategies",
+__all__ = ["Strategy", "LinearProbe", "Full", "LPFT", "Progressive", "get_strategy", "list_strategies",
            "freeze_bn_of_frozen"]
 
 _STRATEGIES: Registry[type[Strategy]] = Registry("fine-tune strategy")
@@ -97,6 +100,18 @@ class Full(Strategy):
     def param_groups(self, model: Classifier) -> list[dict]:
         return super().param_groups(model) + [
             {"params": list(model.backbone.parameters()), "lr": self.lr, "name": "backbone"}]
+
+
+@_register
+@dataclass
+class LPFT(Full):
+    """Linear probe, then full fine-tuning (Kumar et al., 2022). Give it small ``lr``/``head_lr``
+    (about 1e-4): the head already fits, only the features should move. Batch-norm statistics stay
+    as loaded (``bn_eval``) so the probe's features are the ones fine-tuning starts from."""
+
+    bn_eval: bool = True
+    name = "lp-ft"
+    probe_first = True
 
 
 @_register

@@ -33,7 +33,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ class TrainConfig:
     dropout: float = 0.2
     patience: int = 4
     keep_probe_if_better: bool = True
+    probe_patience: int = 2  # stop a fine-tune that has not beaten its probe's val loss after this many epochs (0: off)
     balance: str = "weights"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -248,6 +249,32 @@ def _history_callback():
     return History()
 
 
+def _beat_probe_callback(probe_val_loss: float, epochs: int):
+    """Stop a fine-tune whose best validation loss has not gone below its linear probe's after
+    ``epochs`` epochs: such a run ends with the probe kept anyway (see :func:`_keep_better`), so
+    every further epoch is wasted time."""
+    from pellucid.core.trainer import Callback
+
+    class BeatProbe(Callback):
+        def __init__(self):
+            self.best = float("inf")
+            self.stopped_at: int | None = None
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            v = trainer.callback_metrics.get("val_loss")
+            if v is not None and math.isfinite(float(v)):
+                self.best = min(self.best, float(v))
+            if trainer.current_epoch + 1 >= epochs and self.best > probe_val_loss:
+                self.stopped_at = trainer.current_epoch
+                log.warning("fine-tuning stopped after %d epoch(s): best val loss %.4f has not beaten the linear "
+                            "probe's %.4f", trainer.current_epoch + 1, self.best, probe_val_loss)
+                trainer.should_stop = True
+
+    return BeatProbe()
+
+
 def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_weight: torch.Tensor | None,
                 run: dict | None = None):
     """The LightningModule that fine-tunes ``model`` under ``strategy``; its checkpoints record the
@@ -363,6 +390,8 @@ def train(cfg: TrainConfig) -> Path:
     history: list[dict] = []
     probe_info = _linear_probe(model, plain, y, cw, cfg, device, history) if strategy.probe_first else {}
     trainer_info: dict = {}
+    if probe_info.get("val_loss") is not None:
+        cfg = replace(cfg, extra={**cfg.extra, "probe_val_loss": probe_info["val_loss"]})
     if strategy.needs_images and cfg.epochs > 0:
         probe_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                        if cfg.keep_probe_if_better and probe_info.get("val_loss") is not None else None)
@@ -561,11 +590,14 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     ckpt_dir = out / "checkpoints"
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     hist = _history_callback()
+    callbacks = [ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist]
+    if cfg.probe_patience and cfg.extra.get("probe_val_loss") is not None:
+        callbacks.append(_beat_probe_callback(cfg.extra["probe_val_loss"], cfg.probe_patience))
     trainer = make_trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, bf16=True,  # bf16 autocast on CUDA, 32-bit elsewhere
         log_dir=out, logger=cfg.logger, experiment=cfg.task,  # logs/version_N: one per (resumed) run
-        callbacks=[ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist],
+        callbacks=callbacks,
         progress=cfg.progress, deterministic=False, log_every_n_steps=max(1, min(10, len(train_dl))),
     )
     resume = folder.resume_from if folder is not None else None  # checked: loads weights-only, this run's

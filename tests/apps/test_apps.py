@@ -107,7 +107,9 @@ def test_train_entry_runs_one_short_step(name, tmp_path):
     card = json.loads((out / "card.json").read_text())
     assert card["task"] == name and card["classes"] == list(t.classes)
     acc = card["metrics"]["metrics"]["accuracy"]
-    assert 0.0 <= acc["low"] <= acc["value"] <= acc["high"] <= 1.0
+    # the tiny test split is below the minimum count: the value stays, the interval becomes a note
+    assert 0.0 <= acc["value"] <= 1.0 and (acc["low"] is None and acc["note"].startswith("too few")
+                                         or 0.0 <= acc["low"] <= acc["value"] <= acc["high"] <= 1.0)
     assert card["preprocessing"]["channels_in"] == t.channels
     if t.recipe["members"]:
         assert card["kind"] == "ensemble" and len(card["members"]) == 2

@@ -57,7 +57,7 @@ def test_progressive_thaws_top_down_with_discriminative_lrs(model):
 
 
 def test_unknown_strategy():
-    assert set(list_strategies()) == {"linear-probe", "full", "progressive"}
+    assert set(list_strategies()) == {"linear-probe", "full", "lp-ft", "progressive"}
     with pytest.raises(KeyError, match="Did you mean 'progressive'"):
         get_strategy("progresive")
 
@@ -78,3 +78,35 @@ def test_progressive_step_changes_only_thawed(model):
     assert any(k.startswith("backbone.net.layer4") for k in changed)
     assert any(k.startswith("head") for k in changed)
     assert not any(k.startswith(("backbone.net.layer3", "backbone.net.layer1", "backbone.net.conv1")) for k in changed)
+
+
+def test_lp_ft_fits_the_probe_first_then_trains_everything(model):
+    s = get_strategy("lp-ft", lr=1e-4, head_lr=1e-4)
+    assert s.probe_first and s.needs_images and s.bn_eval
+    s.setup(model)
+    assert all(p.requires_grad for p in model.parameters())
+    names = [g["name"] for g in s.param_groups(model)]
+    assert names == ["head", "backbone"] and all(g["lr"] == 1e-4 for g in s.param_groups(model))
+
+
+def test_fine_tune_that_does_not_beat_its_probe_stops():
+    from types import SimpleNamespace
+
+    from pellucid.core.training import _beat_probe_callback
+
+    cb = _beat_probe_callback(probe_val_loss=0.30, epochs=2)
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, should_stop=False,
+                              callback_metrics={"val_loss": torch.tensor(0.35)})
+    cb.on_validation_epoch_end(trainer, None)
+    assert not trainer.should_stop  # one epoch is not yet enough to judge
+    trainer.current_epoch, trainer.callback_metrics = 1, {"val_loss": torch.tensor(0.33)}
+    cb.on_validation_epoch_end(trainer, None)
+    assert trainer.should_stop and cb.stopped_at == 1
+    # a run that beat the probe once keeps going
+    cb = _beat_probe_callback(probe_val_loss=0.30, epochs=2)
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, should_stop=False,
+                              callback_metrics={"val_loss": torch.tensor(0.25)})
+    cb.on_validation_epoch_end(trainer, None)
+    trainer.current_epoch, trainer.callback_metrics = 1, {"val_loss": torch.tensor(0.40)}
+    cb.on_validation_epoch_end(trainer, None)
+    assert not trainer.should_stop

@@ -25,7 +25,9 @@ def test_tiny_training_writes_a_complete_folder(tiny_model_dir):
         assert (tiny_model_dir / name).exists(), name
     card = json.loads((tiny_model_dir / "card.json").read_text())
     m = card["metrics"]["metrics"]["accuracy"]
-    assert 0.0 <= m["low"] <= m["value"] <= m["high"] <= 1.0
+    # the tiny test split is below the minimum count: the value stays, the interval becomes a note
+    assert 0.0 <= m["value"] <= 1.0 and (m["low"] is None and m["note"].startswith("too few")
+                                         or 0.0 <= m["low"] <= m["value"] <= m["high"] <= 1.0)
     assert card["threshold"]["policy"] == "youden" and 0.0 <= card["threshold"]["value"] <= 1.0
     assert card["calibration"]["temperature"] > 0
     assert card["split"]["train"] + card["split"]["val"] + card["split"]["test"] == 40

@@ -1,0 +1,27 @@
+"""``python -m bench.recipes TASK [--folds K] [--budget MIN] ...`` — the recipe search of
+``pellucid tune`` (:mod:`pellucid.core.tune`), writing ``bench/results/recipes-<task>.md``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pellucid.core.tune import run_cli
+
+    p = argparse.ArgumentParser(prog="python -m bench.recipes", description=__doc__)
+    p.add_argument("task")
+    p.add_argument("--data")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--budget", type=float, default=15.0, help="minutes")
+    p.add_argument("--candidates", help="comma-separated candidate names (baselines A and B always run)")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-recipe", action="store_true")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Recipe search: candidate recipes scored by grouped k-fold cross-validation on the dev data.
+
+``pellucid tune TASK`` (or ``python -m bench.recipes TASK``) makes ``k`` grouped, stratified folds
+of the task's data once (:func:`pellucid.datasets.splits.kfold_splits`, each fold with its own
+grouped validation hold-out) and scores every candidate on the same folds: the validation part
+chooses the head's L2 strength, the temperature and the decision threshold, the fold's test part
+only scores. The table (``recipes-<task>.md`` + ``.json``) gives each candidate's mean ± sd over
+folds and its paired difference to the two baselines every recipe has to beat:
+
+* **A** — frozen EfficientNet-Lite0 + a linear (logistic-regression) head: ``probe:lite0``;
+* **B** — a plain full fine-tune of Lite0 (AdamW, warm-up + cosine, the task's augmentation).
+
+Two kinds of candidates:
+
+* ``probe`` — linear heads on frozen pretrained features, one backbone or a soft vote of several
+  (exactly what ``finetune = "linear-probe"`` trains, or an ensemble of such members). Features are
+  computed once per backbone and size and cached (:mod:`pellucid.core.features`), so these cost
+  seconds per fold;
+* ``train`` — a full training run per fold through :func:`pellucid.core.training.train` (the code
+  ``pellucid train`` runs), for fine-tunes. These cost minutes per fold, so they run last and only
+  while the time budget allows: a candidate whose next fold would overrun the budget stops, and the
+  table says on how many folds it ran; paired differences use the folds both sides ran.
+
+The winner is the candidate with the best mean headline metric (the task's first metric) among
+those that ran on every fold; ``--write-recipe`` writes it as a TOML recipe block beside the table.
+Tasks whose files keep an official split in their names (PneumoniaMNIST's ``train_*`` / ``val_*``)
+get a second, shift-aware check: probe candidates are also fitted on the ``train_*`` files and
+scored on the ``val_*`` files, where random folds would hide the shift between the two.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Candidate", "default_candidates", "tune", "run_cli", "CANDIDATE_KINDS"]
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_KINDS = ("probe", "train")
+LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+_SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe to score.
+
+    Attributes:
+        name: short unique name (what ``--candidates`` selects).
+        kind: ``probe`` (linear head(s) on cached frozen features) or ``train`` (a training run).
+        members: probe: ``(backbone, image_size)`` per member; more than one is a soft vote.
+        flip: probe: test-time augmentation — the head is fitted on plain and mirrored features and
+            predicts the mean of both.
+        overrides: train: :class:`~pellucid.core.training.TrainConfig` overrides.
+        role: ``A`` / ``B`` for the two baselines, ``current`` for the shipped recipe.
+        about: one line for the table.
+    """
+
+    name: str
+    kind: str
+    members: tuple[tuple[str, int], ...] = ()
+    flip: bool = False
+    overrides: dict = field(default_factory=dict, hash=False, compare=False)
+    role: str = ""
+    about: str = ""
+
+    def recipe(self, task) -> dict:
+        """The ``[recipe]`` keys (plus ``image_size``) that train this candidate with ``pellucid train``."""
+        if self.kind == "train":
+            return {**task.recipe, **self.overrides, "image_size": self.overrides.get("image_size", task.image_size)}
+        if len(self.members) == 1:
+            backbone, size = self.members[0]
+            return {"backbone": backbone, "finetune": "linear-probe", "epochs": 0, "image_size": size}
+        return {"finetune": "linear-probe", "epochs": 0, "image_size": self.members[0][1],
+                "members": [{"backbone": b, "image_size": s, "finetune": "linear-probe", "epochs": 0}
+                            for b, s in self.members]}
+
+
+def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool = False, about: str = "") -> Candidate:
+    name = "probe:" + "+".join(f"{_SHORT.get(b, b)}@{s}" for b, s in members) + ("+flip" if flip else "")
+    return Candidate(name, "probe", tuple(members), flip=flip, role=role, about=about)
+
+
+def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
+    """The candidates of a task, cheapest first: probes at the task's size and at each Lite
+    network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT and the shipped
+    recipe."""
+    small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
+    size = task.image_size
+    base = "efficientnet_lite0"
+    cands = [_probe([(base, size)], role="A", about="baseline A: frozen Lite0 + linear head"),
+             _probe([(base, size)], flip=True, about="Lite0 probe, mirrored test-time augmentation")]
+    sizes = {b: (2 * size if small else s) for b, s in LITE_SIZES.items()}
+    if small:
+        cands.append(_probe([(base, sizes[base])], about="Lite0 probe, input upsampled 2x"))
+    for b in ("efficientnet_lite1", "efficientnet_lite2"):
+        cands.append(_probe([(b, sizes[b])], about=f"{_SHORT[b].title()} probe"))
+    trio = [(b, sizes[b]) for b in LITE_SIZES]
+    cands.append(_probe(trio, about="soft vote of the three Lite probes"))
+    cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation"))
+    plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
+             "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
+    cands.append(Candidate("finetune:lite0", "train", overrides=plain, role="B",
+                           about=f"baseline B: plain full fine-tune of Lite0, {fine_tune_epochs} epochs"))
+    lpft = {"backbone": base, "finetune": "lp-ft", "epochs": fine_tune_epochs, "lr": 1e-4, "head_lr": 1e-4,
+            "mixing": "none", "members": [], "probe_patience": 2}
+    cands.append(Candidate("lp-ft:lite0", "train", overrides=lpft,
+                           about="LP-FT: probe head first, then everything at a small learning rate"))
+    cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
+    return cands
+
+
+# ----------------------------------------------------------------------------- scoring
+def _scores(task, logits_val: Sequence[torch.Tensor], y_val: np.ndarray, logits_test: Sequence[torch.Tensor],
+            y_test: np.ndarray) -> dict[str, float | None]:
+    """Headline metrics of the test part, calibrated (temperature) and thresholded on validation the
+    way a model folder is; several logit sets are a soft vote of their calibrated probabilities."""
+    from pellucid.core import calibration, metrics
+    from pellucid.core.scoring import choose_split_threshold
+
+    pv, pt = [], []
+    for lv, lt in zip(logits_val, logits_test):
+        T = calibration.fit_temperature(lv, y_val)
+        pv.append(calibration.apply_temperature(lv, T))
+        pt.append(calibration.apply_temperature(lt, T))
+    probs_val, probs_test = np.mean(pv, 0), np.mean(pt, 0)
+    thr = choose_split_threshold(y_val, probs_val, len(task.classes), task.positive_index, task.threshold_policy,
+                                 task.target_sensitivity)
+    m = metrics.classification_metrics(y_test, probs_test, list(task.classes), threshold=thr,
+                                       positive_index=task.positive_index if task.binary else None, n_boot=0)
+    return {k: v["value"] for k, v in m["metrics"].items()}
+
+
+class _Data:
+    """The task's samples, labels and the embeddings the probe candidates share."""
+
+    def __init__(self, task, samples, recipe: dict, progress: bool):
+        self.task, self.samples, self.progress = task, samples, progress
+        index = {c: i for i, c in enumerate(task.classes)}
+        self.y = np.array([index[s.label] for s in samples])
+        self.recipe = recipe
+        self._emb: dict = {}
+        self.embed_seconds = 0.0
+
+    def embeddings(self, backbone: str, size: int, flip: bool):
+        from pellucid.core.features import embed_samples
+
+        key = (backbone, size, flip)
+        if key not in self._emb:
+            emb = embed_samples(self.samples, backbone, size, channels=self.task.channels, flip=flip,
+                                preprocess=self.recipe.get("preprocess", "none"),
+                                segmenter=self.recipe.get("segmenter"), progress=self.progress)
+            self.embed_seconds += emb.seconds
+            self._emb[key] = emb
+        return self._emb[key]
+
+
+def _fit_probe_logits(data: _Data, backbone: str, size: int, flip: bool, split: dict):
+    """Fit one linear head on the fold's training features (L2 on validation); logits of val and test."""
+    from pellucid.core.training import _class_weights, fit_head
+
+    emb = data.embeddings(backbone, size, flip)
+    rows = {p: emb.rows_for(split[p]) for p in ("train", "val", "test")}
+    ys = {p: torch.as_tensor(data.y[emb.positions[r]]) for p, r in rows.items()}
+    feats = {p: emb.feats[r] for p, r in rows.items()}
+    n_cls = len(data.task.classes)
+    cw = _class_weights(ys["train"].numpy(), n_cls) if data.recipe.get("balance", "weights") == "weights" else None
+    head = torch.nn.Linear(feats["train"].shape[-1], n_cls)
+    if flip:  # fit on plain and mirrored rows; validate / predict on their mean logits
+        tr = feats["train"].reshape(-1, feats["train"].shape[-1])
+        fit_head(head, tr, ys["train"].repeat_interleave(2), weight=cw, epochs=data.recipe.get("probe_epochs", 40),
+                 label_smoothing=data.recipe.get("label_smoothing", 0.0), val=(feats["val"][:, 0], ys["val"]))
+        with torch.no_grad():
+            out = {p: head(feats[p]).mean(1) for p in ("val", "test")}
+    else:
+        fit_head(head, feats["train"], ys["train"], weight=cw, epochs=data.recipe.get("probe_epochs", 40),
+                 label_smoothing=data.recipe.get("label_smoothing", 0.0), val=(feats["val"], ys["val"]))
+        with torch.no_grad():
+            out = {p: head(feats[p]) for p in ("val", "test")}
+    return out, ys
+
+
+def _run_probe(data: _Data, cand: Candidate, split: dict) -> dict:
+    t = time.time()
+    lv, lt, yv, yt = [], [], None, None
+    for backbone, size in cand.members:
+        out, ys = _fit_probe_logits(data, backbone, size, cand.flip, split)
+        if yv is not None and (len(ys["val"]) != len(yv) or len(ys["test"]) != len(yt)):
+            raise RuntimeError("members read different files; cannot vote")  # same files, same readers
+        yv, yt = ys["val"].numpy(), ys["test"].numpy()
+        lv.append(out["val"])
+        lt.append(out["test"])
+    return {"metrics": _scores(data.task, lv, yv, lt, yt), "seconds": round(time.time() - t, 2)}
+
+
+def _run_train(task, cand: Candidate, data_dir: str, split_path: Path, out: Path, seed: int) -> dict:
+    from pellucid.core.training import TrainConfig, train
+
+    cfg = TrainConfig.from_task(task, data_dir, str(out), **{k: v for k, v in cand.overrides.items()
+                                                            if k != "image_size"})
+    if "image_size" in cand.overrides:
+        cfg = replace(cfg, image_size=int(cand.overrides["image_size"]))
+    cfg = replace(cfg, split_file=str(split_path), seed=seed, n_boot=0, progress=False, overwrite=True,
+                  members=[] if cand.role != "current" else cfg.members)
+    t = time.time()
+    if cfg.members:
+        from pellucid.core.ensemble import train_ensemble
+
+        folder = train_ensemble(cfg)
+    else:
+        folder = train(cfg)
+    m = json.loads((Path(folder) / "metrics.json").read_text())
+    card = json.loads((Path(folder) / "card.json").read_text())
+    return {"metrics": {k: v["value"] for k, v in m["metrics"].items()}, "seconds": round(time.time() - t, 1),
+            "kept": card.get("training", {}).get("kept")}
+
+
+# ----------------------------------------------------------------------------- the search
+def _official_split(samples) -> dict | None:
+    """Indices of an official split kept in the file names (``train_*``, ``val_*``), or None."""
+    part = [re.match(r"(train|val|test)_", Path(s.path).name) for s in samples]
+    names = {m.group(1) for m in part if m}
+    if not {"train", "val"} <= names or any(m is None for m in part):
+        return None
+    idx = {n: [i for i, m in enumerate(part) if m.group(1) == n] for n in names}
+    return idx
+
+
+def _official_fold(samples, idx: dict, seed: int) -> dict:
+    """Train on ``train_*`` (a random 15 % of its groups validates), test on ``val_*``."""
+    rng = np.random.default_rng(seed)
+    groups = sorted({samples[i].group for i in idx["train"]})
+    held = set(rng.permutation(groups)[: max(1, len(groups) * 15 // 100)].tolist())
+    train = [i for i in idx["train"] if samples[i].group not in held]
+    val = [i for i in idx["train"] if samples[i].group in held]
+    return {"train": train, "val": val, "test": idx["val"], "fold": "official"}
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], float)
+    if v.size == 0:
+        return None, None
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
+
+
+def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
+         candidates: Sequence[str] | None = None, out: str | Path = "bench/results", seed: int = 0,
+         write_recipe: bool = False, work: str | Path | None = None, fine_tune_epochs: int = 6,
+         progress: bool = True, candidate_list: Sequence[Candidate] | None = None) -> dict:
+    """Score the task's candidates on the same grouped folds; write ``recipes-<task>.md``/``.json``.
+
+    Args:
+        candidate_list: the candidates to score (default: :func:`default_candidates`); ``candidates``
+            then picks names from it (the baselines always run).
+
+    Returns:
+        The result dict written as JSON (``candidates``: per candidate its folds and summaries;
+        ``winner``: the name chosen).
+    """
+    from pellucid.core.tasks import get_task
+    from pellucid.datasets.samples import load_samples
+    from pellucid.datasets.splits import kfold_splits, save_split
+
+    t0 = time.time()
+    task = get_task(task_name)
+    samples = load_samples(data, classes=task.classes, aliases=task.aliases)
+    cands = list(candidate_list) if candidate_list is not None else default_candidates(task, fine_tune_epochs)
+    if candidates:
+        known = {c.name: c for c in cands}
+        missing = [n for n in candidates if n not in known]
+        if missing:
+            raise ValueError(f"unknown candidate(s) {', '.join(missing)}; known: {', '.join(known)}")
+        cands = [c for c in cands if c.name in candidates or c.role in ("A", "B")]
+    split_list = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
+    work = Path(work or Path("runs") / "tune" / task.name)
+    (work / "folds").mkdir(parents=True, exist_ok=True)
+    split_paths = []
+    for s in split_list:
+        p = work / "folds" / f"fold_{s['fold']}.json"
+        save_split(p, samples, s)
+        split_paths.append(p)
+    data_obj = _Data(task, samples, task.recipe, progress)
+    official = _official_split(samples)
+    budget_s = budget_min * 60
+    results = []
+    for cand in cands:
+        row = {"name": cand.name, "kind": cand.kind, "role": cand.role, "about": cand.about,
+               "recipe": cand.recipe(task), "folds": {}, "official": None, "stopped": None}
+        for s, sp in zip(split_list, split_paths):
+            if cand.kind == "train":
+                done = [f["seconds"] for f in row["folds"].values()]
+                guess = (np.mean(done) if done else 0.0)
+                if time.time() - t0 + guess > budget_s:
+                    row["stopped"] = f"time budget ({budget_min:g} min) reached after {len(done)} fold(s)"
+                    break
+                res = _run_train(task, cand, data, sp, work / cand.name.replace(":", "_") / f"fold_{s['fold']}",
+                                 seed)
+            else:
+                res = _run_probe(data_obj, cand, s)
+            row["folds"][str(s["fold"])] = res
+            log.info("%s fold %s: %s", cand.name, s["fold"], {k: round(v, 4) for k, v in res["metrics"].items()
+                                                              if v is not None and k in task.metrics[:2]})
+        if official and cand.kind == "probe":
+            row["official"] = _run_probe(data_obj, cand, _official_fold(samples, official, seed))
+        results.append(row)
+    result = _summarise(task, results, folds, seed, data, samples, time.time() - t0, data_obj.embed_seconds,
+                        bool(official))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"recipes-{task.name}.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / f"recipes-{task.name}.md").write_text(render_table(result))
+    if write_recipe and result["winner"]:
+        win = next(r for r in result["candidates"] if r["name"] == result["winner"])
+        (out / f"recipes-{task.name}.toml").write_text(_recipe_toml(win["recipe"], win["name"]))
+    return result
+
+
+def _summarise(task, rows: list[dict], k: int, seed: int, data: str, samples, seconds: float, embed_s: float,
+               has_official: bool) -> dict:
+    primary = task.metrics[0]
+    by_role = {r["role"]: r for r in rows if r["role"] in ("A", "B")}
+    for r in rows:
+        r["summary"] = {m: dict(zip(("mean", "sd"), _mean_sd([f["metrics"].get(m) for f in r["folds"].values()])))
+                        for m in task.metrics}
+        r["n_folds"] = len(r["folds"])
+        r["fold_seconds"] = _mean_sd([f["seconds"] for f in r["folds"].values()])[0]
+        for role, base in by_role.items():
+            common = sorted(set(r["folds"]) & set(base["folds"]))
+            diffs = [r["folds"][f]["metrics"][primary] - base["folds"][f]["metrics"][primary] for f in common
+                     if r["folds"][f]["metrics"].get(primary) is not None
+                     and base["folds"][f]["metrics"].get(primary) is not None]
+            mean, sd = _mean_sd(diffs)
+            r[f"vs_{role}"] = {"mean": mean, "sd": sd, "n": len(diffs)}
+    full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None]
+    winner = max(full, key=lambda r: r["summary"][primary]["mean"])["name"] if full else None
+    cpu = _cpu_line()
+    return {"task": task.name, "data": str(Path(data).resolve()), "n": len(samples), "k": k, "seed": seed,
+            "primary": primary, "metrics": list(task.metrics[:2]), "seconds": round(seconds, 1),
+            "embed_seconds": round(embed_s, 1), "cpu": cpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "official_split": has_official, "candidates": rows,
+            "winner": winner}
+
+
+def _cpu_line() -> str:
+    try:
+        from pellucid.core.quantize import cpu_features
+
+        return cpu_features().summary()
+    except Exception:  # a description only; never fail a search over it
+        return platform.processor() or platform.machine()
+
+
+def _fmt(mean, sd, signed: bool = False) -> str:
+    if mean is None:
+        return "—"
+    m = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return m + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def render_table(result: dict) -> str:
+    """The Markdown table of a :func:`tune` result."""
+    p, s = result["metrics"][0], result["metrics"][1]
+    lines = [f"# Recipe search: {result['task']}", "",
+             f"{result['k']}-fold grouped cross-validation of the dev data (`{result['data']}`, n = {result['n']}, "
+             f"seed {result['seed']}); every candidate on the same folds, the test part of a fold only scores. "
+             f"CPU: {result['cpu']}; torch {result['torch']}, {result['threads']} thread(s). "
+             f"Search took {result['seconds']:.0f} s ({result['embed_seconds']:.0f} s computing frozen features).", "",
+             f"| candidate | {p} (mean ± sd) | {s} | Δ{p} vs A | Δ{p} vs B | s / fold | folds |"
+             + (f" official split {p} |" if result["official_split"] else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if result["official_split"] else "")]
+    for r in result["candidates"]:
+        mark = " **(winner)**" if r["name"] == result["winner"] else ""
+        role = f" [{r['role']}]" if r["role"] in ("A", "B") else ""
+        vs = [(_fmt(r[f"vs_{x}"]["mean"], r[f"vs_{x}"]["sd"], True) if r.get(f"vs_{x}") and r["role"] != x else "—")
+              for x in ("A", "B")]
+        folds = f"{r['n_folds']}/{result['k']}" + (" (budget)" if r["stopped"] else "")
+        sec = f"{r['fold_seconds']:.1f}" if r["fold_seconds"] is not None else "—"
+        line = (f"| `{r['name']}`{role}{mark} | {_fmt(r['summary'][p]['mean'], r['summary'][p]['sd'])} | "
+                f"{_fmt(r['summary'][s]['mean'], r['summary'][s]['sd'])} | {vs[0]} | {vs[1]} | {sec} | {folds} |")
+        if result["official_split"]:
+            off = r.get("official")
+            line += f" {off['metrics'][p]:.3f} |" if off and off["metrics"].get(p) is not None else " — |"
+        lines.append(line)
+    lines += ["", "Candidates:", ""] + [f"- `{r['name']}`: {r['about']}" + (f" — stopped: {r['stopped']}"
+                                                                          if r["stopped"] else "")
+                                       for r in result["candidates"]]
+    lines += ["", f"Winner (best mean {p} among candidates run on every fold): `{result['winner']}`." if
+              result["winner"] else "No candidate ran on every fold."]
+    return "\n".join(lines) + "\n"
+
+
+def _recipe_toml(recipe: dict, name: str) -> str:
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if v is None:
+            return '""'
+        return json.dumps(str(v))
+
+    size = recipe.get("image_size")
+    lines = [f"# winner of `pellucid tune`: {name}", f"image_size = {size}" if size else "", "", "[recipe]"]
+    members = recipe.get("members") or []
+    lines += [f"{k} = {val(v)}" for k, v in recipe.items() if k not in ("members", "image_size") and v is not None
+              and not isinstance(v, (dict, list))]
+    for m in members:
+        lines += ["", "[[recipe.members]]"] + [f"{k} = {val(v)}" for k, v in m.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(args) -> int:
+    """``pellucid tune TASK [--data D] [--folds K] [--budget MIN] [--candidates a,b] [--out DIR]``."""
+    from pellucid.core.tasks import get_task
+
+    task = get_task(args.task)
+    data = getattr(args, "data", None)
+    if not data:
+        import os
+
+        root = Path(os.environ.get("PELLUCID_DATA", "../shared/data"))
+        data = str(root / task.default_data if (root / task.default_data).is_dir() else root)
+    names = [c.strip() for c in args.candidates.split(",")] if getattr(args, "candidates", None) else None
+    result = tune(task.name, data, folds=args.folds, budget_min=args.budget, candidates=names, out=args.out,
+                  seed=args.seed, write_recipe=getattr(args, "write_recipe", False))
+    print(render_table(result))
+    print(f"written: {Path(args.out) / ('recipes-' + task.name + '.md')}")
+    return 0

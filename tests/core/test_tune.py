@@ -1,0 +1,122 @@
+"""Recipe search: same folds for every candidate, budgets honoured, paired differences, the table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pellucid.core.tune import Candidate, _official_split, default_candidates, render_table, tune
+
+
+def _synthetic(root, n_groups=30, per_group=2, official=True):
+    """Two separable classes (a bright disc = 'tuberculosis'), grouped; names keep an official split."""
+    rng = np.random.default_rng(0)
+    rows = ["path,label,group"]
+    for g in range(n_groups):
+        label = "tuberculosis" if g % 2 else "normal"
+        part = "val" if (official and g >= n_groups - 4) else "train"
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for j in range(per_group):
+            img = rng.normal(90, 25, (48, 48)).clip(0, 255)
+            if label == "tuberculosis":
+                yy, xx = np.mgrid[:48, :48]
+                img[(yy - 24) ** 2 + (xx - 20 - j) ** 2 < 120] = 230
+            name = f"{label}/{part}_{g}_{j}.png"
+            Image.fromarray(img.astype(np.uint8)).save(root / name)
+            rows.append(f"{name},{label},g{g}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PELLUCID_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_probe_candidates_share_folds_and_budget_stops_training(tmp_path, cache):
+    data = _synthetic(tmp_path / "data")
+    lite = "efficientnet_lite0"
+    cands = [Candidate("probe:a", "probe", ((lite, 64),), role="A"),
+             Candidate("probe:a+flip", "probe", ((lite, 64),), flip=True),
+             Candidate("probe:vote", "probe", ((lite, 64), (lite, 72))),
+             Candidate("finetune:b", "train", overrides={"backbone": lite, "finetune": "full", "epochs": 1},
+                       role="B")]
+    res = tune("tb", str(data), folds=3, budget_min=0.0, out=tmp_path / "out", work=tmp_path / "work",
+               candidate_list=cands, progress=False, write_recipe=True)
+    rows = {r["name"]: r for r in res["candidates"]}
+    # every probe ran on every fold; the training candidate was stopped by the zero budget, and says so
+    assert all(rows[n]["n_folds"] == 3 for n in ("probe:a", "probe:a+flip", "probe:vote"))
+    assert rows["finetune:b"]["n_folds"] == 0 and "budget" in rows["finetune:b"]["stopped"]
+    # the folds are the same partitions for everyone, written once, groups never on two sides
+    folds = sorted((tmp_path / "work" / "folds").glob("fold_*.json"))
+    assert len(folds) == 3
+    # separable data: the probes are near perfect; paired difference vs A is computed on common folds
+    assert rows["probe:a"]["summary"]["accuracy"]["mean"] > 0.8
+    assert rows["probe:vote"]["vs_A"]["n"] == 3 and rows["probe:a"]["vs_B"]["n"] == 0
+    assert res["winner"] in ("probe:a", "probe:a+flip", "probe:vote")
+    # file names keep an official split: the probes were also scored train_* -> val_*
+    assert res["official_split"] and rows["probe:a"]["official"]["metrics"]["accuracy"] is not None
+    table = (tmp_path / "out" / "recipes-tb.md").read_text()
+    assert "| `probe:a` [A]" in table and "0/3 (budget)" in table and "official split" in table
+    assert res["cpu"] and "CPU:" in table
+    recipe = (tmp_path / "out" / "recipes-tb.toml").read_text()
+    assert "[recipe]" in recipe and 'finetune = "linear-probe"' in recipe
+    # a second search reads the cached features instead of embedding again
+    res2 = tune("tb", str(data), folds=3, budget_min=0.0, out=tmp_path / "out2", work=tmp_path / "work",
+                candidate_list=cands[:1] + cands[3:], progress=False)
+    assert res2["embed_seconds"] == 0.0
+    assert res2["candidates"][0]["summary"] == rows["probe:a"]["summary"]
+
+
+def test_training_candidate_runs_the_real_training_path(tmp_path, cache):
+    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
+    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
+             Candidate("lp-ft", "train", overrides={"backbone": "test_resnet", "pretrained": False, "finetune": "lp-ft",
+                                                    "epochs": 1, "batch_size": 8, "image_size": 32}, role="B")]
+    res = tune("tb", str(data), folds=2, budget_min=30.0, out=tmp_path / "out", work=tmp_path / "work",
+               candidate_list=cands, progress=False)
+    row = res["candidates"][1]
+    assert row["n_folds"] == 2 and row["stopped"] is None
+    assert set(row["folds"]["0"]["metrics"]) >= {"accuracy", "auroc"}
+    assert (tmp_path / "work" / "lp-ft" / "fold_1" / "card.json").exists()
+    assert res["candidates"][0]["vs_B"]["n"] == 2 and not res["official_split"]
+
+
+def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
+    from pellucid.core.tasks import get_task
+
+    for name in ("tb", "nuclei", "snow"):
+        task = get_task(name)
+        cands = default_candidates(task)
+        roles = [c.role for c in cands]
+        assert roles.count("A") == 1 and roles.count("B") == 1 and "current" in roles
+        assert len({c.name for c in cands}) == len(cands)
+        a = next(c for c in cands if c.role == "A")
+        assert a.recipe(task) == {"backbone": "efficientnet_lite0", "finetune": "linear-probe", "epochs": 0,
+                                  "image_size": task.image_size}
+        vote = next(c for c in cands if len(c.members) == 3 and not c.flip)
+        assert [m["backbone"] for m in vote.recipe(task)["members"]] == [
+            "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+        # probes are scored before training runs (cheap first)
+        kinds = [c.kind for c in cands]
+        assert kinds == sorted(kinds, key=lambda k: k != "probe")
+
+
+def test_official_split_needs_train_and_val_names(tmp_path):
+    from pellucid.datasets.samples import Sample
+
+    s = [Sample(path=f"/x/{p}_{i}.png", label="a", group=str(i)) for i, p in enumerate(["train", "val", "train"])]
+    assert _official_split(s) == {"train": [0, 2], "val": [1]}
+    assert _official_split(s[:1] + [Sample(path="/x/other.png", label="a", group="9")]) is None
+
+
+def test_table_marks_the_winner_and_missing_values():
+    result = {"task": "t", "data": "/d", "n": 10, "k": 2, "seed": 0, "cpu": "cpu", "torch": "2", "threads": 1,
+              "seconds": 1.0, "embed_seconds": 0.5, "metrics": ["accuracy", "auroc"], "official_split": False,
+              "winner": "x",
+              "candidates": [{"name": "x", "role": "A", "about": "a", "stopped": None, "n_folds": 2, "fold_seconds": 1.0,
+                              "summary": {"accuracy": {"mean": 0.9, "sd": 0.01}, "auroc": {"mean": None, "sd": None}},
+                              "vs_A": {"mean": 0.0, "sd": 0.0, "n": 2}, "vs_B": {"mean": None, "sd": None, "n": 0}}]}
+    text = render_table(result)
+    assert "**(winner)**" in text and "0.900 ± 0.010" in text and "| — |" in text
