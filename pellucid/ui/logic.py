@@ -10,8 +10,10 @@ file count, compression ratio, checked from the central directory and again whil
 paths outside the folder, no links, no nested zips), confines typed folders to the configured data
 root (:func:`resolve_in_root`), caches explanations so that moving the opacity slider does not
 recompute them (bounded in items and bytes), segments the lungs of chest X-rays for the outline and
-lung share of each explanation (:class:`LungMaskCache`, :func:`explanation_view`), and builds the
-report of what is on screen.
+lung share of each explanation (:class:`LungMaskCache`), shows each explanation with its colour bar and
+plain words (:func:`explanation_view`, the words from :mod:`pellucid.explain.captions`), streams
+explanations method by method (:meth:`ExplanationCache.stream`), reads the human-readable model card
+(:func:`model_card_markdown`), and builds the report of what is on screen.
 
 Everything a visitor can send is untrusted: errors are one line, name the upload (never a server
 path) and say what to do; unexpected failures are logged here with their traceback and reported to
@@ -26,12 +28,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from pellucid.core.card import ModelCard, as_card
 from pellucid.core.privacy import header_text_silenced
+from pellucid.explain.captions import Reading, read_case_result
 from pellucid.ui.zips import UploadError, ZipBudget, env_number, extract_zip
 from pellucid.datasets.readers import (
     DICOM_SUFFIXES,
@@ -55,16 +58,15 @@ from pellucid.explain.report import (
     overlay_rgb,
     render_html,
     render_pdf,
-    score_items,
     scrub_path,
     sha256_bytes,
-    share_items,
     write_cases_csv,
 )
 
 __all__ = [
     "DicomRange",
     "ExplanationCache",
+    "ExplanationView",
     "FolderError",
     "ZipBudget",
     "LungMaskCache",
@@ -85,6 +87,7 @@ __all__ = [
     "segmenter_choices",
     "max_upload_bytes",
     "max_upload_pixels",
+    "model_card_markdown",
     "model_plots",
     "read_upload",
     "report_files",
@@ -495,31 +498,41 @@ class ExplanationCache(_SessionCache):
         Returns:
             Notes from the explainers (failures), as :func:`~pellucid.explain.report.explain_cases`.
         """
-        missing: dict[str, list[Case]] = {}
-        for c in cases:
-            if c.error or c.index is None:
-                continue
-            for m in methods:
-                if self._key(model_key, c, m) not in self._store:
-                    missing.setdefault(m, []).append(c)
         notes: list[str] = []
-        fresh: dict[tuple, MethodResult] = {}
-        for i, (m, todo) in enumerate(missing.items()):
-            def step(f: float, text: str, i: int = i) -> None:
-                progress((i + f) / len(missing), text)
-
-            notes += explain_cases(predictor, todo, [m], progress=step if progress is not None else None)
-            for c in todo:
-                for r in c.explanations:
-                    if r.method == m:
-                        fresh[self._key(model_key, c, m)] = r
-                        self._store.put(self._key(model_key, c, m), r)
-        for c in cases:
-            if c.error or c.index is None:
-                continue
-            found = ((self._store.get(k) or fresh.get(k)) for k in (self._key(model_key, c, m) for m in methods))
-            c.explanations = [r for r in found if r is not None]
+        for _, found in self.stream(predictor, cases, methods, model_key, progress=progress):
+            notes += [n for n in found if n not in notes]
         return notes
+
+    def stream(self, predictor, cases: Sequence[Case], methods: Sequence[str], model_key: str, *,
+               progress: Progress | None = None) -> Iterator[tuple[str, list[str]]]:
+        """Like :meth:`attach`, one method at a time: after each method every case holds its result
+        (``case.explanations`` grows in ``methods`` order) and ``(method, notes)`` is yielded, so a
+        page can show each method's maps as soon as they exist instead of after the slowest one.
+        """
+        live = [c for c in cases if not c.error and c.index is not None]
+        for c in live:
+            c.explanations = []
+        for i, m in enumerate(methods):
+            keys = {id(c): self._key(model_key, c, m) for c in live}
+            todo = [c for c in live if keys[id(c)] not in self._store]
+            notes: list[str] = []
+            fresh: dict[tuple, MethodResult] = {}
+            if todo:
+                def step(f: float, text: str, i: int = i) -> None:
+                    progress((i + f) / len(methods), text)
+
+                notes = explain_cases(predictor, todo, [m], progress=step if progress is not None else None)
+                for c in todo:
+                    r = next((r for r in c.explanations if r.method == m), None)
+                    if r is not None:
+                        fresh[keys[id(c)]] = r
+                        self._store.put(keys[id(c)], r)
+            for c in live:
+                r = self._store.get(keys[id(c)]) or fresh.get(keys[id(c)])
+                c.explanations = [e for e in c.explanations if e.method != m] + ([r] if r is not None else [])
+            if progress is not None:
+                progress((i + 1) / len(methods), f"{m}: done")
+            yield m, notes
 
 
 class LungMaskCache(_SessionCache):
@@ -554,25 +567,58 @@ class LungMaskCache(_SessionCache):
         return notes
 
 
-def explanation_view(case: Case, result: MethodResult, alpha: float, *, outline: bool = True
-                     ) -> tuple[np.ndarray, str]:
-    """What the predict page shows for one explanation: the overlay (RGB uint8 at the image's
-    resolution, with the lung outline when the case has a lung mask and ``outline`` is on) and its
-    caption (method, faithfulness scores, lung share, lung area and border share, and how the map
-    was computed where that varies, e.g. the precision of LIME's passes)."""
-    from pellucid.explain.overlay import draw_outline
+@dataclass
+class ExplanationView:
+    """What the predict page shows for one explanation.
+
+    Attributes:
+        overlay: the map over the image, RGB uint8 at the image's resolution (with the lung outline
+            when asked for and known).
+        image: ``overlay`` (shrunk to at most ``max_side`` pixels) with its colour bar underneath.
+        caption: one line: the method and what red and blue mean.
+        reading: the plain words (:class:`pellucid.explain.captions.Reading`): the method's sentence,
+            one sentence per score, notes, and the technical details.
+    """
+
+    overlay: np.ndarray
+    image: np.ndarray
+    caption: str
+    reading: Reading
+
+
+def explanation_view(case: Case, result: MethodResult, alpha: float, *, outline: bool = True,
+                     max_side: int = 640) -> ExplanationView:
+    """The overlay, its colour bar and its words for one explanation of a case, from the same
+    functions the report and ``pellucid explain`` use (:mod:`pellucid.explain.captions`); lung
+    shares and the lung note when the case has a lung mask (the outline only with ``outline``)."""
+    from pellucid.explain.overlay import draw_outline, with_colorbar
 
     if result.heatmap is None or case.image is None:
         raise ValueError(f"{result.method}: no heatmap to show ({result.note or 'not computed'})")
     rgb = overlay_rgb(case.image, result.heatmap, alpha)
-    parts = [f"{k} {v}" for k, v in score_items(result.scores)]
-    if case.lung_mask is not None:
-        if outline:
-            rgb = draw_outline(rgb, case.lung_mask)
-        parts += [f"{k} {v}" for k, v in share_items(result.heatmap, case.lung_mask)]
-    if result.detail:
-        parts.append(result.detail)
-    return rgb, result.method + (" · " + " · ".join(parts) if parts else "")
+    if case.lung_mask is not None and outline:
+        rgb = draw_outline(rgb, case.lung_mask)
+    reading = read_case_result(case, result)
+    legend = reading.legend
+    return ExplanationView(rgb, with_colorbar(rgb, legend.high, legend.low, legend.title, max_side=max_side),
+                           reading.caption, reading)
+
+
+def model_card_markdown(folder: str | Path, max_bytes: int = 256 << 10) -> str | None:
+    """The human-readable model card ``MODEL_CARD.md`` of a model folder (its YAML front matter left
+    out), or None when the folder has none or it cannot be read as UTF-8 text."""
+    path = Path(folder) / "MODEL_CARD.md"
+    try:
+        if not path.is_file() or path.stat().st_size > max_bytes:
+            return None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end != -1:
+            text = text[end + 4:].lstrip("\n")
+    return text.strip() or None
 
 
 def uploads_to_cases(predictor, uploads: Sequence[Upload], *, reference="auto") -> list[Case]:

@@ -32,6 +32,11 @@ def _captions(at: AppTest) -> list[str]:
     return [c for im in at.get("image") for c in im.captions]
 
 
+def _details(at: AppTest) -> list[str]:
+    """The text inside the explanations' "details" expanders."""
+    return [m.value for e in at.expander if e.label == "details" for m in e.markdown]
+
+
 def _image_url(at: AppTest, caption: str) -> str:
     return next(i.url for im in at.get("image") for i in im.proto.imgs if i.caption == caption)
 
@@ -45,6 +50,24 @@ def _has_gradcam() -> bool:
     from pellucid.explain.report import available_methods
 
     return "gradcam" in available_methods()
+
+
+def test_model_page_shows_the_human_readable_card(model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "with_card"
+    shutil.copytree(model_dir, folder)
+    (folder / "MODEL_CARD.md").write_text("---\nlicense: other\n---\n# Model card: TB test model\n\n"
+                                          "## Intended use\n\nResearch only.\n")
+    monkeypatch.setenv("PELLUCID_MODEL", str(folder))
+    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("views/model.py").run()
+    assert not at.exception, at.exception
+    texts = [m.value for m in at.markdown]
+    assert any(t.startswith("# Model card: TB test model") and "license" not in t for t in texts), texts
+    assert [s.value for s in at.subheader][0] == "Card fields"
 
 
 def test_banner_and_picker_on_every_page(app):
@@ -80,7 +103,15 @@ def test_predict_page_shows_label_probabilities_and_overlays(app):
     caps = _captions(app)
     assert "input" in caps and "calibrated probabilities" in caps
     if methods:
-        assert any(c.startswith("gradcam") for c in caps), caps
+        # each map carries its legend, the plain sentences and the numbers behind "details"
+        assert any(re.match(r"Grad-CAM — red: more influence on “(normal|tuberculosis)”; blue: less influence", c)
+                   for c in caps), caps
+        texts = [m.value for m in app.markdown]
+        assert any(t.startswith("Grad-CAM shows where the network") for t in texts)
+        assert any("Removing the highlighted regions first" in t for t in texts)
+        labels = [e.label for e in app.expander]
+        assert "details" in labels and "How to read the explanations" in labels
+        assert [s.label for s in app.status] == ["Explained with Grad-CAM"]  # the status box, completed
     labels = [b.proto.label for b in app.get("download_button")]
     assert labels == ["Report (HTML)", "Report (PDF)"]
     # the opacity slider re-blends without recomputing anything heavy
@@ -321,19 +352,20 @@ def test_predict_page_lung_outline_and_share(lung_app, tmp_path):
     assert not at.exception, at.exception
     assert not at.error
     assert at.checkbox(key="lung_outline").value is True
-    caps = [c for c in _captions(at) if c.startswith("gradcam")]
-    assert len(caps) == 1 and "lung share" in caps[0] and "lung area" in caps[0], caps
+    caps = [c for c in _captions(at) if c.startswith("Grad-CAM")]
+    details = _details(at)
+    assert len(caps) == 1 and len(details) == 1 and "lung share" in details[0] and "lung area" in details[0], details
     assert any("lungs (magenta) by lungseg" in m.value for m in at.markdown)
     at.checkbox(key="lung_outline").uncheck().run()
     assert not at.exception, at.exception
     assert not any("lungs (magenta)" in m.value for m in at.markdown)
-    assert any("lung share" in c for c in _captions(at))  # the share stays
+    assert any("lung share" in d for d in _details(at))  # the share stays
     # a broken segmentation folder: one line in the sidebar, the page goes on without outlines
     at.sidebar.selectbox(key="segmenter_choice").set_value(str(tmp_path / "runs" / "broken-seg")).run()
     assert not at.exception, at.exception
     errors = [e.value for e in at.sidebar.error]
     assert len(errors) == 1 and "Cannot use" in errors[0] and "\n" not in errors[0], errors
-    assert not any("lung share" in c for c in _captions(at))
+    assert not any("lung share" in d for d in _details(at))
     assert any(m.value.startswith("### Predicted") for m in at.markdown)
 
 
@@ -345,4 +377,4 @@ def test_predict_page_without_segmenter_has_no_outline_option(app):
     app.file_uploader(key="uploads").set_value((name, data, "image/png")).run()
     assert not app.exception, app.exception
     assert not [c for c in app.checkbox if c.key == "lung_outline"]
-    assert not any("lung share" in c for c in _captions(app))
+    assert not any("lung share" in d for d in _details(app))

@@ -208,12 +208,17 @@ def test_explanation_view_outlines_the_lungs(model_dir, tmp_path, monkeypatch):
     ups = [logic.read_upload(f"{i}.png", _bytes(write_lungs_png(tmp_path / f"{i}.png", seed=i))) for i in range(2)]
     cases = logic.uploads_to_cases(predictor, ups)
     heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
-    result = MethodResult("gradcam", heat, {"deletion_auc": 0.25})
-    plain, caption = logic.explanation_view(cases[0], result, 0.5)  # no segmenter: the plain overlay
+    result = MethodResult("gradcam", heat, {"deletion_auc": 0.25}, extras={"target_name": "tuberculosis"})
+    view = logic.explanation_view(cases[0], result, 0.5)  # no segmenter: the plain overlay
+    plain = view.overlay
     np.testing.assert_array_equal(plain, overlay_rgb(cases[0].image, heat, 0.5))
-    assert caption == "gradcam · deletion AUC ↓ 0.250"
-    _, lime_caption = logic.explanation_view(cases[0], MethodResult("lime", heat, {}, detail="passes in bfloat16"), 0.5)
-    assert lime_caption == "lime · passes in bfloat16"
+    assert view.caption == "Grad-CAM — red: more influence on “tuberculosis”; blue: less influence"
+    assert view.image.shape[1] >= 320 and view.image.shape[0] > view.image.shape[1]  # the colour bar underneath
+    details = dict(view.reading.details)
+    assert details["deletion AUC ↓"] == "0.250" and "lung share" not in details
+    assert any(s.startswith("Removing the highlighted regions first") for s in view.reading.scores)
+    lime = logic.explanation_view(cases[0], MethodResult("lime", heat, {}, detail="passes in bfloat16"), 0.5)
+    assert dict(lime.reading.details)["computed"] == "passes in bfloat16" and "evidence for" in lime.caption
 
     calls = []
     real = logic.attach_lung_masks
@@ -221,21 +226,51 @@ def test_explanation_view_outlines_the_lungs(model_dir, tmp_path, monkeypatch):
     masks = logic.LungMaskCache()
     assert masks.attach(bright_segmenter(), cases, "seg") == []
     assert all(c.lung_mask is not None and c.lung_mask.shape == (80, 80) for c in cases)
-    rgb, caption = logic.explanation_view(cases[0], result, 0.5)
+    view = logic.explanation_view(cases[0], result, 0.5)
+    rgb = view.overlay
     assert rgb.shape == (80, 80, 3)
     np.testing.assert_array_equal(rgb, draw_outline(plain, cases[0].lung_mask))
     assert (rgb == OUTLINE_COLOR).all(axis=2).sum() > 20
-    assert re.search(r"lung share \d+\.\d% · lung area \d+\.\d% · border share \d+\.\d%$", caption), caption
-    off, caption_off = logic.explanation_view(cases[0], result, 0.5, outline=False)
-    np.testing.assert_array_equal(off, plain)
-    assert caption_off == caption  # the share is shown either way
-    empty, cap = logic.explanation_view(cases[0], MethodResult("gradcam", np.zeros((64, 64), np.float32)), 0.5)
-    assert "lung share n/a (empty map)" in cap
+    details = dict(view.reading.details)
+    assert all(re.fullmatch(r"\d+\.\d%", details[k]) for k in ("lung share", "lung area", "border share")), details
+    off = logic.explanation_view(cases[0], result, 0.5, outline=False)
+    np.testing.assert_array_equal(off.overlay, plain)
+    assert off.reading.details == view.reading.details  # the share is shown either way
+    empty = logic.explanation_view(cases[0], MethodResult("gradcam", np.zeros((64, 64), np.float32)), 0.5)
+    assert dict(empty.reading.details)["lung share"] == "n/a (empty map)"
+    assert empty.reading.notes[0].startswith("This map is blank")
     again = logic.uploads_to_cases(predictor, ups)  # a rerun: masks come from the cache
     masks.attach(bright_segmenter(), again, "seg")
     assert calls == [2, 0] and np.array_equal(again[1].lung_mask, cases[1].lung_mask)
     with pytest.raises(ValueError, match="no heatmap"):
         logic.explanation_view(cases[0], MethodResult("lime", None, {}, "failed"), 0.5)
+
+
+def test_explanation_cache_streams_one_method_at_a_time(model_dir, tmp_path, monkeypatch):
+    from pellucid.core.predict import Predictor
+    from pellucid.explain.report import MethodResult
+
+    def fake_explain(predictor, cases, methods, **kw):
+        for c in cases:
+            c.explanations.append(MethodResult(methods[0], np.full((4, 4), 0.5, np.float32), {}))
+        return [f"{methods[0]} note"]
+
+    monkeypatch.setattr(logic, "explain_cases", fake_explain)
+    predictor = Predictor(model_dir)
+    ups = [logic.read_upload(f"{i}.png", _bytes(write_png(tmp_path / f"{i}.png", seed=i))) for i in range(2)]
+    cases = logic.uploads_to_cases(predictor, ups)
+    seen = []
+    for method, notes in logic.ExplanationCache().stream(predictor, cases, ["a", "b"], "m"):
+        seen.append((method, notes, [[r.method for r in c.explanations] for c in cases]))
+    assert seen == [("a", ["a note"], [["a"], ["a"]]), ("b", ["b note"], [["a", "b"], ["a", "b"]])]
+
+
+def test_model_card_markdown(tmp_path):
+    assert logic.model_card_markdown(tmp_path) is None
+    (tmp_path / "MODEL_CARD.md").write_text("---\nlicense: mit\n---\n\n# Model card\n\nIntended use: research.\n")
+    assert logic.model_card_markdown(tmp_path) == "# Model card\n\nIntended use: research."
+    (tmp_path / "MODEL_CARD.md").write_bytes(b"\xff\xfe bad")
+    assert logic.model_card_markdown(tmp_path) is None
 
 
 def test_segmenter_choices_and_folders(tmp_path):

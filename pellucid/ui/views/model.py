@@ -1,4 +1,8 @@
-"""Model page: the chosen model folder's card, held-out metrics, plots and out-of-domain reference."""
+"""Model page: the chosen model folder's card, held-out metrics, plots and out-of-domain reference.
+
+When the folder has the human-readable model card ``MODEL_CARD.md`` (beside ``card.json``), it is shown
+first; the card's fields, metrics and plots follow as before.
+"""
 from __future__ import annotations
 
 import json
@@ -15,9 +19,13 @@ card = loaded.card
 st.title(card.title or card.task or "Model")
 st.caption(f"Model folder: `{loaded.folder}`")
 
+human = logic.model_card_markdown(loaded.folder)
+if human:  # the generated human-readable card (MODEL_CARD.md beside card.json) comes first
+    with st.container(border=True):
+        st.markdown(human)
 left, right = st.columns([3, 2])
 with left:
-    st.subheader("Card")
+    st.subheader("Card fields" if human else "Card")
     st.table({"field": [k for k, _ in card_rows(card)], "value": [v for _, v in card_rows(card)]})
 with right:
     rows = metric_rows(card.metrics)

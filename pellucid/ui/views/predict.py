@@ -1,5 +1,10 @@
 """Predict page: upload images or DICOM files; prediction, probabilities, explanations, report.
 
+The prediction of every upload is shown as soon as it is computed; each chosen explainer then gets a
+placeholder per image, filled as that explainer finishes (the slow ones, LIME, last), under one status
+box with a progress bar. Each map carries its colour bar, a plain sentence per method and per
+faithfulness score, notes on a blank map or one off the anatomy, and the numbers behind "details".
+
 Uploads are read once per file and window and kept in the visitor's session only while they are
 uploaded (no cache shared between visitors, no raw bytes kept: the uploader holds those, and a moved
 DICOM window slider reads them again); explanations and lung masks go to per-session caches bounded
@@ -7,8 +12,11 @@ in items and bytes.
 """
 from __future__ import annotations
 
+from html import escape
+
 import streamlit as st
 
+from pellucid.explain.captions import HOW_TO_READ, display_method
 from pellucid.explain.report import available_methods, probability_text, threshold_text
 from pellucid.ui import common, logic
 
@@ -40,14 +48,16 @@ def _read_files(files, include_identifiers: bool) -> list[logic.Upload]:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _prob_png(probs: tuple[float, ...], classes: tuple[str, ...], threshold: float | None) -> bytes:
+def _prob_png(probs: tuple[float, ...], classes: tuple[str, ...], threshold: float | None,
+              positive_index: int | None = None) -> bytes:
     import tempfile
     from pathlib import Path
 
     from pellucid.core.plots import plot_probabilities
 
     with tempfile.TemporaryDirectory() as tmp:
-        return plot_probabilities(list(probs), list(classes), Path(tmp) / "p.png", threshold=threshold).read_bytes()
+        return plot_probabilities(list(probs), list(classes), Path(tmp) / "p.png", threshold=threshold,
+                                  positive_index=positive_index).read_bytes()
 
 
 def _window_of(up: logic.Upload) -> tuple[float, float] | None:
@@ -68,6 +78,54 @@ def _window_controls(up: logic.Upload) -> None:
               help="DICOM window centre in modality units (for CT: Hounsfield units)")
     st.slider("Window width", float(step), float(max(2 * span, r.width)), float(r.width), step=step,
               key=f"ww-{up.sha256}", help="DICOM window width; narrower means more contrast")
+
+
+def _prediction(case, up: logic.Upload, threshold: float | None) -> None:
+    """The input, the predicted label, the decision rule and the probability bars of one case."""
+    if case.ood and case.ood.flagged:
+        st.error("**Out of domain** — " + "; ".join(case.ood.reasons) + ". This image does not look like "
+                 "what the model was trained on: its prediction is shown for reference only; do not use it.",
+                 icon=":material/block:")
+    left, right = st.columns([2, 3], gap="large")
+    with left:
+        st.image(common.to_uint8(case.image.array), width="stretch",
+                 caption="input (windowed)" if case.is_dicom else "input")
+        if up.dicom_range is not None:
+            _window_controls(up)
+    with right:
+        flag = " (flagged)" if case.ood and case.ood.flagged else ""
+        if case.withheld:
+            st.markdown(f"### Predicted{flag}: **withheld**")
+            st.markdown(f"The model's policy withholds labels of out-of-domain inputs · decision: "
+                        f"{threshold_text(card)}")
+        else:
+            st.markdown(f"### Predicted{flag}: **{case.label}**")
+            st.markdown(f"{probability_text(case.confidence)} calibrated probability · decision: {threshold_text(card)}")
+        if case.ood and case.ood.uncertain and not case.ood.flagged:
+            st.warning("Low confidence: the top probability is close to chance.", icon=":material/help:")
+        st.image(_prob_png(tuple(case.probs[k] for k in predictor.classes), tuple(predictor.classes), threshold,
+                           predictor.positive_index), width="stretch", caption="calibrated probabilities")
+        if case.ood:
+            st.caption(f"Domain check ({case.ood.method}): {case.ood.summary()}")
+
+
+def _show_explanation(slot, case, method: str) -> None:
+    """Fill one explanation's placeholder: the map with its colour bar, the plain sentences, notes
+    on the map, and the numbers behind a "details" expander."""
+    r = next((e for e in case.explanations if e.method == method), None)
+    with slot.container():
+        if r is None or r.heatmap is None:
+            st.warning(f"{display_method(method)}: {(r.note if r else '') or 'no heatmap'}")
+            return
+        view = logic.explanation_view(case, r, alpha, outline=show_outline)
+        st.image(view.image, width="stretch", caption=view.caption)
+        st.markdown(view.reading.sentence)
+        for sentence in view.reading.scores:
+            st.markdown(f"<small>{escape(sentence)}</small>", unsafe_allow_html=True)
+        for note in view.reading.notes:
+            st.warning(note, icon=":material/report:")
+        with st.expander("details"):
+            st.markdown("\n".join(f"- {k}: `{v}`" for k, v in view.reading.details))
 
 
 st.title("Predict")
@@ -104,65 +162,53 @@ uploads = _read_files(files, include_ids)
 with st.spinner("Predicting…"):
     cases = logic.uploads_to_cases(predictor, uploads, reference=loaded.reference)
 
-notes: list[str] = []
-if methods and any(c.probs for c in cases):
-    cache = st.session_state.setdefault("explanation_cache", logic.ExplanationCache())
-    bar = st.progress(0.0, text="Explaining…")
-    notes = cache.attach(predictor, cases, methods, loaded.key,
-                         progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text))
-    bar.empty()
-if segmenter is not None and any(c.explanations for c in cases):
-    masks = st.session_state.setdefault("lung_mask_cache", logic.LungMaskCache())
-    with st.spinner("Segmenting the lungs…"):
-        notes += masks.attach(segmenter.model, [c for c in cases if c.explanations], segmenter.key)
-for n in notes:
-    st.warning(n)
+explaining = bool(methods) and any(c.probs for c in cases)
+status_box = st.container()  # the explainers' progress, above the results
+notes_box = st.container()
+if explaining:
+    with st.expander("How to read the explanations", icon=":material/help:"):
+        st.markdown(HOW_TO_READ)
+        st.caption("More in docs/explanations.md of the pellucid repository.")
 
 threshold = predictor.threshold if len(predictor.classes) == 2 else None
-for case, up in zip(cases, uploads):
+slots: dict[tuple[int, str], object] = {}
+for i, (case, up) in enumerate(zip(cases, uploads)):
     with st.container(border=True):
         st.subheader(case.name)
         if case.error:
             st.error(case.error)
             continue
-        if case.ood and case.ood.flagged:
-            st.error("**Out of domain** — " + "; ".join(case.ood.reasons) + ". This image does not look like "
-                     "what the model was trained on: its prediction is shown for reference only; do not use it.",
-                     icon=":material/block:")
-        left, right = st.columns([2, 3], gap="large")
-        with left:
-            st.image(common.to_uint8(case.image.array), width="stretch",
-                     caption="input (windowed)" if case.is_dicom else "input")
-            if up.dicom_range is not None:
-                _window_controls(up)
-        with right:
-            flag = " (flagged)" if case.ood and case.ood.flagged else ""
-            if case.withheld:
-                st.markdown(f"### Predicted{flag}: **withheld**")
-                st.markdown(f"The model's policy withholds labels of out-of-domain inputs · decision: "
-                            f"{threshold_text(card)}")
-            else:
-                st.markdown(f"### Predicted{flag}: **{case.label}**")
-                st.markdown(f"{probability_text(case.confidence)} calibrated probability · decision: {threshold_text(card)}")
-            if case.ood and case.ood.uncertain and not case.ood.flagged:
-                st.warning("Low confidence: the top probability is close to chance.",
-                           icon=":material/help:")
-            st.image(_prob_png(tuple(case.probs[k] for k in predictor.classes), tuple(predictor.classes), threshold),
-                     width="stretch", caption="calibrated probabilities")
-            if case.ood:
-                st.caption(f"Domain check ({case.ood.method}): {case.ood.summary()}")
-        if case.explanations:
+        _prediction(case, up, threshold)
+        if explaining and case.index is not None:
             st.markdown(f"**Explanations of “{predictor.classes[case.index]}”** · overlay opacity {alpha:.2f}"
-                        + (f" · lungs (magenta) by {segmenter.name}" if show_outline and case.lung_mask is not None
+                        + (f" · lungs (magenta) by {segmenter.name}" if show_outline and segmenter is not None
                            else ""))
-            cols = st.columns(max(3, len(case.explanations)))
-            for col, r in zip(cols, case.explanations):
-                with col:
-                    if r.heatmap is None:
-                        st.warning(f"{r.method}: {r.note or 'no heatmap'}")
-                        continue
-                    rgb, caption = logic.explanation_view(case, r, alpha, outline=show_outline)
-                    st.image(rgb, width="stretch", caption=caption)
+            cols = st.columns(max(3, len(methods)))
+            for col, m in zip(cols, methods):
+                slots[(i, m)] = col.empty()
+                slots[(i, m)].info(f"{display_method(m)}: waiting…", icon=":material/hourglass_top:")
+
+notes: list[str] = []
+if explaining:
+    with status_box, st.status("Explaining…", expanded=True) as status:
+        if segmenter is not None:
+            st.write("Segmenting the lungs…")
+            masks = st.session_state.setdefault("lung_mask_cache", logic.LungMaskCache())
+            notes += masks.attach(segmenter.model, [c for c in cases if c.probs], segmenter.key)
+        bar = st.progress(0.0, text="Explaining…")
+        cache = st.session_state.setdefault("explanation_cache", logic.ExplanationCache())
+        for m, found in cache.stream(predictor, cases, methods, loaded.key,
+                                     progress=lambda f, text: bar.progress(min(max(f, 0.0), 1.0), text=text)):
+            notes += [n for n in found if n not in notes]
+            for i, case in enumerate(cases):
+                if (i, m) in slots:
+                    _show_explanation(slots[(i, m)], case, m)
+        bar.empty()
+        status.update(label=f"Explained with {', '.join(display_method(m) for m in methods)}", state="complete",
+                      expanded=False)
+with notes_box:
+    for n in notes:
+        st.warning(n)
 
 readable = [c for c in cases if c.probs]
 if readable:
