@@ -12,6 +12,7 @@ Nothing here imports torch: the command line calls it before its heavy imports.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def data_labels(root: str | Path) -> list[str]:
     the names of its sub-folders (hidden ones left out). Images are not opened.
 
     Raises:
-        TaskSpecError: the folder is missing, is a file, has neither manifest nor sub-folders, or
-            its manifest has no ``label`` column.
+        TaskSpecError: the folder is missing, is a file, cannot be read, has neither manifest nor
+            sub-folders, or its manifest has no ``label`` column.
     """
     root = Path(root)
     if not root.exists():
@@ -58,6 +59,9 @@ def data_labels(root: str | Path) -> list[str]:
                             "class, or a manifest.csv of path,label)")
     if not root.is_dir():
         raise TaskSpecError(f"--data {root} is a file, not a folder: pass the folder that holds the class folders")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise TaskSpecError(f"data folder {root} cannot be read (no read/search permission): fix its permissions "
+                            "or give another --data")
     manifest = root / "manifest.csv"
     if manifest.is_file():
         try:

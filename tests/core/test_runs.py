@@ -90,11 +90,14 @@ def test_overwrite_leaves_only_the_new_runs_files(run_a, tmp_path, capsys, caplo
     (out / "plots" / "from_run_a.png").write_bytes(b"png")
     (out / "notes.txt").write_text("the user's own file")
     old_ood = (out / "ood.safetensors").stat().st_mtime_ns
-    # B: another seed, and a linear probe (no Lightning phase: no checkpoints, no logs of its own)
+    # B: another seed, and a linear probe (no Lightning phase: no checkpoints; its log holds only its
+    # parameters and final test metrics)
     assert _train_cli(out, "--seed", "1", "--finetune", "linear-probe", "--overwrite") == 0
     assert json.loads((out / "run.json").read_text())["seed"] == 1
     assert json.loads((out / "card.json").read_text())["split"]["seed"] == 1
-    assert not (out / "checkpoints").exists() and not (out / "logs").exists()  # A's gone
+    assert not (out / "checkpoints").exists()  # A's gone
+    assert [p.name for p in (out / "logs").iterdir()] == ["version_0"]  # A's epochs gone, B's record only
+    assert "train_loss" not in (out / "logs" / "version_0" / "metrics.csv").read_text()
     assert not (out / "plots" / "from_run_a.png").exists()
     assert (out / "ood.safetensors").stat().st_mtime_ns != old_ood
     assert (out / "notes.txt").read_text() == "the user's own file"  # not pellucid's: kept
