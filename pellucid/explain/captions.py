@@ -39,6 +39,7 @@ BORDER_BAND = 0.08
 THRESHOLDS = {
     "deletion_fast": 0.35, "deletion_slow": 0.7,      # deletion AUC / p: below fast = faithful map
     "insertion_fast": 0.7, "insertion_slow": 0.4,     # insertion AUC / p: above fast = faithful map
+    "separation": 0.1,                                 # (insertion - deletion) / p below this: no separation
     "ad_low": 15.0, "ad_high": 50.0,                   # Average Drop with the top half kept, percent
     "near_empty_mean": 0.01, "near_empty_cover": 0.01,  # mean value / share of pixels above 0.1
     "border": 0.5,                                     # border share above which a note is shown
@@ -211,12 +212,23 @@ def score_sentences(scores: Mapping[str, float], confidence: float | None = None
             read relative to it (the curves start there). None reads them as they are.
     """
     out = []
-    if _finite(scores.get("deletion_auc")):
-        out.append(_deletion(scores["deletion_auc"], confidence))
-    if _finite(scores.get("insertion_auc")):
-        out.append(_insertion(scores["insertion_auc"], confidence))
+    deletion, insertion = scores.get("deletion_auc"), scores.get("insertion_auc")
+    if _finite(deletion):
+        out.append(_deletion(deletion, confidence))
+    if _finite(insertion):
+        if _finite(deletion) and _ratio(insertion - deletion, confidence) < THRESHOLDS["separation"]:
+            out.append("Showing only the highlighted regions did no better than removing them: the map does not "
+                       "separate what the model needs from what it does not.")
+        else:
+            out.append(_insertion(insertion, confidence))
     if _finite(scores.get("ad_50")):
-        out.append(_average_drop(float(scores["ad_50"])))
+        insensitive = _finite(deletion) and _ratio(deletion, confidence) >= THRESHOLDS["deletion_slow"]
+        if insensitive and float(scores["ad_50"]) < THRESHOLDS["ad_low"]:
+            out.append(f"Keeping only the most highlighted half of the image cost {float(scores['ad_50']):.0f}% of the "
+                       "confidence, but removing that half did not lower it either: the model barely reacts to "
+                       "what is hidden, so these scores say little about the map.")
+        else:
+            out.append(_average_drop(float(scores["ad_50"])))
     if _finite(scores.get("road")):
         out.append(_road(float(scores["road"])))
     if scores.get("sanity_pass") is not None:

@@ -189,7 +189,7 @@ def colorbar_strip(width: int, high: str, low: str, title: str | None = None) ->
     """A legend strip ``(h, width, 3)`` uint8 on white: an optional title, the :data:`COLORMAP` gradient
     from 0 (left) to 1 (right), and under it ``low`` at the left end and ``high`` at the right end.
 
-    Text size follows ``width`` (about a 28th of it, at least 8 px) and shrinks until every line fits;
+    Text size follows ``width`` (about a 24th of it, at least 8 px) and shrinks until every line fits;
     when ``low`` and ``high`` do not fit side by side they go on two lines.
     """
     from PIL import Image as PILImage
@@ -199,7 +199,7 @@ def colorbar_strip(width: int, high: str, low: str, title: str | None = None) ->
     if width < 16:
         raise ValueError(f"a colour bar needs at least 16 pixels of width; got {width}")
     pad = max(2, width // 80)
-    size = max(8, min(96, width // 28))
+    size = max(8, min(96, width // 24))
     low_t, high_t = f"◀ low: {low}", f"high: {high} ▶"
     font = _fitting_font([t for t in (title, low_t, high_t) if t], width - 2 * pad, size)
     line = int(font.size * 1.3)

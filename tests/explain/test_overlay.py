@@ -190,6 +190,17 @@ def test_score_sentences(scores, confidence, expected):
     assert len(out) == 1 and expected in out[0]
 
 
+def test_score_sentences_of_a_model_that_ignores_the_image():
+    """Flat curves (a model whose confidence does not move) never read as a faithful map."""
+    from pellucid.explain.captions import score_sentences
+
+    out = score_sentences({"deletion_auc": 0.5, "insertion_auc": 0.505, "ad_50": 2.0}, confidence=0.5)
+    assert "weak guide" in out[0] and "did no better than removing them" in out[1]
+    assert "the model barely reacts to what is hidden" in out[2]
+    good = score_sentences({"deletion_auc": 0.1, "insertion_auc": 0.8, "ad_50": 2.0}, confidence=0.9)
+    assert "fall quickly" in good[0] and "back quickly" in good[1] and "almost all of the evidence" in good[2]
+
+
 def test_score_sentences_skip_missing_and_nan():
     from pellucid.explain.captions import score_sentences
 

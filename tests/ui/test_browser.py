@@ -1,5 +1,5 @@
 """End to end in a real headless Chromium: `streamlit run` the app, upload a chest X-ray, see the
-predicted label and an explanation overlay.
+predicted label, and every explanation with its colour bar, its legend and its plain-language caption.
 
 Needs Debian's ``chromium`` (``apt-get install chromium``) and the ``playwright`` Python package (its
 bundled driver only; no browser download: Debian's Chromium is launched by path). Skips, saying
@@ -7,80 +7,33 @@ which is missing, where either is absent.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from PIL import Image as PILImage
 
+from pellucid.ui.headless import CHROMIUM_ARGS, find_chromium, predict_page, serve_app
 from tests.conftest import data_dir
-
-APP = Path(__file__).resolve().parents[2] / "pellucid" / "ui" / "app.py"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
 
 def chromium_path() -> str:
     """Debian's Chromium, or skip."""
-    for candidate in (os.environ.get("PELLUCID_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser test needs it")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"streamlit did not answer on {url} within {timeout:.0f} s")
+    found = find_chromium()
+    if found is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser test needs it")
+    return found
 
 
 @pytest.fixture
 def server(model_dir, tmp_path):
     """``streamlit run`` on a free localhost port with the tiny model; yields the URL."""
-    port = _free_port()
-    env = dict(os.environ, PELLUCID_MODEL=str(model_dir), PELLUCID_RUNS=str(tmp_path / "runs"),
-               PELLUCID_OFFLINE="1")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, timeout=30)
+    with serve_app(model_dir, tmp_path, timeout=30) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.timeout(120)
-def test_upload_shows_label_and_overlay(model_dir, server):
+def test_upload_shows_label_legend_and_plain_captions(model_dir, server):
     executable = chromium_path()
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (its driver only)")
     from pellucid.core.predict import Predictor
@@ -94,20 +47,28 @@ def test_upload_shows_label_and_overlay(model_dir, server):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server, wait_until="domcontentloaded")
-            page.get_by_text("Intended use.").first.wait_for(timeout=30_000)
-            page.locator("input[type=file]").first.set_input_files(str(image))
+            page = predict_page(browser, server, [image], timeout_ms=60_000)
             heading = page.get_by_role("heading", name=re.compile(r"^Predicted"))
-            heading.first.wait_for(timeout=40_000)
             assert heading.first.inner_text().strip() == f"Predicted: {expected}"
-            overlay = page.locator('[data-testid="stImage"]').filter(has_text=re.compile(r"^gradcam"))
-            overlay.first.wait_for(timeout=40_000)
-            img = overlay.first.locator("img")
-            img.wait_for()
-            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle(),
-                                   timeout=10_000)
-            assert img.evaluate("img => img.naturalWidth") >= 64
+            # every map: an image whose caption is its legend, and a colour bar drawn under the map
+            maps = page.locator('[data-testid="stImage"]').filter(has_text=re.compile(r"^Grad-CAM — red: "))
+            assert maps.count() == 1  # the card's one explainer
+            caption = maps.first.inner_text()
+            assert re.search(r"red: more influence on “(normal|tuberculosis)”; blue: less influence", caption)
+            img = maps.first.locator("img")
+            width, height = img.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            with PILImage.open(image) as im:
+                aspect = im.height / im.width
+            assert width >= 320 and height > width * aspect + 20  # the colour bar strip under the map
+            # the plain-language caption, the scores in words, the jargon behind "details"
+            body = page.locator("body").inner_text()
+            assert "Grad-CAM shows where the network's last feature maps raised its score" in body
+            assert "Removing the highlighted regions first" in body
+            assert page.get_by_text("details", exact=True).count() >= 1
+            assert page.get_by_text("How to read the explanations").count() == 1
+            assert "deletion AUC" not in body  # closed expander: the numbers are one click away
+            page.get_by_text("details", exact=True).first.click()
+            page.get_by_text("deletion AUC ↓").first.wait_for(timeout=10_000)
         finally:
             browser.close()
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 90
