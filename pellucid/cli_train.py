@@ -119,6 +119,11 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
     return 0
 
 
+# keys of a task.toml that are not training options: in a --config they would be refused as unknown
+_TASK_KEYS = {"name", "title", "classes", "positive_class", "modality", "channels", "augment", "metrics", "threshold",
+              "explainers", "explainer_options", "intended_use", "default_data", "aliases"}
+
+
 def check_train(args: argparse.Namespace) -> None:
     """What ``pellucid train`` can check before importing torch: the task (or the new task built from
     ``--data``), the data folder and its labels, the config file, and ``--backbone`` against an
@@ -134,6 +139,11 @@ def check_train(args: argparse.Namespace) -> None:
         raise UserError(f"{new[0]} makes a new task from --data: drop the task name {args.task!r} "
                         f"(pellucid train --data DIR {new[0]} ...), or drop {new[0]}")
     over = _train_overrides(args)
+    spec_keys = sorted(set(over) & _TASK_KEYS)
+    if spec_keys:
+        raise UserError(f"--config {args.config}: {spec_keys[0]!r} belongs to the task, not to training: classes come "
+                        "from --data (pellucid train --data DIR), other task keys from a task file "
+                        "(pellucid init-task NAME --data DIR writes one to edit)")
     if args.task:
         try:
             task = get_task(args.task, check_backbone=False)

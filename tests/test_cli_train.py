@@ -68,9 +68,11 @@ def roads(tmp_path_factory) -> Path:
     (["train", "--data", "{roads}", "--like", "snow", "--folds", "3"], "--folds: the my-roads recipe is an ensemble"),
     (["train", "--data", "{snow}"], "task name 'snow' is taken by"),
     (["train", "--data", "{roads}", "--positive-class", "sunny"], "--positive-class 'sunny' is not one of"),
+    (["train", "snow", "--config", "{classes_toml}"], "'classes' belongs to the task, not to training"),
 ])
 def test_early_errors_are_one_line_and_import_no_torch(argv, expect, roads, tmp_path):
-    fill = {"roads": str(roads), "snow": str(data_dir("snow"))}
+    (tmp_path / "c.toml").write_text('classes = ["clear_road", "snowy_road"]\nepochs = 1\n')
+    fill = {"roads": str(roads), "snow": str(data_dir("snow")), "classes_toml": str(tmp_path / "c.toml")}
     argv = [a.format(**fill) for a in argv]
     rc, err, heavy = _early(argv, cwd=tmp_path)
     assert rc == 2 and err.startswith("pellucid train: error: ") and "\n" not in err, err
