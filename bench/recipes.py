@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-recipe", action="store_true")
+    p.add_argument("--train-folds", type=int, help="run training candidates on the first N folds only")
+    p.add_argument("--fine-tune-epochs", type=int, default=6, help="epochs of baseline B and LP-FT")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_cli(p.parse_args(argv))
 

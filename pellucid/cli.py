@@ -365,6 +365,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-recipe", action="store_true", dest="write_recipe",
                    help="write the winning recipe as a TOML file next to the table")
+    p.add_argument("--train-folds", type=int, metavar="N",
+                   help="run the training candidates (fine-tunes) on the first N folds only: they cost minutes per fold")
+    p.add_argument("--fine-tune-epochs", type=int, default=6, metavar="E", help="epochs of baseline B and LP-FT")
     p.set_defaults(func=_lazy("pellucid.core.tune", "run_cli"))
 
     p = sub.add_parser("eval", help="score a model folder on a labelled data folder")

@@ -256,10 +256,13 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
          candidates: Sequence[str] | None = None, out: str | Path = "bench/results", seed: int = 0,
          write_recipe: bool = False, work: str | Path | None = None, fine_tune_epochs: int = 6,
-         progress: bool = True, candidate_list: Sequence[Candidate] | None = None) -> dict:
+         progress: bool = True, candidate_list: Sequence[Candidate] | None = None,
+         train_folds: int | None = None) -> dict:
     """Score the task's candidates on the same grouped folds; write ``recipes-<task>.md``/``.json``.
 
     Args:
+        train_folds: run training candidates on the first this many folds only (they cost minutes
+            per fold); their paired differences then use those folds, and they cannot win.
         candidate_list: the candidates to score (default: :func:`default_candidates`); ``candidates``
             then picks names from it (the baselines always run).
 
@@ -297,6 +300,9 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         row = {"name": cand.name, "kind": cand.kind, "role": cand.role, "about": cand.about,
                "recipe": cand.recipe(task), "folds": {}, "official": None, "stopped": None}
         for s, sp in zip(split_list, split_paths):
+            if cand.kind == "train" and train_folds is not None and len(row["folds"]) >= train_folds:
+                row["stopped"] = f"run on the first {train_folds} fold(s) only (--train-folds)"
+                break
             if cand.kind == "train":
                 done = [f["seconds"] for f in row["folds"].values()]
                 guess = (np.mean(done) if done else 0.0)
@@ -383,7 +389,8 @@ def render_table(result: dict) -> str:
         role = f" [{r['role']}]" if r["role"] in ("A", "B") else ""
         vs = [(_fmt(r[f"vs_{x}"]["mean"], r[f"vs_{x}"]["sd"], True) if r.get(f"vs_{x}") and r["role"] != x else "—")
               for x in ("A", "B")]
-        folds = f"{r['n_folds']}/{result['k']}" + (" (budget)" if r["stopped"] else "")
+        folds = f"{r['n_folds']}/{result['k']}" + ((" (budget)" if "budget" in r["stopped"] else " (subset)")
+                                                   if r["stopped"] else "")
         sec = f"{r['fold_seconds']:.1f}" if r["fold_seconds"] is not None else "—"
         line = (f"| `{r['name']}`{role}{mark} | {_fmt(r['summary'][p]['mean'], r['summary'][p]['sd'])} | "
                 f"{_fmt(r['summary'][s]['mean'], r['summary'][s]['sd'])} | {vs[0]} | {vs[1]} | {sec} | {folds} |")
@@ -432,7 +439,9 @@ def run_cli(args) -> int:
         data = str(root / task.default_data if (root / task.default_data).is_dir() else root)
     names = [c.strip() for c in args.candidates.split(",")] if getattr(args, "candidates", None) else None
     result = tune(task.name, data, folds=args.folds, budget_min=args.budget, candidates=names, out=args.out,
-                  seed=args.seed, write_recipe=getattr(args, "write_recipe", False))
+                  seed=args.seed, write_recipe=getattr(args, "write_recipe", False),
+                  train_folds=getattr(args, "train_folds", None),
+                  fine_tune_epochs=getattr(args, "fine_tune_epochs", None) or 6)
     print(render_table(result))
     print(f"written: {Path(args.out) / ('recipes-' + task.name + '.md')}")
     return 0

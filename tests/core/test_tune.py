@@ -120,3 +120,16 @@ def test_table_marks_the_winner_and_missing_values():
                               "vs_A": {"mean": 0.0, "sd": 0.0, "n": 2}, "vs_B": {"mean": None, "sd": None, "n": 0}}]}
     text = render_table(result)
     assert "**(winner)**" in text and "0.900 ± 0.010" in text and "| — |" in text
+
+
+def test_train_folds_limits_training_candidates_and_they_cannot_win(tmp_path, cache):
+    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
+    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
+             Candidate("ft", "train", overrides={"backbone": "test_resnet", "pretrained": False, "finetune": "full",
+                                                 "epochs": 1, "batch_size": 8, "image_size": 32}, role="B")]
+    res = tune("tb", str(data), folds=3, budget_min=30.0, out=tmp_path / "out", work=tmp_path / "work",
+               candidate_list=cands, progress=False, train_folds=1)
+    row = res["candidates"][1]
+    assert row["n_folds"] == 1 and "first 1 fold" in row["stopped"]
+    assert res["winner"] == "probe:a" and res["candidates"][0]["vs_B"]["n"] == 1
+    assert "1/3 (subset)" in (tmp_path / "out" / "recipes-tb.md").read_text()
