@@ -172,7 +172,8 @@ def test_explain_paths_flags_empty_maps_and_writes_finite_means(bias_driven_fold
     from pellucid.explain.overlay import OUTLINE_COLOR
 
     png = np.asarray(PILImage.open(rows[0]["overlay"]))
-    assert png.shape[:2] == (80, 80) and (png == OUTLINE_COLOR).all(axis=2).any()
+    k = png.shape[1] // 80  # enlarged by a whole factor for the colour bar's text, the bar underneath
+    assert png.shape[1] == 80 * k and png.shape[0] > 80 * k and (png[:80 * k] == OUTLINE_COLOR).all(axis=2).any()
 
 
 def test_lung_crop_maps_are_placed_in_the_lungs_box():
@@ -211,5 +212,6 @@ def test_lung_crop_models_explain_and_report_end_to_end(tmp_path):
     image = write_lungs_png(tmp_path / "cxr.png")
     assert main(["explain", "--model", str(model), "--method", "gradcam", "--out", str(tmp_path / "e"), str(image)]) == 0
     overlay = next((tmp_path / "e").glob("*_gradcam.png"))
-    assert PILImage.open(overlay).size == PILImage.open(image).size
+    (w, h), (w0, h0) = PILImage.open(overlay).size, PILImage.open(image).size
+    assert w % w0 == 0 and h > h0 * (w // w0)  # the original frame (enlarged by a whole factor) + colour bar
     assert main(["report", "--model", str(model), "--methods", "gradcam", "--out", str(tmp_path / "r"), str(image)]) == 0
