@@ -127,6 +127,7 @@ class Variant:
     support_flip: bool = False
     flip: bool = False
     transductive: int = 0
+    auto_weights: bool = False
 
 
 def _network(feats: Features, variant: Variant):
@@ -141,8 +142,10 @@ def _network(feats: Features, variant: Variant):
     blocks = len(feats.dims) // 3
     weights = tuple(([0.5, 0.5, 1.0]) * blocks)
     net.config = replace(net.config, layers=feats.taps, layer_weights=weights, flip=variant.flip,
-                         support_flip=variant.support_flip, transductive=variant.transductive)
+                         support_flip=variant.support_flip, transductive=variant.transductive,
+                         auto_weights=variant.auto_weights)
     net.embedder.dims = list(feats.dims)
+    net.initial_weights = weights
     return net
 
 
@@ -158,7 +161,7 @@ def score_draw(net, feats: Features, labels: np.ndarray, support: np.ndarray, qu
         raw = feats.plain
     mirrored = feats.mirrored[support] if cfg.support_flip and not cfg.flip else None
     y = torch.from_numpy(labels)
-    net.config = replace(cfg, scale=1.0)
+    net.config = replace(cfg, scale=1.0, layer_weights=net.initial_weights)
     net.log_scale.fill_(0.0)
     fit_support(net, raw[support], y[support], int(labels.max()) + 1, mirrored=mirrored)
     correct = 0
@@ -177,15 +180,19 @@ def run_variant(feats: Features, variant: Variant, labels, draws, batch: int) ->
             "draws": len(accs), "queries": float(np.mean([len(q) for _, q in draws]))}
 
 
-def variants(backbones, concat: str | None, steps=(0, 2, 5)) -> list[Variant]:
-    """The grid: each backbone (and the concatenation) × {nothing, support_flip, flip} × transductive steps."""
+def variants(backbones, concat: str | None, steps=(0, 2)) -> list[Variant]:
+    """The grid: each backbone (and the concatenation) × {nothing, support_flip, flip} × {fixed,
+    auto layer weights} (single backbones) × transductive steps."""
     out = []
     for bb in list(backbones) + ([concat] if concat else []):
         short = "+".join(b.replace("efficientnet_", "") for b in bb.split("+"))
-        for aug in ("", "support_flip", "flip"):
-            for t in steps:
-                name = short + (f" +{aug}" if aug else "") + (f" +transductive {t}" if t else "")
-                out.append(Variant(name, bb, support_flip=aug == "support_flip", flip=aug == "flip", transductive=t))
+        for auto in ((False, True) if "+" not in bb else (False,)):
+            for aug in ("", "support_flip", "flip"):
+                for t in steps:
+                    name = (short + (" +auto_weights" if auto else "") + (f" +{aug}" if aug else "")
+                            + (f" +transductive {t}" if t else ""))
+                    out.append(Variant(name, bb, support_flip=aug == "support_flip", flip=aug == "flip",
+                                       transductive=t, auto_weights=auto))
     return out
 
 
@@ -273,7 +280,7 @@ def parse(argv):
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     p.add_argument("--concat", default="efficientnet_lite0+efficientnet_lite2",
                    help="two backbones whose features are concatenated as one more variant ('' for none)")
-    p.add_argument("--steps", default="0,2,5", help="transductive steps to try")
+    p.add_argument("--steps", default="0,2", help="transductive steps to try")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--draws", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)

@@ -592,3 +592,25 @@ def test_defaults_are_recorded_in_the_card_and_old_folders_load(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert model(x).shape == (2, 2)
+
+
+def test_auto_weights_picks_the_informative_layer_by_leave_one_out(tiny_backbone):
+    bb, _ = tiny_backbone
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 5 + [1] * 5)
+    informative = torch.randn(10, 8, generator=g).abs() + 3.0 * torch.nn.functional.one_hot(labels, 8)
+    noise = torch.randn(10, 8, generator=g).abs() * 5
+    raw = torch.cat([informative, noise], 1)
+    cfg = ProtoConfig(layers=("layer3", "layer4"), power=0.5, center=True, normalize=True,
+                      layer_weights=(0.5, 1.0), auto_weights=True)
+    net = fs.PrototypicalNetwork(bb, cfg)
+    net.embedder.dims = [8, 8]
+    fitted = fs.fit_support(net, raw, labels, 2)
+    scores = net.weight_scores
+    assert set(scores) == {"0.5,1", "1,1", "1,0.5", "0,1"}
+    chosen = min(scores, key=scores.get)
+    assert net.config.layer_weights == tuple(float(x) for x in chosen.split(","))
+    assert max(scores, key=scores.get) == "0,1"  # the noise block alone is the worst choice
+    assert net.config.layer_weights[0] == 1.0  # the informative shallow block keeps full weight
+    assert fitted[1] == 1.0 and net.config.scale == pytest.approx(fitted[0])
+    assert fs.weight_candidates(3)[0] == (0.5, 0.5, 1.0) and fs.weight_candidates(1) == [(1.0,)]

@@ -48,6 +48,7 @@ from pellucid.core.fewshot.config import (
     ProtoConfig,
     default_config,
     improved_config,
+    weight_candidates,
 )
 from pellucid.core.fewshot.maths import (  # noqa: F401 (the private transforms are used by tests and bench)
     _logits_from_distances,
@@ -78,6 +79,7 @@ __all__ = [
     "IMPROVED",
     "improved_config",
     "default_config",
+    "weight_candidates",
     "DEFAULT_BACKBONE",
     "DISTANCES",
     "DEFAULT_CACHE_DIR",

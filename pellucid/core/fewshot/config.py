@@ -16,6 +16,7 @@ __all__ = [
     "IMPROVED",
     "improved_config",
     "default_config",
+    "weight_candidates",
     "DEFAULT_BACKBONE",
     "DISTANCES",
 ]
@@ -49,6 +50,9 @@ class ProtoConfig:
         support_flip: support augmentation — the horizontal mirror of every support image is added
             as an extra support embedding of its class (fitting only; prediction costs nothing more).
             Redundant with ``flip``, whose features are already mirror-averaged.
+        auto_weights: at fitting time, choose ``layer_weights`` among :func:`weight_candidates` by
+            the leave-one-out NLL on the support set (the chosen weights are stored in
+            ``layer_weights``; prediction is unchanged). Needs several layers.
         transductive: soft k-means steps that refine the prototypes on the batch being classified
             (:func:`~pellucid.core.fewshot.maths.refine_prototypes`); 0 turns it off. With steps > 0
             a prediction depends on the other images of the same batch (in ``pellucid predict``, the
@@ -65,6 +69,7 @@ class ProtoConfig:
     scale: float = 1.0
     layer_weights: tuple[float, ...] | None = None
     support_flip: bool = False
+    auto_weights: bool = False
     transductive: int = 0
 
     def __post_init__(self):
@@ -82,6 +87,7 @@ class ProtoConfig:
             raise FewShotError(f"transductive must be a whole number of steps >= 0, got {self.transductive}")
         object.__setattr__(self, "transductive", int(self.transductive))
         object.__setattr__(self, "support_flip", bool(self.support_flip))
+        object.__setattr__(self, "auto_weights", bool(self.auto_weights))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -115,6 +121,17 @@ def improved_config(spec, image_size: int | None = None) -> ProtoConfig:
     taps = tuple(spec.tap_layers)
     weights = tuple([0.5] * (len(taps) - 1) + [1.0])
     return replace(IMPROVED, layers=taps, layer_weights=weights, image_size=image_size or spec.input_size)
+
+
+def weight_candidates(n_layers: int) -> list[tuple[float, ...]]:
+    """Layer weightings (shallow to deep) that ``auto_weights`` chooses from: deep-heavy (the
+    :func:`improved_config` default), equal, shallow-heavy, and the deepest layer alone. Shallow
+    layers suit textures and X-rays, deep ones objects; the support set decides."""
+    n = int(n_layers)
+    if n < 2:
+        return [tuple([1.0] * n)]
+    return [tuple([0.5] * (n - 1) + [1.0]), tuple([1.0] * n), tuple([1.0] + [0.5] * (n - 1)),
+            tuple([0.0] * (n - 1) + [1.0])]
 
 
 #: The backbone ``pellucid fewshot fit`` uses unless told otherwise (chosen over many support draws,

@@ -16,7 +16,7 @@ import torch
 
 from pellucid.core.backbones import create_backbone
 from pellucid.core.card import ModelCard
-from pellucid.core.fewshot.config import DEFAULT_BACKBONE, FewShotError, ProtoConfig, default_config
+from pellucid.core.fewshot.config import DEFAULT_BACKBONE, FewShotError, ProtoConfig, default_config, weight_candidates
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, extract_features
 from pellucid.core.fewshot.maths import _logits_from_distances, pairwise_distances
 from pellucid.core.fewshot.network import PrototypicalNetwork
@@ -30,9 +30,9 @@ __all__ = [
 
 
 def _fit_scale(emb: torch.Tensor, labels: torch.Tensor, n_way: int, cfg: ProtoConfig,
-               n_images: int | None = None) -> tuple[float, float] | None:
-    """Leave-one-out over the support set: (fitted logit scale, LOO accuracy), or None when some
-    class has a single support image.
+               n_images: int | None = None) -> tuple[float, float, float] | None:
+    """Leave-one-out over the support set: (fitted logit scale, LOO accuracy, LOO NLL at that
+    scale), or None when some class has a single support image.
 
     ``n_images``: the number of support images when ``emb`` also holds their mirrored copies (row
     ``i + k * n_images`` belongs to image ``i``); leaving an image out removes all its rows, and only
@@ -59,18 +59,43 @@ def _fit_scale(emb: torch.Tensor, labels: torch.Tensor, n_way: int, cfg: ProtoCo
         temperature = fit_temperature(base.double(), labels[:n_images])
     except ValueError:
         return None
-    return float(min(max(1.0 / temperature, 1e-2), 1e4)), acc
+    scale = float(min(max(1.0 / temperature, 1e-2), 1e4))
+    nll = float(torch.nn.functional.cross_entropy(base.double() * scale, labels[:n_images]))
+    return scale, acc, nll
+
+
+def _choose_weights(net: PrototypicalNetwork, raw, labels, n_way: int, mirrored) -> dict[str, float]:
+    """``auto_weights``: set ``net.config.layer_weights`` to the candidate with the lowest
+    leave-one-out NLL on the support set; returns every candidate's NLL (card metrics)."""
+    scores: dict[str, float] = {}
+    best, original = None, net.config
+    for w in weight_candidates(len(net.config.layers)):
+        net.config = replace(net.config, layer_weights=w)
+        net.set_support(raw, labels, n_way, mirrored=mirrored)
+        fitted = _fit_scale(net.support_embeddings, net.support_labels, n_way, net.config, n_images=len(raw))
+        if fitted is None:  # a class with one image: nothing to choose by
+            net.config = original
+            return {}
+        scores[",".join(f"{x:g}" for x in w)] = round(fitted[2], 4)
+        if best is None or fitted[2] < best[0]:
+            best = (fitted[2], w)
+    net.config = replace(net.config, layer_weights=best[1])
+    return scores
 
 
 def fit_support(net: PrototypicalNetwork, raw: torch.Tensor, labels: torch.Tensor, n_way: int,
-                mirrored: torch.Tensor | None = None) -> tuple[float, float] | None:
-    """What ``fewshot fit`` fits from support features: the prototypes
-    (:meth:`PrototypicalNetwork.set_support`, with the ``mirrored`` copies when given) and the logit
-    scale by leave-one-out NLL, written into ``net`` (its ``log_scale`` and ``config.scale``).
+                mirrored: torch.Tensor | None = None) -> tuple[float, float, float] | None:
+    """What ``fewshot fit`` fits from support features: the layer weights when
+    ``config.auto_weights``, the prototypes (:meth:`PrototypicalNetwork.set_support`, with the
+    ``mirrored`` copies when given) and the logit scale by leave-one-out NLL, written into ``net``
+    (its ``config`` and ``log_scale``).
 
     Returns:
-        (scale, leave-one-out accuracy), or None when some class has a single image (scale unchanged).
+        (scale, leave-one-out accuracy, leave-one-out NLL), or None when some class has a single
+        image (scale unchanged).
     """
+    if net.config.auto_weights and len(net.config.layers) > 1:
+        net.weight_scores = _choose_weights(net, raw, labels, n_way, mirrored)
     net.set_support(raw, labels, n_way, mirrored=mirrored)
     fitted = _fit_scale(net.support_embeddings, net.support_labels, n_way, net.config, n_images=len(raw))
     if fitted is not None:
@@ -96,6 +121,8 @@ def _fewshot_section(config: ProtoConfig) -> dict:
     opt-in levers mean for a user."""
     out = {**config.to_dict(), "method": "prototypical network (Snell et al., 2017)"}
     notes = []
+    if config.auto_weights:
+        notes.append(f"layer weights {list(config.layer_weights or [])} chosen by leave-one-out NLL on the support set")
     if config.support_flip:
         notes.append("support augmentation: the mirror of every support image is an extra support embedding")
     if config.flip:
@@ -206,6 +233,8 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
                       "uncalibrated); add a second image per class", stacklevel=2)
     else:
         metrics["support_loo_accuracy"] = fitted[1]
+        if getattr(net, "weight_scores", None):
+            metrics["layer_weights_loo_nll"] = net.weight_scores
     card = _prototypes_card(support_dir, samples, classes, task, bb.spec, info, size, config, fitted,
                             metrics, seconds=round(time.time() - t0, 1))
     net.support_items = [(str(Path(s.path).resolve()), s.label) for s in samples]
