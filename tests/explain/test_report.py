@@ -427,3 +427,13 @@ def test_threshold_drawn_on_the_positive_class_only(tmp_path):
     assert top.max() < bottom.min()  # each mark crosses its own bar only; a full-height line would overlap
     with pytest.raises(ValueError, match="positive_index"):
         plot_probabilities([0.2, 0.3, 0.5], ["a", "b", "c"], tmp_path / "x.png", threshold=0.5)
+
+
+def test_metric_rows_show_the_too_few_note_instead_of_an_interval():
+    from pellucid.explain.report.card import metric_rows
+
+    rows = metric_rows({"metrics": {"accuracy": {"value": 1.0, "low": None, "high": None,
+                                                 "note": "too few labelled inputs (n=2; need ≥ 10)"},
+                                    "auroc": {"value": 0.91, "low": 0.85, "high": 0.95}}})
+    assert rows[0] == ("accuracy", "1.000", "too few labelled inputs (n=2; need ≥ 10)")
+    assert rows[1] == ("auroc", "0.910", "[0.850, 0.950]")

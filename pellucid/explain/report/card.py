@@ -86,11 +86,13 @@ def card_rows(card: ModelCard | dict) -> list[tuple[str, str]]:
 
 
 def metric_rows(metrics: dict | None) -> list[tuple[str, str, str]]:
-    """``(name, value, "[low, high]")`` rows of a metrics dict as :func:`classification_metrics` writes it."""
+    """``(name, value, "[low, high]")`` rows of a metrics dict as :func:`classification_metrics` writes it;
+    a metric below its minimum count shows its note ("too few labelled inputs ...") instead of an interval."""
+    from pellucid.core.metric_text import interval_text, value_text
+
     rows = []
     for name, m in ((metrics or {}).get("metrics") or {}).items():
         if not isinstance(m, dict):
             continue
-        ci = f"[{_fmt(m.get('low'))}, {_fmt(m.get('high'))}]" if m.get("low") is not None else ""
-        rows.append((name, _fmt(m.get("value")), ci))
+        rows.append((name, value_text(m), interval_text(m)))
     return rows
