@@ -176,7 +176,7 @@ def run_variant(feats: Features, variant: Variant, labels, draws, batch: int) ->
     net = _network(feats, variant)
     accs = np.array([score_draw(net, feats, labels, s, q, batch) for s, q in draws])
     sd = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
-    return {"variant": variant, "mean": float(accs.mean()), "ci95": 1.96 * sd / math.sqrt(len(accs)), "sd": sd,
+    return {"variant": variant, "accs": accs, "mean": float(accs.mean()), "ci95": 1.96 * sd / math.sqrt(len(accs)), "sd": sd,
             "draws": len(accs), "queries": float(np.mean([len(q) for _, q in draws]))}
 
 
@@ -235,10 +235,50 @@ def _overall(results: dict, datasets, name: str) -> float:
     return float(np.mean([results[(d, name)]["mean"] for d in datasets]))
 
 
-def choose(results: dict, datasets, grid, allow_transductive: bool) -> Variant:
-    """The variant with the best mean accuracy over the data sets (dev draws)."""
+def _cost(v: Variant) -> float:
+    """Price of a variant at prediction time (backbone size first), to break near-ties cheaply."""
+    order = {"efficientnet_lite0": 1, "efficientnet_lite1": 2, "efficientnet_lite2": 3}
+    bb = sum(order.get(b, 4) for b in v.backbone.split("+")) + (1 if "+" in v.backbone else 0)
+    return 10 * bb + 2 * v.flip + 1 * v.support_flip + 0.5 * v.auto_weights + 1 * bool(v.transductive)
+
+
+def choose(results: dict, datasets, grid, allow_transductive: bool, tolerance: float) -> Variant:
+    """The cheapest variant whose mean accuracy over the data sets (dev draws) is within
+    ``tolerance`` of the best one's: a lever is kept only when it earns more than that."""
     pool = [v for v in grid if allow_transductive or not v.transductive]
-    return max(pool, key=lambda v: _overall(results, datasets, v.name))
+    best = max(_overall(results, datasets, v.name) for v in pool)
+    return min((v for v in pool if _overall(results, datasets, v.name) >= best - tolerance),
+               key=lambda v: (_cost(v), -_overall(results, datasets, v.name)))
+
+
+def lever_table(results: dict, datasets, grid, chosen: Variant) -> list[str]:
+    """Paired effect of each lever (same draws): the chosen variant with the lever toggled, or the
+    backbone swapped, minus the chosen variant; mean difference ± 95 % interval over draws."""
+    by_name = {v.name: v for v in grid}
+    rows = []
+    for field in ("auto_weights", "support_flip", "flip", "transductive"):
+        value = (2 if not chosen.transductive else 0) if field == "transductive" else not getattr(chosen, field)
+        other = replace(chosen, name="", **{field: value})
+        if field == "support_flip" and value:
+            other = replace(other, flip=False)
+        if field == "flip" and value:
+            other = replace(other, support_flip=False)
+        rows.append((f"{field} {'on' if value else 'off'}", other))
+    for bb in sorted({v.backbone for v in grid} - {chosen.backbone}):
+        rows.append((f"backbone {bb.replace('efficientnet_', '')}",
+                     replace(chosen, name="", backbone=bb, auto_weights=chosen.auto_weights and "+" not in bb)))
+    lines = ["| change to the chosen variant | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
+    for label, other in rows:
+        match = [v for v in by_name.values() if replace(v, name="") == other]
+        if not match:
+            continue
+        cells = []
+        for d in datasets:
+            diff = results[(d, match[0].name)]["accs"] - results[(d, chosen.name)]["accs"]
+            ci = 1.96 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+            cells.append(f"{diff.mean():+.3f} ± {ci:.3f}")
+        lines.append(f"| {label} ({match[0].name}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render(dev: dict, confirm: dict, grid, chosen: dict, args, command: str, timing: dict) -> str:
@@ -253,7 +293,9 @@ def render(dev: dict, confirm: dict, grid, chosen: dict, args, command: str, tim
              f"blocks, so their support and queries come from different stretches of the recording). Each draw "
              f"fits what `pellucid fewshot fit` fits (features, prototypes, leave-one-out logit scale) and scores "
              f"the queries in batches of {args.batch}. Mean accuracy over draws ± 95 % interval "
-             f"(1.96 · sd / √draws), and the sd over draws. Same draws for every variant of a data set.", ""]
+             f"(1.96 · sd / √draws), and the sd over draws. Same draws for every variant of a data set. "
+             f"Chosen setting: the cheapest variant within {args.tolerance} of the best mean over the data sets "
+             f"on the dev draws.", ""]
     lines += [f"## Dev draws (seed 0, {args.draws} draws per data set): every variant", "",
               "| variant | " + " | ".join(ds) + " | mean |", "|---|" + "---:|" * (len(ds) + 1)]
     for v in grid:
@@ -261,6 +303,11 @@ def render(dev: dict, confirm: dict, grid, chosen: dict, args, command: str, tim
                      + f" | {_overall(dev, ds, v.name):.3f} |")
     lines += ["", f"Queries per draw (mean): " + ", ".join(
         f"{d} {dev[(d, grid[0].name)]['queries']:.0f}" for d in ds), ""]
+    base = chosen["chosen (no transduction)"]
+    lines += [f"## Levers: paired differences against the chosen setting ({base.name}), dev draws", "",
+              "Accuracy of the variant with one lever changed minus the chosen variant's, on the same draws "
+              "(mean ± 95 % interval over draws; positive = the change helps).", ""]
+    lines += lever_table(dev, ds, grid, base) + [""]
     lines += [f"## Confirm draws (seed 1, {args.draws} fresh draws per data set)", "",
               "| setting | variant | " + " | ".join(ds) + " |", "|---|---|" + "---:|" * len(ds)]
     for label, v in chosen.items():
@@ -281,6 +328,8 @@ def parse(argv):
     p.add_argument("--concat", default="efficientnet_lite0+efficientnet_lite2",
                    help="two backbones whose features are concatenated as one more variant ('' for none)")
     p.add_argument("--steps", default="0,2", help="transductive steps to try")
+    p.add_argument("--tolerance", type=float, default=0.003,
+                   help="a lever is kept only when it raises the mean dev accuracy by more than this")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--draws", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)
@@ -300,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     grid = variants(args.backbones, args.concat or None, tuple(int(t) for t in args.steps.split(",")))
     dev = _grid(feats, data, grid, args, seed=0)
     base = next(v for v in grid if v.name == "lite0")
-    chosen = {"old default": base, "chosen (no transduction)": choose(dev, args.datasets, grid, False),
-              "chosen (with transduction, opt-in)": choose(dev, args.datasets, grid, True)}
+    chosen = {"old default": base,
+              "chosen (no transduction)": choose(dev, args.datasets, grid, False, args.tolerance),
+              "chosen (with transduction, opt-in)": choose(dev, args.datasets, grid, True, args.tolerance)}
     confirm = _grid(feats, data, list({v.name: v for v in chosen.values()}.values()), args, seed=1)
     command = "OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws " + " ".join(
         argv if argv is not None else sys.argv[1:])
