@@ -100,7 +100,16 @@ def embed_samples(samples: list[Sample], backbone: str, image_size: int, *, chan
     model.eval()
     positions = np.array(images.ok(range(len(samples))), dtype=int)
     ds = CachedDataset(images, positions.tolist(), [0] * len(samples))
-    feats = extract_features(model, _batches(ds, batch_size), progress=progress, desc=f"{backbone} features")
+    plain = None
+    if flip and cache:  # the plain half may be cached already: embed only the mirrored images
+        plain_path = cache_root() / (f"{backbone}-{image_size}-"
+                                     f"{_key(samples, backbone, image_size, channels, False, preprocess, segmenter)}.pt")
+        if plain_path.exists():
+            saved = torch.load(plain_path, map_location="cpu", weights_only=True)
+            if np.array_equal(saved["positions"].numpy(), positions):
+                plain = saved["feats"]
+    feats = plain if plain is not None else extract_features(model, _batches(ds, batch_size), progress=progress,
+                                                             desc=f"{backbone} features")
     if flip:
         mirrored = (torch.flip(x, dims=[3]) for x in _batches(ds, batch_size))
         feats = torch.stack([feats, extract_features(model, mirrored, progress=progress, desc="mirrored")], 1)
