@@ -347,14 +347,38 @@ def _summarise(task, rows: list[dict], k: int, seed: int, data: str, samples, se
                      and base["folds"][f]["metrics"].get(primary) is not None]
             mean, sd = _mean_sd(diffs)
             r[f"vs_{role}"] = {"mean": mean, "sd": sd, "n": len(diffs)}
-    full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None]
-    winner = max(full, key=lambda r: r["summary"][primary]["mean"])["name"] if full else None
+    winner, rule = _choose(rows, k, primary)
     cpu = _cpu_line()
     return {"task": task.name, "data": str(Path(data).resolve()), "n": len(samples), "k": k, "seed": seed,
             "primary": primary, "metrics": list(task.metrics[:2]), "seconds": round(seconds, 1),
             "embed_seconds": round(embed_s, 1), "cpu": cpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "official_split": has_official, "candidates": rows,
-            "winner": winner}
+            "winner": winner, "rule": rule}
+
+
+def _passes(r: dict) -> int:
+    """Forward passes per image at prediction time (a soft vote of three probes: 3; mirrored TTA: x2)."""
+    if r["kind"] == "probe":
+        return len(r["recipe"].get("members") or [None]) * (2 if r["name"].endswith("+flip") else 1)
+    return max(1, len(r["recipe"].get("members") or []))
+
+
+def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
+    """The one-standard-error rule: among candidates run on every fold, the best mean sets a bar one
+    standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
+    (fewest forward passes per image, then the better mean). Differences inside one standard error
+    are fold noise, and a cheaper model is the better default."""
+    full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None]
+    if not full:
+        return None, "no candidate ran on every fold"
+    best = max(full, key=lambda r: r["summary"][primary]["mean"])
+    sd = best["summary"][primary]["sd"] or 0.0
+    bar = best["summary"][primary]["mean"] - sd / math.sqrt(k)
+    ok = [r for r in full if r["summary"][primary]["mean"] >= bar - 1e-12]
+    win = min(ok, key=lambda r: (_passes(r), -r["summary"][primary]["mean"]))
+    return win["name"], (f"one-standard-error rule: best mean {primary} {best['summary'][primary]['mean']:.3f} "
+                         f"({best['name']}), bar {bar:.3f}; the cheapest candidate at or above it "
+                         f"({_passes(win)} forward pass(es) per image)")
 
 
 def _cpu_line() -> str:
@@ -401,8 +425,8 @@ def render_table(result: dict) -> str:
     lines += ["", "Candidates:", ""] + [f"- `{r['name']}`: {r['about']}" + (f" — stopped: {r['stopped']}"
                                                                           if r["stopped"] else "")
                                        for r in result["candidates"]]
-    lines += ["", f"Winner (best mean {p} among candidates run on every fold): `{result['winner']}`." if
-              result["winner"] else "No candidate ran on every fold."]
+    lines += ["", f"Winner: `{result['winner']}` — {result.get('rule', '')}." if result["winner"]
+              else "No candidate ran on every fold."]
     return "\n".join(lines) + "\n"
 
 

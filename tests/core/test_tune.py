@@ -133,3 +133,19 @@ def test_train_folds_limits_training_candidates_and_they_cannot_win(tmp_path, ca
     assert row["n_folds"] == 1 and "first 1 fold" in row["stopped"]
     assert res["winner"] == "probe:a" and res["candidates"][0]["vs_B"]["n"] == 1
     assert "1/3 (subset)" in (tmp_path / "out" / "recipes-tb.md").read_text()
+
+
+def test_one_standard_error_rule_prefers_the_cheaper_candidate():
+    from pellucid.core.tune import _choose
+
+    def row(name, kind, mean, sd, members=1, n=5):
+        return {"name": name, "kind": kind, "n_folds": n, "summary": {"acc": {"mean": mean, "sd": sd}},
+                "recipe": {"members": [{}] * members if members > 1 else []}}
+
+    rows = [row("probe:a", "probe", 0.950, 0.02), row("probe:vote", "probe", 0.986, 0.009, members=3),
+            row("probe:vote+flip", "probe", 0.989, 0.012, members=3), row("ft", "train", 0.99, 0.01, n=2)]
+    win, rule = _choose(rows, 5, "acc")
+    assert win == "probe:vote" and "one-standard-error" in rule  # +flip is within one SE at twice the passes
+    rows[0]["summary"]["acc"]["mean"] = 0.985  # the single probe is now within one SE too: cheapest wins
+    assert _choose(rows, 5, "acc")[0] == "probe:a"
+    assert _choose([row("x", "probe", 0.9, 0.1, n=3)], 5, "acc")[0] is None
