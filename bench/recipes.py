@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-recipe", action="store_true")
+    p.add_argument("--skip", help="comma-separated candidate names not to run (baselines always run)")
     p.add_argument("--train-folds", type=int, help="run training candidates on the first N folds only")
     p.add_argument("--fine-tune-epochs", type=int, default=6, help="epochs of baseline B and LP-FT")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -368,6 +368,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--train-folds", type=int, metavar="N",
                    help="run the training candidates (fine-tunes) on the first N folds only: they cost minutes per fold")
     p.add_argument("--fine-tune-epochs", type=int, default=6, metavar="E", help="epochs of baseline B and LP-FT")
+    p.add_argument("--skip", help="comma-separated candidate names not to run (the baselines always run)")
     p.set_defaults(func=_lazy("pellucid.core.tune", "run_cli"))
 
     p = sub.add_parser("eval", help="score a model folder on a labelled data folder")

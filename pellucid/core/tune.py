@@ -257,7 +257,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
          candidates: Sequence[str] | None = None, out: str | Path = "bench/results", seed: int = 0,
          write_recipe: bool = False, work: str | Path | None = None, fine_tune_epochs: int = 6,
          progress: bool = True, candidate_list: Sequence[Candidate] | None = None,
-         train_folds: int | None = None) -> dict:
+         train_folds: int | None = None, skip: Sequence[str] = ()) -> dict:
     """Score the task's candidates on the same grouped folds; write ``recipes-<task>.md``/``.json``.
 
     Args:
@@ -284,6 +284,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         if missing:
             raise ValueError(f"unknown candidate(s) {', '.join(missing)}; known: {', '.join(known)}")
         cands = [c for c in cands if c.name in candidates or c.role in ("A", "B")]
+    cands = [c for c in cands if c.name not in set(skip) or c.role in ("A", "B")]
     split_list = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
     work = Path(work or Path("runs") / "tune" / task.name)
     (work / "folds").mkdir(parents=True, exist_ok=True)
@@ -465,6 +466,7 @@ def run_cli(args) -> int:
     result = tune(task.name, data, folds=args.folds, budget_min=args.budget, candidates=names, out=args.out,
                   seed=args.seed, write_recipe=getattr(args, "write_recipe", False),
                   train_folds=getattr(args, "train_folds", None),
+                  skip=[c.strip() for c in (getattr(args, "skip", None) or "").split(",") if c.strip()],
                   fine_tune_epochs=getattr(args, "fine_tune_epochs", None) or 6)
     print(render_table(result))
     print(f"written: {Path(args.out) / ('recipes-' + task.name + '.md')}")
