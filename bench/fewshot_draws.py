@@ -242,10 +242,13 @@ def _cost(v: Variant) -> float:
     return 10 * bb + 2 * v.flip + 1 * v.support_flip + 0.5 * v.auto_weights + 1 * bool(v.transductive)
 
 
-def choose(results: dict, datasets, grid, allow_transductive: bool, tolerance: float) -> Variant:
+def choose(results: dict, datasets, grid, tolerance: float, transductive: bool = False,
+           shippable: bool = True) -> Variant:
     """The cheapest variant whose mean accuracy over the data sets (dev draws) is within
-    ``tolerance`` of the best one's: a lever is kept only when it earns more than that."""
-    pool = [v for v in grid if allow_transductive or not v.transductive]
+    ``tolerance`` of the best one's: a lever is kept only when it earns more than that.
+    ``transductive``: choose among transductive variants only (they are never a default);
+    ``shippable``: only one backbone (a prototypes model folder holds one)."""
+    pool = [v for v in grid if bool(v.transductive) == transductive and (not shippable or "+" not in v.backbone)]
     best = max(_overall(results, datasets, v.name) for v in pool)
     return min((v for v in pool if _overall(results, datasets, v.name) >= best - tolerance),
                key=lambda v: (_cost(v), -_overall(results, datasets, v.name)))
@@ -294,8 +297,9 @@ def render(dev: dict, confirm: dict, grid, chosen: dict, args, command: str, tim
              f"fits what `pellucid fewshot fit` fits (features, prototypes, leave-one-out logit scale) and scores "
              f"the queries in batches of {args.batch}. Mean accuracy over draws ± 95 % interval "
              f"(1.96 · sd / √draws), and the sd over draws. Same draws for every variant of a data set. "
-             f"Chosen setting: the cheapest variant within {args.tolerance} of the best mean over the data sets "
-             f"on the dev draws.", ""]
+             f"Chosen default: among single-backbone, non-transductive variants (a model folder holds one "
+             f"backbone; transduction is opt-in), the cheapest within {args.tolerance} of the best mean over the "
+             f"data sets on the dev draws.", ""]
     lines += [f"## Dev draws (seed 0, {args.draws} draws per data set): every variant", "",
               "| variant | " + " | ".join(ds) + " | mean |", "|---|" + "---:|" * (len(ds) + 1)]
     for v in grid:
@@ -303,7 +307,7 @@ def render(dev: dict, confirm: dict, grid, chosen: dict, args, command: str, tim
                      + f" | {_overall(dev, ds, v.name):.3f} |")
     lines += ["", f"Queries per draw (mean): " + ", ".join(
         f"{d} {dev[(d, grid[0].name)]['queries']:.0f}" for d in ds), ""]
-    base = chosen["chosen (no transduction)"]
+    base = chosen["new default (chosen)"]
     lines += [f"## Levers: paired differences against the chosen setting ({base.name}), dev draws", "",
               "Accuracy of the variant with one lever changed minus the chosen variant's, on the same draws "
               "(mean ± 95 % interval over draws; positive = the change helps).", ""]
@@ -331,7 +335,7 @@ def parse(argv):
     p.add_argument("--tolerance", type=float, default=0.003,
                    help="a lever is kept only when it raises the mean dev accuracy by more than this")
     p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--draws", type=int, default=40)
+    p.add_argument("--draws", type=int, default=50)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--extract-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -350,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     dev = _grid(feats, data, grid, args, seed=0)
     base = next(v for v in grid if v.name == "lite0")
     chosen = {"old default": base,
-              "chosen (no transduction)": choose(dev, args.datasets, grid, False, args.tolerance),
-              "chosen (with transduction, opt-in)": choose(dev, args.datasets, grid, True, args.tolerance)}
+              "new default (chosen)": choose(dev, args.datasets, grid, args.tolerance),
+              "best transductive (opt-in)": choose(dev, args.datasets, grid, args.tolerance, transductive=True),
+              "best with two backbones (not shipped)": choose(dev, args.datasets, grid, args.tolerance,
+                                                             shippable=False)}
     confirm = _grid(feats, data, list({v.name: v for v in chosen.values()}.values()), args, seed=1)
     command = "OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws " + " ".join(
         argv if argv is not None else sys.argv[1:])

@@ -572,10 +572,14 @@ def test_defaults_are_recorded_in_the_card_and_old_folders_load(tmp_path):
     card = json.loads((folder / "card.json").read_text())
     spec = fs.create_backbone("test_resnet")[0].spec
     want = fs.default_config(spec)
-    for key in ("layers", "layer_weights", "flip", "support_flip", "transductive", "power", "center", "normalize"):
+    for key in ("layers", "flip", "support_flip", "auto_weights", "transductive", "power", "center", "normalize"):
         got = card["fewshot"][key]
         assert (tuple(got) if isinstance(got, list) else got) == getattr(want, key), key
     assert card["fewshot"]["transductive"] == 0  # never a default
+    # auto_weights (the default): the chosen weighting is stored, with every candidate's leave-one-out NLL
+    assert want.auto_weights and tuple(card["fewshot"]["layer_weights"]) in fs.weight_candidates(len(want.layers))
+    assert len(card["metrics"]["layer_weights_loo_nll"]) == len(fs.weight_candidates(len(want.layers)))
+    assert any("leave-one-out" in n for n in card["fewshot"]["notes"])
     # opt-in transduction is recorded and stated
     t = fs.fit_prototypes(support, tmp_path / "t", backbone="test_resnet", pretrained=False,
                           cache_dir=tmp_path / "cache", transductive=2)
