@@ -57,7 +57,8 @@ def _fit(args: argparse.Namespace) -> int:
     print(f"classes:      " + ", ".join(f"{c} ({m['per_class'][c]})" for c in card.classes))
     print(f"backbone:     {card.backbone_name} ({card.weight_source}), {card.image_size} px")
     fewshot = card.extra.get("fewshot", {})
-    print("embedding:    " + ", ".join(f"{k} {fewshot.get(k)}" for k in ("flip", "support_flip", "transductive")))
+    print("embedding:    " + ", ".join(f"{k} {fewshot.get(k)}" for k in ("layer_weights", "auto_weights", "flip",
+                                                                   "support_flip", "transductive")))
     if fewshot.get("transductive"):
         print("note:         transductive refinement: a prediction depends on the other images predicted with it")
     if "support_loo_accuracy" in m:
