@@ -448,6 +448,9 @@ def _add_explain_and_tool_commands(sub) -> None:
     p.add_argument("--data")
     p.add_argument("--shots", default="1,5,10")
     p.add_argument("--episodes", type=int, default=500)
+    p.add_argument("--transductive", type=int, default=0, metavar="STEPS",
+                   help="opt-in: soft k-means refinement of the prototypes on each predicted batch "
+                        "(a prediction then depends on the other images in its batch)")
     p.set_defaults(func=_lazy("pellucid.core.fewshot_cli", "run"))
 
     p = sub.add_parser("export", help="export a model folder (ONNX, INT8)")
