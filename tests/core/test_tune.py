@@ -149,3 +149,17 @@ def test_one_standard_error_rule_prefers_the_cheaper_candidate():
     rows[0]["summary"]["acc"]["mean"] = 0.985  # the single probe is now within one SE too: cheapest wins
     assert _choose(rows, 5, "acc")[0] == "probe:a"
     assert _choose([row("x", "probe", 0.9, 0.1, n=3)], 5, "acc")[0] is None
+
+
+def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them():
+    from pellucid.core.tune import _block_single_group_classes
+    from pellucid.datasets.samples import Sample
+
+    s = ([Sample(f"/r/fish_{i}.png", "fish", "rec1") for i in range(40)]
+         + [Sample(f"/r/ship_{i}.png", "ship", f"s{i}") for i in range(40)])
+    out, blocked = _block_single_group_classes(s, 5)
+    assert blocked == ["fish"]
+    fish_groups = [x.group for x in out if x.label == "fish"]
+    assert len(set(fish_groups)) == 10 and fish_groups[:4] == ["rec1#0"] * 4  # frame order, 4 per block
+    assert [x.group for x in out if x.label == "ship"] == [f"s{i}" for i in range(40)]
+    assert _block_single_group_classes(s[40:], 5) == (s[40:], [])
