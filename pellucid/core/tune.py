@@ -387,21 +387,29 @@ def _passes(r: dict) -> int:
 
 
 def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
-    """The one-standard-error rule: among candidates run on every fold, the best mean sets a bar one
-    standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
+    """The one-standard-error rule: among candidates run on every fold that beat both baselines (a
+    mean paired margin > 0 over A, and over B on the folds B ran; all candidates when none does),
+    the best mean sets a bar one standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
     (fewest forward passes per image, then the better mean). Differences inside one standard error
     are fold noise, and a cheaper model is the better default."""
     full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None]
     if not full:
         return None, "no candidate ran on every fold"
+    # a default has to beat both baselines: a mean paired margin > 0 over A and (where it ran) over B
+    beats = [r for r in full if r.get("role") not in ("A", "B")
+             and (r.get("vs_A") or {}).get("mean") is not None and r["vs_A"]["mean"] > 0
+             and ((r.get("vs_B") or {}).get("n", 0) == 0 or r["vs_B"]["mean"] > 0)]
+    note = "" if beats else "; no candidate beat both baselines, so all were eligible"
+    full = beats or full
     best = max(full, key=lambda r: r["summary"][primary]["mean"])
     sd = best["summary"][primary]["sd"] or 0.0
     bar = best["summary"][primary]["mean"] - sd / math.sqrt(k)
     ok = [r for r in full if r["summary"][primary]["mean"] >= bar - 1e-12]
     win = min(ok, key=lambda r: (_passes(r), -r["summary"][primary]["mean"]))
-    return win["name"], (f"one-standard-error rule: best mean {primary} {best['summary'][primary]['mean']:.3f} "
+    return win["name"], (f"among candidates that beat both baselines (mean paired margin > 0), the "
+                         f"one-standard-error rule: best mean {primary} {best['summary'][primary]['mean']:.3f} "
                          f"({best['name']}), bar {bar:.3f}; the cheapest candidate at or above it "
-                         f"({_passes(win)} forward pass(es) per image)")
+                         f"({_passes(win)} forward pass(es) per image){note}")
 
 
 def _cpu_line() -> str:

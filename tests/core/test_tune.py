@@ -135,31 +135,24 @@ def test_train_folds_limits_training_candidates_and_they_cannot_win(tmp_path, ca
     assert "1/3 (subset)" in (tmp_path / "out" / "recipes-tb.md").read_text()
 
 
-def test_one_standard_error_rule_prefers_the_cheaper_candidate():
+def test_one_standard_error_rule_prefers_the_cheaper_candidate_that_beats_both_baselines():
     from pellucid.core.tune import _choose
 
-    def row(name, kind, mean, sd, members=1, n=5):
+    def row(name, kind, mean, sd, members=1, n=5, role="", vs_a=0.01, vs_b=None):
         return {"name": name, "kind": kind, "n_folds": n, "summary": {"acc": {"mean": mean, "sd": sd}},
-                "recipe": {"members": [{}] * members if members > 1 else []}}
+                "recipe": {"members": [{}] * members if members > 1 else []}, "role": role,
+                "vs_A": {"mean": vs_a, "n": n}, "vs_B": {"mean": vs_b, "n": 0 if vs_b is None else 2}}
 
-    rows = [row("probe:a", "probe", 0.950, 0.02), row("probe:vote", "probe", 0.986, 0.009, members=3),
-            row("probe:vote+flip", "probe", 0.989, 0.012, members=3), row("ft", "train", 0.99, 0.01, n=2)]
+    rows = [row("probe:a", "probe", 0.950, 0.02, role="A", vs_a=None),
+            row("probe:vote", "probe", 0.986, 0.009, members=3, vs_a=0.034),
+            row("probe:vote+flip", "probe", 0.989, 0.012, members=3, vs_a=0.036),
+            row("ft", "train", 0.99, 0.01, n=2, role="B")]
     win, rule = _choose(rows, 5, "acc")
     assert win == "probe:vote" and "one-standard-error" in rule  # +flip is within one SE at twice the passes
-    rows[0]["summary"]["acc"]["mean"] = 0.985  # the single probe is now within one SE too: cheapest wins
-    assert _choose(rows, 5, "acc")[0] == "probe:a"
+    # the baseline itself never wins while a candidate beats it, even when it is within one SE
+    rows[0]["summary"]["acc"]["mean"] = 0.985
+    assert _choose(rows, 5, "acc")[0] == "probe:vote"
+    # a candidate that lost to B on the folds B ran is not eligible
+    rows[1]["vs_B"] = {"mean": -0.01, "n": 2}
+    assert _choose(rows, 5, "acc")[0] == "probe:vote+flip"
     assert _choose([row("x", "probe", 0.9, 0.1, n=3)], 5, "acc")[0] is None
-
-
-def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them():
-    from pellucid.core.tune import _block_single_group_classes
-    from pellucid.datasets.samples import Sample
-
-    s = ([Sample(f"/r/fish_{i}.png", "fish", "rec1") for i in range(40)]
-         + [Sample(f"/r/ship_{i}.png", "ship", f"s{i}") for i in range(40)])
-    out, blocked = _block_single_group_classes(s, 5)
-    assert blocked == ["fish"]
-    fish_groups = [x.group for x in out if x.label == "fish"]
-    assert len(set(fish_groups)) == 10 and fish_groups[:4] == ["rec1#0"] * 4  # frame order, 4 per block
-    assert [x.group for x in out if x.label == "ship"] == [f"s{i}" for i in range(40)]
-    assert _block_single_group_classes(s[40:], 5) == (s[40:], [])
