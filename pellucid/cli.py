@@ -305,8 +305,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pellucid.core.kfold import run_training
     from pellucid.core.tasks import get_task
-    from pellucid.core.training import TrainConfig, train
+    from pellucid.core.training import TrainConfig
 
     task = get_task("tb")
     data = Path(args.data) if args.data else None
@@ -315,7 +316,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"no TB chest X-ray data at {looked}: set PELLUCID_DATA=DIR (a folder with manifest.csv "
                         f"or normal/ and tuberculosis/ sub-folders) and run `make demo` again")
     out = Path("runs") / f"tb-demo-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    folder = train(TrainConfig.from_task(task, str(data), str(out)))
+    folder = run_training(TrainConfig.from_task(task, str(data), str(out)))  # the app's default recipe
     print_summary(folder)
     if args.no_ui:
         print(f"done. model: {folder}   metrics: {folder / 'metrics.json'}   plots: {folder / 'plots'}")

@@ -168,9 +168,14 @@ def check_train(args: argparse.Namespace) -> None:
         task = _new_task(args, data, data_labels(data))
     _check_member_backbones(task, over, args.backbone)
     _check_logger(over.get("logger"))
-    if args.folds and over.get("members", task.recipe.get("members")):
-        raise UserError(f"--folds: the {task.name} recipe is an ensemble; k-fold trains one model per fold: "
-                        "give a config with members = [] to use --folds")
+    members = over.get("members", task.recipe.get("members")) or []
+    if args.folds and members:  # k-fold trains one model per fold: the ensemble's first member, said so
+        first = members[0]
+        log.warning("k-fold trains one model per fold: the first member of the %s recipe's ensemble (%s%s)",
+                    task.name, first.get("backbone", task.recipe.get("backbone")),
+                    f", {first['image_size']} px" if first.get("image_size") else "")
+        over.update({k: v for k, v in first.items() if k in ("backbone", "image_size", "finetune", "epochs")})
+        over["members"] = []
     args.task_spec, args.data_dir, args.overrides = task, data, over
 
 
@@ -228,6 +233,11 @@ def _check_member_backbones(task, over: dict, flag: str | None) -> None:
         return
     if len(names) == 1 and all(m.get("backbone", names[0]) == names[0] for m in members):
         names = names * len(members)  # the members use it already (or inherit it): nothing is ignored
+    elif len(names) == 1:  # one backbone for a recipe of several: one model with it, said in one line
+        log.warning("--backbone %s trains one %s model instead of the %s recipe's ensemble of %d "
+                    "(--backbone a,b,... sets each member)", names[0], names[0], task.name, len(members))
+        over["members"] = []
+        return
     if len(names) != len(members):
         raise UserError(f"--backbone {flag}: the {task.name} recipe is an ensemble of {len(members)} members; give "
                         f"{len(members)} backbones separated by commas, one per member (e.g. --backbone "

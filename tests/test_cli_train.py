@@ -18,6 +18,7 @@ import pytest
 
 from pellucid.cli import build_parser, main
 from pellucid.cli_train import check_train
+from pellucid.core.tasks import get_task
 
 from tests.conftest import data_dir
 
@@ -64,8 +65,7 @@ def roads(tmp_path_factory) -> Path:
     (["train", "--data", "{roads}", "--backbone", "a,b"], "the my-roads recipe trains one model; give one backbone"),
     (["train", "--data", "{roads}", "--like", "snow", "--backbone", "a,b,c"],
      "ensemble of 2 members; give 2 backbones separated by commas"),
-    (["train", "snow", "--backbone", "resnet50", "--data", "{snow}"], "ensemble of 2 members; give 2 backbones"),
-    (["train", "--data", "{roads}", "--like", "snow", "--folds", "3"], "--folds: the my-roads recipe is an ensemble"),
+    (["train", "snow", "--backbone", "resnet50,vgg19,vgg16", "--data", "{snow}"], "ensemble of 2 members; give 2"),
     (["train", "--data", "{snow}"], "task name 'snow' is taken by"),
     (["train", "--data", "{roads}", "--positive-class", "sunny"], "--positive-class 'sunny' is not one of"),
     (["train", "snow", "--config", "{classes_toml}"], "'classes' belongs to the task, not to training"),
@@ -99,6 +99,19 @@ def test_ensemble_backbone_list_sets_one_backbone_per_member(roads):
                                       "--backbone", "efficientnet_lite0"])
     check_train(args)
     assert {m["backbone"] for m in args.overrides["members"]} == {"efficientnet_lite0"}
+
+
+def test_one_backbone_or_folds_on_an_ensemble_recipe_trains_one_model_and_says_so(caplog):
+    args = build_parser().parse_args(["train", "tb", "--data", str(data_dir("tb_cxr")), "--backbone", "resnet50"])
+    check_train(args)
+    assert args.overrides["members"] == [] and args.overrides["backbone"] == "resnet50"
+    assert "trains one resnet50 model instead of the tb recipe's ensemble of 3" in caplog.text
+    args = build_parser().parse_args(["train", "tb", "--data", str(data_dir("tb_cxr")), "--folds", "3"])
+    check_train(args)
+    first = get_task("tb").recipe["members"][0]
+    assert args.overrides["members"] == [] and args.overrides["backbone"] == first["backbone"]
+    assert args.overrides["image_size"] == first["image_size"]
+    assert "k-fold trains one model per fold" in caplog.text
 
 
 def test_new_task_trains_and_its_folder_needs_no_installed_task(roads, tmp_path, monkeypatch, capsys):
@@ -144,7 +157,7 @@ def test_init_task_writes_a_spec_the_search_path_finds(roads, tmp_path, monkeypa
     args = build_parser().parse_args(["train", "lungs"])
     check_train(args)
     assert args.task_spec.classes == ("clear_road", "snowy_road") and args.task_spec.positive_class == "snowy_road"
-    assert args.data_dir == roads.resolve() and args.task_spec.recipe["finetune"] == "progressive"
+    assert args.data_dir == roads.resolve() and args.task_spec.recipe["finetune"] == get_task("tb").recipe["finetune"]
     rc, err, heavy = _early(["init-task", "x2"], cwd=other)
     assert rc == 2 and "give --data DIR" in err and heavy == []
 

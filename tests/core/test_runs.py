@@ -24,7 +24,7 @@ from tests.conftest import data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="test_resnet", pretrained=False, image_size=32, max_images=30, batch_size=8, progress=False,  # = TINY_ARGS
-            finetune="full", epochs=1)
+            finetune="full", epochs=1, members=[])
 TINY_ARGS = ["--backbone", "test_resnet", "--pretrained", "random", "--image-size", "32", "--max-images", "30",
              "--batch-size", "8", "--finetune", "full", "--epochs", "1", "--no-progress"]
 

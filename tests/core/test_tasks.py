@@ -18,7 +18,16 @@ def test_every_task_toml_validates(name):
 def test_tb_spec():
     t = get_task("tb")
     assert t.classes == ("normal", "tuberculosis") and t.positive_index == 1
-    assert t.threshold_policy == "youden" and t.recipe["finetune"] == "progressive"
+    assert t.threshold_policy == "youden" and t.recipe["finetune"] == "linear-probe"
+    # the recipe search's winner: a soft vote of three probes; the previous fine-tune is kept as a config
+    assert [m["backbone"] for m in t.recipe["members"]] == [f"efficientnet_lite{n}" for n in range(3)]
+    import tomllib
+    from pathlib import Path
+
+    import pellucid.apps.tb as app
+
+    old = tomllib.loads((Path(app.__file__).parent / "finetune.toml").read_text())
+    assert old["finetune"] == "progressive" and old["members"] == []
 
 
 def test_unknown_task_did_you_mean():
