@@ -99,7 +99,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     size = task.image_size
     base = "efficientnet_lite0"
     cands = [_probe([(base, size)], role="A", about="baseline A: frozen Lite0 + linear head"),
-             _probe([(base, size)], flip=True, about="Lite0 probe, mirrored test-time augmentation")]
+             _probe([(base, size)], flip=True, about="Lite0 probe, mirrored test-time augmentation (measured only)")]
     sizes = {b: (2 * size if small else s) for b, s in LITE_SIZES.items()}
     if small:
         cands.append(_probe([(base, sizes[base])], about="Lite0 probe, input upsampled 2x"))
@@ -107,7 +107,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
         cands.append(_probe([(b, sizes[b])], about=f"{_SHORT[b].title()} probe"))
     trio = [(b, sizes[b]) for b in LITE_SIZES]
     cands.append(_probe(trio, about="soft vote of the three Lite probes"))
-    cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation"))
+    cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation (measured only: "
+                                                "model folders do not apply TTA, so it cannot win)"))
     plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
              "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
     cands.append(Candidate("finetune:lite0", "train", overrides=plain, role="B",
@@ -392,7 +393,9 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     the best mean sets a bar one standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
     (fewest forward passes per image, then the better mean). Differences inside one standard error
     are fold noise, and a cheaper model is the better default."""
-    full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None]
+    # mirrored test-time augmentation is measured as a lever; model folders do not apply it, so it cannot win
+    full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None
+            and not r["name"].endswith("+flip")]
     if not full:
         return None, "no candidate ran on every fold"
     # a default has to beat both baselines: a mean paired margin > 0 over A and (where it ran) over B

@@ -152,7 +152,8 @@ def test_one_standard_error_rule_prefers_the_cheaper_candidate_that_beats_both_b
     # the baseline itself never wins while a candidate beats it, even when it is within one SE
     rows[0]["summary"]["acc"]["mean"] = 0.985
     assert _choose(rows, 5, "acc")[0] == "probe:vote"
-    # a candidate that lost to B on the folds B ran is not eligible
+    # a candidate that lost to B on the folds B ran is not eligible; TTA (+flip) is measured, never chosen
     rows[1]["vs_B"] = {"mean": -0.01, "n": 2}
-    assert _choose(rows, 5, "acc")[0] == "probe:vote+flip"
+    rows.append(row("probe:c", "probe", 0.97, 0.01, vs_a=0.02, vs_b=0.005))
+    assert _choose(rows, 5, "acc")[0] == "probe:c"
     assert _choose([row("x", "probe", 0.9, 0.1, n=3)], 5, "acc")[0] is None
