@@ -22,8 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", help="comma-separated candidate names not to run (baselines always run)")
     p.add_argument("--train-folds", type=int, help="run training candidates on the first N folds only")
     p.add_argument("--fine-tune-epochs", type=int, default=6, help="epochs of baseline B and LP-FT")
+    p.add_argument("--rescore", action="store_true",
+                   help="recompute summaries and winner of bench/results/recipes-TASK.json (nothing is run)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_cli(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.rescore:
+        from pathlib import Path
+
+        from pellucid.core.tune import rescore
+
+        r = rescore(Path(args.out) / f"recipes-{args.task}.json")
+        print(f"{args.task}: winner {r['winner']} ({r['rule']})")
+        return 0
+    return run_cli(args)
 
 
 if __name__ == "__main__":

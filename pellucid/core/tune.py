@@ -355,6 +355,22 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     return result
 
 
+def rescore(json_path: str | Path) -> dict:
+    """Recompute the summaries and the winner of a written search (``recipes-<task>.json``) with this
+    version's rule, without running anything again; rewrites the ``.json`` and ``.md`` beside it."""
+    from pellucid.core.tasks import get_task
+
+    path = Path(json_path)
+    old = json.loads(path.read_text())
+    task = get_task(old["task"])
+    new = _summarise(task, old["candidates"], old["k"], old["seed"], old["data"], [None] * old["n"], old["seconds"],
+                     old["embed_seconds"], old["official_split"])
+    new.update({k: old[k] for k in ("cpu", "torch", "threads", "blocked_classes") if k in old})
+    path.write_text(json.dumps(new, indent=1, default=str))
+    path.with_suffix(".md").write_text(render_table(new))
+    return new
+
+
 def _summarise(task, rows: list[dict], k: int, seed: int, data: str, samples, seconds: float, embed_s: float,
                has_official: bool) -> dict:
     primary = task.metrics[0]

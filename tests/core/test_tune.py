@@ -62,6 +62,12 @@ def test_probe_candidates_share_folds_and_budget_stops_training(tmp_path, cache)
     assert res["cpu"] and "CPU:" in table
     recipe = (tmp_path / "out" / "recipes-tb.toml").read_text()
     assert "[recipe]" in recipe and 'finetune = "linear-probe"' in recipe
+    # the summaries and winner can be recomputed from the JSON alone
+    from pellucid.core.tune import rescore
+
+    (tmp_path / "out" / "recipes-tb.md").unlink()
+    again = rescore(tmp_path / "out" / "recipes-tb.json")
+    assert again["winner"] == res["winner"] and (tmp_path / "out" / "recipes-tb.md").exists()
     # a second search reads the cached features instead of embedding again
     res2 = tune("tb", str(data), folds=3, budget_min=0.0, out=tmp_path / "out2", work=tmp_path / "work",
                 candidate_list=cands[:1] + cands[3:], progress=False)
