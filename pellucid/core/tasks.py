@@ -50,6 +50,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "label_smoothing": 0.0,
     "dropout": 0.2,
     "patience": 4,
+    "probe_patience": 2,       # stop a fine-tune that has not beaten its probe's val loss after this many epochs
     "balance": "weights",
     "val_fraction": 0.15,
     "test_fraction": 0.2,
