@@ -13,24 +13,46 @@ def _fmt(entry: dict | None, signed: bool = False) -> str:
         return "—"
     m = f"{entry['mean']:+.3f}" if signed else f"{entry['mean']:.3f}"
     sd = f" ± {entry['sd']:.3f}" if entry.get("sd") is not None else ""
-    n = f" ({entry['n']} folds)" if signed and entry.get("n") is not None else ""
+    n = (f" ({entry['n']} fold{'s' if entry['n'] != 1 else ''})" if signed and entry.get("n") is not None else "")
     return m + sd + n
 
 
-def rows(folder: Path = Path("bench/results")) -> list[str]:
-    out = ["| app | default recipe (k-fold winner) | headline, mean ± sd | second metric | Δ vs A (probe) | Δ vs B (fine-tune) |",
-           "|---|---|---|---|---|---|"]
+def _single(pattern: str | None, task: str, metric: str) -> str:
+    """The headline metric of one trained model folder of the default recipe (its own test split)."""
+    if not pattern:
+        return ""
+    path = Path(pattern.format(task=task)) / "metrics.json"
+    if not path.exists():
+        return " not run |"
+    m = json.loads(path.read_text())
+    e = m["metrics"].get(metric) or {}
+    ci = f" [{e['low']:.3f}, {e['high']:.3f}]" if e.get("low") is not None else ""
+    return f" {e.get('value', float('nan')):.3f}{ci} (n={m['n']}) |"
+
+
+def rows(folder: Path = Path("bench/results"), single: str | None = None) -> list[str]:
+    out = ["| app | default recipe (k-fold winner) | headline, mean ± sd | second metric | Δ vs A (probe) | Δ vs B (fine-tune) |"
+           + (" one split, same recipe |" if single else ""),
+           "|---|---|---|---|---|---|" + ("---|" if single else "")]
     for path in sorted(folder.glob("recipes-*.json")):
         r = json.loads(path.read_text())
         win = next((c for c in r["candidates"] if c["name"] == r["winner"]), None)
         if win is None:
             continue
         p, s = r["metrics"]
-        out.append(f"| {r['task']} | `{win['name']}` | {p} {_fmt(win['summary'][p])} | {s} {_fmt(win['summary'][s])} | "
+        from pellucid.core.tasks import get_task
+
+        if get_task(r["task"]).recipe.get("finetune") != win["recipe"].get("finetune"):
+            continue  # the app did not adopt the search's winner (nuclei): its row is written by hand
+        name = f"`{win['name']}`"
+        out.append(f"| {r['task']} | {name} | {p} {_fmt(win['summary'][p])} | {s} {_fmt(win['summary'][s])} | "
                    f"{_fmt(win.get('vs_A'), True) if win['role'] != 'A' else '(is A)'} | "
-                   f"{_fmt(win.get('vs_B'), True) if win['role'] != 'B' else '(is B)'} |")
+                   f"{_fmt(win.get('vs_B'), True) if win['role'] != 'B' else '(is B)'} |"
+                   + _single(single, r["task"], p))
     return out
 
 
 if __name__ == "__main__":
-    print("\n".join(rows(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench/results"))))
+    # python -m bench.recipes_summary [RESULTS_DIR] [MODEL_FOLDER_PATTERN, e.g. runs/default-{task}]
+    print("\n".join(rows(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench/results"),
+                          sys.argv[2] if len(sys.argv) > 2 else None)))
