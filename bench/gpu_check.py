@@ -580,8 +580,8 @@ class Check:
         if self.device.type == "cuda":
             n_gpu = torch.cuda.device_count()
             attempts = [("nccl", "cuda", True)] if n_gpu >= 2 else [("nccl", "cuda", False), ("gloo", "cuda", False)]
-        else:
-            attempts = [("gloo", "cpu", False)]
+        else:  # a gloo process group on a busy CPU sometimes aborts at start-up: one retry, noted in the row
+            attempts = [("gloo", "cpu", False), ("gloo", "cpu", False)]
         reasons = []
         for backend, device, separate in attempts:
             t = time.perf_counter()
