@@ -28,6 +28,17 @@ def _synthetic(root, n_groups=30, per_group=2, official=True):
     return root
 
 
+def _probe_and_tiny_training(tmp_path, finetune: str, folds: int, **kw) -> dict:
+    """Baseline A (a Lite0 probe) and a one-epoch training candidate of ``finetune`` on synthetic data."""
+    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
+    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
+             Candidate(finetune, "train", overrides={"backbone": "test_resnet", "pretrained": False,
+                                                     "finetune": finetune, "epochs": 1, "batch_size": 8,
+                                                     "image_size": 32}, role="B")]
+    return tune("tb", str(data), folds=folds, budget_min=30.0, out=tmp_path / "out", work=tmp_path / "work",
+                candidate_list=cands, progress=False, **kw)
+
+
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PELLUCID_CACHE", str(tmp_path / "cache"))
@@ -76,12 +87,7 @@ def test_probe_candidates_share_folds_and_budget_stops_training(tmp_path, cache)
 
 
 def test_training_candidate_runs_the_real_training_path(tmp_path, cache):
-    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
-    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
-             Candidate("lp-ft", "train", overrides={"backbone": "test_resnet", "pretrained": False, "finetune": "lp-ft",
-                                                    "epochs": 1, "batch_size": 8, "image_size": 32}, role="B")]
-    res = tune("tb", str(data), folds=2, budget_min=30.0, out=tmp_path / "out", work=tmp_path / "work",
-               candidate_list=cands, progress=False)
+    res = _probe_and_tiny_training(tmp_path, "lp-ft", folds=2)
     row = res["candidates"][1]
     assert row["n_folds"] == 2 and row["stopped"] is None
     assert set(row["folds"]["0"]["metrics"]) >= {"accuracy", "auroc"}
@@ -129,12 +135,7 @@ def test_table_marks_the_winner_and_missing_values():
 
 
 def test_train_folds_limits_training_candidates_and_they_cannot_win(tmp_path, cache):
-    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
-    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
-             Candidate("ft", "train", overrides={"backbone": "test_resnet", "pretrained": False, "finetune": "full",
-                                                 "epochs": 1, "batch_size": 8, "image_size": 32}, role="B")]
-    res = tune("tb", str(data), folds=3, budget_min=30.0, out=tmp_path / "out", work=tmp_path / "work",
-               candidate_list=cands, progress=False, train_folds=1)
+    res = _probe_and_tiny_training(tmp_path, "full", folds=3, train_folds=1)
     row = res["candidates"][1]
     assert row["n_folds"] == 1 and "first 1 fold" in row["stopped"]
     assert res["winner"] == "probe:a" and res["candidates"][0]["vs_B"]["n"] == 1
@@ -163,3 +164,17 @@ def test_one_standard_error_rule_prefers_the_cheaper_candidate_that_beats_both_b
     rows.append(row("probe:c", "probe", 0.97, 0.01, vs_a=0.02, vs_b=0.005))
     assert _choose(rows, 5, "acc")[0] == "probe:c"
     assert _choose([row("x", "probe", 0.9, 0.1, n=3)], 5, "acc")[0] is None
+
+
+def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them():
+    from pellucid.core.tune import _block_single_group_classes
+    from pellucid.datasets.samples import Sample
+
+    s = ([Sample(f"/r/fish_{i}.png", "fish", "rec1") for i in range(40)]
+         + [Sample(f"/r/ship_{i}.png", "ship", f"s{i}") for i in range(40)])
+    out, blocked = _block_single_group_classes(s, 5)
+    assert blocked == ["fish"]
+    fish_groups = [x.group for x in out if x.label == "fish"]
+    assert len(set(fish_groups)) == 10 and fish_groups[:4] == ["rec1#0"] * 4  # frame order, 4 per block
+    assert [x.group for x in out if x.label == "ship"] == [f"s{i}" for i in range(40)]
+    assert _block_single_group_classes(s[40:], 5) == (s[40:], [])
