@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pellucid-installed
 DATA ?= $(if $(PELLUCID_DATA),$(PELLUCID_DATA),../shared/data/tb_cxr)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench screenshot clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The web app's Predict page in headless Chromium → runs/screenshot.png (generated, never committed).
+screenshot: $(STAMP)
+	$(PY) -m bench.screenshot --out runs/screenshot.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

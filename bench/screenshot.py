@@ -1,4 +1,4 @@
-"""The README's screenshot: the web app's Predict page in headless Chromium, saved as ``docs/screenshot.png``.
+"""The README's screenshot: the web app's Predict page in headless Chromium, saved as ``runs/screenshot.png`` (generated, never committed: the repository carries no images).
 
 ``python -m bench.screenshot [--model DIR] [--image FILE] [--methods gradcam,occlusion] [--out PATH]``
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="model folder (default: a tiny untrained one, built here)")
     ap.add_argument("--image", type=Path, help="image to upload (default: a synthetic chest-X-ray-like picture)")
     ap.add_argument("--methods", default="gradcam,occlusion,lime", help="explainers shown (comma-separated)")
-    ap.add_argument("--out", type=Path, default=Path("docs/screenshot.png"))
+    ap.add_argument("--out", type=Path, default=Path("runs/screenshot.png"))
     ap.add_argument("--width", type=int, default=1280, help="browser window width in pixels")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
