@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", help="comma-separated candidate names not to run (baselines always run)")
     p.add_argument("--train-folds", type=int, help="run training candidates on the first N folds only")
     p.add_argument("--fine-tune-epochs", type=int, default=6, help="epochs of baseline B and LP-FT")
+    p.add_argument("--name", help="results table name (default: the task's)")
+    p.add_argument("--resume", action="store_true", help="reuse the fine-tunes' folds of an earlier table")
     p.add_argument("--rescore", action="store_true",
                    help="recompute summaries and winner of bench/results/recipes-TASK.json (nothing is run)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from pellucid.core.tune import rescore
 
-        r = rescore(Path(args.out) / f"recipes-{args.task}.json")
+        r = rescore(Path(args.out) / f"recipes-{args.name or args.task}.json")
         print(f"{args.task}: winner {r['winner']} ({r['rule']})")
         return 0
     return run_cli(args)

@@ -370,6 +370,9 @@ def _add_model_commands(sub) -> None:
                    help="run the training candidates (fine-tunes) on the first N folds only: they cost minutes per fold")
     p.add_argument("--fine-tune-epochs", type=int, default=6, metavar="E", help="epochs of baseline B and LP-FT")
     p.add_argument("--skip", help="comma-separated candidate names not to run (the baselines always run)")
+    p.add_argument("--name", help="name of the results table (default: the task's), e.g. tb_lungs for tb on another data set")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the fine-tunes' folds of an earlier table with the same folds and recipe")
     p.set_defaults(func=_lazy("pellucid.core.tune", "run_cli"))
 
     p = sub.add_parser("eval", help="score a model folder on a labelled data folder")

@@ -46,7 +46,7 @@ __all__ = ["Candidate", "default_candidates", "tune", "run_cli", "CANDIDATE_KIND
 
 log = logging.getLogger(__name__)
 
-CANDIDATE_KINDS = ("probe", "train")
+CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 _SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
 
@@ -64,6 +64,9 @@ class Candidate:
         overrides: train: :class:`~pellucid.core.training.TrainConfig` overrides.
         role: ``A`` / ``B`` for the two baselines, ``current`` for the shipped recipe.
         about: one line for the table.
+        parts: hybrid: the names of a probe candidate and a training candidate whose calibrated
+            probabilities are soft-voted (scored from their folds, nothing is trained again).
+        train_weight: hybrid: the training candidate's voting weight (each probe member weighs 1).
     """
 
     name: str
@@ -73,17 +76,39 @@ class Candidate:
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
     role: str = ""
     about: str = ""
+    parts: tuple[str, ...] = ()
+    train_weight: float = 1.0
 
-    def recipe(self, task) -> dict:
+    def recipe(self, task, others: dict | None = None) -> dict:
         """The ``[recipe]`` keys (plus ``image_size``) that train this candidate with ``pellucid train``."""
         if self.kind == "train":
-            return {**task.recipe, **self.overrides, "image_size": self.overrides.get("image_size", task.image_size)}
+            return _effective({**task.recipe, **self.overrides,
+                               "image_size": self.overrides.get("image_size", task.image_size)})
+        if self.kind == "hybrid":
+            probe, trained = (others or {})[self.parts[0]], (others or {})[self.parts[1]]
+            pr = probe.recipe(task)
+            members = pr.get("members") or [{k: pr[k] for k in ("backbone", "image_size", "finetune", "epochs")}]
+            tm = {k: v for k, v in trained.overrides.items() if k != "members"}
+            tm.setdefault("image_size", task.image_size)
+            return {"finetune": "linear-probe", "epochs": 0, "image_size": members[0]["image_size"],
+                    "members": [dict(m) for m in members] + [{**tm, "weight": self.train_weight}]}
         if len(self.members) == 1:
             backbone, size = self.members[0]
             return {"backbone": backbone, "finetune": "linear-probe", "epochs": 0, "image_size": size}
         return {"finetune": "linear-probe", "epochs": 0, "image_size": self.members[0][1],
                 "members": [{"backbone": b, "image_size": s, "finetune": "linear-probe", "epochs": 0}
                             for b, s in self.members]}
+
+
+_PROGRESSIVE_ONLY = ("stages_per_epoch", "max_stages", "lr_decay")
+
+
+def _effective(recipe: dict) -> dict:
+    """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
+    stage keys on any other strategy), so that equal recipes compare equal."""
+    if recipe.get("finetune") == "progressive":
+        return dict(recipe)
+    return {k: v for k, v in recipe.items() if k not in _PROGRESSIVE_ONLY}
 
 
 def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool = False, about: str = "") -> Candidate:
@@ -117,15 +142,23 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
             "mixing": "none", "members": [], "probe_patience": 2}
     cands.append(Candidate("lp-ft:lite0", "train", overrides=lpft,
                            about="LP-FT: probe head first, then everything at a small learning rate"))
+    vote = _probe(trio).name
+    for trained in ("finetune:lite0", "lp-ft:lite0"):
+        for w in (1.0, 3.0):
+            cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}{trained}", "hybrid", parts=(vote, trained),
+                                   train_weight=w,
+                                   about=f"soft vote of the three Lite probes and {trained} (weight {w:g} against 1 "
+                                         "per probe), scored from both candidates' folds"))
     cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
     return cands
 
 
 # ----------------------------------------------------------------------------- scoring
 def _scores(task, logits_val: Sequence[torch.Tensor], y_val: np.ndarray, logits_test: Sequence[torch.Tensor],
-            y_test: np.ndarray) -> dict[str, float | None]:
+            y_test: np.ndarray, weights: Sequence[float] | None = None) -> dict[str, float | None]:
     """Headline metrics of the test part, calibrated (temperature) and thresholded on validation the
-    way a model folder is; several logit sets are a soft vote of their calibrated probabilities."""
+    way a model folder is; several logit sets are a soft vote (``weights``, default equal) of their
+    calibrated probabilities, as in an ensemble folder."""
     from pellucid.core import calibration, metrics
     from pellucid.core.scoring import choose_split_threshold
 
@@ -134,7 +167,7 @@ def _scores(task, logits_val: Sequence[torch.Tensor], y_val: np.ndarray, logits_
         T = calibration.fit_temperature(lv, y_val)
         pv.append(calibration.apply_temperature(lv, T))
         pt.append(calibration.apply_temperature(lt, T))
-    probs_val, probs_test = np.mean(pv, 0), np.mean(pt, 0)
+    probs_val, probs_test = np.average(pv, 0, weights=weights), np.average(pt, 0, weights=weights)
     thr = choose_split_threshold(y_val, probs_val, len(task.classes), task.positive_index, task.threshold_policy,
                                  task.target_sensitivity)
     m = metrics.classification_metrics(y_test, probs_test, list(task.classes), threshold=thr,
@@ -191,17 +224,72 @@ def _fit_probe_logits(data: _Data, backbone: str, size: int, flip: bool, split: 
     return out, ys
 
 
+def _probe_parts(data: _Data, cand: Candidate, split: dict) -> list[dict]:
+    """Per member of a probe candidate: ``{part: (sample indices, logits)}`` for val and test."""
+    parts = []
+    for backbone, size in cand.members:
+        out, _ = _fit_probe_logits(data, backbone, size, cand.flip, split)
+        emb = data.embeddings(backbone, size, cand.flip)
+        parts.append({p: (emb.positions[emb.rows_for(split[p])], out[p]) for p in ("val", "test")})
+    return parts
+
+
+def _vote(data: _Data, parts: list[dict], weights: Sequence[float] | None = None) -> dict:
+    """Scores of a soft vote of logit sets ``{part: (sample indices, logits)}``, on the samples every
+    set has (a file one reader could not decode is left out of all of them)."""
+    lv, lt, ys = [], [], {}
+    for p, store in (("val", lv), ("test", lt)):
+        common = set.intersection(*[set(int(i) for i in part[p][0]) for part in parts])
+        order = [int(i) for i in parts[0][p][0] if int(i) in common]
+        for part in parts:
+            where = {int(i): r for r, i in enumerate(part[p][0])}
+            store.append(part[p][1][[where[i] for i in order]])
+        ys[p] = data.y[order]
+    return _scores(data.task, lv, ys["val"], lt, ys["test"], weights)
+
+
 def _run_probe(data: _Data, cand: Candidate, split: dict) -> dict:
     t = time.time()
-    lv, lt, yv, yt = [], [], None, None
-    for backbone, size in cand.members:
-        out, ys = _fit_probe_logits(data, backbone, size, cand.flip, split)
-        if yv is not None and (len(ys["val"]) != len(yv) or len(ys["test"]) != len(yt)):
-            raise RuntimeError("members read different files; cannot vote")  # same files, same readers
-        yv, yt = ys["val"].numpy(), ys["test"].numpy()
-        lv.append(out["val"])
-        lt.append(out["test"])
-    return {"metrics": _scores(data.task, lv, yv, lt, yt), "seconds": round(time.time() - t, 2)}
+    metrics = _vote(data, _probe_parts(data, cand, split))
+    return {"metrics": metrics, "seconds": round(time.time() - t, 2)}
+
+
+def _train_fold_logits(task, folder: Path, samples, split: dict) -> dict:
+    """Raw logits of one fold's trained model folder on the fold's validation and test parts,
+    ``{part: (sample indices, logits)}``; kept in ``fold_logits.pt`` beside the model."""
+    cache = folder / "fold_logits.pt"
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        return {p: (saved[p + "_idx"].numpy(), saved[p]) for p in ("val", "test")}
+    from pellucid.core.modelfolder import load_model
+    from pellucid.core.segmentation import LungMasker
+    from pellucid.datasets.torchdata import ImageCache, to_tensor
+
+    model, card = load_model(folder)
+    model.eval()
+    size = int(card.image_size or task.image_size)
+    out, flat = {}, {}
+    for p in ("val", "test"):
+        idx = list(split[p])
+        cache_p = ImageCache([samples[i].path for i in idx], size, channels=task.channels, progress=False,
+                             preprocess=LungMasker.from_card(card))
+        ok = cache_p.ok(range(len(idx)))
+        logits = []
+        with torch.inference_mode():
+            for b in range(0, len(ok), 64):
+                logits.append(model(torch.stack([to_tensor(cache_p.get(j)) for j in ok[b:b + 64]])).float())
+        out[p] = (np.array([idx[j] for j in ok], dtype=int),
+                  torch.cat(logits) if logits else torch.zeros(0, len(task.classes)))
+        flat[p], flat[p + "_idx"] = out[p][1], torch.as_tensor(out[p][0])
+    torch.save(flat, cache)
+    return out
+
+
+def _run_hybrid(data: _Data, cand: Candidate, probe: Candidate, split: dict, trained: dict) -> dict:
+    t = time.time()
+    parts = _probe_parts(data, probe, split) + [trained]
+    metrics = _vote(data, parts, [1.0] * (len(parts) - 1) + [cand.train_weight])
+    return {"metrics": metrics, "seconds": round(time.time() - t, 2)}
 
 
 def _run_train(task, cand: Candidate, data_dir: str, split_path: Path, out: Path, seed: int) -> dict:
@@ -213,6 +301,7 @@ def _run_train(task, cand: Candidate, data_dir: str, split_path: Path, out: Path
         cfg = replace(cfg, image_size=int(cand.overrides["image_size"]))
     cfg = replace(cfg, split_file=str(split_path), seed=seed, n_boot=0, progress=False, overwrite=True,
                   members=[] if cand.role != "current" else cfg.members)
+    (out / "fold_logits.pt").unlink(missing_ok=True)  # a retrained fold must not keep the old model's logits
     t = time.time()
     if cfg.members:
         from pellucid.core.ensemble import train_ensemble
@@ -278,7 +367,8 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
          candidates: Sequence[str] | None = None, out: str | Path = "bench/results", seed: int = 0,
          write_recipe: bool = False, work: str | Path | None = None, fine_tune_epochs: int = 6,
          progress: bool = True, candidate_list: Sequence[Candidate] | None = None,
-         train_folds: int | None = None, skip: Sequence[str] = ()) -> dict:
+         train_folds: int | None = None, skip: Sequence[str] = (), name: str | None = None,
+         resume: bool = False) -> dict:
     """Score the task's candidates on the same grouped folds; write ``recipes-<task>.md``/``.json``.
 
     Args:
@@ -286,6 +376,10 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
             per fold); their paired differences then use those folds, and they cannot win.
         candidate_list: the candidates to score (default: :func:`default_candidates`); ``candidates``
             then picks names from it (the baselines always run).
+        name: the table's name (default the task's): ``recipes-<name>.md``, work under
+            ``runs/tune/<name>`` — for a second data set of one task (tb on ``tb_lungs``).
+        resume: reuse the training candidates' folds from an earlier ``recipes-<name>.json`` with the
+            same folds (k, seed, number of samples) and the same recipe; only missing folds train.
 
     Returns:
         The result dict written as JSON (``candidates``: per candidate its folds and summaries;
@@ -307,8 +401,13 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
             raise ValueError(f"unknown candidate(s) {', '.join(missing)}; known: {', '.join(known)}")
         cands = [c for c in cands if c.name in candidates or c.role in ("A", "B")]
     cands = [c for c in cands if c.name not in set(skip) or c.role in ("A", "B")]
+    by_name = {c.name: c for c in cands}
+    cands = [c for c in cands if c.kind != "hybrid" or all(p in by_name for p in c.parts)]
+    name = name or task.name
+    out = Path(out)
+    previous = _previous_rows(out / f"recipes-{name}.json", folds, seed, len(samples)) if resume else {}
     split_list = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
-    work = Path(work or Path("runs") / "tune" / task.name)
+    work = Path(work or Path("runs") / "tune" / name)
     (work / "folds").mkdir(parents=True, exist_ok=True)
     split_paths = []
     for s in split_list:
@@ -318,11 +417,25 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     data_obj = _Data(task, samples, task.recipe, progress)
     official = _official_split(samples)
     budget_s = budget_min * 60
-    results = []
+    results, rows = [], {}
     for cand in cands:
         row = {"name": cand.name, "kind": cand.kind, "role": cand.role, "about": cand.about,
-               "recipe": cand.recipe(task), "folds": {}, "official": None, "stopped": None}
+               "recipe": cand.recipe(task, by_name), "folds": {}, "official": None, "stopped": None}
+        rows[cand.name] = row
+        old = previous.get(cand.name)
+        if cand.kind == "train" and old and _effective(old["recipe"]) == json.loads(json.dumps(row["recipe"],
+                                                                                              default=str)):
+            row["folds"] = {f: r for f, r in old["folds"].items()
+                            if (work / cand.name.replace(":", "_") / f"fold_{f}" / "card.json").exists()}
+            if row["folds"]:
+                log.info("%s: %d fold(s) reused from the earlier search", cand.name, len(row["folds"]))
+        if cand.kind == "hybrid":
+            _hybrid_row(row, cand, by_name, rows, data_obj, samples, split_list, work)
+            results.append(row)
+            continue
         for s, sp in zip(split_list, split_paths):
+            if str(s["fold"]) in row["folds"]:
+                continue
             if cand.kind == "train" and train_folds is not None and len(row["folds"]) >= train_folds:
                 row["stopped"] = f"run on the first {train_folds} fold(s) only (--train-folds)"
                 break
@@ -345,14 +458,47 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     result = _summarise(task, results, folds, seed, data, samples, time.time() - t0, data_obj.embed_seconds,
                         bool(official))
     result["blocked_classes"] = blocked
-    out = Path(out)
+    result["name"] = name
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"recipes-{task.name}.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / f"recipes-{task.name}.md").write_text(render_table(result))
+    (out / f"recipes-{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / f"recipes-{name}.md").write_text(render_table(result))
     if write_recipe and result["winner"]:
         win = next(r for r in result["candidates"] if r["name"] == result["winner"])
-        (out / f"recipes-{task.name}.toml").write_text(_recipe_toml(win["recipe"], win["name"]))
+        (out / f"recipes-{name}.toml").write_text(_recipe_toml(win["recipe"], win["name"]))
     return result
+
+
+def _previous_rows(path: Path, k: int, seed: int, n: int) -> dict:
+    """Rows of an earlier search with the same folds, by candidate name (empty when there is none)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if (old.get("k"), old.get("seed"), old.get("n")) != (k, seed, n):
+        log.warning("%s: other folds (k, seed or n differ); nothing reused", path)
+        return {}
+    return {r["name"]: r for r in old.get("candidates", [])}
+
+
+def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj: _Data, samples, split_list,
+                work: Path) -> None:
+    """Score a hybrid on the folds its training part ran (nothing is trained again)."""
+    probe_name, train_name = cand.parts
+    trained = rows.get(train_name)
+    if trained is None or rows.get(probe_name) is None:
+        row["stopped"] = "its parts were not run"
+        return
+    for s in split_list:
+        f = str(s["fold"])
+        folder = work / train_name.replace(":", "_") / f"fold_{f}"
+        if f not in trained["folds"] or not (folder / "card.json").exists():
+            continue
+        res = _run_hybrid(data_obj, cand, by_name[probe_name], s, _train_fold_logits(data_obj.task, folder,
+                                                                                      samples, s))
+        res["seconds"] = round(res["seconds"] + trained["folds"][f]["seconds"], 1)
+        row["folds"][f] = res
+    if len(row["folds"]) < len(split_list):
+        row["stopped"] = f"scored on the {len(row['folds'])} fold(s) {train_name} ran"
 
 
 def rescore(json_path: str | Path) -> dict:
@@ -365,7 +511,7 @@ def rescore(json_path: str | Path) -> dict:
     task = get_task(old["task"])
     new = _summarise(task, old["candidates"], old["k"], old["seed"], old["data"], [None] * old["n"], old["seconds"],
                      old["embed_seconds"], old["official_split"])
-    new.update({k: old[k] for k in ("cpu", "torch", "threads", "blocked_classes") if k in old})
+    new.update({k: old[k] for k in ("cpu", "torch", "threads", "blocked_classes", "name") if k in old})
     path.write_text(json.dumps(new, indent=1, default=str))
     path.with_suffix(".md").write_text(render_table(new))
     return new
@@ -418,17 +564,18 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     beats = [r for r in full if r.get("role") not in ("A", "B")
              and (r.get("vs_A") or {}).get("mean") is not None and r["vs_A"]["mean"] > 0
              and ((r.get("vs_B") or {}).get("n", 0) == 0 or r["vs_B"]["mean"] > 0)]
-    note = "" if beats else "; no candidate beat both baselines, so all were eligible"
     full = beats or full
     best = max(full, key=lambda r: r["summary"][primary]["mean"])
     sd = best["summary"][primary]["sd"] or 0.0
     bar = best["summary"][primary]["mean"] - sd / math.sqrt(k)
     ok = [r for r in full if r["summary"][primary]["mean"] >= bar - 1e-12]
     win = min(ok, key=lambda r: (_passes(r), -r["summary"][primary]["mean"]))
-    return win["name"], (f"among candidates that beat both baselines (mean paired margin > 0), the "
+    among = ("among candidates that beat both baselines (mean paired margin > 0)" if beats
+             else "no candidate beat both baselines, so among all candidates")
+    return win["name"], (f"{among}, the "
                          f"one-standard-error rule: best mean {primary} {best['summary'][primary]['mean']:.3f} "
                          f"({best['name']}), bar {bar:.3f}; the cheapest candidate at or above it "
-                         f"({_passes(win)} forward pass(es) per image){note}")
+                         f"({_passes(win)} forward pass(es) per image)")
 
 
 def _cpu_line() -> str:
@@ -450,7 +597,7 @@ def _fmt(mean, sd, signed: bool = False) -> str:
 def render_table(result: dict) -> str:
     """The Markdown table of a :func:`tune` result."""
     p, s = result["metrics"][0], result["metrics"][1]
-    lines = [f"# Recipe search: {result['task']}", "",
+    lines = [f"# Recipe search: {result.get('name') or result['task']}", "",
              f"{result['k']}-fold grouped cross-validation of the dev data (`{result['data']}`, n = {result['n']}, "
              f"seed {result['seed']}); every candidate on the same folds, the test part of a fold only scores. "
              f"CPU: {result['cpu']}; torch {result['torch']}, {result['threads']} thread(s). "
@@ -519,7 +666,8 @@ def run_cli(args) -> int:
                   seed=args.seed, write_recipe=getattr(args, "write_recipe", False),
                   train_folds=getattr(args, "train_folds", None),
                   skip=[c.strip() for c in (getattr(args, "skip", None) or "").split(",") if c.strip()],
-                  fine_tune_epochs=getattr(args, "fine_tune_epochs", None) or 6)
+                  fine_tune_epochs=getattr(args, "fine_tune_epochs", None) or 6,
+                  name=getattr(args, "name", None), resume=getattr(args, "resume", False))
     print(render_table(result))
-    print(f"written: {Path(args.out) / ('recipes-' + task.name + '.md')}")
+    print(f"written: {Path(args.out) / ('recipes-' + result['name'] + '.md')}")
     return 0

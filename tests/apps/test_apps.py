@@ -153,3 +153,18 @@ def test_ensemble_member_with_unknown_option(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "ensemble member 0: unknown training option 'image_sise'; did you mean 'image_size'?" in err
     assert not (tmp_path / "o" / "members").exists()  # refused before any member trained
+
+
+def test_a_hybrid_recipe_trains_probe_and_fine_tune_members_with_their_weights(tmp_path):
+    """The recipe search's hybrids (probes + a fine-tune, the fine-tune weighted) train as one ensemble."""
+    cfg = tmp_path / "hybrid.toml"
+    cfg.write_text('[[members]]\nbackbone = "test_resnet"\npretrained = false\nfinetune = "linear-probe"\nepochs = 0\n'
+                   '[[members]]\nbackbone = "test_resnet"\npretrained = false\nfinetune = "full"\nepochs = 1\n'
+                   'mixing = "none"\nweight = 3.0\n')
+    out = tmp_path / "m"
+    assert main(["train", "tb", "--data", str(data_dir("tb_cxr")), "--out", str(out), "--config", str(cfg),
+                 "--max-images", "24", "--image-size", "32", "--batch-size", "8", "--no-progress"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["kind"] == "ensemble" and [m["weight"] for m in card["members"]] == [0.25, 0.75]
+    kinds = [json.loads((out / m["path"] / "card.json").read_text())["recipe"]["finetune"] for m in card["members"]]
+    assert kinds == ["linear-probe", "full"]

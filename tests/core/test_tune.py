@@ -178,3 +178,41 @@ def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them()
     assert len(set(fish_groups)) == 10 and fish_groups[:4] == ["rec1#0"] * 4  # frame order, 4 per block
     assert [x.group for x in out if x.label == "ship"] == [f"s{i}" for i in range(40)]
     assert _block_single_group_classes(s[40:], 5) == (s[40:], [])
+
+
+def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(tmp_path, cache):
+    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
+    b = {"backbone": "test_resnet", "pretrained": False, "finetune": "full", "epochs": 1, "batch_size": 8,
+         "image_size": 32, "members": []}
+    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
+             Candidate("ft", "train", overrides=b, role="B"),
+             Candidate("probe:a+3xft", "hybrid", parts=("probe:a", "ft"), train_weight=3.0)]
+    kw = dict(folds=2, budget_min=30.0, out=tmp_path / "out", work=tmp_path / "work", candidate_list=cands,
+              progress=False, name="tb_other", write_recipe=True)
+    res = tune("tb", str(data), **kw)
+    rows = {r["name"]: r for r in res["candidates"]}
+    hyb = rows["probe:a+3xft"]
+    assert hyb["n_folds"] == 2 and hyb["stopped"] is None and hyb["vs_A"]["n"] == 2 and hyb["vs_B"]["n"] == 2
+    assert 0.5 <= hyb["summary"]["accuracy"]["mean"] <= 1.0
+    # the fine-tune's fold logits were kept beside its model; the hybrid costs the probe plus the training
+    assert (tmp_path / "work" / "ft" / "fold_0" / "fold_logits.pt").exists()
+    assert hyb["folds"]["0"]["seconds"] >= rows["ft"]["folds"]["0"]["seconds"]
+    # the hybrid's recipe trains as one ensemble: the probe member, then the fine-tune with its weight
+    members = hyb["recipe"]["members"]
+    assert [m["finetune"] for m in members] == ["linear-probe", "full"] and members[1]["weight"] == 3.0
+    assert "members" not in members[1] or members[1]["members"] == []
+    assert (tmp_path / "out" / "recipes-tb_other.md").read_text().startswith("# Recipe search: tb_other")
+    # resume: the trained folds are reused (no training: the model files are untouched), the scores equal
+    model = tmp_path / "work" / "ft" / "fold_1" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    again = tune("tb", str(data), resume=True, **kw)
+    rows2 = {r["name"]: r for r in again["candidates"]}
+    assert model.stat().st_mtime_ns == stamp
+    assert rows2["ft"]["folds"] == rows["ft"]["folds"]
+    assert rows2["probe:a+3xft"]["summary"] == hyb["summary"]
+    # another recipe under the same name is trained again, not reused
+    cands[1] = Candidate("ft", "train", overrides={**b, "lr": 0.5}, role="B")
+    third = tune("tb", str(data), resume=True, **{**kw, "candidate_list": cands, "folds": 2})
+    assert model.stat().st_mtime_ns != stamp and third["candidates"][1]["n_folds"] == 2
+    logits = tmp_path / "work" / "ft" / "fold_1" / "fold_logits.pt"
+    assert logits.stat().st_mtime_ns >= model.stat().st_mtime_ns  # the hybrid read the new model's logits
