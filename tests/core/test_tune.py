@@ -181,7 +181,7 @@ def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them()
 
 
 def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(tmp_path, cache):
-    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
+    data = _synthetic(tmp_path / "data", n_groups=20)
     b = {"backbone": "test_resnet", "pretrained": False, "finetune": "full", "epochs": 1, "batch_size": 8,
          "image_size": 32, "members": []}
     cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
@@ -197,6 +197,9 @@ def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(t
     # the fine-tune's fold logits were kept beside its model; the hybrid costs the probe plus the training
     assert (tmp_path / "work" / "ft" / "fold_0" / "fold_logits.pt").exists()
     assert hyb["folds"]["0"]["seconds"] >= rows["ft"]["folds"]["0"]["seconds"]
+    # the file names keep an official split: the fine-tune trained on it once, so the hybrid is checked there too
+    assert rows["ft"]["official"]["metrics"]["accuracy"] is not None
+    assert hyb["official"]["metrics"]["accuracy"] is not None
     # the hybrid's recipe trains as one ensemble: the probe member, then the fine-tune with its weight
     members = hyb["recipe"]["members"]
     assert [m["finetune"] for m in members] == ["linear-probe", "full"] and members[1]["weight"] == 3.0
