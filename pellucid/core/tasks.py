@@ -51,6 +51,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "dropout": 0.2,
     "patience": 4,
     "probe_patience": 2,       # stop a fine-tune that has not beaten its probe's val loss after this many epochs
+    "probe_flip": False,       # the linear probe also fits mirrored copies of the training images
     "balance": "weights",
     "val_fraction": 0.15,
     "test_fraction": 0.2,

@@ -74,6 +74,7 @@ class TrainConfig:
     finetune: str = "progressive"
     epochs: int = 4
     probe_epochs: int = 40
+    probe_flip: bool = False  # the linear probe also fits the mirrored training images (prediction unchanged)
     image_size: int = 224
     batch_size: int = 32
     lr: float = 5e-4
@@ -459,10 +460,17 @@ def _linear_probe(model: Classifier, plain: dict, y: dict, cw: torch.Tensor | No
     t = time.time()
     feats = {p: extract_features(model, _batches(plain[p], 64), device, cfg.progress, f"features ({p})")
              for p in ("train", "val")}
-    probe_info = fit_head(model.head, feats["train"], y["train"], weight=cw,
+    y_train = y["train"]
+    if cfg.probe_flip:  # training-time augmentation of the probe: mirrored copies of the training images
+        mirrored = (torch.flip(x, dims=[3]) for x in _batches(plain["train"], 64))
+        feats["train"] = torch.cat([feats["train"], extract_features(model, mirrored, device, cfg.progress,
+                                                                     "features (train, mirrored)")])
+        y_train = torch.cat([y_train, y_train])
+    probe_info = fit_head(model.head, feats["train"], y_train, weight=cw,
                           epochs=cfg.probe_epochs, label_smoothing=cfg.label_smoothing,
                           val=(feats["val"], y["val"]))
     probe_info["seconds"] = round(time.time() - t, 1)
+    probe_info["fit_rows"] = int(len(y_train))
     history.append({"epoch": -1, "phase": "linear-probe", **probe_info})
     log.info("linear probe: %s", probe_info)
     return probe_info

@@ -59,8 +59,11 @@ class Candidate:
         name: short unique name (what ``--candidates`` selects).
         kind: ``probe`` (linear head(s) on cached frozen features) or ``train`` (a training run).
         members: probe: ``(backbone, image_size)`` per member; more than one is a soft vote.
-        flip: probe: test-time augmentation — the head is fitted on plain and mirrored features and
-            predicts the mean of both.
+        flip: probe: ``True`` is test-time augmentation — the head is fitted on plain and mirrored
+            features and predicts the mean of both (measured only: model folders do not apply TTA);
+            ``"fit"`` fits on plain and mirrored features and predicts from the plain image alone
+            (``probe_flip = true`` in a recipe: training-time augmentation of the probe, no cost at
+            prediction).
         overrides: train: :class:`~pellucid.core.training.TrainConfig` overrides.
         role: ``A`` / ``B`` for the two baselines, ``current`` for the shipped recipe.
         about: one line for the table.
@@ -72,7 +75,7 @@ class Candidate:
     name: str
     kind: str
     members: tuple[tuple[str, int], ...] = ()
-    flip: bool = False
+    flip: bool | str = False
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
     role: str = ""
     about: str = ""
@@ -92,11 +95,12 @@ class Candidate:
             tm.setdefault("image_size", task.image_size)
             return {"finetune": "linear-probe", "epochs": 0, "image_size": members[0]["image_size"],
                     "members": [dict(m) for m in members] + [{**tm, "weight": self.train_weight}]}
+        fit_flip = {"probe_flip": True} if self.flip == "fit" else {}
         if len(self.members) == 1:
             backbone, size = self.members[0]
-            return {"backbone": backbone, "finetune": "linear-probe", "epochs": 0, "image_size": size}
+            return {"backbone": backbone, "finetune": "linear-probe", "epochs": 0, "image_size": size, **fit_flip}
         return {"finetune": "linear-probe", "epochs": 0, "image_size": self.members[0][1],
-                "members": [{"backbone": b, "image_size": s, "finetune": "linear-probe", "epochs": 0}
+                "members": [{"backbone": b, "image_size": s, "finetune": "linear-probe", "epochs": 0, **fit_flip}
                             for b, s in self.members]}
 
 
@@ -111,8 +115,9 @@ def _effective(recipe: dict) -> dict:
     return {k: v for k, v in recipe.items() if k not in _PROGRESSIVE_ONLY}
 
 
-def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool = False, about: str = "") -> Candidate:
-    name = "probe:" + "+".join(f"{_SHORT.get(b, b)}@{s}" for b, s in members) + ("+flip" if flip else "")
+def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str = False, about: str = "") -> Candidate:
+    name = "probe:" + "+".join(f"{_SHORT.get(b, b)}@{s}" for b, s in members) + {True: "+flip", "fit": "+flipfit"}.get(
+        flip, "")
     return Candidate(name, "probe", tuple(members), flip=flip, role=role, about=about)
 
 
@@ -134,6 +139,10 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     cands.append(_probe(trio, about="soft vote of the three Lite probes"))
     cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation (measured only: "
                                                 "model folders do not apply TTA, so it cannot win)"))
+    cands.append(_probe([(base, size)], flip="fit", about="Lite0 probe fitted on plain and mirrored training "
+                                                          "images (probe_flip; prediction unchanged)"))
+    cands.append(_probe(trio, flip="fit", about="soft vote of the three Lite probes, each fitted on plain and "
+                                                "mirrored training images (probe_flip)"))
     plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
              "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
     cands.append(Candidate("finetune:lite0", "train", overrides=plain, role="B",
@@ -142,13 +151,13 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
             "mixing": "none", "members": [], "probe_patience": 2}
     cands.append(Candidate("lp-ft:lite0", "train", overrides=lpft,
                            about="LP-FT: probe head first, then everything at a small learning rate"))
-    vote = _probe(trio).name
-    for trained in ("finetune:lite0", "lp-ft:lite0"):
-        for w in (1.0, 3.0):
-            cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}{trained}", "hybrid", parts=(vote, trained),
-                                   train_weight=w,
-                                   about=f"soft vote of the three Lite probes and {trained} (weight {w:g} against 1 "
-                                         "per probe), scored from both candidates' folds"))
+    for vote in (_probe(trio).name, _probe(trio, flip="fit").name):
+        for trained in ("finetune:lite0", "lp-ft:lite0"):
+            for w in (1.0, 3.0):
+                cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}{trained}", "hybrid",
+                                       parts=(vote, trained), train_weight=w,
+                                       about=f"soft vote of `{vote}` and {trained} (weight {w:g} against 1 per "
+                                             "probe), scored from both candidates' folds"))
     cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
     return cands
 
@@ -190,6 +199,7 @@ class _Data:
     def embeddings(self, backbone: str, size: int, flip: bool):
         from pellucid.core.features import embed_samples
 
+        flip = bool(flip)  # mirrored features serve TTA and fitting alike
         key = (backbone, size, flip)
         if key not in self._emb:
             emb = embed_samples(self.samples, backbone, size, channels=self.task.channels, flip=flip,
@@ -211,12 +221,12 @@ def _fit_probe_logits(data: _Data, backbone: str, size: int, flip: bool, split: 
     n_cls = len(data.task.classes)
     cw = _class_weights(ys["train"].numpy(), n_cls) if data.recipe.get("balance", "weights") == "weights" else None
     head = torch.nn.Linear(feats["train"].shape[-1], n_cls)
-    if flip:  # fit on plain and mirrored rows; validate / predict on their mean logits
+    if flip:  # fit on plain and mirrored rows; validate / predict on their mean logits (TTA) or the plain ones
         tr = feats["train"].reshape(-1, feats["train"].shape[-1])
         fit_head(head, tr, ys["train"].repeat_interleave(2), weight=cw, epochs=data.recipe.get("probe_epochs", 40),
                  label_smoothing=data.recipe.get("label_smoothing", 0.0), val=(feats["val"][:, 0], ys["val"]))
         with torch.no_grad():
-            out = {p: head(feats[p]).mean(1) for p in ("val", "test")}
+            out = {p: (head(feats[p][:, 0]) if flip == "fit" else head(feats[p]).mean(1)) for p in ("val", "test")}
     else:
         fit_head(head, feats["train"], ys["train"], weight=cw, epochs=data.recipe.get("probe_epochs", 40),
                  label_smoothing=data.recipe.get("label_smoothing", 0.0), val=(feats["val"], ys["val"]))

@@ -215,3 +215,21 @@ def test_backbone_flag_on_an_ensemble_recipe_is_honoured_not_ignored(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "trains one resnet50 model instead of the snow recipe's ensemble of 3" in caplog.text
     assert "no pretrained weights for 'resnet50'" in err and "\n" not in err
+
+def test_probe_flip_fits_the_probe_on_mirrored_copies_too(tmp_path):
+    """``probe_flip``: the linear probe sees every training image and its mirror (twice the rows);
+    the split and everything at prediction time stay the same."""
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    rows = {}
+    for flip in (False, True):
+        out = tmp_path / str(flip)
+        cfg = TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(out), backbone="test_resnet",
+                                    pretrained=False, finetune="linear-probe", epochs=0, image_size=32, max_images=40,
+                                    batch_size=8, progress=False, n_boot=10, probe_flip=flip)
+        train(cfg)
+        probe = next(h for h in json.loads((out / "history.json").read_text()) if h.get("phase") == "linear-probe")
+        split = json.loads((out / "split.json").read_text())
+        rows[flip] = (probe["fit_rows"], len(split["train"]))
+    assert rows[False][0] == rows[False][1] and rows[True] == (2 * rows[False][1], rows[False][1])
