@@ -109,10 +109,12 @@ _PROGRESSIVE_ONLY = ("stages_per_epoch", "max_stages", "lr_decay")
 
 def _effective(recipe: dict) -> dict:
     """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
-    stage keys on any other strategy), so that equal recipes compare equal."""
+    stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
+    recipes compare equal."""
+    out = {k: v for k, v in recipe.items() if not (k == "probe_flip" and not v)}  # off = the old default
     if recipe.get("finetune") == "progressive":
-        return dict(recipe)
-    return {k: v for k, v in recipe.items() if k not in _PROGRESSIVE_ONLY}
+        return out
+    return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}
 
 
 def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str = False, about: str = "") -> Candidate:
