@@ -17,10 +17,18 @@ query batch (``transductive``: soft k-means steps). The levers are chosen on the
 0); the chosen setting and the old default are then scored again on fresh *confirm* draws (seed 1),
 so the reported margin is not the maximum of many noisy comparisons.
 
+``--study embedding`` measures instead the embedding chosen per support set (``auto_backbones``):
+Lite0 alone, Lite0 + Lite2 and Lite0 + Lite1 + Lite2 concatenated (features as a model folder
+computes them: the images at 260 px, resized inside the model for Lite0 and Lite1), and the rules
+that pick one of them by leave-one-out NLL or accuracy on the support set
+(:func:`~pellucid.core.fewshot.folder.select_embedding`); it writes
+``bench/results/fewshot-embedding.md``.
+
 Every image goes through each backbone twice (as is and mirrored); the features are cached under
 ``runs/.cache/features`` so reruns skip the backbones. Run from the repository root::
 
     OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws
+    OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws --study embedding
 """
 from __future__ import annotations
 
@@ -98,6 +106,25 @@ def backbone_features(samples, backbone: str, progress: bool) -> Features:
                     round(time.time() - t0, 1))
 
 
+def resized_features(samples, size: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Lite0 and Lite1 features as a multi-backbone ``fewshot fit`` model computes them: images
+    decoded at ``size`` (the largest input, Lite2's 260 px) and resized inside the model to each
+    backbone's own input size. (Lite2 at 260 px needs no resize: its plain features serve as they
+    are.) One pass through both backbones, cached like every other feature."""
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, extract_features, improved_config
+
+    bb0, info = create_backbone("efficientnet_lite0", pretrained=True)
+    bb1, _ = create_backbone("efficientnet_lite1", pretrained=True)
+    taps0 = tuple(bb0.spec.tap_layers)
+    cfg = replace(improved_config(bb0.spec), layer_weights=None, backbones=("efficientnet_lite1",),
+                  layers=taps0 + tuple(f"efficientnet_lite1:{t}" for t in bb1.spec.tap_layers))
+    net = PrototypicalNetwork(bb0, cfg, extras=[bb1])
+    feats = extract_features(net, [s.path for s in samples], image_size=size, weight_info=info, progress=progress)
+    d0 = sum(net.embedder.dims[:len(taps0)])
+    return {"efficientnet_lite0": feats[:, :d0], "efficientnet_lite1": feats[:, d0:]}
+
+
 def concat_features(a: Features, b: Features) -> Features:
     return Features(f"{a.backbone}+{b.backbone}", torch.cat([a.plain, b.plain], 1),
                     torch.cat([a.mirrored, b.mirrored], 1), a.dims + b.dims,
@@ -163,7 +190,7 @@ def score_draw(net, feats: Features, labels: np.ndarray, support: np.ndarray, qu
     y = torch.from_numpy(labels)
     net.config = replace(cfg, scale=1.0, layer_weights=net.initial_weights)
     net.log_scale.fill_(0.0)
-    fit_support(net, raw[support], y[support], int(labels.max()) + 1, mirrored=mirrored)
+    net.last_fit = fit_support(net, raw[support], y[support], int(labels.max()) + 1, mirrored=mirrored)
     correct = 0
     with torch.no_grad():
         for s in range(0, len(query), batch):
@@ -178,6 +205,126 @@ def run_variant(feats: Features, variant: Variant, labels, draws, batch: int) ->
     sd = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
     return {"variant": variant, "accs": accs, "mean": float(accs.mean()), "ci95": 1.96 * sd / math.sqrt(len(accs)), "sd": sd,
             "draws": len(accs), "queries": float(np.mean([len(q) for _, q in draws]))}
+
+
+# ----------------------------------------------------------------------------- embedding study
+#: The candidate embeddings of ``auto_backbones`` (Lite0 first: the fallback), as feature keys.
+EMBEDDINGS = ("efficientnet_lite0", "efficientnet_lite0+efficientnet_lite2",
+              "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2")
+#: Selection rules measured: (label, candidate embeddings, criterion).
+RULES = tuple((f"auto {{{', '.join(e.replace('efficientnet_', '') for e in cands)}}} by LOO {crit}", cands, crit)
+              for cands in (EMBEDDINGS[:2], EMBEDDINGS) for crit in ("nll", "accuracy"))
+
+
+def product_features(feats: dict, name: str, resized: dict[str, torch.Tensor]) -> None:
+    """Add the multi-backbone embeddings of :data:`EMBEDDINGS` for data set ``name`` to ``feats``,
+    as a ``fewshot fit`` model folder computes them: Lite0/Lite1 from the 260-px input resized
+    inside the model (``resized``), Lite2 at its own 260 px (its plain features)."""
+    l2 = feats[(name, "efficientnet_lite2")]
+    for key in EMBEDDINGS[1:]:
+        parts = key.split("+")
+        blocks = [resized[b] for b in parts[:-1]] + [l2.plain]
+        dims, taps = [], []
+        for b in parts:
+            f = feats[(name, b)]
+            dims += f.dims
+            taps += [t if b == parts[0] else f"{b}:{t}" for t in f.taps]
+        feats[(name, key)] = Features(key, torch.cat(blocks, 1), torch.zeros(0), dims, tuple(taps), 0.0)
+
+
+def embedding_study(feats: dict, data: dict, args, seed: int) -> dict:
+    """Every candidate embedding with ``auto_weights`` on the same draws, then every rule of
+    :data:`RULES` applied per draw to the candidates' leave-one-out fits on the support set
+    (:func:`~pellucid.core.fewshot.folder.select_embedding`, what ``fewshot fit`` calls).
+
+    Returns ``{(data set, label): result}`` with, for rules, ``picked``: how often each candidate won."""
+    from pellucid.core.fewshot.folder import select_embedding
+
+    results = {}
+    for name, (labels, groups, _) in data.items():
+        draws = support_draws(labels, groups, args.shots, args.draws, seed)
+        per = {}
+        for key in EMBEDDINGS:
+            t0 = time.time()
+            v = Variant(_short(key) + " +auto_weights", key, auto_weights=True)
+            net = _network(feats[(name, key)], v)
+            accs, fits = [], []
+            for s_idx, q_idx in draws:
+                accs.append(score_draw(net, feats[(name, key)], labels, s_idx, q_idx, args.batch))
+                fits.append(net.last_fit)
+            per[key] = (np.array(accs), fits)
+            results[(name, v.name)] = _summary(np.array(accs), draws)
+            log.warning("seed %d %s %-42s %.3f ± %.3f %.1f s", seed, name, v.name, results[(name, v.name)]["mean"],
+                        results[(name, v.name)]["ci95"], time.time() - t0)
+        for label, cands, crit in RULES:
+            accs, picked = [], {k: 0 for k in cands}
+            for i in range(len(draws)):
+                key = select_embedding({k: per[k][1][i] for k in cands}, crit) or cands[0]
+                picked[key] += 1
+                accs.append(per[key][0][i])
+            results[(name, label)] = {**_summary(np.array(accs), draws), "picked": picked}
+            log.warning("seed %d %s %-42s %.3f ± %.3f picked %s", seed, name, label, results[(name, label)]["mean"],
+                        results[(name, label)]["ci95"], picked)
+    return results
+
+
+def _short(key: str) -> str:
+    return "+".join(b.replace("efficientnet_", "") for b in key.split("+"))
+
+
+def _summary(accs: np.ndarray, draws) -> dict:
+    sd = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
+    return {"accs": accs, "mean": float(accs.mean()), "ci95": 1.96 * sd / math.sqrt(len(accs)), "sd": sd,
+            "draws": len(accs), "queries": float(np.mean([len(q) for _, q in draws]))}
+
+
+def _paired(a: dict, b: dict) -> str:
+    diff = a["accs"] - b["accs"]
+    ci = 1.96 * float(diff.std(ddof=1)) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return f"{diff.mean():+.3f} ± {ci:.3f}"
+
+
+def render_embedding(dev: dict, confirm: dict, chosen: str, args, command: str) -> str:
+    """bench/results/fewshot-embedding.md: the embedding chosen per support set by leave-one-out."""
+    from pellucid.core.quantize import cpu_features
+
+    ds = list(args.datasets)
+    base = "lite0 +auto_weights"
+    labels = [f"{_short(k)} +auto_weights" for k in EMBEDDINGS] + [r[0] for r in RULES]
+
+    def table(res, rows):
+        out = ["| setting | " + " | ".join(ds) + " | mean | paired vs lite0 (" + ", ".join(ds) + ") |",
+               "|---|" + "---:|" * (len(ds) + 2)]
+        for r in rows:
+            picked = ""
+            if "picked" in res[(ds[0], r)]:
+                picked = "<br>picked: " + "; ".join(
+                    f"{d} " + ", ".join(f"{_short(k)} {n}" for k, n in res[(d, r)]["picked"].items()) for d in ds)
+            out.append(f"| {r}{picked} | " + " | ".join(_fmt(res[(d, r)]) for d in ds)
+                       + f" | {np.mean([res[(d, r)]['mean'] for d in ds]):.3f} | "
+                       + ("" if r == base else ", ".join(_paired(res[(d, r)], res[(d, base)]) for d in ds)) + " |")
+        return out
+
+    lines = ["# Few-shot: the embedding chosen per support set by leave-one-out (`fewshot fit`, 5-shot)", "",
+             f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` (torch {torch.__version__}, "
+             f"{torch.get_num_threads()} thread(s)).", "", f"CPU: {cpu_features().summary()}", "",
+             "Draws and queries as in `bench/results/fewshot-draws.md` (same seeds: dev 0, confirm 1). Every "
+             "setting uses `auto_weights`, no flips, no transduction. Multi-backbone features are what a model "
+             "folder computes: the images at 260 px, resized inside the model to 224 px for Lite0 and 240 px for "
+             "Lite1. An *auto* rule fits every candidate on the support set (layer weights and logit scale by "
+             "leave-one-out) and keeps the one with the lowest leave-one-out NLL, or the highest leave-one-out "
+             "accuracy (ties: NLL) — the support set only, never the queries. Mean accuracy over draws ± 95 % "
+             "interval (sd over draws); paired: accuracy minus Lite0's on the same draws, ± 95 % interval.", "",
+             f"## Dev draws (seed 0, {args.draws} per data set)", ""]
+    lines += table(dev, labels)
+    lines += ["", f"Rule chosen on the dev draws (as for the levers: the one needing the fewest backbones among the "
+              f"rules within {args.tolerance} of the best mean over the data sets; ties: the higher mean): "
+              f"**{chosen}**. Mean over the data sets, dev: "
+              + ", ".join(f"{r[0]} {np.mean([dev[(d, r[0])]['mean'] for d in ds]):.4f}" for r in RULES) + ".", "",
+              f"## Confirm draws (seed 1, {args.draws} fresh draws per data set)", ""]
+    lines += table(confirm, [r for r in labels if (ds[0], r) in confirm])
+    lines += ["| target | " + " | ".join(f"{TARGETS.get(d, float('nan')):.2f}" for d in ds) + " | | |"]
+    return "\n".join(lines) + "\n"
 
 
 def variants(backbones, concat: str | None, steps=(0, 2)) -> list[Variant]:
@@ -343,13 +490,45 @@ def parse(argv):
     p.add_argument("--extract-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--study", choices=("levers", "embedding"), default="levers",
+                   help="levers: the grid of bench/results/fewshot-draws.md; embedding: the embedding chosen per "
+                        "support set by leave-one-out (bench/results/fewshot-embedding.md)")
     return p.parse_args(argv)
+
+
+def main_embedding(args, argv) -> int:
+    """``--study embedding``: the candidate embeddings and the auto rules, dev then confirm draws."""
+    args.backbones = list(BACKBONES)
+    args.concat = ""
+    feats, data = _extract_all(args)
+    for name in args.datasets:
+        samples = load_dataset(name, Path(args.data))[0]
+        product_features(feats, name, resized_features(samples, 260, progress=not args.quiet))
+    if args.extract_only:
+        return 0
+    dev = embedding_study(feats, data, args, seed=0)
+    # as for the levers: the cheapest rule (fewest candidate backbones) within --tolerance of the best mean
+    mean = {r[0]: float(np.mean([dev[(d, r[0])]["mean"] for d in args.datasets])) for r in RULES}
+    best = max(mean.values())
+    chosen = min((r for r in RULES if mean[r[0]] >= best - args.tolerance),
+                 key=lambda r: (len({b for c in r[1] for b in c.split("+")}), -mean[r[0]]))[0]
+    confirm = embedding_study(feats, data, args, seed=1)
+    command = "OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    text = render_embedding(dev, confirm, chosen, args, command.strip())
+    out = Path(args.out) if args.out != str(OUT) else OUT.with_name("fewshot-embedding.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
+    if args.study == "embedding":
+        return main_embedding(args, argv)
     feats, data = _extract_all(args)
     if args.extract_only:
         return 0

@@ -46,18 +46,36 @@ def _fit(args: argparse.Namespace) -> int:
     if not args.support:
         raise FewShotError("fewshot fit needs --support DIR: a folder with one sub-folder of a few images per class")
     out = args.out or f"runs/fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    config = None
+    if getattr(args, "auto_backbones", None) is False:  # read when the parser defines --no-auto-backbones
+        from dataclasses import replace
+
+        from pellucid.core.backbones import get_backbone_spec
+        from pellucid.core.fewshot import default_config
+
+        config = replace(default_config(get_backbone_spec(args.backbone or DEFAULT_BACKBONE)), auto_backbones=())
     folder = fit_prototypes(args.support, out, backbone=args.backbone or DEFAULT_BACKBONE,
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
-                            transductive=getattr(args, "transductive", None), progress=True)
+                            config=config, transductive=getattr(args, "transductive", None), progress=True)
     from pellucid.core.card import read_card
 
     card = read_card(folder)
     m = card.metrics
     print(f"model folder: {folder}")
     print(f"classes:      " + ", ".join(f"{c} ({m['per_class'][c]})" for c in card.classes))
-    print(f"backbone:     {card.backbone_name} ({card.weight_source}), {card.image_size} px")
     fewshot = card.extra.get("fewshot", {})
-    print("embedding:    " + ", ".join(f"{k} {fewshot.get(k)}" for k in ("layer_weights", "auto_weights", "flip",
+    extras = "".join(f" + {e['name']} ({e.get('weights', {}).get('source')})"
+                     for e in fewshot.get("extra_backbones", []))
+    print(f"backbone:     {card.backbone_name} ({card.weight_source}){extras}, {card.image_size} px")
+    choice = m.get("embedding_choice")
+    if choice:
+        nll = ", ".join(f"{k} {v}" for k, v in choice["loo_nll"].items())
+        print(f"embedding:    {choice['chosen']} chosen on the support set ({choice['criterion']}; "
+              f"leave-one-out NLL: {nll})")
+    if fewshot.get("backbones"):
+        print("note:         several backbones: CAM explainers show the first backbone's share only "
+              "(see the card's fewshot.notes)")
+    print("layers:       " + ", ".join(f"{k} {fewshot.get(k)}" for k in ("layer_weights", "auto_weights", "flip",
                                                                    "support_flip", "transductive")))
     if fewshot.get("transductive"):
         print("note:         transductive refinement: a prediction depends on the other images predicted with it")

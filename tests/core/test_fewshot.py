@@ -588,11 +588,12 @@ def test_defaults_are_recorded_in_the_card_and_old_folders_load(tmp_path):
     assert any("depends on the other images" in n for n in tcard["fewshot"]["notes"])
     # a folder written before support_flip / transductive existed loads and predicts as before
     old = json.loads((folder / "card.json").read_text())
-    for key in ("support_flip", "transductive", "notes"):
+    for key in ("support_flip", "transductive", "notes", "backbones", "auto_backbones", "extra_backbones"):
         old["fewshot"].pop(key, None)
     (folder / "card.json").write_text(json.dumps(old))
     model, _ = load_model(folder)
     assert model.config.support_flip is False and model.config.transductive == 0
+    assert model.config.backbones == () and len(model.embedder.extras) == 0
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert model(x).shape == (2, 2)
@@ -618,3 +619,193 @@ def test_auto_weights_picks_the_informative_layer_by_leave_one_out(tiny_backbone
     assert net.config.layer_weights[0] == 1.0  # the informative shallow block keeps full weight
     assert fitted[1] == 1.0 and net.config.scale == pytest.approx(fitted[0])
     assert fs.weight_candidates(3)[0] == (0.5, 0.5, 1.0) and fs.weight_candidates(1) == [(1.0,)]
+
+
+# ----------------------------------------------------------------------------- embedding chosen by leave-one-out
+def test_embedding_weight_candidates_apply_each_weighting_to_every_backbone():
+    layers = ("layer3", "layer4", "shallow_cnn:block2", "shallow_cnn:block3")
+    assert fs.layer_groups(layers) == [("", ["layer3", "layer4"]),
+                                       ("shallow_cnn", ["shallow_cnn:block2", "shallow_cnn:block3"])]
+    assert fs.embedding_weight_candidates(layers) == [w + w for w in fs.weight_candidates(2)]
+    assert fs.embedding_weight_candidates(("a", "b", "c")) == fs.weight_candidates(3)  # one backbone: unchanged
+
+
+def _candidate_nets(tiny_backbone, primary_informative: bool):
+    """Two candidate embeddings of one synthetic 2-way support set (10 images): the primary's two
+    layer blocks alone, or the primary followed by an extra backbone's two blocks. Exactly one of
+    the two backbones separates the classes (weakly, so that leave-one-out is not perfect for both
+    candidates); the other is noise."""
+    bb, _ = tiny_backbone
+    extra, _ = fs.create_backbone("shallow_cnn", pretrained=False)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 5 + [1] * 5)
+
+    def informative():
+        return torch.randn(10, 8, generator=g).abs() + 1.0 * torch.nn.functional.one_hot(labels, 8)
+
+    def noise():
+        return torch.randn(10, 8, generator=g).abs() * 5
+
+    primary = torch.cat([informative(), informative()] if primary_informative else [noise(), noise()], 1)
+    other = torch.cat([noise(), noise()] if primary_informative else [informative(), informative()], 1)
+    base = ProtoConfig(layers=("layer3", "layer4"), power=0.5, center=True, normalize=True, layer_weights=(0.5, 1.0),
+                       auto_weights=True)
+    alone = fs.PrototypicalNetwork(bb, fs.embedding_config(base, bb.spec))
+    alone.embedder.dims = [8, 8]
+    both_cfg = replace(base, layers=base.layers + ("shallow_cnn:block2", "shallow_cnn:block3"),
+                       layer_weights=(0.5, 1.0, 0.5, 1.0), backbones=("shallow_cnn",))
+    both = fs.PrototypicalNetwork(bb, both_cfg, extras=[extra])
+    both.embedder.dims = [8, 8, 8, 8]
+    fits = {"alone": fs.fit_support(alone, primary, labels, 2),
+            "both": fs.fit_support(both, torch.cat([primary, other], 1), labels, 2)}
+    return fits
+
+
+@pytest.mark.parametrize("primary_informative,expected", [(False, "both"), (True, "alone")])
+def test_leave_one_out_picks_the_backbone_set_that_separates_the_classes(tiny_backbone, primary_informative,
+                                                                         expected):
+    fits = _candidate_nets(tiny_backbone, primary_informative)
+    assert fs.select_embedding(fits, "nll") == expected
+    other = ({"alone", "both"} - {expected}).pop()
+    assert fits[expected][1] > fits[other][1]  # leave-one-out accuracy agrees
+    assert fs.select_embedding(fits, "accuracy") == expected
+
+
+def test_select_embedding_edge_cases():
+    assert fs.select_embedding({"a": (1.0, 1.0, 0.5), "b": None}) is None  # a class with one image: no choice
+    assert fs.select_embedding({"a": (1.0, 0.8, 0.2), "b": (1.0, 0.9, 0.4)}, "accuracy") == "b"
+    assert fs.select_embedding({"a": (1.0, 0.8, 0.2), "b": (1.0, 0.9, 0.4)}, "nll") == "a"
+    with pytest.raises(KeyError, match="nll"):
+        fs.select_embedding({"a": (1.0, 1.0, 0.1)}, "nlll")
+
+
+def test_config_backbones_validate_and_round_trip():
+    cfg = ProtoConfig(layers=("layer4", "shallow_cnn:block3"), backbones=("shallow_cnn",),
+                      auto_backbones=(("shallow_cnn",), ("test_resnet", "shallow_cnn")))
+    assert ProtoConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(KeyError, match="shallow_cnn"):
+        ProtoConfig(backbones=("shalow_cnn",))  # did-you-mean
+    with pytest.raises(FewShotError, match="twice"):
+        ProtoConfig(backbones=("shallow_cnn", "shallow_cnn"))
+    assert ProtoConfig().backbones == () and ProtoConfig().auto_backbones == ()
+
+
+def test_two_backbone_embedder_resizes_for_each_backbone(tiny_backbone):
+    bb, _ = tiny_backbone
+    extra, _ = fs.create_backbone("shallow_cnn", pretrained=False)
+    cfg = fs.embedding_config(ProtoConfig(layers=("layer3", "layer4"), normalize=True), bb.spec, [extra.spec])
+    assert cfg.layers == ("layer3", "layer4", "shallow_cnn:block1", "shallow_cnn:block2", "shallow_cnn:block3")
+    assert cfg.image_size == 64 and cfg.backbones == ("shallow_cnn",)
+    net = fs.PrototypicalNetwork(bb, cfg, extras=[extra]).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = net.raw_features(x)
+        small = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)
+        direct = net.embedder.extras[0].net.block1((small - net.embedder.mean1) / net.embedder.std1).mean((2, 3))
+    dims = net.embedder.dims
+    assert len(dims) == 5 and dims[2:] == [32, 64, 128] and raw.shape == (2, sum(dims))
+    # the extra backbone saw the input resized to its own 32 px and normalised with its own statistics
+    start = sum(dims[:2])
+    torch.testing.assert_close(raw[:, start:start + 32], direct)
+    with pytest.raises(FewShotError, match="order"):
+        fs.Embedder(bb, ("shallow_cnn:block3", "layer4"), extras=[extra])
+    with pytest.raises(FewShotError, match="not among the extra"):
+        fs.Embedder(bb, ("layer4", "resnet18:layer4"), extras=[extra])
+
+
+@pytest.fixture(scope="module")
+def two_backbone_folder(tmp_path_factory) -> Path:
+    """A prototypes folder whose embedding concatenates test_resnet and shallow_cnn (fixed choice)."""
+    tmp_path = tmp_path_factory.mktemp("proto2")
+    support = _support_manifest(tmp_path)
+    torch.manual_seed(0)
+    cfg = ProtoConfig(layers=("layer3", "layer4"), power=0.5, center=True, normalize=True, image_size=64,
+                      auto_weights=True, backbones=("shallow_cnn",))
+    return fs.fit_prototypes(support, tmp_path / "model", backbone="test_resnet", pretrained=False, config=cfg,
+                             cache_dir=tmp_path / "cache")
+
+
+def test_two_backbone_folder_predicts_the_same_after_reload_and_explains(two_backbone_folder, tmp_path):
+    import shutil
+
+    from pellucid.core.modelfolder import load_model
+    from pellucid.core.predict import Predictor
+    from pellucid.explain.base import get_explainer
+
+    card = json.loads((two_backbone_folder / "card.json").read_text())
+    assert card["fewshot"]["backbones"] == ["shallow_cnn"]
+    assert card["fewshot"]["layers"][-3:] == ["shallow_cnn:block1", "shallow_cnn:block2", "shallow_cnn:block3"]
+    assert [e["name"] for e in card["fewshot"]["extra_backbones"]] == ["shallow_cnn"]
+    assert card["fewshot"]["extra_backbones"][0]["weights"]["source"] == "random"
+    assert any("CAM explainers hook test_resnet only" in n for n in card["fewshot"]["notes"])
+    a, _ = load_model(two_backbone_folder)
+    copy = tmp_path / "copy"
+    shutil.copytree(two_backbone_folder, copy)
+    b, _ = load_model(copy)
+    assert len(a.embedder.extras) == 1 and a.embedder.extras[0].spec.name == "shallow_cnn"
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    src = data_dir("tb_cxr")
+    queries = sorted((src / "normal").iterdir())[:2] + sorted((src / "tuberculosis").iterdir())[:2]
+    first = [r.probs for r in Predictor(two_backbone_folder).predict_paths(queries)]
+    again = [r.probs for r in Predictor(copy).predict_paths(queries)]
+    assert first == again and all(sum(p.values()) == pytest.approx(1.0, abs=1e-5) for p in first)
+    # Grad-CAM hooks the primary backbone; it runs (no crash) and gives a finite map
+    exp = get_explainer("gradcam").explain(a, x[:1])
+    assert exp[0].heatmap.shape == (64, 64) and np.isfinite(exp[0].heatmap).all()
+
+
+def test_auto_backbones_fit_records_the_choice_and_reloads(tmp_path):
+    from pellucid.core.modelfolder import load_model
+
+    support = _support_manifest(tmp_path, per_class=3)
+    torch.manual_seed(0)
+    cfg = ProtoConfig(layers=("layer3", "layer4"), power=0.5, center=True, normalize=True, image_size=64,
+                      auto_weights=True, auto_backbones=(("shallow_cnn",),))
+    folder = fs.fit_prototypes(support, tmp_path / "m", backbone="test_resnet", pretrained=False, config=cfg,
+                               cache_dir=tmp_path / "cache")
+    card = json.loads((folder / "card.json").read_text())
+    choice = card["metrics"]["embedding_choice"]
+    assert set(choice["loo_nll"]) == {"test_resnet", "test_resnet+shallow_cnn"} and choice["criterion"] == "nll"
+    assert choice["chosen"] == min(choice["loo_nll"], key=choice["loo_nll"].get)
+    assert card["fewshot"]["backbones"] == choice["chosen"].split("+")[1:]
+    assert card["fewshot"]["auto_backbones"] == [["shallow_cnn"]]
+    assert any(f"embedding {choice['chosen']} chosen by leave-one-out NLL" in n for n in card["fewshot"]["notes"])
+    model, _ = load_model(folder)
+    again, _ = load_model(folder)
+    x = torch.rand(2, 3, card["preprocessing"]["image_size"], card["preprocessing"]["image_size"])
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    # a support set with a single image in a class cannot rank the candidates: the first one is kept
+    rows = (support / "manifest.csv").read_text().splitlines()
+    (support / "manifest.csv").write_text("\n".join(rows[:1] + rows[1:3] + rows[4:5]) + "\n")
+    with pytest.warns(UserWarning, match="single support image"):
+        one = fs.fit_prototypes(support, tmp_path / "one", backbone="test_resnet", pretrained=False, config=cfg,
+                                cache_dir=tmp_path / "cache")
+    ocard = json.loads((one / "card.json").read_text())
+    assert ocard["fewshot"]["backbones"] == [] and ocard["metrics"]["embedding_choice"]["chosen"] == "test_resnet"
+
+
+def test_default_config_lets_lite0_support_sets_choose_lite2_too():
+    from pellucid.core.backbones import get_backbone_spec
+
+    lite0 = fs.default_config(get_backbone_spec(fs.DEFAULT_BACKBONE))
+    assert lite0.auto_backbones == fs.BACKBONE_CANDIDATES == (("efficientnet_lite2",),) and lite0.backbones == ()
+    assert fs.default_config(get_backbone_spec("resnet18")).auto_backbones == ()  # other backbones: no candidates
+    both = fs.embedding_config(lite0, get_backbone_spec("efficientnet_lite0"), [get_backbone_spec("efficientnet_lite2")])
+    assert both.image_size == 260 and both.layer_weights == (0.5, 0.5, 1.0) * 2
+    assert both.layers == ("blocks.4", "blocks.5", "bn2", "efficientnet_lite2:blocks.4", "efficientnet_lite2:blocks.5",
+                           "efficientnet_lite2:bn2")
+
+
+def test_cli_fit_can_turn_the_embedding_choice_off(tmp_path, monkeypatch, capsys):
+    from pellucid.core import fewshot_cli
+
+    monkeypatch.chdir(tmp_path)  # the feature cache goes under runs/ of the working folder
+    support = _support_manifest(tmp_path, per_class=2)
+    assert fewshot_cli.run(_ns(support=str(support), out=str(tmp_path / "m"), auto_backbones=False)) == 0
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert card["fewshot"]["auto_backbones"] == [] and card["fewshot"]["backbones"] == []
+    assert "embedding_choice" not in card["metrics"]
+    assert "model folder:" in capsys.readouterr().out

@@ -30,7 +30,9 @@ works for all of them):
   Lightning (:class:`EpisodicFineTuner`, :func:`finetune_episodic`), trained from cached
   activations of the frozen trunk;
 - :mod:`~pellucid.core.fewshot.folder` — the product side: :func:`fit_prototypes` writes a model
-  folder (:func:`fit_support` is its fitting step on features), :func:`load_prototypes` reads
+  folder (:func:`fit_support` is its fitting step on features; with ``auto_backbones``
+  :func:`select_embedding` picks the embedding — Lite0 alone or concatenated with more backbones,
+  :func:`embedding_config` — by leave-one-out on the support set), :func:`load_prototypes` reads
   it, and :func:`nearest_support` gives the support images closest to a query as an
   example-based explanation.
 
@@ -49,6 +51,9 @@ from pellucid.core.fewshot.config import (
     default_config,
     improved_config,
     weight_candidates,
+    embedding_weight_candidates,
+    layer_groups,
+    BACKBONE_CANDIDATES,
 )
 from pellucid.core.fewshot.maths import (  # noqa: F401 (the private transforms are used by tests and bench)
     _logits_from_distances,
@@ -69,7 +74,15 @@ from pellucid.core.fewshot.finetune import (
     finetune_episodic,
     split_backbone,
 )
-from pellucid.core.fewshot.folder import fit_prototypes, fit_support, load_prototypes, nearest_support
+from pellucid.core.fewshot.folder import (
+    CRITERIA,
+    embedding_config,
+    fit_prototypes,
+    fit_support,
+    load_prototypes,
+    nearest_support,
+    select_embedding,
+)
 from pellucid.registry import unknown_name_error  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -80,6 +93,9 @@ __all__ = [
     "improved_config",
     "default_config",
     "weight_candidates",
+    "embedding_weight_candidates",
+    "layer_groups",
+    "BACKBONE_CANDIDATES",
     "DEFAULT_BACKBONE",
     "DISTANCES",
     "DEFAULT_CACHE_DIR",
@@ -103,6 +119,9 @@ __all__ = [
     "finetune_episodic",
     "fit_prototypes",
     "fit_support",
+    "select_embedding",
+    "embedding_config",
+    "CRITERIA",
     "load_prototypes",
     "nearest_support",
 ]

@@ -17,7 +17,10 @@ __all__ = [
     "improved_config",
     "default_config",
     "weight_candidates",
+    "embedding_weight_candidates",
+    "layer_groups",
     "DEFAULT_BACKBONE",
+    "BACKBONE_CANDIDATES",
     "DISTANCES",
 ]
 
@@ -57,6 +60,14 @@ class ProtoConfig:
             (:func:`~pellucid.core.fewshot.maths.refine_prototypes`); 0 turns it off. With steps > 0
             a prediction depends on the other images of the same batch (in ``pellucid predict``, the
             images passed together); the stored prototypes never change.
+        backbones: extra backbones (registry names) whose pooled tap layers are concatenated after
+            the primary backbone's; their entries in ``layers`` are written ``"<name>:<module>"``
+            (see :class:`~pellucid.core.fewshot.network.Embedder`). ``()``: the primary alone.
+        auto_backbones: candidate sets of extra backbones that fitting chooses from, per support
+            set, by the leave-one-out NLL (the primary alone is always a candidate; each candidate's
+            layer weights are chosen as with ``auto_weights``). The chosen set is stored in
+            ``backbones`` (with its ``layers`` and ``layer_weights``), so prediction is deterministic
+            and runs only the chosen backbones.
     """
 
     distance: str = "euclidean"
@@ -71,6 +82,8 @@ class ProtoConfig:
     support_flip: bool = False
     auto_weights: bool = False
     transductive: int = 0
+    backbones: tuple[str, ...] = ()
+    auto_backbones: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
@@ -88,18 +101,31 @@ class ProtoConfig:
         object.__setattr__(self, "transductive", int(self.transductive))
         object.__setattr__(self, "support_flip", bool(self.support_flip))
         object.__setattr__(self, "auto_weights", bool(self.auto_weights))
+        object.__setattr__(self, "backbones", tuple(str(b) for b in (self.backbones or ())))
+        object.__setattr__(self, "auto_backbones", tuple(tuple(str(b) for b in c) for c in (self.auto_backbones or ())))
+        for name in {b for c in (self.backbones, *self.auto_backbones) for b in c}:
+            from pellucid.core.backbones import get_backbone_spec
+
+            get_backbone_spec(name)  # an unknown name gets a did-you-mean
+        if len(set(self.backbones)) != len(self.backbones):
+            raise FewShotError(f"backbones lists a backbone twice: {list(self.backbones)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
         d["layer_weights"] = None if self.layer_weights is None else list(self.layer_weights)
+        d["backbones"] = list(self.backbones)
+        d["auto_backbones"] = [list(c) for c in self.auto_backbones]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ProtoConfig:
         known = set(cls.__dataclass_fields__)
-        tuples = ("layers", "layer_weights")
-        return cls(**{k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in known})
+        tuples = ("layers", "layer_weights", "backbones")
+        out = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in known}
+        if out.get("auto_backbones") is not None:
+            out["auto_backbones"] = tuple(tuple(c) for c in out["auto_backbones"])
+        return cls(**out)
 
 
 #: Plain prototypes (Snell et al.): pooled embedding, squared Euclidean distance.
@@ -134,6 +160,35 @@ def weight_candidates(n_layers: int) -> list[tuple[float, ...]]:
             tuple([0.0] * (n - 1) + [1.0])]
 
 
+def layer_groups(layers) -> list[tuple[str, list[str]]]:
+    """``layers`` grouped by backbone, in order: ``[(backbone prefix, [layers])]``; the primary
+    backbone's layers (no ``"name:"`` prefix) have the prefix ``""``."""
+    groups: list[tuple[str, list[str]]] = []
+    for layer in layers:
+        name = layer.rpartition(":")[0]
+        if not groups or groups[-1][0] != name:
+            groups.append((name, []))
+        groups[-1][1].append(layer)
+    return groups
+
+
+def embedding_weight_candidates(layers) -> list[tuple[float, ...]]:
+    """The ``auto_weights`` candidates for ``layers`` that may span several backbones: each of
+    :func:`weight_candidates` applied to every backbone's block of layers alike (one backbone:
+    exactly :func:`weight_candidates`)."""
+    per = [weight_candidates(len(g)) for _, g in layer_groups(layers)]
+    if not per:
+        return [()]
+    n = max(len(c) for c in per)
+    return [tuple(w for c in per for w in c[min(k, len(c) - 1)]) for k in range(n)]
+
+
+#: Extra-backbone sets that ``auto_backbones`` chooses from in ``pellucid fewshot fit`` by default
+#: (the primary, EfficientNet-Lite0, alone is always the first candidate): Lite0 alone or Lite0 +
+#: Lite2. Adding Lite0 + Lite1 + Lite2 as a third candidate scored the same over the three dev sets
+#: (0.775 vs 0.774 on the dev draws) for a third backbone; see docs/fewshot.md.
+BACKBONE_CANDIDATES: tuple[tuple[str, ...], ...] = (("efficientnet_lite2",),)
+
 #: The backbone ``pellucid fewshot fit`` uses unless told otherwise (chosen over many support draws,
 #: ``python -m bench.fewshot_draws``; see docs/fewshot.md).
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -143,14 +198,22 @@ def default_config(spec, image_size: int | None = None) -> ProtoConfig:
     """What ``pellucid fewshot fit`` fits by default: :func:`improved_config` of the backbone with the
     levers that won over many 5-shot support draws on the three dev sets
     (``python -m bench.fewshot_draws``, bench/results/fewshot-draws.md, docs/fewshot.md):
-    ``auto_weights`` (layer weights chosen by leave-one-out on the support set; +0.03 on tb_cxr).
+    ``auto_weights`` (layer weights chosen by leave-one-out on the support set; +0.03 on tb_cxr)
+    and, on :data:`DEFAULT_BACKBONE`, ``auto_backbones`` = :data:`BACKBONE_CANDIDATES` (the support
+    set chooses between Lite0 alone and Lite0 + Lite2 concatenated by leave-one-out NLL; on the
+    confirm draws +0.036 on waste, +0.006 sonar, +0.001 tb_cxr,
+    bench/results/fewshot-embedding.md). Other primary backbones get no extra candidates.
     Measured and left off: ``support_flip`` and ``flip`` (within 0.006 everywhere; ``flip`` doubles
-    the prediction cost), EfficientNet-Lite1/Lite2 (Lite2 helps waste, hurts tb_cxr and sonar).
+    the prediction cost), EfficientNet-Lite1/Lite2 alone (Lite2 helps waste, hurts tb_cxr and sonar).
     Transductive refinement is never a default: it makes a prediction depend on the rest of its
     batch (opt in with ``replace(config, transductive=steps)`` or ``fit_prototypes(transductive=)``).
+    Opt out of the backbone choice with ``replace(config, auto_backbones=())``.
 
     Args:
         spec: a :class:`~pellucid.core.backbones.BackboneSpec`.
         image_size: input side (default: the spec's).
     """
-    return replace(improved_config(spec, image_size), auto_weights=True)
+    config = replace(improved_config(spec, image_size), auto_weights=True)
+    if spec.name == DEFAULT_BACKBONE:
+        config = replace(config, auto_backbones=BACKBONE_CANDIDATES)
+    return config

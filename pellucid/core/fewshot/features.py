@@ -128,7 +128,8 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
     Args:
         embedder: an :class:`Embedder` or a :class:`PrototypicalNetwork` (its embedder is used).
         paths: image files (any format :func:`~pellucid.datasets.readers.read_image` reads).
-        image_size: input side in pixels (default: the backbone's).
+        image_size: input side in pixels (default: the backbone's; with extra backbones, the largest
+            of their input sizes, each backbone getting the images resized to its own).
         weight_info: the backbone's weight record (part of the key; default ``{}``).
         cache_dir: folder of the disk cache, or None for memory only.
         batch_size: images per forward pass.
@@ -142,12 +143,16 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
     if isinstance(embedder, PrototypicalNetwork):
         embedder = embedder.embedder
     paths = [str(p) for p in paths]
-    size = int(image_size or embedder.spec.input_size)
+    size = int(image_size or embedder.input_size)
     desc = {"backbone": embedder.spec.name, "size": size, "layers": list(embedder.layers), "flip": embedder.flip,
             "mean": list(embedder.spec.mean), "std": list(embedder.spec.std)}
     if mirror:  # only when set, so the keys of unmirrored features stay what they were
         desc["mirror"] = True
-    key = _cache_key("pooled", desc, weight_info or {}, paths, _weights_fingerprint(embedder.backbone))
+    weights_fp = _weights_fingerprint(embedder.backbone)
+    if len(embedder.extras):  # only with extra backbones, so single-backbone keys stay what they were
+        desc["extras"] = [{"backbone": bb.spec.name, "size": bb.spec.input_size, "mean": list(bb.spec.mean),
+                           "std": list(bb.spec.std), "weights_fp": _weights_fingerprint(bb)} for bb in embedder.extras]
+    key = _cache_key("pooled", desc, weight_info or {}, paths, weights_fp)
 
     def compute() -> torch.Tensor:
         was = embedder.training

@@ -16,7 +16,14 @@ import torch
 
 from pellucid.core.backbones import create_backbone
 from pellucid.core.card import ModelCard
-from pellucid.core.fewshot.config import DEFAULT_BACKBONE, FewShotError, ProtoConfig, default_config, weight_candidates
+from pellucid.core.fewshot.config import (
+    DEFAULT_BACKBONE,
+    FewShotError,
+    ProtoConfig,
+    default_config,
+    embedding_weight_candidates,
+    layer_groups,
+)
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, extract_features
 from pellucid.core.fewshot.maths import _logits_from_distances, pairwise_distances
 from pellucid.core.fewshot.network import PrototypicalNetwork
@@ -24,6 +31,9 @@ from pellucid.core.fewshot.network import PrototypicalNetwork
 __all__ = [
     "fit_prototypes",
     "fit_support",
+    "select_embedding",
+    "embedding_config",
+    "CRITERIA",
     "load_prototypes",
     "nearest_support",
 ]
@@ -69,7 +79,7 @@ def _choose_weights(net: PrototypicalNetwork, raw, labels, n_way: int, mirrored)
     leave-one-out NLL on the support set; returns every candidate's NLL (card metrics)."""
     scores: dict[str, float] = {}
     best, original = None, net.config
-    for w in weight_candidates(len(net.config.layers)):
+    for w in embedding_weight_candidates(net.config.layers):
         net.config = replace(net.config, layer_weights=w)
         net.set_support(raw, labels, n_way, mirrored=mirrored)
         fitted = _fit_scale(net.support_embeddings, net.support_labels, n_way, net.config, n_images=len(raw))
@@ -83,6 +93,59 @@ def _choose_weights(net: PrototypicalNetwork, raw, labels, n_way: int, mirrored)
     return scores
 
 
+#: How ``auto_backbones`` ranks the candidate embeddings on the support set: leave-one-out NLL
+#: (at each candidate's fitted scale; lower wins) or leave-one-out accuracy (ties broken by NLL).
+CRITERIA = ("nll", "accuracy")
+
+
+def select_embedding(fits, criterion: str = "nll") -> str | None:
+    """The candidate embedding a support set prefers.
+
+    Args:
+        fits: ``{candidate name: (scale, loo accuracy, loo nll) or None}``, the results of
+            :func:`fit_support` for every candidate on the same support set, in candidate order
+            (the first is the fallback).
+        criterion: one of :data:`CRITERIA`.
+
+    Returns:
+        The chosen name; None when some candidate could not be scored (a class with one image),
+        the caller then keeps the first candidate.
+    """
+    if criterion not in CRITERIA:
+        from pellucid.registry import unknown_name_error
+
+        raise unknown_name_error("criterion", criterion, list(CRITERIA))
+    if not fits or any(f is None for f in fits.values()):
+        return None
+    if criterion == "nll":
+        return min(fits, key=lambda k: fits[k][2])
+    return min(fits, key=lambda k: (-fits[k][1], fits[k][2]))
+
+
+def embedding_config(config: ProtoConfig, primary, extras=()) -> ProtoConfig:
+    """``config`` turned into the embedding of ``primary`` plus the ``extras`` backbones (specs):
+    the primary's own ``layers`` (its tap layers when ``config.layers`` is empty), then every extra
+    backbone's tap layers as ``"<name>:<layer>"``; ``layer_weights`` repeated for each backbone;
+    with extras the input is the largest of the backbones' input sizes (each backbone gets the
+    images resized to its own). No extras: ``config`` with ``backbones=()``."""
+    own = [l for l in config.layers if ":" not in l] or list(primary.tap_layers)
+    own_weights = None
+    if config.layer_weights is not None:
+        groups = layer_groups(config.layers)
+        if groups and groups[0][0] == "" and len(groups[0][1]) == len(own):
+            own_weights = list(config.layer_weights[:len(own)])
+    if not extras:
+        return replace(config, backbones=(), layers=tuple(own),
+                       layer_weights=None if own_weights is None else tuple(own_weights))
+    layers = list(own) + [f"{spec.name}:{t}" for spec in extras for t in spec.tap_layers]
+    weights = None
+    if own_weights is not None and all(len(spec.tap_layers) == len(own) for spec in extras):
+        weights = tuple(own_weights * (1 + len(extras)))
+    size = max([primary.input_size] + [spec.input_size for spec in extras])
+    return replace(config, backbones=tuple(spec.name for spec in extras), layers=tuple(layers),
+                   layer_weights=weights, image_size=size)
+
+
 def fit_support(net: PrototypicalNetwork, raw: torch.Tensor, labels: torch.Tensor, n_way: int,
                 mirrored: torch.Tensor | None = None) -> tuple[float, float, float] | None:
     """What ``fewshot fit`` fits from support features: the layer weights when
@@ -94,6 +157,7 @@ def fit_support(net: PrototypicalNetwork, raw: torch.Tensor, labels: torch.Tenso
         (scale, leave-one-out accuracy, leave-one-out NLL), or None when some class has a single
         image (scale unchanged).
     """
+    net.weight_scores = {}
     if net.config.auto_weights and len(net.config.layers) > 1:
         net.weight_scores = _choose_weights(net, raw, labels, n_way, mirrored)
     net.set_support(raw, labels, n_way, mirrored=mirrored)
@@ -116,11 +180,23 @@ def _check_support_classes(support_dir: Path, classes: list[str], task: str) -> 
                            f"{list(get_task(task).classes)}, not {classes}; pick another --task name")
 
 
-def _fewshot_section(config: ProtoConfig) -> dict:
-    """The card's ``fewshot`` section: every :class:`ProtoConfig` field, the method, and what the
-    opt-in levers mean for a user."""
+def _fewshot_section(config: ProtoConfig, extras=(), candidates=None, criterion: str = "nll",
+                     primary: str = "") -> dict:
+    """The card's ``fewshot`` section: every :class:`ProtoConfig` field, the method, the extra
+    backbones' weights and normalisation, and what the levers mean for a user."""
     out = {**config.to_dict(), "method": "prototypical network (Snell et al., 2017)"}
+    if extras:
+        out["extra_backbones"] = list(extras)
     notes = []
+    if candidates:
+        chosen = "+".join([primary, *config.backbones])
+        rule = "NLL" if criterion == "nll" else criterion
+        notes.append(f"embedding {chosen} chosen by leave-one-out {rule} on the support set among {candidates}")
+    if config.backbones:
+        notes.append(f"the embedding concatenates the features of {primary} and {', '.join(config.backbones)}; "
+                     f"CAM explainers hook {primary} only, so a CAM shows the part of the decision that flows "
+                     "through it (the other backbones' share is not shown); occlusion, LIME and the nearest "
+                     "support images explain the whole model")
     if config.auto_weights:
         notes.append(f"layer weights {list(config.layer_weights or [])} chosen by leave-one-out NLL on the support set")
     if config.support_flip:
@@ -137,7 +213,8 @@ def _fewshot_section(config: ProtoConfig) -> dict:
 
 
 def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, spec, info: dict, size: int,
-                     config: ProtoConfig, fitted, metrics: dict, *, seconds: float) -> ModelCard:
+                     config: ProtoConfig, fitted, metrics: dict, *, seconds: float, extras=(), candidates=None,
+                     criterion: str = "nll") -> ModelCard:
     """The ``card.json`` of a prototypes model folder built by :func:`fit_prototypes`."""
     import pellucid
 
@@ -160,7 +237,7 @@ def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, 
         "threshold": None,
         "calibration": {"temperature": 1.0, "method": "logit scale fitted by leave-one-out NLL on the support set"
                         if fitted else "none"},
-        "fewshot": _fewshot_section(config),
+        "fewshot": _fewshot_section(config, extras, candidates, criterion, spec.name),
         "support": [{"path": str(Path(s.path).resolve()), "label": s.label} for s in samples],
         "metrics": metrics,
         "split": {},
@@ -173,7 +250,7 @@ def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, 
 def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE,
                    pretrained: bool | str = True, checkpoint: str | None = None, config: ProtoConfig | None = None,
                    task: str = "fewshot", cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                   transductive: int | None = None, progress: bool = False) -> Path:
+                   transductive: int | None = None, criterion: str = "nll", progress: bool = False) -> Path:
     """Build a prototypes model folder from a folder of labelled support images.
 
     Args:
@@ -190,11 +267,15 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         cache_dir: feature cache folder (None: memory only).
         transductive: when given, overrides ``config.transductive`` (soft k-means steps on each
             predicted batch; opt-in, since a prediction then depends on the rest of its batch).
+        criterion: with ``config.auto_backbones``, how the support set ranks the candidate
+            embeddings (:data:`CRITERIA`, :func:`select_embedding`).
         progress: show progress bars.
 
     Returns:
         The model folder. The card's ``support`` lists every support file with its label (for the
-        nearest-example explanation) and ``metrics`` the leave-one-out accuracy on the support set.
+        nearest-example explanation) and ``metrics`` the leave-one-out accuracy on the support set
+        (with ``auto_backbones``, also ``embedding_choice``: every candidate's leave-one-out NLL and
+        accuracy and the chosen one, which the card's ``fewshot`` section holds as ``backbones``).
 
     Raises:
         DataError: unreadable support folder. FewShotError: fewer than two classes, or a task name
@@ -215,18 +296,34 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         config = default_config(bb.spec)
     if transductive is not None:
         config = replace(config, transductive=transductive)
-    size = int(config.image_size or bb.spec.input_size)
-    config = replace(config, image_size=size)
-    net = PrototypicalNetwork(bb, config)
-    paths = [s.path for s in samples]
     labels = torch.tensor([classes.index(s.label) for s in samples])
-    raw = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir, progress=progress)
-    mirrored = None
-    if config.support_flip and not config.flip:  # with flip the features are mirror-averaged already
-        mirrored = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir,
-                                    progress=progress, mirror=True)
-    fitted = fit_support(net, raw, labels, len(classes), mirrored=mirrored)
+    paths = [s.path for s in samples]
+    several = bool(config.backbones or config.auto_backbones)
+    candidates = list(dict.fromkeys([(), *config.auto_backbones])) if config.auto_backbones else [config.backbones]
+    extras_pool: dict[str, tuple] = {}
+    fits, nets = {}, {}
+    for cand in candidates:
+        for name in cand:
+            if name not in extras_pool:
+                extras_pool[name] = create_backbone(name, pretrained=pretrained)
+        extras = [extras_pool[name][0] for name in cand]
+        cfg = embedding_config(config, bb.spec, [e.spec for e in extras]) if several else config
+        size = int(cfg.image_size or bb.spec.input_size)
+        cfg = replace(cfg, image_size=size)
+        net = PrototypicalNetwork(bb, cfg, extras=extras)
+        raw = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir, progress=progress)
+        mirrored = None
+        if cfg.support_flip and not cfg.flip:  # with flip the features are mirror-averaged already
+            mirrored = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir,
+                                        progress=progress, mirror=True)
+        name = "+".join([bb.spec.name, *cand])
+        fits[name] = fit_support(net, raw, labels, len(classes), mirrored=mirrored)
+        nets[name] = net
+    chosen = select_embedding(fits, criterion) if len(fits) > 1 else None
+    name = chosen or next(iter(fits))
+    net, fitted = nets[name], fits[name]
     config = net.config
+    size = int(config.image_size)
     metrics: dict = {"n_support": len(samples), "per_class": class_counts(samples)}
     if fitted is None:
         warnings.warn("a class has a single support image: the logit scale is not fitted (probabilities are "
@@ -235,8 +332,17 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         metrics["support_loo_accuracy"] = fitted[1]
         if getattr(net, "weight_scores", None):
             metrics["layer_weights_loo_nll"] = net.weight_scores
+    if len(fits) > 1:
+        metrics["embedding_choice"] = {
+            "criterion": criterion if chosen else "none (a class has one image: first candidate kept)",
+            "chosen": name,
+            "loo_nll": {k: None if f is None else float(f"{f[2]:.6g}") for k, f in fits.items()},
+            "loo_accuracy": {k: None if f is None else f[1] for k, f in fits.items()}}
+    extra_info = [{"name": e.spec.name, "weights": extras_pool[e.spec.name][1], "input_size": e.spec.input_size,
+                   "mean": list(e.spec.mean), "std": list(e.spec.std)} for e in net.embedder.extras]
     card = _prototypes_card(support_dir, samples, classes, task, bb.spec, info, size, config, fitted,
-                            metrics, seconds=round(time.time() - t0, 1))
+                            metrics, seconds=round(time.time() - t0, 1), extras=extra_info,
+                            candidates=list(fits) if len(fits) > 1 else None, criterion=criterion)
     net.support_items = [(str(Path(s.path).resolve()), s.label) for s in samples]
     return save_model(out, net, card)
 
@@ -263,7 +369,15 @@ def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:
     pre = card.preprocessing
     if pre.mean and pre.std:
         bb.spec = replace(bb.spec, mean=tuple(pre.mean), std=tuple(pre.std))
-    net = PrototypicalNetwork(bb, config)
+    extras = []
+    described = {e.get("name"): e for e in card.extra["fewshot"].get("extra_backbones", [])}
+    for name in config.backbones:
+        extra, _ = create_backbone(name, pretrained=False)
+        e = described.get(name, {})
+        if e.get("mean") and e.get("std"):
+            extra.spec = replace(extra.spec, mean=tuple(e["mean"]), std=tuple(e["std"]))
+        extras.append(extra)
+    net = PrototypicalNetwork(bb, config, extras=extras)
     state = load_file(str(weights))
     net._resize_buffers(state)
     try:

@@ -9,6 +9,7 @@ import math
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pellucid.core.backbones import Backbone
@@ -35,54 +36,93 @@ def _pool(t: torch.Tensor) -> torch.Tensor:
 
 
 class Embedder(nn.Module):
-    """Normalisation + backbone + (multi-layer) pooling: images ``(B, 3, S, S)`` in [0, 1] → raw
+    """Normalisation + backbone(s) + (multi-layer) pooling: images ``(B, 3, S, S)`` in [0, 1] → raw
     features ``(B, D)``, the concatenation of the pooled outputs of ``layers``.
 
+    With ``extras`` (more backbones, :attr:`ProtoConfig.backbones`), the pooled layers of every
+    backbone are concatenated in order: the primary's ``layers`` name its own modules, the extras'
+    are written ``"<backbone name>:<module>"``. Each backbone then gets the input resized
+    (bilinear, antialiased) to its own ``spec.input_size`` and normalised with its own mean and std,
+    so one input tensor (at the largest input size) feeds them all.
+
     Args:
-        backbone: a registered :class:`~pellucid.core.backbones.Backbone`.
-        layers: dotted paths inside ``backbone.net`` to pool; ``()`` uses the backbone output.
+        backbone: a registered :class:`~pellucid.core.backbones.Backbone` (the primary).
+        layers: dotted paths to pool; ``()`` uses the backbone output.
         flip: average with the features of the horizontally mirrored images.
+        extras: further backbones whose layers (prefixed by their name) are in ``layers``.
     """
 
-    def __init__(self, backbone: Backbone, layers: Sequence[str] = (), flip: bool = False):
+    def __init__(self, backbone: Backbone, layers: Sequence[str] = (), flip: bool = False,
+                 extras: Sequence[Backbone] = ()):
         super().__init__()
         self.backbone = backbone
+        self.extras = nn.ModuleList(extras)
         self.layers = tuple(layers)
         self.flip = bool(flip)
+        by_name = {bb.spec.name: bb for bb in self.extras}
+        if len(by_name) != len(self.extras) or backbone.spec.name in by_name:
+            raise FewShotError(f"each backbone may appear once; got {[backbone.spec.name, *by_name]}")
+        if self.extras and not self.layers:
+            raise FewShotError("several backbones need explicit layers (the primary's and '<name>:<layer>' ones)")
+        self._groups: list[tuple[Backbone, list[str]]] = [(backbone, [])] + [(bb, []) for bb in self.extras]
         for path in self.layers:
+            name, _, inner = path.rpartition(":")
+            if name and name not in by_name:
+                raise FewShotError(f"layer {path!r} names backbone {name!r}, which is not among the extra "
+                                   f"backbones {list(by_name)}")
+            owner = by_name[name] if name else backbone
             try:
-                backbone.module_at(path)
+                owner.module_at(inner)
             except AttributeError:
-                raise FewShotError(f"backbone {backbone.spec.name!r} has no layer {path!r}; its tap layers are "
-                                   f"{list(backbone.spec.tap_layers)}") from None
-        spec = backbone.spec
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+                raise FewShotError(f"backbone {owner.spec.name!r} has no layer {inner!r}; its tap layers are "
+                                   f"{list(owner.spec.tap_layers)}") from None
+            self._groups[[g[0] for g in self._groups].index(owner)][1].append(inner)
+        expected = list(self._groups[0][1]) + [f"{bb.spec.name}:{p}" for bb, paths in self._groups[1:] for p in paths]
+        if self.extras and expected != list(self.layers):
+            raise FewShotError(f"layers must list the primary's layers first, then each extra backbone's in the "
+                               f"order of the extras {list(by_name)}; got {list(self.layers)}")
+        for i, (bb, _) in enumerate(self._groups):
+            self.register_buffer(f"mean{i or ''}", torch.tensor(bb.spec.mean, dtype=torch.float32).view(1, 3, 1, 1),
+                                 persistent=False)
+            self.register_buffer(f"std{i or ''}", torch.tensor(bb.spec.std, dtype=torch.float32).view(1, 3, 1, 1),
+                                 persistent=False)
         self.dims: list[int] | None = None
 
     @property
     def spec(self):
         return self.backbone.spec
 
-    def _once(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not self.layers:
-            return [self.backbone(x)]
+    @property
+    def input_size(self) -> int:
+        """Side of the input the embedder expects: the largest input size of its backbones."""
+        return max(bb.spec.input_size for bb, _ in self._groups)
+
+    def _once(self, backbone: Backbone, layers: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
+        if not layers:
+            return [backbone(x)]
         taps: dict[str, torch.Tensor] = {}
-        hooks = [self.backbone.module_at(p).register_forward_hook(
-            lambda _m, _i, out, p=p: taps.__setitem__(p, out)) for p in self.layers]
+        hooks = [backbone.module_at(p).register_forward_hook(
+            lambda _m, _i, out, p=p: taps.__setitem__(p, out)) for p in layers]
         try:
-            self.backbone(x)
+            backbone(x)
         finally:
             for h in hooks:
                 h.remove()
-        return [_pool(taps[p]) for p in self.layers]
+        return [_pool(taps[p]) for p in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features ``(B, D)`` of images ``(B, 3, S, S)`` in [0, 1]."""
-        x = (x - self.mean) / self.std
-        blocks = self._once(x)
-        if self.flip:
-            blocks = [(a + b) / 2 for a, b in zip(blocks, self._once(x.flip(3)))]
+        blocks: list[torch.Tensor] = []
+        for i, (bb, layers) in enumerate(self._groups):
+            xi = x
+            if self.extras and xi.shape[-1] != bb.spec.input_size:
+                size = bb.spec.input_size
+                xi = F.interpolate(xi, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            xi = (xi - getattr(self, f"mean{i or ''}")) / getattr(self, f"std{i or ''}")
+            got = self._once(bb, layers, xi)
+            if self.flip:
+                got = [(a + b) / 2 for a, b in zip(got, self._once(bb, layers, xi.flip(3)))]
+            blocks += got
         self.dims = [b.shape[1] for b in blocks]
         return torch.cat(blocks, dim=1)
 
@@ -97,6 +137,8 @@ class PrototypicalNetwork(nn.Module):
         backbone: the feature extractor.
         config: embedding, transforms and distance (:class:`ProtoConfig`).
         learn_scale: make the logit scale a trainable parameter (episodic training).
+        extras: the backbones named by ``config.backbones`` (default: built with random weights,
+            as when a model folder is loaded and its state dict comes next).
 
     Attributes:
         prototypes: ``(n_way, D)`` transformed class prototypes.
@@ -106,10 +148,18 @@ class PrototypicalNetwork(nn.Module):
         support_items: ``[(path, label)]`` of the support images, when known (example explanations).
     """
 
-    def __init__(self, backbone: Backbone, config: ProtoConfig = PLAIN, *, learn_scale: bool = False):
+    def __init__(self, backbone: Backbone, config: ProtoConfig = PLAIN, *, learn_scale: bool = False,
+                 extras: Sequence[Backbone] | None = None):
         super().__init__()
         self.config = config
-        self.embedder = Embedder(backbone, config.layers, config.flip)
+        if extras is None:  # a folder being loaded: randomly initialised, its weights come next
+            from pellucid.core.backbones import create_backbone
+
+            extras = [create_backbone(name, pretrained=False)[0] for name in config.backbones]
+        if [bb.spec.name for bb in extras] != list(config.backbones):
+            raise FewShotError(f"extra backbones {[bb.spec.name for bb in extras]} do not match config.backbones "
+                               f"{list(config.backbones)}")
+        self.embedder = Embedder(backbone, config.layers, config.flip, extras)
         log_scale = torch.tensor(math.log(config.scale), dtype=torch.float32)
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)
