@@ -455,6 +455,10 @@ def _add_explain_and_tool_commands(sub) -> None:
     p.add_argument("--transductive", type=int, default=0, metavar="STEPS",
                    help="opt-in: soft k-means refinement of the prototypes on each predicted batch "
                         "(a prediction then depends on the other images in its batch)")
+    p.add_argument("--no-auto-backbones", dest="auto_backbones", action="store_false", default=None,
+                   help="embed with the backbone alone (default for Lite0: the support set chooses Lite0 or "
+                        "Lite0 + Lite2 by leave-one-out; a two-backbone model is bigger and slower, and CAM "
+                        "maps then cover Lite0's share only)")
     p.set_defaults(func=_lazy("pellucid.core.fewshot_cli", "run"))
 
     p = sub.add_parser("export", help="export a model folder (ONNX, INT8)")

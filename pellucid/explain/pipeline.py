@@ -109,6 +109,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
 
 
+_CAM_FAMILY = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam")
+
+
+def _cam_covers_part(card) -> str | None:
+    """For a few-shot model that embeds with extra backbones (Lite0 + Lite2, chosen by its support
+    set), what a CAM map leaves out: it hooks the first backbone's layer only."""
+    extra = ((getattr(card, "extra", None) or {}).get("fewshot") or {}).get("backbones") or []
+    if not extra:
+        return None
+    return (f"this map follows the first backbone only; the model also embeds with {', '.join(extra)}, "
+            "whose share of the decision the map does not show (LIME and occlusion cover the whole model)")
+
+
 def _note_once(notes: list[str], note: str) -> None:
     log.warning("%s", note)
     if note not in notes:
@@ -169,6 +182,7 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
     from pellucid.explain.metrics import score_explanations
 
     options = dict(options or {})
+    partial = _cam_covers_part(getattr(predictor, "card", None))
     steps = max(1, len(methods) * math.ceil(len(todo) / batch_size))
     step = 0
     for m in methods:
@@ -181,6 +195,8 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
             for c in todo:
                 c.explanations.append(MethodResult(m, None, {}, "unavailable"))
             continue
+        if partial and m in _CAM_FAMILY:
+            _note_once(notes, f"{m}: {partial}")
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             if progress:  # before the (possibly long) explainer call, so a slow method is never silent

@@ -754,6 +754,15 @@ def test_two_backbone_folder_predicts_the_same_after_reload_and_explains(two_bac
     # Grad-CAM hooks the primary backbone; it runs (no crash) and gives a finite map
     exp = get_explainer("gradcam").explain(a, x[:1])
     assert exp[0].heatmap.shape == (64, 64) and np.isfinite(exp[0].heatmap).all()
+    # every door says so: the explain half notes what a CAM map of this model leaves out, LIME gets no such note
+    from pellucid.explain.pipeline import explain_cases
+
+    pred = Predictor(two_backbone_folder)
+    cases = [c for c in pred.pipeline().from_paths(queries[:1]) if not c.error]
+    notes = explain_cases(pred, cases, ["gradcam"], score=False)
+    assert any(n.startswith("gradcam: this map follows the first backbone only") and "shallow_cnn" in n
+               for n in notes)
+    assert np.isfinite(cases[0].explanations[0].heatmap).all()
 
 
 def test_auto_backbones_fit_records_the_choice_and_reloads(tmp_path):
@@ -809,3 +818,18 @@ def test_cli_fit_can_turn_the_embedding_choice_off(tmp_path, monkeypatch, capsys
     assert card["fewshot"]["auto_backbones"] == [] and card["fewshot"]["backbones"] == []
     assert "embedding_choice" not in card["metrics"]
     assert "model folder:" in capsys.readouterr().out
+
+
+def test_no_auto_backbones_flag_keeps_lite0_alone(tmp_path):
+    """``pellucid fewshot fit --no-auto-backbones``: the support set does not choose Lite2 too."""
+    from pellucid.cli import main
+
+    src = data_dir("tb_cxr")
+    for label in ("normal", "tuberculosis"):
+        (tmp_path / "support" / label).mkdir(parents=True)
+        for f in sorted((src / label).iterdir())[:3]:
+            (tmp_path / "support" / label / f.name).symlink_to(f)
+    assert main(["fewshot", "fit", "--support", str(tmp_path / "support"), "--out", str(tmp_path / "m"),
+                 "--no-auto-backbones"]) == 0
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert card["fewshot"]["auto_backbones"] == [] and card["fewshot"]["backbones"] == []
