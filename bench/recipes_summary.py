@@ -30,6 +30,15 @@ def _single(pattern: str | None, task: str, metric: str) -> str:
     return f" {e.get('value', float('nan')):.3f}{ci} (n={m['n']}) |"
 
 
+def _adopted(recipe: dict, won: dict) -> bool:
+    """Whether a task's ``[recipe]`` trains the search's winner: the same strategy, and the same
+    members (backbone, size, strategy) for an ensemble."""
+    def members(r):
+        return [(m.get("backbone"), m.get("image_size"), m.get("finetune", r.get("finetune")))
+                for m in r.get("members") or []]
+    return recipe.get("finetune") == won.get("finetune") and members(recipe) == members(won)
+
+
 def rows(folder: Path = Path("bench/results"), single: str | None = None) -> list[str]:
     out = ["| app | default recipe (k-fold winner) | headline, mean ± sd | second metric | Δ vs A (probe) | Δ vs B (fine-tune) |"
            + (" one split, same recipe |" if single else ""),
@@ -42,10 +51,11 @@ def rows(folder: Path = Path("bench/results"), single: str | None = None) -> lis
         p, s = r["metrics"]
         from pellucid.core.tasks import get_task
 
-        if get_task(r["task"]).recipe.get("finetune") != win["recipe"].get("finetune"):
+        label = r.get("name") or r["task"]
+        if label == r["task"] and not _adopted(get_task(r["task"]).recipe, win["recipe"]):
             continue  # the app did not adopt the search's winner (nuclei): its row is written by hand
         name = f"`{win['name']}`"
-        out.append(f"| {r['task']} | {name} | {p} {_fmt(win['summary'][p])} | {s} {_fmt(win['summary'][s])} | "
+        out.append(f"| {label} | {name} | {p} {_fmt(win['summary'][p])} | {s} {_fmt(win['summary'][s])} | "
                    f"{_fmt(win.get('vs_A'), True) if win['role'] != 'A' else '(is A)'} | "
                    f"{_fmt(win.get('vs_B'), True) if win['role'] != 'B' else '(is B)'} |"
                    + _single(single, r["task"], p))

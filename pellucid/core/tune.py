@@ -544,6 +544,9 @@ def rescore(json_path: str | Path) -> dict:
     new.update({k: old[k] for k in ("cpu", "torch", "threads", "blocked_classes", "name") if k in old})
     path.write_text(json.dumps(new, indent=1, default=str))
     path.with_suffix(".md").write_text(render_table(new))
+    if path.with_suffix(".toml").exists() and new["winner"]:  # a written recipe follows the new winner
+        win = next(r for r in new["candidates"] if r["name"] == new["winner"])
+        path.with_suffix(".toml").write_text(_recipe_toml(win["recipe"], win["name"]))
     return new
 
 
@@ -583,7 +586,7 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     """The one-standard-error rule: among candidates run on every fold that beat both baselines (a
     mean paired margin > 0 over A, and over B on the folds B ran; all candidates when none does),
     the best mean sets a bar one standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
-    (fewest forward passes per image, then the better mean). Differences inside one standard error
+    (fewest forward passes per image, then no ``probe_flip``, then the better mean). Differences inside one standard error
     are fold noise, and a cheaper model is the better default."""
     # mirrored test-time augmentation is measured as a lever; model folders do not apply it, so it cannot win
     full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None
@@ -599,7 +602,9 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     sd = best["summary"][primary]["sd"] or 0.0
     bar = best["summary"][primary]["mean"] - sd / math.sqrt(k)
     ok = [r for r in full if r["summary"][primary]["mean"] >= bar - 1e-12]
-    win = min(ok, key=lambda r: (_passes(r), -r["summary"][primary]["mean"]))
+    # cheapest at prediction (forward passes), then at training (probe_flip embeds the training
+    # images twice), then the better mean
+    win = min(ok, key=lambda r: (_passes(r), "+flipfit" in r["name"], -r["summary"][primary]["mean"]))
     among = ("among candidates that beat both baselines (mean paired margin > 0)" if beats
              else "no candidate beat both baselines, so among all candidates")
     return win["name"], (f"{among}, the "
