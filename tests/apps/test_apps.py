@@ -168,3 +168,15 @@ def test_a_hybrid_recipe_trains_probe_and_fine_tune_members_with_their_weights(t
     assert card["kind"] == "ensemble" and [m["weight"] for m in card["members"]] == [0.25, 0.75]
     kinds = [json.loads((out / m["path"] / "card.json").read_text())["recipe"]["finetune"] for m in card["members"]]
     assert kinds == ["linear-probe", "full"]
+
+
+def test_demo_trains_the_fast_probe_part_of_a_hybrid_default():
+    from pellucid.cli import demo_config
+
+    task = get_task("waste")  # a hybrid default: three probes and a fine-tune
+    cfg = TrainConfig.from_task(task, "d", "o")
+    fast, note = demo_config(cfg)
+    assert len(cfg.members) == 4 and [m["finetune"] for m in fast.members] == ["linear-probe"] * 3
+    assert "linear-probe members" in note and "pellucid train waste" in note
+    probes_only = TrainConfig.from_task(task, "d", "o", members=fast.members)
+    assert demo_config(probes_only) == (probes_only, None)
