@@ -279,6 +279,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         close = close_matches(bad[0], sorted(known), n=1)
         raise UserError(f"unknown training option {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     cfg = TrainConfig.from_task(task, str(data), str(out), **over)
+    if cfg.segmenter and (cfg.preprocess or "none") == "none":
+        log.warning("--segmenter %s is not used: this recipe classifies the whole image (preprocess 'none'); "
+                    "add --preprocess lung-mask to classify the segmented lungs", cfg.segmenter)
     from pellucid.core.kfold import run_training
 
     try:

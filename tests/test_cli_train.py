@@ -202,3 +202,13 @@ def test_tune_command_arguments():
     assert (args.folds, args.budget, args.candidates, args.out, args.seed, args.write_recipe) == \
         (3, 2.5, "a,b", "o", 4, True)
     assert callable(args.func)
+
+
+def test_a_segmenter_without_a_lung_preprocess_is_named_as_unused(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pellucid")
+    assert main(["train", "tb", "--data", str(data_dir("tb_cxr")), "--out", str(tmp_path / "m"),
+                 "--segmenter", str(tmp_path / "seg"), "--backbone", "test_resnet", "--pretrained", "random",
+                 "--finetune", "linear-probe", "--image-size", "32", "--max-images", "24", "--no-progress"]) == 0
+    assert any("is not used" in r.getMessage() and "--preprocess lung-mask" in r.getMessage() for r in caplog.records)
