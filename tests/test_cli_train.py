@@ -64,15 +64,17 @@ def roads(tmp_path_factory) -> Path:
     (["train", "--data", "{roads}", "--like", "snoww"], "Did you mean 'snow'"),
     (["train", "--data", "{roads}", "--backbone", "a,b"], "the my-roads recipe trains one model; give one backbone"),
     (["train", "--data", "{roads}", "--like", "snow", "--backbone", "a,b"],
-     "ensemble of 3 members; give 3 backbones separated by commas"),
-    (["train", "snow", "--backbone", "resnet50,vgg19", "--data", "{snow}"], "ensemble of 3 members; give 3"),
+     "ensemble of {n_snow} members; give {n_snow} backbones separated by commas"),
+    (["train", "snow", "--backbone", "resnet50,vgg19", "--data", "{snow}"],
+     "ensemble of {n_snow} members; give {n_snow}"),
     (["train", "--data", "{snow}"], "task name 'snow' is taken by"),
     (["train", "--data", "{roads}", "--positive-class", "sunny"], "--positive-class 'sunny' is not one of"),
     (["train", "snow", "--config", "{classes_toml}"], "'classes' belongs to the task, not to training"),
 ])
 def test_early_errors_are_one_line_and_import_no_torch(argv, expect, roads, tmp_path):
     (tmp_path / "c.toml").write_text('classes = ["clear_road", "snowy_road"]\nepochs = 1\n')
-    fill = {"roads": str(roads), "snow": str(data_dir("snow")), "classes_toml": str(tmp_path / "c.toml")}
+    fill = {"roads": str(roads), "snow": str(data_dir("snow")), "classes_toml": str(tmp_path / "c.toml"),
+            "n_snow": len(get_task("snow").recipe["members"])}
     argv = [a.format(**fill) for a in argv]
     rc, err, heavy = _early(argv, cwd=tmp_path)
     assert rc == 2 and err.startswith("pellucid train: error: ") and "\n" not in err, err
