@@ -58,7 +58,7 @@ def rows(folder: Path = Path("bench/results"), single: str | None = None) -> lis
         out.append(f"| {label} | {name} | {p} {_fmt(win['summary'][p])} | {s} {_fmt(win['summary'][s])} | "
                    f"{_fmt(win.get('vs_A'), True) if win['role'] != 'A' else '(is A)'} | "
                    f"{_fmt(win.get('vs_B'), True) if win['role'] != 'B' else '(is B)'} |"
-                   + _single(single, r["task"], p))
+                   + _single(single, label, p))
     return out
 
 
