@@ -19,8 +19,11 @@ def test_tb_spec():
     t = get_task("tb")
     assert t.classes == ("normal", "tuberculosis") and t.positive_index == 1
     assert t.threshold_policy == "youden" and t.recipe["finetune"] == "linear-probe"
-    # the recipe search's winner: a soft vote of three probes; the previous fine-tune is kept as a config
-    assert [m["backbone"] for m in t.recipe["members"]] == [f"efficientnet_lite{n}" for n in range(3)]
+    # the recipe search's winner: a soft vote of three probes and a fine-tune weighted 3 (a hybrid); the
+    # previous fine-tune is kept as a config
+    members = t.recipe["members"]
+    assert [m["backbone"] for m in members] == [f"efficientnet_lite{n}" for n in range(3)] + ["efficientnet_lite0"]
+    assert [m["finetune"] for m in members] == ["linear-probe"] * 3 + ["full"] and members[3]["weight"] == 3.0
     import tomllib
     from pathlib import Path
 
