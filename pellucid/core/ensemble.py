@@ -156,11 +156,12 @@ def _shared_split(member_dirs: Sequence[Path]) -> Split | None:
 
 
 @torch.inference_mode()
-def _logits_of(model: nn.Module, paths: list[str], size: int, channels: int | None
+def _logits_of(model: nn.Module, paths: list[str], size: int, channels: int | None, preprocess=None
                ) -> tuple[torch.Tensor, list[int]]:
+    """Logits of the readable ``paths`` (``preprocess``: a lung masker or None) and their positions."""
     from pellucid.datasets.torchdata import ImageCache, to_tensor
 
-    cache = ImageCache(paths, size, channels=channels, progress=False)
+    cache = ImageCache(paths, size, channels=channels, progress=False, preprocess=preprocess)
     ok = cache.ok(range(len(paths)))
     out = []
     for i in range(0, len(ok), 64):

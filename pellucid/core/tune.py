@@ -274,9 +274,9 @@ def _train_fold_logits(task, folder: Path, samples, split: dict) -> dict:
     if cache.exists():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         return {p: (saved[p + "_idx"].numpy(), saved[p]) for p in ("val", "test")}
+    from pellucid.core.ensemble import _logits_of
     from pellucid.core.modelfolder import load_model
     from pellucid.core.segmentation import LungMasker
-    from pellucid.datasets.torchdata import ImageCache, to_tensor
 
     model, card = load_model(folder)
     model.eval()
@@ -284,15 +284,9 @@ def _train_fold_logits(task, folder: Path, samples, split: dict) -> dict:
     out, flat = {}, {}
     for p in ("val", "test"):
         idx = list(split[p])
-        cache_p = ImageCache([samples[i].path for i in idx], size, channels=task.channels, progress=False,
-                             preprocess=LungMasker.from_card(card))
-        ok = cache_p.ok(range(len(idx)))
-        logits = []
-        with torch.inference_mode():
-            for b in range(0, len(ok), 64):
-                logits.append(model(torch.stack([to_tensor(cache_p.get(j)) for j in ok[b:b + 64]])).float())
-        out[p] = (np.array([idx[j] for j in ok], dtype=int),
-                  torch.cat(logits) if logits else torch.zeros(0, len(task.classes)))
+        logits, ok = _logits_of(model, [samples[i].path for i in idx], size, task.channels,
+                                LungMasker.from_card(card))
+        out[p] = (np.array([idx[j] for j in ok], dtype=int), logits)
         flat[p], flat[p + "_idx"] = out[p][1], torch.as_tensor(out[p][0])
     torch.save(flat, cache)
     return out
