@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fine-tune-epochs", type=int, default=6, help="epochs of baseline B and LP-FT")
     p.add_argument("--name", help="results table name (default: the task's)")
     p.add_argument("--resume", action="store_true", help="reuse the fine-tunes' folds of an earlier table")
+    p.add_argument("--jobs", type=int, default=1, help="fine-tune folds trained at once, one process each")
     p.add_argument("--rescore", action="store_true",
                    help="recompute summaries and winner of bench/results/recipes-TASK.json (nothing is run)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -389,6 +389,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--name", help="name of the results table (default: the task's), e.g. tb_lungs for tb on another data set")
     p.add_argument("--resume", action="store_true",
                    help="reuse the fine-tunes' folds of an earlier table with the same folds and recipe")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N folds of a fine-tune at once, each in its own process (cores split between them)")
     p.set_defaults(func=_lazy("pellucid.core.tune", "run_cli"))
 
     p = sub.add_parser("eval", help="score a model folder on a labelled data folder")

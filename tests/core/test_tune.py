@@ -219,3 +219,14 @@ def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(t
     assert model.stat().st_mtime_ns != stamp and third["candidates"][1]["n_folds"] == 2
     logits = tmp_path / "work" / "ft" / "fold_1" / "fold_logits.pt"
     assert logits.stat().st_mtime_ns >= model.stat().st_mtime_ns  # the hybrid read the new model's logits
+
+
+def test_jobs_train_folds_in_worker_processes_and_keep_the_fold_limit(tmp_path, cache):
+    res = _probe_and_tiny_training(tmp_path, "full", folds=3, jobs=2, train_folds=2)
+    row = res["candidates"][1]
+    # two folds trained at once in spawned workers; the third is left out by --train-folds and says so
+    assert sorted(row["folds"]) == ["0", "1"] and "first 2 fold" in row["stopped"]
+    assert all((tmp_path / "work" / "full" / f"fold_{f}" / "card.json").exists() for f in (0, 1))
+    assert not (tmp_path / "work" / "full" / "fold_2").exists()
+    assert set(row["folds"]["1"]["metrics"]) >= {"accuracy", "auroc"} and row["folds"]["1"]["seconds"] > 0
+    assert res["candidates"][0]["vs_B"]["n"] == 2
