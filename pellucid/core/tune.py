@@ -91,7 +91,8 @@ class Candidate:
             probe, trained = (others or {})[self.parts[0]], (others or {})[self.parts[1]]
             pr = probe.recipe(task)
             members = pr.get("members") or [{k: pr[k] for k in ("backbone", "image_size", "finetune", "epochs")}]
-            tm = {k: v for k, v in trained.overrides.items() if k != "members"}
+            keys = trained.recipe(task) if trained.role == "current" else trained.overrides
+            tm = {k: v for k, v in keys.items() if k != "members"}
             tm.setdefault("image_size", task.image_size)
             return {"finetune": "linear-probe", "epochs": 0, "image_size": members[0]["image_size"],
                     "members": [dict(m) for m in members] + [{**tm, "weight": self.train_weight}]}
@@ -153,14 +154,16 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
             "mixing": "none", "members": [], "probe_patience": 2}
     cands.append(Candidate("lp-ft:lite0", "train", overrides=lpft,
                            about="LP-FT: probe head first, then everything at a small learning rate"))
+    cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
+    # the shipped recipe joins the hybrids when it is one trained model (nuclei's 20-epoch fine-tune)
+    single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
     for vote in (_probe(trio).name, _probe(trio, flip="fit").name):
-        for trained in ("finetune:lite0", "lp-ft:lite0"):
+        for trained in ("finetune:lite0", "lp-ft:lite0") + (("current",) if single else ()):
             for w in (1.0, 3.0):
                 cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}{trained}", "hybrid",
                                        parts=(vote, trained), train_weight=w,
                                        about=f"soft vote of `{vote}` and {trained} (weight {w:g} against 1 per "
                                              "probe), scored from both candidates' folds"))
-    cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
     return cands
 
 

@@ -113,6 +113,15 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
         # probes are scored before training runs (cheap first)
         kinds = [c.kind for c in cands]
         assert kinds == sorted(kinds, key=lambda k: k != "probe")
+    # a shipped recipe that is one trained model (mpox's LP-FT) also joins the hybrids, with its own keys;
+    # one that is already an ensemble (tb's) does not
+    mpox = get_task("mpox")
+    by = {c.name: c for c in default_candidates(mpox)}
+    hyb = next(c for c in by.values() if c.kind == "hybrid" and c.parts[1] == "current" and c.train_weight == 3)
+    last = hyb.recipe(mpox, by)["members"][-1]
+    assert last["finetune"] == mpox.recipe["finetune"] and last["epochs"] == mpox.recipe["epochs"]
+    assert last["weight"] == 3.0 and "members" not in last
+    assert not any(c.kind == "hybrid" and "current" in c.parts for c in default_candidates(get_task("tb")))
 
 
 def test_official_split_needs_train_and_val_names(tmp_path):
