@@ -321,8 +321,35 @@ def _run_train(task, cand: Candidate, data_dir: str, split_path: Path, out: Path
         folder = train(cfg)
     m = json.loads((Path(folder) / "metrics.json").read_text())
     card = json.loads((Path(folder) / "card.json").read_text())
-    return {"metrics": {k: v["value"] for k, v in m["metrics"].items()}, "seconds": round(time.time() - t, 1),
-            "kept": card.get("training", {}).get("kept")}
+    res = {"metrics": {k: v["value"] for k, v in m["metrics"].items()}, "seconds": round(time.time() - t, 1),
+           "kept": card.get("training", {}).get("kept")}
+    # kept beside the model, so that a search stopped half-way (or run in pieces) loses no fold: --resume reads it
+    (out / FOLD_RESULT).write_text(json.dumps({**res, "recipe": cand.recipe(task), "split": _split_hash(split_path)},
+                                              default=str))
+    return res
+
+
+FOLD_RESULT = "fold_result.json"
+
+
+def _split_hash(split_path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(split_path).read_bytes()).hexdigest()[:16]
+
+
+def _kept_fold(folder: Path, recipe: dict, split_path: Path) -> dict | None:
+    """A fold result kept beside its model (:data:`FOLD_RESULT`) when it was trained with this recipe on
+    this split, else ``None``."""
+    try:
+        kept = json.loads((folder / FOLD_RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (folder / "card.json").exists() or kept.get("split") != _split_hash(split_path):
+        return None
+    if _effective(kept.get("recipe") or {}) != json.loads(json.dumps(recipe, default=str)):
+        return None
+    return {k: kept[k] for k in ("metrics", "seconds", "kept") if k in kept}
 
 
 # ----------------------------------------------------------------------------- the search
@@ -492,6 +519,14 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
                                                                                               default=str)):
             row["folds"] = {f: r for f, r in old["folds"].items()
                             if (work / cand.name.replace(":", "_") / f"fold_{f}" / "card.json").exists()}
+        if cand.kind == "train" and resume:
+            for s_, sp in zip(split_list, split_paths):
+                f = str(s_["fold"])
+                kept = None if f in row["folds"] else _kept_fold(work / cand.name.replace(":", "_") / f"fold_{f}",
+                                                                  row["recipe"], sp)
+                if kept:
+                    row["folds"][f] = kept
+            row["folds"] = dict(sorted(row["folds"].items()))
             if row["folds"]:
                 log.info("%s: %d fold(s) reused from the earlier search", cand.name, len(row["folds"]))
         if cand.kind == "hybrid":

@@ -239,3 +239,17 @@ def test_jobs_train_folds_in_worker_processes_and_keep_the_fold_limit(tmp_path, 
     assert not (tmp_path / "work" / "full" / "fold_2").exists()
     assert set(row["folds"]["1"]["metrics"]) >= {"accuracy", "auroc"} and row["folds"]["1"]["seconds"] > 0
     assert res["candidates"][0]["vs_B"]["n"] == 2
+
+
+def test_resume_reads_fold_results_kept_beside_the_models_when_the_table_is_lost(tmp_path, cache):
+    res = _probe_and_tiny_training(tmp_path, "full", folds=2)
+    model = tmp_path / "work" / "full" / "fold_1" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    assert (tmp_path / "work" / "full" / "fold_1" / "fold_result.json").exists()
+    (tmp_path / "out" / "recipes-tb.json").unlink()  # a search stopped before it wrote its table
+    again = _probe_and_tiny_training(tmp_path, "full", folds=2, resume=True)
+    assert model.stat().st_mtime_ns == stamp  # nothing trained again
+    assert again["candidates"][1]["folds"] == res["candidates"][1]["folds"]
+    # a fold trained on other folds (another k) is not taken for this one
+    third = _probe_and_tiny_training(tmp_path, "full", folds=3, resume=True)
+    assert model.stat().st_mtime_ns != stamp and third["candidates"][1]["n_folds"] == 3
