@@ -24,11 +24,17 @@ that pick one of them by leave-one-out NLL or accuracy on the support set
 (:func:`~pellucid.core.fewshot.folder.select_embedding`); it writes
 ``bench/results/fewshot-embedding.md``.
 
+``--study resolution`` measures the input side of the embedding: the current default's candidates
+(Lite0 at 224 px; Lite0 + Lite2 from 260 px) against Lite0 and Lite0 + Lite2 with every backbone fed
+the images at each of ``--sizes`` (:attr:`~pellucid.core.fewshot.ProtoConfig.resolution`), and rules
+that let the support set choose the size too; it writes ``bench/results/fewshot-resolution.md``.
+
 Every image goes through each backbone twice (as is and mirrored); the features are cached under
 ``runs/.cache/features`` so reruns skip the backbones. Run from the repository root::
 
     OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws
     OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws --study embedding
+    OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws --study resolution
 """
 from __future__ import annotations
 
@@ -125,9 +131,42 @@ def resized_features(samples, size: int, progress: bool) -> dict[str, torch.Tens
     return {"efficientnet_lite0": feats[:, :d0], "efficientnet_lite1": feats[:, d0:]}
 
 
+def sized_features(samples, backbone: str, size: int, progress: bool) -> Features:
+    """Plain features (no mirrored pass) of one backbone with its default embedding, the images
+    decoded at ``size`` and fed to the backbone at that size (no resize inside), cached."""
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, extract_features, improved_config
+
+    t0 = time.time()
+    bb, info = create_backbone(backbone, pretrained=True)
+    config = improved_config(bb.spec, size)
+    net = PrototypicalNetwork(bb, config)
+    plain = extract_features(net, [s.path for s in samples], image_size=size, weight_info=info, progress=progress)
+    return Features(backbone, plain, torch.zeros(0), list(net.embedder.dims), tuple(config.layers),
+                    round(time.time() - t0, 1))
+
+
+def product_pair_features(samples, progress: bool) -> Features:
+    """Lite0 + Lite2 exactly as the current ``fewshot fit`` default computes them (one pass, cached):
+    the images at 260 px, resized inside the model to 224 px for Lite0."""
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, extract_features, improved_config
+    from pellucid.core.fewshot.folder import embedding_config
+
+    t0 = time.time()
+    bb0, info = create_backbone("efficientnet_lite0", pretrained=True)
+    bb2, _ = create_backbone("efficientnet_lite2", pretrained=True)
+    cfg = embedding_config(improved_config(bb0.spec), bb0.spec, [bb2.spec])
+    net = PrototypicalNetwork(bb0, cfg, extras=[bb2])
+    feats = extract_features(net, [s.path for s in samples], image_size=cfg.image_size, weight_info=info,
+                             progress=progress)
+    return Features("efficientnet_lite0+efficientnet_lite2", feats, torch.zeros(0), list(net.embedder.dims),
+                    tuple(cfg.layers), round(time.time() - t0, 1))
+
+
 def concat_features(a: Features, b: Features) -> Features:
     return Features(f"{a.backbone}+{b.backbone}", torch.cat([a.plain, b.plain], 1),
-                    torch.cat([a.mirrored, b.mirrored], 1), a.dims + b.dims,
+                    torch.cat([a.mirrored, b.mirrored], 1) if a.mirrored.numel() else torch.zeros(0), a.dims + b.dims,
                     a.taps + tuple(f"{b.backbone}:{t}" for t in b.taps), 0.0)
 
 
@@ -233,8 +272,15 @@ def product_features(feats: dict, name: str, resized: dict[str, torch.Tensor]) -
 
 
 def embedding_study(feats: dict, data: dict, args, seed: int) -> dict:
-    """Every candidate embedding with ``auto_weights`` on the same draws, then every rule of
-    :data:`RULES` applied per draw to the candidates' leave-one-out fits on the support set
+    """Every candidate embedding of :data:`EMBEDDINGS` with ``auto_weights`` on the same draws, then
+    every rule of :data:`RULES` (:func:`choice_study`)."""
+    return choice_study(feats, data, EMBEDDINGS, RULES, args, seed, lambda k: _short(k) + " +auto_weights")
+
+
+def choice_study(feats: dict, data: dict, keys, rules, args, seed: int, label_of) -> dict:
+    """Every candidate embedding (feature key of ``keys``, labelled ``label_of(key)``) with
+    ``auto_weights`` on the same draws, then every rule ``(label, candidate keys, criterion)``
+    applied per draw to the candidates' leave-one-out fits on the support set
     (:func:`~pellucid.core.fewshot.folder.select_embedding`, what ``fewshot fit`` calls).
 
     Returns ``{(data set, label): result}`` with, for rules, ``picked``: how often each candidate won."""
@@ -244,9 +290,9 @@ def embedding_study(feats: dict, data: dict, args, seed: int) -> dict:
     for name, (labels, groups, _) in data.items():
         draws = support_draws(labels, groups, args.shots, args.draws, seed)
         per = {}
-        for key in EMBEDDINGS:
+        for key in keys:
             t0 = time.time()
-            v = Variant(_short(key) + " +auto_weights", key, auto_weights=True)
+            v = Variant(label_of(key), "efficientnet_lite0" if "@" in key else key, auto_weights=True)
             net = _network(feats[(name, key)], v)
             accs, fits = [], []
             for s_idx, q_idx in draws:
@@ -256,7 +302,7 @@ def embedding_study(feats: dict, data: dict, args, seed: int) -> dict:
             results[(name, v.name)] = _summary(np.array(accs), draws)
             log.warning("seed %d %s %-42s %.3f ± %.3f %.1f s", seed, name, v.name, results[(name, v.name)]["mean"],
                         results[(name, v.name)]["ci95"], time.time() - t0)
-        for label, cands, crit in RULES:
+        for label, cands, crit in rules:
             accs, picked = [], {k: 0 for k in cands}
             for i in range(len(draws)):
                 key = select_embedding({k: per[k][1][i] for k in cands}, crit) or cands[0]
@@ -490,10 +536,114 @@ def parse(argv):
     p.add_argument("--extract-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--study", choices=("levers", "embedding"), default="levers",
+    p.add_argument("--sizes", nargs="+", type=int, default=[192, 224, 320],
+                   help="--study resolution: input sides measured against the backbones' own")
+    p.add_argument("--study", choices=("levers", "embedding", "resolution"), default="levers",
                    help="levers: the grid of bench/results/fewshot-draws.md; embedding: the embedding chosen per "
                         "support set by leave-one-out (bench/results/fewshot-embedding.md)")
     return p.parse_args(argv)
+
+
+#: ``--study resolution``: the current default rule (Lite0 at 224 px or Lite0 + Lite2 from 260 px).
+RES_BASE = "auto {lite0@224, lite0+lite2@260} (current default)"
+
+
+def resolution_rules(sizes) -> list[tuple[str, tuple[str, ...], str]]:
+    """The rules of ``--study resolution`` (all by leave-one-out NLL on the support set): the current
+    default; per size S the same two embeddings at S; and the size chosen too (all four)."""
+    base = ("lite0@224", "lite0+lite2@260")
+    rules = [(RES_BASE, base, "nll")]
+    for size in sizes:
+        at = (f"lite0@{size}", f"lite0+lite2@{size}")
+        both = tuple(dict.fromkeys(base + at))
+        rules += [(f"auto {{{', '.join(at)}}}", at, "nll"), (f"auto {{{', '.join(both)}}}", both, "nll")]
+    if len(sizes) > 1:
+        every = tuple(dict.fromkeys(base + tuple(f"{b}@{size}" for size in sizes for b in ("lite0", "lite0+lite2"))))
+        rules.append(("auto {every candidate}", every, "nll"))
+    return rules
+
+
+def render_resolution(dev: dict, confirm: dict, rules, keys, chosen: str, args, command: str, timing: dict) -> str:
+    """bench/results/fewshot-resolution.md: the embedding's input size."""
+    from pellucid.core.quantize import cpu_features
+
+    ds = list(args.datasets)
+    rows = [f"{k} +auto_weights" for k in keys] + [r[0] for r in rules]
+
+    def table(res):
+        out = ["| setting | " + " | ".join(ds) + " | mean | paired vs current default (" + ", ".join(ds) + ") |",
+               "|---|" + "---:|" * (len(ds) + 2)]
+        for r in rows:
+            picked = ""
+            if "picked" in res[(ds[0], r)] and len(res[(ds[0], r)]["picked"]) > 1:
+                picked = "<br>picked: " + "; ".join(
+                    f"{d} " + ", ".join(f"{k} {n}" for k, n in res[(d, r)]["picked"].items()) for d in ds)
+            out.append(f"| {r}{picked} | " + " | ".join(_fmt(res[(d, r)]) for d in ds)
+                       + f" | {np.mean([res[(d, r)]['mean'] for d in ds]):.3f} | "
+                       + ("" if r == RES_BASE else ", ".join(_paired(res[(d, r)], res[(d, RES_BASE)]) for d in ds))
+                       + " |")
+        return out
+
+    mean = {r[0]: float(np.mean([dev[(d, r[0])]["mean"] for d in ds])) for r in rules}
+    lines = ["# Few-shot: the input size of the embedding (`fewshot fit`, 5-shot)", "",
+             f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` (torch {torch.__version__}, "
+             f"{torch.get_num_threads()} thread(s)).", "", f"CPU: {cpu_features().summary()}", "",
+             "Draws and queries as in `bench/results/fewshot-draws.md` (same seeds: dev 0, confirm 1). Every "
+             "setting uses `auto_weights`, no flips, no transduction. `lite0@224` and `lite0+lite2@260` are the "
+             "current default's two candidates exactly as a model folder computes them (Lite0 at its own 224 px; "
+             "Lite0 + Lite2 from 260-px images, resized inside the model to 224 px for Lite0). `lite0@S` and "
+             "`lite0+lite2@S`: every backbone fed the images decoded at S px (no resize inside the model). An "
+             "*auto* rule fits every candidate on the support set (layer weights and logit scale by leave-one-out) "
+             "and keeps the one with the lowest leave-one-out NLL — the support set only, never the queries. Mean "
+             "accuracy over draws ± 95 % interval (sd over draws); paired: accuracy minus the current default's on "
+             "the same draws, ± 95 % interval.", "",
+             f"## Dev draws (seed 0, {args.draws} per data set)", ""]
+    lines += table(dev)
+    lines += ["", f"Rule chosen on the dev draws (the best mean over the data sets; it replaces the current "
+              f"default only when it beats it by more than {args.tolerance}; ties within {args.tolerance} of the "
+              f"best: fewer candidates): **{chosen}**. Mean over the data sets, dev: "
+              + ", ".join(f"{r} {m:.4f}" for r, m in mean.items()) + ".", "",
+              f"## Confirm draws (seed 1, {args.draws} fresh draws per data set)", ""]
+    lines += table(confirm)
+    lines += ["| target | " + " | ".join(f"{TARGETS.get(d, float('nan')):.2f}" for d in ds) + " | | |"]
+    if all(t < 5 for d in ds for t in timing[d].values()):
+        lines += ["", "Features came from the disk cache (`runs/.cache/features`); the backbones did not run."]
+    else:
+        lines += ["", "## Feature extraction (one pass over every image of the data set; shared CPU, 1 thread; "
+                  "0 s: from the disk cache)", "", "| data | " + " | ".join(timing[ds[0]]) + " |",
+                  "|---|" + "---:|" * len(timing[ds[0]])]
+        for d in ds:
+            lines.append(f"| {d} | " + " | ".join(f"{t:.0f} s" for t in timing[d].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main_resolution(args, argv) -> int:
+    """``--study resolution``: the embeddings at other input sizes, and rules choosing among them."""
+    feats, data = _resolution_features(args)
+    if args.extract_only:
+        return 0
+    keys = list(dict.fromkeys(["lite0@224", "lite0+lite2@260"]
+                              + [f"{b}@{s}" for s in args.sizes for b in ("lite0", "lite0+lite2")]))
+    rules = resolution_rules(args.sizes)
+    label = lambda k: f"{k} +auto_weights"  # noqa: E731
+    dev = choice_study(feats, data, keys, rules, args, 0, label)
+    mean = {r[0]: float(np.mean([dev[(d, r[0])]["mean"] for d in args.datasets])) for r in rules}
+    best = max(mean.values())
+    chosen = min((r for r in rules if mean[r[0]] >= best - args.tolerance), key=lambda r: (len(r[1]), -mean[r[0]]))[0]
+    if mean[chosen] <= mean[RES_BASE] + args.tolerance:
+        chosen = RES_BASE
+    confirm = choice_study(feats, data, keys, rules, args, 1, label)
+    command = "OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    extracted = list(dict.fromkeys(["lite0@224", "lite0+lite2@260"]
+                                   + [f"{b}@{s}" for s in args.sizes for b in ("lite0", "lite2")]))
+    timing = {d: {k: feats[(d, k)].seconds for k in extracted} for d in args.datasets}
+    text = render_resolution(dev, confirm, rules, keys, chosen, args, command.strip(), timing)
+    out = Path(args.out) if args.out != str(OUT) else OUT.with_name("fewshot-resolution.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
 
 
 def main_embedding(args, argv) -> int:
@@ -523,12 +673,40 @@ def main_embedding(args, argv) -> int:
     return 0
 
 
+def _resolution_features(args) -> tuple[dict, dict]:
+    """``--study resolution``: per data set the current default's two candidates (Lite0 at 224 px;
+    Lite0 + Lite2 from 260 px) and, for each of ``--sizes``, Lite0 and Lite0 + Lite2 with every
+    backbone fed the images at that size. Keys ``(data set, "lite0@224")`` etc.; cached on disk."""
+    feats, data = {}, {}
+    for name in args.datasets:
+        samples, labels, groups, classes = load_dataset(name, Path(args.data))
+        data[name] = (labels, groups, classes)
+        steps = [("lite0@224", lambda: sized_features(samples, "efficientnet_lite0", 224, not args.quiet)),
+                 ("lite0+lite2@260", lambda: product_pair_features(samples, not args.quiet))]
+        for size in args.sizes:
+            steps += [(f"lite0@{size}", lambda size=size: sized_features(samples, "efficientnet_lite0", size,
+                                                                        not args.quiet)),
+                      (f"lite2@{size}", lambda size=size: sized_features(samples, "efficientnet_lite2", size,
+                                                                        not args.quiet))]
+        for key, make in dict(steps).items():  # lite0@224 once when 224 is among the sizes
+            t0 = time.time()
+            feats[(name, key)] = make()
+            log.warning("%s %s: %d images, features %s in %.0f s", name, key, len(samples),
+                        tuple(feats[(name, key)].plain.shape), time.time() - t0)
+        for size in args.sizes:
+            feats[(name, f"lite0+lite2@{size}")] = concat_features(feats[(name, f"lite0@{size}")],
+                                                                   feats[(name, f"lite2@{size}")])
+    return feats, data
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     if args.study == "embedding":
         return main_embedding(args, argv)
+    if args.study == "resolution":
+        return main_resolution(args, argv)
     feats, data = _extract_all(args)
     if args.extract_only:
         return 0

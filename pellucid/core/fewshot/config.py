@@ -68,6 +68,12 @@ class ProtoConfig:
             layer weights are chosen as with ``auto_weights``). The chosen set is stored in
             ``backbones`` (with its ``layers`` and ``layer_weights``), so prediction is deterministic
             and runs only the chosen backbones.
+        resolution: input side every backbone of the embedding sees, in pixels: the images are
+            decoded at this side and no backbone gets them resized inside the model (with
+            ``auto_backbones``, every candidate runs at it). None (the default, and cards written
+            before this field): the primary runs at ``image_size`` and each extra backbone at its
+            own input size. Opt-in: 320 helps everyday objects (waste) and hurts chest X-rays and
+            sonar (bench/results/fewshot-resolution.md).
     """
 
     distance: str = "euclidean"
@@ -84,6 +90,7 @@ class ProtoConfig:
     transductive: int = 0
     backbones: tuple[str, ...] = ()
     auto_backbones: tuple[tuple[str, ...], ...] = ()
+    resolution: int | None = None
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
@@ -107,6 +114,11 @@ class ProtoConfig:
             from pellucid.core.backbones import get_backbone_spec
 
             get_backbone_spec(name)  # an unknown name gets a did-you-mean
+        if self.resolution is not None:
+            if int(self.resolution) != self.resolution or self.resolution < 8:
+                raise FewShotError(f"resolution must be a whole number of pixels >= 8 (or None for the "
+                                   f"backbones' own sizes), got {self.resolution!r}")
+            object.__setattr__(self, "resolution", int(self.resolution))
         if len(set(self.backbones)) != len(self.backbones):
             raise FewShotError(f"backbones lists a backbone twice: {list(self.backbones)}")
 

@@ -149,8 +149,10 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
     if mirror:  # only when set, so the keys of unmirrored features stay what they were
         desc["mirror"] = True
     weights_fp = _weights_fingerprint(embedder.backbone)
+    if embedder.resolution:  # only when set, so the keys of older embeddings stay what they were
+        desc["resolution"] = embedder.resolution
     if len(embedder.extras):  # only with extra backbones, so single-backbone keys stay what they were
-        desc["extras"] = [{"backbone": bb.spec.name, "size": bb.spec.input_size, "mean": list(bb.spec.mean),
+        desc["extras"] = [{"backbone": bb.spec.name, "size": embedder.side(bb), "mean": list(bb.spec.mean),
                            "std": list(bb.spec.std), "weights_fp": _weights_fingerprint(bb)} for bb in embedder.extras]
     key = _cache_key("pooled", desc, weight_info or {}, paths, weights_fp)
 

@@ -127,7 +127,8 @@ def embedding_config(config: ProtoConfig, primary, extras=()) -> ProtoConfig:
     the primary's own ``layers`` (its tap layers when ``config.layers`` is empty), then every extra
     backbone's tap layers as ``"<name>:<layer>"``; ``layer_weights`` repeated for each backbone;
     with extras the input is the largest of the backbones' input sizes (each backbone gets the
-    images resized to its own). No extras: ``config`` with ``backbones=()``."""
+    images resized to its own), or ``config.resolution`` when set (every backbone at that side).
+    No extras: ``config`` with ``backbones=()`` (and ``image_size`` = ``config.resolution`` when set)."""
     own = [l for l in config.layers if ":" not in l] or list(primary.tap_layers)
     own_weights = None
     if config.layer_weights is not None:
@@ -136,12 +137,13 @@ def embedding_config(config: ProtoConfig, primary, extras=()) -> ProtoConfig:
             own_weights = list(config.layer_weights[:len(own)])
     if not extras:
         return replace(config, backbones=(), layers=tuple(own),
-                       layer_weights=None if own_weights is None else tuple(own_weights))
+                       layer_weights=None if own_weights is None else tuple(own_weights),
+                       image_size=config.resolution or config.image_size)
     layers = list(own) + [f"{spec.name}:{t}" for spec in extras for t in spec.tap_layers]
     weights = None
     if own_weights is not None and all(len(spec.tap_layers) == len(own) for spec in extras):
         weights = tuple(own_weights * (1 + len(extras)))
-    size = max([primary.input_size] + [spec.input_size for spec in extras])
+    size = config.resolution or max([primary.input_size] + [spec.input_size for spec in extras])
     return replace(config, backbones=tuple(spec.name for spec in extras), layers=tuple(layers),
                    layer_weights=weights, image_size=size)
 
@@ -192,6 +194,9 @@ def _fewshot_section(config: ProtoConfig, extras=(), candidates=None, criterion:
         chosen = "+".join([primary, *config.backbones])
         rule = "NLL" if criterion == "nll" else criterion
         notes.append(f"embedding {chosen} chosen by leave-one-out {rule} on the support set among {candidates}")
+    if config.resolution:
+        notes.append(f"every backbone sees the images at {config.resolution} px (decoded at that side, no resize "
+                     "inside the model)")
     if config.backbones:
         notes.append(f"the embedding concatenates the features of {primary} and {', '.join(config.backbones)}; "
                      f"CAM explainers hook {primary} only, so a CAM shows the part of the decision that flows "
@@ -307,7 +312,10 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
             if name not in extras_pool:
                 extras_pool[name] = create_backbone(name, pretrained=pretrained)
         extras = [extras_pool[name][0] for name in cand]
-        cfg = embedding_config(config, bb.spec, [e.spec for e in extras]) if several else config
+        if several:
+            cfg = embedding_config(config, bb.spec, [e.spec for e in extras])
+        else:
+            cfg = replace(config, image_size=config.resolution or config.image_size)
         size = int(cfg.image_size or bb.spec.input_size)
         cfg = replace(cfg, image_size=size)
         net = PrototypicalNetwork(bb, cfg, extras=extras)
@@ -338,7 +346,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
             "chosen": name,
             "loo_nll": {k: None if f is None else float(f"{f[2]:.6g}") for k, f in fits.items()},
             "loo_accuracy": {k: None if f is None else f[1] for k, f in fits.items()}}
-    extra_info = [{"name": e.spec.name, "weights": extras_pool[e.spec.name][1], "input_size": e.spec.input_size,
+    extra_info = [{"name": e.spec.name, "weights": extras_pool[e.spec.name][1], "input_size": net.embedder.side(e),
                    "mean": list(e.spec.mean), "std": list(e.spec.std)} for e in net.embedder.extras]
     card = _prototypes_card(support_dir, samples, classes, task, bb.spec, info, size, config, fitted,
                             metrics, seconds=round(time.time() - t0, 1), extras=extra_info,

@@ -50,12 +50,16 @@ class Embedder(nn.Module):
         layers: dotted paths to pool; ``()`` uses the backbone output.
         flip: average with the features of the horizontally mirrored images.
         extras: further backbones whose layers (prefixed by their name) are in ``layers``.
+        resolution: when given, every backbone gets the input at this side (resized only when the
+            input has another), instead of each extra backbone at its own input size
+            (:attr:`ProtoConfig.resolution`).
     """
 
     def __init__(self, backbone: Backbone, layers: Sequence[str] = (), flip: bool = False,
-                 extras: Sequence[Backbone] = ()):
+                 extras: Sequence[Backbone] = (), resolution: int | None = None):
         super().__init__()
         self.backbone = backbone
+        self.resolution = None if resolution is None else int(resolution)
         self.extras = nn.ModuleList(extras)
         self.layers = tuple(layers)
         self.flip = bool(flip)
@@ -94,8 +98,13 @@ class Embedder(nn.Module):
 
     @property
     def input_size(self) -> int:
-        """Side of the input the embedder expects: the largest input size of its backbones."""
-        return max(bb.spec.input_size for bb, _ in self._groups)
+        """Side of the input the embedder expects: its ``resolution`` when set, else the largest
+        input size of its backbones."""
+        return max(self.side(bb) for bb, _ in self._groups)
+
+    def side(self, backbone: Backbone) -> int:
+        """Input side ``backbone`` runs at: the embedder's ``resolution``, else the backbone's own."""
+        return self.resolution or backbone.spec.input_size
 
     def _once(self, backbone: Backbone, layers: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
         if not layers:
@@ -115,8 +124,8 @@ class Embedder(nn.Module):
         blocks: list[torch.Tensor] = []
         for i, (bb, layers) in enumerate(self._groups):
             xi = x
-            if self.extras and xi.shape[-1] != bb.spec.input_size:
-                size = bb.spec.input_size
+            if (self.extras or self.resolution) and xi.shape[-1] != self.side(bb):
+                size = self.side(bb)
                 xi = F.interpolate(xi, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             xi = (xi - getattr(self, f"mean{i or ''}")) / getattr(self, f"std{i or ''}")
             got = self._once(bb, layers, xi)
@@ -159,7 +168,7 @@ class PrototypicalNetwork(nn.Module):
         if [bb.spec.name for bb in extras] != list(config.backbones):
             raise FewShotError(f"extra backbones {[bb.spec.name for bb in extras]} do not match config.backbones "
                                f"{list(config.backbones)}")
-        self.embedder = Embedder(backbone, config.layers, config.flip, extras)
+        self.embedder = Embedder(backbone, config.layers, config.flip, extras, resolution=config.resolution)
         log_scale = torch.tensor(math.log(config.scale), dtype=torch.float32)
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)
