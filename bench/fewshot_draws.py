@@ -95,21 +95,29 @@ class Features:
     seconds: float
 
 
-def backbone_features(samples, backbone: str, progress: bool) -> Features:
-    """Features as ``fewshot fit`` computes them (its default embedding of ``backbone``), cached."""
+def backbone_features(samples, backbone: str, progress: bool, size: int | None = None,
+                      mirror: bool = True) -> Features:
+    """Features as ``fewshot fit`` computes them (its default embedding of ``backbone``), cached: the
+    images decoded at ``size`` (default: the backbone's own) and fed to the backbone at that size;
+    ``mirror``: also the mirrored images' (else ``mirrored`` is empty)."""
     from pellucid.core.backbones import create_backbone
     from pellucid.core.fewshot import PrototypicalNetwork, extract_features, improved_config
 
     t0 = time.time()
     bb, info = create_backbone(backbone, pretrained=True)
-    config = improved_config(bb.spec)
+    config = improved_config(bb.spec, size)
     net = PrototypicalNetwork(bb, config)
     paths = [s.path for s in samples]
     plain = extract_features(net, paths, image_size=config.image_size, weight_info=info, progress=progress)
     mirrored = extract_features(net, paths, image_size=config.image_size, weight_info=info, progress=progress,
-                                mirror=True)
+                                mirror=True) if mirror else torch.zeros(0)
     return Features(backbone, plain, mirrored, list(net.embedder.dims), tuple(config.layers),
                     round(time.time() - t0, 1))
+
+
+def sized_features(samples, backbone: str, size: int, progress: bool) -> Features:
+    """Plain features (no mirrored pass) of ``backbone`` fed the images at ``size`` (no resize inside)."""
+    return backbone_features(samples, backbone, progress, size=size, mirror=False)
 
 
 def resized_features(samples, size: int, progress: bool) -> dict[str, torch.Tensor]:
@@ -129,21 +137,6 @@ def resized_features(samples, size: int, progress: bool) -> dict[str, torch.Tens
     feats = extract_features(net, [s.path for s in samples], image_size=size, weight_info=info, progress=progress)
     d0 = sum(net.embedder.dims[:len(taps0)])
     return {"efficientnet_lite0": feats[:, :d0], "efficientnet_lite1": feats[:, d0:]}
-
-
-def sized_features(samples, backbone: str, size: int, progress: bool) -> Features:
-    """Plain features (no mirrored pass) of one backbone with its default embedding, the images
-    decoded at ``size`` and fed to the backbone at that size (no resize inside), cached."""
-    from pellucid.core.backbones import create_backbone
-    from pellucid.core.fewshot import PrototypicalNetwork, extract_features, improved_config
-
-    t0 = time.time()
-    bb, info = create_backbone(backbone, pretrained=True)
-    config = improved_config(bb.spec, size)
-    net = PrototypicalNetwork(bb, config)
-    plain = extract_features(net, [s.path for s in samples], image_size=size, weight_info=info, progress=progress)
-    return Features(backbone, plain, torch.zeros(0), list(net.embedder.dims), tuple(config.layers),
-                    round(time.time() - t0, 1))
 
 
 def product_pair_features(samples, progress: bool) -> Features:
@@ -216,8 +209,11 @@ def _network(feats: Features, variant: Variant):
 
 
 def score_draw(net, feats: Features, labels: np.ndarray, support: np.ndarray, query: np.ndarray,
-               batch: int) -> float:
-    """Fit on the support (as ``fewshot fit``) and return the accuracy on the queries."""
+               batch: int, views: torch.Tensor | None = None) -> float:
+    """Fit on the support (as ``fewshot fit``) and return the accuracy on the queries.
+
+    ``views``: ``(k, N, D)`` raw features of ``k`` augmented views (crops) of every image; the
+    support images' views become extra support embeddings (passed as ``mirrored``)."""
     from pellucid.core.fewshot.folder import fit_support
 
     cfg = net.config
@@ -226,6 +222,8 @@ def score_draw(net, feats: Features, labels: np.ndarray, support: np.ndarray, qu
     else:
         raw = feats.plain
     mirrored = feats.mirrored[support] if cfg.support_flip and not cfg.flip else None
+    if views is not None:
+        mirrored = views[:, support].reshape(-1, views.shape[-1])
     y = torch.from_numpy(labels)
     net.config = replace(cfg, scale=1.0, layer_weights=net.initial_weights)
     net.log_scale.fill_(0.0)
@@ -330,6 +328,22 @@ def _paired(a: dict, b: dict) -> str:
     return f"{diff.mean():+.3f} ± {ci:.3f}"
 
 
+def _choice_table(res: dict, rows, base: str, base_name: str, ds, short) -> list[str]:
+    """Markdown rows: each setting's accuracy per data set, the mean, and the paired difference from
+    ``base``; a rule's row says how often each candidate (named by ``short``) was picked."""
+    out = ["| setting | " + " | ".join(ds) + f" | mean | paired vs {base_name} (" + ", ".join(ds) + ") |",
+           "|---|" + "---:|" * (len(ds) + 2)]
+    for r in rows:
+        picked = ""
+        if len(res[(ds[0], r)].get("picked", {})) > 1:
+            picked = "<br>picked: " + "; ".join(
+                f"{d} " + ", ".join(f"{short(k)} {n}" for k, n in res[(d, r)]["picked"].items()) for d in ds)
+        out.append(f"| {r}{picked} | " + " | ".join(_fmt(res[(d, r)]) for d in ds)
+                   + f" | {np.mean([res[(d, r)]['mean'] for d in ds]):.3f} | "
+                   + ("" if r == base else ", ".join(_paired(res[(d, r)], res[(d, base)]) for d in ds)) + " |")
+    return out
+
+
 def render_embedding(dev: dict, confirm: dict, chosen: str, args, command: str) -> str:
     """bench/results/fewshot-embedding.md: the embedding chosen per support set by leave-one-out."""
     from pellucid.core.quantize import cpu_features
@@ -337,19 +351,6 @@ def render_embedding(dev: dict, confirm: dict, chosen: str, args, command: str) 
     ds = list(args.datasets)
     base = "lite0 +auto_weights"
     labels = [f"{_short(k)} +auto_weights" for k in EMBEDDINGS] + [r[0] for r in RULES]
-
-    def table(res, rows):
-        out = ["| setting | " + " | ".join(ds) + " | mean | paired vs lite0 (" + ", ".join(ds) + ") |",
-               "|---|" + "---:|" * (len(ds) + 2)]
-        for r in rows:
-            picked = ""
-            if "picked" in res[(ds[0], r)]:
-                picked = "<br>picked: " + "; ".join(
-                    f"{d} " + ", ".join(f"{_short(k)} {n}" for k, n in res[(d, r)]["picked"].items()) for d in ds)
-            out.append(f"| {r}{picked} | " + " | ".join(_fmt(res[(d, r)]) for d in ds)
-                       + f" | {np.mean([res[(d, r)]['mean'] for d in ds]):.3f} | "
-                       + ("" if r == base else ", ".join(_paired(res[(d, r)], res[(d, base)]) for d in ds)) + " |")
-        return out
 
     lines = ["# Few-shot: the embedding chosen per support set by leave-one-out (`fewshot fit`, 5-shot)", "",
              f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` (torch {torch.__version__}, "
@@ -362,13 +363,13 @@ def render_embedding(dev: dict, confirm: dict, chosen: str, args, command: str) 
              "accuracy (ties: NLL) — the support set only, never the queries. Mean accuracy over draws ± 95 % "
              "interval (sd over draws); paired: accuracy minus Lite0's on the same draws, ± 95 % interval.", "",
              f"## Dev draws (seed 0, {args.draws} per data set)", ""]
-    lines += table(dev, labels)
+    lines += _choice_table(dev, labels, base, "lite0", ds, _short)
     lines += ["", f"Rule chosen on the dev draws (as for the levers: the one needing the fewest backbones among the "
               f"rules within {args.tolerance} of the best mean over the data sets; ties: the higher mean): "
               f"**{chosen}**. Mean over the data sets, dev: "
               + ", ".join(f"{r[0]} {np.mean([dev[(d, r[0])]['mean'] for d in ds]):.4f}" for r in RULES) + ".", "",
               f"## Confirm draws (seed 1, {args.draws} fresh draws per data set)", ""]
-    lines += table(confirm, [r for r in labels if (ds[0], r) in confirm])
+    lines += _choice_table(confirm, [r for r in labels if (ds[0], r) in confirm], base, "lite0", ds, _short)
     lines += ["| target | " + " | ".join(f"{TARGETS.get(d, float('nan')):.2f}" for d in ds) + " | | |"]
     return "\n".join(lines) + "\n"
 
@@ -538,7 +539,7 @@ def parse(argv):
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--sizes", nargs="+", type=int, default=[192, 224, 320],
                    help="--study resolution: input sides measured against the backbones' own")
-    p.add_argument("--study", choices=("levers", "embedding", "resolution"), default="levers",
+    p.add_argument("--study", choices=("levers", "embedding", "resolution", "crops"), default="levers",
                    help="levers: the grid of bench/results/fewshot-draws.md; embedding: the embedding chosen per "
                         "support set by leave-one-out (bench/results/fewshot-embedding.md)")
     return p.parse_args(argv)
@@ -570,20 +571,6 @@ def render_resolution(dev: dict, confirm: dict, rules, keys, chosen: str, args, 
     ds = list(args.datasets)
     rows = [f"{k} +auto_weights" for k in keys] + [r[0] for r in rules]
 
-    def table(res):
-        out = ["| setting | " + " | ".join(ds) + " | mean | paired vs current default (" + ", ".join(ds) + ") |",
-               "|---|" + "---:|" * (len(ds) + 2)]
-        for r in rows:
-            picked = ""
-            if "picked" in res[(ds[0], r)] and len(res[(ds[0], r)]["picked"]) > 1:
-                picked = "<br>picked: " + "; ".join(
-                    f"{d} " + ", ".join(f"{k} {n}" for k, n in res[(d, r)]["picked"].items()) for d in ds)
-            out.append(f"| {r}{picked} | " + " | ".join(_fmt(res[(d, r)]) for d in ds)
-                       + f" | {np.mean([res[(d, r)]['mean'] for d in ds]):.3f} | "
-                       + ("" if r == RES_BASE else ", ".join(_paired(res[(d, r)], res[(d, RES_BASE)]) for d in ds))
-                       + " |")
-        return out
-
     mean = {r[0]: float(np.mean([dev[(d, r[0])]["mean"] for d in ds])) for r in rules}
     lines = ["# Few-shot: the input size of the embedding (`fewshot fit`, 5-shot)", "",
              f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` (torch {torch.__version__}, "
@@ -598,13 +585,13 @@ def render_resolution(dev: dict, confirm: dict, rules, keys, chosen: str, args, 
              "accuracy over draws ± 95 % interval (sd over draws); paired: accuracy minus the current default's on "
              "the same draws, ± 95 % interval.", "",
              f"## Dev draws (seed 0, {args.draws} per data set)", ""]
-    lines += table(dev)
+    lines += _choice_table(dev, rows, RES_BASE, "current default", ds, str)
     lines += ["", f"Rule chosen on the dev draws (the best mean over the data sets; it replaces the current "
               f"default only when it beats it by more than {args.tolerance}; ties within {args.tolerance} of the "
               f"best: fewer candidates): **{chosen}**. Mean over the data sets, dev: "
               + ", ".join(f"{r} {m:.4f}" for r, m in mean.items()) + ".", "",
               f"## Confirm draws (seed 1, {args.draws} fresh draws per data set)", ""]
-    lines += table(confirm)
+    lines += _choice_table(confirm, rows, RES_BASE, "current default", ds, str)
     lines += ["| target | " + " | ".join(f"{TARGETS.get(d, float('nan')):.2f}" for d in ds) + " | | |"]
     if all(t < 5 for d in ds for t in timing[d].values()):
         lines += ["", "Features came from the disk cache (`runs/.cache/features`); the backbones did not run."]
@@ -699,6 +686,105 @@ def _resolution_features(args) -> tuple[dict, dict]:
     return feats, data
 
 
+# ----------------------------------------------------------------------------- crops study
+#: ``--study crops``: support crops (name, side fraction, horizontal and vertical position of the
+#: crop in the free space, 0 = left/top) whose Lite0 features become extra support embeddings.
+CROPS = (("centre 0.8", 0.8, 0.5, 0.5), ("top-left 0.8", 0.8, 0.0, 0.0), ("bottom-right 0.8", 0.8, 1.0, 1.0))
+
+
+class _Crop:
+    """``Image -> Image``: the crop ``(zoom, fx, fy)`` of the full-resolution image, before resizing."""
+
+    def __init__(self, zoom: float, fx: float, fy: float):
+        self.zoom, self.fx, self.fy = zoom, fx, fy
+
+    def __call__(self, image):
+        from pellucid.datasets.readers.image import Image
+
+        h, w = image.array.shape[:2]
+        ch, cw = max(1, round(h * self.zoom)), max(1, round(w * self.zoom))
+        y0, x0 = round((h - ch) * self.fy), round((w - cw) * self.fx)
+        return Image(image.array[y0:y0 + ch, x0:x0 + cw], image.meta)
+
+
+def crop_features(samples, crop: tuple, progress: bool) -> torch.Tensor:
+    """Lite0 features (224 px, its default embedding) of one crop of every image, disk-cached under
+    a key of its own (the package's feature cache)."""
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import DEFAULT_CACHE_DIR, PrototypicalNetwork, improved_config
+    from pellucid.core.fewshot.features import _cache_key, _cached, _weights_fingerprint
+    from pellucid.datasets.torchdata import ImageCache, to_tensor
+
+    bb, info = create_backbone("efficientnet_lite0", pretrained=True)
+    config = improved_config(bb.spec)
+    embedder = PrototypicalNetwork(bb, config).embedder.eval()
+    paths = [str(s.path) for s in samples]
+    desc = {"backbone": bb.spec.name, "size": config.image_size, "layers": list(config.layers), "flip": False,
+            "mean": list(bb.spec.mean), "std": list(bb.spec.std), "crop": list(crop[1:])}
+
+    def compute():
+        cache = ImageCache(paths, config.image_size, workers=2, progress=progress, preprocess=_Crop(*crop[1:]))
+        if cache.failures:
+            raise RuntimeError(f"{len(cache.failures)} unreadable image(s), first {cache.failures[0]}")
+        with torch.no_grad():
+            out = [embedder(torch.stack([to_tensor(a) for a in cache.arrays[b:b + 32]]))
+                   for b in range(0, len(cache.arrays), 32)]
+        return {"features": torch.cat(out).float()}
+
+    key = _cache_key("pooled", desc, info, paths, _weights_fingerprint(bb))
+    return _cached(key, DEFAULT_CACHE_DIR, compute, {**desc, "n": len(paths)})["features"]
+
+
+def main_crops(args, argv) -> int:
+    """``--study crops``: Lite0 (224 px, ``auto_weights``) with and without crops of the support
+    images as extra support embeddings, dev then confirm draws; bench/results/fewshot-crops.md."""
+    from pellucid.core.quantize import cpu_features
+
+    ds = list(args.datasets)
+    feats, data, views = {}, {}, {}
+    for name in ds:
+        samples, labels, groups, classes = load_dataset(name, Path(args.data))
+        data[name] = (labels, groups)
+        feats[name] = sized_features(samples, "efficientnet_lite0", 224, not args.quiet)
+        for crop in CROPS:
+            t0 = time.time()
+            views[(name, crop[0])] = crop_features(samples, crop, not args.quiet)
+            log.warning("%s crop %s: %.0f s", name, crop[0], time.time() - t0)
+    if args.extract_only:
+        return 0
+    settings = [("lite0@224 +auto_weights", ()), (f"+ {CROPS[0][0]} crop", CROPS[:1]),
+                (f"+ {len(CROPS)} crops ({', '.join(c[0] for c in CROPS)})", CROPS)]
+    res: dict = {0: {}, 1: {}}
+    for seed in (0, 1):
+        for name in ds:
+            labels, groups = data[name]
+            draws = support_draws(labels, groups, args.shots, args.draws, seed)
+            for label, crops in settings:
+                net = _network(feats[name], Variant(label, "efficientnet_lite0", auto_weights=True))
+                v = torch.stack([views[(name, c[0])] for c in crops]) if crops else None
+                accs = np.array([score_draw(net, feats[name], labels, s, q, args.batch, views=v) for s, q in draws])
+                res[seed][(name, label)] = _summary(accs, draws)
+                log.warning("seed %d %s %-40s %.3f", seed, name, label, res[seed][(name, label)]["mean"])
+    command = "OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_draws " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    lines = ["# Few-shot: crops of the support images as extra support embeddings (`fewshot fit`, 5-shot)", "",
+             f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command.strip()}` (torch {torch.__version__}, "
+             f"{torch.get_num_threads()} thread(s)).", "", f"CPU: {cpu_features().summary()}", "",
+             "Draws and queries as in `bench/results/fewshot-draws.md` (same seeds). Lite0 at 224 px with "
+             "`auto_weights`; a crop takes the given fraction of each side of the full-resolution image at the "
+             "given place, resized to 224 px; the crops' embeddings join their class's support (leave-one-out "
+             "leaves an image out with all its crops). Queries are never cropped. Mean accuracy over draws ± 95 % "
+             "interval (sd over draws); paired: minus Lite0 without crops on the same draws.", ""]
+    for seed, title in ((0, "Dev draws (seed 0"), (1, "Confirm draws (seed 1")):
+        lines += [f"## {title}, {args.draws} per data set)", ""]
+        lines += _choice_table(res[seed], [x[0] for x in settings], settings[0][0], "no crops", ds, str) + [""]
+    text = "\n".join(lines)
+    out = Path(args.out) if args.out != str(OUT) else OUT.with_name("fewshot-crops.md")
+    out.write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -707,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         return main_embedding(args, argv)
     if args.study == "resolution":
         return main_resolution(args, argv)
+    if args.study == "crops":
+        return main_crops(args, argv)
     feats, data = _extract_all(args)
     if args.extract_only:
         return 0

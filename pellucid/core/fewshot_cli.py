@@ -47,13 +47,19 @@ def _fit(args: argparse.Namespace) -> int:
         raise FewShotError("fewshot fit needs --support DIR: a folder with one sub-folder of a few images per class")
     out = args.out or f"runs/fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     config = None
-    if getattr(args, "auto_backbones", None) is False:  # read when the parser defines --no-auto-backbones
+    no_choice = getattr(args, "auto_backbones", None) is False  # read when the parser defines --no-auto-backbones
+    resolution = getattr(args, "resolution", None)  # read when the parser defines --resolution
+    if no_choice or resolution is not None:
         from dataclasses import replace
 
         from pellucid.core.backbones import get_backbone_spec
         from pellucid.core.fewshot import default_config
 
-        config = replace(default_config(get_backbone_spec(args.backbone or DEFAULT_BACKBONE)), auto_backbones=())
+        config = default_config(get_backbone_spec(args.backbone or DEFAULT_BACKBONE))
+        if no_choice:
+            config = replace(config, auto_backbones=())
+        if resolution is not None:
+            config = replace(config, resolution=resolution)
     folder = fit_prototypes(args.support, out, backbone=args.backbone or DEFAULT_BACKBONE,
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
                             config=config, transductive=getattr(args, "transductive", None), progress=True)

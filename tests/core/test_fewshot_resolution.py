@@ -158,3 +158,47 @@ def test_old_card_without_resolution_loads_and_predicts_unchanged(tmp_path):
     x = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+def test_cli_fit_reads_a_resolution_when_the_parser_defines_one(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from pellucid.core import fewshot_cli
+
+    monkeypatch.chdir(tmp_path)  # the feature cache goes under runs/ of the working folder
+    ns = argparse.Namespace(action="fit", support=str(_support(tmp_path, per_class=2)), backbone="test_resnet",
+                            out=str(tmp_path / "m"), pretrained=False, resolution=48)
+    assert fewshot_cli.run(ns) == 0
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert card["fewshot"]["resolution"] == 48 and card["preprocessing"]["image_size"] == 48
+    assert "48 px" in capsys.readouterr().out
+    with pytest.raises(FewShotError, match="resolution must be a whole number"):
+        fewshot_cli.run(argparse.Namespace(**{**vars(ns), "out": str(tmp_path / "bad"), "resolution": 5}))
+
+
+def test_support_views_join_their_class_and_leave_one_out_drops_them_with_their_image():
+    """``set_support(mirrored=...)`` takes any whole number of augmented copies of the support set
+    (the bench's support crops); leave-one-out leaves an image out with all its copies."""
+    from pellucid.core.fewshot.folder import _fit_scale
+
+    torch.manual_seed(0)
+    bb, _ = fs.create_backbone("test_resnet", pretrained=False)
+    net = fs.PrototypicalNetwork(bb, replace(BASE, layers=("layer4",), layer_weights=None, auto_weights=False))
+    net.embedder.dims = [8]
+    labels = torch.tensor([0, 0, 1, 1])
+    raw = torch.rand(4, 8)
+    views = torch.rand(2 * 4, 8)
+    net.set_support(raw, labels, 2, mirrored=views)
+    assert net.support_embeddings.shape == (12, 8) and net.support_labels.tolist() == [0, 0, 1, 1] * 3
+    fitted = _fit_scale(net.support_embeddings, net.support_labels, 2, net.config, n_images=4)
+    assert fitted is not None and 0 <= fitted[1] <= 1 and fitted[2] > 0
+    # copies identical to their images change no prototype and no leave-one-out prototype, as long
+    # as leaving an image out drops its copies too (were a copy kept, the held-out image would be
+    # near its own class prototype and the NLL would fall)
+    net.set_support(raw, labels, 2, mirrored=torch.cat([raw, raw]))
+    with_copies = _fit_scale(net.support_embeddings, net.support_labels, 2, net.config, n_images=4)
+    net.set_support(raw, labels, 2)
+    without = _fit_scale(net.support_embeddings, net.support_labels, 2, net.config, n_images=4)
+    assert with_copies == pytest.approx(without, rel=1e-5)
+    with pytest.raises(FewShotError, match="5 rows for 4 support images"):
+        net.set_support(raw, labels, 2, mirrored=torch.rand(5, 8))

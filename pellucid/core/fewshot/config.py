@@ -216,7 +216,10 @@ def default_config(spec, image_size: int | None = None) -> ProtoConfig:
     confirm draws +0.036 on waste, +0.006 sonar, +0.001 tb_cxr,
     bench/results/fewshot-embedding.md). Other primary backbones get no extra candidates.
     Measured and left off: ``support_flip`` and ``flip`` (within 0.006 everywhere; ``flip`` doubles
-    the prediction cost), EfficientNet-Lite1/Lite2 alone (Lite2 helps waste, hurts tb_cxr and sonar).
+    the prediction cost), EfficientNet-Lite1/Lite2 alone (Lite2 helps waste, hurts tb_cxr and sonar),
+    a third candidate Lite0 + Lite1 + Lite2, and the input size (``resolution`` 192 or 320 px, or
+    chosen per support set: 320 helps waste by 0.02 and costs tb_cxr and sonar as much;
+    bench/results/fewshot-resolution.md) — ``resolution=320`` is an opt-in for everyday objects.
     Transductive refinement is never a default: it makes a prediction depend on the rest of its
     batch (opt in with ``replace(config, transductive=steps)`` or ``fit_prototypes(transductive=)``).
     Opt out of the backbone choice with ``replace(config, auto_backbones=())``.

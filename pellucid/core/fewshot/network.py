@@ -221,11 +221,16 @@ class PrototypicalNetwork(nn.Module):
 
         ``mirrored``: raw features of the mirrored support images (``config.support_flip``), stored
         after the originals as extra support embeddings of the same classes (row ``i + n_support``
-        is the mirror of row ``i``)."""
+        is the mirror of row ``i``). It may hold ``k`` such sets, one after the other (row
+        ``i + j * n_support`` is a copy of image ``i``): any augmented views of the support images."""
         raw = raw.detach().float()
         if mirrored is not None:
+            if len(mirrored) % max(len(raw), 1):
+                raise FewShotError(f"mirrored has {len(mirrored)} rows for {len(raw)} support images; give a whole "
+                                   "number of copies of every support image, in the same order")
+            copies = len(mirrored) // max(len(raw), 1)
             raw = torch.cat([raw, mirrored.detach().float().to(raw.device)])
-            labels = torch.cat([labels, labels])
+            labels = labels.repeat(1 + copies)
         dims = self._dims(raw.shape[1])
         self.dims = torch.tensor(dims, dtype=torch.long, device=raw.device)
         pre = _pre_transform(raw, dims, self.config)
