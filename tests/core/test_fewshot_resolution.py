@@ -202,3 +202,11 @@ def test_support_views_join_their_class_and_leave_one_out_drops_them_with_their_
     assert with_copies == pytest.approx(without, rel=1e-5)
     with pytest.raises(FewShotError, match="5 rows for 4 support images"):
         net.set_support(raw, labels, 2, mirrored=torch.rand(5, 8))
+
+
+def test_command_line_parses_resolution():
+    from pellucid.cli import build_parser
+
+    args = build_parser().parse_args(["fewshot", "fit", "--support", "s", "--resolution", "320"])
+    assert args.resolution == 320
+    assert build_parser().parse_args(["fewshot", "fit", "--support", "s"]).resolution is None
