@@ -154,15 +154,21 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
             "mixing": "none", "members": [], "probe_patience": 2}
     cands.append(Candidate("lp-ft:lite0", "train", overrides=lpft,
                            about="LP-FT: probe head first, then everything at a small learning rate"))
+    trained = ["finetune:lite0", "lp-ft:lite0"]
+    if "macro_f1" in task.metrics and len(task.classes) > 2:  # rare classes matter: class-balanced batches
+        cands.append(Candidate("finetune:lite0+sampler", "train", overrides={**plain, "balance": "sampler"},
+                               about="B with class-balanced sampling (every batch draws the classes equally "
+                                     "often) instead of class weights in the loss"))
+        trained.append("finetune:lite0+sampler")
     cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
-    # the shipped recipe joins the hybrids when it is one trained model (nuclei's 20-epoch fine-tune)
+    # the shipped recipe joins the hybrids when it is one trained model (e.g. mpox's LP-FT)
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
     for vote in (_probe(trio).name, _probe(trio, flip="fit").name):
-        for trained in ("finetune:lite0", "lp-ft:lite0") + (("current",) if single else ()):
+        for part in trained + (["current"] if single else []):
             for w in (1.0, 3.0):
-                cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}{trained}", "hybrid",
-                                       parts=(vote, trained), train_weight=w,
-                                       about=f"soft vote of `{vote}` and {trained} (weight {w:g} against 1 per "
+                cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}{part}", "hybrid",
+                                       parts=(vote, part), train_weight=w,
+                                       about=f"soft vote of `{vote}` and {part} (weight {w:g} against 1 per "
                                              "probe), scored from both candidates' folds"))
     return cands
 

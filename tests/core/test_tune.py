@@ -122,6 +122,11 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
     assert last["finetune"] == mpox.recipe["finetune"] and last["epochs"] == mpox.recipe["epochs"]
     assert last["weight"] == 3.0 and "members" not in last
     assert not any(c.kind == "hybrid" and "current" in c.parts for c in default_candidates(get_task("tb")))
+    # where macro-F1 is a metric and classes are many (sonar), B is also tried with class-balanced batches
+    sonar = {c.name: c for c in default_candidates(get_task("sonar"))}
+    assert sonar["finetune:lite0+sampler"].recipe(get_task("sonar"))["balance"] == "sampler"
+    assert any(c.kind == "hybrid" and c.parts[1] == "finetune:lite0+sampler" for c in sonar.values())
+    assert not any("sampler" in c.name for c in default_candidates(get_task("tb")))  # binary: not offered
 
 
 def test_official_split_needs_train_and_val_names(tmp_path):
