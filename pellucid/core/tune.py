@@ -21,11 +21,9 @@ Two kinds of candidates:
   while the time budget allows: a candidate whose next fold would overrun the budget stops, and the
   table says on how many folds it ran; paired differences use the folds both sides ran.
 
-The winner is the candidate with the best mean headline metric (the task's first metric) among
-those that ran on every fold; ``--write-recipe`` writes it as a TOML recipe block beside the table.
-Tasks whose files keep an official split in their names (PneumoniaMNIST's ``train_*`` / ``val_*``)
-get a second, shift-aware check: probe candidates are also fitted on the ``train_*`` files and
-scored on the ``val_*`` files, where random folds would hide the shift between the two.
+The winner (one-standard-error rule, :func:`_choose`) ran on every fold; ``--write-recipe`` writes it
+as a TOML recipe beside the table. Files that keep an official split in their names (``train_*`` /
+``val_*``) get a second, shift-aware check: fitted on ``train_*``, scored on ``val_*``.
 """
 from __future__ import annotations
 
@@ -339,9 +337,7 @@ FOLD_RESULT = "fold_result.json"
 
 
 def _split_hash(split_path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(split_path).read_bytes()).hexdigest()[:16]
+    return __import__("hashlib").sha256(Path(split_path).read_bytes()).hexdigest()[:16]
 
 
 def _kept_fold(folder: Path, recipe: dict, split_path: Path) -> dict | None:
@@ -359,6 +355,10 @@ def _kept_fold(folder: Path, recipe: dict, split_path: Path) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- the search
+def _headline(task, res: dict) -> dict:
+    return {k: round(v, 4) for k, v in res["metrics"].items() if v is not None and k in task.metrics[:2]}
+
+
 def _fold_worker(task_name: str, cand: Candidate, data_dir: str, split_path: str, out: str, seed: int,
                  threads: int) -> dict:
     """One fold of a training candidate in a worker process (``--jobs``)."""
@@ -376,7 +376,6 @@ def _train_parallel(task, cand: Candidate, row: dict, data_dir: str, split_list,
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
-
     todo = [(s, sp) for s, sp in zip(split_list, split_paths) if str(s["fold"]) not in row["folds"]]
     if train_folds is not None:
         room = max(0, train_folds - len(row["folds"]))
@@ -404,9 +403,7 @@ def _train_parallel(task, cand: Candidate, row: dict, data_dir: str, split_list,
             for fut in finished:
                 f = running.pop(fut)
                 row["folds"][f] = fut.result()
-                log.info("%s fold %s: %s", cand.name, f, {k: round(v, 4) for k, v in
-                                                          row["folds"][f]["metrics"].items()
-                                                          if v is not None and k in task.metrics[:2]})
+                log.info("%s fold %s: %s", cand.name, f, _headline(task, row["folds"][f]))
     row["folds"] = dict(sorted(row["folds"].items()))
 
 
@@ -559,8 +556,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
             else:
                 res = _run_probe(data_obj, cand, s)
             row["folds"][str(s["fold"])] = res
-            log.info("%s fold %s: %s", cand.name, s["fold"], {k: round(v, 4) for k, v in res["metrics"].items()
-                                                              if v is not None and k in task.metrics[:2]})
+            log.info("%s fold %s: %s", cand.name, s["fold"], _headline(task, res))
         if official and cand.kind == "probe":
             row["official"] = _run_probe(data_obj, cand, _official_fold(samples, official, seed))
         if official and cand.kind == "train" and len(row["folds"]) == folds:
