@@ -27,6 +27,7 @@ as a TOML recipe beside the table. Files that keep an official split in their na
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -337,7 +338,7 @@ FOLD_RESULT = "fold_result.json"
 
 
 def _split_hash(split_path: Path) -> str:
-    return __import__("hashlib").sha256(Path(split_path).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(Path(split_path).read_bytes()).hexdigest()[:16]
 
 
 def _kept_fold(folder: Path, recipe: dict, split_path: Path) -> dict | None:
@@ -347,11 +348,9 @@ def _kept_fold(folder: Path, recipe: dict, split_path: Path) -> dict | None:
         kept = json.loads((folder / FOLD_RESULT).read_text())
     except (OSError, ValueError):
         return None
-    if not (folder / "card.json").exists() or kept.get("split") != _split_hash(split_path):
-        return None
-    if _effective(kept.get("recipe") or {}) != json.loads(json.dumps(recipe, default=str)):
-        return None
-    return {k: kept[k] for k in ("metrics", "seconds", "kept") if k in kept}
+    same = (folder / "card.json").exists() and kept.get("split") == _split_hash(split_path) and \
+        _effective(kept.get("recipe") or {}) == json.loads(json.dumps(recipe, default=str))
+    return {k: kept[k] for k in ("metrics", "seconds", "kept") if k in kept} if same else None
 
 
 # ----------------------------------------------------------------------------- the search
@@ -470,10 +469,11 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         name: the table's name (default the task's): ``recipes-<name>.md``, work under
             ``runs/tune/<name>`` — for a second data set of one task (tb on ``tb_lungs``).
         resume: reuse the training candidates' folds from an earlier ``recipes-<name>.json`` with the
-            same folds (k, seed, number of samples) and the same recipe; only missing folds train.
+            same folds (k, seed, number of samples) and the same recipe, or from the
+            ``fold_result.json`` kept beside each fold's model (same recipe, same split file); only
+            missing folds train.
         jobs: train this many folds of a training candidate at once, each in its own process with
-            ``cores // jobs`` torch threads (small inputs use two cores better as two 1-thread runs
-            than as one 2-thread run).
+            ``cores // jobs`` torch threads.
 
     Returns:
         The result dict written as JSON (``candidates``: per candidate its folds and summaries;
