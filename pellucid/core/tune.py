@@ -12,14 +12,12 @@ folds and its paired difference to the two baselines every recipe has to beat:
 
 Two kinds of candidates:
 
-* ``probe`` — linear heads on frozen pretrained features, one backbone or a soft vote of several
-  (exactly what ``finetune = "linear-probe"`` trains, or an ensemble of such members). Features are
-  computed once per backbone and size and cached (:mod:`pellucid.core.features`), so these cost
-  seconds per fold;
-* ``train`` — a full training run per fold through :func:`pellucid.core.training.train` (the code
-  ``pellucid train`` runs), for fine-tunes. These cost minutes per fold, so they run last and only
-  while the time budget allows: a candidate whose next fold would overrun the budget stops, and the
-  table says on how many folds it ran; paired differences use the folds both sides ran.
+* ``probe`` — linear heads on cached frozen features (:mod:`pellucid.core.features`), one backbone or
+  a soft vote of several (what ``finetune = "linear-probe"`` trains); seconds per fold;
+* ``train`` — a full training run per fold through :func:`pellucid.core.training.train` (what
+  ``pellucid train`` runs); minutes per fold, so they run last and only while the time budget allows
+  (the table says on how many folds; paired differences use the folds both sides ran);
+* ``hybrid`` — a soft vote of a probe and a ``train`` candidate, scored from both one's folds.
 
 The winner (one-standard-error rule, :func:`_choose`) ran on every fold; ``--write-recipe`` writes it
 as a TOML recipe beside the table. Files that keep an official split in their names (``train_*`` /
@@ -31,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -41,7 +38,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["Candidate", "default_candidates", "tune", "run_cli", "CANDIDATE_KINDS"]
+from pellucid.core.tune_report import _cpu_line, _recipe_toml, render_table
+
+__all__ = ["Candidate", "default_candidates", "tune", "run_cli", "render_table", "CANDIDATE_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +114,10 @@ def _effective(recipe: dict) -> dict:
     if recipe.get("finetune") == "progressive":
         return out
     return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}
+
+
+def _same_recipe(old: dict | None, recipe: dict) -> bool:
+    return bool(old) and _effective(old.get("recipe") or {}) == _effective(json.loads(json.dumps(recipe, default=str)))
 
 
 def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str = False, about: str = "") -> Candidate:
@@ -348,8 +351,8 @@ def _kept_fold(folder: Path, recipe: dict, split_path: Path) -> dict | None:
         kept = json.loads((folder / FOLD_RESULT).read_text())
     except (OSError, ValueError):
         return None
-    same = (folder / "card.json").exists() and kept.get("split") == _split_hash(split_path) and \
-        _effective(kept.get("recipe") or {}) == json.loads(json.dumps(recipe, default=str))
+    same = (folder / "card.json").exists() and kept.get("split") == _split_hash(split_path)
+    same = same and _same_recipe(kept, recipe)
     return {k: kept[k] for k in ("metrics", "seconds", "kept") if k in kept} if same else None
 
 
@@ -468,10 +471,9 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
             then picks names from it (the baselines always run).
         name: the table's name (default the task's): ``recipes-<name>.md``, work under
             ``runs/tune/<name>`` — for a second data set of one task (tb on ``tb_lungs``).
-        resume: reuse the training candidates' folds from an earlier ``recipes-<name>.json`` with the
-            same folds (k, seed, number of samples) and the same recipe, or from the
-            ``fold_result.json`` kept beside each fold's model (same recipe, same split file); only
-            missing folds train.
+        resume: reuse training candidates' (and hybrids') folds of the same recipe from an earlier
+            ``recipes-<name>.json`` with the same folds (k, seed, n) — the table is the record, the models
+            may be gone — or from ``fold_result.json`` beside a fold's model; only missing folds train.
         jobs: train this many folds of a training candidate at once, each in its own process with
             ``cores // jobs`` torch threads.
 
@@ -518,10 +520,8 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
                "recipe": cand.recipe(task, by_name), "folds": {}, "official": None, "stopped": None}
         rows[cand.name] = row
         old = previous.get(cand.name)
-        if cand.kind == "train" and old and _effective(old["recipe"]) == json.loads(json.dumps(row["recipe"],
-                                                                                              default=str)):
-            row["folds"] = {f: r for f, r in old["folds"].items()
-                            if (work / cand.name.replace(":", "_") / f"fold_{f}" / "card.json").exists()}
+        if cand.kind == "train" and _same_recipe(old, row["recipe"]):
+            row["folds"] = dict(old["folds"])  # the table is the fold's record, even where its model is gone
         if cand.kind == "train" and resume:
             for s_, sp in zip(split_list, split_paths):
                 f = str(s_["fold"])
@@ -533,7 +533,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
             if row["folds"]:
                 log.info("%s: %d fold(s) reused from the earlier search", cand.name, len(row["folds"]))
         if cand.kind == "hybrid":
-            _hybrid_row(row, cand, by_name, rows, data_obj, samples, split_list, work)
+            _hybrid_row(row, cand, by_name, rows, data_obj, samples, split_list, work, previous.get(cand.name))
             results.append(row)
             continue
         if cand.kind == "train" and jobs > 1:
@@ -562,7 +562,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         if official and cand.kind == "train" and len(row["folds"]) == folds:
             # the shift-aware check for a training candidate too, once it ran on every fold
             folder = work / cand.name.replace(":", "_") / "fold_official"
-            if old and old.get("official") and row["folds"] and (folder / "card.json").exists():
+            if old and old.get("official") and row["folds"] and _same_recipe(old, row["recipe"]):
                 row["official"] = old["official"]
             elif time.time() - t0 + float(np.mean([f["seconds"] for f in row["folds"].values()])) <= budget_s:
                 off = _official_fold(samples, official, seed)
@@ -596,16 +596,20 @@ def _previous_rows(path: Path, k: int, seed: int, n: int) -> dict:
 
 
 def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj: _Data, samples, split_list,
-                work: Path) -> None:
-    """Score a hybrid on the folds its training part ran (nothing is trained again)."""
+                work: Path, old: dict | None = None) -> None:
+    """Score a hybrid on the folds its training part ran (nothing is trained again); with --resume, a fold
+    whose model is gone (a new checkout) keeps the earlier table's score when the recipe is the same."""
     probe_name, train_name = cand.parts
     trained = rows.get(train_name)
     if trained is None or rows.get(probe_name) is None:
         row["stopped"] = "its parts were not run"
         return
+    same = _same_recipe(old, row["recipe"])
     for s in split_list:
         f = str(s["fold"])
         folder = work / train_name.replace(":", "_") / f"fold_{f}"
+        if f in trained["folds"] and not (folder / "card.json").exists() and same and f in old["folds"]:
+            row["folds"][f] = old["folds"][f]
         if f not in trained["folds"] or not (folder / "card.json").exists():
             continue
         res = _run_hybrid(data_obj, cand, by_name[probe_name], s, _train_fold_logits(data_obj.task, folder,
@@ -616,7 +620,9 @@ def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj:
         row["stopped"] = f"scored on the {len(row['folds'])} fold(s) {train_name} ran"
     folder = work / train_name.replace(":", "_") / "fold_official"
     official = _official_split(samples)
-    if official and trained.get("official") and (folder / "card.json").exists():
+    if official and trained.get("official") and not (folder / "card.json").exists() and same and old.get("official"):
+        row["official"] = old["official"]
+    elif official and trained.get("official") and (folder / "card.json").exists():
         off = _official_fold(samples, official, 0 if data_obj.seed is None else data_obj.seed)
         row["official"] = _run_hybrid(data_obj, cand, by_name[probe_name], off,
                                       _train_fold_logits(data_obj.task, folder, samples, off))
@@ -702,78 +708,6 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
                          f"one-standard-error rule: best mean {primary} {best['summary'][primary]['mean']:.3f} "
                          f"({best['name']}), bar {bar:.3f}; the cheapest candidate at or above it "
                          f"({_passes(win)} forward pass(es) per image)")
-
-
-def _cpu_line() -> str:
-    try:
-        from pellucid.core.quantize import cpu_features
-
-        return cpu_features().summary()
-    except Exception:  # a description only; never fail a search over it
-        return platform.processor() or platform.machine()
-
-
-def _fmt(mean, sd, signed: bool = False) -> str:
-    if mean is None:
-        return "—"
-    m = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return m + (f" ± {sd:.3f}" if sd is not None else "")
-
-
-def render_table(result: dict) -> str:
-    """The Markdown table of a :func:`tune` result."""
-    p, s = result["metrics"][0], result["metrics"][1]
-    lines = [f"# Recipe search: {result.get('name') or result['task']}", "",
-             f"{result['k']}-fold grouped cross-validation of the dev data (`{result['data']}`, n = {result['n']}, "
-             f"seed {result['seed']}); every candidate on the same folds, the test part of a fold only scores. "
-             f"CPU: {result['cpu']}; torch {result['torch']}, {result['threads']} thread(s). "
-             f"Search took {result['seconds']:.0f} s ({result['embed_seconds']:.0f} s computing frozen features)."
-             + (f" Class(es) {', '.join(result['blocked_classes'])} are one recording each: cut into "
-                f"{2 * result['k']} blocks in frame order, each a group (weaker than group separation: "
-                "frames at block edges look alike)." if result.get("blocked_classes") else ""), "",
-             f"| candidate | {p} (mean ± sd) | {s} | Δ{p} vs A | Δ{p} vs B | s / fold | folds |"
-             + (f" official split {p} |" if result["official_split"] else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if result["official_split"] else "")]
-    for r in result["candidates"]:
-        mark = " **(winner)**" if r["name"] == result["winner"] else ""
-        role = f" [{r['role']}]" if r["role"] in ("A", "B") else ""
-        vs = [(_fmt(r[f"vs_{x}"]["mean"], r[f"vs_{x}"]["sd"], True) if r.get(f"vs_{x}") and r["role"] != x else "—")
-              for x in ("A", "B")]
-        folds = f"{r['n_folds']}/{result['k']}" + ((" (budget)" if "budget" in r["stopped"] else " (subset)")
-                                                   if r["stopped"] else "")
-        sec = f"{r['fold_seconds']:.1f}" if r["fold_seconds"] is not None else "—"
-        line = (f"| `{r['name']}`{role}{mark} | {_fmt(r['summary'][p]['mean'], r['summary'][p]['sd'])} | "
-                f"{_fmt(r['summary'][s]['mean'], r['summary'][s]['sd'])} | {vs[0]} | {vs[1]} | {sec} | {folds} |")
-        if result["official_split"]:
-            off = r.get("official")
-            line += f" {off['metrics'][p]:.3f} |" if off and off["metrics"].get(p) is not None else " — |"
-        lines.append(line)
-    lines += ["", "Candidates:", ""] + [f"- `{r['name']}`: {r['about']}" + (f" — stopped: {r['stopped']}"
-                                                                          if r["stopped"] else "")
-                                       for r in result["candidates"]]
-    lines += ["", f"Winner: `{result['winner']}` — {result.get('rule', '')}." if result["winner"]
-              else "No candidate ran on every fold."]
-    return "\n".join(lines) + "\n"
-
-
-def _recipe_toml(recipe: dict, name: str) -> str:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if v is None:
-            return '""'
-        return json.dumps(str(v))
-
-    size = recipe.get("image_size")
-    lines = [f"# winner of `pellucid tune`: {name}", f"image_size = {size}" if size else "", "", "[recipe]"]
-    members = recipe.get("members") or []
-    lines += [f"{k} = {val(v)}" for k, v in recipe.items() if k not in ("members", "image_size") and v is not None
-              and not isinstance(v, (dict, list))]
-    for m in members:
-        lines += ["", "[[recipe.members]]"] + [f"{k} = {val(v)}" for k, v in m.items()]
-    return "\n".join(lines) + "\n"
 
 
 def run_cli(args) -> int:

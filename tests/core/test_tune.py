@@ -227,6 +227,14 @@ def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(t
     assert model.stat().st_mtime_ns == stamp
     assert rows2["ft"]["folds"] == rows["ft"]["folds"]
     assert rows2["probe:a+3xft"]["summary"] == hyb["summary"]
+    # a new checkout: the models are gone and the table is the record — nothing trains, the hybrid keeps its scores
+    (tmp_path / "work" / "ft").rename(tmp_path / "ft_away")
+    fourth = {r["name"]: r for r in tune("tb", str(data), resume=True, **kw)["candidates"]}
+    assert not (tmp_path / "work" / "ft").exists()
+    assert fourth["ft"]["folds"] == rows["ft"]["folds"] and fourth["ft"]["official"] == rows["ft"]["official"]
+    assert fourth["probe:a+3xft"]["folds"] == rows2["probe:a+3xft"]["folds"]
+    assert fourth["probe:a+3xft"]["official"] == rows2["probe:a+3xft"]["official"]
+    (tmp_path / "ft_away").rename(tmp_path / "work" / "ft")
     # another recipe under the same name is trained again, not reused
     cands[1] = Candidate("ft", "train", overrides={**b, "lr": 0.5}, role="B")
     third = tune("tb", str(data), resume=True, **{**kw, "candidate_list": cands, "folds": 2})
