@@ -10,7 +10,7 @@ folds and its paired difference to the two baselines every recipe has to beat:
 * **A** — frozen EfficientNet-Lite0 + a linear (logistic-regression) head: ``probe:lite0``;
 * **B** — a plain full fine-tune of Lite0 (AdamW, warm-up + cosine, the task's augmentation).
 
-Two kinds of candidates:
+Three kinds of candidates:
 
 * ``probe`` — linear heads on cached frozen features (:mod:`pellucid.core.features`), one backbone or
   a soft vote of several (what ``finetune = "linear-probe"`` trains); seconds per fold;
