@@ -608,9 +608,11 @@ def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj:
     for s in split_list:
         f = str(s["fold"])
         folder = work / train_name.replace(":", "_") / f"fold_{f}"
-        if f in trained["folds"] and not (folder / "card.json").exists() and same and f in old["folds"]:
-            row["folds"][f] = old["folds"][f]
-        if f not in trained["folds"] or not (folder / "card.json").exists():
+        if f not in trained["folds"]:
+            continue
+        if not (folder / "card.json").exists():
+            if same and f in old["folds"]:
+                row["folds"][f] = old["folds"][f]
             continue
         res = _run_hybrid(data_obj, cand, by_name[probe_name], s, _train_fold_logits(data_obj.task, folder,
                                                                                       samples, s))
@@ -620,12 +622,12 @@ def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj:
         row["stopped"] = f"scored on the {len(row['folds'])} fold(s) {train_name} ran"
     folder = work / train_name.replace(":", "_") / "fold_official"
     official = _official_split(samples)
-    if official and trained.get("official") and not (folder / "card.json").exists() and same and old.get("official"):
-        row["official"] = old["official"]
-    elif official and trained.get("official") and (folder / "card.json").exists():
+    if official and trained.get("official") and (folder / "card.json").exists():
         off = _official_fold(samples, official, 0 if data_obj.seed is None else data_obj.seed)
         row["official"] = _run_hybrid(data_obj, cand, by_name[probe_name], off,
                                       _train_fold_logits(data_obj.task, folder, samples, off))
+    elif official and trained.get("official") and same and old.get("official"):
+        row["official"] = old["official"]
 
 
 def rescore(json_path: str | Path) -> dict:
