@@ -562,7 +562,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         if official and cand.kind == "train" and len(row["folds"]) == folds:
             # the shift-aware check for a training candidate too, once it ran on every fold
             folder = work / cand.name.replace(":", "_") / "fold_official"
-            if old and old.get("official") and row["folds"] and _same_recipe(old, row["recipe"]):
+            if row["folds"] and _same_recipe(old, row["recipe"]) and old.get("official"):
                 row["official"] = old["official"]
             elif time.time() - t0 + float(np.mean([f["seconds"] for f in row["folds"].values()])) <= budget_s:
                 off = _official_fold(samples, official, seed)
