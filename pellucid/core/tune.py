@@ -162,6 +162,14 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                about="B with class-balanced sampling (every batch draws the classes equally "
                                      "often) instead of class weights in the loss"))
         trained.append("finetune:lite0+sampler")
+    # B run 2.5x longer (15 epochs: about the ten minutes of a plain fine-tune on the reference CPU)
+    longer = 5 * fine_tune_epochs // 2
+    for part in list(trained):
+        if part.startswith("finetune:"):
+            over = next(c for c in cands if c.name == part).overrides
+            cands.append(Candidate(f"{part}+long", "train", overrides={**over, "epochs": longer, "patience": longer},
+                                   about=f"{part} for {longer} epochs instead of {fine_tune_epochs}"))
+            trained.append(f"{part}+long")
     cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
     # the shipped recipe joins the hybrids when it is one trained model (e.g. mpox's LP-FT)
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"

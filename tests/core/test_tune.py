@@ -127,6 +127,14 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
     assert sonar["finetune:lite0+sampler"].recipe(get_task("sonar"))["balance"] == "sampler"
     assert any(c.kind == "hybrid" and c.parts[1] == "finetune:lite0+sampler" for c in sonar.values())
     assert not any("sampler" in c.name for c in default_candidates(get_task("tb")))  # binary: not offered
+    # every fine-tune is also tried 2.5x longer, with the same keys otherwise, and joins the hybrids
+    long = sonar["finetune:lite0+sampler+long"].recipe(get_task("sonar"))
+    short = sonar["finetune:lite0+sampler"].recipe(get_task("sonar"))
+    assert long["epochs"] == long["patience"] == 15 and short["epochs"] == 6
+    assert {k: v for k, v in long.items() if k not in ("epochs", "patience")} == \
+        {k: v for k, v in short.items() if k not in ("epochs", "patience")}
+    assert any(c.kind == "hybrid" and c.parts[1] == "finetune:lite0+long" and c.train_weight == 3 for c in sonar.values())
+    assert "lp-ft:lite0+long" not in sonar
 
 
 def test_official_split_needs_train_and_val_names(tmp_path):
