@@ -129,7 +129,7 @@ def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str 
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
-    own size (sources of 200 px and more), B with class-balanced
+    own size and LP-FT on it (sources of 200 px and more), B with class-balanced
     batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer
     (``+long``), the shipped recipe, and the hybrids of the vote with each trained candidate."""
     small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
@@ -165,7 +165,11 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                           "image_size": LITE_SIZES["efficientnet_lite2"]},
                                about=f"B on EfficientNet-Lite2 at {LITE_SIZES['efficientnet_lite2']} px "
                                      f"(about twice Lite0's cost per step)"))
-        trained.append("finetune:lite2")
+        cands.append(Candidate("lp-ft:lite2", "train",
+                               overrides={**lpft, "backbone": "efficientnet_lite2",
+                                          "image_size": LITE_SIZES["efficientnet_lite2"]},
+                               about=f"LP-FT on EfficientNet-Lite2 at {LITE_SIZES['efficientnet_lite2']} px"))
+        trained += ["finetune:lite2", "lp-ft:lite2"]
     if "macro_f1" in task.metrics and len(task.classes) > 2:  # rare classes matter: class-balanced batches
         cands.append(Candidate("finetune:lite0+sampler", "train", overrides={**plain, "balance": "sampler"},
                                about="B with class-balanced sampling (every batch draws the classes equally "

@@ -144,6 +144,9 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
         {k: v for k, v in plain_b.items() if k not in ("backbone", "image_size")}
     assert "finetune:lite2+long" in waste and any(c.kind == "hybrid" and c.parts[1] == "finetune:lite2"
                                                   for c in waste.values())
+    lpft2 = waste["lp-ft:lite2"].recipe(get_task("waste"))
+    assert lpft2["finetune"] == "lp-ft" and lpft2["backbone"] == "efficientnet_lite2" and lpft2["image_size"] == 260
+    assert "lp-ft:lite2+long" not in waste
     assert not any("lite2" in c.name and c.kind == "train" for c in default_candidates(get_task("nuclei")))
 
 
