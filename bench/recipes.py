@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="results table name (default: the task's)")
     p.add_argument("--resume", action="store_true", help="reuse the fine-tunes' folds of an earlier table")
     p.add_argument("--jobs", type=int, default=1, help="fine-tune folds trained at once, one process each")
+    p.add_argument("--refit", help="comma-separated training candidates whose folds train again under --resume "
+                   "(the earlier table's scores of them are replaced; hybrids of two fine-tunes need their models)")
     p.add_argument("--rescore", action="store_true",
                    help="recompute summaries and winner of bench/results/recipes-TASK.json (nothing is run)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

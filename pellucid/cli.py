@@ -391,6 +391,8 @@ def _add_model_commands(sub) -> None:
                    help="reuse the fine-tunes' folds of an earlier table with the same folds and recipe")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N folds of a fine-tune at once, each in its own process (cores split between them)")
+    p.add_argument("--refit", help="comma-separated training candidates whose folds train again under --resume "
+                   "(the earlier table's scores of them are replaced; hybrids of two fine-tunes need their models)")
     p.set_defaults(func=_lazy("pellucid.core.tune", "run_cli"))
 
     p = sub.add_parser("eval", help="score a model folder on a labelled data folder")

@@ -45,6 +45,9 @@ RUN_FILE = "run.json"
 #: patience; the schedule is recomputed from the new length).
 NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience")
 
+#: TrainConfig options newer than most runs, left out of the identity while they are off.
+_OFF_BY_DEFAULT = {"ema": 0.0}
+
 #: Files pellucid writes into a model folder (training, k-fold, ensembles, T-TAME, export).
 RUN_FILES = (RUN_FILE, "config.json", "split.json", "card.json", "model.safetensors", "metrics.json", "history.json",
              "ood.safetensors", "ttame.safetensors", "ttame.safetensors.tmp", "summary.json")
@@ -64,6 +67,9 @@ def run_identity(cfg: TrainConfig, kind: str = "classifier") -> dict:
     "config"}``, where ``config`` is the resolved configuration without :data:`NOT_IDENTITY` (paths
     resolved) and ``config_hash`` the first 16 hex digits of its SHA-256 (with ``kind``)."""
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
+    for key, off in _OFF_BY_DEFAULT.items():  # an option left off keeps the identity runs had before it existed
+        if config.get(key) == off:
+            config.pop(key)
     config["data"] = _resolved(cfg.data)
     config["split_file"] = _resolved(cfg.split_file)
     blob = json.dumps({"kind": kind, **config}, sort_keys=True, default=str)

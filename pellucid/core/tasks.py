@@ -52,6 +52,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "patience": 4,
     "probe_patience": 2,       # stop a fine-tune that has not beaten its probe's val loss after this many epochs
     "probe_flip": False,       # the linear probe also fits mirrored copies of the training images
+    "ema": 0.0,                # fine-tune: average the weights with this time constant in epochs (0: off)
     "balance": "weights",
     "val_fraction": 0.15,
     "test_fraction": 0.2,

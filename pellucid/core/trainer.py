@@ -42,6 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
 from pellucid.registry import unknown_name_error
@@ -49,7 +50,7 @@ from pellucid.registry import unknown_name_error
 __all__ = [
     "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
     "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint", "LOGGERS", "TrackingError",
-    "make_logger", "log_run", "tracking_uri", "final_metrics",
+    "make_logger", "log_run", "tracking_uri", "final_metrics", "ema_callback",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,15 @@ def fit(trainer: L.Trainer, module: L.LightningModule, train_dataloaders: Any = 
         if "weights_only" in inspect.signature(trainer.fit).parameters:
             kwargs["weights_only"] = True
     trainer.fit(module, train_dataloaders, val_dataloaders, **kwargs)
+
+
+def ema_callback(time_constant_steps: float, start_step: int = 0) -> Callback:
+    """Lightning's exponential moving average of the weights (and BatchNorm statistics) with a time
+    constant of ``time_constant_steps`` optimizer steps (decay ``1 - 1 / steps``), updated from
+    ``start_step`` on. Validation, the checkpoints (``state_dict``) and the weights left at the end of
+    training are the averaged ones; the raw weights ride along in the checkpoint to resume from."""
+    decay = 1.0 - 1.0 / max(1.0, float(time_constant_steps))
+    return EMAWeightAveraging(decay=decay, update_starting_at_step=max(0, int(start_step)))
 
 
 # ----------------------------------------------------------------------------- experiment tracking

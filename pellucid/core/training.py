@@ -88,6 +88,7 @@ class TrainConfig:
     patience: int = 4
     keep_probe_if_better: bool = True
     probe_patience: int = 2  # stop a fine-tune that has not beaten its probe's val loss after this many epochs (0: off)
+    ema: float = 0.0  # exponential moving average of the fine-tuned weights, time constant in epochs (0: off)
     balance: str = "weights"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -587,7 +588,7 @@ def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]
 def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,
                labels: list[int], cw: torch.Tensor | None, out: Path, history: list[dict],
                folder: RunFolder | None = None) -> dict:
-    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, fit, make_trainer
+    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, ema_callback, fit, make_trainer
 
     train_dl, val_dl = _loaders(cfg, cache, split, labels)
     # channels-last on CPU too: oneDNN's convolutions (depthwise ones above all) run in that layout;
@@ -601,6 +602,11 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     callbacks = [ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist]
     if cfg.probe_patience and cfg.extra.get("probe_val_loss") is not None:
         callbacks.append(_beat_probe_callback(cfg.extra["probe_val_loss"], cfg.probe_patience))
+    if cfg.ema > 0:
+        # averaged from the end of the warm-up on (10 % of the steps, as in the schedule), so the
+        # average never holds the untrained head; validation and the best checkpoint see the average
+        steps = len(train_dl)
+        callbacks.append(ema_callback(cfg.ema * steps, start_step=int(0.1 * steps * cfg.epochs)))
     trainer = make_trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, bf16=True,  # bf16 autocast on CUDA, 32-bit elsewhere

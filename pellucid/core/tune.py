@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
 _SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
 
 
@@ -65,9 +66,9 @@ class Candidate:
         overrides: train: :class:`~pellucid.core.training.TrainConfig` overrides.
         role: ``A`` / ``B`` for the two baselines, ``current`` for the shipped recipe.
         about: one line for the table.
-        parts: hybrid: the names of a probe candidate and a training candidate whose calibrated
-            probabilities are soft-voted (scored from their folds, nothing is trained again).
-        train_weight: hybrid: the training candidate's voting weight (each probe member weighs 1).
+        parts: hybrid: the names of a probe candidate and one or two training candidates whose
+            calibrated probabilities are soft-voted (scored from their folds, nothing is trained again).
+        train_weight: hybrid: each training candidate's voting weight (each probe member weighs 1).
     """
 
     name: str
@@ -86,14 +87,18 @@ class Candidate:
             return _effective({**task.recipe, **self.overrides,
                                "image_size": self.overrides.get("image_size", task.image_size)})
         if self.kind == "hybrid":
-            probe, trained = (others or {})[self.parts[0]], (others or {})[self.parts[1]]
+            probe = (others or {})[self.parts[0]]
             pr = probe.recipe(task)
             members = pr.get("members") or [{k: pr[k] for k in ("backbone", "image_size", "finetune", "epochs")}]
-            keys = trained.recipe(task) if trained.role == "current" else trained.overrides
-            tm = {k: v for k, v in keys.items() if k != "members"}
-            tm.setdefault("image_size", task.image_size)
+            tuned = []
+            for part in self.parts[1:]:
+                trained = (others or {})[part]
+                keys = trained.recipe(task) if trained.role == "current" else trained.overrides
+                tm = {k: v for k, v in keys.items() if k != "members"}
+                tm.setdefault("image_size", task.image_size)
+                tuned.append({**tm, "weight": self.train_weight})
             return {"finetune": "linear-probe", "epochs": 0, "image_size": members[0]["image_size"],
-                    "members": [dict(m) for m in members] + [{**tm, "weight": self.train_weight}]}
+                    "members": [dict(m) for m in members] + tuned}
         fit_flip = {"probe_flip": True} if self.flip == "fit" else {}
         if len(self.members) == 1:
             backbone, size = self.members[0]
@@ -110,7 +115,7 @@ def _effective(recipe: dict) -> dict:
     """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
     stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
     recipes compare equal."""
-    out = {k: v for k, v in recipe.items() if not (k == "probe_flip" and not v)}  # off = the old default
+    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema") and not v)}  # off = the old default
     if recipe.get("finetune") == "progressive":
         return out
     return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}
@@ -183,6 +188,14 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
             cands.append(Candidate(f"{part}+long", "train", overrides={**over, "epochs": longer, "patience": longer},
                                    about=f"{part} for {longer} epochs instead of {fine_tune_epochs}"))
             trained.append(f"{part}+long")
+    # an exponential moving average of the weights (time constant EMA_EPOCHS epochs) on the longer
+    # fine-tunes and on LP-FT
+    for part in [p for p in trained if p.endswith("+long") or p == "lp-ft:lite0"]:
+        over = next(c for c in cands if c.name == part).overrides
+        cands.append(Candidate(f"{part}+ema", "train", overrides={**over, "ema": EMA_EPOCHS},
+                               about=f"{part} with an exponential moving average of its weights "
+                                     f"(time constant {EMA_EPOCHS:g} epochs, from the end of the warm-up)"))
+        trained.append(f"{part}+ema")
     cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
     # the shipped recipe joins the hybrids when it is one trained model (e.g. mpox's LP-FT)
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
@@ -193,6 +206,16 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                        parts=(vote, part), train_weight=w,
                                        about=f"soft vote of `{vote}` and {part} (weight {w:g} against 1 per "
                                              "probe), scored from both candidates' folds"))
+    # two fine-tunes in the vote (a small ensemble of fine-tunes: other length, network, or averaging),
+    # each weighted 1 or 2, so together they weigh 2 or 4 against the three probes
+    vote = _probe(trio).name
+    for i, one in enumerate(trained):
+        for two in trained[i + 1:]:
+            for w in (1.0, 2.0):
+                cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}({one}, {two})", "hybrid",
+                                       parts=(vote, one, two), train_weight=w,
+                                       about=f"soft vote of `{vote}`, {one} and {two} (weight {w:g} each "
+                                             "against 1 per probe), scored from the three candidates' folds"))
     return cands
 
 
@@ -324,10 +347,10 @@ def _train_fold_logits(task, folder: Path, samples, split: dict) -> dict:
     return out
 
 
-def _run_hybrid(data: _Data, cand: Candidate, probe: Candidate, split: dict, trained: dict) -> dict:
+def _run_hybrid(data: _Data, cand: Candidate, probe: Candidate, split: dict, trained: Sequence[dict]) -> dict:
     t = time.time()
-    parts = _probe_parts(data, probe, split) + [trained]
-    metrics = _vote(data, parts, [1.0] * (len(parts) - 1) + [cand.train_weight])
+    probes = _probe_parts(data, probe, split)
+    metrics = _vote(data, probes + list(trained), [1.0] * len(probes) + [cand.train_weight] * len(trained))
     return {"metrics": metrics, "seconds": round(time.time() - t, 2)}
 
 
@@ -482,7 +505,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
          write_recipe: bool = False, work: str | Path | None = None, fine_tune_epochs: int = 6,
          progress: bool = True, candidate_list: Sequence[Candidate] | None = None,
          train_folds: int | None = None, skip: Sequence[str] = (), name: str | None = None,
-         resume: bool = False, jobs: int = 1) -> dict:
+         resume: bool = False, jobs: int = 1, refit: Sequence[str] = ()) -> dict:
     """Score the task's candidates on the same grouped folds; write ``recipes-<task>.md``/``.json``.
 
     Args:
@@ -497,6 +520,12 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
             may be gone — or from ``fold_result.json`` beside a fold's model; only missing folds train.
         jobs: train this many folds of a training candidate at once, each in its own process with
             ``cores // jobs`` torch threads.
+        refit: training candidates whose folds train again even where the earlier table holds them
+            (their models are gone, and the hybrids with two fine-tunes need every part's fold models);
+            a fold whose model is still there is kept.
+
+    With ``resume``, candidates that ``skip`` leaves out keep their rows of the earlier table, so a
+    search of a few new candidates does not drop the others from it.
 
     Returns:
         The result dict written as JSON (``candidates``: per candidate its folds and summaries;
@@ -516,7 +545,10 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         missing = [n for n in candidates if n not in known]
         if missing:
             raise ValueError(f"unknown candidate(s) {', '.join(missing)}; known: {', '.join(known)}")
-        cands = [c for c in cands if c.name in candidates or c.role in ("A", "B")]
+        chosen = set(candidates) | {c.name for c in cands if c.role in ("A", "B")}
+        # the hybrids of the chosen candidates come with them (they cost no training)
+        cands = [c for c in cands if c.name in chosen or (c.kind == "hybrid" and set(c.parts) <= chosen)]
+    listed = [c.name for c in cands]
     cands = [c for c in cands if c.name not in set(skip) or c.role in ("A", "B")]
     by_name = {c.name: c for c in cands}
     cands = [c for c in cands if c.kind != "hybrid" or all(p in by_name for p in c.parts)]
@@ -541,7 +573,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
                "recipe": cand.recipe(task, by_name), "folds": {}, "official": None, "stopped": None}
         rows[cand.name] = row
         old = previous.get(cand.name)
-        if cand.kind == "train" and _same_recipe(old, row["recipe"]):
+        if cand.kind == "train" and cand.name not in set(refit) and _same_recipe(old, row["recipe"]):
             row["folds"] = dict(old["folds"])  # the table is the fold's record, even where its model is gone
         if cand.kind == "train" and resume:
             for s_, sp in zip(split_list, split_paths):
@@ -555,7 +587,8 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
                 log.info("%s: %d fold(s) reused from the earlier search", cand.name, len(row["folds"]))
         if cand.kind == "hybrid":
             _hybrid_row(row, cand, by_name, rows, data_obj, samples, split_list, work, previous.get(cand.name))
-            results.append(row)
+            if row["folds"] or len(cand.parts) == 2:  # a two-fine-tune hybrid is listed once it scored
+                results.append(row)
             continue
         if cand.kind == "train" and jobs > 1:
             _train_parallel(task, cand, row, data, split_list, split_paths, work, seed, jobs, train_folds,
@@ -591,6 +624,10 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
                 save_split(sp, samples, off)
                 row["official"] = _run_train(task, cand, data, sp, folder, seed)
         results.append(row)
+    if resume:  # the earlier table's rows of candidates this search skipped stay in it
+        kept = {r["name"] for r in results}
+        carried = [dict(previous[n]) for n in listed if n in previous and n not in kept]
+        results = sorted(results + carried, key=lambda r: listed.index(r["name"]))
     result = _summarise(task, results, folds, seed, data, samples, time.time() - t0, data_obj.embed_seconds,
                         bool(official))
     result["blocked_classes"] = blocked
@@ -618,36 +655,37 @@ def _previous_rows(path: Path, k: int, seed: int, n: int) -> dict:
 
 def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj: _Data, samples, split_list,
                 work: Path, old: dict | None = None) -> None:
-    """Score a hybrid on the folds its training part ran (nothing is trained again); with --resume, a fold
-    whose model is gone (a new checkout) keeps the earlier table's score when the recipe is the same."""
-    probe_name, train_name = cand.parts
-    trained = rows.get(train_name)
-    if trained is None or rows.get(probe_name) is None:
+    """Score a hybrid on the folds its training parts ran (nothing is trained again); with --resume, a fold
+    whose models are gone (a new checkout) keeps the earlier table's score when the recipe is the same."""
+    probe_name, train_names = cand.parts[0], cand.parts[1:]
+    trained = [rows.get(n) for n in train_names]
+    if any(t is None for t in trained) or rows.get(probe_name) is None:
         row["stopped"] = "its parts were not run"
         return
     same = _same_recipe(old, row["recipe"])
     for s in split_list:
         f = str(s["fold"])
-        folder = work / train_name.replace(":", "_") / f"fold_{f}"
-        if f not in trained["folds"]:
+        folders = [work / n.replace(":", "_") / f"fold_{f}" for n in train_names]
+        if any(f not in t["folds"] for t in trained):
             continue
-        if not (folder / "card.json").exists():
+        if not all((d / "card.json").exists() for d in folders):
             if same and f in old["folds"]:
                 row["folds"][f] = old["folds"][f]
             continue
-        res = _run_hybrid(data_obj, cand, by_name[probe_name], s, _train_fold_logits(data_obj.task, folder,
-                                                                                      samples, s))
-        res["seconds"] = round(res["seconds"] + trained["folds"][f]["seconds"], 1)
+        res = _run_hybrid(data_obj, cand, by_name[probe_name], s,
+                          [_train_fold_logits(data_obj.task, d, samples, s) for d in folders])
+        res["seconds"] = round(res["seconds"] + sum(t["folds"][f]["seconds"] for t in trained), 1)
         row["folds"][f] = res
     if len(row["folds"]) < len(split_list):
-        row["stopped"] = f"scored on the {len(row['folds'])} fold(s) {train_name} ran"
-    folder = work / train_name.replace(":", "_") / "fold_official"
+        row["stopped"] = f"scored on the {len(row['folds'])} fold(s) {' and '.join(train_names)} ran"
+    folders = [work / n.replace(":", "_") / "fold_official" for n in train_names]
     official = _official_split(samples)
-    if official and trained.get("official") and (folder / "card.json").exists():
+    ran = official and all(t.get("official") for t in trained)
+    if ran and all((d / "card.json").exists() for d in folders):
         off = _official_fold(samples, official, 0 if data_obj.seed is None else data_obj.seed)
         row["official"] = _run_hybrid(data_obj, cand, by_name[probe_name], off,
-                                      _train_fold_logits(data_obj.task, folder, samples, off))
-    elif official and trained.get("official") and same and old.get("official"):
+                                      [_train_fold_logits(data_obj.task, d, samples, off) for d in folders])
+    elif ran and same and old.get("official"):
         row["official"] = old["official"]
 
 
@@ -751,7 +789,8 @@ def run_cli(args) -> int:
                   skip=[c.strip() for c in (getattr(args, "skip", None) or "").split(",") if c.strip()],
                   fine_tune_epochs=getattr(args, "fine_tune_epochs", None) or 6,
                   name=getattr(args, "name", None), resume=getattr(args, "resume", False),
-                  jobs=max(1, getattr(args, "jobs", 1) or 1))
+                  jobs=max(1, getattr(args, "jobs", 1) or 1),
+                  refit=[c.strip() for c in (getattr(args, "refit", None) or "").split(",") if c.strip()])
     print(render_table(result))
     print(f"written: {Path(args.out) / ('recipes-' + result['name'] + '.md')}")
     return 0

@@ -236,3 +236,34 @@ def test_probe_flip_fits_the_probe_on_mirrored_copies_too(tmp_path):
         split = json.loads((out / "split.json").read_text())
         rows[flip] = (probe["fit_rows"], len(split["train"]))
     assert rows[False][0] == rows[False][1] and rows[True] == (2 * rows[False][1], rows[False][1])
+
+
+def test_ema_keeps_the_averaged_weights(tmp_path):
+    """``ema`` (time constant in epochs) averages the fine-tuned weights: a constant of one step or
+    less is the plain run, weight for weight; a very long one keeps the weights near where the
+    averaging started (the end of the warm-up), far from where the plain fine-tune went."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    def run(name, **kw):
+        cfg = TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(tmp_path / name),
+                                    backbone="test_resnet", pretrained=False, image_size=32, max_images=40,
+                                    batch_size=8, progress=False, n_boot=0, seed=0,
+                                    keep_probe_if_better=False, probe_patience=0, patience=9, **kw)
+        train(cfg)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    start = run("probe", finetune="linear-probe", epochs=0)
+    plain = run("plain", finetune="full", epochs=3, lr=3e-3, head_lr=3e-3)
+    short = run("short", finetune="full", epochs=3, lr=3e-3, head_lr=3e-3, ema=1e-6)
+    long_ = run("long", finetune="full", epochs=3, lr=3e-3, head_lr=3e-3, ema=1e4)
+    body = [k for k in start if k.startswith("backbone") and start[k].is_floating_point() and "running" not in k]
+    assert body and all(torch.equal(plain[k], short[k]) for k in plain)
+
+    def moved(w):
+        return sum(float((w[k] - start[k]).norm()) for k in body)
+
+    assert moved(plain) > 0 and moved(long_) < 0.5 * moved(plain), (moved(long_), moved(plain))

@@ -148,6 +148,17 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
     assert lpft2["finetune"] == "lp-ft" and lpft2["backbone"] == "efficientnet_lite2" and lpft2["image_size"] == 260
     assert "lp-ft:lite2+long" not in waste
     assert not any("lite2" in c.name and c.kind == "train" for c in default_candidates(get_task("nuclei")))
+    # weight averaging on the longer fine-tunes and on LP-FT, same keys otherwise
+    ema = waste["finetune:lite0+long+ema"].recipe(get_task("waste"))
+    assert ema["ema"] == 2.0 and {k: v for k, v in ema.items() if k != "ema"} == \
+        waste["finetune:lite0+long"].recipe(get_task("waste"))
+    assert "lp-ft:lite0+ema" in waste and "finetune:lite0+ema" not in waste
+    # two fine-tunes in the vote: every pair of trained candidates, weight 1 or 2 each
+    pair = waste["probe:lite0@224+lite1@240+lite2@260+2x(finetune:lite2, finetune:lite0+long)"]
+    assert pair.parts[1:] == ("finetune:lite2", "finetune:lite0+long")
+    tuned = pair.recipe(get_task("waste"), waste)["members"][3:]
+    assert [(m["backbone"], m["image_size"], m["epochs"], m["weight"]) for m in tuned] == [
+        ("efficientnet_lite2", 260, 6, 2.0), ("efficientnet_lite0", 224, 15, 2.0)]
 
 
 def test_official_split_needs_train_and_val_names(tmp_path):
@@ -287,3 +298,37 @@ def test_resume_reads_fold_results_kept_beside_the_models_when_the_table_is_lost
     # a fold trained on other folds (another k) is not taken for this one
     third = _probe_and_tiny_training(tmp_path, "full", folds=3, resume=True)
     assert model.stat().st_mtime_ns != stamp and third["candidates"][1]["n_folds"] == 3
+
+
+def test_two_fine_tune_hybrid_skip_keeps_rows_and_refit_trains_again(tmp_path, cache):
+    data = _synthetic(tmp_path / "data", n_groups=20, official=False)
+    b = {"backbone": "test_resnet", "pretrained": False, "finetune": "full", "epochs": 1, "batch_size": 8,
+         "image_size": 32, "members": []}
+    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A"),
+             Candidate("ft", "train", overrides=b, role="B"),
+             Candidate("ft2", "train", overrides={**b, "ema": 1.0, "seed": 1}),
+             Candidate("probe:a+2x(ft, ft2)", "hybrid", parts=("probe:a", "ft", "ft2"), train_weight=2.0)]
+    kw = dict(folds=2, budget_min=30.0, out=tmp_path / "out", work=tmp_path / "work", candidate_list=cands,
+              progress=False)
+    rows = {r["name"]: r for r in tune("tb", str(data), **kw)["candidates"]}
+    pair = rows["probe:a+2x(ft, ft2)"]
+    assert pair["n_folds"] == 2 and pair["stopped"] is None and 0.5 <= pair["summary"]["accuracy"]["mean"] <= 1.0
+    # it trains as one ensemble: the probe member, then both fine-tunes with their weight, each its own keys
+    members = pair["recipe"]["members"]
+    assert [m["finetune"] for m in members] == ["linear-probe", "full", "full"]
+    assert [m.get("weight") for m in members[1:]] == [2.0, 2.0] and members[2]["ema"] == 1.0
+    assert pair["folds"]["0"]["seconds"] >= rows["ft"]["folds"]["0"]["seconds"] + rows["ft2"]["folds"]["0"]["seconds"]
+    # a resumed search that skips ft2 keeps its rows (and the pair's) from the earlier table
+    model = tmp_path / "work" / "ft2" / "fold_0" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    kept = {r["name"]: r for r in tune("tb", str(data), resume=True, skip=["ft2"], **kw)["candidates"]}
+    assert kept["ft2"]["folds"] == rows["ft2"]["folds"] and kept["probe:a+2x(ft, ft2)"]["folds"] == pair["folds"]
+    assert model.stat().st_mtime_ns == stamp
+    # models gone (a new checkout): --refit trains ft2's folds again, so the pair is scored from models again
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / "ft2")
+    again = {r["name"]: r for r in tune("tb", str(data), resume=True, refit=["ft2"], **kw)["candidates"]}
+    assert model.exists() and again["ft2"]["n_folds"] == 2
+    assert (tmp_path / "work" / "ft2" / "fold_1" / "fold_logits.pt").exists()
+    assert again["probe:a+2x(ft, ft2)"]["n_folds"] == 2
