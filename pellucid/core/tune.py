@@ -524,8 +524,8 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
             (their models are gone, and the hybrids with two fine-tunes need every part's fold models);
             a fold whose model is still there is kept.
 
-    With ``resume``, candidates that ``skip`` leaves out keep their rows of the earlier table, so a
-    search of a few new candidates does not drop the others from it.
+    With ``resume``, candidates that ``skip`` or ``candidates`` leave out keep their rows of the earlier
+    table, so a search of a few new candidates does not drop the others from it.
 
     Returns:
         The result dict written as JSON (``candidates``: per candidate its folds and summaries;
@@ -540,6 +540,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     samples = load_samples(data, classes=task.classes, aliases=task.aliases)
     samples, blocked = _block_single_group_classes(samples, folds)
     cands = list(candidate_list) if candidate_list is not None else default_candidates(task, fine_tune_epochs)
+    listed = [c.name for c in cands]
     if candidates:
         known = {c.name: c for c in cands}
         missing = [n for n in candidates if n not in known]
@@ -548,7 +549,6 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         chosen = set(candidates) | {c.name for c in cands if c.role in ("A", "B")}
         # the hybrids of the chosen candidates come with them (they cost no training)
         cands = [c for c in cands if c.name in chosen or (c.kind == "hybrid" and set(c.parts) <= chosen)]
-    listed = [c.name for c in cands]
     cands = [c for c in cands if c.name not in set(skip) or c.role in ("A", "B")]
     by_name = {c.name: c for c in cands}
     cands = [c for c in cands if c.kind != "hybrid" or all(p in by_name for p in c.parts)]

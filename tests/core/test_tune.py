@@ -324,6 +324,8 @@ def test_two_fine_tune_hybrid_skip_keeps_rows_and_refit_trains_again(tmp_path, c
     kept = {r["name"]: r for r in tune("tb", str(data), resume=True, skip=["ft2"], **kw)["candidates"]}
     assert kept["ft2"]["folds"] == rows["ft2"]["folds"] and kept["probe:a+2x(ft, ft2)"]["folds"] == pair["folds"]
     assert model.stat().st_mtime_ns == stamp
+    chosen = {r["name"]: r for r in tune("tb", str(data), resume=True, candidates=["probe:a"], **kw)["candidates"]}
+    assert chosen["ft2"]["folds"] == rows["ft2"]["folds"] and list(chosen) == list(rows)  # so does --candidates
     # models gone (a new checkout): --refit trains ft2's folds again, so the pair is scored from models again
     import shutil
 
