@@ -180,6 +180,9 @@ def task_from_dict(data: dict, where: str = "task spec", *, check_backbone: bool
     if unknown:
         key = sorted(unknown)[0]
         raise TaskSpecError(f"{where}: unknown recipe key {key!r}" + did_you_mean(key, DEFAULT_RECIPE, clause=True))
+    ema = recipe.get("ema", 0.0)
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema <= 1000:
+        raise TaskSpecError(f"{where}: recipe key 'ema' must be a time constant in epochs, 0 (off) to 1000, got {ema!r}")
     if check_backbone:
         from pellucid.core.backbones import get_backbone_spec
 

@@ -133,3 +133,12 @@ def test_task_of_card_prefers_the_spec_the_card_carries():
     assert task_of_card({"task": "tb", "classes": ["normal", "tuberculosis"]}).name == "tb"
     with pytest.raises(KeyError, match="unknown task 'nowhere'"):
         task_of_card({"task": "nowhere", "classes": ["x", "y"]})
+
+
+@pytest.mark.parametrize("bad", [-1.0, "2", True])
+def test_recipe_ema_must_be_a_time_constant(bad):
+    from pellucid.core.tasks import TaskSpecError, task_from_dict
+
+    with pytest.raises(TaskSpecError, match="'ema'"):
+        task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"ema": bad}})
+    assert task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"ema": 2}}).recipe["ema"] == 2
