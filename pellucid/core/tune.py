@@ -782,15 +782,19 @@ def run_cli(args) -> int:
 
         root = Path(os.environ.get("PELLUCID_DATA", "../shared/data"))
         data = str(root / task.default_data if (root / task.default_data).is_dir() else root)
-    names = [c.strip() for c in args.candidates.split(",")] if getattr(args, "candidates", None) else None
-    result = tune(task.name, data, folds=args.folds, budget_min=args.budget, candidates=names, out=args.out,
+
+    def names(option: str) -> list[str]:  # a comma-separated list of candidate names
+        return [c.strip() for c in (getattr(args, option, None) or "").split(",") if c.strip()]
+
+    chosen = names("candidates") or None
+    result = tune(task.name, data, folds=args.folds, budget_min=args.budget, candidates=chosen, out=args.out,
                   seed=args.seed, write_recipe=getattr(args, "write_recipe", False),
                   train_folds=getattr(args, "train_folds", None),
-                  skip=[c.strip() for c in (getattr(args, "skip", None) or "").split(",") if c.strip()],
+                  skip=names("skip"),
                   fine_tune_epochs=getattr(args, "fine_tune_epochs", None) or 6,
                   name=getattr(args, "name", None), resume=getattr(args, "resume", False),
                   jobs=max(1, getattr(args, "jobs", 1) or 1),
-                  refit=[c.strip() for c in (getattr(args, "refit", None) or "").split(",") if c.strip()])
+                  refit=names("refit"))
     print(render_table(result))
     print(f"written: {Path(args.out) / ('recipes-' + result['name'] + '.md')}")
     return 0
