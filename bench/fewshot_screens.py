@@ -11,6 +11,11 @@ the taps' weights (chosen as ``auto_weights`` does), or with λ chosen per suppo
 leave-one-out NLL too. The embedding itself is chosen as the default does (Lite0 or Lite0 + Lite2,
 by leave-one-out NLL).
 
+``--study head``: the classifier on the default embedding — the nearest prototype against the
+logistic head (``ProtoConfig.head = "logistic"``) at several C — fitted through the package's own
+``fit_support`` / ``select_embedding`` / ``fit_head_scale``, on the dev draws (``--seed 0``) or the
+confirm draws (``--seed 1``); accuracy and query NLL.
+
 ``--study support-ft``: Lite0's last stages (from ``--train-from``) fine-tuned on the support set
 alone — ``steps`` prototypical episodes drawn from the five shots per class (``n_sup`` of them as
 support, the rest as queries; activations mirrored at random; BatchNorm statistics frozen; AdamW),
@@ -22,6 +27,7 @@ Run from the repository root (features and trunk activations come from the disk 
 
     OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study classes
     OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study support-ft --draws 10
+    OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study head [--seed 1]
 """
 from __future__ import annotations
 
@@ -220,13 +226,64 @@ def study_support_ft(args) -> tuple[list[str], dict]:
     return variants, rows
 
 
+def study_head(args) -> tuple[list[str], dict]:
+    """The classifier on the default embedding, fitted exactly as ``fewshot fit`` fits it: per support
+    set the candidate embeddings (Lite0, Lite0 + Lite2) get :func:`fit_support` (layer weights and
+    scale by leave-one-out), :func:`select_embedding` keeps one by NLL, and on it the head is either
+    the nearest prototype (the default before) or the logistic head at each C
+    (:func:`fit_head_scale`). Queries are scored in batches of 32, as ``pellucid predict`` passes them;
+    the query NLL of each variant is kept too (``rows[(name, variant, "nll")]``)."""
+    from pellucid.core.fewshot.folder import fit_head_scale, fit_support, select_embedding
+
+    cs = [float(c) for c in args.head_c.split(",")]
+    variants = ["nearest prototype (default before)"] + [f"logistic head, C = {c:g}" for c in cs]
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        embs = {"lite0": sized_features(samples, "efficientnet_lite0", 224, False),
+                "lite0+lite2": product_pair_features(samples, False)}
+        accs: dict[str, list[float]] = {v: [] for v in variants}
+        nlls: dict[str, list[float]] = {v: [] for v in variants}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
+            nets, fits = {}, {}
+            for key, f in embs.items():
+                net = _net(f.taps)
+                net.config = replace(net.config, auto_weights=True)
+                net.embedder.dims = list(f.dims)
+                net.dims = torch.tensor(f.dims)
+                fits[key] = fit_support(net, f.plain[s_idx].float(), y_all[s_idx], n_way)
+                nets[key] = net
+            key = select_embedding(fits, "nll") or "lite0"
+            net, q = nets[key], embs[key].plain.float()
+            for v, c in zip(variants, [None] + cs):
+                if c is not None:
+                    net.config = replace(net.config, head="logistic", head_c=c)
+                    net.set_support(embs[key].plain[s_idx].float(), y_all[s_idx], n_way)
+                    fit_head_scale(net, n_way, len(s_idx))
+                logits = []
+                with torch.no_grad():
+                    for st in range(0, len(q_idx), 32):
+                        logits.append(net.logits(net.transform(q[q_idx[st:st + 32]])))
+                logits = torch.cat(logits)
+                accs[v].append(float((logits.argmax(1) == y_all[q_idx]).float().mean()))
+                nlls[v].append(float(F.cross_entropy(logits.double(), y_all[q_idx])))
+        base, base_nll = np.array(accs[variants[0]]), np.array(nlls[variants[0]])
+        for v in variants:
+            rows[(name, v)] = _paired(np.array(accs[v]), base)
+            rows[(name, v, "nll")] = _paired(np.array(nlls[v]), base_nll)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return variants, rows
+
+
 def render(title: str, intro: str, variants, rows, args, command: str) -> str:
     from pellucid.core.quantize import cpu_features
 
     ds = list(args.datasets)
     lines = [f"# {title}", "", f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` (torch "
              f"{torch.__version__}, {torch.get_num_threads()} thread(s)).", "", f"CPU: {cpu_features().summary()}", "",
-             intro, "", f"{args.draws} dev draws (seed 0) of {args.shots} support images per class; accuracy over "
+             intro, "", f"{args.draws} {'confirm' if getattr(args, 'seed', 0) else 'dev'} draws (seed {getattr(args, 'seed', 0)}) of {args.shots} support images per class; accuracy over "
              "the queries, mean over draws; paired: minus the first row on the same draws, ± 95 % interval.", "",
              "| variant | " + " | ".join(f"{d}: accuracy | paired" for d in ds) + " | mean |",
              "|---|" + "---:|---:|" * len(ds) + "---:|"]
@@ -239,7 +296,7 @@ def render(title: str, intro: str, variants, rows, args, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fewshot_screens", description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", choices=("classes", "support-ft"), required=True)
+    p.add_argument("--study", choices=("classes", "support-ft", "head"), required=True)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     p.add_argument("--shots", type=int, default=5)
@@ -248,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-from", default="blocks.5", help="--study support-ft: first trained stage")
     p.add_argument("--settings", default="20:1e-4:2,40:1e-4:2,40:3e-4:2",
                    help="--study support-ft: steps:lr:support-shots, comma-separated")
+    p.add_argument("--head-c", default="10,30,100", help="--study head: the logistic head's C values")
+    p.add_argument("--seed", type=int, default=0, help="draws' seed (0: the dev draws, 1: the confirm draws)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not Path(args.data).is_dir():
@@ -264,6 +323,22 @@ def main(argv: list[str] | None = None) -> int:
                       "does (Lite0 or Lite0 + Lite2 by leave-one-out NLL); λ = 0 is the default.",
                       variants, rows, args, command)
         out = Path(args.out or OUT / f"fewshot-classes-{args.kind}.md")
+    elif args.study == "head":
+        variants, rows = study_head(args)
+        text = render("Few-shot screen: logistic head against the nearest prototype",
+                      "Every draw fits what `fewshot fit` fits (the embedding Lite0 or Lite0 + Lite2 chosen by the "
+                      "prototypes' leave-one-out NLL, layer weights by `auto_weights`); on the chosen embedding the "
+                      "classifier is the nearest prototype (the first row) or a logistic regression fitted on the "
+                      "support embeddings (scikit-learn, L2, inverse strength C), its logits scaled by a "
+                      "temperature fitted on leave-one-out logits of the support set. Queries in batches of 32.",
+                      variants, rows, args, command)
+        ds = list(args.datasets)
+        text += ("\nQuery NLL (mean over draws; paired: minus the first row, ± 95 % interval):\n\n| variant | "
+                 + " | ".join(f"{d}: NLL | paired" for d in ds) + " |\n|---|" + "---:|---:|" * len(ds) + "\n")
+        for v in variants:
+            text += f"| {v} | " + " | ".join(f"{rows[(d, v, 'nll')][0]:.3f} | {rows[(d, v, 'nll')][1]:+.3f} ± "
+                                             f"{rows[(d, v, 'nll')][2]:.3f}" for d in ds) + " |\n"
+        out = Path(args.out or OUT / f"fewshot-head{'-confirm' if args.seed else ''}.md")
     else:
         variants, rows = study_support_ft(args)
         text = render("Few-shot screen: fine-tuning Lite0's last stages on the support set alone",

@@ -479,6 +479,9 @@ def _add_explain_and_tool_commands(sub) -> None:
                    help="embed with the backbone alone (default for Lite0: the support set chooses Lite0 or "
                         "Lite0 + Lite2 by leave-one-out; a two-backbone model is bigger and slower, and CAM "
                         "maps then cover Lite0's share only)")
+    p.add_argument("--head", choices=["logistic", "prototypes"], default=None,
+                   help="classifier on the embedding (default logistic: a logistic regression on the support "
+                        "embeddings; prototypes: the nearest class prototype, as before; docs/fewshot.md)")
     p.add_argument("--resolution", type=int, default=None, metavar="PX",
                    help="opt-in: every backbone sees the images at PX pixels (320 helped everyday objects, "
                         "hurt chest X-rays and sonar; docs/fewshot.md)")

@@ -49,7 +49,8 @@ def _fit(args: argparse.Namespace) -> int:
     config = None
     no_choice = getattr(args, "auto_backbones", None) is False  # read when the parser defines --no-auto-backbones
     resolution = getattr(args, "resolution", None)  # read when the parser defines --resolution
-    if no_choice or resolution is not None:
+    head = getattr(args, "head", None)  # read when the parser defines --head
+    if no_choice or resolution is not None or head is not None:
         from dataclasses import replace
 
         from pellucid.core.backbones import get_backbone_spec
@@ -60,6 +61,8 @@ def _fit(args: argparse.Namespace) -> int:
             config = replace(config, auto_backbones=())
         if resolution is not None:
             config = replace(config, resolution=resolution)
+        if head is not None:
+            config = replace(config, head=head)
     folder = fit_prototypes(args.support, out, backbone=args.backbone or DEFAULT_BACKBONE,
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
                             config=config, transductive=getattr(args, "transductive", None), progress=True)
@@ -83,6 +86,11 @@ def _fit(args: argparse.Namespace) -> int:
               "(see the card's fewshot.notes)")
     print("layers:       " + ", ".join(f"{k} {fewshot.get(k)}" for k in ("layer_weights", "auto_weights", "flip",
                                                                    "support_flip", "transductive")))
+    if fewshot.get("head") == "logistic":
+        print(f"classifier:   logistic regression on the support embeddings (C = {fewshot.get('head_c'):g}), "
+              "probabilities scaled by leave-one-out")
+    else:
+        print("classifier:   nearest prototype")
     if fewshot.get("transductive"):
         print("note:         transductive refinement: a prediction depends on the other images predicted with it")
     if "support_loo_accuracy" in m:

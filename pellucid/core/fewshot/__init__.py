@@ -14,6 +14,9 @@ works for all of them):
   multi-layer pooled features, centering on the support mean and L2 normalisation, "CL2N" of
   Wang et al., "SimpleShot", arXiv:1911.04623), and :func:`refine_prototypes`, the opt-in
   transductive soft k-means of the prototypes on a query batch;
+- :mod:`~pellucid.core.fewshot.head` — the logistic head (``ProtoConfig.head = "logistic"``):
+  :func:`fit_logistic` on the support embeddings and its leave-one-out logits
+  (:func:`loo_logistic_logits`) for the logit scale;
 - :mod:`~pellucid.core.fewshot.network` — :class:`Embedder` and :class:`PrototypicalNetwork`, the
   ``nn.Module`` served by model folders of kind ``"prototypes"``: images ``(B, 3, S, S)`` in
   [0, 1] in, logits ``(B, n_way)`` = scaled negative distances to the prototypes out, so
@@ -54,6 +57,8 @@ from pellucid.core.fewshot.config import (
     embedding_weight_candidates,
     layer_groups,
     BACKBONE_CANDIDATES,
+    HEADS,
+    HEAD_C,
 )
 from pellucid.core.fewshot.maths import (  # noqa: F401 (the private transforms are used by tests and bench)
     _logits_from_distances,
@@ -64,6 +69,7 @@ from pellucid.core.fewshot.maths import (  # noqa: F401 (the private transforms 
     prototype_logits,
     refine_prototypes,
 )
+from pellucid.core.fewshot.head import fit_logistic, logistic_logits, loo_logistic_logits
 from pellucid.core.fewshot.network import Embedder, PrototypicalNetwork
 from pellucid.core.fewshot.episodes import Episode, EpisodeSampler, split_single_group_classes
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, clear_memory_cache, extract_features
@@ -77,6 +83,7 @@ from pellucid.core.fewshot.finetune import (
 from pellucid.core.fewshot.folder import (
     CRITERIA,
     embedding_config,
+    fit_head_scale,
     fit_prototypes,
     fit_support,
     load_prototypes,
@@ -98,6 +105,8 @@ __all__ = [
     "BACKBONE_CANDIDATES",
     "DEFAULT_BACKBONE",
     "DISTANCES",
+    "HEADS",
+    "HEAD_C",
     "DEFAULT_CACHE_DIR",
     "compute_prototypes",
     "pairwise_distances",
@@ -119,6 +128,10 @@ __all__ = [
     "finetune_episodic",
     "fit_prototypes",
     "fit_support",
+    "fit_head_scale",
+    "fit_logistic",
+    "logistic_logits",
+    "loo_logistic_logits",
     "select_embedding",
     "embedding_config",
     "CRITERIA",

@@ -22,9 +22,17 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "BACKBONE_CANDIDATES",
     "DISTANCES",
+    "HEADS",
+    "HEAD_C",
 ]
 
 DISTANCES = ("euclidean", "cosine")
+#: The classifiers on the embedding: the nearest prototype (Snell et al.) or a logistic regression
+#: fitted on the support embeddings (:mod:`pellucid.core.fewshot.head`).
+HEADS = ("prototypes", "logistic")
+#: Inverse L2 strength of the logistic head (scikit-learn's ``C``); 10 to 1000 scored within 0.001 of
+#: each other on the dev draws (bench/results/fewshot-head.md).
+HEAD_C = 30.0
 
 
 class FewShotError(ValueError):
@@ -74,6 +82,13 @@ class ProtoConfig:
             before this field): the primary runs at ``image_size`` and each extra backbone at its
             own input size. Opt-in: 320 helps everyday objects (waste) and hurts chest X-rays and
             sonar (bench/results/fewshot-resolution.md).
+        head: the classifier on the embedding (:data:`HEADS`): ``"prototypes"`` (logits = scaled
+            negative distances to the class prototypes; the default of cards written before this
+            field) or ``"logistic"`` (a multinomial logistic regression fitted on the support
+            embeddings, its logits scaled by a temperature fitted by leave-one-out; the prototypes are
+            still kept, for the nearest-support explanation). Transductive refinement moves
+            prototypes, so it needs ``"prototypes"``.
+        head_c: the logistic head's inverse L2 strength (scikit-learn's ``C``).
     """
 
     distance: str = "euclidean"
@@ -91,6 +106,8 @@ class ProtoConfig:
     backbones: tuple[str, ...] = ()
     auto_backbones: tuple[tuple[str, ...], ...] = ()
     resolution: int | None = None
+    head: str = "prototypes"
+    head_c: float = HEAD_C
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
@@ -101,6 +118,18 @@ class ProtoConfig:
             if len(self.layer_weights) != len(self.layers):
                 raise FewShotError(f"layer_weights has {len(self.layer_weights)} values for {len(self.layers)} "
                                    f"layer(s) {list(self.layers)}; give one weight per layer")
+        if self.head not in HEADS:
+            raise unknown_name_error("head", self.head, list(HEADS))
+        try:
+            c = float(self.head_c)
+        except (TypeError, ValueError):
+            c = float("nan")
+        if not (c > 0 and c != float("inf")):
+            raise FewShotError(f"head_c must be > 0 (the logistic head's inverse L2 strength), got {self.head_c!r}")
+        object.__setattr__(self, "head_c", c)
+        if self.transductive and self.head != "prototypes":
+            raise FewShotError(f"transductive refinement moves the prototypes, so it needs head='prototypes'; "
+                               f"got head={self.head!r}")
         if self.scale <= 0:
             raise FewShotError(f"scale must be > 0, got {self.scale}")
         if int(self.transductive) != self.transductive or self.transductive < 0:
@@ -214,7 +243,10 @@ def default_config(spec, image_size: int | None = None) -> ProtoConfig:
     and, on :data:`DEFAULT_BACKBONE`, ``auto_backbones`` = :data:`BACKBONE_CANDIDATES` (the support
     set chooses between Lite0 alone and Lite0 + Lite2 concatenated by leave-one-out NLL; on the
     confirm draws +0.036 on waste, +0.006 sonar, +0.001 tb_cxr,
-    bench/results/fewshot-embedding.md). Other primary backbones get no extra candidates.
+    bench/results/fewshot-embedding.md). Other primary backbones get no extra candidates. The
+    classifier on the chosen embedding is the logistic head (``head = "logistic"``, C =
+    :data:`HEAD_C`): against the nearest prototype on the same embeddings, +0.006 tb_cxr, +0.015
+    waste, +0.005 sonar over 50 dev draws, and a far lower query NLL (bench/results/fewshot-head.md).
     Measured and left off: ``support_flip`` and ``flip`` (within 0.006 everywhere; ``flip`` doubles
     the prediction cost), EfficientNet-Lite1/Lite2 alone (Lite2 helps waste, hurts tb_cxr and sonar),
     a third candidate Lite0 + Lite1 + Lite2, and the input size (``resolution`` 192 or 320 px, or
@@ -228,7 +260,7 @@ def default_config(spec, image_size: int | None = None) -> ProtoConfig:
         spec: a :class:`~pellucid.core.backbones.BackboneSpec`.
         image_size: input side (default: the spec's).
     """
-    config = replace(improved_config(spec, image_size), auto_weights=True)
+    config = replace(improved_config(spec, image_size), auto_weights=True, head="logistic")
     if spec.name == DEFAULT_BACKBONE:
         config = replace(config, auto_backbones=BACKBONE_CANDIDATES)
     return config

@@ -2,7 +2,9 @@
 into raw features) and :class:`PrototypicalNetwork` (Snell, Swersky & Zemel, "Prototypical
 Networks for Few-shot Learning", NeurIPS 2017), the module served by model folders of kind
 ``"prototypes"``: images ``(B, 3, S, S)`` in [0, 1] in, logits ``(B, n_way)`` = scaled negative
-distances to the prototypes out, so prediction, evaluation and CAM explanations work unchanged."""
+distances to the prototypes out (or, with ``ProtoConfig.head = "logistic"``, the scaled logits of a
+logistic regression fitted on the support embeddings), so prediction, evaluation and CAM
+explanations work unchanged."""
 from __future__ import annotations
 
 import math
@@ -14,6 +16,7 @@ from torch import nn
 
 from pellucid.core.backbones import Backbone
 from pellucid.core.fewshot.config import PLAIN, FewShotError, ProtoConfig
+from pellucid.core.fewshot.head import fit_logistic, logistic_logits
 from pellucid.core.fewshot.maths import (
     _logits_from_distances,
     _post_transform,
@@ -179,6 +182,8 @@ class PrototypicalNetwork(nn.Module):
         self.register_buffer("support_labels", torch.zeros(0, dtype=torch.long))
         self.register_buffer("center", torch.zeros(0))
         self.register_buffer("dims", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("head_weight", torch.zeros(0, 0))
+        self.register_buffer("head_bias", torch.zeros(0))
         self.support_items: list[tuple[str, str]] = []
 
     @property
@@ -239,6 +244,11 @@ class PrototypicalNetwork(nn.Module):
         self.support_labels = labels.long().to(raw.device)
         self.support_embeddings = emb
         self.prototypes = compute_prototypes(emb, self.support_labels, n_way)
+        if self.config.head == "logistic":
+            self.head_weight, self.head_bias = (t.to(raw.device) for t in fit_logistic(
+                emb, self.support_labels, self.n_way, self.config.head_c))
+        else:
+            self.head_weight, self.head_bias = torch.zeros(0, 0, device=raw.device), torch.zeros(0, device=raw.device)
 
     @torch.no_grad()
     def process_support_set(self, images: torch.Tensor, labels: torch.Tensor, n_way: int | None = None) -> None:
@@ -253,6 +263,11 @@ class PrototypicalNetwork(nn.Module):
         rows of the batch. The stored prototypes are left as they are."""
         if self.prototypes.numel() == 0:
             raise FewShotError("no support set: call process_support_set(images, labels) first")
+        if self.config.head == "logistic":
+            if self.head_weight.numel() == 0:
+                raise FewShotError("the logistic head is not fitted: fit the model with `pellucid fewshot fit` "
+                                   "(or fit_support)")
+            return self.scale * logistic_logits(embeddings, self.head_weight, self.head_bias)
         prototypes = self.prototypes
         if self.config.transductive and len(embeddings) and self.support_embeddings.numel():
             prototypes = refine_prototypes(self.support_embeddings, self.support_labels, embeddings, self.n_way,
@@ -266,6 +281,7 @@ class PrototypicalNetwork(nn.Module):
         return self.logits(self.features(x))
 
     def _resize_buffers(self, state: Mapping[str, torch.Tensor]) -> None:
-        for name in ("prototypes", "support_embeddings", "support_labels", "center", "dims"):
+        for name in ("prototypes", "support_embeddings", "support_labels", "center", "dims", "head_weight",
+                     "head_bias"):
             if name in state:
                 setattr(self, name, torch.empty_like(state[name]))
