@@ -30,8 +30,8 @@ DISTANCES = ("euclidean", "cosine")
 #: The classifiers on the embedding: the nearest prototype (Snell et al.) or a logistic regression
 #: fitted on the support embeddings (:mod:`pellucid.core.fewshot.head`).
 HEADS = ("prototypes", "logistic")
-#: Inverse L2 strength of the logistic head (scikit-learn's ``C``); 10 to 1000 scored within 0.001 of
-#: each other on the dev draws (bench/results/fewshot-head.md).
+#: Inverse L2 strength of the logistic head (scikit-learn's ``C``); 10, 30 and 100 scored within 0.0003
+#: of each other on the dev draws' mean accuracy, 30 the best (bench/results/fewshot-head-plain-scale.md).
 HEAD_C = 30.0
 
 
@@ -246,7 +246,8 @@ def default_config(spec, image_size: int | None = None) -> ProtoConfig:
     bench/results/fewshot-embedding.md). Other primary backbones get no extra candidates. The
     classifier on the chosen embedding is the logistic head (``head = "logistic"``, C =
     :data:`HEAD_C`): against the nearest prototype on the same embeddings, +0.006 tb_cxr, +0.015
-    waste, +0.005 sonar over 50 dev draws, and a far lower query NLL (bench/results/fewshot-head.md).
+    waste, +0.005 sonar over 50 dev draws, +0.006, +0.016, +0.004 over 50 confirm draws
+    (bench/results/fewshot-head*.md).
     Measured and left off: ``support_flip`` and ``flip`` (within 0.006 everywhere; ``flip`` doubles
     the prediction cost), EfficientNet-Lite1/Lite2 alone (Lite2 helps waste, hurts tb_cxr and sonar),
     a third candidate Lite0 + Lite1 + Lite2, and the input size (``resolution`` 192 or 320 px, or
