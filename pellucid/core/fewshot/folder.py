@@ -73,12 +73,16 @@ def _fit_scale(emb: torch.Tensor, labels: torch.Tensor, n_way: int, cfg: ProtoCo
     weights and embeddings (as measured); the scale a model keeps is :func:`calibrated_scale`'s.
     ``n_images``: as in :func:`_loo_logits`."""
     n_images = len(emb) if n_images is None else int(n_images)
-    base = _loo_logits(emb, labels, n_way, cfg, n_images)
+    return _plain_fit(_loo_logits(emb, labels, n_way, cfg, n_images), labels)
+
+
+def _plain_fit(base: torch.Tensor | None, labels: torch.Tensor) -> tuple[float, float, float] | None:
+    """(scale, accuracy, NLL at that scale) of leave-one-out logits ``base`` by the plain NLL fit."""
     if base is None:
         return None
     from pellucid.core.calibration import fit_temperature
 
-    y = labels.long()[:n_images]
+    y = labels.long()[:len(base)]
     acc = float((base.argmax(1) == y).float().mean())
     try:
         temperature = fit_temperature(base.double(), y)
@@ -202,10 +206,10 @@ def fit_support(net: PrototypicalNetwork, raw: torch.Tensor, labels: torch.Tenso
     if net.config.auto_weights and len(net.config.layers) > 1:
         net.weight_scores = _choose_weights(net, raw, labels, n_way, mirrored)
     net.set_support(raw, labels, n_way, mirrored=mirrored)
-    fitted = _fit_scale(net.support_embeddings, net.support_labels, n_way, net.config, n_images=len(raw))
+    base = _loo_logits(net.support_embeddings, net.support_labels, n_way, net.config, len(raw))
+    fitted = _plain_fit(base, net.support_labels)
     if fitted is not None:
-        scale = calibrated_scale(_loo_logits(net.support_embeddings, net.support_labels, n_way, net.config,
-                                             len(raw)), net.support_labels)
+        scale = calibrated_scale(base, net.support_labels)
         fitted = (scale, fitted[1], fitted[2])
         net.log_scale.fill_(math.log(scale))
         net.config = replace(net.config, scale=scale)
