@@ -472,6 +472,9 @@ def _add_explain_and_tool_commands(sub) -> None:
     p.add_argument("--data")
     p.add_argument("--shots", default="1,5,10")
     p.add_argument("--episodes", type=int, default=500)
+    p.add_argument("--split-single-groups", type=int, default=0, metavar="N",
+                   help="eval: cut a class whose images are all one group (frames of one recording) into N blocks "
+                        "in file-name order, so support and queries come from different blocks")
     p.add_argument("--transductive", type=int, default=0, metavar="STEPS",
                    help="opt-in: soft k-means refinement of the prototypes on each predicted batch "
                         "(a prediction then depends on the other images in its batch)")

@@ -3,7 +3,9 @@
 ``fit`` turns a folder of a few labelled images per class into a model folder of kind
 ``"prototypes"`` that ``pellucid predict``, ``explain``, ``report`` and the web app use like any
 other model. ``eval`` prints the 1/5/10-shot accuracy table (mean over episodes with a 95 %
-interval) of the same embedding on a labelled data folder, respecting its groups. Mistakes a user
+interval) on a labelled data folder, respecting its groups, of the model ``fit`` would fit: on each
+episode's support set the same choice of embedding and layer weights and the same classifier
+(:func:`~pellucid.core.fewshot.evaluation.evaluate_fit`), with the same options. Mistakes a user
 can fix end with one line (:class:`~pellucid.core.fewshot.FewShotError`, which the command line prints as one line).
 """
 from __future__ import annotations
@@ -40,29 +42,53 @@ def _pretrained(args: argparse.Namespace):
     return value
 
 
+def _config(args: argparse.Namespace, spec):
+    """The configuration that the options ask for: None (the default of the backbone, decided where
+    it is built) unless ``--no-auto-backbones``, ``--resolution`` or ``--head`` change it; with
+    ``spec`` (eval) always a configuration, with ``--transductive`` applied as ``fit`` applies it."""
+    from dataclasses import replace
+
+    from pellucid.core.fewshot import DEFAULT_BACKBONE, default_config
+
+    no_choice = getattr(args, "auto_backbones", None) is False  # read when the parser defines --no-auto-backbones
+    resolution = getattr(args, "resolution", None)  # read when the parser defines --resolution
+    head = getattr(args, "head", None)  # read when the parser defines --head
+    for_eval = spec is not None  # fit applies --transductive itself (fit_prototypes(transductive=))
+    if not for_eval and not (no_choice or resolution is not None or head is not None):
+        return None
+    if spec is None:
+        from pellucid.core.backbones import get_backbone_spec
+
+        spec = get_backbone_spec(args.backbone or DEFAULT_BACKBONE)
+    config = default_config(spec)
+    if no_choice:
+        config = replace(config, auto_backbones=())
+    if resolution is not None:
+        config = replace(config, resolution=resolution)
+    if head is not None:
+        config = replace(config, head=head)
+    steps = getattr(args, "transductive", None)
+    if steps and for_eval:
+        # transductive refinement moves prototypes: asking for it selects the prototype classifier
+        config = replace(config, transductive=int(steps), head="prototypes")
+    return config
+
+
+def _describe(config) -> str:
+    """One line naming what is fitted: the embedding candidates and the classifier."""
+    head = (f"logistic head (C = {config.head_c:g})" if config.head == "logistic" else "nearest prototype")
+    if config.transductive:
+        head += f", transductive refinement ({config.transductive} steps) on each batch of 32"
+    return head
+
+
 def _fit(args: argparse.Namespace) -> int:
     from pellucid.core.fewshot import DEFAULT_BACKBONE, fit_prototypes
 
     if not args.support:
         raise FewShotError("fewshot fit needs --support DIR: a folder with one sub-folder of a few images per class")
     out = args.out or f"runs/fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    config = None
-    no_choice = getattr(args, "auto_backbones", None) is False  # read when the parser defines --no-auto-backbones
-    resolution = getattr(args, "resolution", None)  # read when the parser defines --resolution
-    head = getattr(args, "head", None)  # read when the parser defines --head
-    if no_choice or resolution is not None or head is not None:
-        from dataclasses import replace
-
-        from pellucid.core.backbones import get_backbone_spec
-        from pellucid.core.fewshot import default_config
-
-        config = default_config(get_backbone_spec(args.backbone or DEFAULT_BACKBONE))
-        if no_choice:
-            config = replace(config, auto_backbones=())
-        if resolution is not None:
-            config = replace(config, resolution=resolution)
-        if head is not None:
-            config = replace(config, head=head)
+    config = _config(args, None)
     folder = fit_prototypes(args.support, out, backbone=args.backbone or DEFAULT_BACKBONE,
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
                             config=config, transductive=getattr(args, "transductive", None), progress=True)
@@ -100,9 +126,8 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pellucid.core.backbones import create_backbone
-    from pellucid.core.fewshot import (DEFAULT_BACKBONE, EpisodeSampler, PrototypicalNetwork, extract_features,
-                                       format_shot_table, improved_config, shot_table)
+    from pellucid.core.fewshot import (DEFAULT_BACKBONE, EpisodeSampler, candidate_embeddings, embedding_features,
+                                       fit_shot_table, format_shot_table)
     from pellucid.datasets.samples import class_counts, load_samples
 
     if not args.data:
@@ -112,29 +137,71 @@ def _eval(args: argparse.Namespace) -> int:
     if episodes < 1:
         raise FewShotError(f"--episodes must be at least 1; got {episodes}")
     samples = load_samples(args.data)
+    blocks = int(getattr(args, "split_single_groups", 0) or 0)
+    split = []
+    if blocks:
+        if blocks < 2:
+            raise FewShotError(f"--split-single-groups must be at least 2 blocks; got {blocks}")
+        from pellucid.core.fewshot import split_single_group_classes
+
+        before = {s.path: s.group for s in samples}
+        import warnings
+
+        with warnings.catch_warnings():  # the table says it, below
+            warnings.simplefilter("ignore")
+            samples = split_single_group_classes(samples, blocks)
+        split = sorted({s.label for s in samples if s.group != before[s.path]})
     labels = [s.label for s in samples]
     groups = [s.group for s in samples]
-    EpisodeSampler(labels, groups, None, min(shots), 1, 1)  # impossible even at the fewest shots: say so now
+    try:  # impossible even at the fewest shots: say so now
+        EpisodeSampler(labels, groups, None, min(shots), 1, 1)
+    except FewShotError as err:
+        if "in 1 group" not in str(err) or blocks:
+            raise
+        raise FewShotError(f"{err}; for frames of one recording, --split-single-groups 10 cuts such a class into "
+                           "10 blocks in file-name order") from None
+    from pellucid.core.backbones import create_backbone
+
     bb, info = create_backbone(args.backbone or DEFAULT_BACKBONE, pretrained=_pretrained(args))
-    config = improved_config(bb.spec)
-    net = PrototypicalNetwork(bb, config)
-    feats = extract_features(net, [s.path for s in samples], image_size=config.image_size, weight_info=info,
-                             progress=True)
-    rows = shot_table(feats, labels, groups, shots=shots, n_query=10, n_episodes=episodes, config=config,
-                      dims=net.embedder.dims)
+    config = _config(args, bb.spec)
+    paths = [s.path for s in samples]
+    parts = {}
+    for name, net in candidate_embeddings(bb, config, pretrained=_pretrained(args)):
+        parts[name] = (net, *embedding_features(net, paths, weight_info=info, progress=True))
+    from tqdm.auto import tqdm
+
+    bars: dict = {}
+
+    def progress(k: int, i: int) -> None:
+        if k not in bars:
+            bars[k] = tqdm(total=episodes, desc=f"{k}-shot episodes", unit="episode", leave=False)
+        bars[k].update(1)
+        if i == episodes:
+            bars[k].close()
+
+    rows = fit_shot_table(parts, labels, groups, shots=shots, n_query=10, n_episodes=episodes, progress=progress)
     if all("error" in r for r in rows):
         raise FewShotError(rows[0]["error"])
     counts = class_counts(samples)
-    title = (f"{args.data}: {len(counts)}-way, {bb.spec.name} ({info.get('source')}) frozen features, "
-             f"prototypes with power + CL2N transform, groups kept apart")
+    title = (f"{args.data}: {len(counts)}-way, the model `pellucid fewshot fit` fits, refitted on each episode's "
+             f"support set — embedding {' or '.join(parts)} ({info.get('source')}), {_describe(config)}; "
+             f"groups kept apart")
     table = format_shot_table(rows, title)
+    if split:
+        table += (f"\n\n{', '.join(split)}: one group each, cut into {blocks} blocks in file-name order "
+                  "(--split-single-groups): weaker than group separation, as neighbouring frames look alike")
+    if len(parts) > 1:
+        table += "\n\nembedding chosen (episodes): " + "; ".join(
+            f"{r['n_shot']}-shot " + ", ".join(f"{k} {v}" for k, v in r["chosen"].items())
+            for r in rows if "chosen" in r)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "fewshot_eval.md").write_text(table + "\n")
-        (out / "fewshot_eval.json").write_text(json.dumps({"data": str(args.data), "classes": counts,
-                                                           "config": config.to_dict(), "rows": rows}, indent=1))
+        record = {"data": str(args.data), "classes": counts, "config": config.to_dict(), "candidates": list(parts),
+                  "split_single_groups": {"blocks": blocks, "classes": split} if split else None, "rows": rows}
+        (out / "fewshot_eval.json").write_text(json.dumps(record, indent=1))
         print(f"written: {out / 'fewshot_eval.md'}, {out / 'fewshot_eval.json'}")
     return 0
 

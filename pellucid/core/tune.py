@@ -514,7 +514,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         candidate_list: the candidates to score (default: :func:`default_candidates`); ``candidates``
             then picks names from it (the baselines always run).
         name: the table's name (default the task's): ``recipes-<name>.md``, work under
-            ``runs/tune/<name>`` — for a second data set of one task (tb on ``tb_lungs``).
+            ``runs/tune/<name>`` (``<name>-seed<k>`` for fold seed k) — for a second data set (tb on ``tb_lungs``).
         resume: reuse training candidates' (and hybrids') folds of the same recipe from an earlier
             ``recipes-<name>.json`` with the same folds (k, seed, n) — the table is the record, the models
             may be gone — or from ``fold_result.json`` beside a fold's model; only missing folds train.
@@ -556,7 +556,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     out = Path(out)
     previous = _previous_rows(out / f"recipes-{name}.json", folds, seed, len(samples)) if resume else {}
     split_list = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
-    work = Path(work or Path("runs") / "tune" / name)
+    work = Path(work or Path("runs") / "tune" / (name if seed == 0 else f"{name}-seed{seed}"))  # seeds apart
     (work / "folds").mkdir(parents=True, exist_ok=True)
     split_paths = []
     for s in split_list:

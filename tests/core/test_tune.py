@@ -334,3 +334,17 @@ def test_two_fine_tune_hybrid_skip_keeps_rows_and_refit_trains_again(tmp_path, c
     assert model.exists() and again["ft2"]["n_folds"] == 2
     assert (tmp_path / "work" / "ft2" / "fold_1" / "fold_logits.pt").exists()
     assert again["probe:a+2x(ft, ft2)"]["n_folds"] == 2
+
+
+def test_another_fold_seed_works_in_its_own_folder(tmp_path, cache, monkeypatch):
+    """A search on other folds (``--seed 1``) must not overwrite the fold files and fold models of the
+    seed-0 search, which its table's hybrids and ``--resume`` still point at."""
+    data = _synthetic(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    cands = [Candidate("probe:a", "probe", (("efficientnet_lite0", 64),), role="A")]
+    for seed in (0, 1):
+        tune("tb", str(data), folds=3, budget_min=0.0, out=tmp_path / f"out{seed}", candidate_list=cands,
+             progress=False, seed=seed)
+    zero, one = tmp_path / "runs" / "tune" / "tb" / "folds", tmp_path / "runs" / "tune" / "tb-seed1" / "folds"
+    assert len(list(zero.glob("fold_*.json"))) == 3 and len(list(one.glob("fold_*.json"))) == 3
+    assert (zero / "fold_0.json").read_text() != (one / "fold_0.json").read_text()

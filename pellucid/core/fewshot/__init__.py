@@ -27,13 +27,17 @@ works for all of them):
 - :mod:`~pellucid.core.fewshot.features` — frozen-feature mode: :func:`extract_features` runs the
   backbone once per image and caches the pooled features in memory and on disk
   (:data:`DEFAULT_CACHE_DIR`);
-- :mod:`~pellucid.core.fewshot.evaluation` — :func:`evaluate_episodes` over hundreds of episodes
-  of cached features in milliseconds, :func:`shot_table` and :func:`format_shot_table`;
+- :mod:`~pellucid.core.fewshot.evaluation` — :func:`evaluate_episodes` (one fixed embedding and the
+  nearest prototype, over hundreds of episodes of cached features in milliseconds),
+  :func:`evaluate_fit` (the model ``fewshot fit`` would fit, refitted on each episode's support set:
+  what ``pellucid fewshot eval`` reports), :func:`shot_table`, :func:`fit_shot_table` and
+  :func:`format_shot_table`;
 - :mod:`~pellucid.core.fewshot.finetune` — episodic fine-tuning of a backbone's last stages on
   Lightning (:class:`EpisodicFineTuner`, :func:`finetune_episodic`), trained from cached
   activations of the frozen trunk;
 - :mod:`~pellucid.core.fewshot.folder` — the product side: :func:`fit_prototypes` writes a model
-  folder (:func:`fit_support` is its fitting step on features; with ``auto_backbones``
+  folder (:func:`fit_and_choose` is its fitting step on features, over the
+  :func:`candidate_embeddings`; :func:`fit_support` fits one embedding; with ``auto_backbones``
   :func:`select_embedding` picks the embedding — Lite0 alone or concatenated with more backbones,
   :func:`embedding_config` — by leave-one-out on the support set), :func:`load_prototypes` reads
   it, and :func:`nearest_support` gives the support images closest to a query as an
@@ -73,7 +77,8 @@ from pellucid.core.fewshot.head import fit_logistic, logistic_logits, loo_logist
 from pellucid.core.fewshot.network import Embedder, PrototypicalNetwork
 from pellucid.core.fewshot.episodes import Episode, EpisodeSampler, split_single_group_classes
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, clear_memory_cache, extract_features
-from pellucid.core.fewshot.evaluation import evaluate_episodes, format_shot_table, shot_table
+from pellucid.core.fewshot.evaluation import (evaluate_episodes, evaluate_fit, fit_shot_table,
+                                             format_shot_table, shot_table)
 from pellucid.core.fewshot.finetune import (
     EpisodicFineTuner,
     extract_trunk_maps,
@@ -82,7 +87,11 @@ from pellucid.core.fewshot.finetune import (
 )
 from pellucid.core.fewshot.folder import (
     CRITERIA,
+    Choice,
+    candidate_embeddings,
     embedding_config,
+    embedding_features,
+    fit_and_choose,
     fit_head_scale,
     fit_prototypes,
     fit_support,
@@ -120,6 +129,8 @@ __all__ = [
     "extract_features",
     "clear_memory_cache",
     "evaluate_episodes",
+    "evaluate_fit",
+    "fit_shot_table",
     "shot_table",
     "format_shot_table",
     "split_backbone",
@@ -128,6 +139,10 @@ __all__ = [
     "finetune_episodic",
     "fit_prototypes",
     "fit_support",
+    "fit_and_choose",
+    "Choice",
+    "candidate_embeddings",
+    "embedding_features",
     "fit_head_scale",
     "fit_logistic",
     "logistic_logits",

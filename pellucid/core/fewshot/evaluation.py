@@ -17,6 +17,8 @@ from pellucid.core.fewshot.maths import prototype_logits
 __all__ = [
     "evaluate_episodes",
     "shot_table",
+    "evaluate_fit",
+    "fit_shot_table",
     "format_shot_table",
 ]
 
@@ -61,18 +63,7 @@ def evaluate_episodes(features, labels: Sequence, groups: Sequence | None = None
             "episodes": len(accs), "n_way": sampler.n_way, "n_shot": sampler.n_shot, "n_query": sampler.n_query}
 
 
-def shot_table(features, labels: Sequence, groups: Sequence | None = None, *, shots: Sequence[int] = (1, 5, 10),
-               n_way: int | None = None, n_query: int = 10, n_episodes: int = 500, seed: int = 0,
-               config: ProtoConfig = PLAIN, dims: Sequence[int] | None = None) -> list[dict]:
-    """:func:`evaluate_episodes` for each shot count.
-
-    When some class cannot provide ``n_query`` queries beside ``k`` shots, the row uses the largest
-    query count every class allows and says so in ``note``; when even that is impossible the row
-    carries the reason in ``error`` instead of numbers.
-
-    Returns:
-        One dict per shot count: the :func:`evaluate_episodes` result plus ``note`` / ``error``.
-    """
+def _shot_rows(labels, groups, shots, n_way, n_query, seed, run) -> list[dict]:
     rows = []
     for k in shots:
         q = n_query
@@ -86,13 +77,83 @@ def shot_table(features, labels: Sequence, groups: Sequence | None = None, *, sh
                 continue
             note = f"{q} queries per class (the most every class allows with {k} shots)"
         try:
-            res = evaluate_episodes(features, labels, groups, n_way=n_way, n_shot=k, n_query=q,
-                                    n_episodes=n_episodes, seed=seed, config=config, dims=dims)
+            res = run(int(k), q)
         except FewShotError as err:
             rows.append({"n_shot": int(k), "error": str(err)})
             continue
         rows.append({**res, "note": note})
     return rows
+
+
+def shot_table(features, labels: Sequence, groups: Sequence | None = None, *, shots: Sequence[int] = (1, 5, 10),
+               n_way: int | None = None, n_query: int = 10, n_episodes: int = 500, seed: int = 0,
+               config: ProtoConfig = PLAIN, dims: Sequence[int] | None = None) -> list[dict]:
+    """:func:`evaluate_episodes` for each shot count.
+
+    When some class cannot provide ``n_query`` queries beside ``k`` shots, the row uses the largest
+    query count every class allows and says so in ``note``; when even that is impossible the row
+    carries the reason in ``error`` instead of numbers.
+
+    Returns:
+        One dict per shot count: the :func:`evaluate_episodes` result plus ``note`` / ``error``.
+    """
+    return _shot_rows(labels, groups, shots, n_way, n_query, seed, lambda k, q: evaluate_episodes(
+        features, labels, groups, n_way=n_way, n_shot=k, n_query=q, n_episodes=n_episodes, seed=seed,
+        config=config, dims=dims))
+
+
+def evaluate_fit(parts: Mapping, labels: Sequence, groups: Sequence | None = None, *, n_way: int | None = None,
+                 n_shot: int = 5, n_query: int = 10, n_episodes: int = 100, seed: int = 0, criterion: str = "nll",
+                 batch: int = 32, progress=None) -> dict:
+    """Accuracy over episodes of the model that ``pellucid fewshot fit`` would fit on each episode's
+    support set: :func:`~pellucid.core.fewshot.folder.fit_and_choose` on the support features of
+    every candidate embedding (embedding and layer weights chosen by leave-one-out, then the
+    classifier of ``config.head``), the queries scored in batches of ``batch`` as ``pellucid
+    predict`` passes them (transductive refinement, when configured, sees each batch).
+
+    Args:
+        parts: ``{name: (network, raw features (N, D) of every image, mirrored features or None)}``,
+            the candidate embeddings of :func:`~pellucid.core.fewshot.folder.candidate_embeddings`
+            in order, with :func:`~pellucid.core.fewshot.folder.embedding_features` of all N images.
+        labels, groups, n_way, n_shot, n_query, n_episodes, seed: see :class:`EpisodeSampler`.
+        progress: called with the episode number after each episode, or None.
+
+    Returns:
+        :func:`evaluate_episodes`'s keys plus ``chosen``: how often each candidate embedding was chosen.
+    """
+    from pellucid.core.fewshot.folder import fit_and_choose
+
+    sampler = EpisodeSampler(labels, groups, n_way, n_shot, n_query, n_episodes, seed)
+    accs = np.empty(len(sampler))
+    chosen = dict.fromkeys(parts, 0)
+    for i, ep in enumerate(sampler):
+        s = torch.as_tensor(ep.support)
+        support = {k: (net, raw[s], None if m is None else m[s]) for k, (net, raw, m) in parts.items()}
+        choice = fit_and_choose(support, torch.from_numpy(ep.support_labels).long(), sampler.n_way, criterion,
+                                head_scale=False)
+        chosen[choice.name] += 1
+        net, raw = choice.net, parts[choice.name][1]
+        q = torch.as_tensor(ep.query)
+        with torch.no_grad():
+            pred = torch.cat([net.logits(net.transform(raw[q[b:b + batch]].float())).argmax(1)
+                              for b in range(0, len(q), batch)])
+        accs[i] = float((pred.numpy() == ep.query_labels).mean())
+        if progress is not None:
+            progress(i + 1)
+    std = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
+    return {"accuracy": float(accs.mean()), "ci95": 1.96 * std / math.sqrt(len(accs)), "std": std,
+            "episodes": len(accs), "n_way": sampler.n_way, "n_shot": sampler.n_shot, "n_query": sampler.n_query,
+            "chosen": chosen}
+
+
+def fit_shot_table(parts: Mapping, labels: Sequence, groups: Sequence | None = None, *,
+                   shots: Sequence[int] = (1, 5, 10), n_way: int | None = None, n_query: int = 10,
+                   n_episodes: int = 100, seed: int = 0, criterion: str = "nll", progress=None) -> list[dict]:
+    """:func:`evaluate_fit` for each shot count, with the rows of :func:`shot_table` (``note`` /
+    ``error`` where a class cannot provide the queries). ``progress(k, episode)`` when given."""
+    return _shot_rows(labels, groups, shots, n_way, n_query, seed, lambda k, q: evaluate_fit(
+        parts, labels, groups, n_way=n_way, n_shot=k, n_query=q, n_episodes=n_episodes, seed=seed,
+        criterion=criterion, progress=None if progress is None else (lambda i: progress(k, i))))
 
 
 def format_shot_table(rows: Sequence[dict], title: str = "") -> str:

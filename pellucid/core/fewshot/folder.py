@@ -9,7 +9,7 @@ import datetime as _dt
 import math
 import platform
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -331,6 +331,94 @@ def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, 
     })
 
 
+def candidate_embeddings(bb, config: ProtoConfig, *, pretrained: bool | str = True,
+                         extras_pool: dict | None = None) -> list[tuple[str, PrototypicalNetwork]]:
+    """The embeddings a support set chooses from, as ``[(name, network)]`` in candidate order (the
+    first is the fallback): with ``config.auto_backbones``, ``bb`` alone and ``bb`` with each extra
+    set; else the one embedding of ``config.backbones``. Each network's ``config.image_size`` is its
+    input side. ``extras_pool`` (``{name: (backbone, weight info)}``) keeps the extra backbones built
+    here, one per name, shared by the candidates."""
+    several = bool(config.backbones or config.auto_backbones)
+    candidates = list(dict.fromkeys([(), *config.auto_backbones])) if config.auto_backbones else [config.backbones]
+    pool = {} if extras_pool is None else extras_pool
+    out = []
+    for cand in candidates:
+        for name in cand:
+            if name not in pool:
+                pool[name] = create_backbone(name, pretrained=pretrained)
+        extras = [pool[name][0] for name in cand]
+        if several:
+            cfg = embedding_config(config, bb.spec, [e.spec for e in extras])
+        else:
+            cfg = replace(config, image_size=config.resolution or config.image_size)
+        cfg = replace(cfg, image_size=int(cfg.image_size or bb.spec.input_size))
+        out.append(("+".join([bb.spec.name, *cand]), PrototypicalNetwork(bb, cfg, extras=extras)))
+    return out
+
+
+def embedding_features(net: PrototypicalNetwork, paths, *, weight_info: dict | None = None,
+                       cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw features of ``paths`` for ``net`` at its input side, and those of their mirror images when
+    ``config.support_flip`` asks for them (None otherwise; with ``flip`` the features are
+    mirror-averaged already)."""
+    size = int(net.config.image_size)
+    raw = extract_features(net, paths, image_size=size, weight_info=weight_info, cache_dir=cache_dir,
+                           progress=progress)
+    mirrored = None
+    if net.config.support_flip and not net.config.flip:
+        mirrored = extract_features(net, paths, image_size=size, weight_info=weight_info, cache_dir=cache_dir,
+                                    progress=progress, mirror=True)
+    return raw, mirrored
+
+
+@dataclass
+class Choice:
+    """What :func:`fit_and_choose` fitted: the chosen candidate's ``name`` and ``net`` (fitted),
+    ``chosen`` (the name, or None when the support set could not rank the candidates and the first
+    was kept), ``fitted`` (scale, leave-one-out accuracy, leave-one-out NLL) of the model's own
+    classifier (None when some class has one image, or when the head's scale was not fitted),
+    ``prototype_fit`` (the same for the prototypes, when the classifier is the logistic head) and
+    ``fits`` (every candidate's prototype fit, what ranked them)."""
+
+    name: str
+    chosen: str | None
+    net: PrototypicalNetwork
+    fitted: tuple[float, float, float] | None
+    prototype_fit: tuple[float, float, float] | None
+    fits: dict
+
+
+def fit_and_choose(parts, labels: torch.Tensor, n_way: int, criterion: str = "nll", *,
+                   head_scale: bool = True) -> Choice:
+    """What ``fewshot fit`` fits on a support set, from features: :func:`fit_support` on every
+    candidate embedding with the prototypes (layer weights and scale by leave-one-out),
+    :func:`select_embedding` keeps one, and with ``config.head = "logistic"`` the head is fitted on
+    it and (``head_scale``) :func:`fit_head_scale` gives it its scale. The one path of
+    :func:`fit_prototypes` and of the episodes of ``pellucid fewshot eval``.
+
+    Args:
+        parts: ``{name: (network, raw support features, mirrored features or None)}`` in candidate
+            order, e.g. from :func:`candidate_embeddings` and :func:`embedding_features`.
+        head_scale: fit the head's logit scale (leave-one-out: one fit per support image). A scale does
+            not reorder the classes, so accuracy needs none; the prototypes' scale stays then.
+    """
+    fits = {}
+    for name, (net, raw, mirrored) in parts.items():
+        head = net.config.head
+        net.config = replace(net.config, head="prototypes")  # the head is fitted on the chosen one only
+        fits[name] = fit_support(net, raw, labels, n_way, mirrored=mirrored)
+        net.config = replace(net.config, head=head)
+    chosen = select_embedding(fits, criterion) if len(fits) > 1 else None
+    name = chosen or next(iter(fits))
+    net, raw, mirrored = parts[name]
+    fitted, proto_fit = fits[name], None
+    if net.config.head != "prototypes":
+        net.set_support(raw, labels, n_way, mirrored=mirrored)
+        proto_fit, fitted = fitted, (fit_head_scale(net, n_way, len(raw)) if head_scale else None)
+    return Choice(name, chosen, net, fitted, proto_fit, fits)
+
+
 def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE,
                    pretrained: bool | str = True, checkpoint: str | None = None, config: ProtoConfig | None = None,
                    task: str = "fewshot", cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
@@ -383,41 +471,16 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         config = replace(config, transductive=transductive, head="prototypes" if transductive else config.head)
     labels = torch.tensor([classes.index(s.label) for s in samples])
     paths = [s.path for s in samples]
-    several = bool(config.backbones or config.auto_backbones)
-    candidates = list(dict.fromkeys([(), *config.auto_backbones])) if config.auto_backbones else [config.backbones]
     extras_pool: dict[str, tuple] = {}
-    fits, nets = {}, {}
-    for cand in candidates:
-        for name in cand:
-            if name not in extras_pool:
-                extras_pool[name] = create_backbone(name, pretrained=pretrained)
-        extras = [extras_pool[name][0] for name in cand]
-        if several:
-            cfg = embedding_config(config, bb.spec, [e.spec for e in extras])
-        else:
-            cfg = replace(config, image_size=config.resolution or config.image_size)
-        size = int(cfg.image_size or bb.spec.input_size)
-        cfg = replace(cfg, image_size=size)
-        net = PrototypicalNetwork(bb, cfg, extras=extras)
-        raw = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir, progress=progress)
-        mirrored = None
-        if cfg.support_flip and not cfg.flip:  # with flip the features are mirror-averaged already
-            mirrored = extract_features(net, paths, image_size=size, weight_info=info, cache_dir=cache_dir,
-                                        progress=progress, mirror=True)
-        name = "+".join([bb.spec.name, *cand])
-        fits[name] = fit_support(net, raw, labels, len(classes), mirrored=mirrored)
-        nets[name] = net
-    chosen = select_embedding(fits, criterion) if len(fits) > 1 else None
-    name = chosen or next(iter(fits))
-    net, fitted = nets[name], fits[name]
+    parts = {name: (net, *embedding_features(net, paths, weight_info=info, cache_dir=cache_dir, progress=progress))
+             for name, net in candidate_embeddings(bb, config, pretrained=pretrained, extras_pool=extras_pool)}
+    choice = fit_and_choose(parts, labels, len(classes), criterion)
+    name, chosen, net, fitted, fits = choice.name, choice.chosen, choice.net, choice.fitted, choice.fits
     config = net.config
     size = int(config.image_size)
     metrics: dict = {"n_support": len(samples), "per_class": class_counts(samples)}
-    if config.head == "logistic":
-        proto_fit, fitted = fitted, fit_head_scale(net, len(classes), len(samples))
-        config = net.config
-        if proto_fit is not None:
-            metrics["prototype_loo_accuracy"] = proto_fit[1]
+    if choice.prototype_fit is not None:
+        metrics["prototype_loo_accuracy"] = choice.prototype_fit[1]
     if fitted is None:
         warnings.warn("a class has a single support image: the logit scale is not fitted (probabilities are "
                       "uncalibrated); add a second image per class", stacklevel=2)
