@@ -1,4 +1,5 @@
-"""``python -m bench.recipes_summary`` — one row per app from ``bench/results/recipes-<task>.json``:
+"""``python -m bench.recipes_summary`` — one row per app from ``bench/results/recipes-<task>.json`` (or,
+where the searches were repeated on other folds, ``repeated-<task>.json``, ``bench.recipes_repeated``):
 the winner's k-fold mean ± sd of the two headline metrics and its paired margin over both baselines
 (Markdown, for the README and docs/recipes.md)."""
 from __future__ import annotations
@@ -45,6 +46,9 @@ def rows(folder: Path = Path("bench/results"), single: str | None = None) -> lis
            "|---|---|---|---|---|---|" + ("---|" if single else "")]
     for path in sorted(folder.glob("recipes-*.json")):
         r = json.loads(path.read_text())
+        repeated = folder / f"repeated-{r.get('name') or r['task']}.json"
+        if repeated.exists():  # searches on more than one draw of the folds, pooled (bench.recipes_repeated)
+            r = json.loads(repeated.read_text())
         win = next((c for c in r["candidates"] if c["name"] == r["winner"]), None)
         if win is None:
             continue

@@ -71,7 +71,8 @@ def test_snow_defaults_to_an_ensemble_with_weights_available_offline():
                                                             "efficientnet_lite2")
 
 
-@pytest.mark.parametrize("config", ["snow/paper.toml", "nuclei/shallow.toml", "sonar/finetune.toml", "tb/lungs.toml", "tb/lungs-masked.toml"])
+@pytest.mark.parametrize("config", ["snow/paper.toml", "nuclei/shallow.toml", "sonar/finetune.toml", "tb/lungs.toml", "tb/lungs-masked.toml",
+                                    "mpox/lpft.toml"])
 def test_shipped_alternative_recipes_are_valid_configs(config):
     import tomllib
     from pathlib import Path

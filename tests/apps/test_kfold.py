@@ -91,7 +91,7 @@ def test_split_file_round_trip_and_errors(tmp_path):
 def test_train_kfold_writes_folds_and_mean_sd(tmp_path):
     src = data_dir("mpox")
     cfg = TrainConfig.from_task(get_task("mpox"), str(src), str(tmp_path / "k"), backbone="test_resnet",
-                                pretrained=False, finetune="linear-probe", image_size=32, max_images=40,
+                                pretrained=False, finetune="linear-probe", members=[], image_size=32, max_images=40,
                                 progress=False, n_boot=50)
     out = train_kfold(cfg, 3)
     summary = json.loads((out / "summary.json").read_text())

@@ -113,15 +113,16 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
         # probes are scored before training runs (cheap first)
         kinds = [c.kind for c in cands]
         assert kinds == sorted(kinds, key=lambda k: k != "probe")
-    # a shipped recipe that is one trained model (mpox's LP-FT) also joins the hybrids, with its own keys;
-    # one that is already an ensemble (tb's) does not
-    mpox = get_task("mpox")
-    by = {c.name: c for c in default_candidates(mpox)}
+    # a shipped recipe that is one trained model (nuclei's 20-epoch fine-tune) also joins the hybrids, with
+    # its own keys; one that is already an ensemble (tb's, mpox's) does not
+    nuclei = get_task("nuclei")
+    by = {c.name: c for c in default_candidates(nuclei)}
     hyb = next(c for c in by.values() if c.kind == "hybrid" and c.parts[1] == "current" and c.train_weight == 3)
-    last = hyb.recipe(mpox, by)["members"][-1]
-    assert last["finetune"] == mpox.recipe["finetune"] and last["epochs"] == mpox.recipe["epochs"]
+    last = hyb.recipe(nuclei, by)["members"][-1]
+    assert last["finetune"] == nuclei.recipe["finetune"] and last["epochs"] == nuclei.recipe["epochs"]
     assert last["weight"] == 3.0 and "members" not in last
-    assert not any(c.kind == "hybrid" and "current" in c.parts for c in default_candidates(get_task("tb")))
+    for name in ("tb", "mpox"):
+        assert not any(c.kind == "hybrid" and "current" in c.parts for c in default_candidates(get_task(name)))
     # where macro-F1 is a metric and classes are many (sonar), B is also tried with class-balanced batches
     sonar = {c.name: c for c in default_candidates(get_task("sonar"))}
     assert sonar["finetune:lite0+sampler"].recipe(get_task("sonar"))["balance"] == "sampler"

@@ -1,7 +1,8 @@
 """Entry point of the mpox skin-photo app: ``python -m pellucid.apps.mpox.train``.
 
-Same options as ``pellucid train mpox``; the recipe lives in ``task.toml`` beside this file. Add
-`--folds 5` for grouped stratified k-fold with mean ± sd.
+Same options as ``pellucid train mpox``; the recipe lives in ``task.toml`` beside this file (an
+ensemble: ``pellucid tune mpox`` scores it on grouped folds). For grouped stratified k-fold of one
+model with mean ± sd: ``--folds 5 --config pellucid/apps/mpox/lpft.toml``.
 """
 from __future__ import annotations
 
