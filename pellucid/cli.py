@@ -469,9 +469,10 @@ def _add_explain_and_tool_commands(sub) -> None:
     p.add_argument("--support", help="folder of support images (one sub-folder per class)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--out")
-    p.add_argument("--data")
-    p.add_argument("--shots", default="1,5,10")
-    p.add_argument("--episodes", type=int, default=500)
+    p.add_argument("--data", help="eval: a labelled folder (class sub-folders or manifest.csv with groups)")
+    p.add_argument("--shots", default="1,5,10", help="eval: support images per class, comma-separated")
+    p.add_argument("--episodes", type=int, default=500,
+                   help="eval: episodes per shot count; each refits what `fit` fits on its support set")
     p.add_argument("--split-single-groups", type=int, default=0, metavar="N",
                    help="eval: cut a class whose images are all one group (frames of one recording) into N blocks "
                         "in file-name order, so support and queries come from different blocks")
