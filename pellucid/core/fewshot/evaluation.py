@@ -30,6 +30,12 @@ def _as_features(features) -> tuple[torch.Tensor, list[int] | None]:
     return torch.as_tensor(features, dtype=torch.float32), None
 
 
+def _summary(accs: np.ndarray, sampler: EpisodeSampler) -> dict:
+    std = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
+    return {"accuracy": float(accs.mean()), "ci95": 1.96 * std / math.sqrt(len(accs)), "std": std,
+            "episodes": len(accs), "n_way": sampler.n_way, "n_shot": sampler.n_shot, "n_query": sampler.n_query}
+
+
 def evaluate_episodes(features, labels: Sequence, groups: Sequence | None = None, *, n_way: int | None = None,
                       n_shot: int = 5, n_query: int = 10, n_episodes: int = 500, seed: int = 0,
                       config: ProtoConfig = PLAIN, dims: Sequence[int] | None = None,
@@ -58,9 +64,7 @@ def evaluate_episodes(features, labels: Sequence, groups: Sequence | None = None
             logits = prototype_logits(feats[ep.support], torch.from_numpy(ep.support_labels), feats[ep.query],
                                       sampler.n_way, config=config, dims=dims)
             accs[i] = float((logits.argmax(1).numpy() == ep.query_labels).mean())
-    std = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
-    return {"accuracy": float(accs.mean()), "ci95": 1.96 * std / math.sqrt(len(accs)), "std": std,
-            "episodes": len(accs), "n_way": sampler.n_way, "n_shot": sampler.n_shot, "n_query": sampler.n_query}
+    return _summary(accs, sampler)
 
 
 def _shot_rows(labels, groups, shots, n_way, n_query, seed, run) -> list[dict]:
@@ -140,10 +144,7 @@ def evaluate_fit(parts: Mapping, labels: Sequence, groups: Sequence | None = Non
         accs[i] = float((pred.numpy() == ep.query_labels).mean())
         if progress is not None:
             progress(i + 1)
-    std = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
-    return {"accuracy": float(accs.mean()), "ci95": 1.96 * std / math.sqrt(len(accs)), "std": std,
-            "episodes": len(accs), "n_way": sampler.n_way, "n_shot": sampler.n_shot, "n_query": sampler.n_query,
-            "chosen": chosen}
+    return {**_summary(accs, sampler), "chosen": chosen}
 
 
 def fit_shot_table(parts: Mapping, labels: Sequence, groups: Sequence | None = None, *,
