@@ -69,8 +69,9 @@ def _config(args: argparse.Namespace, spec):
         config = replace(config, head=head)
     steps = getattr(args, "transductive", None)
     if steps and for_eval:
-        # transductive refinement moves prototypes: asking for it selects the prototype classifier
-        config = replace(config, transductive=int(steps), head="prototypes")
+        from pellucid.core.fewshot.config import with_transduction
+
+        config = with_transduction(config, steps)
     return config
 
 

@@ -190,6 +190,14 @@ def improved_config(spec, image_size: int | None = None) -> ProtoConfig:
     return replace(IMPROVED, layers=taps, layer_weights=weights, image_size=image_size or spec.input_size)
 
 
+def with_transduction(config: ProtoConfig, steps: int) -> ProtoConfig:
+    """``config`` with ``transductive = steps``: transductive refinement moves prototypes, so asking
+    for it (steps > 0) selects the prototype classifier. What ``fewshot fit`` and ``fewshot eval`` do
+    with ``--transductive``."""
+    steps = int(steps)
+    return replace(config, transductive=steps, head="prototypes" if steps else config.head)
+
+
 def weight_candidates(n_layers: int) -> list[tuple[float, ...]]:
     """Layer weightings (shallow to deep) that ``auto_weights`` chooses from: deep-heavy (the
     :func:`improved_config` default), equal, shallow-heavy, and the deepest layer alone. Shallow

@@ -23,6 +23,7 @@ from pellucid.core.fewshot.config import (
     default_config,
     embedding_weight_candidates,
     layer_groups,
+    with_transduction,
 )
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, extract_features
 from pellucid.core.fewshot.head import loo_logistic_logits
@@ -467,8 +468,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
     if config is None:
         config = default_config(bb.spec)
     if transductive is not None:
-        # transductive refinement moves prototypes: asking for it selects the prototype classifier
-        config = replace(config, transductive=transductive, head="prototypes" if transductive else config.head)
+        config = with_transduction(config, transductive)
     labels = torch.tensor([classes.index(s.label) for s in samples])
     paths = [s.path for s in samples]
     extras_pool: dict[str, tuple] = {}
