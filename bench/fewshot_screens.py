@@ -11,6 +11,9 @@ the taps' weights (chosen as ``auto_weights`` does), or with λ chosen per suppo
 leave-one-out NLL too. The embedding itself is chosen as the default does (Lite0 or Lite0 + Lite2,
 by leave-one-out NLL).
 
+``--study ensemble``: the candidate embeddings' logistic heads averaged instead of one kept
+(see :func:`study_ensemble`).
+
 ``--study head``: the classifier on the default embedding — the nearest prototype against the
 logistic head (``ProtoConfig.head = "logistic"``) at several C — fitted through the package's own
 ``fit_support`` / ``select_embedding`` / ``fit_head_scale``, on the dev draws (``--seed 0``) or the
@@ -226,6 +229,14 @@ def study_support_ft(args) -> tuple[list[str], dict]:
     return variants, rows
 
 
+def _paired_rows(rows: dict, name: str, variants, accs: dict, nlls: dict) -> None:
+    """Each variant's accuracy and query NLL over the draws, paired against the first variant."""
+    base, base_nll = np.array(accs[variants[0]]), np.array(nlls[variants[0]])
+    for v in variants:
+        rows[(name, v)] = _paired(np.array(accs[v]), base)
+        rows[(name, v, "nll")] = _paired(np.array(nlls[v]), base_nll)
+
+
 def study_head(args) -> tuple[list[str], dict]:
     """The classifier on the default embedding, fitted exactly as ``fewshot fit`` fits it: per support
     set the candidate embeddings (Lite0, Lite0 + Lite2) get :func:`fit_support` (layer weights and
@@ -269,10 +280,66 @@ def study_head(args) -> tuple[list[str], dict]:
                 logits = torch.cat(logits)
                 accs[v].append(float((logits.argmax(1) == y_all[q_idx]).float().mean()))
                 nlls[v].append(float(F.cross_entropy(logits.double(), y_all[q_idx])))
-        base, base_nll = np.array(accs[variants[0]]), np.array(nlls[variants[0]])
-        for v in variants:
-            rows[(name, v)] = _paired(np.array(accs[v]), base)
-            rows[(name, v, "nll")] = _paired(np.array(nlls[v]), base_nll)
+        _paired_rows(rows, name, variants, accs, nlls)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return variants, rows
+
+
+def study_ensemble(args) -> tuple[list[str], dict]:
+    """Averaging the candidate embeddings' classifiers instead of keeping one. Per support set each
+    candidate embedding (Lite0, Lite0 + Lite2 as ``fewshot fit`` computes them, and Lite2 alone) is
+    fitted as the default fits it (:func:`fit_support` with ``auto_weights``, then the logistic head
+    and its leave-one-out scale, :func:`fit_head_scale`); the default keeps the one
+    :func:`select_embedding` picks, the variants average the calibrated probabilities (or the log
+    probabilities) of several."""
+    from pellucid.core.fewshot.folder import fit_head_scale, fit_support, select_embedding
+
+    variants = ["default: Lite0 or Lite0 + Lite2 by NLL, logistic head",
+                "Lite0 + Lite2 always, logistic head",
+                "mean probability: Lite0, Lite0 + Lite2",
+                "mean log probability: Lite0, Lite0 + Lite2",
+                "mean probability: Lite0, Lite0 + Lite2, Lite2",
+                "mean probability: Lite0, Lite2",
+                "mean probability of the two with the lowest leave-one-out NLL of three"]
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        embs = {"lite0": sized_features(samples, "efficientnet_lite0", 224, False),
+                "lite0+lite2": product_pair_features(samples, False),
+                "lite2": sized_features(samples, "efficientnet_lite2", 260, False)}
+        accs: dict[str, list[float]] = {v: [] for v in variants}
+        nlls: dict[str, list[float]] = {v: [] for v in variants}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
+            fits, logp, head_nll = {}, {}, {}
+            for key, f in embs.items():
+                net = _net(f.taps)
+                net.config = replace(net.config, auto_weights=True, head="logistic")
+                net.embedder.dims = list(f.dims)
+                net.dims = torch.tensor(f.dims)
+                fits[key] = fit_support(net, f.plain[s_idx].float(), y_all[s_idx], n_way)
+                hf = fit_head_scale(net, n_way, len(s_idx))
+                head_nll[key] = hf[2] if hf is not None else float("inf")
+                q, out = f.plain.float(), []
+                with torch.no_grad():
+                    for st in range(0, len(q_idx), 32):
+                        out.append(net.logits(net.transform(q[q_idx[st:st + 32]])))
+                logp[key] = torch.log_softmax(torch.cat(out).double(), 1)
+            chosen = select_embedding({k: fits[k] for k in ("lite0", "lite0+lite2")}, "nll") or "lite0"
+            best2 = sorted(head_nll, key=head_nll.get)[:2]
+
+            def mean_prob(keys):
+                return torch.log(torch.stack([logp[k].exp() for k in keys]).mean(0))
+
+            preds = [logp[chosen], logp["lite0+lite2"], mean_prob(["lite0", "lite0+lite2"]),
+                     torch.log_softmax(torch.stack([logp["lite0"], logp["lite0+lite2"]]).mean(0), 1),
+                     mean_prob(["lite0", "lite0+lite2", "lite2"]), mean_prob(["lite0", "lite2"]), mean_prob(best2)]
+            y = y_all[q_idx]
+            for v, lp in zip(variants, preds):
+                accs[v].append(float((lp.argmax(1) == y).float().mean()))
+                nlls[v].append(float(F.nll_loss(lp, y)))
+        _paired_rows(rows, name, variants, accs, nlls)
         print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
     return variants, rows
 
@@ -294,9 +361,36 @@ def render(title: str, intro: str, variants, rows, args, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nll_table(variants, rows, args) -> str:
+    ds = list(args.datasets)
+    text = ("\nQuery NLL (mean over draws; paired: minus the first row, ± 95 % interval):\n\n| variant | "
+            + " | ".join(f"{d}: NLL | paired" for d in ds) + " |\n|---|" + "---:|---:|" * len(ds) + "\n")
+    for v in variants:
+        text += f"| {v} | " + " | ".join(f"{rows[(d, v, 'nll')][0]:.3f} | {rows[(d, v, 'nll')][1]:+.3f} ± "
+                                        f"{rows[(d, v, 'nll')][2]:.3f}" for d in ds) + " |\n"
+    return text
+
+
+#: studies reported with their query NLL: (function, title, intro, file stem)
+_PAIRED_NLL = {
+    "ensemble": (study_ensemble, "Few-shot screen: averaging the candidate embeddings' heads",
+                 "Every candidate embedding (Lite0; Lite0 + Lite2 as `fewshot fit` computes them; Lite2 alone at "
+                 "260 px) is fitted per support set as the default fits it (`auto_weights`, logistic head, "
+                 "leave-one-out temperature). The first row keeps the embedding the default chooses; the others "
+                 "average the calibrated class probabilities (or log probabilities) of several.", "fewshot-ensemble"),
+    "head": (study_head, "Few-shot screen: logistic head against the nearest prototype",
+             "Every draw fits what `fewshot fit` fits (the embedding Lite0 or Lite0 + Lite2 chosen by the "
+             "prototypes' leave-one-out NLL, layer weights by `auto_weights`); on the chosen embedding the "
+             "classifier is the nearest prototype (the first row) or a logistic regression fitted on the "
+             "support embeddings (scikit-learn, L2, inverse strength C), its logits scaled by a "
+             "temperature fitted on leave-one-out logits of the support set. Queries in batches of 32.",
+             "fewshot-head"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fewshot_screens", description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", choices=("classes", "support-ft", "head"), required=True)
+    p.add_argument("--study", choices=("classes", "support-ft", "head", "ensemble"), required=True)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     p.add_argument("--shots", type=int, default=5)
@@ -323,22 +417,11 @@ def main(argv: list[str] | None = None) -> int:
                       "does (Lite0 or Lite0 + Lite2 by leave-one-out NLL); λ = 0 is the default.",
                       variants, rows, args, command)
         out = Path(args.out or OUT / f"fewshot-classes-{args.kind}.md")
-    elif args.study == "head":
-        variants, rows = study_head(args)
-        text = render("Few-shot screen: logistic head against the nearest prototype",
-                      "Every draw fits what `fewshot fit` fits (the embedding Lite0 or Lite0 + Lite2 chosen by the "
-                      "prototypes' leave-one-out NLL, layer weights by `auto_weights`); on the chosen embedding the "
-                      "classifier is the nearest prototype (the first row) or a logistic regression fitted on the "
-                      "support embeddings (scikit-learn, L2, inverse strength C), its logits scaled by a "
-                      "temperature fitted on leave-one-out logits of the support set. Queries in batches of 32.",
-                      variants, rows, args, command)
-        ds = list(args.datasets)
-        text += ("\nQuery NLL (mean over draws; paired: minus the first row, ± 95 % interval):\n\n| variant | "
-                 + " | ".join(f"{d}: NLL | paired" for d in ds) + " |\n|---|" + "---:|---:|" * len(ds) + "\n")
-        for v in variants:
-            text += f"| {v} | " + " | ".join(f"{rows[(d, v, 'nll')][0]:.3f} | {rows[(d, v, 'nll')][1]:+.3f} ± "
-                                             f"{rows[(d, v, 'nll')][2]:.3f}" for d in ds) + " |\n"
-        out = Path(args.out or OUT / f"fewshot-head{'-confirm' if args.seed else ''}.md")
+    elif args.study in _PAIRED_NLL:
+        fn, title, intro, stem = _PAIRED_NLL[args.study]
+        variants, rows = fn(args)
+        text = render(title, intro, variants, rows, args, command) + _nll_table(variants, rows, args)
+        out = Path(args.out or OUT / f"{stem}{'-confirm' if args.seed else ''}.md")
     else:
         variants, rows = study_support_ft(args)
         text = render("Few-shot screen: fine-tuning Lite0's last stages on the support set alone",

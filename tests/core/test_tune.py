@@ -95,6 +95,30 @@ def test_training_candidate_runs_the_real_training_path(tmp_path, cache):
     assert res["candidates"][0]["vs_B"]["n"] == 2 and not res["official_split"]
 
 
+def test_high_resolution_candidates_for_large_sources_only():
+    from pellucid.core.tasks import get_task
+    from pellucid.core.tune_candidates import HIGH_RES
+
+    tb = get_task("tb")
+    by = {c.name: c for c in default_candidates(tb)}
+    hi = by[f"finetune:lite0@{HIGH_RES}"]
+    plain = by["finetune:lite0"]
+    # B with only the input size changed; it trains (and predicts) at the larger size
+    assert hi.recipe(tb)["image_size"] == HIGH_RES > plain.recipe(tb)["image_size"]
+    assert {k: v for k, v in hi.recipe(tb).items() if k != "image_size"} == \
+        {k: v for k, v in plain.recipe(tb).items() if k != "image_size"}
+    vote = by[f"probe:lite0@{HIGH_RES}+lite1@{HIGH_RES}+lite2@{HIGH_RES}"]
+    assert [m["image_size"] for m in vote.recipe(tb)["members"]] == [HIGH_RES] * 3
+    # the larger vote pairs with the larger fine-tunes only; the usual vote pairs with every fine-tune
+    hybrid = by[f"{vote.name}+3xfinetune:lite0@{HIGH_RES}"]
+    members = hybrid.recipe(tb, by)["members"]
+    assert [m["image_size"] for m in members] == [HIGH_RES] * 4 and members[-1]["weight"] == 3.0
+    assert f"{vote.name}+finetune:lite0" not in by
+    assert f"probe:lite0@224+lite1@240+lite2@260+finetune:lite0@{HIGH_RES}" in by
+    # tiny sources (nuclei's 32-px patches, PneumoniaMNIST's 28 px) get none
+    for name in ("nuclei", "bpd"):
+        assert not any(f"@{HIGH_RES}" in c.name for c in default_candidates(get_task(name)))
+
 def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
     from pellucid.core.tasks import get_task
 

@@ -1,0 +1,198 @@
+"""Candidate recipes of the recipe search (:mod:`pellucid.core.tune`): what a candidate is
+(:class:`Candidate`: a linear probe or a soft vote of probes on cached frozen features, a training run,
+or a hybrid vote of both) and the list a task gets (:func:`default_candidates`)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "default_candidates"]
+
+CANDIDATE_KINDS = ("probe", "train", "hybrid")
+LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+#: the larger input of the high-resolution candidates (sources of 200 px and more): fine detail such as
+#: a chest X-ray's small opacities is lost at the networks' own 224-260 px
+HIGH_RES = 320
+EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
+_SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe to score.
+
+    Attributes:
+        name: short unique name (what ``--candidates`` selects).
+        kind: ``probe`` (linear head(s) on cached frozen features) or ``train`` (a training run).
+        members: probe: ``(backbone, image_size)`` per member; more than one is a soft vote.
+        flip: probe: ``True`` is test-time augmentation — the head is fitted on plain and mirrored
+            features and predicts the mean of both (measured only: model folders do not apply TTA);
+            ``"fit"`` fits on plain and mirrored features and predicts from the plain image alone
+            (``probe_flip = true`` in a recipe: training-time augmentation of the probe, no cost at
+            prediction).
+        overrides: train: :class:`~pellucid.core.training.TrainConfig` overrides.
+        role: ``A`` / ``B`` for the two baselines, ``current`` for the shipped recipe.
+        about: one line for the table.
+        parts: hybrid: the names of a probe candidate and one or two training candidates whose
+            calibrated probabilities are soft-voted (scored from their folds, nothing is trained again).
+        train_weight: hybrid: each training candidate's voting weight (each probe member weighs 1).
+    """
+
+    name: str
+    kind: str
+    members: tuple[tuple[str, int], ...] = ()
+    flip: bool | str = False
+    overrides: dict = field(default_factory=dict, hash=False, compare=False)
+    role: str = ""
+    about: str = ""
+    parts: tuple[str, ...] = ()
+    train_weight: float = 1.0
+
+    def recipe(self, task, others: dict | None = None) -> dict:
+        """The ``[recipe]`` keys (plus ``image_size``) that train this candidate with ``pellucid train``."""
+        if self.kind == "train":
+            return _effective({**task.recipe, **self.overrides,
+                               "image_size": self.overrides.get("image_size", task.image_size)})
+        if self.kind == "hybrid":
+            probe = (others or {})[self.parts[0]]
+            pr = probe.recipe(task)
+            members = pr.get("members") or [{k: pr[k] for k in ("backbone", "image_size", "finetune", "epochs")}]
+            tuned = []
+            for part in self.parts[1:]:
+                trained = (others or {})[part]
+                keys = trained.recipe(task) if trained.role == "current" else trained.overrides
+                tm = {k: v for k, v in keys.items() if k != "members"}
+                tm.setdefault("image_size", task.image_size)
+                tuned.append({**tm, "weight": self.train_weight})
+            return {"finetune": "linear-probe", "epochs": 0, "image_size": members[0]["image_size"],
+                    "members": [dict(m) for m in members] + tuned}
+        fit_flip = {"probe_flip": True} if self.flip == "fit" else {}
+        if len(self.members) == 1:
+            backbone, size = self.members[0]
+            return {"backbone": backbone, "finetune": "linear-probe", "epochs": 0, "image_size": size, **fit_flip}
+        return {"finetune": "linear-probe", "epochs": 0, "image_size": self.members[0][1],
+                "members": [{"backbone": b, "image_size": s, "finetune": "linear-probe", "epochs": 0, **fit_flip}
+                            for b, s in self.members]}
+
+
+_PROGRESSIVE_ONLY = ("stages_per_epoch", "max_stages", "lr_decay")
+
+
+def _effective(recipe: dict) -> dict:
+    """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
+    stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
+    recipes compare equal."""
+    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema") and not v)}  # off = the old default
+    if recipe.get("finetune") == "progressive":
+        return out
+    return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}
+
+
+def _same_recipe(old: dict | None, recipe: dict) -> bool:
+    return bool(old) and _effective(old.get("recipe") or {}) == _effective(json.loads(json.dumps(recipe, default=str)))
+
+
+def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str = False, about: str = "") -> Candidate:
+    name = "probe:" + "+".join(f"{_SHORT.get(b, b)}@{s}" for b, s in members) + {True: "+flip", "fit": "+flipfit"}.get(
+        flip, "")
+    return Candidate(name, "probe", tuple(members), flip=flip, role=role, about=about)
+
+
+def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
+    """The candidates of a task, cheapest first: probes at the task's size and at each Lite
+    network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
+    own size and LP-FT on it (sources of 200 px and more), B with class-balanced
+    batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer
+    (``+long``), the shipped recipe, and the hybrids of the vote with each trained candidate."""
+    small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
+    size = task.image_size
+    base = "efficientnet_lite0"
+    cands = [_probe([(base, size)], role="A", about="baseline A: frozen Lite0 + linear head"),
+             _probe([(base, size)], flip=True, about="Lite0 probe, mirrored test-time augmentation (measured only)")]
+    sizes = {b: (2 * size if small else s) for b, s in LITE_SIZES.items()}
+    if small:
+        cands.append(_probe([(base, sizes[base])], about="Lite0 probe, input upsampled 2x"))
+    for b in ("efficientnet_lite1", "efficientnet_lite2"):
+        cands.append(_probe([(b, sizes[b])], about=f"{_SHORT[b].title()} probe"))
+    trio = [(b, sizes[b]) for b in LITE_SIZES]
+    cands.append(_probe(trio, about="soft vote of the three Lite probes"))
+    cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation (measured only: "
+                                                "model folders do not apply TTA, so it cannot win)"))
+    cands.append(_probe([(base, size)], flip="fit", about="Lite0 probe fitted on plain and mirrored training "
+                                                          "images (probe_flip; prediction unchanged)"))
+    cands.append(_probe(trio, flip="fit", about="soft vote of the three Lite probes, each fitted on plain and "
+                                                "mirrored training images (probe_flip)"))
+    if not small:
+        cands.append(_probe([(b, HIGH_RES) for b in LITE_SIZES],
+                            about=f"soft vote of the three Lite probes, every input at {HIGH_RES} px"))
+    plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
+             "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
+    cands.append(Candidate("finetune:lite0", "train", overrides=plain, role="B",
+                           about=f"baseline B: plain full fine-tune of Lite0, {fine_tune_epochs} epochs"))
+    lpft = {"backbone": base, "finetune": "lp-ft", "epochs": fine_tune_epochs, "lr": 1e-4, "head_lr": 1e-4,
+            "mixing": "none", "members": [], "probe_patience": 2}
+    cands.append(Candidate("lp-ft:lite0", "train", overrides=lpft,
+                           about="LP-FT: probe head first, then everything at a small learning rate"))
+    trained = ["finetune:lite0", "lp-ft:lite0"]
+    if not small:  # a larger ImageNet network fine-tuned the same way, at its own input size
+        cands.append(Candidate("finetune:lite2", "train",
+                               overrides={**plain, "backbone": "efficientnet_lite2",
+                                          "image_size": LITE_SIZES["efficientnet_lite2"]},
+                               about=f"B on EfficientNet-Lite2 at {LITE_SIZES['efficientnet_lite2']} px "
+                                     f"(about twice Lite0's cost per step)"))
+        cands.append(Candidate("lp-ft:lite2", "train",
+                               overrides={**lpft, "backbone": "efficientnet_lite2",
+                                          "image_size": LITE_SIZES["efficientnet_lite2"]},
+                               about=f"LP-FT on EfficientNet-Lite2 at {LITE_SIZES['efficientnet_lite2']} px"))
+        trained += ["finetune:lite2", "lp-ft:lite2"]
+        cands.append(Candidate(f"finetune:lite0@{HIGH_RES}", "train", overrides={**plain, "image_size": HIGH_RES},
+                               about=f"B with the input at {HIGH_RES} px instead of {size} (about twice the cost "
+                                     "per step)"))
+        trained.append(f"finetune:lite0@{HIGH_RES}")
+    if "macro_f1" in task.metrics and len(task.classes) > 2:  # rare classes matter: class-balanced batches
+        cands.append(Candidate("finetune:lite0+sampler", "train", overrides={**plain, "balance": "sampler"},
+                               about="B with class-balanced sampling (every batch draws the classes equally "
+                                     "often) instead of class weights in the loss"))
+        trained.append("finetune:lite0+sampler")
+    # B run 2.5x longer (15 epochs: about the ten minutes of a plain fine-tune on the reference CPU)
+    longer = 5 * fine_tune_epochs // 2
+    for part in list(trained):
+        if part.startswith("finetune:"):
+            over = next(c for c in cands if c.name == part).overrides
+            cands.append(Candidate(f"{part}+long", "train", overrides={**over, "epochs": longer, "patience": longer},
+                                   about=f"{part} for {longer} epochs instead of {fine_tune_epochs}"))
+            trained.append(f"{part}+long")
+    # an exponential moving average of the weights (time constant EMA_EPOCHS epochs) on the longer
+    # fine-tunes and on LP-FT
+    for part in [p for p in trained if p.endswith("+long") or p == "lp-ft:lite0"]:
+        over = next(c for c in cands if c.name == part).overrides
+        cands.append(Candidate(f"{part}+ema", "train", overrides={**over, "ema": EMA_EPOCHS},
+                               about=f"{part} with an exponential moving average of its weights "
+                                     f"(time constant {EMA_EPOCHS:g} epochs, from the end of the warm-up)"))
+        trained.append(f"{part}+ema")
+    cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
+    # the shipped recipe joins the hybrids when it is one trained model (e.g. mpox's LP-FT)
+    single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
+    votes = [(_probe(trio).name, trained + (["current"] if single else [])),
+             (_probe(trio, flip="fit").name, trained + (["current"] if single else []))]
+    if not small:  # the high-resolution vote with the high-resolution fine-tunes
+        votes.append((_probe([(b, HIGH_RES) for b in LITE_SIZES]).name, [p for p in trained if f"@{HIGH_RES}" in p]))
+    for vote, parts in votes:
+        for part in parts:
+            for w in (1.0, 3.0):
+                cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}{part}", "hybrid",
+                                       parts=(vote, part), train_weight=w,
+                                       about=f"soft vote of `{vote}` and {part} (weight {w:g} against 1 per "
+                                             "probe), scored from both candidates' folds"))
+    # two fine-tunes in the vote (a small ensemble of fine-tunes: other length, network, or averaging),
+    # each weighted 1 or 2, so together they weigh 2 or 4 against the three probes
+    vote = _probe(trio).name
+    for i, one in enumerate(trained):
+        for two in trained[i + 1:]:
+            for w in (1.0, 2.0):
+                cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}({one}, {two})", "hybrid",
+                                       parts=(vote, one, two), train_weight=w,
+                                       about=f"soft vote of `{vote}`, {one} and {two} (weight {w:g} each "
+                                             "against 1 per probe), scored from the three candidates' folds"))
+    return cands
