@@ -567,11 +567,21 @@ def _passes(r: dict) -> int:
     return max(1, len(r["recipe"].get("members") or []))
 
 
+def _cost(r: dict) -> float:
+    """Prediction cost per image in passes of a 224-px image: each forward pass weighs the pixels it
+    sees, ``(side / 224) ** 2`` (a network's cost grows with the pixels), so a vote of three probes at
+    320 px (about 6.1) is not cheaper than three probes at 224-260 px and a 224-px fine-tune (about 4.5)."""
+    recipe = r["recipe"]
+    sides = [m.get("image_size") or recipe.get("image_size") or 224 for m in (recipe.get("members") or [])]
+    sides = sides or [recipe.get("image_size") or 224]
+    return round(sum((int(s) / 224) ** 2 for s in sides) * _passes(r) / len(sides), 2)
+
+
 def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     """The one-standard-error rule: among candidates run on every fold that beat both baselines (a
     mean paired margin > 0 over A, and over B on the folds B ran; all candidates when none does),
     the best mean sets a bar one standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
-    (fewest forward passes per image, then no ``probe_flip``, then the better mean). Differences inside one standard error
+    (least prediction cost, :func:`_cost`, then no ``probe_flip``, then the better mean). Differences inside one standard error
     are fold noise, and a cheaper model is the better default."""
     # mirrored test-time augmentation is measured as a lever; model folders do not apply it, so it cannot win
     full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None
@@ -587,15 +597,15 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     sd = best["summary"][primary]["sd"] or 0.0
     bar = best["summary"][primary]["mean"] - sd / math.sqrt(k)
     ok = [r for r in full if r["summary"][primary]["mean"] >= bar - 1e-12]
-    # cheapest at prediction (forward passes), then at training (probe_flip embeds the training
-    # images twice), then the better mean
-    win = min(ok, key=lambda r: (_passes(r), "+flipfit" in r["name"], -r["summary"][primary]["mean"]))
+    # cheapest at prediction (forward passes weighted by their pixels), then at training (probe_flip
+    # embeds the training images twice), then the better mean
+    win = min(ok, key=lambda r: (_cost(r), "+flipfit" in r["name"], -r["summary"][primary]["mean"]))
     among = ("among candidates that beat both baselines (mean paired margin > 0)" if beats
              else "no candidate beat both baselines, so among all candidates")
     return win["name"], (f"{among}, the "
                          f"one-standard-error rule: best mean {primary} {best['summary'][primary]['mean']:.3f} "
                          f"({best['name']}), bar {bar:.3f}; the cheapest candidate at or above it "
-                         f"({_passes(win)} forward pass(es) per image)")
+                         f"({_passes(win)} forward pass(es) per image, cost {_cost(win):g} in 224-px passes)")
 
 
 def run_cli(args) -> int:

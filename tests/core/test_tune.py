@@ -235,6 +235,17 @@ def test_one_standard_error_rule_prefers_the_cheaper_candidate_that_beats_both_b
     rows.append(row("probe:c", "probe", 0.97, 0.01, vs_a=0.02, vs_b=0.005))
     assert _choose(rows, 5, "acc")[0] == "probe:c"
     assert _choose([row("x", "probe", 0.9, 0.1, n=3)], 5, "acc")[0] is None
+    # cost weighs each pass by its pixels: three probes at 320 px (3 x 2.04) are dearer than three probes at
+    # 224-260 px and a 224-px fine-tune (4.5), though they run fewer passes
+    sized = lambda sides: {"members": [{"image_size": x} for x in sides]}  # noqa: E731
+    big = row("probe:vote@320", "probe", 0.95, 0.08, members=3, vs_a=0.03, vs_b=0.1)
+    big["recipe"] = sized([320] * 3)
+    hyb = row("probe:vote+ft", "hybrid", 0.96, 0.08, members=4, vs_a=0.05, vs_b=0.1)
+    hyb["recipe"] = sized([224, 240, 260, 224])
+    base = [row("probe:a", "probe", 0.90, 0.05, role="A", vs_a=None)]
+    assert _choose(base + [big, hyb], 5, "acc")[0] == "probe:vote+ft"
+    big["recipe"] = sized([224] * 3)  # at 224 px the three-pass vote is the cheaper one within the bar
+    assert _choose(base + [big, hyb], 5, "acc")[0] == "probe:vote@320"
 
 
 def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them():
