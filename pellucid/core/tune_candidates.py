@@ -102,9 +102,10 @@ def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str 
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
-    own size and LP-FT on it (sources of 200 px and more), B with class-balanced
-    batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer
-    (``+long``), the shipped recipe, and the hybrids of the vote with each trained candidate."""
+    own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for sources of 200 px and
+    more), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
+    fine-tune again 2.5x longer (``+long``), the shipped recipe, and the hybrids of the vote with each
+    trained candidate."""
     small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
     size = task.image_size
     base = "efficientnet_lite0"
