@@ -117,6 +117,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     for b in ("efficientnet_lite1", "efficientnet_lite2"):
         cands.append(_probe([(b, sizes[b])], about=f"{_SHORT[b].title()} probe"))
     trio = [(b, sizes[b]) for b in LITE_SIZES]
+    hi_trio = [(b, HIGH_RES) for b in LITE_SIZES]
     cands.append(_probe(trio, about="soft vote of the three Lite probes"))
     cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation (measured only: "
                                                 "model folders do not apply TTA, so it cannot win)"))
@@ -125,8 +126,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     cands.append(_probe(trio, flip="fit", about="soft vote of the three Lite probes, each fitted on plain and "
                                                 "mirrored training images (probe_flip)"))
     if not small:
-        cands.append(_probe([(b, HIGH_RES) for b in LITE_SIZES],
-                            about=f"soft vote of the three Lite probes, every input at {HIGH_RES} px"))
+        cands.append(_probe(hi_trio, about=f"soft vote of the three Lite probes, every input at {HIGH_RES} px"))
     plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
              "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
     cands.append(Candidate("finetune:lite0", "train", overrides=plain, role="B",
@@ -175,10 +175,10 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
     # the shipped recipe joins the hybrids when it is one trained model (e.g. mpox's LP-FT)
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
-    votes = [(_probe(trio).name, trained + (["current"] if single else [])),
-             (_probe(trio, flip="fit").name, trained + (["current"] if single else []))]
+    every = trained + (["current"] if single else [])
+    votes = [(_probe(trio).name, every), (_probe(trio, flip="fit").name, every)]
     if not small:  # the high-resolution vote with the high-resolution fine-tunes
-        votes.append((_probe([(b, HIGH_RES) for b in LITE_SIZES]).name, [p for p in trained if f"@{HIGH_RES}" in p]))
+        votes.append((_probe(hi_trio).name, [p for p in trained if f"@{HIGH_RES}" in p]))
     for vote, parts in votes:
         for part in parts:
             for w in (1.0, 3.0):
