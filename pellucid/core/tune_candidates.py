@@ -177,8 +177,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
     every = trained + (["current"] if single else [])
     votes = [(_probe(trio).name, every), (_probe(trio, flip="fit").name, every)]
-    if not small:  # the high-resolution vote with the high-resolution fine-tunes
-        votes.append((_probe(hi_trio).name, [p for p in trained if f"@{HIGH_RES}" in p]))
+    if not small:  # the high-resolution vote with every fine-tune (each member decodes at its own size)
+        votes.append((_probe(hi_trio).name, every))
     for vote, parts in votes:
         for part in parts:
             for w in (1.0, 3.0):

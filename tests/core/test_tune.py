@@ -109,11 +109,13 @@ def test_high_resolution_candidates_for_large_sources_only():
         {k: v for k, v in plain.recipe(tb).items() if k != "image_size"}
     vote = by[f"probe:lite0@{HIGH_RES}+lite1@{HIGH_RES}+lite2@{HIGH_RES}"]
     assert [m["image_size"] for m in vote.recipe(tb)["members"]] == [HIGH_RES] * 3
-    # the larger vote pairs with the larger fine-tunes only; the usual vote pairs with every fine-tune
+    # both votes pair with every fine-tune; each member keeps its own input size
     hybrid = by[f"{vote.name}+3xfinetune:lite0@{HIGH_RES}"]
     members = hybrid.recipe(tb, by)["members"]
     assert [m["image_size"] for m in members] == [HIGH_RES] * 4 and members[-1]["weight"] == 3.0
-    assert f"{vote.name}+finetune:lite0" not in by
+    mixed = by[f"{vote.name}+finetune:lite0+long+ema"].recipe(tb, by)["members"]
+    assert [m["image_size"] for m in mixed] == [HIGH_RES] * 3 + [tb.image_size]
+    assert mixed[-1]["ema"] == by["finetune:lite0+long+ema"].recipe(tb)["ema"]
     assert f"probe:lite0@224+lite1@240+lite2@260+finetune:lite0@{HIGH_RES}" in by
     # tiny sources (nuclei's 32-px patches, PneumoniaMNIST's 28 px) get none
     for name in ("nuclei", "bpd"):
