@@ -188,7 +188,9 @@ def _run_train(task, cand: Candidate, data_dir: str, split_path: Path, out: Path
                                                             if k != "image_size"})
     if "image_size" in cand.overrides:
         cfg = replace(cfg, image_size=int(cand.overrides["image_size"]))
-    cfg = replace(cfg, split_file=str(split_path), seed=seed, n_boot=0, progress=False, overwrite=True,
+    # a candidate's own "seed" (a seed ensemble's twin) is an offset from the fold seed
+    cfg = replace(cfg, split_file=str(split_path), seed=seed + int(cand.overrides.get("seed", 0)), n_boot=0,
+                  progress=False, overwrite=True,
                   members=[] if cand.role != "current" else cfg.members)
     (out / "fold_logits.pt").unlink(missing_ok=True)  # a retrained fold must not keep the old model's logits
     t = time.time()

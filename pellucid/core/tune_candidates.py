@@ -104,8 +104,9 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
     own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for sources of 200 px and
     more), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
-    fine-tune again 2.5x longer (``+long``), the shipped recipe, and the hybrids of the vote with each
-    trained candidate."""
+    fine-tune again 2.5x longer (``+long``), weight averaging (``+ema``), each averaged longer fine-tune
+    again with another training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each
+    trained candidate, with two of them, and with a fine-tune and its seed twin (a seed ensemble)."""
     small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
     size = task.image_size
     base = "efficientnet_lite0"
@@ -172,6 +173,13 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                about=f"{part} with an exponential moving average of its weights "
                                      f"(time constant {EMA_EPOCHS:g} epochs, from the end of the warm-up)"))
         trained.append(f"{part}+ema")
+    # a seed ensemble: each averaged longer fine-tune again with another training seed (the fold seed + 1,
+    # `seed = 1` in a shipped ensemble's member); it only pairs with its twin in the vote below
+    twins = [(p, f"{p}+seed") for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]
+    for part, twin in twins:
+        over = next(c for c in cands if c.name == part).overrides
+        cands.append(Candidate(twin, "train", overrides={**over, "seed": 1},
+                               about=f"{part} again with another training seed (a seed ensemble with it)"))
     cands.append(Candidate("current", "train", overrides={}, role="current", about="the recipe in task.toml"))
     # the shipped recipe joins the hybrids when it is one trained model (e.g. mpox's LP-FT)
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
@@ -190,7 +198,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     # each weighted 1 or 2, so together they weigh 2 or 4 against the three probes
     vote = _probe(trio).name
     for i, one in enumerate(trained):
-        for two in trained[i + 1:]:
+        for two in trained[i + 1:] + [t for p, t in twins if p == one]:
             for w in (1.0, 2.0):
                 cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}({one}, {two})", "hybrid",
                                        parts=(vote, one, two), train_weight=w,

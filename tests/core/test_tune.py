@@ -121,6 +121,45 @@ def test_high_resolution_candidates_for_large_sources_only():
     for name in ("nuclei", "bpd"):
         assert not any(f"@{HIGH_RES}" in c.name for c in default_candidates(get_task(name)))
 
+def test_seed_twin_is_the_same_fine_tune_with_the_next_training_seed(tmp_path, monkeypatch):
+    """A seed ensemble: the twin of an averaged longer fine-tune differs only by its training seed (the
+    fold seed + 1 in the search, ``seed = 1`` in the member a recipe writes), and it pairs only with its
+    original in the vote."""
+    import json
+    from pathlib import Path
+
+    from pellucid.core import training
+    from pellucid.core import tune as tune_mod
+    from pellucid.core.tasks import get_task
+
+    waste = get_task("waste")
+    by = {c.name: c for c in default_candidates(waste)}
+    one, twin = by["finetune:lite0+long+ema"], by["finetune:lite0+long+ema+seed"]
+    assert twin.recipe(waste) == {**one.recipe(waste), "seed": 1}
+    pairs = [c for c in by.values() if c.kind == "hybrid" and twin.name in c.parts]
+    assert {c.parts[1:] for c in pairs} == {(one.name, twin.name)} and {c.train_weight for c in pairs} == {1.0, 2.0}
+    members = pairs[0].recipe(waste, by)["members"]
+    assert "seed" not in members[-2] and members[-1]["seed"] == 1
+    assert all(c.name.endswith("+long+ema+seed") for c in by.values() if c.kind == "train" and "seed" in c.name)
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg.seed)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"metrics": {"accuracy": {"value": 0.5}}}))
+        (out / "card.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(training, "train", fake_train)
+    split = tmp_path / "split.json"
+    split.write_text("{}")
+    for cand in (one, twin):
+        res = tune_mod._run_train(waste, cand, str(tmp_path), split, tmp_path / cand.name.replace(":", "_"), seed=1)
+        assert res["metrics"] == {"accuracy": 0.5}
+    assert seen == [1, 2]
+
+
 def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
     from pellucid.core.tasks import get_task
 
