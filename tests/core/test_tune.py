@@ -121,6 +121,7 @@ def test_high_resolution_candidates_for_large_sources_only():
     for name in ("nuclei", "bpd"):
         assert not any(f"@{HIGH_RES}" in c.name for c in default_candidates(get_task(name)))
 
+
 def test_seed_twin_is_the_same_fine_tune_with_the_next_training_seed(tmp_path, monkeypatch):
     """A seed ensemble: the twin of an averaged longer fine-tune differs only by its training seed (the
     fold seed + 1 in the search, ``seed = 1`` in the member a recipe writes), and it pairs only with its
