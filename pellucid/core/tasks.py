@@ -53,6 +53,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "probe_patience": 2,       # stop a fine-tune that has not beaten its probe's val loss after this many epochs
     "probe_flip": False,       # the linear probe also fits mirrored copies of the training images
     "ema": 0.0,                # fine-tune: average the weights with this time constant in epochs (0: off)
+    "swa": 0.0,                # fine-tune: equal average of the epoch-end weights from this fraction of the epochs on (0: off)
     "balance": "weights",
     "val_fraction": 0.15,
     "test_fraction": 0.2,
@@ -183,6 +184,12 @@ def task_from_dict(data: dict, where: str = "task spec", *, check_backbone: bool
     ema = recipe.get("ema", 0.0)
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema <= 1000:
         raise TaskSpecError(f"{where}: recipe key 'ema' must be a time constant in epochs, 0 (off) to 1000, got {ema!r}")
+    swa = recipe.get("swa", 0.0)
+    if isinstance(swa, bool) or not isinstance(swa, (int, float)) or not 0 <= swa < 1:
+        raise TaskSpecError(f"{where}: recipe key 'swa' must be the fraction of the epochs after which the weights "
+                            f"are averaged, 0 (off) up to but not including 1, got {swa!r}")
+    if swa and ema:
+        raise TaskSpecError(f"{where}: recipe keys 'ema' and 'swa' are two ways to average the weights; set one of them")
     if check_backbone:
         from pellucid.core.backbones import get_backbone_spec
 

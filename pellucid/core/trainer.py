@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
 from pellucid.registry import unknown_name_error
@@ -50,7 +50,7 @@ from pellucid.registry import unknown_name_error
 __all__ = [
     "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
     "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint", "LOGGERS", "TrackingError",
-    "make_logger", "log_run", "tracking_uri", "final_metrics", "ema_callback",
+    "make_logger", "log_run", "tracking_uri", "final_metrics", "ema_callback", "swa_callback",
 ]
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,56 @@ def ema_callback(time_constant_steps: float, start_step: int = 0) -> Callback:
     training are the averaged ones; the raw weights ride along in the checkpoint to resume from."""
     decay = 1.0 - 1.0 / max(1.0, float(time_constant_steps))
     return EMAWeightAveraging(decay=decay, update_starting_at_step=max(0, int(start_step)))
+
+
+class _EpochEndAverage(WeightAveraging):
+    """Lightning's weight averaging with an equal weight for the weights at the end of each epoch from
+    ``start_epoch`` (0-based) on, taken after the epoch's last step, before its validation. Until the
+    first of them is in the average, validation, checkpoints and the weights at the end see the trained
+    weights, not the untouched copy the average starts as."""
+
+    def __init__(self, start_epoch: int):
+        super().__init__(use_buffers=True)
+        self.start_epoch = max(0, int(start_epoch))
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return False  # the update is in on_train_batch_end, after an epoch's last step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # after the last step of the epoch and before its validation (Lightning validates before
+        # on_train_epoch_end), so validation and the checkpoints include this epoch's weights
+        if batch_idx + 1 == trainer.num_training_batches and trainer.current_epoch >= self.start_epoch:
+            self._average_model.update_parameters(pl_module)
+
+    def _averaging(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._swapped = self._averaging()
+        if self._swapped:
+            self._swap_models(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if getattr(self, "_swapped", False):
+            self._swap_models(pl_module)
+            self._swapped = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self._averaging():
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._averaging():
+            super().on_train_end(trainer, pl_module)
+
+
+def swa_callback(start_epoch: int) -> Callback:
+    """Stochastic weight averaging (Izmailov et al., 2018): the equal average of the weights (and
+    BatchNorm statistics) at the end of each epoch from ``start_epoch`` (0-based) on, through
+    Lightning's :class:`WeightAveraging`. The learning-rate schedule is the caller's (training holds
+    it constant over the averaged epochs). Validation, the checkpoints and the weights left at the
+    end are the average once it holds one epoch's weights, the trained weights before."""
+    return _EpochEndAverage(start_epoch)
 
 
 # ----------------------------------------------------------------------------- experiment tracking

@@ -89,6 +89,7 @@ class TrainConfig:
     keep_probe_if_better: bool = True
     probe_patience: int = 2  # stop a fine-tune that has not beaten its probe's val loss after this many epochs (0: off)
     ema: float = 0.0  # exponential moving average of the fine-tuned weights, time constant in epochs (0: off)
+    swa: float = 0.0  # stochastic weight averaging from this fraction of the epochs on (0: off), see swa_start_epoch
     balance: str = "weights"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -336,12 +337,15 @@ def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_w
             total = max(1, int(self.trainer.estimated_stepping_batches))
             warmup = max(1, int(0.1 * total))
 
+            # stochastic weight averaging: the rate holds where the cosine is when the averaged epochs begin
+            hold = (swa_start_epoch(cfg) * total // max(1, cfg.epochs)) if cfg.swa > 0 else total
+
             def warmup_cosine(step: int) -> float:
                 # A plain function, so a resumed run (even with more epochs) recomputes the schedule
                 # from its own length instead of restoring a stale one from the checkpoint.
                 if step < warmup:
                     return 0.1 + 0.9 * step / warmup
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                progress = min(1.0, max(0, min(step, hold) - warmup) / max(1, total - warmup))
                 return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
@@ -563,6 +567,15 @@ def _save_ood_reference(out: Path, model: Classifier, plain: dict, cfg: TrainCon
         warnings.warn(f"no out-of-domain reference stored: {err}", stacklevel=2)
 
 
+def swa_start_epoch(cfg: TrainConfig) -> int:
+    """The first averaged epoch (0-based) of stochastic weight averaging (``cfg.swa`` > 0): the
+    epochs from ``round(swa * epochs)`` on, kept between the second epoch (the first holds the
+    warm-up) and the last.
+    From its first step the learning rate stays where the warm-up cosine schedule is then, and the
+    weights at the end of each of these epochs are averaged with equal weight."""
+    return min(cfg.epochs - 1, max(1, round(cfg.swa * cfg.epochs)))
+
+
 def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]):
     """The fine-tuning loaders: augmented, balanced (``cfg.balance == "sampler"``) training batches
     and plain validation batches."""
@@ -588,7 +601,7 @@ def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]
 def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,
                labels: list[int], cw: torch.Tensor | None, out: Path, history: list[dict],
                folder: RunFolder | None = None) -> dict:
-    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, ema_callback, fit, make_trainer
+    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, ema_callback, fit, make_trainer, swa_callback
 
     train_dl, val_dl = _loaders(cfg, cache, split, labels)
     # channels-last on CPU too: oneDNN's convolutions (depthwise ones above all) run in that layout;
@@ -607,6 +620,8 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
         # average never holds the untrained head; validation and the best checkpoint see the average
         steps = len(train_dl)
         callbacks.append(ema_callback(cfg.ema * steps, start_step=int(0.1 * steps * cfg.epochs)))
+    if cfg.swa > 0:
+        callbacks.append(swa_callback(swa_start_epoch(cfg)))
     trainer = make_trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, bf16=True,  # bf16 autocast on CUDA, 32-bit elsewhere

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "default_candidates"]
+__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "SWA_START", "default_candidates"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -15,6 +15,7 @@ LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientne
 #: a chest X-ray's small opacities is lost at the networks' own 224-260 px
 HIGH_RES = 320
 EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
+SWA_START = 0.5  # stochastic weight averaging candidates (``swa`` in a recipe): the averaged last half of the epochs
 _SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
 
 
@@ -83,7 +84,7 @@ def _effective(recipe: dict) -> dict:
     """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
     stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
     recipes compare equal."""
-    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema") and not v)}  # off = the old default
+    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa") and not v)}  # off = the old default
     if recipe.get("finetune") == "progressive":
         return out
     return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}
@@ -104,9 +105,10 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
     own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for sources of 200 px and
     more), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
-    fine-tune again 2.5x longer (``+long``), weight averaging (``+ema``), each averaged longer fine-tune
-    again with another training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each
-    trained candidate, with two of them, and with a fine-tune and its seed twin (a seed ensemble)."""
+    fine-tune again 2.5x longer (``+long``), weight averaging (``+ema``, and ``+swa`` on the longer plain
+    fine-tunes), each exponentially averaged longer fine-tune again with another training seed (``+seed``),
+    the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
+    a fine-tune and its seed twin (a seed ensemble)."""
     small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
     size = task.image_size
     base = "efficientnet_lite0"
@@ -173,6 +175,14 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                about=f"{part} with an exponential moving average of its weights "
                                      f"(time constant {EMA_EPOCHS:g} epochs, from the end of the warm-up)"))
         trained.append(f"{part}+ema")
+    # stochastic weight averaging on the longer plain fine-tunes: the rate holds from the middle of the
+    # run on and the weights at the end of each of those epochs are averaged equally
+    for part in [p for p in trained if p.startswith("finetune:") and p.endswith("+long")]:
+        over = next(c for c in cands if c.name == part).overrides
+        cands.append(Candidate(f"{part}+swa", "train", overrides={**over, "swa": SWA_START},
+                               about=f"{part} with stochastic weight averaging (constant rate and an equal "
+                                     f"average of the epoch-end weights over the last {1 - SWA_START:.0%} of the epochs)"))
+        trained.append(f"{part}+swa")
     # a seed ensemble: each averaged longer fine-tune again with another training seed (the fold seed + 1,
     # `seed = 1` in a shipped ensemble's member); it only pairs with its twin in the vote below
     twins = [(p, f"{p}+seed") for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]

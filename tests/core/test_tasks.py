@@ -142,3 +142,14 @@ def test_recipe_ema_must_be_a_time_constant(bad):
     with pytest.raises(TaskSpecError, match="'ema'"):
         task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"ema": bad}})
     assert task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"ema": 2}}).recipe["ema"] == 2
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.0, "0.5", True])
+def test_recipe_swa_must_be_a_fraction_of_the_epochs_and_not_beside_ema(bad):
+    from pellucid.core.tasks import TaskSpecError, task_from_dict
+
+    with pytest.raises(TaskSpecError, match="'swa'"):
+        task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"swa": bad}})
+    with pytest.raises(TaskSpecError, match="'ema' and 'swa'"):
+        task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"swa": 0.5, "ema": 2}})
+    assert task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"swa": 0.5}}).recipe["swa"] == 0.5

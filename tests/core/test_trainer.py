@@ -39,6 +39,62 @@ def test_make_trainer_checkpoints_logs_and_progress_when_asked(tmp_path):
     assert len(bars) == 1 and bars[0].refresh_rate == 1
 
 
+def test_swa_averages_the_epoch_end_weights_from_its_start_epoch(tmp_path):
+    """``swa_callback(2)`` over 4 epochs: the weights left at the end (and in the checkpoint) are the
+    equal mean of the weights at the end of epochs 2 and 3 (BatchNorm statistics too); validation of
+    epochs 0 and 1 sees the trained weights, not the untouched copy the average starts as."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pellucid.core.trainer import Callback, LightningModule, ModelCheckpoint, make_trainer, swa_callback
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+
+        def training_step(self, batch, _):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, _):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def weights(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    class Record(Callback):  # after the averaging callback: sees what validation sees
+        def __init__(self):
+            self.ends, self.validated = [], []
+
+        def on_train_epoch_end(self, trainer, module):
+            self.ends.append(weights(module))
+
+        def on_validation_epoch_start(self, trainer, module):
+            self.validated.append(weights(module))
+
+    record, module = Record(), Tiny()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last", save_last=False, monitor=None)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer = make_trainer(max_epochs=4, accelerator="cpu", devices=1, callbacks=[swa_callback(2), record, ckpt])
+    trainer.fit(module, loader, loader)
+    mean = {k: (record.ends[2][k] + record.ends[3][k]) / 2 for k in record.ends[3]}
+    final = weights(module)
+    assert "net.1.running_mean" in mean
+    assert all(torch.allclose(final[k], mean[k], atol=1e-6) for k in mean)
+    assert not torch.allclose(final["net.0.weight"], record.ends[3]["net.0.weight"])
+    # validation: the epoch's own weights before the averaging, from epoch 2 on the average up to and
+    # including the epoch just trained
+    assert all(torch.equal(record.validated[e][k], record.ends[e][k]) for e in (0, 1, 2) for k in mean)
+    assert all(torch.allclose(record.validated[3][k], mean[k], atol=1e-6) for k in mean)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.allclose(saved["net.0.weight"], mean["net.0.weight"], atol=1e-6)
+
+
 def test_uses_cuda_follows_the_accelerator_flag():
     from pellucid.core.trainer import uses_cuda
 

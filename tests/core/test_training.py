@@ -267,3 +267,34 @@ def test_ema_keeps_the_averaged_weights(tmp_path):
         return sum(float((w[k] - start[k]).norm()) for k in body)
 
     assert moved(plain) > 0 and moved(long_) < 0.5 * moved(plain), (moved(long_), moved(plain))
+
+
+def test_swa_holds_the_rate_over_the_averaged_epochs(tmp_path):
+    """``swa = 0.5`` over 4 epochs: the warm-up cosine schedule runs until epoch 2 and then holds its
+    rate; the plain run's rate keeps falling; the weights written differ from the plain run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, swa_start_epoch, train
+
+    def run(name, **kw):
+        cfg = TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(tmp_path / name),
+                                    backbone="test_resnet", pretrained=False, image_size=32, max_images=40,
+                                    batch_size=8, progress=False, n_boot=0, seed=0, finetune="full", epochs=4,
+                                    lr=3e-3, head_lr=3e-3, keep_probe_if_better=False, probe_patience=0, patience=9,
+                                    **kw)
+        train(cfg)
+        rows = [h for h in json.loads((tmp_path / name / "history.json").read_text()) if "lr" in h]
+        return [r["lr"] for r in rows], load_file(tmp_path / name / "model.safetensors")
+
+    assert swa_start_epoch(TrainConfig(task="tb", data="", out="", epochs=4, swa=0.5)) == 2
+    assert swa_start_epoch(TrainConfig(task="tb", data="", out="", epochs=15, swa=0.95)) == 14
+    assert swa_start_epoch(TrainConfig(task="tb", data="", out="", epochs=15, swa=0.01)) == 1
+    plain_lr, plain = run("plain")
+    swa_lr, swa = run("swa", swa=0.5)
+    assert len(plain_lr) == len(swa_lr) == 4
+    assert plain_lr[1] > plain_lr[2] > plain_lr[3]
+    # at the end of epoch 1 the schedule has reached the start of epoch 2, where it holds
+    assert swa_lr[0] == plain_lr[0] and swa_lr[1] == swa_lr[2] == swa_lr[3] == plain_lr[1]
+    assert any(not torch.allclose(plain[k], swa[k]) for k in plain if plain[k].is_floating_point())

@@ -220,6 +220,14 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
     assert ema["ema"] == 2.0 and {k: v for k, v in ema.items() if k != "ema"} == \
         waste["finetune:lite0+long"].recipe(get_task("waste"))
     assert "lp-ft:lite0+ema" in waste and "finetune:lite0+ema" not in waste
+    # stochastic weight averaging on the longer plain fine-tunes only, same keys otherwise, in the vote too
+    swa = waste["finetune:lite0+long+swa"].recipe(get_task("waste"))
+    assert swa["swa"] == 0.5 and {k: v for k, v in swa.items() if k != "swa"} == \
+        waste["finetune:lite0+long"].recipe(get_task("waste"))
+    assert "lp-ft:lite0+swa" not in waste and "finetune:lite0+swa" not in waste
+    assert "finetune:lite0+long+swa+seed" not in waste
+    hybrid = waste["probe:lite0@320+lite1@320+lite2@320+3xfinetune:lite0+long+swa"].recipe(get_task("waste"), waste)
+    assert hybrid["members"][-1]["swa"] == 0.5 and hybrid["members"][-1]["weight"] == 3.0
     # two fine-tunes in the vote: every pair of trained candidates, weight 1 or 2 each
     pair = waste["probe:lite0@224+lite1@240+lite2@260+2x(finetune:lite2, finetune:lite0+long)"]
     assert pair.parts[1:] == ("finetune:lite2", "finetune:lite0+long")
