@@ -166,6 +166,7 @@ class _EpochEndAverage(WeightAveraging):
     def __init__(self, start_epoch: int):
         super().__init__(use_buffers=True)
         self.start_epoch = max(0, int(start_epoch))
+        self._swapped = False  # validation runs on the average (swapped in at its start)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return False  # the update is in on_train_batch_end, after an epoch's last step
@@ -185,7 +186,7 @@ class _EpochEndAverage(WeightAveraging):
             self._swap_models(pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if getattr(self, "_swapped", False):
+        if self._swapped:
             self._swap_models(pl_module)
             self._swapped = False
 

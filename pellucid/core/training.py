@@ -570,8 +570,7 @@ def _save_ood_reference(out: Path, model: Classifier, plain: dict, cfg: TrainCon
 def swa_start_epoch(cfg: TrainConfig) -> int:
     """The first averaged epoch (0-based) of stochastic weight averaging (``cfg.swa`` > 0): the
     epochs from ``round(swa * epochs)`` on, kept between the second epoch (the first holds the
-    warm-up) and the last.
-    From its first step the learning rate stays where the warm-up cosine schedule is then, and the
+    warm-up) and the last. From its first step the learning rate stays where the warm-up cosine schedule is then, and the
     weights at the end of each of these epochs are averaged with equal weight."""
     return min(cfg.epochs - 1, max(1, round(cfg.swa * cfg.epochs)))
 
