@@ -342,7 +342,8 @@ def train_ensemble(cfg: TrainConfig) -> Path:
 
     Each entry of ``cfg.members`` is a table of :class:`~pellucid.core.training.TrainConfig` overrides
     (for example ``{backbone = "vgg19", image_size = 224}``) applied on top of ``cfg``; the optional
-    key ``weight`` sets its voting weight (default 1). The first member makes the partition
+    key ``weight`` sets its voting weight (default 1). A member that writes a snapshot ensemble
+    (``snapshots``) joins as its snapshots, which share its weight equally. The first member makes the partition
     (``cfg.split``/``cfg.split_file``); every later member reuses it through ``split_file``, so the
     ensemble can be calibrated on the shared validation part and scored on the shared test part.
 
@@ -368,7 +369,7 @@ def train_ensemble(cfg: TrainConfig) -> Path:
         overrides.append(over)
     run_folder.start()
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-    dirs = []
+    dirs, flat_w = [], []
     split_file = cfg.split_file
     for i, over in enumerate(overrides):
         name = f"m{i}_{over.get('backbone', base.backbone)}_{over.get('image_size', base.image_size)}"
@@ -379,9 +380,16 @@ def train_ensemble(cfg: TrainConfig) -> Path:
         folder = Path(train(mcfg))
         if not split_file:
             split_file = str(folder / "split.json")
-        dirs.append(folder)
+        mcard = read_card(folder)
+        if mcard.kind == "ensemble":  # a snapshot ensemble: its snapshots join as members, sharing its weight
+            entries = mcard.extra["members"]
+            dirs += [folder / e["path"] for e in entries]
+            flat_w += [weights[i] * float(e["weight"]) for e in entries]
+        else:
+            dirs.append(folder)
+            flat_w.append(weights[i])
     t_build = time.time()
-    folder = build_ensemble(dirs, out, weights, n_boot=cfg.n_boot, seed=cfg.seed,
+    folder = build_ensemble(dirs, out, flat_w, n_boot=cfg.n_boot, seed=cfg.seed,
                             training={"members_seconds": round(t_build - t0, 1), "data": str(Path(cfg.data).resolve())})
     card = read_card(folder)
     card.training.seconds = round(time.time() - t0, 1)

@@ -46,7 +46,7 @@ RUN_FILE = "run.json"
 NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience")
 
 #: TrainConfig options newer than most runs, left out of the identity while they are off.
-_OFF_BY_DEFAULT = {"ema": 0.0, "swa": 0.0}
+_OFF_BY_DEFAULT = {"ema": 0.0, "swa": 0.0, "snapshots": 0}
 
 #: Files pellucid writes into a model folder (training, k-fold, ensembles, T-TAME, export).
 RUN_FILES = (RUN_FILE, "config.json", "split.json", "card.json", "model.safetensors", "metrics.json", "history.json",

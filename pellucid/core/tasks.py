@@ -54,6 +54,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "probe_flip": False,       # the linear probe also fits mirrored copies of the training images
     "ema": 0.0,                # fine-tune: average the weights with this time constant in epochs (0: off)
     "swa": 0.0,                # fine-tune: equal average of the epoch-end weights from this fraction of the epochs on (0: off)
+    "snapshots": 0,            # fine-tune: a snapshot ensemble of this many cosine cycles over the epochs (0: off)
     "balance": "weights",
     "val_fraction": 0.15,
     "test_fraction": 0.2,
@@ -190,6 +191,16 @@ def task_from_dict(data: dict, where: str = "task spec", *, check_backbone: bool
                             f"are averaged, 0 (off) up to but not including 1, got {swa!r}")
     if swa and ema:
         raise TaskSpecError(f"{where}: recipe keys 'ema' and 'swa' are two ways to average the weights; set one of them")
+    snaps = recipe.get("snapshots", 0)
+    if isinstance(snaps, bool) or not isinstance(snaps, int) or snaps == 1 or not 0 <= snaps <= 100:
+        raise TaskSpecError(f"{where}: recipe key 'snapshots' must be the number of learning-rate cycles of a "
+                            f"snapshot ensemble, 0 (off) or 2 to 100, got {snaps!r}")
+    if snaps and (ema or swa):
+        raise TaskSpecError(f"{where}: recipe keys 'snapshots', 'ema' and 'swa' are three ways to combine the "
+                            "weights of one fine-tune; set one of them")
+    if snaps and int(recipe.get("epochs", 0)) % snaps:
+        raise TaskSpecError(f"{where}: recipe key 'snapshots' ({snaps}) must divide 'epochs' ({recipe.get('epochs')}), "
+                            "so every cycle has the same number of epochs")
     if check_backbone:
         from pellucid.core.backbones import get_backbone_spec
 

@@ -7,7 +7,9 @@ Lightning ``Trainer`` (AdamW, linear warm-up + cosine schedule, early stopping, 
 bar, checkpoints to resume from, bf16 autocast and channels-last on GPU, DDP through
 ``--devices/--num-nodes/--strategy``). Then calibrate on validation (temperature scaling), choose the
 threshold by the task's policy on validation, score the held-out test split with bootstrap intervals,
-draw the plots, and write the model folder.
+draw the plots, and write the model folder. A fine-tune may average its weights (``ema``, ``swa``) or
+write a snapshot ensemble (``snapshots``: the cosine schedule restarts that many times and the weights
+at the end of each cycle become one calibrated member of an ensemble folder).
 
 Runs never mix. Before any work :func:`check_run_folder` checks the output folder and the data
 folder (one-line :class:`TrainingError` for an ``out`` that is a file or cannot be written, a data
@@ -90,6 +92,7 @@ class TrainConfig:
     probe_patience: int = 2  # stop a fine-tune that has not beaten its probe's val loss after this many epochs (0: off)
     ema: float = 0.0  # exponential moving average of the fine-tuned weights, time constant in epochs (0: off)
     swa: float = 0.0  # stochastic weight averaging from this fraction of the epochs on (0: off), see swa_start_epoch
+    snapshots: int = 0  # a snapshot ensemble of this many learning-rate cycles (0: off), see snapshot_every
     balance: str = "weights"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -335,7 +338,11 @@ def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_w
             groups = self.strategy.param_groups(self.model)
             opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
             total = max(1, int(self.trainer.estimated_stepping_batches))
-            warmup = max(1, int(0.1 * total))
+            # a snapshot ensemble restarts the cosine at the full rate at the start of each cycle;
+            # the warm-up is the first 10 % of the first cycle (of the whole run without snapshots)
+            cycles = cfg.snapshots if cfg.snapshots >= 2 else 1
+            cycle = total / cycles
+            warmup = max(1, int(0.1 * cycle))
 
             # stochastic weight averaging: the rate holds where the cosine is when the averaged epochs begin
             hold = (swa_start_epoch(cfg) * total // max(1, cfg.epochs)) if cfg.swa > 0 else total
@@ -345,7 +352,9 @@ def make_module(model: Classifier, strategy: Strategy, cfg: TrainConfig, class_w
                 # from its own length instead of restoring a stale one from the checkpoint.
                 if step < warmup:
                     return 0.1 + 0.9 * step / warmup
-                progress = min(1.0, max(0, min(step, hold) - warmup) / max(1, total - warmup))
+                c = min(cycles - 1, int(step // cycle))
+                start, end = (warmup if c == 0 else c * cycle), (c + 1) * cycle
+                progress = min(1.0, max(0, min(step, hold) - start) / max(1, end - start))
                 return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
@@ -370,6 +379,8 @@ def train(cfg: TrainConfig) -> Path:
     from pellucid.core.trainer import log_run, seed_everything
 
     t0 = time.time()
+    if cfg.snapshots:
+        snapshot_every(cfg)  # a one-line refusal of an impossible snapshot schedule, before any work
     folder = check_run_folder(cfg)  # one-line refusals before any work
     seed_everything(cfg.seed)
     task = get_task(cfg.task)
@@ -404,6 +415,10 @@ def train(cfg: TrainConfig) -> Path:
         trainer_info = _fine_tune(model, strategy, cfg, cache, split, labels, cw, out, history, folder)
         if not _rank_zero():
             return out
+        snapshots = trainer_info.pop("snapshots", None)
+        if snapshots is not None:
+            return _snapshot_ensemble(cfg, task, model, snapshots, weight_info, split, plain, y, cache, masker,
+                                      device, history, {**trainer_info, "linear_probe": probe_info}, t0)
         trainer_info.update(_keep_better(model, probe_state, probe_info, history))
 
     # ---- evaluation on rank zero: calibrate on val, threshold on val, score on test
@@ -420,6 +435,48 @@ def train(cfg: TrainConfig) -> Path:
     log_run(out, asdict(cfg), kind=cfg.logger, experiment=cfg.task)  # params, final metrics, artifacts
     log.info("model folder %s written in %.0f s", out, seconds)
     return out
+
+
+def _snapshot_ensemble(cfg: TrainConfig, task: TaskSpec, model: Classifier, snapshots: list[dict], weight_info: dict,
+                       split: dict, plain: dict, y: dict, cache: ImageCache, masker, device: torch.device,
+                       history: list[dict], trainer_info: dict, t0: float) -> Path:
+    """Write a snapshot ensemble: each snapshot a full model folder (calibrated on validation, scored on
+    test, with its out-of-domain reference) under ``cfg.out/members/``, and ``cfg.out`` the equal-weight
+    ensemble of them, calibrated and scored on the same partition."""
+    import shutil
+
+    from pellucid.core.card import write_card
+    from pellucid.core.ensemble import build_ensemble
+    from pellucid.core.modelfolder import read_card
+    from pellucid.core.trainer import log_run
+
+    out = Path(cfg.out)
+    dirs = []
+    for i, snap in enumerate(snapshots):
+        member = out / "members" / f"snapshot{i + 1}_epoch{snap['epoch'] + 1}"
+        member.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / "split.json", member / "split.json")
+        model.load_state_dict(snap["state"])
+        cal, threshold, test_metrics = _evaluate(model, plain, y, task, cfg, device, member, history)
+        card = _card(cfg, task, model, weight_info, cal, threshold, test_metrics, split, plain,
+                     training={"finetune": cfg.finetune, "epochs": snap["epoch"] + 1, "device": str(device),
+                               "snapshot": i + 1, "of_snapshots": len(snapshots), **trainer_info,
+                               "data": str(Path(cfg.data).resolve()), "seconds": round(time.time() - t0, 1)})
+        if masker is not None:
+            card.preprocessing = Preprocessing.from_dict({**card.preprocessing.to_dict(), **masker.card_entry()})
+        _write_model_folder(member, model, card, plain, cfg, cache)
+        dirs.append(member)
+    folder = build_ensemble(dirs, out, n_boot=cfg.n_boot, seed=cfg.seed, copy=False,
+                            training={"kind": f"snapshot ensemble of {len(dirs)} cycles of one fine-tune",
+                                      "finetune": cfg.finetune, "epochs": cfg.epochs, **trainer_info,
+                                      "data": str(Path(cfg.data).resolve()),
+                                      "skipped_files": [f"{p}: {e}" for p, e in cache.failures]})
+    card = read_card(folder)
+    card.training.seconds = round(time.time() - t0, 1)
+    write_card(folder, card)
+    log_run(out, asdict(cfg), kind=cfg.logger, experiment=cfg.task)
+    log.info("snapshot ensemble of %d members written to %s in %.0f s", len(dirs), out, card.training.seconds)
+    return folder
 
 
 def _prepare_split(cfg: TrainConfig, task: TaskSpec, out: Path,
@@ -575,6 +632,26 @@ def swa_start_epoch(cfg: TrainConfig) -> int:
     return min(cfg.epochs - 1, max(1, round(cfg.swa * cfg.epochs)))
 
 
+def snapshot_every(cfg: TrainConfig) -> int:
+    """The length in epochs of each learning-rate cycle of a snapshot ensemble (``cfg.snapshots`` >= 2
+    cycles over ``cfg.epochs``, a multiple of it): the weights at the end of each cycle become one
+    member of the ensemble the run writes (Huang et al., 2017, "Snapshot ensembles: train 1, get M for
+    free"). The warm-up cosine schedule restarts at the full rate at the start of every cycle.
+
+    Raises:
+        TrainingError: the snapshots do not divide the epochs, or the run trains no weights.
+    """
+    k = int(cfg.snapshots)
+    if k < 2 or cfg.epochs < k or cfg.epochs % k:
+        raise TrainingError(f"snapshots = {cfg.snapshots} needs at least 2 cycles and a number of epochs that is a "
+                            f"multiple of it, got epochs = {cfg.epochs}; set epochs to a multiple or snapshots = 0")
+    if cfg.finetune == "linear-probe":
+        raise TrainingError("snapshots need a fine-tune (the linear probe trains once); set snapshots = 0")
+    if cfg.ema or cfg.swa:
+        raise TrainingError("snapshots, ema and swa are three ways to combine the weights of one run; set one of them")
+    return cfg.epochs // k
+
+
 def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]):
     """The fine-tuning loaders: augmented, balanced (``cfg.balance == "sampler"``) training batches
     and plain validation batches."""
@@ -600,8 +677,10 @@ def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]
 def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,
                labels: list[int], cw: torch.Tensor | None, out: Path, history: list[dict],
                folder: RunFolder | None = None) -> dict:
-    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, ema_callback, fit, make_trainer, swa_callback
+    from pellucid.core.trainer import (EarlyStopping, ModelCheckpoint, SnapshotCallback, ema_callback, fit,
+                                       make_trainer, swa_callback)
 
+    snap = SnapshotCallback(snapshot_every(cfg)) if cfg.snapshots else None
     train_dl, val_dl = _loaders(cfg, cache, split, labels)
     # channels-last on CPU too: oneDNN's convolutions (depthwise ones above all) run in that layout;
     # an EfficientNet-Lite0 training step at 224 px took about half the time on the 2-core benchmark
@@ -611,8 +690,12 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     ckpt_dir = out / "checkpoints"
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     hist = _history_callback()
-    callbacks = [ckpt, EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"), hist]
-    if cfg.probe_patience and cfg.extra.get("probe_val_loss") is not None:
+    callbacks = [ckpt, hist]
+    if snap is not None:  # every cycle runs to its end: no early stop, and the snapshots replace the best checkpoint
+        callbacks.append(snap)
+    else:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    if snap is None and cfg.probe_patience and cfg.extra.get("probe_val_loss") is not None:
         callbacks.append(_beat_probe_callback(cfg.extra["probe_val_loss"], cfg.probe_patience))
     if cfg.ema > 0:
         # averaged from the end of the warm-up on (10 % of the steps, as in the schedule), so the
@@ -633,11 +716,16 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
         log.info("continuing the interrupted run from %s", resume)
     t = time.time()
     fit(trainer, module, train_dl, val_dl, ckpt_path=resume)
-    best = ckpt.best_model_path
+    best = ckpt.best_model_path if snap is None else None
     if best and Path(best).exists():
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     history.extend(hist.rows)
     model.to("cpu").to(memory_format=torch.contiguous_format)
-    return {"fine_tune_seconds": round(time.time() - t, 1), "epochs_run": trainer.current_epoch,
+    info = {"fine_tune_seconds": round(time.time() - t, 1), "epochs_run": trainer.current_epoch,
             "best_checkpoint": Path(best).name if best else None, "stopped_early": bool(trainer.should_stop)}
+    if snap is not None:  # the classifier's own weights at each cycle's end (the module holds it as ``model``)
+        info["snapshots"] = [{"epoch": sn["epoch"],
+                              "state": {k[len("model."):]: v for k, v in sn["state"].items() if k.startswith("model.")}}
+                             for sn in snap.snapshots]
+    return info

@@ -16,6 +16,7 @@ LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientne
 HIGH_RES = 320
 EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
 SWA_START = 0.5  # stochastic weight averaging candidates (``swa`` in a recipe): the averaged last half of the epochs
+SNAPSHOTS = 3  # snapshot ensemble candidates (``snapshots`` in a recipe): cosine cycles of a longer fine-tune
 _SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
 
 
@@ -84,7 +85,7 @@ def _effective(recipe: dict) -> dict:
     """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
     stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
     recipes compare equal."""
-    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa") and not v)}  # off = the old default
+    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa", "snapshots") and not v)}  # off = the old default
     if recipe.get("finetune") == "progressive":
         return out
     return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}
@@ -106,7 +107,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for sources of 200 px and
     more), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
     fine-tune again 2.5x longer (``+long``), weight averaging (``+ema``, and ``+swa`` on the longer plain
-    fine-tunes), each exponentially averaged longer fine-tune again with another training seed (``+seed``),
+    fine-tunes), a snapshot ensemble of each longer plain fine-tune (``+snap``), each exponentially averaged
+    longer fine-tune again with another training seed (``+seed``),
     the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
     a fine-tune and its seed twin (a seed ensemble)."""
     small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
@@ -183,6 +185,16 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                about=f"{part} with stochastic weight averaging (constant rate and an equal "
                                      f"average of the epoch-end weights over the last {1 - SWA_START:.0%} of the epochs)"))
         trained.append(f"{part}+swa")
+    # a snapshot ensemble of each longer plain fine-tune: the cosine restarts SNAPSHOTS times and the
+    # weights at the end of each cycle vote as equal members
+    for part in [p for p in trained if p.startswith("finetune:") and p.endswith("+long")]:
+        over = next(c for c in cands if c.name == part).overrides
+        if over["epochs"] % SNAPSHOTS == 0:
+            cands.append(Candidate(f"{part}+snap", "train", overrides={**over, "snapshots": SNAPSHOTS},
+                                   about=f"{part} as a snapshot ensemble: {SNAPSHOTS} cosine cycles of "
+                                         f"{over['epochs'] // SNAPSHOTS} epochs, the weights at the end of each "
+                                         "a member of an equal vote"))
+            trained.append(f"{part}+snap")
     # a seed ensemble: each averaged longer fine-tune again with another training seed (the fold seed + 1,
     # `seed = 1` in a shipped ensemble's member); it only pairs with its twin in the vote below
     twins = [(p, f"{p}+seed") for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]

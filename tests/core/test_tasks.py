@@ -153,3 +153,15 @@ def test_recipe_swa_must_be_a_fraction_of_the_epochs_and_not_beside_ema(bad):
     with pytest.raises(TaskSpecError, match="'ema' and 'swa'"):
         task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"swa": 0.5, "ema": 2}})
     assert task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"swa": 0.5}}).recipe["swa"] == 0.5
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ({"snapshots": 1}, "'snapshots' must be"), ({"snapshots": 2.0}, "'snapshots' must be"),
+    ({"snapshots": True}, "'snapshots' must be"), ({"snapshots": -2}, "'snapshots' must be"),
+    ({"snapshots": 3, "epochs": 4}, "must divide 'epochs'"), ({"snapshots": 2, "epochs": 4, "swa": 0.5}, "three ways"),
+])
+def test_recipe_snapshots_must_divide_the_epochs_and_stand_alone(recipe, match):
+    with pytest.raises(TaskSpecError, match=match):
+        task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": recipe})
+    ok = task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"snapshots": 3, "epochs": 15}})
+    assert ok.recipe["snapshots"] == 3

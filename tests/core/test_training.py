@@ -298,3 +298,76 @@ def test_swa_holds_the_rate_over_the_averaged_epochs(tmp_path):
     # at the end of epoch 1 the schedule has reached the start of epoch 2, where it holds
     assert swa_lr[0] == plain_lr[0] and swa_lr[1] == swa_lr[2] == swa_lr[3] == plain_lr[1]
     assert any(not torch.allclose(plain[k], swa[k]) for k in plain if plain[k].is_floating_point())
+
+
+def _snapshot_config(tmp_path, name, **kw):
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig
+
+    kw = {"finetune": "full", **kw}
+    return TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(tmp_path / name),
+                                 backbone="test_resnet", pretrained=False, image_size=32, max_images=40,
+                                 batch_size=8, progress=False, n_boot=0, seed=0, lr=3e-3, head_lr=3e-3,
+                                 keep_probe_if_better=False, probe_patience=1, patience=1, **kw)
+
+
+def test_snapshots_write_an_ensemble_of_each_cycles_last_weights(tmp_path):
+    """``snapshots = 2`` over 4 epochs: the cosine restarts at the full rate after epoch 2; every cycle
+    runs (patience and the probe's stop do not cut it short); the folder is an ensemble of two
+    calibrated members, the weights at the end of epochs 2 and 4 (the last, as in the last checkpoint),
+    and it predicts the weighted mean of their calibrated probabilities."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pellucid.core.modelfolder import load_model, read_card
+    from pellucid.core.training import snapshot_every, train
+
+    cfg = _snapshot_config(tmp_path, "snap", epochs=4, snapshots=2)
+    assert snapshot_every(cfg) == 2
+    out = Path(train(cfg))
+    rows = [h for h in json.loads((out / "members" / "snapshot2_epoch4" / "history.json").read_text()) if "lr" in h]
+    lr = [r["lr"] for r in rows]
+    # each row holds the rate of the next step: after epoch 2 the second cycle starts at the full rate
+    assert len(lr) == 4 and lr[0] < lr[1] and lr[1] == pytest.approx(3e-3) and lr[1] > lr[2] > lr[3], lr
+    card = read_card(out)
+    assert card.kind == "ensemble"
+    paths = [e["path"] for e in card.extra["members"]]
+    assert paths == ["members/snapshot1_epoch2", "members/snapshot2_epoch4"]
+    assert [e["weight"] for e in card.extra["members"]] == [0.5, 0.5]
+    first, last = (load_file(out / p / "model.safetensors") for p in paths)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(last[k], ckpt["state_dict"]["model." + k]) for k in last)
+    assert any(not torch.equal(first[k], last[k]) for k in last if last[k].is_floating_point())
+    assert (out / "metrics.json").is_file() and all((out / p / "metrics.json").is_file() for p in paths)
+    model, _ = load_model(out)
+    x = torch.rand(3, 3, 32, 32)
+    members = [load_model(out / p) for p in paths]
+    mean = sum(torch.softmax(m(x) / c.temperature, 1) for m, c in members) / 2
+    assert torch.allclose(torch.softmax(model(x), 1), mean, atol=1e-5)
+
+
+def test_snapshots_that_do_not_divide_the_epochs_are_refused_before_any_work(tmp_path):
+    from pellucid.core.training import TrainingError, train
+
+    with pytest.raises(TrainingError, match="multiple") as err:
+        train(_snapshot_config(tmp_path, "bad", epochs=4, snapshots=3))
+    assert "\n" not in str(err.value) and not (tmp_path / "bad").exists()
+    with pytest.raises(TrainingError, match="three ways"):
+        train(_snapshot_config(tmp_path, "bad", epochs=4, snapshots=2, ema=1.0))
+
+
+def test_a_snapshot_member_of_an_ensemble_recipe_joins_as_its_snapshots(tmp_path):
+    """A recipe member with ``snapshots = 2`` and weight 2 beside a probe: the ensemble holds the probe
+    and both snapshots, each snapshot with half the member's weight (so all three weigh the same)."""
+    from pellucid.core.ensemble import train_ensemble
+    from pellucid.core.modelfolder import load_model, read_card
+
+    cfg = _snapshot_config(tmp_path, "ens", epochs=0, finetune="linear-probe",
+                           members=[{"finetune": "linear-probe", "epochs": 0},
+                                    {"finetune": "full", "epochs": 2, "snapshots": 2, "weight": 2.0}])
+    out = train_ensemble(cfg)
+    entries = read_card(out).extra["members"]
+    assert [e["path"].split("/")[-1] for e in entries] == ["m0_test_resnet_32", "snapshot1_epoch1", "snapshot2_epoch2"]
+    assert [round(e["weight"], 6) for e in entries] == [round(1 / 3, 6)] * 3
+    model, _ = load_model(out)
+    assert len(model.members) == 3

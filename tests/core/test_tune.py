@@ -228,6 +228,13 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
     assert "finetune:lite0+long+swa+seed" not in waste
     hybrid = waste["probe:lite0@320+lite1@320+lite2@320+3xfinetune:lite0+long+swa"].recipe(get_task("waste"), waste)
     assert hybrid["members"][-1]["swa"] == 0.5 and hybrid["members"][-1]["weight"] == 3.0
+    # a snapshot ensemble (3 cycles of 5 epochs) of the longer plain fine-tunes, in the vote too
+    snap = waste["finetune:lite0+long+snap"].recipe(get_task("waste"))
+    assert snap["snapshots"] == 3 and {k: v for k, v in snap.items() if k != "snapshots"} == \
+        waste["finetune:lite0+long"].recipe(get_task("waste"))
+    assert "finetune:lite0+snap" not in waste and "finetune:lite0+long+snap+seed" not in waste
+    hybrid = waste["probe:lite0@320+lite1@320+lite2@320+3xfinetune:lite0+long+snap"].recipe(get_task("waste"), waste)
+    assert hybrid["members"][-1]["snapshots"] == 3 and hybrid["members"][-1]["epochs"] == 15
     # two fine-tunes in the vote: every pair of trained candidates, weight 1 or 2 each
     pair = waste["probe:lite0@224+lite1@240+lite2@260+2x(finetune:lite2, finetune:lite0+long)"]
     assert pair.parts[1:] == ("finetune:lite2", "finetune:lite0+long")
