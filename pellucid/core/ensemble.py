@@ -11,19 +11,18 @@ with :attr:`Ensemble.members` and :attr:`Ensemble.weights`.
 :func:`build_ensemble` assembles the folder from trained member folders and, when the members share
 one validation/test partition (same ``split.json``), fits the ensemble's own temperature and
 threshold on validation and scores it on test with bootstrap intervals, like a single model.
-:func:`train_ensemble` trains a recipe's ``members`` on one shared partition and builds the folder;
-the snow app's soft-voting ensemble (VGG-19 + ResNet-50 in the paper) is its first user.
+:func:`pellucid.core.ensemble_train.train_ensemble` trains a recipe's ``members`` on one shared
+partition and builds the folder with it, and a snapshot-ensemble fine-tune
+(:mod:`pellucid.core.training`) builds one from its snapshots.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import shutil
 import time
 import warnings
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -35,13 +34,11 @@ from torch.nn import functional as F
 from pellucid.core.card import Calibration, ModelCard, SplitSummary, Threshold, TrainingInfo, write_card
 from pellucid.core.modelfolder import ModelFolderError, load_model, read_card
 from pellucid.datasets.splits import Split, load_split, split_file
-from pellucid.registry import did_you_mean
 
 if TYPE_CHECKING:
     from pellucid.core.tasks import TaskSpec
-    from pellucid.core.training import TrainConfig
 
-__all__ = ["Ensemble", "build_ensemble", "load_ensemble", "train_ensemble"]
+__all__ = ["Ensemble", "build_ensemble", "load_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -335,63 +332,3 @@ def _score_ensemble(out: Path, card: ModelCard, shared: Split, task: TaskSpec | 
     split = {"hash": shared.hash, "seed": shared.seed, "train": len(shared.train),
              "val": len(shared.val), "test": len(shared.test), "file": "split.json"}
     return {"calibration": cal, "threshold": threshold, "metrics": test_metrics, "split": split}
-
-
-def train_ensemble(cfg: TrainConfig) -> Path:
-    """Train the members of ``cfg.members`` on one shared partition and build the ensemble folder.
-
-    Each entry of ``cfg.members`` is a table of :class:`~pellucid.core.training.TrainConfig` overrides
-    (for example ``{backbone = "vgg19", image_size = 224}``) applied on top of ``cfg``; the optional
-    key ``weight`` sets its voting weight (default 1). A member that writes a snapshot ensemble
-    (``snapshots``) joins as its snapshots, which share its weight equally. The first member makes the partition
-    (``cfg.split``/``cfg.split_file``); every later member reuses it through ``split_file``, so the
-    ensemble can be calibrated on the shared validation part and scored on the shared test part.
-
-    Returns:
-        ``cfg.out``, an ensemble model folder whose members sit in ``cfg.out/members/``.
-    """
-    from pellucid.core.tasks import TaskSpecError
-    from pellucid.core.training import TrainConfig, check_run_folder, train
-
-    run_folder = check_run_folder(cfg, kind="ensemble")  # another run in cfg.out: one-line refusal, before any work
-    t0 = time.time()
-    known = set(TrainConfig.__dataclass_fields__) - {"task", "data", "out", "members"}
-    out = Path(cfg.out)
-    base = replace(cfg, members=[], overwrite=False)  # --overwrite clears cfg.out (members included) once
-    overrides, weights = [], []
-    for i, entry in enumerate(cfg.members):
-        over = dict(entry)
-        weights.append(float(over.pop("weight", 1.0)))
-        bad = sorted(set(over) - known)
-        if bad:
-            raise TaskSpecError(f"ensemble member {i}: unknown training option {bad[0]!r}"
-                                + did_you_mean(bad[0], sorted(known), clause=True))
-        overrides.append(over)
-    run_folder.start()
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-    dirs, flat_w = [], []
-    split_file = cfg.split_file
-    for i, over in enumerate(overrides):
-        name = f"m{i}_{over.get('backbone', base.backbone)}_{over.get('image_size', base.image_size)}"
-        mcfg = replace(base, out=str(out / "members" / name), **over)
-        if split_file:
-            mcfg = replace(mcfg, split_file=split_file, max_images=None)
-        log.info("ensemble member %d/%d: %s", i + 1, len(overrides), name)
-        folder = Path(train(mcfg))
-        if not split_file:
-            split_file = str(folder / "split.json")
-        mcard = read_card(folder)
-        if mcard.kind == "ensemble":  # a snapshot ensemble: its snapshots join as members, sharing its weight
-            entries = mcard.extra["members"]
-            dirs += [folder / e["path"] for e in entries]
-            flat_w += [weights[i] * float(e["weight"]) for e in entries]
-        else:
-            dirs.append(folder)
-            flat_w.append(weights[i])
-    t_build = time.time()
-    folder = build_ensemble(dirs, out, flat_w, n_boot=cfg.n_boot, seed=cfg.seed,
-                            training={"members_seconds": round(t_build - t0, 1), "data": str(Path(cfg.data).resolve())})
-    card = read_card(folder)
-    card.training.seconds = round(time.time() - t0, 1)
-    write_card(folder, card)
-    return folder

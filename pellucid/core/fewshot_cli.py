@@ -98,7 +98,7 @@ def _fit(args: argparse.Namespace) -> int:
     card = read_card(folder)
     m = card.metrics
     print(f"model folder: {folder}")
-    print(f"classes:      " + ", ".join(f"{c} ({m['per_class'][c]})" for c in card.classes))
+    print("classes:      " + ", ".join(f"{c} ({m['per_class'][c]})" for c in card.classes))
     fewshot = card.extra.get("fewshot", {})
     extras = "".join(f" + {e['name']} ({e.get('weights', {}).get('source')})"
                      for e in fewshot.get("extra_backbones", []))

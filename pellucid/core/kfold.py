@@ -137,7 +137,7 @@ def run_training(cfg: TrainConfig, folds: int | None = None) -> Path:
     if folds:
         return train_kfold(cfg, folds)
     if cfg.members:
-        from pellucid.core.ensemble import train_ensemble
+        from pellucid.core.ensemble_train import train_ensemble
 
         return train_ensemble(cfg)
     from pellucid.core.training import train

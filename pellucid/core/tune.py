@@ -195,7 +195,7 @@ def _run_train(task, cand: Candidate, data_dir: str, split_path: Path, out: Path
     (out / "fold_logits.pt").unlink(missing_ok=True)  # a retrained fold must not keep the old model's logits
     t = time.time()
     if cfg.members:
-        from pellucid.core.ensemble import train_ensemble
+        from pellucid.core.ensemble_train import train_ensemble
 
         folder = train_ensemble(cfg)
     else:

@@ -359,7 +359,7 @@ def test_snapshots_that_do_not_divide_the_epochs_are_refused_before_any_work(tmp
 def test_a_snapshot_member_of_an_ensemble_recipe_joins_as_its_snapshots(tmp_path):
     """A recipe member with ``snapshots = 2`` and weight 2 beside a probe: the ensemble holds the probe
     and both snapshots, each snapshot with half the member's weight (so all three weigh the same)."""
-    from pellucid.core.ensemble import train_ensemble
+    from pellucid.core.ensemble_train import train_ensemble
     from pellucid.core.modelfolder import load_model, read_card
 
     cfg = _snapshot_config(tmp_path, "ens", epochs=0, finetune="linear-probe",
