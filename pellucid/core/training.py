@@ -471,6 +471,12 @@ def _snapshot_ensemble(cfg: TrainConfig, task: TaskSpec, model: Classifier, snap
                                       "finetune": cfg.finetune, "epochs": cfg.epochs, **trainer_info,
                                       "data": str(Path(cfg.data).resolve()),
                                       "skipped_files": [f"{p}: {e}" for p, e in cache.failures]})
+    # the run's history and training curves, one for all the snapshots
+    (out / "history.json").write_text(json.dumps(history, indent=1, default=float))
+    curves = dirs[-1] / "plots" / "training_curves.png"
+    if curves.is_file():
+        (out / "plots").mkdir(exist_ok=True)
+        shutil.copy2(curves, out / "plots" / "training_curves.png")
     card = read_card(folder)
     card.training.seconds = round(time.time() - t0, 1)
     write_card(folder, card)

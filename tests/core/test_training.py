@@ -339,6 +339,7 @@ def test_snapshots_write_an_ensemble_of_each_cycles_last_weights(tmp_path):
     assert all(torch.equal(last[k], ckpt["state_dict"]["model." + k]) for k in last)
     assert any(not torch.equal(first[k], last[k]) for k in last if last[k].is_floating_point())
     assert (out / "metrics.json").is_file() and all((out / p / "metrics.json").is_file() for p in paths)
+    assert (out / "history.json").is_file() and (out / "plots" / "training_curves.png").is_file()
     model, _ = load_model(out)
     x = torch.rand(3, 3, 32, 32)
     members = [load_model(out / p) for p in paths]
