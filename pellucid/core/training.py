@@ -451,6 +451,9 @@ def _snapshot_ensemble(cfg: TrainConfig, task: TaskSpec, model: Classifier, snap
     from pellucid.core.trainer import log_run
 
     out = Path(cfg.out)
+    if not snapshots:  # a run that ended before its first cycle did (it cannot stop early otherwise)
+        raise TrainingError(f"{out}: the fine-tune ended before the end of its first cycle, so it has no snapshot; "
+                            "run it again with --no-resume")
     dirs = []
     for i, snap in enumerate(snapshots):
         member = out / "members" / f"snapshot{i + 1}_epoch{snap['epoch'] + 1}"
