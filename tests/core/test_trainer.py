@@ -39,16 +39,9 @@ def test_make_trainer_checkpoints_logs_and_progress_when_asked(tmp_path):
     assert len(bars) == 1 and bars[0].refresh_rate == 1
 
 
-def test_swa_averages_the_epoch_end_weights_from_its_start_epoch(tmp_path):
-    """``swa_callback(2)`` over 4 epochs: the weights left at the end (and in the checkpoint) are the
-    equal mean of the weights at the end of epochs 2 and 3 (BatchNorm statistics too); validation of
-    epochs 0 and 1 sees the trained weights, not the untouched copy the average starts as."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from pellucid.core.trainer import Callback, LightningModule, ModelCheckpoint, make_trainer, swa_callback
-
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+def _tiny_module():
+    """A Lightning module of two linear layers around a BatchNorm, trained with SGD at rate 0.5."""
+    from pellucid.core.trainer import LightningModule
 
     class Tiny(LightningModule):
         def __init__(self):
@@ -64,6 +57,20 @@ def test_swa_averages_the_epoch_end_weights_from_its_start_epoch(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
+    return Tiny()
+
+
+def test_swa_averages_the_epoch_end_weights_from_its_start_epoch(tmp_path):
+    """``swa_callback(2)`` over 4 epochs: the weights left at the end (and in the checkpoint) are the
+    equal mean of the weights at the end of epochs 2 and 3 (BatchNorm statistics too); validation of
+    epochs 0 and 1 sees the trained weights, not the untouched copy the average starts as."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pellucid.core.trainer import Callback, ModelCheckpoint, make_trainer, swa_callback
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+
     def weights(module):
         return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
@@ -77,7 +84,7 @@ def test_swa_averages_the_epoch_end_weights_from_its_start_epoch(tmp_path):
         def on_validation_epoch_start(self, trainer, module):
             self.validated.append(weights(module))
 
-    record, module = Record(), Tiny()
+    record, module = Record(), _tiny_module()
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last", save_last=False, monitor=None)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     trainer = make_trainer(max_epochs=4, accelerator="cpu", devices=1, callbacks=[swa_callback(2), record, ckpt])
@@ -101,21 +108,10 @@ def test_snapshot_callback_copies_each_cycles_last_weights_and_keeps_them_in_the
     come back into a new callback from it."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pellucid.core.trainer import Callback, LightningModule, ModelCheckpoint, SnapshotCallback, make_trainer
+    from pellucid.core.trainer import Callback, ModelCheckpoint, SnapshotCallback, make_trainer
 
     torch.manual_seed(0)
     x, y = torch.randn(48, 4), torch.randint(0, 2, (48,))
-
-    class Tiny(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
-
-        def training_step(self, batch, _):
-            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
 
     class Record(Callback):
         def __init__(self):
@@ -127,7 +123,7 @@ def test_snapshot_callback_copies_each_cycles_last_weights_and_keeps_them_in_the
     snap, record = SnapshotCallback(2), Record()
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last", save_last=False, monitor=None)
     trainer = make_trainer(max_epochs=4, accelerator="cpu", devices=1, callbacks=[snap, record, ckpt])
-    trainer.fit(Tiny(), DataLoader(TensorDataset(x, y), batch_size=16))
+    trainer.fit(_tiny_module(), DataLoader(TensorDataset(x, y), batch_size=16))
     assert [s["epoch"] for s in snap.snapshots] == [1, 3]
     for s in snap.snapshots:
         assert set(s["state"]) == set(record.ends[s["epoch"]]) and "net.1.running_mean" in s["state"]
