@@ -50,7 +50,7 @@ from pellucid.registry import unknown_name_error
 __all__ = [
     "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
     "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint", "LOGGERS", "TrackingError",
-    "make_logger", "log_run", "tracking_uri", "final_metrics", "ema_callback", "swa_callback", "SnapshotCallback",
+    "make_logger", "log_run", "tracking_uri", "final_metrics", "ema_callback", "swa_callback",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,33 +206,6 @@ def swa_callback(start_epoch: int) -> Callback:
     it constant over the averaged epochs). Validation, the checkpoints and the weights left at the
     end are the average once it holds one epoch's weights, the trained weights before."""
     return _EpochEndAverage(start_epoch)
-
-
-class SnapshotCallback(Callback):
-    """Snapshot ensembles (Huang et al., 2017): a copy of the module's weights (and BatchNorm
-    statistics) after the last step of every ``every``-th epoch, the ends of the learning-rate cycles
-    (the schedule is the caller's). :attr:`snapshots` lists them in order as ``{"epoch": e, "state":
-    state_dict}`` (``e`` 0-based, tensors on the CPU in the default memory layout). They are kept in the
-    checkpoints, so a continued run still has the snapshots taken before it was interrupted."""
-
-    def __init__(self, every: int):
-        if int(every) < 1:
-            raise ValueError(f"snapshots are taken every >= 1 epochs, got {every}")
-        self.every = int(every)
-        self.snapshots: list[dict[str, Any]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        epoch = trainer.current_epoch
-        if batch_idx + 1 == trainer.num_training_batches and (epoch + 1) % self.every == 0:
-            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in pl_module.state_dict().items()}
-            # an epoch run again (continued from an earlier checkpoint) replaces its snapshot
-            self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch] + [{"epoch": epoch, "state": state}]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every, "snapshots": self.snapshots}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.snapshots = list(state_dict.get("snapshots", []))
 
 
 # ----------------------------------------------------------------------------- experiment tracking

@@ -686,10 +686,9 @@ def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]
 def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: ImageCache, split: dict,
                labels: list[int], cw: torch.Tensor | None, out: Path, history: list[dict],
                folder: RunFolder | None = None) -> dict:
-    from pellucid.core.trainer import (EarlyStopping, ModelCheckpoint, SnapshotCallback, ema_callback, fit,
-                                       make_trainer, swa_callback)
+    from pellucid.core.trainer import EarlyStopping, ModelCheckpoint, ema_callback, fit, make_trainer, swa_callback
 
-    snap = SnapshotCallback(snapshot_every(cfg)) if cfg.snapshots else None
+    every = snapshot_every(cfg) if cfg.snapshots else 0
     train_dl, val_dl = _loaders(cfg, cache, split, labels)
     # channels-last on CPU too: oneDNN's convolutions (depthwise ones above all) run in that layout;
     # an EfficientNet-Lite0 training step at 224 px took about half the time on the 2-core benchmark
@@ -700,11 +699,14 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     hist = _history_callback()
     callbacks = [ckpt, hist]
-    if snap is not None:  # every cycle runs to its end: no early stop, and the snapshots replace the best checkpoint
-        callbacks.append(snap)
+    if every:
+        # a snapshot ensemble: the weights at the end of each cycle, kept on disk (a continued run keeps
+        # them); every cycle runs to its end (no early stop) and they replace the best checkpoint
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="snapshot-{epoch}", monitor=None, save_top_k=-1,
+                                         every_n_epochs=every, save_weights_only=True, enable_version_counter=False))
     else:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
-    if snap is None and cfg.probe_patience and cfg.extra.get("probe_val_loss") is not None:
+    if not every and cfg.probe_patience and cfg.extra.get("probe_val_loss") is not None:
         callbacks.append(_beat_probe_callback(cfg.extra["probe_val_loss"], cfg.probe_patience))
     if cfg.ema > 0:
         # averaged from the end of the warm-up on (10 % of the steps, as in the schedule), so the
@@ -725,7 +727,7 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
         log.info("continuing the interrupted run from %s", resume)
     t = time.time()
     fit(trainer, module, train_dl, val_dl, ckpt_path=resume)
-    best = ckpt.best_model_path if snap is None else None
+    best = ckpt.best_model_path if not every else None
     if best and Path(best).exists():
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -733,8 +735,12 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     model.to("cpu").to(memory_format=torch.contiguous_format)
     info = {"fine_tune_seconds": round(time.time() - t, 1), "epochs_run": trainer.current_epoch,
             "best_checkpoint": Path(best).name if best else None, "stopped_early": bool(trainer.should_stop)}
-    if snap is not None:  # the classifier's own weights at each cycle's end (the module holds it as ``model``)
-        info["snapshots"] = [{"epoch": sn["epoch"],
-                              "state": {k[len("model."):]: v for k, v in sn["state"].items() if k.startswith("model.")}}
-                             for sn in snap.snapshots]
+    if every:  # the classifier's own weights at each cycle's end (the module holds it as ``model``)
+        info["snapshots"] = []
+        for epoch in range(every - 1, cfg.epochs, every):
+            path = ckpt_dir / f"snapshot-epoch={epoch}.ckpt"
+            if path.is_file():
+                state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+                info["snapshots"].append({"epoch": epoch, "state": {k[len("model."):]: v for k, v in state.items()
+                                                                    if k.startswith("model.")}})
     return info

@@ -102,42 +102,6 @@ def test_swa_averages_the_epoch_end_weights_from_its_start_epoch(tmp_path):
     assert torch.allclose(saved["net.0.weight"], mean["net.0.weight"], atol=1e-6)
 
 
-def test_snapshot_callback_copies_each_cycles_last_weights_and_keeps_them_in_the_checkpoint(tmp_path):
-    """``SnapshotCallback(2)`` over 4 epochs: copies of the weights (BatchNorm statistics too) at the
-    end of epochs 1 and 3 (0-based), unchanged by later training; they travel in the checkpoint and
-    come back into a new callback from it."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from pellucid.core.trainer import Callback, ModelCheckpoint, SnapshotCallback, make_trainer
-
-    torch.manual_seed(0)
-    x, y = torch.randn(48, 4), torch.randint(0, 2, (48,))
-
-    class Record(Callback):
-        def __init__(self):
-            self.ends = []
-
-        def on_train_epoch_end(self, trainer, module):
-            self.ends.append({k: v.detach().clone() for k, v in module.state_dict().items()})
-
-    snap, record = SnapshotCallback(2), Record()
-    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last", save_last=False, monitor=None)
-    trainer = make_trainer(max_epochs=4, accelerator="cpu", devices=1, callbacks=[snap, record, ckpt])
-    trainer.fit(_tiny_module(), DataLoader(TensorDataset(x, y), batch_size=16))
-    assert [s["epoch"] for s in snap.snapshots] == [1, 3]
-    for s in snap.snapshots:
-        assert set(s["state"]) == set(record.ends[s["epoch"]]) and "net.1.running_mean" in s["state"]
-        assert all(torch.equal(s["state"][k], record.ends[s["epoch"]][k]) for k in s["state"])
-    assert not torch.equal(snap.snapshots[0]["state"]["net.0.weight"], record.ends[3]["net.0.weight"])
-    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
-    again = SnapshotCallback(2)
-    again.load_state_dict(next(v for k, v in saved.items() if "SnapshotCallback" in k))
-    assert [s["epoch"] for s in again.snapshots] == [1, 3]
-    assert torch.equal(again.snapshots[0]["state"]["net.0.weight"], snap.snapshots[0]["state"]["net.0.weight"])
-    with pytest.raises(ValueError, match="every"):
-        SnapshotCallback(0)
-
-
 def test_uses_cuda_follows_the_accelerator_flag():
     from pellucid.core.trainer import uses_cuda
 

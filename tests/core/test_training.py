@@ -340,6 +340,11 @@ def test_snapshots_write_an_ensemble_of_each_cycles_last_weights(tmp_path):
     assert any(not torch.equal(first[k], last[k]) for k in last if last[k].is_floating_point())
     assert (out / "metrics.json").is_file() and all((out / p / "metrics.json").is_file() for p in paths)
     assert (out / "history.json").is_file() and (out / "plots" / "training_curves.png").is_file()
+    # the snapshots are on disk beside the last checkpoint, so a continued run keeps them
+    saved = [torch.load(out / "checkpoints" / f"snapshot-epoch={e}.ckpt", map_location="cpu", weights_only=True)
+             for e in (1, 3)]
+    assert all(torch.equal(first[k], saved[0]["state_dict"]["model." + k]) for k in first)
+    assert all(torch.equal(last[k], saved[1]["state_dict"]["model." + k]) for k in last)
     model, _ = load_model(out)
     x = torch.rand(3, 3, 32, 32)
     members = [load_model(out / p) for p in paths]
