@@ -7,13 +7,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "SWA_START", "default_candidates"]
+__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "XHIGH_RES", "SWA_START", "default_candidates"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 #: the larger input of the high-resolution candidates (sources of 200 px and more): fine detail such as
 #: a chest X-ray's small opacities is lost at the networks' own 224-260 px
 HIGH_RES = 320
+#: a larger input still, for the probes' vote only (frozen features cost one pass per image; a fine-tune at this
+#: size would cost four times B's steps): small objects in a photograph get more of the networks' resolution
+XHIGH_RES = 448
 EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
 SWA_START = 0.5  # stochastic weight averaging candidates (``swa`` in a recipe): the averaged last half of the epochs
 SNAPSHOTS = 3  # snapshot ensemble candidates (``snapshots`` in a recipe): cosine cycles of a longer fine-tune
@@ -104,8 +107,8 @@ def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str 
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
-    own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for sources of 200 px and
-    more), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
+    own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four, and the vote at ``XHIGH_RES`` px, for sources of 200 px
+    and more), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
     fine-tune again 2.5x longer (``+long``), weight averaging (``+ema``, and ``+swa`` on the longer plain
     fine-tunes), a snapshot ensemble of each longer plain fine-tune (``+snap``), each exponentially averaged
     longer fine-tune again with another training seed (``+seed``),
@@ -123,6 +126,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
         cands.append(_probe([(b, sizes[b])], about=f"{_SHORT[b].title()} probe"))
     trio = [(b, sizes[b]) for b in LITE_SIZES]
     hi_trio = [(b, HIGH_RES) for b in LITE_SIZES]
+    xhi_trio = [(b, XHIGH_RES) for b in LITE_SIZES]
     cands.append(_probe(trio, about="soft vote of the three Lite probes"))
     cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation (measured only: "
                                                 "model folders do not apply TTA, so it cannot win)"))
@@ -132,6 +136,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                                 "mirrored training images (probe_flip)"))
     if not small:
         cands.append(_probe(hi_trio, about=f"soft vote of the three Lite probes, every input at {HIGH_RES} px"))
+        cands.append(_probe(xhi_trio, about=f"soft vote of the three Lite probes, every input at {XHIGH_RES} px"))
     plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
              "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
     cands.append(Candidate("finetune:lite0", "train", overrides=plain, role="B",
@@ -208,7 +213,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     every = trained + (["current"] if single else [])
     votes = [(_probe(trio).name, every), (_probe(trio, flip="fit").name, every)]
     if not small:  # the high-resolution vote with every fine-tune (each member decodes at its own size)
-        votes.append((_probe(hi_trio).name, every))
+        votes += [(_probe(hi_trio).name, every), (_probe(xhi_trio).name, every)]
     for vote, parts in votes:
         for part in parts:
             for w in (1.0, 3.0):

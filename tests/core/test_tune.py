@@ -97,7 +97,7 @@ def test_training_candidate_runs_the_real_training_path(tmp_path, cache):
 
 def test_high_resolution_candidates_for_large_sources_only():
     from pellucid.core.tasks import get_task
-    from pellucid.core.tune_candidates import HIGH_RES
+    from pellucid.core.tune_candidates import HIGH_RES, XHIGH_RES
 
     tb = get_task("tb")
     by = {c.name: c for c in default_candidates(tb)}
@@ -117,9 +117,15 @@ def test_high_resolution_candidates_for_large_sources_only():
     assert [m["image_size"] for m in mixed] == [HIGH_RES] * 3 + [tb.image_size]
     assert mixed[-1]["ema"] == by["finetune:lite0+long+ema"].recipe(tb)["ema"]
     assert f"probe:lite0@224+lite1@240+lite2@260+finetune:lite0@{HIGH_RES}" in by
+    # the vote at XHIGH_RES px pairs with the fine-tunes too; no fine-tune trains at that size
+    xvote = by[f"probe:lite0@{XHIGH_RES}+lite1@{XHIGH_RES}+lite2@{XHIGH_RES}"]
+    xmixed = by[f"{xvote.name}+3xfinetune:lite0+long+ema"].recipe(tb, by)["members"]
+    assert [m["image_size"] for m in xmixed] == [XHIGH_RES] * 3 + [tb.image_size] and xmixed[-1]["weight"] == 3.0
+    assert not any(c.kind == "train" and f"@{XHIGH_RES}" in c.name for c in by.values())
     # tiny sources (nuclei's 32-px patches, PneumoniaMNIST's 28 px) get none
     for name in ("nuclei", "bpd"):
-        assert not any(f"@{HIGH_RES}" in c.name for c in default_candidates(get_task(name)))
+        names = [c.name for c in default_candidates(get_task(name))]
+        assert not any(f"@{HIGH_RES}" in n or f"@{XHIGH_RES}" in n for n in names)
 
 
 def test_seed_twin_is_the_same_fine_tune_with_the_next_training_seed(tmp_path, monkeypatch):
