@@ -107,14 +107,17 @@ def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str 
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
-    own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four, and the vote at ``XHIGH_RES`` px, for sources of 200 px
-    and more), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
+    own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four, and the vote at ``XHIGH_RES`` px, for inputs of 200 px
+    and more; the ``XHIGH_RES`` vote also for inputs of 100 px and more, such as sonar's), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
     fine-tune again 2.5x longer (``+long``), weight averaging (``+ema``, and ``+swa`` on the longer plain
     fine-tunes), a snapshot ensemble of each longer plain fine-tune (``+snap``), each exponentially averaged
     longer fine-tune again with another training seed (``+seed``),
     the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
     a fine-tune and its seed twin (a seed ensemble)."""
-    small = task.image_size < 200  # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches)
+    small = task.image_size < 200  # inputs below the networks' own sizes: the probes' vote doubles them
+    # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches, read at 64 px) gain nothing at 448 px; sonar's 160-px
+    # input comes from 256-512-px sonar images, which do
+    tiny = task.image_size < 100
     size = task.image_size
     base = "efficientnet_lite0"
     cands = [_probe([(base, size)], role="A", about="baseline A: frozen Lite0 + linear head"),
@@ -136,6 +139,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                                 "mirrored training images (probe_flip)"))
     if not small:
         cands.append(_probe(hi_trio, about=f"soft vote of the three Lite probes, every input at {HIGH_RES} px"))
+    if not tiny:
         cands.append(_probe(xhi_trio, about=f"soft vote of the three Lite probes, every input at {XHIGH_RES} px"))
     plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
              "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
@@ -212,8 +216,10 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
     every = trained + (["current"] if single else [])
     votes = [(_probe(trio).name, every), (_probe(trio, flip="fit").name, every)]
-    if not small:  # the high-resolution vote with every fine-tune (each member decodes at its own size)
-        votes += [(_probe(hi_trio).name, every), (_probe(xhi_trio).name, every)]
+    if not small:  # the high-resolution votes with every fine-tune (each member decodes at its own size)
+        votes.append((_probe(hi_trio).name, every))
+    if not tiny:
+        votes.append((_probe(xhi_trio).name, every))
     for vote, parts in votes:
         for part in parts:
             for w in (1.0, 3.0):

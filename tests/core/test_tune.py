@@ -126,6 +126,13 @@ def test_high_resolution_candidates_for_large_sources_only():
     for name in ("nuclei", "bpd"):
         names = [c.name for c in default_candidates(get_task(name))]
         assert not any(f"@{HIGH_RES}" in n or f"@{XHIGH_RES}" in n for n in names)
+    # sonar's 160-px input (from 256-512-px images) gets the vote at XHIGH_RES px, with its fine-tunes, but not
+    # the HIGH_RES candidates: its own vote already doubles 160 px to 320
+    sonar = get_task("sonar")
+    names = [c.name for c in default_candidates(sonar)]
+    xname = f"probe:lite0@{XHIGH_RES}+lite1@{XHIGH_RES}+lite2@{XHIGH_RES}"
+    assert xname in names and f"{xname}+3xfinetune:lite0+sampler+long+ema" in names
+    assert not any(f"finetune:lite0@{HIGH_RES}" in n for n in names)
 
 
 def test_seed_twin_is_the_same_fine_tune_with_the_next_training_seed(tmp_path, monkeypatch):
