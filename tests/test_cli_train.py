@@ -96,8 +96,8 @@ def test_ensemble_backbone_list_sets_one_backbone_per_member(roads):
     members = args.overrides["members"]
     assert [m["backbone"] for m in members] == ["resnet50", "vgg19", "vgg16", "resnet18"]
     recipe = get_task("snow").recipe["members"]  # the rest of each member is the recipe's
-    assert [m["image_size"] for m in members] == [m["image_size"] for m in recipe] == [224, 240, 260, 224]
-    assert members[3]["finetune"] == "full" and members[3]["weight"] == recipe[3]["weight"] == 1.0
+    assert [m["image_size"] for m in members] == [m["image_size"] for m in recipe] == [224, 240, 260, 260]
+    assert members[3]["finetune"] == "full" and members[3]["weight"] == recipe[3]["weight"] == 3.0
 
 
 def test_one_backbone_every_member_already_uses_keeps_the_ensemble(tmp_path):
