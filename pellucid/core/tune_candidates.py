@@ -107,12 +107,12 @@ def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str 
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
-    own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four, and the vote at ``XHIGH_RES`` px, for inputs of 200 px
-    and more; the ``XHIGH_RES`` vote also for inputs of 100 px and more, such as sonar's), B with class-balanced batches (macro-F1 tasks of more than two classes), each plain
-    fine-tune again 2.5x longer (``+long``), weight averaging (``+ema``, and ``+swa`` on the longer plain
-    fine-tunes), a snapshot ensemble of each longer plain fine-tune (``+snap``), each exponentially averaged
-    longer fine-tune again with another training seed (``+seed``),
-    the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
+    own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for inputs of 200 px and more),
+    the vote at ``XHIGH_RES`` px (inputs of 100 px and more, such as sonar's 160 px), B with class-balanced
+    batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer (``+long``),
+    weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
+    longer plain fine-tune (``+snap``), each exponentially averaged longer fine-tune again with another
+    training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
     a fine-tune and its seed twin (a seed ensemble)."""
     small = task.image_size < 200  # inputs below the networks' own sizes: the probes' vote doubles them
     # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches, read at 64 px) gain nothing at 448 px; sonar's 160-px
