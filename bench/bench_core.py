@@ -3,7 +3,8 @@
 On EfficientNet-Lite0 at 224 px with real chest X-rays (``../shared/data/tb_cxr``), measured in one run:
 plain inference forward of a batch, a progressive fine-tune step (top stages thawed), a full
 fine-tune step, and the linear probe with cached features vs re-running the backbone every epoch.
-Writes ``bench/results/core.md``.
+Then a full fine-tune step at 64 px with the plain depthwise layers and with ``small_input_depthwise``.
+Writes ``bench/results/core.md`` (``--out``: another file, e.g. one per kind of CPU); the header names the CPU.
 """
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ def _time(fn, repeat: int = 3) -> float:
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="markdown table to write (default: %(default)s)")
+    out = parser.parse_args(argv).out
     if not DATA.exists():
         print(f"skipped: sample data {DATA} absent")
         return
@@ -88,13 +94,41 @@ def main() -> None:
     for name, sec in rows:
         lines.append(f"| {name} | {sec:.3f} | {sec / base:.2f} |")
     lines.append(f"| decode + resize 64 PNGs once (ImageCache, 4 threads) | {decode_s:.3f} | — |")
-    table = "\n".join(lines)
-    header = (f"EfficientNet-Lite0, 224 px, batch 32, {torch.get_num_threads()} torch threads, CPU, malloc thresholds "
-              "set by tune_allocator() as the pellucid command does\n\n")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(header + table + "\n")
+    table = "\n".join(lines) + "\n\n" + _small_input_table()
+    from pellucid.core.quantize import cpu_features
+
+    header = (f"EfficientNet-Lite0, 224 px, batch 32, {torch.get_num_threads()} torch threads, CPU: "
+              f"{cpu_features().summary()}; torch {torch.__version__}; malloc thresholds set by tune_allocator() "
+              "as the pellucid command does\n\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + table + "\n")
     print(header + table)
 
+
+
+def _small_input_table() -> str:
+    """A full fine-tune step at nuclei's 64 px, as training runs it (channels-last), with the plain
+    depthwise layers and inside :func:`pellucid.core.runtime.small_input_depthwise` (same numbers)."""
+    from pellucid.core.runtime import small_input_depthwise
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (64,))
+    m, _ = build_classifier("efficientnet_lite0", 4, pretrained=True)
+    m = m.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    plain = _time(step, 3)
+    with small_input_depthwise(m) as n:
+        small = _time(step, 3)
+    return ("| full fine-tune step, 64 images at 64 px (nuclei), channels-last | plain layers s | "
+            f"`small_input_depthwise` ({n} layers) s | speed-up |\n|---|---|---|---|\n"
+            f"| EfficientNet-Lite0, 4 classes | {plain:.3f} | {small:.3f} | {plain / small:.2f}x |")
 
 if __name__ == "__main__":
     main()

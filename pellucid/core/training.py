@@ -29,6 +29,7 @@ folder already holds:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from torch.nn import functional as F
 from pellucid.core.card import ModelCard, Preprocessing
 from pellucid.core.finetune import Strategy, freeze_bn_of_frozen, get_strategy
 from pellucid.core.model import Classifier, build_classifier
+from pellucid.core.runtime import small_input_depthwise
 from pellucid.core.runs import (_CHECKPOINT_KEY, _SHORT, NOT_IDENTITY, RUN_DIRS, RUN_FILE, RUN_FILES, RunFolder,
                                 TrainingError, check_checkpoint, check_data_path, check_out_path, check_run_folder,
                                 run_identity)
@@ -726,7 +728,11 @@ def _fine_tune(model: Classifier, strategy: Strategy, cfg: TrainConfig, cache: I
     if resume is not None:
         log.info("continuing the interrupted run from %s", resume)
     t = time.time()
-    fit(trainer, module, train_dl, val_dl, ckpt_path=resume)
+    # on CPU, depthwise layers whose input is smaller than their kernel (a 64-px input's last stages) pad it
+    # themselves: the same numbers through a faster oneDNN backward (runtime.small_input_depthwise)
+    small = small_input_depthwise(model) if _device_for(cfg).type == "cpu" else contextlib.nullcontext()
+    with small:
+        fit(trainer, module, train_dl, val_dl, ckpt_path=resume)
     best = ckpt.best_model_path if not every else None
     if best and Path(best).exists():
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]

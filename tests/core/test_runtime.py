@@ -196,3 +196,53 @@ def test_bfloat16_runner_approximates_the_model_is_cached_and_excludes_int8(mode
     assert fast_forward(model, (3, 32, 32), "torch", bfloat16=True).backend == "torch"  # torch asked: autocast
     with pytest.raises(ValueError, match="not both"):
         fast_forward(model, (3, 32, 32), int8_calibration=_x(4), bfloat16=True)
+
+
+def test_small_input_depthwise_keeps_outputs_and_gradients_and_restores_the_layers(monkeypatch):
+    """Inside the block, depthwise layers pad inputs smaller than their kernel themselves: the same
+    logits and gradients, the same state dict; afterwards every layer is a plain ``nn.Conv2d``."""
+    from pellucid.core import runtime
+    from pellucid.core.runtime import small_input_depthwise
+
+    torch.manual_seed(0)
+    model = build_classifier("efficientnet_lite0", 4, pretrained=False)[0].train()
+    x = _x(4, 64)
+
+    def run():
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch.manual_seed(1)
+    plain_out, plain_grads = run()
+    keys = list(model.state_dict())
+    pads = []
+    real_pad = nn.functional.pad
+    monkeypatch.setattr(runtime.nn.functional, "pad", lambda t, p, *a, **k: pads.append(tuple(t.shape)) or real_pad(t, p, *a, **k))
+    with small_input_depthwise(model) as switched:
+        torch.manual_seed(1)
+        small_out, small_grads = run()
+        assert list(model.state_dict()) == keys
+    assert switched > 0
+    # at 64 px the last stages run at 2-4 px, below the 3x3 and 5x5 kernels: those, and only those, pad
+    assert pads and all(min(shape[-2:]) <= 4 for shape in pads)
+    torch.testing.assert_close(small_out, plain_out, rtol=1e-4, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(small_grads[name], grad, rtol=1e-3, atol=1e-5)
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_small_input_depthwise_leaves_large_inputs_and_restores_after_an_error():
+    from pellucid.core.runtime import small_input_depthwise
+
+    conv = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+    dense = nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(conv, dense)
+    with pytest.raises(RuntimeError, match="boom"):
+        with small_input_depthwise(model) as switched:
+            assert switched == 1 and type(conv) is not nn.Conv2d and type(dense) is nn.Conv2d
+            big, small = torch.rand(2, 8, 9, 9), torch.rand(2, 8, 3, 3)
+            assert model(big).shape == (2, 8, 9, 9) and model(small).shape == (2, 8, 3, 3)
+            raise RuntimeError("boom")
+    assert type(conv) is nn.Conv2d

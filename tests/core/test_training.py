@@ -208,6 +208,31 @@ def test_history_gives_each_epoch_its_own_training_loss(tmp_path):
         assert r["train_loss"] == pytest.approx(logged[r["epoch"]], rel=1e-6)
 
 
+
+def test_cpu_fine_tune_runs_inside_small_input_depthwise(tmp_path, monkeypatch):
+    """On CPU the fine-tune's epochs run inside small_input_depthwise, entered once and left after."""
+    import contextlib
+
+    from pellucid.core import training
+    from pellucid.core.tasks import get_task
+
+    seen, real = [], training.small_input_depthwise
+
+    @contextlib.contextmanager
+    def spy(model):
+        with real(model) as n:
+            seen.append(n)
+            yield n
+        seen.append("left")
+
+    monkeypatch.setattr(training, "small_input_depthwise", spy)
+    cfg = training.TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(tmp_path / "d"),
+                                         backbone="test_resnet", pretrained=False, image_size=32, epochs=1,
+                                         max_images=24, batch_size=8, progress=False, n_boot=0, finetune="full",
+                                         accelerator="cpu")
+    training.train(cfg)
+    assert seen == [0, "left"]  # entered once around the epochs (test_resnet has no depthwise layer)
+
 def test_backbone_flag_on_an_ensemble_recipe_is_honoured_not_ignored(tmp_path, capsys, caplog):
     data_dir("snow")
     # one backbone for the snow ensemble: one model of it (here it has no offline weights: one-line error)
