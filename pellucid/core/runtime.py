@@ -99,7 +99,6 @@ def tune_allocator(threshold: int = ALLOCATOR_THRESHOLD) -> bool:
     return ok
 
 
-
 class _PaddedDepthwise(nn.Conv2d):
     """A depthwise convolution that zero-pads an input smaller than its kernel itself.
 
@@ -126,9 +125,10 @@ def small_input_depthwise(model: nn.Module):
     their kernel themselves (:class:`_PaddedDepthwise`); afterwards they are plain ``nn.Conv2d`` again.
 
     For CPU training of EfficientNet-style networks at small inputs: an EfficientNet-Lite0 training
-    step of 64 images at 64 px took 0.53 s against 0.80 s on the 2-core AVX2-only CPU, with identical
-    outputs; at 160 and 224 px no layer is affected. Only the layers' class changes, so state dicts,
-    copies and checkpoints are untouched. Yields the number of layers switched.
+    step of 64 images at 64 px took 0.46 s against 0.78 s on the 2-core AVX2-only CPU
+    (``bench/results/core-avx2.md``), with identical outputs; at 160 and 224 px no layer is affected.
+    Only the layers' class changes, so state dicts, copies and checkpoints are untouched. Yields the
+    number of layers switched.
     """
     convs = [m for m in model.modules()
              if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels
@@ -140,6 +140,7 @@ def small_input_depthwise(model: nn.Module):
     finally:
         for m in convs:
             m.__class__ = nn.Conv2d
+
 
 def onnxruntime_available() -> bool:
     try:

@@ -219,7 +219,12 @@ def test_small_input_depthwise_keeps_outputs_and_gradients_and_restores_the_laye
     keys = list(model.state_dict())
     pads = []
     real_pad = nn.functional.pad
-    monkeypatch.setattr(runtime.nn.functional, "pad", lambda t, p, *a, **k: pads.append(tuple(t.shape)) or real_pad(t, p, *a, **k))
+
+    def spy_pad(t, p, *a, **k):
+        pads.append(tuple(t.shape))
+        return real_pad(t, p, *a, **k)
+
+    monkeypatch.setattr(runtime.nn.functional, "pad", spy_pad)
     with small_input_depthwise(model) as switched:
         torch.manual_seed(1)
         small_out, small_grads = run()
