@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     print(header + table)
 
 
-
 def _small_input_table() -> str:
     """A full fine-tune step at nuclei's 64 px, as training runs it (channels-last), with the plain
     depthwise layers and inside :func:`pellucid.core.runtime.small_input_depthwise` (same numbers)."""
@@ -129,6 +128,7 @@ def _small_input_table() -> str:
     return ("| full fine-tune step, 64 images at 64 px (nuclei), channels-last | plain layers s | "
             f"`small_input_depthwise` ({n} layers) s | speed-up |\n|---|---|---|---|\n"
             f"| EfficientNet-Lite0, 4 classes | {plain:.3f} | {small:.3f} | {plain / small:.2f}x |")
+
 
 if __name__ == "__main__":
     main()

@@ -238,16 +238,27 @@ def test_small_input_depthwise_keeps_outputs_and_gradients_and_restores_the_laye
     assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_small_input_depthwise_leaves_large_inputs_and_restores_after_an_error():
+def test_small_input_depthwise_leaves_large_inputs_and_restores_after_an_error(monkeypatch):
+    """Only an input smaller than the kernel is padded first (same output as the plain layer); dense
+    layers are never switched; an exception inside the block still restores the layers."""
+    from pellucid.core import runtime
     from pellucid.core.runtime import small_input_depthwise
 
+    torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 5, padding=2, groups=8)
     dense = nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(conv, dense)
+    big, small = torch.rand(2, 8, 9, 9), torch.rand(2, 8, 3, 3)
+    want = {9: model(big), 3: model(small)}
+    pads = []
+    real_pad = nn.functional.pad
+    monkeypatch.setattr(runtime.nn.functional, "pad", lambda t, p, *a, **k: pads.append(t.shape[-1]) or real_pad(t, p))
     with pytest.raises(RuntimeError, match="boom"):
         with small_input_depthwise(model) as switched:
             assert switched == 1 and type(conv) is not nn.Conv2d and type(dense) is nn.Conv2d
-            big, small = torch.rand(2, 8, 9, 9), torch.rand(2, 8, 3, 3)
-            assert model(big).shape == (2, 8, 9, 9) and model(small).shape == (2, 8, 3, 3)
+            torch.testing.assert_close(model(big), want[9])
+            assert pads == []  # 9 px >= the 5x5 kernel: the plain convolution
+            torch.testing.assert_close(model(small), want[3])
+            assert pads == [3]
             raise RuntimeError("boom")
     assert type(conv) is nn.Conv2d

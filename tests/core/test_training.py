@@ -208,7 +208,6 @@ def test_history_gives_each_epoch_its_own_training_loss(tmp_path):
         assert r["train_loss"] == pytest.approx(logged[r["epoch"]], rel=1e-6)
 
 
-
 def test_cpu_fine_tune_runs_inside_small_input_depthwise(tmp_path, monkeypatch):
     """On CPU the fine-tune's epochs run inside small_input_depthwise, entered once and left after."""
     import contextlib
