@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "XHIGH_RES", "SWA_START", "default_candidates"]
+__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "XHIGH_RES", "XXHIGH_RES", "SWA_START",
+           "default_candidates"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -17,6 +18,9 @@ HIGH_RES = 320
 #: a larger input still, for the probes' vote only (frozen features cost one pass per image; a fine-tune at this
 #: size would cost four times B's steps): small objects in a photograph get more of the networks' resolution
 XHIGH_RES = 448
+#: the largest input, again for the probes' vote only and for sources of 200 px and more (waste's photographs are
+#: 288 x 384 px): alone and beside the vote at XHIGH_RES px (six probes, two input sizes per network)
+XXHIGH_RES = 576
 EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
 SWA_START = 0.5  # stochastic weight averaging candidates (``swa`` in a recipe): the averaged last half of the epochs
 SNAPSHOTS = 3  # snapshot ensemble candidates (``snapshots`` in a recipe): cosine cycles of a longer fine-tune
@@ -108,7 +112,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
     own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for inputs of 200 px and more),
-    the vote at ``XHIGH_RES`` px (inputs of 100 px and more, such as sonar's 160 px), B with class-balanced
+    the vote at ``XHIGH_RES`` px (inputs of 100 px and more, such as sonar's 160 px), the vote at
+    ``XXHIGH_RES`` px and the six probes at both sizes (inputs of 200 px and more; probes only, no hybrids), B with class-balanced
     batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer (``+long``),
     weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
     longer plain fine-tune (``+snap``), each exponentially averaged longer fine-tune again with another
@@ -141,6 +146,11 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
         cands.append(_probe(hi_trio, about=f"soft vote of the three Lite probes, every input at {HIGH_RES} px"))
     if not tiny:
         cands.append(_probe(xhi_trio, about=f"soft vote of the three Lite probes, every input at {XHIGH_RES} px"))
+    if not small:
+        xxhi_trio = [(b, XXHIGH_RES) for b in LITE_SIZES]
+        cands.append(_probe(xxhi_trio, about=f"soft vote of the three Lite probes, every input at {XXHIGH_RES} px"))
+        cands.append(_probe(xhi_trio + xxhi_trio, about=f"soft vote of six Lite probes: each network at {XHIGH_RES} "
+                                                        f"and at {XXHIGH_RES} px"))
     plain = {"backbone": base, "finetune": "full", "epochs": fine_tune_epochs, "lr": 5e-4, "head_lr": 1e-3,
              "mixing": "none", "members": [], "probe_patience": 0, "patience": fine_tune_epochs}
     cands.append(Candidate("finetune:lite0", "train", overrides=plain, role="B",

@@ -97,7 +97,7 @@ def test_training_candidate_runs_the_real_training_path(tmp_path, cache):
 
 def test_high_resolution_candidates_for_large_sources_only():
     from pellucid.core.tasks import get_task
-    from pellucid.core.tune_candidates import HIGH_RES, XHIGH_RES
+    from pellucid.core.tune_candidates import HIGH_RES, XHIGH_RES, XXHIGH_RES
 
     tb = get_task("tb")
     by = {c.name: c for c in default_candidates(tb)}
@@ -122,17 +122,25 @@ def test_high_resolution_candidates_for_large_sources_only():
     xmixed = by[f"{xvote.name}+3xfinetune:lite0+long+ema"].recipe(tb, by)["members"]
     assert [m["image_size"] for m in xmixed] == [XHIGH_RES] * 3 + [tb.image_size] and xmixed[-1]["weight"] == 3.0
     assert not any(c.kind == "train" and f"@{XHIGH_RES}" in c.name for c in by.values())
+    # the vote at XXHIGH_RES px, alone and with the XHIGH_RES vote (six members, each at its own size): probes only
+    xxvote = by[f"probe:lite0@{XXHIGH_RES}+lite1@{XXHIGH_RES}+lite2@{XXHIGH_RES}"]
+    assert [m["image_size"] for m in xxvote.recipe(tb)["members"]] == [XXHIGH_RES] * 3
+    six = by[f"{xvote.name}+lite0@{XXHIGH_RES}+lite1@{XXHIGH_RES}+lite2@{XXHIGH_RES}"]
+    nets = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+    assert [(m["backbone"], m["image_size"]) for m in six.recipe(tb)["members"]] == \
+        [(b, s) for s in (XHIGH_RES, XXHIGH_RES) for b in nets]
+    assert not any(f"@{XXHIGH_RES}" in c.name for c in by.values() if c.kind != "probe")
     # tiny sources (nuclei's 32-px patches, PneumoniaMNIST's 28 px) get none
     for name in ("nuclei", "bpd"):
         names = [c.name for c in default_candidates(get_task(name))]
-        assert not any(f"@{HIGH_RES}" in n or f"@{XHIGH_RES}" in n for n in names)
+        assert not any(f"@{HIGH_RES}" in n or f"@{XHIGH_RES}" in n or f"@{XXHIGH_RES}" in n for n in names)
     # sonar's 160-px input (from 256-512-px images) gets the vote at XHIGH_RES px, with its fine-tunes, but not
     # the HIGH_RES candidates: its own vote already doubles 160 px to 320
     sonar = get_task("sonar")
     names = [c.name for c in default_candidates(sonar)]
     xname = f"probe:lite0@{XHIGH_RES}+lite1@{XHIGH_RES}+lite2@{XHIGH_RES}"
     assert xname in names and f"{xname}+3xfinetune:lite0+sampler+long+ema" in names
-    assert not any(f"finetune:lite0@{HIGH_RES}" in n for n in names)
+    assert not any(f"finetune:lite0@{HIGH_RES}" in n or f"@{XXHIGH_RES}" in n for n in names)
 
 
 def test_seed_twin_is_the_same_fine_tune_with_the_next_training_seed(tmp_path, monkeypatch):
