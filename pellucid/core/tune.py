@@ -384,6 +384,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     name = name or task.name
     out = Path(out)
     previous = _previous_rows(out / f"recipes-{name}.json", folds, seed, len(samples)) if resume else {}
+    earlier_cpus = _earlier_cpus(out / f"recipes-{name}.json") if previous else []
     split_list = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
     work = Path(work or Path("runs") / "tune" / (name if seed == 0 else f"{name}-seed{seed}"))  # seeds apart
     (work / "folds").mkdir(parents=True, exist_ok=True)
@@ -461,6 +462,8 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
                         bool(official))
     result["blocked_classes"] = blocked
     result["name"] = name
+    # a resumed table keeps rows that earlier searches scored, maybe on another CPU: the header names those too
+    result["earlier_cpus"] = [c for c in dict.fromkeys(earlier_cpus) if c != result["cpu"]]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"recipes-{name}.json").write_text(json.dumps(result, indent=1, default=str))
     (out / f"recipes-{name}.md").write_text(render_table(result))
@@ -518,6 +521,15 @@ def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj:
         row["official"] = old["official"]
 
 
+def _earlier_cpus(path: Path) -> list[str]:
+    """The CPUs of the searches that wrote an earlier table: its own and those it kept rows of."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(c) for c in [*old.get("earlier_cpus", []), old.get("cpu")] if c]
+
+
 def rescore(json_path: str | Path) -> dict:
     """Recompute the summaries and the winner of a written search (``recipes-<task>.json``) with this
     version's rule, without running anything again; rewrites the ``.json`` and ``.md`` beside it."""
@@ -528,7 +540,7 @@ def rescore(json_path: str | Path) -> dict:
     task = get_task(old["task"])
     new = _summarise(task, old["candidates"], old["k"], old["seed"], old["data"], [None] * old["n"], old["seconds"],
                      old["embed_seconds"], old["official_split"])
-    new.update({k: old[k] for k in ("cpu", "torch", "threads", "blocked_classes", "name") if k in old})
+    new.update({k: old[k] for k in ("cpu", "earlier_cpus", "torch", "threads", "blocked_classes", "name") if k in old})
     path.write_text(json.dumps(new, indent=1, default=str))
     path.with_suffix(".md").write_text(render_table(new))
     if path.with_suffix(".toml").exists() and new["winner"]:  # a written recipe follows the new winner

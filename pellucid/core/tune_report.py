@@ -32,6 +32,8 @@ def render_table(result: dict) -> str:
              f"seed {result['seed']}); every candidate on the same folds, the test part of a fold only scores. "
              f"CPU: {result['cpu']}; torch {result['torch']}, {result['threads']} thread(s). "
              f"Search took {result['seconds']:.0f} s ({result['embed_seconds']:.0f} s computing frozen features)."
+             + (" Rows kept from earlier searches (`--resume`) were scored there, on: "
+                + "; ".join(result["earlier_cpus"]) + "." if result.get("earlier_cpus") else "")
              + (f" Class(es) {', '.join(result['blocked_classes'])} are one recording each: cut into "
                 f"{2 * result['k']} blocks in frame order, each a group (weaker than group separation: "
                 "frames at block edges look alike)." if result.get("blocked_classes") else ""), "",

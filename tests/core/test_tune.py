@@ -340,7 +340,7 @@ def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them()
     assert _block_single_group_classes(s[40:], 5) == (s[40:], [])
 
 
-def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(tmp_path, cache):
+def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(tmp_path, cache, monkeypatch):
     data = _synthetic(tmp_path / "data", n_groups=20)
     b = {"backbone": "test_resnet", "pretrained": False, "finetune": "full", "epochs": 1, "batch_size": 8,
          "image_size": 32, "members": []}
@@ -365,10 +365,17 @@ def test_hybrid_is_scored_from_its_parts_folds_and_resume_reuses_trained_folds(t
     assert [m["finetune"] for m in members] == ["linear-probe", "full"] and members[1]["weight"] == 3.0
     assert "members" not in members[1] or members[1]["members"] == []
     assert (tmp_path / "out" / "recipes-tb_other.md").read_text().startswith("# Recipe search: tb_other")
+    assert "earlier searches" not in (tmp_path / "out" / "recipes-tb_other.md").read_text()
     # resume: the trained folds are reused (no training: the model files are untouched), the scores equal
     model = tmp_path / "work" / "ft" / "fold_1" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
+    monkeypatch.setattr("pellucid.core.tune._cpu_line", lambda: "another CPU")
     again = tune("tb", str(data), resume=True, **kw)
+    # the header names this search's CPU and the one the kept rows were scored on
+    assert again["cpu"] == "another CPU" and again["earlier_cpus"] == [res["cpu"]]
+    table = (tmp_path / "out" / "recipes-tb_other.md").read_text()
+    assert "CPU: another CPU;" in table
+    assert f"earlier searches (`--resume`) were scored there, on: {res['cpu']}." in table
     rows2 = {r["name"]: r for r in again["candidates"]}
     assert model.stat().st_mtime_ns == stamp
     assert rows2["ft"]["folds"] == rows["ft"]["folds"]
