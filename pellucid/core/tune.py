@@ -383,8 +383,7 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     cands = [c for c in cands if c.kind != "hybrid" or all(p in by_name for p in c.parts)]
     name = name or task.name
     out = Path(out)
-    previous = _previous_rows(out / f"recipes-{name}.json", folds, seed, len(samples)) if resume else {}
-    earlier_cpus = _earlier_cpus(out / f"recipes-{name}.json") if previous else []
+    previous, earlier_cpus = _previous(out / f"recipes-{name}.json", folds, seed, len(samples)) if resume else ({}, [])
     split_list = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
     work = Path(work or Path("runs") / "tune" / (name if seed == 0 else f"{name}-seed{seed}"))  # seeds apart
     (work / "folds").mkdir(parents=True, exist_ok=True)
@@ -473,16 +472,18 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     return result
 
 
-def _previous_rows(path: Path, k: int, seed: int, n: int) -> dict:
-    """Rows of an earlier search with the same folds, by candidate name (empty when there is none)."""
+def _previous(path: Path, k: int, seed: int, n: int) -> tuple[dict, list[str]]:
+    """Rows of an earlier search with the same folds, by candidate name, and the CPUs of the searches
+    that scored them: its own and those whose rows it kept (both empty when there is none)."""
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return {}, []
     if (old.get("k"), old.get("seed"), old.get("n")) != (k, seed, n):
         log.warning("%s: other folds (k, seed or n differ); nothing reused", path)
-        return {}
-    return {r["name"]: r for r in old.get("candidates", [])}
+        return {}, []
+    rows = {r["name"]: r for r in old.get("candidates", [])}
+    return rows, [str(c) for c in [*old.get("earlier_cpus", []), old.get("cpu")] if c and rows]
 
 
 def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj: _Data, samples, split_list,
@@ -519,15 +520,6 @@ def _hybrid_row(row: dict, cand: Candidate, by_name: dict, rows: dict, data_obj:
                                       [_train_fold_logits(data_obj.task, d, samples, off) for d in folders])
     elif ran and same and old.get("official"):
         row["official"] = old["official"]
-
-
-def _earlier_cpus(path: Path) -> list[str]:
-    """The CPUs of the searches that wrote an earlier table: its own and those it kept rows of."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    return [str(c) for c in [*old.get("earlier_cpus", []), old.get("cpu")] if c]
 
 
 def rescore(json_path: str | Path) -> dict:

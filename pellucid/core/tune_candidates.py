@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "XHIGH_RES", "XXHIGH_RES", "SWA_START",
-           "default_candidates"]
+__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "XHIGH_RES", "XXHIGH_RES",
+           "SWA_START", "default_candidates"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -113,8 +113,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
     own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for inputs of 200 px and more),
     the vote at ``XHIGH_RES`` px (inputs of 100 px and more, such as sonar's 160 px), the vote at
-    ``XXHIGH_RES`` px and the six probes at both sizes (inputs of 200 px and more; probes only, no hybrids), B with class-balanced
-    batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer (``+long``),
+    ``XXHIGH_RES`` px and the six probes at both sizes (inputs of 200 px and more; probes only, no hybrids),
+    B with class-balanced batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer (``+long``),
     weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
     longer plain fine-tune (``+snap``), each exponentially averaged longer fine-tune again with another
     training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
