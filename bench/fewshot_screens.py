@@ -1,4 +1,4 @@
-"""Screens of two more few-shot levers against the ``fewshot fit`` default, on the dev draws of
+"""Screens of more few-shot levers against the ``fewshot fit`` default, on the dev draws of
 ``bench/fewshot_draws.py`` (same data sets, same seed-0 support draws, queries never share a
 ``group`` with the support). A lever that does not beat the default on the dev draws stops here;
 one that does would go on to the confirm draws and the package.
@@ -25,12 +25,19 @@ support, the rest as queries; activations mirrored at random; BatchNorm statisti
 then prototypes as ``fewshot fit`` fits them (``auto_weights``, leave-one-out scale). Compared, on
 the same draws, with the frozen Lite0 (``auto_weights``), the candidate it would replace.
 
+``--study selection``: which embedding a support set keeps (four candidates, each fitted as the
+default fits its one) by the prototypes' or the logistic head's leave-one-out NLL, with each
+embedding alone and the per-draw best (a bound: it looks at the queries); ``--study taps``: other
+sets of Lite0's pooled stages; ``--study grid``: Lite0's stages pooled over a grid of regions
+(:func:`grid_features`). All three report accuracy only.
+
 Run from the repository root (features and trunk activations come from the disk cache under
 ``runs/.cache/features`` when ``bench.fewshot_draws`` or an earlier screen computed them)::
 
     OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study classes
     OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study support-ft --draws 10
     OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study head [--seed 1]
+    OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study selection|taps|grid
 """
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ import torch.nn.functional as F
 from bench.fewshot_draws import DATASETS, DEFAULT_DATA, TARGETS, load_dataset, product_pair_features, \
     sized_features, support_draws
 
-__all__ = ["main", "class_block"]
+__all__ = ["main", "class_block", "grid_features"]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -344,6 +351,195 @@ def study_ensemble(args) -> tuple[list[str], dict]:
     return variants, rows
 
 
+def _default_fit(f, s_idx, q_idx, y_all, n_way):
+    """One embedding fitted on a support set as ``fewshot fit`` fits its chosen one (``auto_weights``,
+    logistic head, leave-one-out temperature): (prototypes' leave-one-out NLL, the head's
+    leave-one-out NLL, query log probabilities in batches of 32, query accuracy)."""
+    from pellucid.core.fewshot.folder import fit_head_scale, fit_support
+
+    net = _net(f.taps)
+    net.config = replace(net.config, auto_weights=True, head="logistic", layers=tuple(f.taps), layer_weights=None)
+    net.embedder.dims = list(f.dims)
+    net.dims = torch.tensor(f.dims)
+    fit = fit_support(net, f.plain[s_idx].float(), y_all[s_idx], n_way)
+    head = fit_head_scale(net, n_way, len(s_idx))
+    q = f.plain.float()
+    with torch.no_grad():
+        logits = torch.cat([net.logits(net.transform(q[q_idx[st:st + 32]])) for st in range(0, len(q_idx), 32)])
+    logp = torch.log_softmax(logits.double(), 1)
+    return (fit[2] if fit else math.inf, head[2] if head else math.inf, logp,
+            float((logp.argmax(1) == y_all[q_idx]).float().mean()))
+
+
+def _accuracy_rows(rows: dict, name: str, accs: dict) -> None:
+    base = np.array(accs[next(iter(accs))])
+    for v, a in accs.items():
+        rows[(name, v)] = _paired(np.array(a), base)
+
+
+def study_selection(args) -> tuple[list[str], dict]:
+    """Which embedding a support set should keep, and by what: the default's two candidates (Lite0
+    @224, Lite0 + Lite2 as ``fewshot fit`` computes them) plus Lite2 @260 and Lite0 + Lite2 both
+    @320, each fitted as the default fits its one (:func:`_default_fit`); kept by the prototypes'
+    leave-one-out NLL (the default's rule) or by the logistic head's own leave-one-out NLL; the two
+    best by the head's NLL averaged; each embedding alone; and the best embedding of each draw
+    picked by its query accuracy, an upper bound no rule can reach (it looks at the queries)."""
+    from bench.fewshot_draws import concat_features
+
+    rules = [("default: Lite0 or Lite0 + Lite2 by the prototypes' NLL", "proto", ("l0", "pair")),
+             ("Lite0 or Lite0 + Lite2 by the head's NLL", "head", ("l0", "pair")),
+             ("Lite0, Lite0 + Lite2 or Lite2 by the head's NLL", "head", ("l0", "pair", "l2")),
+             ("Lite0, Lite0 + Lite2 or Lite0 + Lite2 @320 by the head's NLL", "head", ("l0", "pair", "pair320")),
+             ("Lite0, Lite0 + Lite2 or Lite0 + Lite2 @320 by the prototypes' NLL", "proto", ("l0", "pair", "pair320")),
+             ("any of the four by the head's NLL", "head", ("l0", "pair", "l2", "pair320")),
+             ("any of the four by the prototypes' NLL", "proto", ("l0", "pair", "l2", "pair320"))]
+    names = {"l0": "Lite0 @224", "pair": "Lite0 + Lite2 (default's)", "l2": "Lite2 @260",
+             "pair320": "Lite0 + Lite2 @320"}
+    variants = ([r[0] for r in rules] + ["mean probability of the two best by the head's NLL (of four)"]
+                + [f"{n} alone" for n in names.values()] + ["best of the four per draw, by query accuracy (bound)"])
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        embs = {"l0": sized_features(samples, "efficientnet_lite0", 224, False),
+                "pair": product_pair_features(samples, False),
+                "l2": sized_features(samples, "efficientnet_lite2", 260, False),
+                "pair320": concat_features(sized_features(samples, "efficientnet_lite0", 320, False),
+                                           sized_features(samples, "efficientnet_lite2", 320, False))}
+        accs: dict[str, list[float]] = {v: [] for v in variants}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
+            got = {k: _default_fit(f, s_idx, q_idx, y_all, n_way) for k, f in embs.items()}
+            nll = {"proto": {k: g[0] for k, g in got.items()}, "head": {k: g[1] for k, g in got.items()}}
+            acc = {k: g[3] for k, g in got.items()}
+            vals = [acc[min(keys, key=nll[by].get)] for _, by, keys in rules]
+            best2 = sorted(got, key=nll["head"].get)[:2]
+            mean = torch.stack([got[k][2].exp() for k in best2]).mean(0)
+            vals += [float((mean.argmax(1) == y_all[q_idx]).float().mean())] + [acc[k] for k in names]
+            vals.append(max(acc.values()))
+            for v, a in zip(variants, vals):
+                accs[v].append(a)
+        _accuracy_rows(rows, name, accs)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return variants, rows
+
+
+#: ``--study taps``: sets of Lite0's pooled stages (the default's are ``blocks.4``, ``blocks.5``, ``bn2``).
+TAP_SETS = (("blocks.4", "blocks.5", "bn2"), ("blocks.3", "blocks.4", "blocks.5", "bn2"),
+            ("blocks.2", "blocks.3", "blocks.4", "blocks.5", "bn2"), ("blocks.3", "blocks.4", "bn2"),
+            ("blocks.4", "blocks.5", "blocks.6", "bn2"),
+            ("blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6", "bn2"))
+
+
+def study_taps(args) -> tuple[list[str], dict]:
+    """Lite0 @224 with other sets of pooled stages (:data:`TAP_SETS`), each fitted as the default fits
+    an embedding (:func:`_default_fit`: ``auto_weights`` chooses among the weightings of
+    :func:`~pellucid.core.fewshot.config.weight_candidates` for that many stages)."""
+    from bench.fewshot_draws import Features
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import PrototypicalNetwork, extract_features, improved_config
+
+    every = tuple(dict.fromkeys(t for st in TAP_SETS for t in st))
+    variants = ["default: " + " + ".join(TAP_SETS[0])] + [" + ".join(st) for st in TAP_SETS[1:]]
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        bb, info = create_backbone("efficientnet_lite0", pretrained=True)
+        net = PrototypicalNetwork(bb, replace(improved_config(bb.spec), layers=every, layer_weights=None))
+        raw = extract_features(net, [s.path for s in samples], image_size=224, weight_info=info)
+        taps = dict(zip(every, torch.split(raw, list(net.embedder.dims), 1)))
+        embs = [Features("efficientnet_lite0", torch.cat([taps[t] for t in st], 1), torch.zeros(0),
+                         [taps[t].shape[1] for t in st], st, 0.0) for st in TAP_SETS]
+        accs: dict[str, list[float]] = {v: [] for v in variants}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
+            for v, f in zip(variants, embs):
+                accs[v].append(_default_fit(f, s_idx, q_idx, y_all, n_way)[3])
+        _accuracy_rows(rows, name, accs)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return variants, rows
+
+
+def grid_features(samples, grid: int = 2):
+    """Lite0 @224, its three tap stages each pooled over the whole map (the default) and over a
+    ``grid`` x ``grid`` grid of regions (adaptive average pooling: the layout of the image kept);
+    disk-cached under a key of their own. Returns ``(whole-map blocks, grid blocks, taps)``."""
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import DEFAULT_CACHE_DIR, improved_config
+    from pellucid.core.fewshot.features import _cache_key, _cached, _run_batches, _weights_fingerprint
+
+    bb, info = create_backbone("efficientnet_lite0", pretrained=True)
+    bb.eval()
+    taps = tuple(improved_config(bb.spec).layers)
+    mean = torch.tensor(bb.spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bb.spec.std).view(1, 3, 1, 1)
+    paths = [str(s.path) for s in samples]
+    desc = {"backbone": bb.spec.name, "size": 224, "layers": list(taps), "pool": f"whole+grid{grid}"}
+
+    def embed(x):
+        got: dict = {}
+        hooks = [bb.module_at(t).register_forward_hook(lambda _m, _i, o, t=t: got.__setitem__(t, o)) for t in taps]
+        try:
+            bb((x - mean) / std)
+        finally:
+            for h in hooks:
+                h.remove()
+        widths[:] = [got[t].shape[1] for t in taps]
+        return torch.cat([got[t].mean((2, 3)) for t in taps]
+                         + [F.adaptive_avg_pool2d(got[t], grid).flatten(1) for t in taps], 1).float()
+
+    widths: list[int] = []
+
+    def compute():
+        with torch.no_grad():
+            feats = _run_batches(embed, paths, 224, 32, False)
+        return {"features": feats, "widths": torch.tensor(widths)}
+
+    key = _cache_key("pooled", desc, info, paths, _weights_fingerprint(bb))
+    out = _cached(key, DEFAULT_CACHE_DIR, compute, {**desc, "n": len(paths)})
+    w = out["widths"].tolist()
+    blocks = torch.split(out["features"], w + [c * grid * grid for c in w], 1)
+    return list(blocks[:len(w)]), list(blocks[len(w):]), taps
+
+
+def study_grid(args) -> tuple[list[str], dict]:
+    """Lite0's stages pooled over a ``--grid`` x ``--grid`` grid of regions (:func:`grid_features`),
+    alone or beside the whole-map blocks, as embeddings fitted like the default's
+    (:func:`_default_fit`), and as a third candidate of the default's choice (prototypes' NLL)."""
+    from bench.fewshot_draws import Features
+
+    variants = ["default: Lite0 or Lite0 + Lite2 by the prototypes' NLL", f"Lite0, {args.grid}x{args.grid} grid alone",
+                f"Lite0, whole map + {args.grid}x{args.grid} grid", "default + the grid as a third candidate",
+                "default + whole map and grid as a third candidate"]
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        whole, grid, taps = grid_features(samples, args.grid)
+        embs = {"l0": sized_features(samples, "efficientnet_lite0", 224, False),
+                "pair": product_pair_features(samples, False),
+                "grid": Features("efficientnet_lite0", torch.cat(grid, 1), torch.zeros(0),
+                                 [g.shape[1] for g in grid], taps, 0.0),
+                "both": Features("efficientnet_lite0", torch.cat(whole + grid, 1), torch.zeros(0),
+                                 [g.shape[1] for g in whole + grid], taps + tuple(f"grid:{t}" for t in taps), 0.0)}
+        accs: dict[str, list[float]] = {v: [] for v in variants}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
+            got = {k: _default_fit(f, s_idx, q_idx, y_all, n_way) for k, f in embs.items()}
+            acc = {k: g[3] for k, g in got.items()}
+
+            def by_nll(keys):
+                return acc[min(keys, key=lambda k: got[k][0])]
+
+            for v, a in zip(variants, [by_nll(("l0", "pair")), acc["grid"], acc["both"],
+                                       by_nll(("l0", "pair", "grid")), by_nll(("l0", "pair", "both"))]):
+                accs[v].append(a)
+        _accuracy_rows(rows, name, accs)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return variants, rows
+
+
 def render(title: str, intro: str, variants, rows, args, command: str) -> str:
     from pellucid.core.quantize import cpu_features
 
@@ -388,9 +584,30 @@ _PAIRED_NLL = {
 }
 
 
+#: studies reported by accuracy alone: (function, title, intro, file stem)
+_PAIRED_ACC = {
+    "selection": (study_selection, "Few-shot screen: which embedding a support set keeps, and by what",
+                  "Four embeddings (Lite0 @224; Lite0 + Lite2 as `fewshot fit` computes them; Lite2 @260; Lite0 + "
+                  "Lite2 both fed 320 px) are each fitted per support set as the default fits its one "
+                  "(`auto_weights`, logistic head, leave-one-out temperature). The rules keep one by the "
+                  "prototypes' leave-one-out NLL (the default's rule) or by the logistic head's own "
+                  "leave-one-out NLL. The last row picks, per draw, the embedding with the best query accuracy: "
+                  "it looks at the queries, so it is a bound, not a rule.", "fewshot-selection"),
+    "taps": (study_taps, "Few-shot screen: which of Lite0's stages the embedding pools",
+             "Lite0 @224 with other sets of pooled stages, each L2-normalised; `auto_weights` chooses the "
+             "weighting per support set among deep-heavy, equal, shallow-heavy and deepest-only; logistic head.",
+             "fewshot-taps"),
+    "grid": (study_grid, "Few-shot screen: Lite0's stages pooled over a grid of regions",
+             "Each of Lite0's three tap stages pooled over a grid of image regions (adaptive average pooling) "
+             "keeps the layout that whole-map pooling throws away (chest X-rays are aligned; sonar's fan-shaped "
+             "and side-scan images differ in shape). Fitted as the default fits an embedding; the last rows add "
+             "it as a third candidate of the default's choice.", "fewshot-grid"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fewshot_screens", description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", choices=("classes", "support-ft", "head", "ensemble"), required=True)
+    p.add_argument("--study", choices=("classes", "support-ft", "head", "ensemble", *_PAIRED_ACC), required=True)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     p.add_argument("--shots", type=int, default=5)
@@ -400,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="20:1e-4:2,40:1e-4:2,40:3e-4:2",
                    help="--study support-ft: steps:lr:support-shots, comma-separated")
     p.add_argument("--head-c", default="10,30,100", help="--study head: the logistic head's C values")
+    p.add_argument("--grid", type=int, default=2, help="--study grid: regions per side")
     p.add_argument("--seed", type=int, default=0, help="draws' seed (0: the dev draws, 1: the confirm draws)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -421,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         fn, title, intro, stem = _PAIRED_NLL[args.study]
         variants, rows = fn(args)
         text = render(title, intro, variants, rows, args, command) + _nll_table(variants, rows, args)
+        out = Path(args.out or OUT / f"{stem}{'-confirm' if args.seed else ''}.md")
+    elif args.study in _PAIRED_ACC:
+        fn, title, intro, stem = _PAIRED_ACC[args.study]
+        variants, rows = fn(args)
+        text = render(title, intro, variants, rows, args, command)
         out = Path(args.out or OUT / f"{stem}{'-confirm' if args.seed else ''}.md")
     else:
         variants, rows = study_support_ft(args)
