@@ -499,7 +499,7 @@ def render(dev: dict, confirm: dict, grid, chosen: dict, args, command: str, tim
     for v in grid:
         lines.append(f"| {v.name} | " + " | ".join(_fmt(dev[(d, v.name)]) for d in ds)
                      + f" | {_overall(dev, ds, v.name):.3f} |")
-    lines += ["", f"Queries per draw (mean): " + ", ".join(
+    lines += ["", "Queries per draw (mean): " + ", ".join(
         f"{d} {dev[(d, grid[0].name)]['queries']:.0f}" for d in ds), ""]
     base = chosen["new default (chosen)"]
     lines += [f"## Levers: paired differences against the chosen setting ({base.name}), dev draws", "",
