@@ -41,9 +41,10 @@ class TrainingError(RuntimeError):
 RUN_FILE = "run.json"
 
 #: TrainConfig keys outside a run's identity: where it is written and how it reports, how it may be
-#: continued, and how long it goes on (an interrupted run may be continued with more epochs or
-#: patience; the schedule is recomputed from the new length).
-NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience")
+#: continued, how long it goes on (an interrupted run may be continued with more epochs or
+#: patience; the schedule is recomputed from the new length), and the input size the finished model
+#: predicts at (``test_size`` changes no training step).
+NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience", "test_size")
 
 #: TrainConfig options newer than most runs, left out of the identity while they are off.
 _OFF_BY_DEFAULT = {"ema": 0.0, "swa": 0.0, "snapshots": 0}

@@ -55,6 +55,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "ema": 0.0,                # fine-tune: average the weights with this time constant in epochs (0: off)
     "swa": 0.0,                # fine-tune: equal average of the epoch-end weights from this fraction of the epochs on (0: off)
     "snapshots": 0,            # fine-tune: a snapshot ensemble of this many cosine cycles over the epochs (0: off)
+    "test_size": 0,            # predict at this input size instead of image_size (0: the same; see TrainConfig)
     "balance": "weights",
     "val_fraction": 0.15,
     "test_fraction": 0.2,
@@ -201,6 +202,13 @@ def task_from_dict(data: dict, where: str = "task spec", *, check_backbone: bool
     if snaps and int(recipe.get("epochs", 0)) % snaps:
         raise TaskSpecError(f"{where}: recipe key 'snapshots' ({snaps}) must divide 'epochs' ({recipe.get('epochs')}), "
                             "so every cycle has the same number of epochs")
+    test_size = recipe.get("test_size", 0)
+    if isinstance(test_size, bool) or not isinstance(test_size, int) or not (test_size == 0 or 16 <= test_size <= 1024):
+        raise TaskSpecError(f"{where}: recipe key 'test_size' must be the input size the model predicts at, 0 (the "
+                            f"training image_size) or 16 to 1024 px, got {test_size!r}")
+    if test_size and snaps:
+        raise TaskSpecError(f"{where}: recipe keys 'test_size' and 'snapshots' do not go together: a snapshot "
+                            "ensemble's members predict at the training image_size")
     if check_backbone:
         from pellucid.core.backbones import get_backbone_spec
 

@@ -80,6 +80,10 @@ class TrainConfig:
     probe_epochs: int = 40
     probe_flip: bool = False  # the linear probe also fits the mirrored training images (prediction unchanged)
     image_size: int = 224
+    # the input size the saved model predicts at (0: image_size). A fine-tune on random resized crops sees objects
+    # larger than a whole image at the same size shows them; predicting at a larger size undoes that ("FixRes",
+    # Touvron et al., 2019). Calibration, threshold, test metrics and the out-of-domain reference use this size.
+    test_size: int = 0
     batch_size: int = 32
     lr: float = 5e-4
     head_lr: float = 2e-3
@@ -383,6 +387,9 @@ def train(cfg: TrainConfig) -> Path:
     t0 = time.time()
     if cfg.snapshots:
         snapshot_every(cfg)  # a one-line refusal of an impossible snapshot schedule, before any work
+        if cfg.test_size:
+            raise TrainingError("test_size and snapshots do not go together: a snapshot ensemble's members predict "
+                                "at the training image_size; set one of them")
     folder = check_run_folder(cfg)  # one-line refusals before any work
     seed_everything(cfg.seed)
     task = get_task(cfg.task)
@@ -423,6 +430,11 @@ def train(cfg: TrainConfig) -> Path:
                                       device, history, {**trainer_info, "linear_probe": probe_info}, t0)
         trainer_info.update(_keep_better(model, probe_state, probe_info, history))
 
+    if cfg.test_size and cfg.test_size != cfg.image_size:  # the folder predicts at test_size: read every part at it
+        cache = ImageCache([s.path for s in samples], cfg.test_size, channels=task.channels, progress=cfg.progress,
+                           preprocess=masker)
+        plain = {part: CachedDataset(cache, split[part], labels) for part in ("train", "val", "test")}
+        y = {part: torch.as_tensor(ds.targets()) for part, ds in plain.items()}
     # ---- evaluation on rank zero: calibrate on val, threshold on val, score on test
     cal, threshold, test_metrics = _evaluate(model, plain, y, task, cfg, device, out, history)
     seconds = round(time.time() - t0, 1)
@@ -594,7 +606,7 @@ def _card(cfg: TrainConfig, task: TaskSpec, model: Classifier, weight_info: dict
     from pellucid.core.modelfolder import build_card
 
     return build_card(
-        task=task, model=model, weight_info=weight_info, image_size=cfg.image_size,
+        task=task, model=model, weight_info=weight_info, image_size=cfg.test_size or cfg.image_size,
         threshold=threshold, calibration=cal, metrics=test_metrics,
         split={"hash": split["hash"], "seed": cfg.seed, "train": len(plain["train"]), "val": len(plain["val"]),
                "test": len(plain["test"]), "file": "split.json"},

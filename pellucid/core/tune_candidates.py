@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "XHIGH_RES", "XXHIGH_RES",
-           "SWA_START", "default_candidates"]
+__all__ = ["CANDIDATE_KINDS", "CROPPING_AUGMENTS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "TEST_SCALES",
+           "XHIGH_RES", "XXHIGH_RES", "SWA_START", "default_candidates", "test_sizes"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -24,6 +24,12 @@ XXHIGH_RES = 576
 EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
 SWA_START = 0.5  # stochastic weight averaging candidates (``swa`` in a recipe): the averaged last half of the epochs
 SNAPSHOTS = 3  # snapshot ensemble candidates (``snapshots`` in a recipe): cosine cycles of a longer fine-tune
+#: the test-time input candidates (``test_size`` in a recipe): the plain fine-tunes predict at these
+#: multiples of their training size. Random resized crops of 60-100 % of the area show objects about 1.1x larger
+#: in training than a whole image does at prediction; a larger test input gives them back that size (FixRes)
+TEST_SCALES = (1.15, 1.3)
+#: augmentation presets that train on random resized crops (pellucid.datasets.augment)
+CROPPING_AUGMENTS = ("natural", "skin", "skin_tone")
 _SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
 
 
@@ -92,7 +98,8 @@ def _effective(recipe: dict) -> dict:
     """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
     stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
     recipes compare equal."""
-    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa", "snapshots") and not v)}  # off = the old default
+    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa", "snapshots", "test_size")
+                                                      and not v)}  # off = the old default
     if recipe.get("finetune") == "progressive":
         return out
     return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}
@@ -108,6 +115,11 @@ def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str 
     return Candidate(name, "probe", tuple(members), flip=flip, role=role, about=about)
 
 
+def test_sizes(train_size: int) -> list[int]:
+    """The test-time inputs of a fine-tune trained at ``train_size`` px: :data:`TEST_SCALES` of it, to 32 px."""
+    return [int(round(train_size * r / 32)) * 32 for r in TEST_SCALES]
+
+
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
@@ -116,7 +128,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     ``XXHIGH_RES`` px and the six probes at both sizes (inputs of 200 px and more; probes only, no hybrids),
     B with class-balanced batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer (``+long``),
     weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
-    longer plain fine-tune (``+snap``), each exponentially averaged longer fine-tune again with another
+    longer plain fine-tune (``+snap``), each plain fine-tune predicting at a larger input
+    (``+at<px>``, :func:`test_sizes`; inputs of 200 px and more trained on random resized crops), each exponentially averaged longer fine-tune again with another
     training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
     a fine-tune and its seed twin (a seed ensemble)."""
     small = task.image_size < 200  # inputs below the networks' own sizes: the probes' vote doubles them
@@ -214,6 +227,15 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                          f"{over['epochs'] // SNAPSHOTS} epochs, the weights at the end of each "
                                          "a member of an equal vote"))
             trained.append(f"{part}+snap")
+    # a larger input at prediction for the plain fine-tunes (one model each) of tasks that train on random resized crops
+    if not small and task.augment in CROPPING_AUGMENTS:
+        for part in [p for p in trained if p.startswith("finetune:") and "+snap" not in p]:
+            over = next(c for c in cands if c.name == part).overrides
+            for z in test_sizes(int(over.get("image_size", size))):
+                cands.append(Candidate(f"{part}+at{z}", "train", overrides={**over, "test_size": z},
+                                       about=f"{part}, the trained model predicting at {z} px (test_size; its "
+                                             "training is unchanged)"))
+                trained.append(f"{part}+at{z}")
     # a seed ensemble: each averaged longer fine-tune again with another training seed (the fold seed + 1,
     # `seed = 1` in a shipped ensemble's member); it only pairs with its twin in the vote below
     twins = [(p, f"{p}+seed") for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]
@@ -240,6 +262,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     # two fine-tunes in the vote (a small ensemble of fine-tunes: other length, network, or averaging),
     # each weighted 1 or 2, so together they weigh 2 or 4 against the three probes
     vote = _probe(trio).name
+    trained = [t for t in trained if "+at" not in t]  # a test-size twin pairs with nothing: its weights are its parent's
     for i, one in enumerate(trained):
         for two in trained[i + 1:] + [t for p, t in twins if p == one]:
             for w in (1.0, 2.0):

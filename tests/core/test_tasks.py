@@ -165,3 +165,13 @@ def test_recipe_snapshots_must_divide_the_epochs_and_stand_alone(recipe, match):
         task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": recipe})
     ok = task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"snapshots": 3, "epochs": 15}})
     assert ok.recipe["snapshots"] == 3
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ({"test_size": 8}, "'test_size' must be"), ({"test_size": 288.0}, "'test_size' must be"),
+    ({"test_size": True}, "'test_size' must be"), ({"test_size": 288, "snapshots": 3, "epochs": 15}, "do not go together"),
+])
+def test_recipe_test_size_is_an_input_size_and_not_beside_snapshots(recipe, match):
+    with pytest.raises(TaskSpecError, match=match):
+        task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": recipe})
+    assert task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"test_size": 288}}).recipe["test_size"] == 288

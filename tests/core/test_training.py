@@ -293,6 +293,35 @@ def test_ema_keeps_the_averaged_weights(tmp_path):
     assert moved(plain) > 0 and moved(long_) < 0.5 * moved(plain), (moved(long_), moved(plain))
 
 
+def test_test_size_trains_the_same_weights_and_the_folder_predicts_at_the_larger_size(tmp_path):
+    """``test_size``: training is untouched (the same weights as the plain run, the same run identity), and the
+    folder is calibrated, scored and described at the larger input, so every door reads images at it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pellucid.core.modelfolder import read_card
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, TrainingError, train
+
+    def run(name, **kw):
+        cfg = TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(tmp_path / name),
+                                    backbone="test_resnet", pretrained=False, image_size=32, max_images=40,
+                                    batch_size=8, progress=False, n_boot=0, seed=0, finetune="full", epochs=2,
+                                    probe_patience=0, **kw)
+        return train(cfg)
+
+    plain, big = run("plain"), run("big", test_size=48)
+    wp, wb = load_file(plain / "model.safetensors"), load_file(big / "model.safetensors")
+    assert all(torch.equal(wp[k], wb[k]) for k in wp)
+    cp, cb = read_card(plain), read_card(big)
+    assert (cp.image_size, cb.image_size) == (32, 48) and cb.recipe["image_size"] == 32
+    hashes = [json.loads((f / "run.json").read_text())["config_hash"] for f in (plain, big)]
+    assert hashes[0] == hashes[1]
+    assert cp.calibration != cb.calibration  # fitted on the validation logits of the larger input
+    with pytest.raises(TrainingError, match="test_size and snapshots"):
+        run("snap", test_size=48, snapshots=2)
+
+
 def test_swa_holds_the_rate_over_the_averaged_epochs(tmp_path):
     """``swa = 0.5`` over 4 epochs: the warm-up cosine schedule runs until epoch 2 and then holds its
     rate; the plain run's rate keeps falling; the weights written differ from the plain run's."""

@@ -143,6 +143,28 @@ def test_high_resolution_candidates_for_large_sources_only():
     assert not any(f"finetune:lite0@{HIGH_RES}" in n or f"@{XXHIGH_RES}" in n for n in names)
 
 
+def test_test_size_candidates_for_cropping_augmentations_of_large_sources_only():
+    from pellucid.core.tasks import get_task
+    from pellucid.core.tune_candidates import test_sizes
+
+    assert test_sizes(224) == [256, 288] and test_sizes(260) == [288, 352]
+    waste = get_task("waste")  # 288 x 384-px photographs, random resized crops ("natural")
+    by = {c.name: c for c in default_candidates(waste)}
+    parent = by["finetune:lite0+long+ema"].recipe(waste)
+    twin = by["finetune:lite0+long+ema+at288"].recipe(waste)
+    # the same training; only the input the finished model predicts at differs
+    assert twin["test_size"] == 288 and twin["image_size"] == parent["image_size"] == 224
+    assert {k: v for k, v in twin.items() if k != "test_size"} == parent
+    assert by["finetune:lite2+long+ema+at352"].recipe(waste)["image_size"] == 260
+    hybrid = by["probe:lite0@448+lite1@448+lite2@448+finetune:lite0+long+ema+at288"].recipe(waste, by)["members"]
+    assert hybrid[-1]["test_size"] == 288 and hybrid[-1]["image_size"] == 224
+    # never beside its own parent (the same weights) in a vote of two fine-tunes
+    assert not any(c.kind == "hybrid" and len(c.parts) == 3 and any("+at" in p for p in c.parts) for c in by.values())
+    # chest X-rays train without crops ("cxr"), sonar too, and tiny sources not at all: none for them
+    for name in ("tb", "sonar", "bpd", "nuclei"):
+        assert not any("+at" in c.name for c in default_candidates(get_task(name)))
+
+
 def test_seed_twin_is_the_same_fine_tune_with_the_next_training_seed(tmp_path, monkeypatch):
     """A seed ensemble: the twin of an averaged longer fine-tune differs only by its training seed (the
     fold seed + 1 in the search, ``seed = 1`` in the member a recipe writes), and it pairs only with its
