@@ -106,12 +106,14 @@ def render(res: dict) -> str:
 
     m1, m2 = res["metrics"]
     native = f"{res['native']} px"
+    seed_arg = f" --seed {res['seed']}" if res["seed"] else ""
     lines = [f"# Test-time input size of a fine-tune: {res['name']}", "",
              f"`{res['candidate']}` (trained at {res['native']} px) read at other sizes, alone and in its hybrid "
              f"with `{res['vote']}`; {res['folds']}-fold grouped CV (seed {res['seed']}), the recipe search's folds "
              f"and fold models. Paired differences are against the same row at the training size; up / down count "
              f"folds. CPU: {_cpu_line()}. Screen took {res['seconds']:.0f} s (`python -m bench.testsize_screen "
-             f"{res['task']} --candidate {res['candidate']} --sizes {','.join(map(str, res['sizes']))}`).", "",
+             f"{res['task']}{seed_arg} --candidate {res['candidate']} --vote {res['vote']} --sizes "
+             f"{','.join(map(str, res['sizes']))}`).", "",
              f"| variant | {m1} (mean ± sd) | {m2} | Δ{m1} vs {native} | up / down |", "|---|---|---|---|---|"]
     for label, folds in res["rows"].items():
         a = np.array([f[m1] for f in folds])
