@@ -385,6 +385,10 @@ def train(cfg: TrainConfig) -> Path:
     from pellucid.core.trainer import log_run, seed_everything
 
     t0 = time.time()
+    if isinstance(cfg.test_size, bool) or not isinstance(cfg.test_size, int) or not (
+            cfg.test_size == 0 or 16 <= cfg.test_size <= 1024):  # an ensemble member's keys reach here unchecked
+        raise TrainingError(f"test_size must be the input size the model predicts at, 0 (image_size) or 16 to 1024 px, "
+                            f"got {cfg.test_size!r}; fix the recipe")
     if cfg.snapshots:
         snapshot_every(cfg)  # a one-line refusal of an impossible snapshot schedule, before any work
         if cfg.test_size:

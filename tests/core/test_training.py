@@ -320,6 +320,8 @@ def test_test_size_trains_the_same_weights_and_the_folder_predicts_at_the_larger
     assert cp.calibration != cb.calibration  # fitted on the validation logits of the larger input
     with pytest.raises(TrainingError, match="test_size and snapshots"):
         run("snap", test_size=48, snapshots=2)
+    with pytest.raises(TrainingError, match="test_size must be"):  # an ensemble member's override, say
+        run("tiny", test_size=4)
 
 
 def test_swa_holds_the_rate_over_the_averaged_epochs(tmp_path):
