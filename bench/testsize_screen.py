@@ -27,26 +27,9 @@ log = logging.getLogger(__name__)
 
 def size_logits(task, folder: Path, samples, split: dict, size: int) -> dict:
     """``{part: (sample indices, logits)}`` of one fold's model read at ``size`` px, cached in the folder."""
-    from pellucid.core.ensemble import _logits_of
-    from pellucid.core.modelfolder import load_model
-    from pellucid.core.segmentation import LungMasker
+    from pellucid.core.tune import _train_fold_logits
 
-    cache = folder / f"fold_logits_{size}.pt"
-    if cache.exists():
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        return {p: (saved[p + "_idx"].numpy(), saved[p]) for p in ("val", "test")}
-    model, card = load_model(folder)
-    model.eval()
-    out, flat = {}, {}
-    with torch.inference_mode():
-        for p in ("val", "test"):
-            idx = list(split[p])
-            logits, ok = _logits_of(model, [samples[i].path for i in idx], size, task.channels,
-                                    LungMasker.from_card(card))
-            out[p] = (np.array([idx[j] for j in ok], dtype=int), logits)
-            flat[p], flat[p + "_idx"] = logits, torch.as_tensor(out[p][0])
-    torch.save(flat, cache)
-    return out
+    return _train_fold_logits(task, folder, samples, split, size)
 
 
 def _mean_logits(sets: list[dict]) -> dict:

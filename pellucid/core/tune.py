@@ -149,10 +149,11 @@ def _run_probe(data: _Data, cand: Candidate, split: dict) -> dict:
     return {"metrics": metrics, "seconds": round(time.time() - t, 2)}
 
 
-def _train_fold_logits(task, folder: Path, samples, split: dict) -> dict:
+def _train_fold_logits(task, folder: Path, samples, split: dict, size: int | None = None) -> dict:
     """Raw logits of one fold's trained model folder on the fold's validation and test parts,
-    ``{part: (sample indices, logits)}``; kept in ``fold_logits.pt`` beside the model."""
-    cache = folder / "fold_logits.pt"
+    ``{part: (sample indices, logits)}``; kept in ``fold_logits.pt`` beside the model (``size``: images read at
+    that input instead of the card's, kept in ``fold_logits_<size>.pt``)."""
+    cache = folder / ("fold_logits.pt" if size is None else f"fold_logits_{size}.pt")
     if cache.exists():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         return {p: (saved[p + "_idx"].numpy(), saved[p]) for p in ("val", "test")}
@@ -162,7 +163,7 @@ def _train_fold_logits(task, folder: Path, samples, split: dict) -> dict:
 
     model, card = load_model(folder)
     model.eval()
-    size = int(card.image_size or task.image_size)
+    size = int(size or card.image_size or task.image_size)
     out, flat = {}, {}
     for p in ("val", "test"):
         idx = list(split[p])
