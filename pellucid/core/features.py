@@ -58,9 +58,10 @@ class Embeddings:
 
 
 def _key(samples: list[Sample], backbone: str, size: int, channels: int, flip: bool, preprocess: str,
-         segmenter: str | None) -> str:
+         segmenter: str | None, layers: Sequence[str] = ()) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([backbone, size, channels, flip, preprocess, segmenter or ""]).encode())
+    h.update(json.dumps([backbone, size, channels, flip, preprocess, segmenter or ""] + ([list(layers)] if layers
+                                                                                          else [])).encode())
     for s in samples:
         st = Path(s.path).stat()
         h.update(f"{s.path}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
@@ -69,7 +70,7 @@ def _key(samples: list[Sample], backbone: str, size: int, channels: int, flip: b
 
 def embed_samples(samples: list[Sample], backbone: str, image_size: int, *, channels: int = 3, flip: bool = False,
                   preprocess: str = "none", segmenter: str | None = None, batch_size: int = 64,
-                  progress: bool = False, cache: bool = True) -> Embeddings:
+                  progress: bool = False, cache: bool = True, layers: Sequence[str] = ()) -> Embeddings:
     """Features of every sample under a frozen, pretrained ``backbone`` at ``image_size``.
 
     Args:
@@ -81,14 +82,16 @@ def embed_samples(samples: list[Sample], backbone: str, image_size: int, *, chan
         preprocess, segmenter: the recipe's lung masker settings (see
             :meth:`pellucid.core.segmentation.LungMasker.from_settings`).
         cache: read and write the on-disk cache.
+        layers: inner layers pooled in front of the embedding (``probe_layers``, see
+            :class:`~pellucid.core.model.Classifier`).
     """
     from pellucid.core.model import build_classifier
     from pellucid.core.segmentation import LungMasker
     from pellucid.core.training import _batches, extract_features
     from pellucid.datasets.torchdata import CachedDataset, ImageCache
 
-    key = _key(samples, backbone, image_size, channels, flip, preprocess, segmenter)
-    path = cache_root() / f"{backbone}-{image_size}-{'flip-' if flip else ''}{key}.pt"
+    key = _key(samples, backbone, image_size, channels, flip, preprocess, segmenter, layers)
+    path = cache_root() / f"{backbone}-{image_size}-{'taps-' if layers else ''}{'flip-' if flip else ''}{key}.pt"
     if cache and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return Embeddings(saved["feats"], saved["positions"].numpy(), 0.0, backbone, image_size)
@@ -96,14 +99,14 @@ def embed_samples(samples: list[Sample], backbone: str, image_size: int, *, chan
     masker = LungMasker.from_settings(preprocess, segmenter)
     images = ImageCache([s.path for s in samples], image_size, channels=channels, progress=progress,
                         preprocess=masker)
-    model, _ = build_classifier(backbone, 2, pretrained=True)
+    model, _ = build_classifier(backbone, 2, pretrained=True, taps=layers)
     model.eval()
     positions = np.array(images.ok(range(len(samples))), dtype=int)
     ds = CachedDataset(images, positions.tolist(), [0] * len(samples))
     plain = None
     if flip and cache:  # the plain half may be cached already: embed only the mirrored images
-        plain_path = cache_root() / (f"{backbone}-{image_size}-"
-                                     f"{_key(samples, backbone, image_size, channels, False, preprocess, segmenter)}.pt")
+        plain_path = cache_root() / (f"{backbone}-{image_size}-{'taps-' if layers else ''}"
+                                     f"{_key(samples, backbone, image_size, channels, False, preprocess, segmenter, layers)}.pt")
         if plain_path.exists():
             saved = torch.load(plain_path, map_location="cpu", weights_only=True)
             if np.array_equal(saved["positions"].numpy(), positions):

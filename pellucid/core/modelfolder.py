@@ -85,7 +85,8 @@ def build_card(*, task: TaskSpec, model: Classifier, weight_info: dict, image_si
         intended_use=task.intended_use,
         explainers=list(task.explainers),
         explainer_options=dict(task.explainer_options),
-        backbone=Backbone.from_dict(spec.to_dict()),
+        backbone=Backbone.from_dict({**spec.to_dict(),  # the pooled inner layers the head also reads, if any
+                                     **({"probe_layers": list(model.taps)} if getattr(model, "taps", ()) else {})}),
         weights=WeightSource.from_dict(weight_info),
         preprocessing=Preprocessing(image_size=image_size, channels_in=task.channels, resize="squash",
                                     input_range=[0.0, 1.0], mean=list(spec.mean), std=list(spec.std)),
@@ -136,7 +137,14 @@ def load_model(folder: str | Path, *, map_location: str | torch.device = "cpu") 
 
     if not card.backbone_name:
         raise CardError(f"{folder / 'card.json'}: missing required field 'backbone.name' for a classifier")
-    model, _ = build_classifier(card.backbone_name, len(card.classes), pretrained=False)
+    taps = card.backbone.extra.get("probe_layers") or []
+    if not isinstance(taps, list) or not all(isinstance(t, str) for t in taps):
+        raise CardError(f"{folder / 'card.json'}: 'backbone.probe_layers' must be a list of layer names, got "
+                        f"{str(taps)[:80]}; the model folder is damaged: copy it again or retrain")
+    try:
+        model, _ = build_classifier(card.backbone_name, len(card.classes), pretrained=False, taps=taps)
+    except ValueError as err:  # a tap the backbone does not have
+        raise CardError(f"{folder / 'card.json'}: {err}; the model folder is damaged: copy it again or retrain") from None
     pre = card.preprocessing
     if pre.mean and pre.std:
         model.backbone.spec = replace(model.backbone.spec, mean=tuple(pre.mean), std=tuple(pre.std))

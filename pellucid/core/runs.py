@@ -46,8 +46,8 @@ RUN_FILE = "run.json"
 #: predicts at (``test_size`` changes no training step).
 NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience", "test_size")
 
-#: TrainConfig options newer than most runs, left out of the identity while they are off.
-_OFF_BY_DEFAULT = {"ema": 0.0, "swa": 0.0, "snapshots": 0}
+#: TrainConfig options newer than most runs, left out of the identity while they are off (0 or empty).
+_OFF_BY_DEFAULT = ("ema", "swa", "snapshots", "probe_layers")
 
 #: Files pellucid writes into a model folder (training, k-fold, ensembles, T-TAME, export).
 RUN_FILES = (RUN_FILE, "config.json", "split.json", "card.json", "model.safetensors", "metrics.json", "history.json",
@@ -68,8 +68,8 @@ def run_identity(cfg: TrainConfig, kind: str = "classifier") -> dict:
     "config"}``, where ``config`` is the resolved configuration without :data:`NOT_IDENTITY` (paths
     resolved) and ``config_hash`` the first 16 hex digits of its SHA-256 (with ``kind``)."""
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
-    for key, off in _OFF_BY_DEFAULT.items():  # an option left off keeps the identity runs had before it existed
-        if config.get(key) == off:
+    for key in _OFF_BY_DEFAULT:  # an option left off keeps the identity runs had before it existed
+        if key in config and not config[key]:
             config.pop(key)
     config["data"] = _resolved(cfg.data)
     config["split_file"] = _resolved(cfg.split_file)

@@ -56,6 +56,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "swa": 0.0,                # fine-tune: equal average of the epoch-end weights from this fraction of the epochs on (0: off)
     "snapshots": 0,            # fine-tune: a snapshot ensemble of this many cosine cycles over the epochs (0: off)
     "test_size": 0,            # predict at this input size instead of image_size (0: the same; see TrainConfig)
+    "probe_layers": [],        # linear probe: inner layers pooled beside the embedding (e.g. ["blocks.3", "blocks.4"])
     "balance": "weights",
     "val_fraction": 0.15,
     "test_fraction": 0.2,
@@ -209,6 +210,13 @@ def task_from_dict(data: dict, where: str = "task spec", *, check_backbone: bool
     if test_size and snaps:
         raise TaskSpecError(f"{where}: recipe keys 'test_size' and 'snapshots' do not go together: a snapshot "
                             "ensemble's members predict at the training image_size")
+    taps = recipe.get("probe_layers", [])
+    if not isinstance(taps, list) or len(taps) > 16 or not all(isinstance(t, str) and t for t in taps):
+        raise TaskSpecError(f"{where}: recipe key 'probe_layers' must be a list of up to 16 layer names of the "
+                            f"backbone, such as [\"blocks.3\", \"blocks.4\"], got {str(taps)[:80]}")
+    if taps and recipe.get("finetune") != "linear-probe":
+        raise TaskSpecError(f"{where}: recipe key 'probe_layers' is for linear-probe recipes; this one fine-tunes "
+                            f"({recipe.get('finetune')!r}): set it on the probe members instead")
     if check_backbone:
         from pellucid.core.backbones import get_backbone_spec
 

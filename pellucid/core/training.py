@@ -79,6 +79,9 @@ class TrainConfig:
     epochs: int = 4
     probe_epochs: int = 40
     probe_flip: bool = False  # the linear probe also fits the mirrored training images (prediction unchanged)
+    # inner layers of the backbone (e.g. "blocks.3") whose outputs, averaged over space, the linear probe reads
+    # beside the pooled embedding (linear-probe recipes only; see pellucid.core.model.Classifier)
+    probe_layers: list = field(default_factory=list)
     image_size: int = 224
     # the input size the saved model predicts at (0: image_size). A fine-tune on random resized crops sees objects
     # larger than a whole image at the same size shows them; predicting at a larger size undoes that ("FixRes",
@@ -394,6 +397,13 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.test_size:
             raise TrainingError("test_size and snapshots do not go together: a snapshot ensemble's members predict "
                                 "at the training image_size; set one of them")
+    if not isinstance(cfg.probe_layers, (list, tuple)) or not all(isinstance(t, str) and t for t in cfg.probe_layers):
+        raise TrainingError(f"probe_layers must be a list of layer names of the backbone, such as [\"blocks.3\"], "
+                            f"got {str(cfg.probe_layers)[:80]}; fix the recipe")
+    if cfg.probe_layers and cfg.finetune != "linear-probe":
+        raise TrainingError(f"probe_layers is for linear-probe recipes (a frozen network's inner layers beside its "
+                            f"embedding); this recipe fine-tunes ({cfg.finetune!r}): remove probe_layers or set "
+                            f"finetune = \"linear-probe\"")
     folder = check_run_folder(cfg)  # one-line refusals before any work
     seed_everything(cfg.seed)
     task = get_task(cfg.task)
@@ -402,8 +412,11 @@ def train(cfg: TrainConfig) -> Path:
     masker = LungMasker.from_settings(cfg.preprocess, cfg.segmenter)
     cache = ImageCache([s.path for s in samples], cfg.image_size, channels=task.channels, progress=cfg.progress,
                        preprocess=masker)
-    model, weight_info = build_classifier(cfg.backbone, len(task.classes), pretrained=cfg.pretrained,
-                                          checkpoint=cfg.checkpoint, dropout=cfg.dropout)
+    try:
+        model, weight_info = build_classifier(cfg.backbone, len(task.classes), pretrained=cfg.pretrained,
+                                              checkpoint=cfg.checkpoint, dropout=cfg.dropout, taps=cfg.probe_layers)
+    except ValueError as err:  # a probe layer the backbone does not have
+        raise TrainingError(f"{err}; fix the recipe") from None
     strategy = get_strategy(cfg.finetune, lr=cfg.lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay,
                             **({"stages_per_epoch": cfg.stages_per_epoch, "max_stages": cfg.max_stages,
                                 "lr_decay": cfg.lr_decay} if cfg.finetune == "progressive" else {}))

@@ -80,25 +80,25 @@ class _Data:
         self.embed_seconds = 0.0
         self.seed: int | None = None
 
-    def embeddings(self, backbone: str, size: int, flip: bool):
+    def embeddings(self, backbone: str, size: int, flip: bool, layers: Sequence[str] = ()):
         from pellucid.core.features import embed_samples
 
         flip = bool(flip)  # mirrored features serve TTA and fitting alike
-        key = (backbone, size, flip)
+        key = (backbone, size, flip, tuple(layers))
         if key not in self._emb:
             emb = embed_samples(self.samples, backbone, size, channels=self.task.channels, flip=flip,
                                 preprocess=self.recipe.get("preprocess", "none"),
-                                segmenter=self.recipe.get("segmenter"), progress=self.progress)
+                                segmenter=self.recipe.get("segmenter"), progress=self.progress, layers=layers)
             self.embed_seconds += emb.seconds
             self._emb[key] = emb
         return self._emb[key]
 
 
-def _fit_probe_logits(data: _Data, backbone: str, size: int, flip: bool, split: dict):
+def _fit_probe_logits(data: _Data, backbone: str, size: int, flip: bool, split: dict, layers: Sequence[str] = ()):
     """Fit one linear head on the fold's training features (L2 on validation); logits of val and test."""
     from pellucid.core.training import _class_weights, fit_head
 
-    emb = data.embeddings(backbone, size, flip)
+    emb = data.embeddings(backbone, size, flip, layers)
     rows = {p: emb.rows_for(split[p]) for p in ("train", "val", "test")}
     ys = {p: torch.as_tensor(data.y[emb.positions[r]]) for p, r in rows.items()}
     feats = {p: emb.feats[r] for p, r in rows.items()}
@@ -123,8 +123,8 @@ def _probe_parts(data: _Data, cand: Candidate, split: dict) -> list[dict]:
     """Per member of a probe candidate: ``{part: (sample indices, logits)}`` for val and test."""
     parts = []
     for backbone, size in cand.members:
-        out, _ = _fit_probe_logits(data, backbone, size, cand.flip, split)
-        emb = data.embeddings(backbone, size, cand.flip)
+        out, _ = _fit_probe_logits(data, backbone, size, cand.flip, split, cand.layers)
+        emb = data.embeddings(backbone, size, cand.flip, cand.layers)
         parts.append({p: (emb.positions[emb.rows_for(split[p])], out[p]) for p in ("val", "test")})
     return parts
 

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "CROPPING_AUGMENTS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "TEST_SCALES",
-           "XHIGH_RES", "XXHIGH_RES", "SWA_START", "default_candidates", "test_sizes"]
+__all__ = ["CANDIDATE_KINDS", "CROPPING_AUGMENTS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "PROBE_TAPS",
+           "TEST_SCALES", "XHIGH_RES", "XXHIGH_RES", "SWA_START", "default_candidates", "test_sizes"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -30,6 +30,10 @@ SNAPSHOTS = 3  # snapshot ensemble candidates (``snapshots`` in a recipe): cosin
 TEST_SCALES = (1.15, 1.3)
 #: augmentation presets that train on random resized crops (pellucid.datasets.augment)
 CROPPING_AUGMENTS = ("natural", "skin", "skin_tone")
+#: the inner layers the ``+taps`` probes pool beside each Lite network's embedding (``probe_layers`` in a recipe):
+#: the last four of its seven stages, whose mid-level features (textures, parts) the 1280-wide last layer,
+#: shaped by ImageNet's classes, keeps only in part
+PROBE_TAPS = ("blocks.3", "blocks.4", "blocks.5", "blocks.6")
 _SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
 
 
@@ -46,6 +50,7 @@ class Candidate:
             ``"fit"`` fits on plain and mirrored features and predicts from the plain image alone
             (``probe_flip = true`` in a recipe: training-time augmentation of the probe, no cost at
             prediction).
+        layers: probe: inner layers each member pools beside its embedding (``probe_layers``).
         overrides: train: :class:`~pellucid.core.training.TrainConfig` overrides.
         role: ``A`` / ``B`` for the two baselines, ``current`` for the shipped recipe.
         about: one line for the table.
@@ -58,6 +63,7 @@ class Candidate:
     kind: str
     members: tuple[tuple[str, int], ...] = ()
     flip: bool | str = False
+    layers: tuple[str, ...] = ()
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
     role: str = ""
     about: str = ""
@@ -72,7 +78,8 @@ class Candidate:
         if self.kind == "hybrid":
             probe = (others or {})[self.parts[0]]
             pr = probe.recipe(task)
-            members = pr.get("members") or [{k: pr[k] for k in ("backbone", "image_size", "finetune", "epochs")}]
+            members = pr.get("members") or [{k: v for k, v in pr.items() if k in (
+                "backbone", "image_size", "finetune", "epochs", "probe_flip", "probe_layers")}]
             tuned = []
             for part in self.parts[1:]:
                 trained = (others or {})[part]
@@ -82,12 +89,14 @@ class Candidate:
                 tuned.append({**tm, "weight": self.train_weight})
             return {"finetune": "linear-probe", "epochs": 0, "image_size": members[0]["image_size"],
                     "members": [dict(m) for m in members] + tuned}
-        fit_flip = {"probe_flip": True} if self.flip == "fit" else {}
+        keys = {"probe_flip": True} if self.flip == "fit" else {}
+        if self.layers:
+            keys["probe_layers"] = list(self.layers)
         if len(self.members) == 1:
             backbone, size = self.members[0]
-            return {"backbone": backbone, "finetune": "linear-probe", "epochs": 0, "image_size": size, **fit_flip}
+            return {"backbone": backbone, "finetune": "linear-probe", "epochs": 0, "image_size": size, **keys}
         return {"finetune": "linear-probe", "epochs": 0, "image_size": self.members[0][1],
-                "members": [{"backbone": b, "image_size": s, "finetune": "linear-probe", "epochs": 0, **fit_flip}
+                "members": [{"backbone": b, "image_size": s, "finetune": "linear-probe", "epochs": 0, **keys}
                             for b, s in self.members]}
 
 
@@ -98,7 +107,8 @@ def _effective(recipe: dict) -> dict:
     """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
     stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
     recipes compare equal."""
-    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa", "snapshots", "test_size")
+    out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa", "snapshots", "test_size",
+                                                          "probe_layers")
                                                       and not v)}  # off = the old default
     if recipe.get("finetune") == "progressive":
         return out
@@ -109,10 +119,11 @@ def _same_recipe(old: dict | None, recipe: dict) -> bool:
     return bool(old) and _effective(old.get("recipe") or {}) == _effective(json.loads(json.dumps(recipe, default=str)))
 
 
-def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str = False, about: str = "") -> Candidate:
+def _probe(members: Sequence[tuple[str, int]], role: str = "", flip: bool | str = False, about: str = "",
+           layers: Sequence[str] = ()) -> Candidate:
     name = "probe:" + "+".join(f"{_SHORT.get(b, b)}@{s}" for b, s in members) + {True: "+flip", "fit": "+flipfit"}.get(
-        flip, "")
-    return Candidate(name, "probe", tuple(members), flip=flip, role=role, about=about)
+        flip, "") + ("+taps" if layers else "")
+    return Candidate(name, "probe", tuple(members), flip=flip, layers=tuple(layers), role=role, about=about)
 
 
 def test_sizes(train_size: int) -> list[int]:
@@ -159,6 +170,13 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
         cands.append(_probe(hi_trio, about=f"soft vote of the three Lite probes, every input at {HIGH_RES} px"))
     if not tiny:
         cands.append(_probe(xhi_trio, about=f"soft vote of the three Lite probes, every input at {XHIGH_RES} px"))
+    # the votes again, each probe also reading the pooled outputs of its network's last four stages
+    taps_trios = [trio] + ([hi_trio] if not small else []) + ([xhi_trio] if not tiny else [])
+    for t in taps_trios:
+        cands.append(_probe(t, layers=PROBE_TAPS, about=f"soft vote of the three Lite probes at {t[0][1]} px"
+                                                        f"{'' if t != trio else ' (their own sizes)'}, each reading "
+                                                        f"its network's last four stages beside its embedding "
+                                                        f"(probe_layers)"))
     if not small:
         xxhi_trio = [(b, XXHIGH_RES) for b in LITE_SIZES]
         cands.append(_probe(xxhi_trio, about=f"soft vote of the three Lite probes, every input at {XXHIGH_RES} px"))
@@ -252,6 +270,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
         votes.append((_probe(hi_trio).name, every))
     if not tiny:
         votes.append((_probe(xhi_trio).name, every))
+    votes += [(_probe(t, layers=PROBE_TAPS).name, every) for t in taps_trios]
     for vote, parts in votes:
         for part in parts:
             for w in (1.0, 3.0):

@@ -70,6 +70,8 @@ def _recipe_toml(recipe: dict, name: str) -> str:
             return repr(v)
         if v is None:
             return '""'
+        if isinstance(v, (list, tuple)):  # e.g. probe_layers: a TOML array
+            return "[" + ", ".join(val(x) for x in v) + "]"
         return json.dumps(str(v))
 
     size = recipe.get("image_size")

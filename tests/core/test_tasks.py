@@ -175,3 +175,17 @@ def test_recipe_test_size_is_an_input_size_and_not_beside_snapshots(recipe, matc
     with pytest.raises(TaskSpecError, match=match):
         task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": recipe})
     assert task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"test_size": 288}}).recipe["test_size"] == 288
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ({"probe_layers": "blocks.3", "finetune": "linear-probe"}, "'probe_layers' must be a list"),
+    ({"probe_layers": [3], "finetune": "linear-probe"}, "'probe_layers' must be a list"),
+    ({"probe_layers": [""], "finetune": "linear-probe"}, "'probe_layers' must be a list"),
+    ({"probe_layers": ["blocks.3"], "finetune": "full"}, "is for linear-probe recipes"),
+])
+def test_recipe_probe_layers_is_a_list_of_names_on_a_linear_probe(recipe, match):
+    with pytest.raises(TaskSpecError, match=match):
+        task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": recipe})
+    ok = task_from_dict({"name": "t", "classes": ["a", "b"],
+                         "recipe": {"probe_layers": ["blocks.3"], "finetune": "linear-probe", "epochs": 0}})
+    assert ok.recipe["probe_layers"] == ["blocks.3"]

@@ -324,6 +324,52 @@ def test_test_size_trains_the_same_weights_and_the_folder_predicts_at_the_larger
         run("tiny", test_size=4)
 
 
+def test_probe_layers_widen_the_head_and_the_folder_reloads_and_predicts_with_them(tmp_path):
+    """``probe_layers``: the linear probe reads the pooled inner layers beside the embedding (a wider head);
+    the card names them, the loaded folder predicts exactly the saved logits, the run identity of a recipe
+    without them is unchanged, and a fine-tune or a layer the network lacks is a one-line refusal."""
+    import torch
+
+    from pellucid.core.card import CardError
+    from pellucid.core.modelfolder import load_model, read_card
+    from pellucid.core.runs import run_identity
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, TrainingError, train
+
+    def cfg(name, **kw):
+        kw = {"finetune": "linear-probe", "epochs": 0, **kw}
+        return TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(tmp_path / name),
+                                     backbone="test_resnet", pretrained=False, image_size=32, max_images=40,
+                                     batch_size=8, progress=False, n_boot=0, seed=0, **kw)
+
+    plain, taps = train(cfg("plain")), train(cfg("taps", probe_layers=["layer2", "layer3"]))
+    mp, _ = load_model(plain)
+    mt, card = load_model(taps)
+    assert card.backbone.extra["probe_layers"] == ["layer2", "layer3"] and "probe_layers" not in read_card(plain).backbone.extra
+    assert mt.head.in_features > mp.head.in_features == mp.spec.embedding_dim
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = mt.features(x)
+        assert feats.shape == (3, mt.head.in_features)
+        assert torch.allclose(feats[:, -mp.spec.embedding_dim:], mt.backbone(mt.normalize(x)))  # the embedding, last
+    identity = run_identity(cfg("plain"))
+    assert "probe_layers" not in identity["config"]  # off: the identity runs had before the option existed
+    assert json.loads((plain / "run.json").read_text())["config_hash"] == identity["config_hash"]
+    assert run_identity(cfg("a"))["config_hash"] != run_identity(cfg("a", probe_layers=["layer2"]))["config_hash"]
+    with pytest.raises(TrainingError, match="probe_layers is for linear-probe recipes"):
+        train(cfg("ft", probe_layers=["layer2"], finetune="full", epochs=1))
+    with pytest.raises(TrainingError, match="has no layer 'blocks.9'"):
+        train(cfg("bad", probe_layers=["blocks.9"]))
+    with pytest.raises(TrainingError, match="list of layer names"):
+        train(cfg("str", probe_layers=[3]))
+    # a hand-edited card naming a layer the network lacks: one line, no traceback
+    raw = json.loads((taps / "card.json").read_text())
+    raw["backbone"]["probe_layers"] = ["nowhere"]
+    (taps / "card.json").write_text(json.dumps(raw))
+    with pytest.raises(CardError, match="has no layer 'nowhere'"):
+        load_model(taps)
+
+
 def test_swa_holds_the_rate_over_the_averaged_epochs(tmp_path):
     """``swa = 0.5`` over 4 epochs: the warm-up cosine schedule runs until epoch 2 and then holds its
     rate; the plain run's rate keeps falling; the weights written differ from the plain run's."""

@@ -165,6 +165,65 @@ def test_test_size_candidates_for_cropping_augmentations_of_large_sources_only()
         assert not any("+at" in c.name for c in default_candidates(get_task(name)))
 
 
+def test_taps_votes_read_the_last_four_stages_and_join_the_hybrids():
+    from pellucid.core.tasks import get_task
+    from pellucid.core.tune_candidates import PROBE_TAPS
+
+    waste = get_task("waste")
+    by = {c.name: c for c in default_candidates(waste)}
+    for size in ("lite0@224+lite1@240+lite2@260", "lite0@320+lite1@320+lite2@320", "lite0@448+lite1@448+lite2@448"):
+        cand = by[f"probe:{size}+taps"]
+        assert cand.layers == PROBE_TAPS and cand.kind == "probe"
+        members = cand.recipe(waste)["members"]
+        assert [m["probe_layers"] for m in members] == [list(PROBE_TAPS)] * 3
+        assert all("probe_layers" not in m for m in by[f"probe:{size}"].recipe(waste)["members"])
+    hybrid = by["probe:lite0@448+lite1@448+lite2@448+taps+finetune:lite0+long+ema"].recipe(waste, by)["members"]
+    assert [("probe_layers" in m, m["finetune"]) for m in hybrid] == [(True, "linear-probe")] * 3 + [(False, "full")]
+    # the recipe the search writes is a valid task recipe (the taps only on the probes)
+    from pellucid.core.tasks import task_from_dict
+
+    task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"finetune": "linear-probe", "epochs": 0,
+                                                                   "members": hybrid}})
+    # and the TOML the search writes for it (--write-recipe) keeps the layers as an array
+    import tomllib
+
+    from pellucid.core.tune_report import _recipe_toml
+
+    written = tomllib.loads(_recipe_toml({"finetune": "linear-probe", "epochs": 0, "image_size": 448,
+                                          "members": hybrid}, "x"))["recipe"]
+    assert written["members"][0]["probe_layers"] == list(PROBE_TAPS)
+    task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": written})
+    # 28-px and 32-px sources get only the vote at their doubled size with taps
+    bpd = [c.name for c in default_candidates(get_task("bpd")) if c.kind == "probe" and c.layers]
+    assert bpd == ["probe:lite0@128+lite1@128+lite2@128+taps"]
+
+
+def test_probe_with_layers_fits_on_the_wider_features(tmp_path, cache):
+    """A probe candidate with ``layers`` embeds the pooled inner layers beside the embedding (its own
+    cache entry) and scores on the same folds as the plain probe."""
+    import torch
+
+    from pellucid.core.features import embed_samples
+    from pellucid.datasets.samples import load_samples
+
+    data = _synthetic(tmp_path / "data", n_groups=12, official=False)
+    lite = "efficientnet_lite0"
+    cands = [Candidate("probe:a", "probe", ((lite, 64),), role="A"),
+             Candidate("probe:a+taps", "probe", ((lite, 64),), layers=("blocks.4", "blocks.5")),
+             Candidate("finetune:b", "train", overrides={"backbone": lite, "finetune": "full", "epochs": 1}, role="B")]
+    res = tune("tb", str(data), folds=3, budget_min=0.0, out=tmp_path / "out", work=tmp_path / "work",
+               candidate_list=cands, progress=False)
+    rows = {r["name"]: r for r in res["candidates"]}
+    assert rows["probe:a+taps"]["n_folds"] == 3 and rows["probe:a+taps"]["summary"]["accuracy"]["mean"] > 0.8
+    kept = sorted(p.name for p in (cache / "features").iterdir())
+    assert len(kept) == 2 and sum("-taps-" in n for n in kept) == 1  # each kept apart in the cache
+    samples = load_samples(str(data), classes=("normal", "tuberculosis"))
+    plain = embed_samples(samples, lite, 64, cache=False)
+    wide = embed_samples(samples, lite, 64, layers=("blocks.4", "blocks.5"), cache=False)
+    assert wide.feats.shape[1] == plain.feats.shape[1] + 112 + 192
+    assert torch.allclose(wide.feats[:, -plain.feats.shape[1]:], plain.feats, atol=1e-4)
+
+
 def test_seed_twin_is_the_same_fine_tune_with_the_next_training_seed(tmp_path, monkeypatch):
     """A seed ensemble: the twin of an averaged longer fine-tune differs only by its training seed (the
     fold seed + 1 in the search, ``seed = 1`` in the member a recipe writes), and it pairs only with its
