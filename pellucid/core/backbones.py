@@ -13,7 +13,7 @@ re-exported here for its many callers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ __all__ = [
     "get_backbone_spec",
     "list_backbones",
     "create_backbone",
+    "spatial_mean",
     "unknown_name_error",
 ]
 
@@ -107,6 +108,13 @@ def list_backbones(include_tests: bool = True) -> list[str]:
     return names if include_tests else [n for n in names if not get_backbone_spec(n).for_tests]
 
 
+def spatial_mean(t: torch.Tensor) -> torch.Tensor:
+    """A feature map ``(B, C, H, W)`` averaged over space to ``(B, C)``; other shapes flattened per row."""
+    if t.ndim == 4:
+        return t.mean(dim=(2, 3))
+    return t.flatten(1)
+
+
 class Backbone(nn.Module):
     """A feature extractor: image batch ``(B, 3, H, W)`` → pooled embedding ``(B, D)``.
 
@@ -124,6 +132,19 @@ class Backbone(nn.Module):
     def module_at(self, path: str) -> nn.Module:
         """The submodule at a dotted path inside ``self.net``."""
         return self.net.get_submodule(path)
+
+    def pooled_layers(self, x: torch.Tensor, layers: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One forward pass of ``x``: the outputs of ``layers`` (dotted paths), each averaged over space
+        (:func:`spatial_mean`), and the pooled embedding."""
+        got: dict[str, torch.Tensor] = {}
+        hooks = [self.module_at(p).register_forward_hook(lambda _m, _i, out, p=p: got.__setitem__(p, out))
+                 for p in layers]
+        try:
+            last = self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [spatial_mean(got[p]) for p in layers], last
 
     def stage_modules(self) -> list[nn.Module]:
         """Stage modules, input to output (progressive unfreezing order is the reverse)."""

@@ -71,15 +71,8 @@ class Classifier(nn.Module):
 
     def _tapped(self, z: torch.Tensor) -> list[torch.Tensor]:
         """The pooled outputs of the taps, then the backbone's embedding, of normalised input ``z``."""
-        got: dict[str, torch.Tensor] = {}
-        hooks = [self.backbone.module_at(p).register_forward_hook(
-            lambda _m, _i, out, p=p: got.__setitem__(p, out)) for p in self.taps]
-        try:
-            last = self.backbone(z)
-        finally:
-            for h in hooks:
-                h.remove()
-        return [got[p].mean(dim=(2, 3)) if got[p].ndim == 4 else got[p].flatten(1) for p in self.taps] + [last]
+        taps, last = self.backbone.pooled_layers(z, self.taps)
+        return taps + [last]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding ``(B, D)`` of images in [0, 1] (the taps' pooled outputs first, when set)."""

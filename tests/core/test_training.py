@@ -326,8 +326,9 @@ def test_test_size_trains_the_same_weights_and_the_folder_predicts_at_the_larger
 
 def test_probe_layers_widen_the_head_and_the_folder_reloads_and_predicts_with_them(tmp_path):
     """``probe_layers``: the linear probe reads the pooled inner layers beside the embedding (a wider head);
-    the card names them, the loaded folder predicts exactly the saved logits, the run identity of a recipe
-    without them is unchanged, and a fine-tune or a layer the network lacks is a one-line refusal."""
+    the card names them and the loaded folder is built with them (the embedding last in its features), the
+    run identity of a recipe without them is unchanged, and a fine-tune, a layer the network lacks or a card
+    naming one is a one-line refusal."""
     import torch
 
     from pellucid.core.card import CardError

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pellucid.core.backbones import Backbone
+from pellucid.core.backbones import Backbone, spatial_mean
 from pellucid.core.fewshot.config import PLAIN, FewShotError, ProtoConfig
 from pellucid.core.fewshot.head import fit_logistic, logistic_logits
 from pellucid.core.fewshot.maths import (
@@ -32,10 +32,7 @@ __all__ = [
 ]
 
 
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    if t.ndim == 4:
-        return t.mean(dim=(2, 3))
-    return t.flatten(1)
+_pool = spatial_mean
 
 
 class Embedder(nn.Module):
@@ -112,15 +109,7 @@ class Embedder(nn.Module):
     def _once(self, backbone: Backbone, layers: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
         if not layers:
             return [backbone(x)]
-        taps: dict[str, torch.Tensor] = {}
-        hooks = [backbone.module_at(p).register_forward_hook(
-            lambda _m, _i, out, p=p: taps.__setitem__(p, out)) for p in layers]
-        try:
-            backbone(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        return [_pool(taps[p]) for p in layers]
+        return backbone.pooled_layers(x, layers)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features ``(B, D)`` of images ``(B, 3, S, S)`` in [0, 1]."""
