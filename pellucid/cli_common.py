@@ -47,6 +47,9 @@ def print_summary(folder: Path) -> None:
     from pellucid.core.metrics import format_metrics
 
     print(f"model folder: {folder}")
-    print(f"metrics:      {Path(folder) / 'metrics.json'} (test split, n={card.metrics.get('n')})")
-    print(format_metrics(card.metrics))
+    if card.metrics.get("metrics"):
+        print(f"metrics:      {Path(folder) / 'metrics.json'} (test split, n={card.metrics.get('n')})")
+        print(format_metrics(card.metrics))
+    else:
+        print(f"metrics:      {card.metrics.get('note') or 'none recorded'}")
     print(f"time: {card.training.seconds if card.training else None} s; weights: {card.weight_source}")

@@ -45,6 +45,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--folds", type=int, help="grouped stratified k-fold: one model per fold + summary.json (mean ± sd)")
+    p.add_argument("--final", action="store_true",
+                   help="the model to ship: train on every image but the validation part (no test part is held "
+                        "out, so the card has no test score; estimate the recipe first, without --final)")
     p.add_argument("--preprocess", choices=["none", "lung-mask", "lung-crop"],
                    help="classify segmented lungs (needs --segmenter)")
     p.add_argument("--segmenter", help="segmentation model folder (pellucid train tb-lungseg)")
@@ -72,6 +75,8 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     if args.pretrained is not None:
         over["pretrained"] = {"auto": True, "true": True, "random": False, "false": False}.get(
             args.pretrained.lower(), args.pretrained)
+    if getattr(args, "final", False):
+        over["test_fraction"] = 0.0
     if args.no_resume:
         over["resume"] = False
     if args.no_progress:
@@ -88,7 +93,7 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
     if not (data / "manifest.csv").exists():
         raise UserError(f"no segmentation data at {data}: pass --data DIR with a manifest.csv of path,mask,label,group")
     new = [f for f, v in (("--like", args.like), ("--name", args.name), ("--positive-class", args.positive_class),
-                          ("--logger", args.logger)) if v is not None]
+                          ("--logger", args.logger), ("--final", getattr(args, "final", False) or None)) if v is not None]
     if new:
         raise UserError(f"{new[0]} does not apply to the lung segmenter ({args.task}): drop it")
     from pellucid.core.segmentation import SegConfig, train_segmenter
@@ -138,6 +143,9 @@ def check_train(args: argparse.Namespace) -> None:
     if args.task and new:
         raise UserError(f"{new[0]} makes a new task from --data: drop the task name {args.task!r} "
                         f"(pellucid train --data DIR {new[0]} ...), or drop {new[0]}")
+    if getattr(args, "final", False) and args.folds:
+        raise UserError("--final trains the one model to ship on every image but the validation part; --folds "
+                        "estimates a recipe on k held-out folds: run them one after the other, not together")
     over = _train_overrides(args)
     spec_keys = sorted(set(over) & _TASK_KEYS)
     if spec_keys:

@@ -149,7 +149,7 @@ def _shared_split(member_dirs: Sequence[Path]) -> Split | None:
         key = tuple(tuple(sorted(Path(r.path).resolve().as_posix() for r in s.part(p))) for p in ("val", "test"))
         keys.add(key)
         first = first or s
-    return first if len(keys) == 1 and first.val and first.test else None
+    return first if len(keys) == 1 and first.val else None  # no test part: a final fit, calibrated, unscored
 
 
 @torch.inference_mode()

@@ -20,7 +20,12 @@ import numpy as np
 
 from pellucid.core import calibration, metrics, plots
 
-__all__ = ["score_split", "choose_split_threshold"]
+__all__ = ["score_split", "choose_split_threshold", "FINAL_FIT_NOTE"]
+
+#: the card's ``metrics`` note of a model fitted with no test part (``pellucid train --final``)
+FINAL_FIT_NOTE = ("not scored: a final fit on every image but the validation part, so no test part was held out; "
+                  "the held-out estimate of this recipe is the run without --final, `pellucid train --folds K`, or "
+                  "its k-fold table (bench/results/recipes-<task>.md)")
 
 
 def choose_split_threshold(y_val: np.ndarray, probs_val: np.ndarray, n_classes: int, positive_index: int | None,
@@ -69,6 +74,9 @@ def score_split(logits_val: Any, y_val: Any, logits_test: Any, y_test: Any, clas
     y_val, y_test = np.asarray(y_val), np.asarray(y_test)
     T = calibration.fit_temperature(logits_val, y_val)
     probs_val = calibration.apply_temperature(logits_val, T)
+    if len(y_test) == 0:  # a final fit: calibrated and thresholded on validation, nothing to score
+        return _unscored(probs_val, y_val, T, classes, out_dir, positive_index=positive_index,
+                         positive_class=positive_class, policy=policy, target_sensitivity=target_sensitivity)
     probs_test = calibration.apply_temperature(logits_test, T)
     threshold = choose_split_threshold(y_val, probs_val, len(classes), positive_index, policy, target_sensitivity)
     test_metrics = metrics.classification_metrics(y_test, probs_test, classes, threshold=threshold,
@@ -88,3 +96,21 @@ def score_split(logits_val: Any, y_val: Any, logits_test: Any, y_test: Any, clas
     plots.plot_confusion(np.array(test_metrics["confusion_matrix"]), classes, plot_dir / "confusion.png")
     plots.plot_reliability(probs_test, y_test, plot_dir / "reliability.png", T=T)
     return cal, threshold_entry, test_metrics
+
+
+def _unscored(probs_val: np.ndarray, y_val: np.ndarray, T: float, classes: list[str],
+              out_dir: str | Path, *, positive_index: int | None, positive_class: str | None, policy: str,
+              target_sensitivity: float | None) -> tuple[dict, dict, dict]:
+    """:func:`score_split` without a test part: the threshold and temperature from validation;
+    ``metrics.json`` holds :data:`FINAL_FIT_NOTE`, and no calibration error or test plot is recorded
+    (the only labelled images left are the ones the temperature was fitted on)."""
+    threshold = choose_split_threshold(y_val, probs_val, len(classes), positive_index, policy, target_sensitivity)
+    cal = {"method": "temperature", "temperature": float(T),
+           "note": "no test part (a final fit): its calibration error was not measured"}
+    threshold_entry = {"policy": policy if threshold is not None else "argmax", "value": threshold,
+                       "positive_class": positive_class,
+                       "target_sensitivity": target_sensitivity if policy == "sensitivity" else None}
+    result = {"note": FINAL_FIT_NOTE}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(result, indent=1))
+    return cal, threshold_entry, result

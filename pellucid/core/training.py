@@ -170,6 +170,8 @@ def predict_logits(model: nn.Module, batches, device: torch.device | str = "cpu"
     out = [model(_cl(x[0].to(device) if isinstance(x, (tuple, list)) else x.to(device))).float().cpu()
            for x in batches]
     model.train(was)
+    if not out:  # an empty part (a final fit has no test part)
+        return torch.zeros(0, int(getattr(getattr(model, "head", None), "out_features", 0) or 0))
     return torch.cat(out)
 
 
@@ -378,6 +380,16 @@ def _rank_zero() -> bool:
         int(os.environ.get("NODE_RANK", "0")) == 0
 
 
+def _check_fractions(cfg: TrainConfig) -> None:
+    """A one-line refusal of split fractions that cannot make a train, validation and (unless 0: a
+    final fit) test part."""
+    v, t = cfg.val_fraction, cfg.test_fraction
+    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (v, t))
+    if not ok or not (0 < v < 1 and 0 <= t < 1 and v + t < 0.9):
+        raise TrainingError(f"val_fraction {v!r} and test_fraction {t!r} must be numbers with 0 < val_fraction, "
+                            "0 <= test_fraction (0: no test part, a final fit) and their sum under 0.9; fix the recipe")
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run one training job end to end and write the model folder ``cfg.out``.
 
@@ -392,6 +404,7 @@ def train(cfg: TrainConfig) -> Path:
             cfg.test_size == 0 or 16 <= cfg.test_size <= 1024):  # an ensemble member's keys reach here unchecked
         raise TrainingError(f"test_size must be the input size the model predicts at, 0 (image_size) or 16 to 1024 px, "
                             f"got {cfg.test_size!r}; fix the recipe")
+    _check_fractions(cfg)
     if cfg.snapshots:
         snapshot_every(cfg)  # a one-line refusal of an impossible snapshot schedule, before any work
         if cfg.test_size:
@@ -425,7 +438,7 @@ def train(cfg: TrainConfig) -> Path:
 
     plain = {part: CachedDataset(cache, split[part], labels) for part in ("train", "val", "test")}
     for part, ds in plain.items():
-        if len(ds) == 0:
+        if len(ds) == 0 and (part != "test" or split[part]):  # a final fit has no test part by design
             raise TrainingError(f"the {part} split has no readable images; check {cfg.data}")
     y = {part: torch.as_tensor(ds.targets()) for part, ds in plain.items()}
     cw = _class_weights(y["train"].numpy(), len(task.classes)) if cfg.balance == "weights" else None

@@ -70,7 +70,7 @@ def _one_fold(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction:
 
 def grouped_split(samples: list[Sample], *, val_fraction: float = 0.15, test_fraction: float = 0.2,
                   seed: int = 0) -> dict:
-    """Grouped, stratified train/val/test indices.
+    """Grouped, stratified train/val/test indices (``test_fraction`` 0: no test part, a final fit).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...], "seed": seed, "hash": str}``; no group appears
@@ -78,11 +78,14 @@ def grouped_split(samples: list[Sample], *, val_fraction: float = 0.15, test_fra
     """
     labels, groups = _arrays(samples)
     idx = np.arange(len(samples))
-    rest, test = _one_fold(idx, labels, groups, test_fraction, seed)
+    if test_fraction > 0:
+        rest, test = _one_fold(idx, labels, groups, test_fraction, seed)
+    else:  # a final fit: every image but the validation part trains
+        rest, test = idx, idx[:0]
     train, val = _one_fold(rest, labels, groups, val_fraction / (1 - test_fraction), seed + 1)
     split = {"train": sorted(map(int, train)), "val": sorted(map(int, val)), "test": sorted(map(int, test)),
              "seed": seed}
-    for part in ("train", "val", "test"):
+    for part in ("train", "val", "test") if test_fraction > 0 else ("train", "val"):
         missing = set(labels) - set(labels[split[part]])
         if missing:
             warnings.warn(f"{part} split has no samples of class(es) {sorted(missing)}: too few groups", stacklevel=2)
@@ -353,8 +356,8 @@ def split_from_file(samples: list[Sample], path: str | Path) -> tuple[list[Sampl
     if missing:
         raise DataError(f"split file {path} names {len(missing)} file(s) the data folder lacks "
                         f"(first: {missing[0]}); train on the same data folder or drop the split file")
-    if not split["train"] or not split["test"]:
-        raise DataError(f"split file {path} has an empty train or test part")
+    if not split["train"] or not split["val"]:
+        raise DataError(f"split file {path} has an empty train or validation part")
     check_no_leakage(used, split)
     split["hash"] = split_hash(used, split)
     if len(used) < len(samples):
@@ -387,13 +390,13 @@ def temporal_split(samples: list[Sample], *, val_fraction: float = 0.15, test_fr
         order = sorted(idx, key=lambda i: _natural_key(samples[i].path))
         n = len(order)
         gap = max(1, int(round(gap_fraction * n)))
-        n_test = max(1, int(round(test_fraction * n)))
+        n_test = max(1, int(round(test_fraction * n))) if test_fraction > 0 else 0  # 0: a final fit
         n_val = max(1, int(round(val_fraction * n)))
-        n_train = n - n_test - n_val - 2 * gap
+        n_train = n - n_test - n_val - (2 if n_test else 1) * gap
         if n_train < 1:
             raise DataError(f"recording group {g!r} has {n} frames: too few to cut into train/val/test in time")
         cuts = {"train": order[:n_train], "val": order[n_train + gap:n_train + gap + n_val],
-                "test": order[n - n_test:]}
+                "test": order[n - n_test:] if n_test else []}
         for part, members in cuts.items():
             for i in members:
                 out[i] = Sample(samples[i].path, samples[i].label, f"{g}#{part}")

@@ -9,6 +9,7 @@ import json
 
 import streamlit as st
 
+from pellucid.core.modelcard_md import redact_paths
 from pellucid.core.ood import reference_from_split, save_reference
 from pellucid.datasets.splits import split_file
 from pellucid.explain.report import metric_rows, card_rows
@@ -36,7 +37,8 @@ with right:
         if n:
             st.caption(f"Test split, n = {n}.")
     else:
-        st.info("This card has no held-out metrics.")
+        note = card.metrics.get("note")
+        st.info(f"This card has no held-out metrics{': ' + redact_paths(note) if note else '.'}")
 
 plots = logic.model_plots(loaded.folder)
 if plots:
