@@ -23,9 +23,9 @@ from pellucid.core import calibration, metrics, plots
 __all__ = ["score_split", "choose_split_threshold", "FINAL_FIT_NOTE"]
 
 #: the card's ``metrics`` note of a model fitted with no test part (``pellucid train --final``)
-FINAL_FIT_NOTE = ("not scored: a final fit on every image but the validation part, so no test part was held out; "
-                  "the held-out estimate of this recipe is the run without --final, `pellucid train --folds K`, or "
-                  "its k-fold table (bench/results/recipes-<task>.md)")
+FINAL_FIT_NOTE = ("no test part: a final fit on every image but the validation part (`pellucid train --final`); "
+                  "the recipe's held-out estimate is the same run without --final, `pellucid train --folds K`, or "
+                  "the k-fold table of `pellucid tune`")
 
 
 def choose_split_threshold(y_val: np.ndarray, probs_val: np.ndarray, n_classes: int, positive_index: int | None,

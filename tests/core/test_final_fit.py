@@ -53,13 +53,13 @@ def final_dir(tmp_path_factory):
 def test_final_fit_trains_on_all_but_validation_and_records_no_test_score(final_dir, capsys):
     card = json.loads((final_dir / "card.json").read_text())
     assert card["split"]["test"] == 0 and card["split"]["train"] + card["split"]["val"] == 40
-    assert "metrics" not in card["metrics"] and card["metrics"]["note"].startswith("not scored: a final fit")
+    assert "metrics" not in card["metrics"] and card["metrics"]["note"].startswith("no test part: a final fit")
     assert json.loads((final_dir / "metrics.json").read_text()) == card["metrics"]
     # calibrated and thresholded on validation as usual; no calibration error measured on images it was fitted on
     assert card["calibration"]["temperature"] > 0 and "ece_after" not in card["calibration"]
     assert not (final_dir / "plots" / "roc.png").exists()
     text = (final_dir / "MODEL_CARD.md").read_text()
-    assert "Not evaluated: not scored: a final fit" in text and "Tested on only" not in text
+    assert "Not evaluated: no test part: a final fit" in text and "Tested on only" not in text
 
 
 def test_a_final_model_predicts_like_any_other(final_dir, tmp_path):
@@ -82,7 +82,7 @@ def test_a_final_ensemble_is_calibrated_on_validation_and_unscored(tmp_path):
                                 members=[{"finetune": "linear-probe", "epochs": 0, "image_size": 32},
                                          {"finetune": "linear-probe", "epochs": 0, "image_size": 40}])
     card = read_card(train_ensemble(cfg))
-    assert card.metrics["note"].startswith("not scored: a final fit")
+    assert card.metrics["note"].startswith("no test part: a final fit")
     assert card.split is not None and card.split.test == 0 and card.calibration.temperature > 0
 
 
