@@ -106,3 +106,12 @@ def test_impossible_split_fractions_are_refused_before_any_work(tmp_path):
                                     backbone="test_resnet", pretrained=False, **bad)
         with pytest.raises(TrainingError, match="test_fraction"):
             train(cfg)
+
+
+def test_a_final_models_report_says_it_has_no_test_score(final_dir, tmp_path):
+    image = sorted((data_dir("tb_cxr") / "normal").iterdir())[0]
+    out = tmp_path / "r"
+    assert main(["report", "--model", str(final_dir), "--methods", "gradcam", "--out", str(out), str(image)]) == 0
+    html = next(out.glob("report-*.html")).read_text()
+    assert next(out.glob("report-*.pdf")).stat().st_size > 0
+    assert "none: no test part: a final fit" in html and "test split, n" not in html  # said, not invented

@@ -378,3 +378,24 @@ def test_predict_page_without_segmenter_has_no_outline_option(app):
     assert not app.exception, app.exception
     assert not [c for c in app.checkbox if c.key == "lung_outline"]
     assert not any("lung share" in d for d in _details(app))
+
+
+def test_model_page_of_a_final_fit_says_why_it_has_no_test_score(model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from pellucid.core.scoring import FINAL_FIT_NOTE
+
+    folder = tmp_path / "final"
+    shutil.copytree(model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["metrics"] = {"note": FINAL_FIT_NOTE}
+    (folder / "card.json").write_text(json.dumps(card))
+    (folder / "MODEL_CARD.md").unlink(missing_ok=True)
+    monkeypatch.setenv("PELLUCID_MODEL", str(folder))
+    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("views/model.py").run()
+    assert not at.exception, at.exception
+    assert any("no held-out metrics: no test part: a final fit" in i.value for i in at.info), [i.value for i in at.info]

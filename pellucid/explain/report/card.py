@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pellucid.core.card import ModelCard, WeightSource, as_card
+from pellucid.core.modelcard_md import redact_paths
 
 __all__ = ["DEFAULT_INTENDED_USE", "card_rows", "intended_use", "metric_rows", "probability_text", "threshold_text"]
 
@@ -79,6 +80,9 @@ def card_rows(card: ModelCard | dict) -> list[tuple[str, str]]:
             ece = f"; ECE {_fmt(before)} → {_fmt(after)}"
         rows.append(("Calibration", f"temperature {_fmt(cal.temperature, 2)}{ece}"))
     rows.append(("Decision", threshold_text(card)))
+    metrics = card.metrics or {}
+    if not metrics.get("metrics") and metrics.get("note"):  # a final fit, an unscored ensemble: say why
+        rows.append(("Held-out metrics", f"none: {redact_paths(metrics['note'])}"))
     rows.append(("Model pellucid version", str(card.pellucid_version or "n/a")))
     if card.created:
         rows.append(("Model created", str(card.created)))
