@@ -35,6 +35,7 @@ _USER_ERROR_TYPES = (
     ("pellucid.core.tasks", "TaskSpecError"), ("pellucid.core.training", "TrainingError"),
     ("pellucid.core.weights", "WeightSourceError"), ("pellucid.datasets.readers", "ImageReadError"),
     ("pellucid.datasets.samples", "DataError"), ("pellucid.core.trainer", "TrackingError"),
+    ("pellucid.core.segmentation", "SegmentationError"),
 )
 
 

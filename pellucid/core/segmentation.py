@@ -562,6 +562,9 @@ def _seg_split(data_dir: str | Path, cfg: SegConfig, out: Path) -> tuple[list[di
     from pellucid.datasets.samples import Sample
     from pellucid.datasets.splits import grouped_split, save_split
 
+    if not (isinstance(cfg.test_fraction, (int, float)) and 0 < cfg.test_fraction < 0.9):
+        raise SegmentationError(f"test_fraction {cfg.test_fraction!r}: the lung segmenter is scored on its test part "
+                                "(Dice, HD95) and needs one; give a fraction between 0 and 0.9")
     rows = read_seg_manifest(data_dir)
     if cfg.max_images:
         keep = sorted(np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.max_images])

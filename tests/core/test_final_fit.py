@@ -115,3 +115,12 @@ def test_a_final_models_report_says_it_has_no_test_score(final_dir, tmp_path):
     html = next(out.glob("report-*.html")).read_text()
     assert next(out.glob("report-*.pdf")).stat().st_size > 0
     assert "none: no test part: a final fit" in html and "test split, n" not in html  # said, not invented
+
+
+def test_the_lung_segmenter_refuses_a_zero_test_fraction_in_one_line(tmp_path, capsys):
+    cfg = tmp_path / "seg.toml"
+    cfg.write_text("test_fraction = 0\n")
+    assert main(["train", "tb-lungseg", "--config", str(cfg), "--out", str(tmp_path / "s"),
+                 "--data", str(data_dir("tb_lungs"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the lung segmenter is scored on its test part" in err and "\n" not in err
