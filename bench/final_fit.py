@@ -41,18 +41,14 @@ def _hybrid_fold(task, d, samples, data: str, hybrid, probe, trained, split: dic
 def screen(task_name: str, vote: str, *, name: str | None = None, data: str | None = None, folds: int = 5,
            seed: int = 0, reps: int = 5, hybrid: str | None = None) -> dict:
     from pellucid.core.tasks import get_task
-    from pellucid.core.tune import _block_single_group_classes, _Data, _probe_parts, _vote
+    from pellucid.core.tune import _Data, _probe_parts, _vote, search_folds
     from pellucid.core.tune_candidates import default_candidates
-    from pellucid.datasets.samples import load_samples
-    from pellucid.datasets.splits import kfold_splits
 
     t0 = time.time()
     task = get_task(task_name)
     name = name or task.name
     data = data or f"../shared/data/{task.default_data or name}"
-    samples = load_samples(data, classes=task.classes, aliases=task.aliases)
-    samples, _ = _block_single_group_classes(samples, folds)
-    splits = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)  # the search's own folds
+    samples, _, splits = search_folds(task, data, folds, seed)  # the search's own folds
     cands = {c.name: c for c in default_candidates(task)}
     if vote not in cands or cands[vote].kind != "probe":
         raise SystemExit(f"{vote!r} is not a probe candidate of {task.name}; known: "

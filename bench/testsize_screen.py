@@ -41,17 +41,13 @@ def screen(task_name: str, candidate: str, vote: str, sizes: list[int], *, name:
            data: str | None = None, folds: int = 5, seed: int = 0, weights: tuple[float, ...] = (1.0, 3.0),
            work: str | None = None) -> dict:
     from pellucid.core.tasks import get_task
-    from pellucid.core.tune import _block_single_group_classes, _Data, _probe_parts, _vote
+    from pellucid.core.tune import _Data, _probe_parts, _vote, search_folds
     from pellucid.core.tune_candidates import default_candidates
-    from pellucid.datasets.samples import load_samples
-    from pellucid.datasets.splits import kfold_splits
 
     task = get_task(task_name)
     name = name or task.name
     data = data or f"../shared/data/{name}"
-    samples = load_samples(data, classes=task.classes, aliases=task.aliases)
-    samples, _ = _block_single_group_classes(samples, folds)
-    splits = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)  # the search's own folds
+    samples, _, splits = search_folds(task, data, folds, seed)  # the search's own folds
     root = Path(work or Path("runs") / "tune" / (name if seed == 0 else f"{name}-seed{seed}"))
     cands = {c.name: c for c in default_candidates(task)}
     probe = cands[vote]

@@ -330,6 +330,18 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
 
 
+def search_folds(task, data: str | Path, folds: int, seed: int) -> tuple[list, list, list[dict]]:
+    """The samples of ``data``, the classes set aside (a class of one group cannot sit on both sides of a
+    fold), and the grouped folds a recipe search scores on; the benches that rescore a search's folds
+    (``bench.testsize_screen``, ``bench.final_fit``) take them from here, so they are the same folds."""
+    from pellucid.datasets.samples import load_samples
+    from pellucid.datasets.splits import kfold_splits
+
+    samples = load_samples(data, classes=task.classes, aliases=task.aliases)
+    samples, blocked = _block_single_group_classes(samples, folds)
+    return samples, blocked, kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
+
+
 def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
          candidates: Sequence[str] | None = None, out: str | Path = "bench/results", seed: int = 0,
          write_recipe: bool = False, work: str | Path | None = None, fine_tune_epochs: int = 6,
@@ -362,13 +374,11 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
         ``winner``: the name chosen).
     """
     from pellucid.core.tasks import get_task
-    from pellucid.datasets.samples import load_samples
-    from pellucid.datasets.splits import kfold_splits, save_split
+    from pellucid.datasets.splits import save_split
 
     t0 = time.time()
     task = get_task(task_name)
-    samples = load_samples(data, classes=task.classes, aliases=task.aliases)
-    samples, blocked = _block_single_group_classes(samples, folds)
+    samples, blocked, split_list = search_folds(task, data, folds, seed)
     cands = list(candidate_list) if candidate_list is not None else default_candidates(task, fine_tune_epochs)
     listed = [c.name for c in cands]
     if candidates:
@@ -385,7 +395,6 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
     name = name or task.name
     out = Path(out)
     previous, earlier_cpus = _previous(out / f"recipes-{name}.json", folds, seed, len(samples)) if resume else ({}, [])
-    split_list = kfold_splits(samples, folds, val_fraction=0.15, seed=seed)
     work = Path(work or Path("runs") / "tune" / (name if seed == 0 else f"{name}-seed{seed}"))  # seeds apart
     (work / "folds").mkdir(parents=True, exist_ok=True)
     split_paths = []

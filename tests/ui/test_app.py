@@ -52,6 +52,17 @@ def _has_gradcam() -> bool:
     return "gradcam" in available_methods()
 
 
+def _model_page(folder, tmp_path, monkeypatch) -> AppTest:
+    """The web app on the model page of ``folder``, run without an exception."""
+    monkeypatch.setenv("PELLUCID_MODEL", str(folder))
+    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("views/model.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
 def test_model_page_shows_the_human_readable_card(model_dir, tmp_path, monkeypatch):
     import shutil
 
@@ -59,12 +70,7 @@ def test_model_page_shows_the_human_readable_card(model_dir, tmp_path, monkeypat
     shutil.copytree(model_dir, folder)
     (folder / "MODEL_CARD.md").write_text("---\nlicense: other\n---\n# Model card: TB test model\n\n"
                                           "## Intended use\n\nResearch only.\n")
-    monkeypatch.setenv("PELLUCID_MODEL", str(folder))
-    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("views/model.py").run()
-    assert not at.exception, at.exception
+    at = _model_page(folder, tmp_path, monkeypatch)
     texts = [m.value for m in at.markdown]
     assert any(t.startswith("# Model card: TB test model") and "license" not in t for t in texts), texts
     assert [s.value for s in at.subheader][0] == "Card fields"
@@ -392,10 +398,5 @@ def test_model_page_of_a_final_fit_says_why_it_has_no_test_score(model_dir, tmp_
     card["metrics"] = {"note": FINAL_FIT_NOTE}
     (folder / "card.json").write_text(json.dumps(card))
     (folder / "MODEL_CARD.md").unlink(missing_ok=True)
-    monkeypatch.setenv("PELLUCID_MODEL", str(folder))
-    monkeypatch.setenv("PELLUCID_RUNS", str(tmp_path / "runs"))
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    at.switch_page("views/model.py").run()
-    assert not at.exception, at.exception
+    at = _model_page(folder, tmp_path, monkeypatch)
     assert any("no held-out metrics: no test part: a final fit" in i.value for i in at.info), [i.value for i in at.info]
