@@ -29,7 +29,8 @@ the same draws, with the frozen Lite0 (``auto_weights``), the candidate it would
 default fits its one) by the prototypes' or the logistic head's leave-one-out NLL, with each
 embedding alone and the per-draw best (a bound: it looks at the queries); ``--study taps``: other
 sets of Lite0's pooled stages; ``--study grid``: Lite0's stages pooled over a grid of regions
-(:func:`grid_features`). All three report accuracy only.
+(:func:`grid_features`); ``--study power``: a signed power on the pooled features first. These four report
+accuracy only.
 
 Run from the repository root (features and trunk activations come from the disk cache under
 ``runs/.cache/features`` when ``bench.fewshot_draws`` or an earlier screen computed them)::
@@ -37,7 +38,7 @@ Run from the repository root (features and trunk activations come from the disk 
     OMP_NUM_THREADS=1 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study classes
     OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study support-ft --draws 10
     OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study head [--seed 1]
-    OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study selection|taps|grid
+    OMP_NUM_THREADS=2 PELLUCID_OFFLINE=1 .venv/bin/python -m bench.fewshot_screens --study selection|taps|grid|power
 """
 from __future__ import annotations
 
@@ -424,6 +425,35 @@ def study_selection(args) -> tuple[list[str], dict]:
     return variants, rows
 
 
+#: ``--study power``: the signed power applied to every pooled feature before the embedding (1: as is)
+POWERS = (1.0, 0.7, 0.5)
+
+
+def study_power(args) -> tuple[list[str], dict]:
+    """The default (Lite0 or Lite0 + Lite2 by the prototypes' leave-one-out NLL, each fitted as
+    :func:`_default_fit`) with every raw pooled feature ``x`` replaced by ``sign(x) |x|^p`` first, for the
+    powers of :data:`POWERS` (Tukey's ladder: it makes skewed, non-negative activations more nearly
+    Gaussian before the stages are L2-normalised)."""
+    variants = [f"power {p:g}" + (" (default)" if p == 1 else "") for p in POWERS]
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        base = {"l0": sized_features(samples, "efficientnet_lite0", 224, False),
+                "pair": product_pair_features(samples, False)}
+        embs = {p: {k: replace(f, plain=f.plain.sign() * f.plain.abs().pow(p)) for k, f in base.items()}
+                for p in POWERS}
+        accs: dict[str, list[float]] = {v: [] for v in variants}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
+            for v, p in zip(variants, POWERS):
+                got = {k: _default_fit(f, s_idx, q_idx, y_all, n_way) for k, f in embs[p].items()}
+                accs[v].append(got[min(got, key=lambda k: got[k][0])][3])
+        _accuracy_rows(rows, name, accs)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
+    return variants, rows
+
+
 #: ``--study taps``: sets of Lite0's pooled stages (the default's are ``blocks.4``, ``blocks.5``, ``bn2``).
 TAP_SETS = (("blocks.4", "blocks.5", "bn2"), ("blocks.3", "blocks.4", "blocks.5", "bn2"),
             ("blocks.2", "blocks.3", "blocks.4", "blocks.5", "bn2"), ("blocks.3", "blocks.4", "bn2"),
@@ -597,6 +627,11 @@ _PAIRED_ACC = {
              "Lite0 @224 with other sets of pooled stages, each L2-normalised; `auto_weights` chooses the "
              "weighting per support set among deep-heavy, equal, shallow-heavy and deepest-only; logistic head.",
              "fewshot-taps"),
+    "power": (study_power, "Few-shot screen: a signed power on the pooled features",
+              "The default's two candidate embeddings (Lite0 @224; Lite0 + Lite2 as `fewshot fit` computes them) "
+              "with every pooled feature x replaced by sign(x) |x|^p before the stages are L2-normalised and "
+              "weighted; chosen and fitted as the default (prototypes' leave-one-out NLL, `auto_weights`, "
+              "logistic head, leave-one-out temperature).", "fewshot-power"),
     "grid": (study_grid, "Few-shot screen: Lite0's stages pooled over a grid of regions",
              "Each of Lite0's three tap stages pooled over a grid of image regions (adaptive average pooling) "
              "keeps the layout that whole-map pooling throws away (chest X-rays are aligned; sonar's fan-shaped "
