@@ -372,6 +372,13 @@ def _default_fit(f, s_idx, q_idx, y_all, n_way):
             float((logp.argmax(1) == y_all[q_idx]).float().mean()))
 
 
+def _candidates(samples) -> dict:
+    """The default's two candidate embeddings, as ``fewshot fit`` computes them (cached): Lite0 @224
+    (``l0``) and Lite0 + Lite2 (``pair``)."""
+    return {"l0": sized_features(samples, "efficientnet_lite0", 224, False),
+            "pair": product_pair_features(samples, False)}
+
+
 def _accuracy_rows(rows: dict, name: str, accs: dict) -> None:
     base = np.array(accs[next(iter(accs))])
     for v, a in accs.items():
@@ -402,8 +409,7 @@ def study_selection(args) -> tuple[list[str], dict]:
     for name in args.datasets:
         samples, labels, groups, _ = load_dataset(name, Path(args.data))
         n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
-        embs = {"l0": sized_features(samples, "efficientnet_lite0", 224, False),
-                "pair": product_pair_features(samples, False),
+        embs = {**_candidates(samples),
                 "l2": sized_features(samples, "efficientnet_lite2", 260, False),
                 "pair320": concat_features(sized_features(samples, "efficientnet_lite0", 320, False),
                                            sized_features(samples, "efficientnet_lite2", 320, False))}
@@ -439,8 +445,7 @@ def study_power(args) -> tuple[list[str], dict]:
     for name in args.datasets:
         samples, labels, groups, _ = load_dataset(name, Path(args.data))
         n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
-        base = {"l0": sized_features(samples, "efficientnet_lite0", 224, False),
-                "pair": product_pair_features(samples, False)}
+        base = _candidates(samples)
         embs = {p: {k: replace(f, plain=f.plain.sign() * f.plain.abs().pow(p)) for k, f in base.items()}
                 for p in POWERS}
         accs: dict[str, list[float]] = {v: [] for v in variants}
