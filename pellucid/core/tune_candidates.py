@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "CROPPING_AUGMENTS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "PROBE_TAPS",
+__all__ = ["CANDIDATE_KINDS", "CROPPING_AUGMENTS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "MID_RES_SCALE", "PROBE_TAPS",
            "TEST_SCALES", "XHIGH_RES", "XXHIGH_RES", "SWA_START", "default_candidates", "test_sizes"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
@@ -21,6 +21,10 @@ XHIGH_RES = 448
 #: the largest input, again for the probes' vote only and for sources of 200 px and more (waste's photographs are
 #: 288 x 384 px): alone and beside the vote at XHIGH_RES px (six probes, two input sizes per network)
 XXHIGH_RES = 576
+#: sources below 200 px that were cut from larger images (sonar's 160-px input; its planes and ships are 200-512 px)
+#: also fine-tune at this multiple of their input, rounded to 16 px: about 2.25x B's cost per step, where the
+#: probes' doubled input would cost four times
+MID_RES_SCALE = 1.5
 EMA_EPOCHS = 2.0  # the time constant of the weight-averaging candidates (``ema`` in a recipe), in epochs
 SWA_START = 0.5  # stochastic weight averaging candidates (``swa`` in a recipe): the averaged last half of the epochs
 SNAPSHOTS = 3  # snapshot ensemble candidates (``snapshots`` in a recipe): cosine cycles of a longer fine-tune
@@ -137,7 +141,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for inputs of 200 px and more),
     the vote at ``XHIGH_RES`` px (inputs of 100 px and more, such as sonar's 160 px), the vote at
     ``XXHIGH_RES`` px and the six probes at both sizes (inputs of 200 px and more; probes only, no hybrids),
-    B with class-balanced batches (macro-F1 tasks of more than two classes), each plain fine-tune again 2.5x longer (``+long``),
+    B at ``MID_RES_SCALE`` x the input for sources of 100-199 px (sonar: 240 px), B with class-balanced batches (macro-F1 tasks of more than two classes; at both inputs), each plain fine-tune again 2.5x longer (``+long``),
     weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
     longer plain fine-tune (``+snap``), each plain fine-tune predicting at a larger input
     (``+at<px>``, :func:`test_sizes`; inputs of 200 px and more trained on random resized crops), each exponentially averaged longer fine-tune again with another
@@ -206,11 +210,23 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                about=f"B with the input at {HIGH_RES} px instead of {size} (about twice the cost "
                                      "per step)"))
         trained.append(f"finetune:lite0@{HIGH_RES}")
+    mid = {}
+    if small and not tiny:  # B at MID_RES_SCALE x a small input cut from larger images
+        mid = {"image_size": int(round(MID_RES_SCALE * size / 16)) * 16}
+        cands.append(Candidate(f"finetune:lite0@{mid['image_size']}", "train", overrides={**plain, **mid},
+                               about=f"B with the input at {mid['image_size']} px instead of {size} (about "
+                                     f"{(mid['image_size'] / size) ** 2:.1f}x the cost per step)"))
+        trained.append(f"finetune:lite0@{mid['image_size']}")
     if "macro_f1" in task.metrics and len(task.classes) > 2:  # rare classes matter: class-balanced batches
         cands.append(Candidate("finetune:lite0+sampler", "train", overrides={**plain, "balance": "sampler"},
                                about="B with class-balanced sampling (every batch draws the classes equally "
                                      "often) instead of class weights in the loss"))
         trained.append("finetune:lite0+sampler")
+        if mid:
+            cands.append(Candidate(f"finetune:lite0@{mid['image_size']}+sampler", "train",
+                                   overrides={**plain, **mid, "balance": "sampler"},
+                                   about=f"B at {mid['image_size']} px with class-balanced sampling"))
+            trained.append(f"finetune:lite0@{mid['image_size']}+sampler")
     # B run 2.5x longer (15 epochs: about the ten minutes of a plain fine-tune on the reference CPU)
     longer = 5 * fine_tune_epochs // 2
     for part in list(trained):

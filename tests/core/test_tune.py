@@ -97,7 +97,7 @@ def test_training_candidate_runs_the_real_training_path(tmp_path, cache):
 
 def test_high_resolution_candidates_for_large_sources_only():
     from pellucid.core.tasks import get_task
-    from pellucid.core.tune_candidates import HIGH_RES, XHIGH_RES, XXHIGH_RES
+    from pellucid.core.tune_candidates import HIGH_RES, LITE_SIZES, MID_RES_SCALE, XHIGH_RES, XXHIGH_RES
 
     tb = get_task("tb")
     by = {c.name: c for c in default_candidates(tb)}
@@ -141,6 +141,20 @@ def test_high_resolution_candidates_for_large_sources_only():
     xname = f"probe:lite0@{XHIGH_RES}+lite1@{XHIGH_RES}+lite2@{XHIGH_RES}"
     assert xname in names and f"{xname}+3xfinetune:lite0+sampler+long+ema" in names
     assert not any(f"finetune:lite0@{HIGH_RES}" in n or f"@{XXHIGH_RES}" in n for n in names)
+    # ... and fine-tunes at MID_RES_SCALE x its 160 px (its planes and ships are cut from 200-512-px images), with
+    # class-balanced batches and the longer, averaged variants; no other app gets them
+    by_sonar = {c.name: c for c in default_candidates(sonar)}
+    mid = int(MID_RES_SCALE * sonar.image_size)
+    assert mid == 240
+    for n in (f"finetune:lite0@{mid}", f"finetune:lite0@{mid}+sampler+long+ema"):
+        assert by_sonar[n].recipe(sonar)["image_size"] == mid
+    assert by_sonar[f"finetune:lite0@{mid}+sampler+long+ema"].recipe(sonar)["balance"] == "sampler"
+    assert f"probe:lite0@320+lite1@320+lite2@320+3xfinetune:lite0@{mid}+sampler+long+ema" in by_sonar
+    for other in ("tb", "waste", "bpd", "nuclei", "mpox", "snow"):
+        task = get_task(other)
+        assert not any(c.kind == "train" and c.recipe(task).get("image_size") not in (None, task.image_size, HIGH_RES,
+                                                                                      *LITE_SIZES.values())
+                       for c in default_candidates(task) if "+at" not in c.name), other
 
 
 def test_test_size_candidates_for_cropping_augmentations_of_large_sources_only():
