@@ -7,8 +7,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["CANDIDATE_KINDS", "CROPPING_AUGMENTS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES", "MID_RES_SCALE", "PROBE_TAPS",
-           "TEST_SCALES", "XHIGH_RES", "XXHIGH_RES", "SWA_START", "default_candidates", "test_sizes"]
+__all__ = ["CANDIDATE_KINDS", "CROPPING_AUGMENTS", "Candidate", "EMA_EPOCHS", "HIGH_RES", "LITE_SIZES",
+           "MID_RES_SCALE", "PROBE_TAPS", "TEST_SCALES", "XHIGH_RES", "XXHIGH_RES", "SWA_START", "default_candidates",
+           "test_sizes"]
 
 CANDIDATE_KINDS = ("probe", "train", "hybrid")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -141,7 +142,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     own size and LP-FT on it, B and the vote at ``HIGH_RES`` px (those four for inputs of 200 px and more),
     the vote at ``XHIGH_RES`` px (inputs of 100 px and more, such as sonar's 160 px), the vote at
     ``XXHIGH_RES`` px and the six probes at both sizes (inputs of 200 px and more; probes only, no hybrids),
-    B at ``MID_RES_SCALE`` x the input for sources of 100-199 px (sonar: 240 px), B with class-balanced batches (macro-F1 tasks of more than two classes; at both inputs), each plain fine-tune again 2.5x longer (``+long``),
+    B at ``MID_RES_SCALE`` x the input for sources of 100-199 px (sonar: 240 px), B with class-balanced batches
+    (macro-F1 tasks of more than two classes; at both inputs), each plain fine-tune again 2.5x longer (``+long``),
     weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
     longer plain fine-tune (``+snap``), each plain fine-tune predicting at a larger input
     (``+at<px>``, :func:`test_sizes`; inputs of 200 px and more trained on random resized crops), each exponentially averaged longer fine-tune again with another
