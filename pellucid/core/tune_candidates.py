@@ -263,6 +263,15 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                          f"{over['epochs'] // SNAPSHOTS} epochs, the weights at the end of each "
                                          "a member of an equal vote"))
             trained.append(f"{part}+snap")
+    # CutMix on the averaged longer fine-tunes of photographs (tasks that train on random resized crops): each
+    # batch pastes a random box of another image of the batch in, and its labels are mixed by the box's area
+    if not small and task.augment in CROPPING_AUGMENTS:
+        for part in [p for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]:
+            over = next(c for c in cands if c.name == part).overrides
+            cands.append(Candidate(f"{part}+cutmix", "train", overrides={**over, "mixing": "cutmix"},
+                                   about=f"{part} with CutMix (mixing: a box of another image of the batch "
+                                         "pasted in, the labels mixed by its area)"))
+            trained.append(f"{part}+cutmix")
     # a larger input at prediction for the plain fine-tunes (one model each) of tasks that train on random resized crops
     if not small and task.augment in CROPPING_AUGMENTS:
         for part in [p for p in trained if p.startswith("finetune:") and "+snap" not in p]:

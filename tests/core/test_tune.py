@@ -179,6 +179,25 @@ def test_test_size_candidates_for_cropping_augmentations_of_large_sources_only()
         assert not any("+at" in c.name for c in default_candidates(get_task(name)))
 
 
+def test_cutmix_candidates_mix_the_averaged_fine_tunes_of_photographs_only():
+    from pellucid.core.tasks import get_task
+
+    waste = get_task("waste")
+    by = {c.name: c for c in default_candidates(waste)}
+    parent = by["finetune:lite0+long+ema"].recipe(waste)
+    mixed = by["finetune:lite0+long+ema+cutmix"].recipe(waste)
+    # the same training but for the mixing of each batch
+    assert parent["mixing"] == "none" and mixed["mixing"] == "cutmix"
+    assert {**mixed, "mixing": "none"} == parent
+    assert by["finetune:lite2+long+ema+cutmix"].recipe(waste)["backbone"] == "efficientnet_lite2"
+    assert not any(n.endswith("+long+cutmix") or n.endswith("+snap+cutmix") for n in by)
+    members = by["probe:lite0@448+lite1@448+lite2@448+taps+finetune:lite0+long+ema+cutmix"].recipe(waste, by)["members"]
+    assert [m["mixing"] for m in members if m.get("finetune") != "linear-probe"] == ["cutmix"]
+    # X-rays, sonar and the tiny sources train without crops or at a small input: none for them
+    for name in ("tb", "sonar", "bpd", "nuclei"):
+        assert not any("cutmix" in c.name for c in default_candidates(get_task(name)))
+
+
 def test_taps_votes_read_the_last_four_stages_and_join_the_hybrids():
     from pellucid.core.tasks import get_task
     from pellucid.core.tune_candidates import PROBE_TAPS
