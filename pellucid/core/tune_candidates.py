@@ -145,7 +145,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     B at ``MID_RES_SCALE`` x the input for sources of 100-199 px (sonar: 240 px), B with class-balanced batches
     (macro-F1 tasks of more than two classes; at both inputs), each plain fine-tune again 2.5x longer (``+long``),
     weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
-    longer plain fine-tune (``+snap``), each plain fine-tune predicting at a larger input
+    longer plain fine-tune (``+snap``), CutMix on each averaged longer fine-tune (``+cutmix``; photographs of 200 px
+    and more trained on random resized crops), each plain fine-tune predicting at a larger input
     (``+at<px>``, :func:`test_sizes`; inputs of 200 px and more trained on random resized crops), each exponentially averaged longer fine-tune again with another
     training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
     a fine-tune and its seed twin (a seed ensemble)."""
@@ -263,17 +264,16 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                          f"{over['epochs'] // SNAPSHOTS} epochs, the weights at the end of each "
                                          "a member of an equal vote"))
             trained.append(f"{part}+snap")
-    # CutMix on the averaged longer fine-tunes of photographs (tasks that train on random resized crops): each
-    # batch pastes a random box of another image of the batch in, and its labels are mixed by the box's area
-    if not small and task.augment in CROPPING_AUGMENTS:
+    if not small and task.augment in CROPPING_AUGMENTS:  # photographs trained on random resized crops
+        # CutMix on the averaged longer fine-tunes: each batch pastes a random box of another image of the batch
+        # in, and its labels are mixed by the box's area
         for part in [p for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]:
             over = next(c for c in cands if c.name == part).overrides
             cands.append(Candidate(f"{part}+cutmix", "train", overrides={**over, "mixing": "cutmix"},
                                    about=f"{part} with CutMix (mixing: a box of another image of the batch "
                                          "pasted in, the labels mixed by its area)"))
             trained.append(f"{part}+cutmix")
-    # a larger input at prediction for the plain fine-tunes (one model each) of tasks that train on random resized crops
-    if not small and task.augment in CROPPING_AUGMENTS:
+        # a larger input at prediction for the plain fine-tunes (one model each)
         for part in [p for p in trained if p.startswith("finetune:") and "+snap" not in p]:
             over = next(c for c in cands if c.name == part).overrides
             for z in test_sizes(int(over.get("image_size", size))):
