@@ -49,9 +49,16 @@ def _as_targets(y: np.ndarray | torch.Tensor, n: int, n_classes: int) -> torch.T
     return t
 
 
+def _separated(z: torch.Tensor, target: torch.Tensor) -> bool:
+    """True when no case has a wrong class's logit strictly above its own class's: then the NLL of
+    ``softmax(z / T)`` keeps falling as T → 0 and has no minimum."""
+    own = z.gather(1, target[:, None])
+    return bool((z <= own).all())
+
+
 def fit_temperature(
     logits: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, max_iter: int = 200,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | None = None,
 ) -> float:
     """Fit the temperature T > 0 that minimises the NLL of ``softmax(logits / T)``.
 
@@ -61,10 +68,13 @@ def fit_temperature(
         logits: Held-out logits of shape (N, C).
         y: True class indices of shape (N,).
         max_iter: Maximum L-BFGS iterations.
-        label_smoothing: Weight in [0, 1) of the uniform distribution mixed into the targets. With
-            few cases that are all ranked right (a small leave-one-out set), the plain NLL falls
-            without end as T → 0; a little smoothing keeps the fitted T finite and the
-            probabilities honest.
+        label_smoothing: Weight in [0, 1) of the uniform distribution mixed into the targets.
+            ``None`` (the default) smooths only when the plain fit has no minimum: when no case
+            ranks a wrong class above its own (a small validation part that the model gets all
+            right), the NLL falls without end as T → 0 and the plain fit returns a T near 0 whose
+            probabilities are all 0 or 1. Then the targets get ``1 / (N + 1)`` of smoothing, so
+            that N right answers out of N are taken as a small chance of error, not as none (the
+            rule of succession); a fit with at least one ranked-wrong case is left unsmoothed.
 
     Returns:
         The fitted temperature; values > 1 soften over-confident predictions.
@@ -76,6 +86,8 @@ def fit_temperature(
     target = _as_targets(y, z.shape[0], z.shape[1])
     if z.shape[0] == 0:
         raise ValueError("fit_temperature needs at least one case; got 0.")
+    if label_smoothing is None:
+        label_smoothing = 1.0 / (z.shape[0] + 1) if _separated(z, target) else 0.0
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing}.")
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

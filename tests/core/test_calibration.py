@@ -59,6 +59,25 @@ def test_temperature_lowers_ece_and_keeps_argmax() -> None:
     assert after < before / 4
 
 
+def test_a_validation_part_that_is_all_right_gets_a_finite_temperature_not_certainty() -> None:
+    # 12 validation cases, every one ranked right: the plain NLL has no minimum (T -> 0 makes every
+    # probability 0 or 1). The default fit treats 12 of 12 right as a small chance of error.
+    rng = np.random.default_rng(0)
+    y = np.arange(12) % 4
+    logits = rng.normal(scale=0.3, size=(12, 4))
+    logits[np.arange(12), y] += 2.0 + rng.random(12)
+    plain = fit_temperature(logits, y, label_smoothing=0.0)
+    T = fit_temperature(logits, y)
+    top = apply_temperature(logits, T).max(axis=1)
+    assert plain < 0.2  # the degenerate plain fit
+    assert T > 3 * plain
+    assert 0.8 < top.mean() < 0.999  # confident, not certain
+    assert (top < 1 - 1e-6).all()
+    # one case ranked wrong: the plain fit has a minimum, and the default is exactly that fit
+    logits[0, (y[0] + 1) % 4] = logits[0, y[0]] + 1.0
+    assert fit_temperature(logits, y) == fit_temperature(logits, y, label_smoothing=0.0)
+
+
 def test_apply_temperature_rejects_bad_temperature() -> None:
     with pytest.raises(ValueError, match="Temperature must be a finite number > 0"):
         apply_temperature(np.zeros((2, 3)), 0.0)

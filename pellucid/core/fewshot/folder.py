@@ -86,7 +86,7 @@ def _plain_fit(base: torch.Tensor | None, labels: torch.Tensor) -> tuple[float, 
     y = labels.long()[:len(base)]
     acc = float((base.argmax(1) == y).float().mean())
     try:
-        temperature = fit_temperature(base.double(), y)
+        temperature = fit_temperature(base.double(), y, label_smoothing=0.0)
     except ValueError:
         return None
     scale = float(min(max(1.0 / temperature, 1e-2), 1e4))
