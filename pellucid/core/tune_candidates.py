@@ -147,8 +147,9 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     weight averaging (``+ema``, and ``+swa`` on the longer plain fine-tunes), a snapshot ensemble of each
     longer plain fine-tune (``+snap``), CutMix on each averaged longer fine-tune (``+cutmix``; photographs of 200 px
     and more trained on random resized crops), each plain fine-tune predicting at a larger input
-    (``+at<px>``, :func:`test_sizes`; inputs of 200 px and more trained on random resized crops), each exponentially averaged longer fine-tune again with another
-    training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
+    (``+at<px>``, :func:`test_sizes`; inputs of 200 px and more trained on random resized crops), MixUp on each
+    averaged longer class-balanced fine-tune of a macro-F1 task without crops (``+mixup``; sonar), each
+    exponentially averaged longer fine-tune again with another training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
     a fine-tune and its seed twin (a seed ensemble)."""
     small = task.image_size < 200  # inputs below the networks' own sizes: the probes' vote doubles them
     # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches, read at 64 px) gain nothing at 448 px; sonar's 160-px
@@ -281,6 +282,15 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                        about=f"{part}, the trained model predicting at {z} px (test_size; its "
                                              "training is unchanged)"))
                 trained.append(f"{part}+at{z}")
+    if "macro_f1" in task.metrics and len(task.classes) > 2 and not tiny and task.augment not in CROPPING_AUGMENTS:
+        # MixUp on the averaged longer class-balanced fine-tunes of sources without crops (sonar's chips): each batch
+        # is blended with a shuffled copy of itself, and so are its labels
+        for part in [p for p in trained if p.startswith("finetune:") and p.endswith("+sampler+long+ema")]:
+            over = next(c for c in cands if c.name == part).overrides
+            cands.append(Candidate(f"{part}+mixup", "train", overrides={**over, "mixing": "mixup"},
+                                   about=f"{part} with MixUp (each image blended with another of the batch, the "
+                                         "labels by the same share)"))
+            trained.append(f"{part}+mixup")
     # a seed ensemble: each averaged longer fine-tune again with another training seed (the fold seed + 1,
     # `seed = 1` in a shipped ensemble's member); it only pairs with its twin in the vote below
     twins = [(p, f"{p}+seed") for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]

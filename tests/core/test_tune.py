@@ -198,6 +198,25 @@ def test_cutmix_candidates_mix_the_averaged_fine_tunes_of_photographs_only():
         assert not any("cutmix" in c.name for c in default_candidates(get_task(name)))
 
 
+def test_mixup_candidates_blend_the_averaged_class_balanced_fine_tunes_of_sonar_only():
+    from pellucid.core.tasks import get_task
+
+    sonar = get_task("sonar")
+    by = {c.name: c for c in default_candidates(sonar)}
+    for parent_name in ("finetune:lite0+sampler+long+ema", "finetune:lite0@240+sampler+long+ema"):
+        parent, mixed = by[parent_name].recipe(sonar), by[f"{parent_name}+mixup"].recipe(sonar)
+        assert parent["mixing"] == "none" and mixed["mixing"] == "mixup"
+        assert {**mixed, "mixing": "none"} == parent  # the same training but for the blending of each batch
+        assert parent["balance"] == "sampler"
+    assert sorted(n for n in by if n.startswith("finetune:") and n.endswith("+mixup")) == [
+        "finetune:lite0+sampler+long+ema+mixup", "finetune:lite0@240+sampler+long+ema+mixup"]
+    members = by["probe:lite0@320+lite1@320+lite2@320+3xfinetune:lite0+sampler+long+ema+mixup"].recipe(sonar, by)["members"]
+    assert [m["mixing"] for m in members if m.get("finetune") != "linear-probe"] == ["mixup"]
+    # two-class, cropped and tiny sources get none (waste and nuclei have macro-F1 too)
+    for name in ("tb", "waste", "mpox", "nuclei", "bpd", "snow"):
+        assert not any("mixup" in c.name for c in default_candidates(get_task(name)))
+
+
 def test_taps_votes_read_the_last_four_stages_and_join_the_hybrids():
     from pellucid.core.tasks import get_task
     from pellucid.core.tune_candidates import PROBE_TAPS
