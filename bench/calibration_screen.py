@@ -6,10 +6,11 @@ NLL fit has no minimum and ends near T = 0 (probabilities of 0 or 1); the fit no
 instead. This screen scores both fits on the recipe search's own grouped folds (``--seeds``, default both
 draws), from the members' kept fold logits, nothing trained: each member calibrated on the fold's validation
 part, the probabilities averaged with the hybrid's weights and calibrated again on the log of that mean, as
-an ensemble folder does. It pools the test parts and reports NLL, ECE, accuracy, the confidence on wrong
-answers and the share of answers at 0.999 or more, and how many fits were ranked all right. The fine-tunes'
-fold models are read from ``runs/tune/<name>[-seed<k>]/`` (``bench.recipes`` keeps them there); a fold
-without them is left out and said so. Writes ``bench/results/calibration-<name>.md``.
+an ensemble folder does. It pools the test parts and reports NLL, ECE, accuracy at the argmax (a binary
+task's threshold policy is not applied, so tb's accuracy here is not its table's), the confidence on wrong
+answers, the share of answers at 0.999 or more, and how many fits were ranked all right. The fine-tunes' fold
+models are read from ``runs/tune/<name>[-seed<k>]/`` (``bench.recipes`` keeps them there); a fold without them
+is left out and said so. Writes ``bench/results/calibration-<name>.md``.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def render(res: dict) -> str:
              f"the test parts pooled. **{res['separated']} of {res['fits']} temperature fits** (members and votes) "
              f"had a validation part ranked all right, where the plain fit has no minimum. CPU: {_cpu_line()}. "
              f"{res['seconds']:.0f} s (`{cmd}`).", "",
-             "| temperature fit | n | accuracy | NLL | ECE | mean top probability on wrong answers | "
+             "| temperature fit | n | accuracy (argmax) | NLL | ECE | mean top probability on wrong answers | "
              "answers at ≥ 0.999 |", "|---|---|---|---|---|---|---|"]
     labels = {"plain": "plain NLL", "smoothed": "smoothed where ranked all right (the default)"}
     for mode, r in res["rows"].items():
