@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import sample_data, write_table
+
 MODES = (("plain", 0.0), ("smoothed", None))  # label_smoothing passed to fit_temperature (None: the default)
 
 
@@ -148,18 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1", help="fold draws, comma-separated")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-    from pellucid.core.tasks import get_task
-
-    data = Path(args.data or f"../shared/data/{args.name or get_task(args.task).default_data or args.task}")
-    if not data.exists():
-        print(f"skipped: {data} is absent (the sample data sit in ../shared/data)")
+    data = sample_data(args.task, args.name, args.data)
+    if data is None:
         return 0
     res = screen(args.task, args.hybrid, name=args.name, data=str(data),
                  seeds=tuple(int(x) for x in args.seeds.split(",")))
-    out = Path(args.out) / f"calibration-{res['name']}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(res))
-    print(render(res))
+    write_table(render(res).splitlines(), Path(args.out) / f"calibration-{res['name']}.md")
     return 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import sample_data, write_table
+
 METRICS = ("accuracy", "macro_f1", "auroc")
 PLAIN_SHARE = 0.65 / 0.85  # a plain run's training part, as a share of a final fit's
 
@@ -144,18 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hybrid", help="a hybrid of --vote with one training candidate: train its fine-tune both ways")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-    from pellucid.core.tasks import get_task
-
-    data = Path(args.data or f"../shared/data/{args.name or get_task(args.task).default_data or args.task}")
-    if not data.exists():
-        print(f"skipped: {data} is absent (the sample data sit in ../shared/data)")
+    data = sample_data(args.task, args.name, args.data)
+    if data is None:
         return 0
     res = screen(args.task, args.vote, name=args.name, data=str(data), seed=args.seed, reps=args.reps,
                  hybrid=args.hybrid)
-    out = Path(args.out) / f"final-fit-{res['name']}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(res))
-    print(render(res))
+    write_table(render(res).splitlines(), Path(args.out) / f"final-fit-{res['name']}.md")
     return 0
 
 

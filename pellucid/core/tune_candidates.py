@@ -136,6 +136,15 @@ def test_sizes(train_size: int) -> list[int]:
     return [int(round(train_size * r / 32)) * 32 for r in TEST_SCALES]
 
 
+def _mixed(cands: list, trained: list[str], parent_suffix: str, mixing: str, about: str) -> None:
+    """Add ``<part>+<mixing>`` (recipe key ``mixing``) for each fine-tune in ``trained`` ending in ``parent_suffix``."""
+    for part in [p for p in trained if p.startswith("finetune:") and p.endswith(parent_suffix)]:
+        over = next(c for c in cands if c.name == part).overrides
+        cands.append(Candidate(f"{part}+{mixing}", "train", overrides={**over, "mixing": mixing},
+                               about=f"{part} with {about}"))
+        trained.append(f"{part}+{mixing}")
+
+
 def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     """The candidates of a task, cheapest first: probes at the task's size and at each Lite
     network's own, their soft vote, a mirrored-TTA probe, then baseline B, LP-FT, B on Lite2 at its
@@ -268,12 +277,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     if not small and task.augment in CROPPING_AUGMENTS:  # photographs trained on random resized crops
         # CutMix on the averaged longer fine-tunes: each batch pastes a random box of another image of the batch
         # in, and its labels are mixed by the box's area
-        for part in [p for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]:
-            over = next(c for c in cands if c.name == part).overrides
-            cands.append(Candidate(f"{part}+cutmix", "train", overrides={**over, "mixing": "cutmix"},
-                                   about=f"{part} with CutMix (mixing: a box of another image of the batch "
-                                         "pasted in, the labels mixed by its area)"))
-            trained.append(f"{part}+cutmix")
+        _mixed(cands, trained, "+long+ema", "cutmix",
+               "CutMix (mixing: a box of another image of the batch pasted in, the labels mixed by its area)")
         # a larger input at prediction for the plain fine-tunes (one model each)
         for part in [p for p in trained if p.startswith("finetune:") and "+snap" not in p]:
             over = next(c for c in cands if c.name == part).overrides
@@ -285,12 +290,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     if "macro_f1" in task.metrics and len(task.classes) > 2 and not tiny and task.augment not in CROPPING_AUGMENTS:
         # MixUp on the averaged longer class-balanced fine-tunes of sources without crops (sonar's chips): each batch
         # is blended with a shuffled copy of itself, and so are its labels
-        for part in [p for p in trained if p.startswith("finetune:") and p.endswith("+sampler+long+ema")]:
-            over = next(c for c in cands if c.name == part).overrides
-            cands.append(Candidate(f"{part}+mixup", "train", overrides={**over, "mixing": "mixup"},
-                                   about=f"{part} with MixUp (each image blended with another of the batch, the "
-                                         "labels by the same share)"))
-            trained.append(f"{part}+mixup")
+        _mixed(cands, trained, "+sampler+long+ema", "mixup",
+               "MixUp (each image blended with another of the batch, the labels by the same share)")
     # a seed ensemble: each averaged longer fine-tune again with another training seed (the fold seed + 1,
     # `seed = 1` in a shipped ensemble's member); it only pairs with its twin in the vote below
     twins = [(p, f"{p}+seed") for p in trained if p.startswith("finetune:") and p.endswith("+long+ema")]
