@@ -158,8 +158,9 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     and more trained on random resized crops), each plain fine-tune predicting at a larger input
     (``+at<px>``, :func:`test_sizes`; inputs of 200 px and more trained on random resized crops), MixUp on each
     averaged longer class-balanced fine-tune of a macro-F1 task without crops (``+mixup``; sonar), each
-    exponentially averaged longer fine-tune again with another training seed (``+seed``), the shipped recipe, and the hybrids of the vote with each trained candidate, with two of them, and with
-    a fine-tune and its seed twin (a seed ensemble)."""
+    exponentially averaged longer fine-tune again with another training seed (``+seed``), the shipped recipe, and
+    the hybrids of the vote with each trained candidate, with two of them, and with a fine-tune and its seed twin
+    (a seed ensemble)."""
     small = task.image_size < 200  # inputs below the networks' own sizes: the probes' vote doubles them
     # tiny sources (28-px PneumoniaMNIST, 32-px nuclei patches, read at 64 px) gain nothing at 448 px; sonar's 160-px
     # input comes from 256-512-px sonar images, which do
