@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "default_smoothing",
     "fit_temperature",
     "apply_temperature",
     "expected_calibration_error",
@@ -56,6 +57,14 @@ def _separated(z: torch.Tensor, target: torch.Tensor) -> bool:
     return bool((z <= own).all())
 
 
+def default_smoothing(logits: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> float:
+    """The label smoothing :func:`fit_temperature` uses by default on these cases: ``1 / (N + 1)`` when the
+    N cases are ranked all right (the plain fit has no minimum), else 0."""
+    z = _as_logits(logits)
+    target = _as_targets(y, z.shape[0], z.shape[1])
+    return 1.0 / (z.shape[0] + 1) if z.shape[0] and _separated(z, target) else 0.0
+
+
 def fit_temperature(
     logits: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, max_iter: int = 200,
     label_smoothing: float | None = None,
@@ -87,7 +96,7 @@ def fit_temperature(
     if z.shape[0] == 0:
         raise ValueError("fit_temperature needs at least one case; got 0.")
     if label_smoothing is None:
-        label_smoothing = 1.0 / (z.shape[0] + 1) if _separated(z, target) else 0.0
+        label_smoothing = default_smoothing(z, target)
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing}.")
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

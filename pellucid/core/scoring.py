@@ -73,10 +73,15 @@ def score_split(logits_val: Any, y_val: Any, logits_test: Any, y_test: Any, clas
     classes = list(classes)
     y_val, y_test = np.asarray(y_val), np.asarray(y_test)
     T = calibration.fit_temperature(logits_val, y_val)
+    smoothed = _smoothing_entry(logits_val, y_val)
     probs_val = calibration.apply_temperature(logits_val, T)
     if len(y_test) == 0:  # a final fit: calibrated and thresholded on validation, nothing to score
-        return _unscored(probs_val, y_val, T, classes, out_dir, positive_index=positive_index,
-                         positive_class=positive_class, policy=policy, target_sensitivity=target_sensitivity)
+        cal, threshold, result = _unscored(probs_val, y_val, T, classes, out_dir, positive_index=positive_index,
+                                           positive_class=positive_class, policy=policy,
+                                           target_sensitivity=target_sensitivity)
+        if smoothed:
+            cal = {**cal, **smoothed, "note": f"{cal['note']}; {smoothed['note']}"}
+        return cal, threshold, result
     probs_test = calibration.apply_temperature(logits_test, T)
     threshold = choose_split_threshold(y_val, probs_val, len(classes), positive_index, policy, target_sensitivity)
     test_metrics = metrics.classification_metrics(y_test, probs_test, classes, threshold=threshold,
@@ -84,7 +89,7 @@ def score_split(logits_val: Any, y_val: Any, logits_test: Any, y_test: Any, clas
     raw_test = calibration.apply_temperature(logits_test, 1.0)
     cal = {"method": "temperature", "temperature": float(T),
            "ece_before": float(calibration.expected_calibration_error(raw_test, y_test)),
-           "ece_after": float(calibration.expected_calibration_error(probs_test, y_test))}
+           "ece_after": float(calibration.expected_calibration_error(probs_test, y_test)), **smoothed}
     threshold_entry = {"policy": policy if threshold is not None else "argmax", "value": threshold,
                        "positive_class": positive_class,
                        "target_sensitivity": target_sensitivity if policy == "sensitivity" else None}
@@ -96,6 +101,18 @@ def score_split(logits_val: Any, y_val: Any, logits_test: Any, y_test: Any, clas
     plots.plot_confusion(np.array(test_metrics["confusion_matrix"]), classes, plot_dir / "confusion.png")
     plots.plot_reliability(probs_test, y_test, plot_dir / "reliability.png", T=T)
     return cal, threshold_entry, test_metrics
+
+
+def _smoothing_entry(logits_val: Any, y_val: np.ndarray) -> dict:
+    """The card's record of the temperature fit's label smoothing, when it had any (a validation part ranked
+    all right: :func:`pellucid.core.calibration.default_smoothing`)."""
+    eps = calibration.default_smoothing(logits_val, y_val)
+    if not eps:
+        return {}
+    return {"label_smoothing": eps,
+            "note": f"all {len(y_val)} validation images were ranked right, so the temperature was fitted with "
+                    f"label smoothing 1/{len(y_val) + 1}: {len(y_val)} right of {len(y_val)} is read as a small "
+                    "chance of error, not as none"}
 
 
 def _unscored(probs_val: np.ndarray, y_val: np.ndarray, T: float, classes: list[str],

@@ -132,6 +132,26 @@ def test_score_split_writes_metrics_and_plots_and_fills_the_card_entries(tmp_pat
         assert (tmp_path / "plots" / name).stat().st_size > 0
 
 
+def test_score_split_says_when_a_validation_part_ranked_all_right_was_smoothed(tmp_path):
+    from pellucid.core.scoring import score_split
+
+    y_val, y_test = np.array([0, 1] * 6), np.array([1, 0, 0, 1] * 5)
+    val = torch.nn.functional.one_hot(torch.as_tensor(y_val), 2).float() * 3.0  # all 12 ranked right
+    cal, _, _ = score_split(val, y_val, _logits(y_test, 1), y_test, ["a", "b"], tmp_path, positive_index=1,
+                            positive_class="b", n_boot=10)
+    assert cal["label_smoothing"] == 1 / 13 and "all 12 validation images were ranked right" in cal["note"]
+    assert 0.5 < cal["temperature"] < 10  # finite and no sharper than the logits (the plain fit went to ~0)
+    final, _, _ = score_split(val, y_val, val[:0], y_val[:0], ["a", "b"], tmp_path / "final", positive_index=1,
+                              positive_class="b")  # a final fit keeps its own note beside this one
+    assert final["note"].startswith("no test part") and "label smoothing 1/13" in final["note"]
+    # a validation part with an image ranked wrong: the plain fit, and nothing recorded
+    noisy = _logits(y_val, 0)
+    assert (noisy.argmax(1).numpy() != y_val).any()
+    mixed, _, _ = score_split(noisy, y_val, _logits(y_test, 1), y_test, ["a", "b"], tmp_path, positive_index=1,
+                              positive_class="b", n_boot=10)
+    assert "label_smoothing" not in mixed and "note" not in mixed
+
+
 def test_score_split_with_one_class_in_validation_keeps_argmax(tmp_path):
     from pellucid.core.scoring import score_split
 
