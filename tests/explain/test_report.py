@@ -172,6 +172,9 @@ def test_card_rows_and_threshold_text():
     rows = dict(report.card_rows(card))
     assert rows["Decision"] == "tuberculosis if P(tuberculosis) ≥ 0.432, else the other class (policy: youden)"
     assert rows["Weights"] == "offline — wheel" and rows["Calibration"] == "temperature 1.50; ECE 0.120 → 0.030"
+    smoothed = dict(report.card_rows({**card, "calibration": {"temperature": 1.02, "label_smoothing": 1 / 16}}))
+    assert smoothed["Calibration"] == ("temperature 1.02; fitted with label smoothing 1/16 (every validation image "
+                                       "ranked right)")
     assert report.threshold_text({"threshold": {"policy": "argmax"}}) == "highest probability wins (policy: argmax)"
     assert report.intended_use({}) == report.DEFAULT_INTENDED_USE
     assert report.metric_rows({"metrics": {"auroc": {"value": 0.9, "low": None, "high": None}}}) == [

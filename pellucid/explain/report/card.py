@@ -78,6 +78,9 @@ def card_rows(card: ModelCard | dict) -> list[tuple[str, str]]:
         before, after = cal.extra.get("ece_before"), cal.extra.get("ece_after")
         if before is not None and after is not None:
             ece = f"; ECE {_fmt(before)} → {_fmt(after)}"
+        eps = cal.extra.get("label_smoothing")
+        if eps:  # a validation part ranked all right: the fit read n right of n as a small chance of error
+            ece += f"; fitted with label smoothing 1/{round(1 / eps)} (every validation image ranked right)"
         rows.append(("Calibration", f"temperature {_fmt(cal.temperature, 2)}{ece}"))
     rows.append(("Decision", threshold_text(card)))
     metrics = card.metrics or {}
