@@ -29,20 +29,17 @@ MODES = (("plain", 0.0), ("smoothed", None))  # label_smoothing passed to fit_te
 def vote_probs(val: list, test: list, y_val: np.ndarray, weights: list[float], smoothing: float | None):
     """Test probabilities of a vote calibrated the ensemble folder's way, and how many of its fits
     (members, then the vote) were ranked all right on validation."""
-    import torch
-
     from pellucid.core import calibration as cal
 
     separated, pv, pt = 0, [], []
-    y = torch.as_tensor(y_val)
     for lv, lt in zip(val, test):
-        separated += cal._separated(torch.as_tensor(lv).double(), y)
+        separated += cal.default_smoothing(lv, y_val) > 0
         t = cal.fit_temperature(lv, y_val, label_smoothing=smoothing)
         pv.append(cal.apply_temperature(lv, t))
         pt.append(cal.apply_temperature(lt, t))
     lv = np.log(np.average(pv, 0, weights=weights) + 1e-12)
     lt = np.log(np.average(pt, 0, weights=weights) + 1e-12)
-    separated += cal._separated(torch.as_tensor(lv), y)
+    separated += cal.default_smoothing(lv, y_val) > 0
     return cal.apply_temperature(lt, cal.fit_temperature(lv, y_val, label_smoothing=smoothing)), separated
 
 
