@@ -14,8 +14,15 @@ scores the app's own held-out test images (the ``test`` part of the model's ``sp
 * for the TB app, each DICOM of ``../shared/data/dicom``: flagged or not, and why (target: every
   non-radiograph flagged).
 
-The snow recipe is an ensemble (which stores no reference); its bench model is one member
-(``members = []``). Writes ``bench/results/ood.md``.
+* synthetic inputs no app was trained on (uniform and Gaussian noise, 16-bit grey noise, a gradient,
+  a checkerboard; ``--synthetic`` of each kind, made in a temporary folder), flagged or not;
+* the share of other-app images that the image heuristics alone flag (what an ensemble got before its
+  members' references were read together).
+
+By default each app's bench model is a quick linear probe (an app whose recipe is an ensemble gets one
+member, ``members = []``). A trained default recipe is benched by putting its folder (or a link to it)
+at ``--models DIR/<app>``: an ensemble's check reads its members' references together
+(:class:`pellucid.core.ood.MemberReferences`). Writes ``bench/results/ood.md`` (or ``--out``).
 """
 from __future__ import annotations
 
@@ -84,6 +91,34 @@ def ensure_model(app: str, models: Path, *, max_images: int, backbone: str | Non
     return folder, secs
 
 
+SYNTHETIC_KINDS = ("uniform noise", "gaussian noise", "16-bit grey noise", "gradient", "checkerboard")
+
+
+def synthetic_images(folder: Path, per_kind: int, seed: int = 0) -> list[tuple[Path, str]]:
+    """``per_kind`` images of each of :data:`SYNTHETIC_KINDS`, written as PNG into ``folder``."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(per_kind):
+        side = int(rng.integers(160, 400))
+        yy, xx = np.mgrid[:side, :side]
+        angle = rng.uniform(0, np.pi)
+        ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
+        period = int(rng.integers(8, 64))
+        arrays = {"uniform noise": (rng.random((side, side, 3)) * 255).astype(np.uint8),
+                  "gaussian noise": rng.normal(128, 40, (side, side, 3)).clip(0, 255).astype(np.uint8),
+                  "16-bit grey noise": (rng.random((side, side)) * 65535).astype(np.uint16),
+                  "gradient": ((ramp - ramp.min()) / np.ptp(ramp) * 255).astype(np.uint8),
+                  "checkerboard": (((yy // period + xx // period) % 2) * 255).astype(np.uint8)}
+        for kind, arr in arrays.items():
+            path = folder / f"{kind.replace(' ', '_')}_{i}.png"
+            PILImage.fromarray(arr).save(path)
+            out.append((path, kind))
+    return out
+
+
 def score(model: Path, files: list[Path]) -> list[dict]:
     """Run ``files`` through the case pipeline of ``model``; one dict per file, in order."""
     from pellucid.core.predict import Predictor
@@ -107,13 +142,13 @@ def _auroc(y: list[int], s: list[float]) -> float:
     from sklearn.metrics import roc_auc_score
 
     pairs = [(a, b) for a, b in zip(y, s) if not math.isnan(b)]
-    if len({a for a, _ in pairs}) < 2:
+    if len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:  # an ensemble's energy is constant
         return math.nan
     return float(roc_auc_score([a for a, _ in pairs], [b for _, b in pairs]))
 
 
 def evaluate_app(app: str, model: Path, *, n_ood: int = 200, max_test: int | None = None, seed: int = 0,
-                 apps: tuple[str, ...] = APPS, dicom: Path | None = None) -> dict:
+                 apps: tuple[str, ...] = APPS, dicom: Path | None = None, synthetic: int = 0) -> dict:
     """OOD AUROC and flag shares of one app's model (see the module docstring)."""
     from pellucid.datasets.splits import load_split
 
@@ -122,9 +157,12 @@ def evaluate_app(app: str, model: Path, *, n_ood: int = 200, max_test: int | Non
     if max_test and len(test) > max_test:
         test = sorted(random.Random(seed).sample(test, max_test))
     ood = draw_ood(app, n_ood, apps, seed)
-    t = time.perf_counter()
-    rows = score(model, test + [p for p, _ in ood])
-    secs = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        made = synthetic_images(Path(tmp), synthetic, seed)
+        t = time.perf_counter()
+        rows = score(model, test + [p for p, _ in ood] + [p for p, _ in made])
+        secs = time.perf_counter() - t
+    rows, made_rows = rows[:len(rows) - len(made)], rows[len(rows) - len(made):]
     own, other = rows[:len(test)], rows[len(test):]
     sources = [_data(app).name] * len(own) + [s for _, s in ood]
     ok = [(r, int(i >= len(own)), s) for i, (r, s) in enumerate(zip(rows, sources)) if not r["error"]]
@@ -135,6 +173,11 @@ def evaluate_app(app: str, model: Path, *, n_ood: int = 200, max_test: int | Non
            "auroc_energy": _auroc(y, [r["energy"] for r, _, _ in ok]),
            "own_flagged": _share([r for r in own if not r["error"]]),
            "other_flagged": _share([r for r in other if not r["error"]]),
+           "other_flagged_heuristics": _share([{"flagged": any(not _embedding_reason(x) for x in r["reasons"])}
+                                               for r in other if not r["error"]]),
+           "synthetic_flagged": _share([r for r in made_rows if not r["error"]]),
+           "synthetic_by_kind": {k: _share([r for r, (_, kind) in zip(made_rows, made) if kind == k and not r["error"]])
+                                 for k in SYNTHETIC_KINDS} if made else {},
            "errors": sum(bool(r["error"]) for r in rows),
            "by_source": {s: _share([r for r, _, src in ok if src == s]) for s in dict.fromkeys(sources)}}
     if dicom is not None and dicom.is_dir():
@@ -143,23 +186,29 @@ def evaluate_app(app: str, model: Path, *, n_ood: int = 200, max_test: int | Non
     return res
 
 
+def _embedding_reason(reason: str) -> bool:
+    return "far from the training images" in reason
+
+
 def _share(rows: list[dict]) -> tuple[int, int]:
     return sum(r["flagged"] for r in rows), len(rows)
 
 
 def run(apps: tuple[str, ...], models: Path, *, max_images: int = 400, n_ood: int = 200, max_test: int | None = None,
-        backbone: str | None = None, pretrained: str | None = None, extra: tuple[str, ...] = ()) -> list[dict]:
+        backbone: str | None = None, pretrained: str | None = None, extra: tuple[str, ...] = (),
+        synthetic: int = 0) -> list[dict]:
     """Train (or reuse) and evaluate every app of ``apps``; the other apps' data are drawn from all of APPS."""
     out = []
     for app in apps:
         t = time.perf_counter()
         model, secs = ensure_model(app, models, max_images=max_images, backbone=backbone, pretrained=pretrained,
                                    extra=extra)
-        res = evaluate_app(app, model, n_ood=n_ood, max_test=max_test, dicom=DICOM if app == "tb" else None)
+        res = evaluate_app(app, model, n_ood=n_ood, max_test=max_test, dicom=DICOM if app == "tb" else None,
+                           synthetic=synthetic)
         from pellucid.core.card import read_card
 
         card = read_card(model)
-        res.update(model=model, train_s=secs, backbone=card.backbone_name,
+        res.update(model=model, train_s=secs, backbone=card.backbone_name, members=len(card.extra.get("members") or []),
                    image_size=card.image_size, n_train=card.split.train,
                    total_s=time.perf_counter() - t)
         print(f"{app}: AUROC Mahalanobis {res['auroc_mahalanobis']:.3f}, energy {res['auroc_energy']:.3f}; "
@@ -185,14 +234,22 @@ def table(results: list[dict], cpu: str, command: str) -> list[str]:
              "evenly from the other apps' sample-data folders. Flagged = any reason of the pipeline's domain check "
              "(reference thresholds at the 99 % validation quantile, blank / colour heuristics). OOD AUROC: "
              "out-of-domain = positive (targets: AUROC ≥ 0.95, own flagged ≤ 5 %).", "",
+             "For an ensemble the Mahalanobis column is its members' distances over their limits, averaged; its "
+             "output is log-probabilities, so it has no energy score. *Heuristics alone*: the other-app images "
+             "flagged by the blank / colour / DICOM tests without the reference. *Synthetic*: noise, gradients and "
+             "checkerboards.", "",
              "| app | model | own test | other | AUROC Mahalanobis | AUROC energy | own flagged | other flagged "
-             "| unreadable | time s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| other, heuristics alone | synthetic flagged | unreadable | time s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         trained = f"trained in {r['train_s']:.0f} s" if r["train_s"] is not None else "reused"
-        lines.append(f"| {r['app']} | {r['backbone']} {r['image_size']} px, linear probe on {r['n_train']} images "
-                     f"({trained}; check: {r['method'] or 'n/a'}) | {r['n_test']} | {r['n_ood']} "
+        what = (f"ensemble of {r['members']} members, {r['image_size']} px in, trained on {r['n_train']} images"
+                if r.get("members") else
+                f"{r['backbone']} {r['image_size']} px, linear probe on {r['n_train']} images")
+        lines.append(f"| {r['app']} | {what} ({trained}; check: {r['method'] or 'n/a'}) | {r['n_test']} | {r['n_ood']} "
                      f"| {_f(r['auroc_mahalanobis'])} | {_f(r['auroc_energy'])} | {_pct(r['own_flagged'])} "
-                     f"| {_pct(r['other_flagged'])} | {r['errors']} | {r['total_s']:.0f} |")
+                     f"| {_pct(r['other_flagged'])} | {_pct(r.get('other_flagged_heuristics', (0, 0)))} "
+                     f"| {_pct(r.get('synthetic_flagged', (0, 0)))} | {r['errors']} | {r['total_s']:.0f} |")
     sources = list(dict.fromkeys(s for r in results for s in r["by_source"]))
     lines += ["", "## Share flagged per source (rows: the app's model; bold: its own test images)", "",
               "| app | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
@@ -204,6 +261,12 @@ def table(results: list[dict], cpu: str, command: str) -> list[str]:
             cell = f"{k / n:.0%} ({k}/{n})" if n else "–"
             cells.append(f"**{cell}**" if s == own else cell)
         lines.append(f"| {r['app']} | " + " | ".join(cells) + " |")
+    kinds = [r for r in results if r.get("synthetic_by_kind")]
+    if kinds:
+        lines += ["", "## Synthetic inputs flagged, per kind", "",
+                  "| app | " + " | ".join(SYNTHETIC_KINDS) + " |", "|---|" + "---|" * len(SYNTHETIC_KINDS)]
+        lines += [f"| {r['app']} | " + " | ".join(_pct(r["synthetic_by_kind"][k]) for k in SYNTHETIC_KINDS) + " |"
+                  for r in kinds]
     for r in results:
         if "dicom" not in r:
             continue
@@ -224,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images: 200 training, 60 other-app, ≤ 40 test")
     parser.add_argument("--max-images", type=int, help="training images per app (default 400; 200 with --quick)")
     parser.add_argument("--ood", type=int, help="other-app images per app (default 200; 60 with --quick)")
+    parser.add_argument("--synthetic", type=int, default=4,
+                        help="synthetic images of each kind (noise, gradient, checkerboard...; default 4)")
     parser.add_argument("--threads", type=int, help="torch threads here and in training (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -235,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     max_images = args.max_images or (200 if args.quick else 400)
     n_ood = args.ood or (60 if args.quick else 200)
     results = run(tuple(args.tasks), args.models, max_images=max_images, n_ood=n_ood,
-                  max_test=40 if args.quick else None)
+                  max_test=40 if args.quick else None, synthetic=args.synthetic)
     command = "python -m bench.bench_ood " + " ".join(argv if argv is not None else sys.argv[1:])
     write_table(table(results, cpu_features().summary(), command.strip()), args.out)
 

@@ -15,6 +15,7 @@ import datetime as _dt
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from pellucid.cli_common import UserError, default_data_root, print_summary
@@ -519,10 +520,19 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(own_handler).propagate = False  # Lightning prints through its own handler
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the user reads it: one line, no source code quoted (``-v`` shows where it came from)."""
+    text = " ".join(str(message).split())
+    return f"WARNING {category.__name__}: {text}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    plain = warnings.formatwarning
+    if not args.verbose and os.environ.get("PELLUCID_DEBUG") != "1":
+        warnings.formatwarning = _one_line_warning  # not the file, line number and source line of the code
     try:
         if getattr(args, "check", None) is not None:
             args.check(args)  # names, paths and flags, before the heavy imports: a typo answers at once
@@ -542,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"pellucid {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain  # main() called in a process (tests, notebooks) leaves it as it was
 
 
 def train_entry(task: str, argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from pellucid.core.tasks import get_task
 from tests.conftest import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
+_PLAIN_FORMAT = warnings.formatwarning
 _TINY = ["--backbone", "test_resnet", "--pretrained", "random", "--image-size", "32", "--max-images", "24",
          "--epochs", "1", "--batch-size", "8", "--no-progress"]
 
@@ -219,3 +221,23 @@ def test_a_segmenter_without_a_lung_preprocess_is_named_as_unused(tmp_path, capl
                  "--segmenter", str(tmp_path / "seg"), "--backbone", "test_resnet", "--pretrained", "random",
                  "--finetune", "linear-probe", "--image-size", "32", "--max-images", "24", "--no-progress"]) == 0
     assert any("is not used" in r.getMessage() and "--preprocess lung-mask" in r.getMessage() for r in caplog.records)
+
+
+def test_a_corrupt_training_file_is_one_warning_line_without_source_code(tmp_path):
+    data = _roads(tmp_path / "roads", per_class=8)
+    (data / "snowy_road" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    rc, err, _ = _early(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--finetune", "linear-probe",
+                         *_TINY], cwd=tmp_path)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "broken.jpg" in ln]
+    # the decoder's one warning, then the model folder's list of what was skipped
+    assert lines[0].startswith("WARNING UserWarning: skipped 1 unreadable file(s); the first: ") and len(lines) == 2
+    assert "warnings.warn" not in err and "ImageCache(" not in err and ".py:" not in lines[0]
+    assert main(["list", "tasks"]) == 0 and warnings.formatwarning is _PLAIN_FORMAT  # restored after main()
+
+
+def test_one_line_warning_format():
+    from pellucid.cli import _one_line_warning
+
+    text = _one_line_warning("two\n  lines", UserWarning, "/x/y.py", 3, "code()")
+    assert text == "WARNING UserWarning: two lines\n"

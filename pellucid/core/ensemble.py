@@ -43,8 +43,8 @@ __all__ = ["Ensemble", "build_ensemble", "load_ensemble"]
 log = logging.getLogger(__name__)
 
 # Files of a member folder copied into the ensemble (checkpoints and logs stay behind).
-_MEMBER_FILES = ("card.json", "MODEL_CARD.md", "model.safetensors", "metrics.json", "split.json", "config.json",
-                 "history.json")
+_MEMBER_FILES = ("card.json", "MODEL_CARD.md", "model.safetensors", "ood.safetensors", "metrics.json", "split.json",
+                 "config.json", "history.json")
 
 
 class Ensemble(nn.Module):
@@ -86,15 +86,32 @@ class Ensemble(nn.Module):
                              persistent=False)
         self.num_classes = int(getattr(members[0], "num_classes", 0)) or None
 
-    def member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Calibrated log-probabilities of every member, ``(M, B, C)``, for images ``(B, 3, S, S)``."""
-        out = []
+    def _inputs(self, x: torch.Tensor):
+        """Each member with its temperature and ``x`` at its input size."""
         for member, T, size in zip(self.members, self.temperatures, self.image_sizes):
             xi = x
             if size is not None and tuple(x.shape[-2:]) != (size, size):
                 xi = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            out.append(F.log_softmax(member(xi).float() / T, dim=1))
-        return torch.stack(out)
+            yield member, T, xi
+
+    def member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated log-probabilities of every member, ``(M, B, C)``, for images ``(B, 3, S, S)``."""
+        return torch.stack([F.log_softmax(member(xi).float() / T, dim=1) for member, T, xi in self._inputs(x)])
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward(x)`` and the members' pooled embeddings side by side ``(B, D_1 + ... + D_M)`` in one
+        pass (None when a member has no ``features`` + ``head``): what the domain check reads."""
+        lps, feats = [], []
+        for member, T, xi in self._inputs(x):
+            if feats is not None and hasattr(member, "features") and hasattr(member, "head"):
+                f = member.features(xi)
+                feats.append(f.float())
+                z = member.head(f)
+            else:
+                feats, z = None, member(xi)
+            lps.append(F.log_softmax(z.float() / T, dim=1))
+        lp = torch.stack(lps) + self.log_weights.view(-1, 1, 1).to(x.device)
+        return torch.logsumexp(lp, dim=0), None if feats is None else torch.cat(feats, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log of the weighted mean calibrated probability, ``(B, C)``, of images ``(B, 3, S, S)`` in [0, 1]."""

@@ -110,8 +110,9 @@ class ImageCache:
         self.index = {i: k for k, i in enumerate(i for i, a in enumerate(out) if a is not None)}
         kept = [a for a in out if a is not None]
         self.arrays = np.stack(kept) if kept else np.zeros((0, size, size, 3), np.uint8)
-        for path, err in self.failures:
-            warnings.warn(f"skipped unreadable file: {err}", stacklevel=2)
+        if self.failures:  # one line however many: callers that list them all read ``failures``
+            warnings.warn(f"skipped {len(self.failures)} unreadable file(s); the first: {self.failures[0][1]}",
+                          stacklevel=2)
         log.info("decoded %d images at %d px (%d skipped)", len(kept), size, len(self.failures))
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from pellucid.core.ood import OODReference
+from pellucid.core.ood import MemberReferences, OODReference
 from pellucid.core.pipeline import Case, CasePipeline, MethodResult, Progress
 from pellucid.core.privacy import read_quietly
 from pellucid.datasets.readers import Image
@@ -84,8 +84,9 @@ def resolve_target(target: int | str | None, classes: Sequence[str]) -> int | No
 
 
 def analyse_images(predictor, images: Sequence[Image], names: Sequence[str], sha256s: Sequence[str], *,
-                   dicom: Sequence[bool] | None = None, reference: OODReference | None | str = "auto",
-                   batch_size: int = 16, policy: str | None = None) -> list[Case]:
+                   dicom: Sequence[bool] | None = None,
+                   reference: OODReference | MemberReferences | None | str = "auto", batch_size: int = 16,
+                   policy: str | None = None) -> list[Case]:
     """Cases of already-read images (the web app's uploads), through the one pipeline."""
     pipe = CasePipeline(predictor, reference=reference, batch_size=batch_size, policy=policy)
     return pipe.from_images(images, names, sha256s, dicom)
@@ -93,7 +94,7 @@ def analyse_images(predictor, images: Sequence[Image], names: Sequence[str], sha
 
 def analyse_paths(predictor, paths: Iterable[str | Path], *, include_identifiers: bool = False,
                   window: tuple[float, float] | None = None, keep_images: bool = True,
-                  reference: OODReference | None | str = "auto", batch_size: int = 16,
+                  reference: OODReference | MemberReferences | None | str = "auto", batch_size: int = 16,
                   progress: Progress | None = None, policy: str | None = None) -> list[Case]:
     """Cases of files and folders (folders searched recursively), through the one pipeline.
 

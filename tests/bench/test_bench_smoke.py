@@ -31,12 +31,15 @@ def test_bench_ood_core_reuses_and_trains_models(tiny_model_dir, tmp_path):
     models.mkdir()
     (models / "tb").symlink_to(tiny_model_dir)  # reused; bpd is trained here
     results = bench_ood.run(("tb", "bpd"), models, max_images=40, n_ood=12, max_test=8, backbone="test_resnet",
-                            pretrained="random")
+                            pretrained="random", synthetic=1)
     tb, bpd = results
     assert tb["train_s"] is None and bpd["train_s"] > 0 and (models / "bpd" / "ood.safetensors").is_file()
     for r in results:
         assert r["method"] == "reference" and r["n_ood"] == 12 and r["n_test"] > 0
         assert not math.isnan(r["auroc_mahalanobis"]) and not math.isnan(r["auroc_energy"])
+        assert r["synthetic_flagged"][1] == len(bench_ood.SYNTHETIC_KINDS)  # one of each kind, every one scored
+        assert r["other_flagged_heuristics"][0] <= r["other_flagged"][0]
     assert len(tb["dicom"]) == 12 and "dicom" not in bpd
     text = "\n".join(bench_ood.table(results, "test CPU", "python -m bench.bench_ood"))
     assert "AUROC Mahalanobis" in text and "DICOM files through the tb model" in text
+    assert "## Synthetic inputs flagged, per kind" in text and "checkerboard" in text
