@@ -138,6 +138,22 @@ class Case:
         return r
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell that a spreadsheet would run as a formula (first character ``= + - @``, tab or CR: a
+    hand-crafted file name such as ``=HYPERLINK(...).png``) gets a leading apostrophe; numbers such as
+    ``-1`` and every other value are kept as they are."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def csv_fields(classes: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """Columns of the predictions CSV (every door writes these)."""
     return ["path", "label", *[f"prob_{c}" for c in classes], "domain", "domain_reason", "error", *extra]
@@ -433,7 +449,8 @@ def _drop_partial_line(path: Path) -> None:
 class CaseWriter:
     """Predictions CSV written row by row as Cases arrive, resumable.
 
-    ``path,label,prob_<class>...,domain,domain_reason,error``. With ``resume=True`` an existing file
+    ``path,label,prob_<class>...,domain,domain_reason,error``; a cell a spreadsheet would run as a
+    formula starts with an apostrophe (:func:`spreadsheet_safe`). With ``resume=True`` an existing file
     with the same header is appended to, and :meth:`done` says which inputs it already holds (so a
     rerun skips them); otherwise the file is started afresh.
     """
@@ -474,14 +491,14 @@ class CaseWriter:
 
     def done(self, name: str) -> bool:
         """Whether ``name`` already has a row (from an earlier run)."""
-        return name in self._done
+        return spreadsheet_safe(name) in self._done
 
     @property
     def resumed(self) -> int:
         return len(self._done)
 
     def write(self, case: Case) -> None:
-        self._w.writerow(case.row(self.classes, self.extra))
+        self._w.writerow({k: spreadsheet_safe(v) for k, v in case.row(self.classes, self.extra).items()})
         self._fh.flush()  # whole rows reach the file one by one: a killed run leaves no half row behind
         self.rows += 1
         self.errors += bool(case.error)

@@ -10,7 +10,7 @@ import pytest
 
 from pellucid.cli import main
 from pellucid.core.ood import modality_reasons
-from pellucid.core.pipeline import CasePipeline, CaseWriter, PipelineError, csv_fields
+from pellucid.core.pipeline import CasePipeline, CaseWriter, PipelineError, csv_fields, spreadsheet_safe
 from pellucid.core.predict import Predictor
 
 from tests.conftest import data_dir
@@ -235,3 +235,21 @@ def test_an_unexpected_reader_failure_is_one_row_not_a_lost_run(tiny_model_dir, 
     bad = [c for c in cases if c.error]
     assert len(bad) == 1 and "MemoryError" in bad[0].error and "SECRET123" not in bad[0].error
     assert bad[0].name == "DICOM file"
+
+
+def test_a_file_name_a_spreadsheet_would_run_is_written_as_text_and_resumes(tiny_model_dir, tmp_path):
+    import csv
+
+    hostile = tmp_path / "in"
+    hostile.mkdir()
+    (hostile / "=HYPERLINK(x).png").write_bytes(b"not a PNG")  # an error row that names the file
+    src = sorted((data_dir("tb_cxr") / "normal").iterdir())[0]
+    (hostile / "@SUM(1).png").symlink_to(src)
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--model", str(tiny_model_dir), "--workers", "0", "--out", str(out), str(hostile)]
+    assert main(argv) == 1
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert len(rows) == 2 and all(r["path"].startswith("'") for r in rows), rows
+    assert rows[0]["error"].startswith("'") and rows[1]["label"] and not rows[1]["error"]
+    assert main(argv) == 0 and len(list(csv.DictReader(out.open(newline="")))) == 2  # the rerun skips both
+    assert spreadsheet_safe("-1") == "-1" and spreadsheet_safe("-x") == "'-x" and spreadsheet_safe(0.5) == 0.5
