@@ -30,6 +30,7 @@ from torch import nn
 
 from pellucid.core.card import ModelCard, as_card
 from pellucid.datasets.readers import Image, ImageReadError, read_image
+from pellucid.datasets.samples import read_manifest
 from pellucid.registry import did_you_mean
 
 __all__ = [
@@ -374,12 +375,9 @@ def read_seg_manifest(data_dir: str | Path) -> list[dict]:
     if not manifest.exists():
         raise SegmentationError(f"{data_dir} has no manifest.csv: a segmentation data set needs one with columns "
                                 "path,mask,label,group (the tb_lungs layout)")
-    with manifest.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    need = {"path", "mask", "group"}
-    if not rows or not need <= set(rows[0]):
-        raise SegmentationError(f"{manifest}: expected columns {sorted(need)} (+ label), got "
-                                f"{sorted(rows[0]) if rows else 'no rows'}")
+    rows = read_manifest(manifest, {"path", "mask", "group"}, SegmentationError)
+    if not rows:
+        raise SegmentationError(f"{manifest}: has no rows; list one image per line (path,mask,label,group)")
     for r in rows:
         r["path"] = str(data_dir / r["path"])
         r["mask"] = str(data_dir / r["mask"])

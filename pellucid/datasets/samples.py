@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pellucid.datasets.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
-__all__ = ["Sample", "DataError", "load_samples", "find_images", "class_counts"]
+__all__ = ["Sample", "DataError", "load_samples", "find_images", "class_counts", "read_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +133,35 @@ def class_counts(samples: list[Sample]) -> dict[str, int]:
     return dict(Counter(s.label for s in samples))
 
 
+def read_manifest(manifest: Path, need: set[str], error: type[Exception] | None = None) -> list[dict]:
+    """The rows of a manifest CSV as written by hand or by a spreadsheet: a byte-order mark (Excel's
+    "CSV UTF-8") and spaces around column names are accepted; text that is not UTF-8, NUL bytes or
+    missing ``need`` columns are one-line ``error`` (default :class:`DataError`) that says what to do."""
+    error = error or DataError
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [str(c).strip() for c in reader.fieldnames or []]
+            if not need <= set(reader.fieldnames):
+                raise error(f"{manifest}: needs columns {','.join(sorted(need))}; found {sorted(reader.fieldnames)}")
+            return list(reader)
+    except UnicodeDecodeError:
+        raise error(f"{manifest}: is not UTF-8 text; save it as CSV with UTF-8 encoding") from None
+    except csv.Error as err:
+        raise error(f"{manifest}: is not a readable CSV ({err}); save it again as plain CSV") from None
+
+
 def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
-    with manifest.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or [])
-        if not {"path", "label"} <= cols:
-            raise DataError(f"{manifest}: needs columns path,label[,group]; found {sorted(cols)}")
-        rows = list(reader)
+    rows = read_manifest(manifest, {"path", "label"})
     samples = []
     for i, row in enumerate(rows, start=2):
-        if not row["path"] or not row["label"]:
+        if row.get(None):  # more fields than columns: most often a file name with a comma, unquoted
+            raise DataError(f"{manifest} line {i}: more fields than the header's columns; put a path that "
+                            'contains a comma in double quotes ("a,b.jpg")')
+        if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
             raise DataError(f"{manifest} line {i}: empty path or label")
+        if any("\0" in (row.get(k) or "") for k in ("path", "label", "group")):
+            raise DataError(f"{manifest} line {i}: holds a NUL byte; save the manifest again as plain CSV")
         group = row.get("group") or row["path"]
         samples.append(Sample(str(root / row["path"]), row["label"].strip(), group.strip()))
     return samples

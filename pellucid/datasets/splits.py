@@ -88,7 +88,8 @@ def grouped_split(samples: list[Sample], *, val_fraction: float = 0.15, test_fra
     for part in ("train", "val", "test") if test_fraction > 0 else ("train", "val"):
         missing = set(labels) - set(labels[split[part]])
         if missing:
-            warnings.warn(f"{part} split has no samples of class(es) {sorted(missing)}: too few groups", stacklevel=2)
+            warnings.warn(f"{part} split has no samples of class(es) {sorted(map(str, missing))}: too few groups",
+                          stacklevel=2)
     check_no_leakage(samples, split)
     split["hash"] = split_hash(samples, split)
     return split

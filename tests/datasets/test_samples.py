@@ -1,4 +1,5 @@
-"""find_images: the files it returns are unchanged, and what it skips can be reported."""
+"""find_images: the files it returns are unchanged, and what it skips can be reported; a manifest is read
+as spreadsheets write it, and a broken one is one line that names the line and what to fix."""
 from __future__ import annotations
 
 import os
@@ -52,3 +53,26 @@ def test_same_files_as_before_and_problems_reported(tmp_path: Path, monkeypatch:
     assert "broken symbolic link" in messages["a/broken.png"]
     for path, message in problems:
         assert "\n" not in message and str(path) not in message and " — " in message
+
+
+@pytest.mark.parametrize("text, encoding, expect", [
+    ("\ufeffpath , label,group\na.png,x,g1\n\"b,1.png\",y,g2\n", "utf-8", None),  # Excel's BOM, spaces, quotes
+    ("path,label\na.png,x\nb,1.png,y\n", "utf-8", "line 3: more fields than the header's columns; put a path"),
+    ("path,label\na.png,\n", "utf-8", "line 2: empty path or label"),
+    ("path,label\ncafé.png,x\n", "latin-1", "is not UTF-8 text; save it as CSV with UTF-8 encoding"),
+    ("path,label\na\0.png,x\n", "utf-8", "line 2: holds a NUL byte"),
+    ("file,class\na.png,x\n", "utf-8", "needs columns label,path; found ['class', 'file']"),
+])
+def test_a_manifest_as_spreadsheets_write_it_or_one_line_that_says_what_to_fix(tmp_path, text, encoding, expect):
+    from pellucid.datasets.samples import DataError, load_samples
+
+    (tmp_path / "manifest.csv").write_bytes(text.encode(encoding))
+    if expect is None:
+        samples = load_samples(tmp_path)
+        got = [(Path(s.path).name, s.label, s.group) for s in samples]
+        assert got == [("a.png", "x", "g1"), ("b,1.png", "y", "g2")]
+        return
+    with pytest.raises(DataError) as info:
+        load_samples(tmp_path)
+    message = str(info.value)
+    assert expect in message and "\n" not in message and message.startswith(str(tmp_path / "manifest.csv"))
