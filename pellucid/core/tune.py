@@ -471,6 +471,8 @@ def tune(task_name: str, data: str, *, folds: int = 5, budget_min: float = 15.0,
                         bool(official))
     result["blocked_classes"] = blocked
     result["name"] = name
+    read = [len(e.positions) for e in data_obj._emb.values()]
+    result["unreadable"] = len(samples) - min(read) if read else None  # in no fold's scores (probes' count)
     # a resumed table keeps rows that earlier searches scored, maybe on another CPU: the header names those too
     result["earlier_cpus"] = [c for c in dict.fromkeys(earlier_cpus) if c != result["cpu"]]
     out.mkdir(parents=True, exist_ok=True)

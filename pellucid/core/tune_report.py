@@ -34,6 +34,8 @@ def render_table(result: dict) -> str:
              f"Search took {result['seconds']:.0f} s ({result['embed_seconds']:.0f} s computing frozen features)."
              + (" Rows kept from earlier searches (`--resume`) were scored there, on: "
                 + "; ".join(result["earlier_cpus"]) + "." if result.get("earlier_cpus") else "")
+             + (f" {result['unreadable']} of the {result['n']} files could not be read (the log names them) "
+                "and count in no fold." if result.get("unreadable") else "")
              + (f" Class(es) {', '.join(result['blocked_classes'])} are one recording each: cut into "
                 f"{2 * result['k']} blocks in frame order, each a group (weaker than group separation: "
                 "frames at block edges look alike)." if result.get("blocked_classes") else ""), "",

@@ -47,6 +47,9 @@ def cache(tmp_path, monkeypatch):
 
 def test_probe_candidates_share_folds_and_budget_stops_training(tmp_path, cache):
     data = _synthetic(tmp_path / "data")
+    (data / "normal" / "train_broken.png").write_bytes(b"not a PNG")  # counted, in no fold, and the table says so
+    with (data / "manifest.csv").open("a") as fh:
+        fh.write("normal/train_broken.png,normal,gbroken\n")
     lite = "efficientnet_lite0"
     cands = [Candidate("probe:a", "probe", ((lite, 64),), role="A"),
              Candidate("probe:a+flip", "probe", ((lite, 64),), flip=True),
@@ -70,6 +73,7 @@ def test_probe_candidates_share_folds_and_budget_stops_training(tmp_path, cache)
     assert res["official_split"] and rows["probe:a"]["official"]["metrics"]["accuracy"] is not None
     table = (tmp_path / "out" / "recipes-tb.md").read_text()
     assert "| `probe:a` [A]" in table and "0/3 (budget)" in table and "official split" in table
+    assert res["unreadable"] == 1 and f"1 of the {res['n']} files could not be read" in table
     assert res["cpu"] and "CPU:" in table
     recipe = (tmp_path / "out" / "recipes-tb.toml").read_text()
     assert "[recipe]" in recipe and 'finetune = "linear-probe"' in recipe
