@@ -69,17 +69,27 @@ def tiny_model(folder: Path, methods: list[str]) -> Path:
     return save_model(folder, model, card)
 
 
+def _link_tree(src: Path, dst: Path, skip: str = "") -> None:
+    """``dst`` with ``src``'s folders made and its files linked (an ensemble refuses a member folder that
+    resolves outside it, so folders are not links)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name == skip:
+            continue
+        if f.is_dir():
+            _link_tree(f, dst / f.name)
+        else:
+            (dst / f.name).symlink_to(f.resolve())
+
+
 def with_methods(model: Path, methods: list[str], workdir: Path) -> Path:
     """``model`` itself when its card already defaults to ``methods``; else a copy whose card does
-    (the page starts with the card's explainers), weights linked, not copied."""
+    (the page starts with the card's explainers), weights and an ensemble's ``members/`` linked, not copied."""
     card = json.loads((model / "card.json").read_text())
     if card.get("explainers") == methods:
         return model
     copy = workdir / "model"
-    copy.mkdir()
-    for f in model.iterdir():
-        if f.is_file() and f.name != "card.json":
-            (copy / f.name).symlink_to(f.resolve())
+    _link_tree(model, copy, skip="card.json")
     card["explainers"] = methods
     (copy / "card.json").write_text(json.dumps(card, indent=1))
     return copy

@@ -24,9 +24,13 @@ measures accuracy, size and latency of both.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -41,7 +45,8 @@ from pellucid.core.modelfolder import ModelFolderError, load_model
 from pellucid.core.quantize import (INT8_SETTINGS, cpu_features, end_layers, ort_version, quantize_static_portable,
                                      saturation_safe)
 
-__all__ = ["FORMATS", "INT8_METHODS", "MIN_AGREEMENT", "Int8RefusedError", "export_onnx", "calibration_batches", "onnx_session", "run"]
+__all__ = ["FORMATS", "INT8_METHODS", "MIN_AGREEMENT", "ExportError", "Int8RefusedError", "export_onnx",
+           "calibration_batches", "onnx_session", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +139,60 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+class ExportError(ModelFolderError):
+    """The model holds an operation that the ONNX exporters installed here cannot write."""
+
+
+@contextlib.contextmanager
+def _native_output_to(sink: Path):
+    """Native (C++) writes to stdout and stderr go to ``sink`` meanwhile. Torch's TorchScript exporter
+    prints the whole IR graph (thousands of lines) when an operator has no ONNX form, whatever its
+    log setting; the failure itself is raised and handled."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(sink, "wb") as fh:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
 def _export_fp32(model: torch.nn.Module, size: int | tuple[int, ...], path: Path) -> None:
     """Write ``model`` (eval mode) as ONNX: input ``image`` of shape ``(batch, 3, size, size)`` (or
-    ``(batch, *size)`` for a shape tuple), output ``logits``, any batch size."""
+    ``(batch, *size)`` for a shape tuple), output ``logits``, any batch size.
+
+    Raises:
+        ExportError: the TorchScript exporter cannot write an operator (an ensemble whose members read
+            other sizes resizes with antialiasing, which it has no ONNX form for) and torch's newer
+            exporter is not installed (it needs ``onnxscript``).
+    """
     x = torch.rand(2, *((3, size, size) if isinstance(size, int) else tuple(size)))
     kwargs = dict(input_names=["image"], output_names=["logits"], opset_version=OPSET)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
+            tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")  # exporter chatter (tracer and deprecation notes)
         try:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=True,
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
-        except (TypeError, RuntimeError) as err:  # torch builds without the TorchScript exporter
-            log.info("TorchScript ONNX exporter unavailable (%s); using the dynamo exporter", err)
+            with _native_output_to(Path(tmp) / "exporter.log"):
+                torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=True,
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+        except (TypeError, RuntimeError) as err:  # an operator it cannot write, or a build without it
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            if importlib.util.find_spec("onnxscript") is None:
+                raise ExportError(f"this model cannot be exported to ONNX here ({first}); "
+                                  + ("its members read other input sizes: export each member folder "
+                                     "(pellucid export --model DIR/members/NAME), or " if hasattr(model, "members")
+                                     else "") + "pip install onnxscript for torch's newer exporter") from None
+            log.info("TorchScript ONNX exporter failed (%s); using the dynamo exporter", first)
             batch = torch.export.Dim("batch", min=1, max=4096)
             torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
                               external_data=False, **kwargs)

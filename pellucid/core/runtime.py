@@ -391,7 +391,15 @@ def _float32_runner(model: nn.Module, shape: tuple[int, ...], graph: Callable[[]
     """The ONNX Runtime float32 runner when its graph reproduces the model, else eager torch (or, when
     ONNX Runtime was asked for by name, a ValueError saying why not)."""
     try:
-        candidate = _OrtRunner(graph())
+        exported = graph()
+    except Exception as err:  # an operator the exporter cannot write (ExportError): eager torch still works
+        if backend == "onnxruntime":
+            raise ValueError(f"this model cannot run on ONNX Runtime ({type(err).__name__}: {str(err)[:200]}); "
+                             "use backend='torch'") from None
+        log.info("ONNX export for the fast path failed (%s: %s); using torch", type(err).__name__, err)
+        return _TorchRunner(model)
+    try:
+        candidate = _OrtRunner(exported)
         diff = _check(candidate, model, shape, tol)
         if diff <= tol:
             return candidate

@@ -241,3 +241,36 @@ def test_histogram_calibration_images_fit_a_pixel_budget():
     assert sum(len(b) for b in _within_pixels(at(224), HISTOGRAM_PIXEL_BUDGET)) == 128
     assert sum(len(b) for b in _within_pixels(at(320), HISTOGRAM_PIXEL_BUDGET)) == 56
     assert len(_within_pixels(at(2000), HISTOGRAM_PIXEL_BUDGET)) == 1  # always at least one batch
+
+
+def test_an_ensemble_whose_members_resize_is_refused_in_one_line_and_explained_on_torch(tmp_path, capfd):
+    import importlib.util
+
+    import torch
+
+    from pellucid.core.ensemble import build_ensemble
+    from pellucid.core.export import ExportError
+    from pellucid.core.modelfolder import load_model
+    from pellucid.core.runtime import fast_forward
+    from tests.core.test_ensemble import _member
+
+    if importlib.util.find_spec("onnxscript") is not None:
+        pytest.skip("onnxscript is installed: torch's newer exporter may write the antialiased resize")
+    members = [_member(tmp_path / "a", 32, 0, 1.0), _member(tmp_path / "b", 48, 1, 1.0)]
+    with pytest.warns(UserWarning, match="do not share"):
+        ens = build_ensemble(members, tmp_path / "ens")
+    capfd.readouterr()
+    with pytest.raises(ExportError, match="members read other input sizes: export each member folder") as err:
+        export_onnx(ens, tmp_path / "e.onnx")
+    assert "\n" not in str(err.value)
+    out, errs = capfd.readouterr()
+    assert "Torch IR graph" not in out + errs and len((out + errs).splitlines()) < 5  # no exporter dump
+    assert main(["export", "--model", str(ens), "--out", str(tmp_path / "e2.onnx")]) == 2
+    # the faithfulness scores' fast path falls back to eager torch, with the same logits, quietly
+    model, _ = load_model(ens)
+    runner = fast_forward(model, (3, 48, 48))
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), model(x).float())
+    assert runner.backend == "torch" and "Torch IR graph" not in "".join(capfd.readouterr())
+    export_onnx(members[0], tmp_path / "m.onnx")  # a member exports
