@@ -396,7 +396,8 @@ def _float32_runner(model: nn.Module, shape: tuple[int, ...], graph: Callable[[]
         if backend == "onnxruntime":
             raise ValueError(f"this model cannot run on ONNX Runtime ({type(err).__name__}: {str(err)[:200]}); "
                              "use backend='torch'") from None
-        log.info("ONNX export for the fast path failed (%s: %s); using torch", type(err).__name__, err)
+        log.info("no ONNX Runtime fast path for this model (%s); using torch", type(err).__name__)
+        log.debug("ONNX export failed: %s", err)
         return _TorchRunner(model)
     try:
         candidate = _OrtRunner(exported)

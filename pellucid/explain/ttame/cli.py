@@ -26,7 +26,8 @@ def run_cli(args) -> int:
         raise ModelFolderError(f"--epochs must be >= 1; got {epochs}")
     model, card = load_model(folder)
     if card.kind != "classifier":
-        raise ModelFolderError(f"{folder} is a {card.kind} folder; T-TAME is fitted to one classifier "
+        raise ModelFolderError(f"{folder} is {'an' if card.kind[:1] in 'aeiou' else 'a'} {card.kind} folder; "
+                               "T-TAME is fitted to one classifier "
                                "(fit it to each member's folder)")
     explainer = TTAME(progress=True, **({"epochs": epochs} if epochs else {}))
     t0 = time.perf_counter()
