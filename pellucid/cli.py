@@ -55,6 +55,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"written: {res['out']}/metrics.json (+ roc.png, confusion.png, reliability.png, predictions.csv)")
     if res["skipped"]:
         print(f"{len(res['skipped'])} file(s) skipped:", *res["skipped"], sep="\n  ")
+    if res.get("seen_in_training"):
+        print(f"warning: {res['note']}")
     return 0
 
 

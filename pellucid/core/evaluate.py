@@ -51,6 +51,13 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, out: str | Path | None
     result = M.classification_metrics(y, probs, pred.classes, threshold=pred.threshold,
                                       positive_index=pred.positive_index, n_boot=n_boot)
     result["skipped"] = [r.error for r in results if r.error]
+    seen = _seen_in_training(model_dir, [s for s, _ in ok])
+    if seen:
+        result["seen_in_training"] = seen
+        result["note"] = (f"{seen.get('train', 0)} of these {len(ok)} images were in the model's training part and "
+                          f"{seen.get('val', 0)} in its validation part (split.json): these numbers are optimistic; "
+                          "evaluate on images the model did not see")
+        log.info("%s", result["note"])
     out = Path(out) if out else Path(model_dir) / "eval" / Path(data_dir).name
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
@@ -60,3 +67,19 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, out: str | Path | None
     plots.plot_reliability(probs, y, out / "reliability.png")
     result["out"] = str(out)
     return result
+
+
+def _seen_in_training(model_dir: str | Path, samples) -> dict[str, int]:
+    """How many of ``samples`` the model was trained or calibrated on: the files of its ``split.json``'s
+    train and val parts, compared as resolved paths (empty when it has none or none is there)."""
+    from pellucid.datasets.splits import load_split, split_file
+
+    if not split_file(model_dir).is_file():
+        return {}
+    try:
+        split = load_split(model_dir)
+    except Exception:  # noqa: BLE001 - an unreadable split only costs this warning
+        return {}
+    files = {Path(s.path).resolve() for s in samples}
+    seen = {part: len(files & {Path(p).resolve() for p in split.paths(part)}) for part in ("train", "val")}
+    return seen if any(seen.values()) else {}

@@ -67,15 +67,22 @@ def test_predictor_is_deterministic_and_calibrated(tiny_model_dir):
 
 
 def test_eval_command_writes_metrics_and_plots(tiny_model_dir, tmp_path):
-    src = data_dir("tb_cxr")
+    from pellucid.datasets.splits import load_split
+
+    data_dir("tb_cxr")
+    split = load_split(tiny_model_dir)
+    take = {"train": 2, "val": 1, "test": 1}  # per class: 3 the model has seen, 1 it has not
+    rows = [r for c in ("normal", "tuberculosis") for part, k in take.items()
+            for r in [r for r in split.part(part) if r.label == c][:k]]
     sub = tmp_path / "data"
-    for c in ("normal", "tuberculosis"):
-        (sub / c).mkdir(parents=True)
-        for f in sorted((src / c).iterdir())[:4]:
-            (sub / c / f.name).symlink_to(f)
+    for r in rows:
+        (sub / r.label).mkdir(parents=True, exist_ok=True)
+        (sub / r.label / Path(r.path).name).symlink_to(Path(r.path).resolve())
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(sub), "--out", str(tmp_path / "ev")]) == 0
     res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert res["n"] == 8 and (tmp_path / "ev" / "roc.png").stat().st_size > 1000
+    # images the model was trained or calibrated on are counted, and the metrics say they are optimistic
+    assert res["seen_in_training"] == {"train": 4, "val": 2} and "these numbers are optimistic" in res["note"]
 
 
 @pytest.mark.parametrize("argv, expect", [
