@@ -192,9 +192,9 @@ class MemberReferences:
     member's embedding (the ensemble's features are the members' embeddings side by side).
 
     An image's distance is the mean over members of its Mahalanobis distance divided by that member's
-    limit, and the limit is 1.0. Measured on six apps' default ensembles (``bench/bench_ood.py``,
-    ``docs/bench-predict-ood.md``): a mean rather than "any member", which flagged 3-16 % of the apps'
-    own test images (the mean: 0-3 %); and 1.0 rather than a limit re-set at the 99 % quantile of the
+    limit, and the limit is 1.0. Measured on six apps' default ensembles (``docs/bench-predict-ood.md``):
+    a mean rather than "any member", which flagged 3-16 % of the apps' own test images (the mean:
+    0-3 %); and 1.0 rather than a limit re-set at the 99 % quantile of the
     ensemble's validation images, which flagged 3 of mpox's 19 test photographs (15 validation images
     set it) for a gain on sonar alone.
 

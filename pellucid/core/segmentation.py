@@ -375,7 +375,7 @@ def read_seg_manifest(data_dir: str | Path) -> list[dict]:
     if not manifest.exists():
         raise SegmentationError(f"{data_dir} has no manifest.csv: a segmentation data set needs one with columns "
                                 "path,mask,label,group (the tb_lungs layout)")
-    rows = read_manifest(manifest, {"path", "mask", "group"}, SegmentationError)
+    rows = read_manifest(manifest, ("path", "mask", "group"), SegmentationError)
     if not rows:
         raise SegmentationError(f"{manifest}: has no rows; list one image per line (path,mask,label,group)")
     for r in rows:

@@ -15,6 +15,7 @@ import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from pellucid.datasets.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
@@ -133,7 +134,7 @@ def class_counts(samples: list[Sample]) -> dict[str, int]:
     return dict(Counter(s.label for s in samples))
 
 
-def read_manifest(manifest: Path, need: set[str], error: type[Exception] | None = None) -> list[dict]:
+def read_manifest(manifest: Path, need: Sequence[str], error: type[Exception] | None = None) -> list[dict]:
     """The rows of a manifest CSV as written by hand or by a spreadsheet: a byte-order mark (Excel's
     "CSV UTF-8") and spaces around column names are accepted; text that is not UTF-8, NUL bytes or
     missing ``need`` columns are one-line ``error`` (default :class:`DataError`) that says what to do."""
@@ -142,8 +143,8 @@ def read_manifest(manifest: Path, need: set[str], error: type[Exception] | None 
         with manifest.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             reader.fieldnames = [str(c).strip() for c in reader.fieldnames or []]
-            if not need <= set(reader.fieldnames):
-                raise error(f"{manifest}: needs columns {','.join(sorted(need))}; found {sorted(reader.fieldnames)}")
+            if not set(need) <= set(reader.fieldnames):
+                raise error(f"{manifest}: needs columns {','.join(need)}; found {sorted(reader.fieldnames)}")
             return list(reader)
     except UnicodeDecodeError:
         raise error(f"{manifest}: is not UTF-8 text; save it as CSV with UTF-8 encoding") from None
@@ -152,7 +153,7 @@ def read_manifest(manifest: Path, need: set[str], error: type[Exception] | None 
 
 
 def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
-    rows = read_manifest(manifest, {"path", "label"})
+    rows = read_manifest(manifest, ("path", "label"))
     samples = []
     for i, row in enumerate(rows, start=2):
         if row.get(None):  # more fields than columns: most often a file name with a comma, unquoted

@@ -61,7 +61,7 @@ def test_same_files_as_before_and_problems_reported(tmp_path: Path, monkeypatch:
     ("path,label\na.png,\n", "utf-8", "line 2: empty path or label"),
     ("path,label\ncafé.png,x\n", "latin-1", "is not UTF-8 text; save it as CSV with UTF-8 encoding"),
     ("path,label\na\0.png,x\n", "utf-8", "line 2: holds a NUL byte"),
-    ("file,class\na.png,x\n", "utf-8", "needs columns label,path; found ['class', 'file']"),
+    ("file,class\na.png,x\n", "utf-8", "needs columns path,label; found ['class', 'file']"),
 ])
 def test_a_manifest_as_spreadsheets_write_it_or_one_line_that_says_what_to_fix(tmp_path, text, encoding, expect):
     from pellucid.datasets.samples import DataError, load_samples
