@@ -25,7 +25,7 @@ import numpy as np
 import streamlit as st
 
 from pellucid.core.card import ModelCard
-from pellucid.core.ood import MemberReferences, OODReference, load_reference
+from pellucid.core.ood import MemberReferences, NeighbourReference, OODReference, load_reference
 from pellucid.core.predict import Predictor
 from pellucid.explain.report import DEFAULT_INTENDED_USE, ReportError, intended_use
 from pellucid.ui.logic import (
@@ -52,7 +52,7 @@ class Loaded:
 
     folder: Path
     predictor: Predictor
-    reference: OODReference | MemberReferences | None
+    reference: OODReference | MemberReferences | NeighbourReference | None
     key: str
 
     @property
@@ -80,7 +80,7 @@ class Segmenter:
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def _load(folder: str, stamp: float) -> tuple[Predictor, OODReference | MemberReferences | None]:
+def _load(folder: str, stamp: float) -> tuple[Predictor, OODReference | MemberReferences | NeighbourReference | None]:
     return Predictor(folder), load_reference(folder)
 
 

@@ -833,3 +833,31 @@ def test_no_auto_backbones_flag_keeps_lite0_alone(tmp_path):
                  "--no-auto-backbones"]) == 0
     card = json.loads((tmp_path / "m" / "card.json").read_text())
     assert card["fewshot"]["auto_backbones"] == [] and card["fewshot"]["backbones"] == []
+
+
+def test_a_fitted_few_shot_model_checks_the_domain_on_its_support_images(proto_folder, tmp_path):
+    from PIL import Image as PILImage
+
+    from pellucid.core import ood
+    from pellucid.core.predict import Predictor
+
+    ref = ood.load_reference(proto_folder)
+    card = json.loads((proto_folder / "card.json").read_text())
+    assert isinstance(ref, ood.NeighbourReference) and ref.n_fit == len(card["support"]) == 8
+    # the limit is the support set's largest leave-one-out nearest distance + 10 %
+    s = ref.support
+    d = np.linalg.norm(s[:, None] - s[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    assert ref.distance_threshold == pytest.approx(d.min(1).max() * 1.10, rel=1e-5)
+    assert np.allclose(ref.distance(s), 0.0, atol=1e-3)  # a support image is its own nearest neighbour
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        noise = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+        noise[..., 0] = 255
+        PILImage.fromarray(noise).save(tmp_path / f"noise{i}.png")
+    support = [Path(p["path"]) for p in card["support"]][:4]
+    inputs = [*support, *sorted(tmp_path.glob("*.png"))]
+    cases = list(Predictor(proto_folder).pipeline(workers=0).from_paths(inputs))
+    assert all(c.ood.method == "reference" for c in cases)
+    assert not any(c.ood.flagged for c in cases[:4]) and all(c.ood.flagged for c in cases[4:])
+    assert "embedding far from the support images" in cases[-1].ood.reasons[-1]

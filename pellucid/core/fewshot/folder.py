@@ -500,7 +500,12 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
                             metrics, seconds=round(time.time() - t0, 1), extras=extra_info,
                             candidates=list(fits) if len(fits) > 1 else None, criterion=criterion)
     net.support_items = [(str(Path(s.path).resolve()), s.label) for s in samples]
-    return save_model(out, net, card)
+    folder = save_model(out, net, card)
+    if len(samples) >= 2:  # the domain check of this model: its support images' embeddings
+        from pellucid.core.ood import NeighbourReference, save_reference
+
+        save_reference(folder, NeighbourReference.fit(parts[name][1].float().numpy()))
+    return folder
 
 
 def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:

@@ -269,6 +269,12 @@ class PrototypicalNetwork(nn.Module):
         """Logits ``(n_query, n_way)`` (scaled negative distances) of images ``(n_query, 3, S, S)``."""
         return self.logits(self.features(x))
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and the raw features in one pass: what the domain check reads
+        (:class:`~pellucid.core.ood.NeighbourReference`)."""
+        raw = self.raw_features(x)
+        return self.logits(self.transform(raw)), raw
+
     def _resize_buffers(self, state: Mapping[str, torch.Tensor]) -> None:
         for name in ("prototypes", "support_embeddings", "support_labels", "center", "dims", "head_weight",
                      "head_bias"):

@@ -10,7 +10,7 @@ import json
 import streamlit as st
 
 from pellucid.core.modelcard_md import redact_paths
-from pellucid.core.ood import reference_from_split, save_reference
+from pellucid.core.ood import NeighbourReference, reference_from_split, save_reference
 from pellucid.datasets.splits import split_file
 from pellucid.explain.report import metric_rows, card_rows
 from pellucid.ui import common, logic
@@ -49,7 +49,11 @@ if plots:
 
 st.subheader("Out-of-domain check")
 ref = loaded.reference
-if ref is not None:
+if isinstance(ref, NeighbourReference):
+    st.success(f"In-domain reference: the embeddings of the {ref.n_fit} support images. An image farther than "
+               f"{ref.distance_threshold:.2f} from the nearest of them is flagged (their largest leave-one-out "
+               f"distance + {ref.margin:.0%}).")
+elif ref is not None:
     st.success(f"In-domain reference: embeddings of {ref.n_fit} training images; thresholds at the "
                f"{ref.quantile:.0%} quantile of {ref.n_calib} validation images ({ref.source}). About "
                f"{1 - ref.quantile:.0%} of in-domain images are flagged by design.")
