@@ -243,11 +243,11 @@ class NeighbourReference:
     """The domain reference of a few-shot model: its support images' L2-normalised raw embeddings.
 
     An image's distance is the Euclidean distance of its normalised embedding to the nearest support
-    image; the limit is the support set's largest leave-one-out nearest distance plus ``margin``
-    (10 %). Five images a class are too few for a covariance. On one random 5-shot draw of six apps
-    (``docs/fewshot.md``, "Out-of-domain inputs") the distance told up to 100 of each app's other
-    images from 120 of the other apps' with AUROC 0.98-1.00; with the 10 % margin the limit flagged
-    0-3 % of the own images and 45-100 % of the others (no margin: 0-15 % and 75-100 %).
+    image; the limit is the support set's largest leave-one-out nearest distance, raised by ``margin``
+    (default ``1/n`` for ``n`` support images: the largest of ``n`` distances is about their
+    ``n/(n+1)`` quantile, so small support sets get the wider margin). Five images a class are too few
+    for a covariance. Measured on three random 5-shot draws of six apps in ``docs/fewshot.md``,
+    "Out-of-domain inputs".
 
     Attributes:
         support: ``(n, D)`` unit rows. distance_threshold: the limit.
@@ -259,11 +259,12 @@ class NeighbourReference:
     energy_threshold: float | None = None  # prototype logits are scaled distances: no energy score
 
     @classmethod
-    def fit(cls, raw: np.ndarray, margin: float = 0.10) -> "NeighbourReference":
-        """From the support images' raw embeddings ``(n, D)``, ``n >= 2``."""
+    def fit(cls, raw: np.ndarray, margin: float | None = None) -> "NeighbourReference":
+        """From the support images' raw embeddings ``(n, D)``, ``n >= 2``; ``margin`` default ``1/n``."""
         s = _unit(np.asarray(raw, dtype=np.float64))
         if len(s) < 2:
             raise ValueError(f"a neighbour reference needs at least 2 support images; got {len(s)}")
+        margin = 1.0 / len(s) if margin is None else float(margin)
         d = np.linalg.norm(s[:, None, :] - s[None, :, :], axis=2)
         np.fill_diagonal(d, np.inf)
         return cls(s, float(d.min(axis=1).max() * (1.0 + margin)), margin)

@@ -844,11 +844,12 @@ def test_a_fitted_few_shot_model_checks_the_domain_on_its_support_images(proto_f
     ref = ood.load_reference(proto_folder)
     card = json.loads((proto_folder / "card.json").read_text())
     assert isinstance(ref, ood.NeighbourReference) and ref.n_fit == len(card["support"]) == 8
-    # the limit is the support set's largest leave-one-out nearest distance + 10 %
+    # the limit is the support set's largest leave-one-out nearest distance + 1/n (n = 8 images)
     s = ref.support
     d = np.linalg.norm(s[:, None] - s[None], axis=2)
     np.fill_diagonal(d, np.inf)
-    assert ref.distance_threshold == pytest.approx(d.min(1).max() * 1.10, rel=1e-5)
+    assert ref.margin == pytest.approx(1 / 8) and ref.distance_threshold == pytest.approx(d.min(1).max() * 1.125,
+                                                                                        rel=1e-5)
     assert np.allclose(ref.distance(s), 0.0, atol=1e-3)  # a support image is its own nearest neighbour
     rng = np.random.default_rng(0)
     for i in range(3):
