@@ -107,28 +107,38 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.testsize_screen", description=__doc__.split("\n")[0])
+def fold_screen_parser(prog: str, doc: str, candidate_example: str) -> argparse.ArgumentParser:
+    """The arguments every screen of a search's fold models takes (this one and ``bench.views_screen``)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("task")
-    p.add_argument("--candidate", required=True, help="a training candidate of the search, e.g. finetune:lite0+long+ema")
-    p.add_argument("--vote", default="probe:lite0@448+lite1@448+lite2@448", help="the probe vote of the hybrid")
-    p.add_argument("--sizes", default="224,256,288,320", help="comma-separated input sizes, px")
+    p.add_argument("--candidate", required=True, help=f"a training candidate of the search, e.g. {candidate_example}")
     p.add_argument("--name", help="data set / table name (default: the task's)")
     p.add_argument("--data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--work", help="the search's work folder (default runs/tune/<name>[-seed<k>])")
+    return p
+
+
+def write_screen(res: dict, prefix: str, out: str, seed: int, text: str) -> None:
+    """``<out>/<prefix>-<name>[-seed<k>].json`` and ``.md``; the table is printed too."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{prefix}-{res['name']}" + (f"-seed{seed}" if seed else "")
+    (folder / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (folder / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = fold_screen_parser("python -m bench.testsize_screen", __doc__, "finetune:lite0+long+ema")
+    p.add_argument("--vote", default="probe:lite0@448+lite1@448+lite2@448", help="the probe vote of the hybrid")
+    p.add_argument("--sizes", default="224,256,288,320", help="comma-separated input sizes, px")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = p.parse_args(argv)
     res = screen(args.task, args.candidate, args.vote, [int(z) for z in args.sizes.split(",")], name=args.name,
                  data=args.data, seed=args.seed, work=args.work)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"testsize-{res['name']}" + (f"-seed{args.seed}" if args.seed else "")
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    text = render(res)
-    (out / f"{stem}.md").write_text(text)
-    print(text)
+    write_screen(res, "testsize", args.out, args.seed, render(res))
     return 0
 
 

@@ -132,6 +132,7 @@ class Preprocessing(_Section):
     std: list[float] | None = None
     preprocess: str | None = None
     segmenter: str | None = None
+    tta: str | None = None  # test-time views the logits are averaged over (pellucid.core.views); None: one pass
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -103,7 +103,13 @@ class Ensemble(nn.Module):
         pass (None when a member has no ``features`` + ``head``): what the domain check reads."""
         lps, feats = [], []
         for member, T, xi in self._inputs(x):
-            if feats is not None and hasattr(member, "features") and hasattr(member, "head"):
+            if feats is not None and hasattr(member, "forward_with_features"):  # a member averaging views
+                z, f = member.forward_with_features(xi)
+                if f is None:
+                    feats = None
+                else:
+                    feats.append(f.float())
+            elif feats is not None and hasattr(member, "features") and hasattr(member, "head"):
                 f = member.features(xi)
                 feats.append(f.float())
                 z = member.head(f)

@@ -113,6 +113,8 @@ def calibration_batches(model_dir: str | Path, card: ModelCard | dict, n_images:
         raise ModelFolderError(f"none of the {len(pick)} calibration images from {split_file} could be read "
                                f"(first: {rows[pick[0]].written}); is the data folder still there?")
     x = cache.arrays.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    if len(x) > batch_size:  # equal batches: ONNX Runtime's histogram calibrations stack them (a short last one failed)
+        x = x[:len(x) - len(x) % batch_size]
     return [np.ascontiguousarray(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
 

@@ -106,7 +106,9 @@ def _input_text(card: ModelCard) -> str:
     parts = [f"{card.image_size} px" if card.image_size else None,
              f"{pre.channels_in} channel(s)" if pre.channels_in else None,
              f"resize: {pre.resize}" if pre.resize else None,
-             f"lung mask: {pre.preprocess}" if pre.preprocess and pre.preprocess != "none" else None]
+             f"lung mask: {pre.preprocess}" if pre.preprocess and pre.preprocess != "none" else None,
+             {"dihedral": "logits averaged over the image's 8 rotations and mirror images (tta: dihedral)",
+              "flip": "logits averaged over the image and its mirror image (tta: flip)"}.get(pre.tta or "")]
     return ", ".join(p for p in parts if p) or "not recorded"
 
 

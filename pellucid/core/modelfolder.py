@@ -107,6 +107,7 @@ def save_model(folder: str | Path, model: torch.nn.Module, card: ModelCard | dic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "inner", model)  # a view-averaging model stores its network; the card names the views
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"pellucid_version": pellucid.__version__})
     write_card(folder, card)
@@ -162,4 +163,11 @@ def load_model(folder: str | Path, *, map_location: str | torch.device = "cpu") 
         raise ModelFolderError(f"{weights} does not fit backbone {card.backbone_name!r}: "
                                f"{str(err).splitlines()[0]}") from err
     model._pellucid_folder = str(folder)  # folder-bound add-ons (ttame.safetensors, ood.safetensors) live here
+    if pre.tta:
+        from pellucid.core.views import ViewAverage, check_tta
+
+        try:
+            model = ViewAverage(model, check_tta(pre.tta, f"{folder / 'card.json'}"))
+        except ValueError as err:
+            raise CardError(f"{err} (preprocessing.tta); the model folder is damaged: copy it again or retrain") from None
     return model.to(map_location).eval(), card

@@ -44,7 +44,8 @@ RUN_FILE = "run.json"
 #: continued, how long it goes on (an interrupted run may be continued with more epochs or
 #: patience; the schedule is recomputed from the new length), and the input size the finished model
 #: predicts at (``test_size`` changes no training step).
-NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience", "test_size")
+NOT_IDENTITY = ("out", "resume", "overwrite", "progress", "logger", "num_workers", "epochs", "patience", "test_size",
+                "tta")
 
 #: TrainConfig options newer than most runs, left out of the identity while they are off (0 or empty).
 _OFF_BY_DEFAULT = ("ema", "swa", "snapshots", "probe_layers")

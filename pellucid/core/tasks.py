@@ -28,10 +28,23 @@ from pellucid.registry import did_you_mean, unknown_name_error
 
 __all__ = ["TaskSpec", "TaskSpecError", "get_task", "list_tasks", "load_task_file", "task_from_dict", "DEFAULT_RECIPE",
            "TASKS_ENV", "register_task", "unregister_task", "task_dirs", "find_task_file", "task_toml",
-           "task_of_card"]
+           "task_of_card", "TTA_CHOICES", "check_tta"]
 
 #: Environment variable: extra folders of task specs, separated by ``os.pathsep``.
 TASKS_ENV = "PELLUCID_TASKS"
+
+#: the test-time view sets a recipe's ``tta`` may name besides "none" (defined in pellucid.core.views)
+TTA_CHOICES = ("flip", "dihedral")
+
+
+def check_tta(value: object, where: str = "the recipe") -> str:
+    """``value`` as a view-set name ("" for none: ``"none"``, ``""``, ``None``); a one-line ValueError otherwise."""
+    if value in (None, False, "", "none"):
+        return ""
+    if value not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of none, {', '.join(TTA_CHOICES)}, got {str(value)[:40]!r}; fix {where}")
+    return str(value)
+
 
 DEFAULT_RECIPE: dict[str, Any] = {
     "backbone": "efficientnet_lite0",
@@ -56,6 +69,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "swa": 0.0,                # fine-tune: equal average of the epoch-end weights from this fraction of the epochs on (0: off)
     "snapshots": 0,            # fine-tune: a snapshot ensemble of this many cosine cycles over the epochs (0: off)
     "test_size": 0,            # predict at this input size instead of image_size (0: the same; see TrainConfig)
+    "tta": "none",             # test-time views the logits are averaged over: none, flip, dihedral (pellucid.core.views)
     "probe_layers": [],        # linear probe: inner layers pooled beside the embedding (e.g. ["blocks.3", "blocks.4"])
     "balance": "weights",
     "val_fraction": 0.15,
@@ -210,6 +224,12 @@ def task_from_dict(data: dict, where: str = "task spec", *, check_backbone: bool
     if test_size and snaps:
         raise TaskSpecError(f"{where}: recipe keys 'test_size' and 'snapshots' do not go together: a snapshot "
                             "ensemble's members predict at the training image_size")
+    try:
+        if check_tta(recipe.get("tta", "none"), "the recipe key 'tta'") and snaps:
+            raise ValueError("recipe keys 'tta' and 'snapshots' do not go together: a snapshot ensemble's members "
+                             "predict in one view")
+    except ValueError as err:
+        raise TaskSpecError(f"{where}: {err}") from None
     taps = recipe.get("probe_layers", [])
     if not isinstance(taps, list) or len(taps) > 16 or not all(isinstance(t, str) and t for t in taps):
         raise TaskSpecError(f"{where}: recipe key 'probe_layers' must be a list of up to 16 layer names of the "

@@ -45,12 +45,14 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
+from pellucid.core.runs import TrainingError
 from pellucid.registry import unknown_name_error
 
 __all__ = [
     "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
     "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint", "LOGGERS", "TrackingError",
     "make_logger", "log_run", "tracking_uri", "final_metrics", "ema_callback", "swa_callback",
+    "swa_start_epoch", "snapshot_every",
 ]
 
 log = logging.getLogger(__name__)
@@ -317,3 +319,31 @@ def log_run(out: str | Path, params: Mapping[str, Any], *, kind: str = "csv", ex
     log.info("run logged with %s (%d final metrics)%s", type(made).__name__, len(flat),
              f" to {tracking_uri()}" if isinstance(made, MLFlowLogger) else f" in {getattr(made, 'log_dir', out)}")
     return made
+
+
+def swa_start_epoch(cfg) -> int:
+    """The first averaged epoch (0-based) of stochastic weight averaging (``cfg.swa`` > 0): the
+    epochs from ``round(swa * epochs)`` on, kept between the second epoch (the first holds the
+    warm-up) and the last. From its first step the learning rate stays where the warm-up cosine schedule is then, and the
+    weights at the end of each of these epochs are averaged with equal weight."""
+    return min(cfg.epochs - 1, max(1, round(cfg.swa * cfg.epochs)))
+
+
+def snapshot_every(cfg) -> int:
+    """The length in epochs of each learning-rate cycle of a snapshot ensemble (``cfg.snapshots`` >= 2
+    cycles over ``cfg.epochs``, a multiple of it): the weights at the end of each cycle become one
+    member of the ensemble the run writes (Huang et al., 2017, "Snapshot ensembles: train 1, get M for
+    free"). The warm-up cosine schedule restarts at the full rate at the start of every cycle.
+
+    Raises:
+        TrainingError: the snapshots do not divide the epochs, or the run trains no weights.
+    """
+    k = int(cfg.snapshots)
+    if k < 2 or cfg.epochs < k or cfg.epochs % k:
+        raise TrainingError(f"snapshots = {cfg.snapshots} needs at least 2 cycles and a number of epochs that is a "
+                            f"multiple of it, got epochs = {cfg.epochs}; set epochs to a multiple or snapshots = 0")
+    if cfg.finetune == "linear-probe":
+        raise TrainingError("snapshots need a fine-tune (the linear probe trains once); set snapshots = 0")
+    if cfg.ema or cfg.swa:
+        raise TrainingError("snapshots, ema and swa are three ways to combine the weights of one run; set one of them")
+    return cfg.epochs // k

@@ -53,6 +53,8 @@ from pellucid.core.runs import (_CHECKPOINT_KEY, _SHORT, NOT_IDENTITY, RUN_DIRS,
                                 TrainingError, check_checkpoint, check_data_path, check_out_path, check_run_folder,
                                 run_identity)
 from pellucid.core.tasks import TaskSpec, get_task
+from pellucid.core.trainer import snapshot_every, swa_start_epoch
+from pellucid.core.views import ViewAverage, check_tta
 from pellucid.datasets.augment import get_augment, seed_worker_augment
 from pellucid.datasets.samples import Sample, load_samples
 from pellucid.datasets.splits import make_split, save_split
@@ -87,6 +89,9 @@ class TrainConfig:
     # larger than a whole image at the same size shows them; predicting at a larger size undoes that ("FixRes",
     # Touvron et al., 2019). Calibration, threshold, test metrics and the out-of-domain reference use this size.
     test_size: int = 0
+    # test-time views ("dihedral": the 8 rotations and mirror images; "flip"; "none"): the saved model averages its
+    # logits over them at every door (pellucid.core.views). Calibration, threshold and test metrics use them too.
+    tta: str = "none"
     batch_size: int = 32
     lr: float = 5e-4
     head_lr: float = 2e-3
@@ -171,7 +176,8 @@ def predict_logits(model: nn.Module, batches, device: torch.device | str = "cpu"
            for x in batches]
     model.train(was)
     if not out:  # an empty part (a final fit has no test part)
-        return torch.zeros(0, int(getattr(getattr(model, "head", None), "out_features", 0) or 0))
+        return torch.zeros(0, int(getattr(getattr(model, "head", None), "out_features", 0)
+                                  or getattr(model, "num_classes", 0) or 0))
     return torch.cat(out)
 
 
@@ -405,11 +411,18 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainingError(f"test_size must be the input size the model predicts at, 0 (image_size) or 16 to 1024 px, "
                             f"got {cfg.test_size!r}; fix the recipe")
     _check_fractions(cfg)
+    try:
+        tta = check_tta(cfg.tta)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
     if cfg.snapshots:
         snapshot_every(cfg)  # a one-line refusal of an impossible snapshot schedule, before any work
         if cfg.test_size:
             raise TrainingError("test_size and snapshots do not go together: a snapshot ensemble's members predict "
                                 "at the training image_size; set one of them")
+        if tta:
+            raise TrainingError("tta and snapshots do not go together: a snapshot ensemble's members predict in one "
+                                "view; set one of them")
     if not isinstance(cfg.probe_layers, (list, tuple)) or not all(isinstance(t, str) and t for t in cfg.probe_layers):
         raise TrainingError(f"probe_layers must be a list of layer names of the backbone, such as [\"blocks.3\"], "
                             f"got {str(cfg.probe_layers)[:80]}; fix the recipe")
@@ -465,8 +478,9 @@ def train(cfg: TrainConfig) -> Path:
                            preprocess=masker)
         plain = {part: CachedDataset(cache, split[part], labels) for part in ("train", "val", "test")}
         y = {part: torch.as_tensor(ds.targets()) for part, ds in plain.items()}
-    # ---- evaluation on rank zero: calibrate on val, threshold on val, score on test
-    cal, threshold, test_metrics = _evaluate(model, plain, y, task, cfg, device, out, history)
+    # ---- evaluation on rank zero: calibrate on val, threshold on val, score on test (through the views, if any)
+    scored = ViewAverage(model, tta) if tta else model
+    cal, threshold, test_metrics = _evaluate(scored, plain, y, task, cfg, device, out, history)
     seconds = round(time.time() - t0, 1)
     card = _card(cfg, task, model, weight_info, cal, threshold, test_metrics, split, plain,
                  training={"finetune": cfg.finetune, "epochs": cfg.epochs, "seconds": seconds, "device": str(device),
@@ -475,6 +489,7 @@ def train(cfg: TrainConfig) -> Path:
     if masker is not None:
         # predict / explain / report / UI re-run the chain
         card.preprocessing = Preprocessing.from_dict({**card.preprocessing.to_dict(), **masker.card_entry()})
+    card.preprocessing.tta = tta or None
     _write_model_folder(out, model, card, plain, cfg, cache)
     log_run(out, asdict(cfg), kind=cfg.logger, experiment=cfg.task)  # params, final metrics, artifacts
     log.info("model folder %s written in %.0f s", out, seconds)
@@ -675,34 +690,6 @@ def _save_ood_reference(out: Path, model: Classifier, plain: dict, cfg: TrainCon
         save_reference(out, ref)
     except ValueError as err:
         warnings.warn(f"no out-of-domain reference stored: {err}", stacklevel=2)
-
-
-def swa_start_epoch(cfg: TrainConfig) -> int:
-    """The first averaged epoch (0-based) of stochastic weight averaging (``cfg.swa`` > 0): the
-    epochs from ``round(swa * epochs)`` on, kept between the second epoch (the first holds the
-    warm-up) and the last. From its first step the learning rate stays where the warm-up cosine schedule is then, and the
-    weights at the end of each of these epochs are averaged with equal weight."""
-    return min(cfg.epochs - 1, max(1, round(cfg.swa * cfg.epochs)))
-
-
-def snapshot_every(cfg: TrainConfig) -> int:
-    """The length in epochs of each learning-rate cycle of a snapshot ensemble (``cfg.snapshots`` >= 2
-    cycles over ``cfg.epochs``, a multiple of it): the weights at the end of each cycle become one
-    member of the ensemble the run writes (Huang et al., 2017, "Snapshot ensembles: train 1, get M for
-    free"). The warm-up cosine schedule restarts at the full rate at the start of every cycle.
-
-    Raises:
-        TrainingError: the snapshots do not divide the epochs, or the run trains no weights.
-    """
-    k = int(cfg.snapshots)
-    if k < 2 or cfg.epochs < k or cfg.epochs % k:
-        raise TrainingError(f"snapshots = {cfg.snapshots} needs at least 2 cycles and a number of epochs that is a "
-                            f"multiple of it, got epochs = {cfg.epochs}; set epochs to a multiple or snapshots = 0")
-    if cfg.finetune == "linear-probe":
-        raise TrainingError("snapshots need a fine-tune (the linear probe trains once); set snapshots = 0")
-    if cfg.ema or cfg.swa:
-        raise TrainingError("snapshots, ema and swa are three ways to combine the weights of one run; set one of them")
-    return cfg.epochs // k
 
 
 def _loaders(cfg: TrainConfig, cache: ImageCache, split: dict, labels: list[int]):

@@ -149,11 +149,13 @@ def _run_probe(data: _Data, cand: Candidate, split: dict) -> dict:
     return {"metrics": metrics, "seconds": round(time.time() - t, 2)}
 
 
-def _train_fold_logits(task, folder: Path, samples, split: dict, size: int | None = None) -> dict:
+def _train_fold_logits(task, folder: Path, samples, split: dict, size: int | None = None, tta: str | None = None
+                       ) -> dict:
     """Raw logits of one fold's trained model folder on the fold's validation and test parts,
     ``{part: (sample indices, logits)}``; kept in ``fold_logits.pt`` beside the model (``size``: images read at
-    that input instead of the card's, kept in ``fold_logits_<size>.pt``)."""
-    cache = folder / ("fold_logits.pt" if size is None else f"fold_logits_{size}.pt")
+    that input instead of the card's, kept in ``fold_logits_<size>.pt``; ``tta``: the network's logits averaged
+    over those test-time views instead of the card's, ``"none"`` for one view, kept in ``fold_logits_<tta>.pt``)."""
+    cache = folder / ("fold_logits" + (f"_{size}" if size is not None else "") + (f"_{tta}" if tta else "") + ".pt")
     if cache.exists():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         return {p: (saved[p + "_idx"].numpy(), saved[p]) for p in ("val", "test")}
@@ -162,6 +164,11 @@ def _train_fold_logits(task, folder: Path, samples, split: dict, size: int | Non
     from pellucid.core.segmentation import LungMasker
 
     model, card = load_model(folder)
+    if tta is not None:
+        from pellucid.core.views import ViewAverage, check_tta
+
+        model = getattr(model, "inner", model)
+        model = ViewAverage(model, check_tta(tta)) if check_tta(tta) else model
     model.eval()
     size = int(size or card.image_size or task.image_size)
     out, flat = {}, {}

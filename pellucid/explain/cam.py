@@ -188,6 +188,22 @@ class CAMExplainer(Explainer):
     def _configure(self, cam: Any) -> None:
         """Set method-specific attributes on the pytorch-grad-cam object."""
 
+    def _maps_viewed(self, model: nn.Module, images: torch.Tensor, targets: list[int] | None):
+        """``_maps_one``, or for a model that averages test-time views (``pellucid.core.views``) the mean of
+        its network's maps over the views, each computed on the turned image and turned back."""
+        views = getattr(model, "views", None)
+        if views is None or not hasattr(model, "inner"):
+            return self._maps_one(model, images, targets)
+        from pellucid.core.views import apply_view, undo_view
+
+        if targets is None:
+            targets = resolve_targets(model, images, None)  # the averaged model's classes, not one view's
+        total = 0.0
+        for view in views:
+            maps, _, name = self._maps_one(model.inner, apply_view(images, view), targets)
+            total = total + undo_view(maps, view)
+        return total / len(views), targets, name
+
     # -- the protocol -----------------------------------------------------------------------
     def _explain(self, model: nn.Module, images: torch.Tensor, targets: list[int] | None):
         if is_ensemble(model):
@@ -203,12 +219,12 @@ class CAMExplainer(Explainer):
             for member, w in zip(model.members, weights):
                 with preserved_model(member):
                     member.eval()
-                    maps, _, name = self._maps_one(member, images, targets)
+                    maps, _, name = self._maps_viewed(member, images, targets)
                 total += w * maps
                 layers.append(name)
             extras = {"layer": layers, "member_weights": weights.tolist()}
         else:
-            total, targets, name = self._maps_one(model, images, targets)
+            total, targets, name = self._maps_viewed(model, images, targets)
             extras = {"layer": name}
         maps = normalize_map(total, self.threshold)
         return [(m, dict(extras)) for m in maps], targets

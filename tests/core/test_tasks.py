@@ -178,6 +178,17 @@ def test_recipe_test_size_is_an_input_size_and_not_beside_snapshots(recipe, matc
 
 
 @pytest.mark.parametrize("recipe, match", [
+    ({"tta": "spin"}, "tta must be one of none, flip, dihedral, got 'spin'"), ({"tta": ["flip"]}, "tta must be one of"),
+    ({"tta": "dihedral", "snapshots": 3, "epochs": 15}, "'tta' and 'snapshots' do not go together"),
+])
+def test_recipe_tta_names_a_view_set_and_not_beside_snapshots(recipe, match):
+    with pytest.raises(TaskSpecError, match=match):
+        task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": recipe})
+    assert task_from_dict({"name": "t", "classes": ["a", "b"], "recipe": {"tta": "flip"}}).recipe["tta"] == "flip"
+    assert task_from_dict({"name": "t", "classes": ["a", "b"]}).recipe["tta"] == "none"
+
+
+@pytest.mark.parametrize("recipe, match", [
     ({"probe_layers": "blocks.3", "finetune": "linear-probe"}, "'probe_layers' must be a list"),
     ({"probe_layers": [3], "finetune": "linear-probe"}, "'probe_layers' must be a list"),
     ({"probe_layers": [""], "finetune": "linear-probe"}, "'probe_layers' must be a list"),

@@ -300,6 +300,16 @@ def test_ema_keeps_the_averaged_weights(tmp_path):
     assert moved(plain) > 0 and moved(long_) < 0.5 * moved(plain), (moved(long_), moved(plain))
 
 
+def _tiny_fine_tune(out, **kw):
+    """Two epochs of a full fine-tune of the tiny test network on 40 real chest X-rays at 32 px."""
+    from pellucid.core.tasks import get_task
+    from pellucid.core.training import TrainConfig, train
+
+    return train(TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(out), backbone="test_resnet",
+                                       pretrained=False, image_size=32, max_images=40, batch_size=8, progress=False,
+                                       n_boot=0, seed=0, finetune="full", epochs=2, probe_patience=0, **kw))
+
+
 def test_test_size_trains_the_same_weights_and_the_folder_predicts_at_the_larger_size(tmp_path):
     """``test_size``: training is untouched (the same weights as the plain run, the same run identity), and the
     folder is calibrated, scored and described at the larger input, so every door reads images at it."""
@@ -307,15 +317,10 @@ def test_test_size_trains_the_same_weights_and_the_folder_predicts_at_the_larger
     from safetensors.torch import load_file
 
     from pellucid.core.modelfolder import read_card
-    from pellucid.core.tasks import get_task
-    from pellucid.core.training import TrainConfig, TrainingError, train
+    from pellucid.core.training import TrainingError
 
     def run(name, **kw):
-        cfg = TrainConfig.from_task(get_task("tb"), str(data_dir("tb_cxr")), str(tmp_path / name),
-                                    backbone="test_resnet", pretrained=False, image_size=32, max_images=40,
-                                    batch_size=8, progress=False, n_boot=0, seed=0, finetune="full", epochs=2,
-                                    probe_patience=0, **kw)
-        return train(cfg)
+        return _tiny_fine_tune(tmp_path / name, **kw)
 
     plain, big = run("plain"), run("big", test_size=48)
     wp, wb = load_file(plain / "model.safetensors"), load_file(big / "model.safetensors")
@@ -329,6 +334,66 @@ def test_test_size_trains_the_same_weights_and_the_folder_predicts_at_the_larger
         run("snap", test_size=48, snapshots=2)
     with pytest.raises(TrainingError, match="test_size must be"):  # an ensemble member's override, say
         run("tiny", test_size=4)
+
+
+def test_tta_trains_the_same_weights_and_every_door_predicts_with_the_views(tmp_path, capsys):
+    """``tta = "dihedral"``: training is untouched (same weights, same run identity); the folder is
+    calibrated and scored on the views, reloads as a model that cannot tell an image from its turned or
+    mirrored copy, predicts so from a file, exports the views to ONNX, and an unknown view set is one line."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from pellucid.cli import main
+    from pellucid.core.modelfolder import load_model, read_card
+    from pellucid.core.predict import Predictor
+    from pellucid.core.training import TrainingError
+    from pellucid.core.views import VIEW_SETS, ViewAverage, apply_view
+
+    def run(name, **kw):
+        return _tiny_fine_tune(tmp_path / name, **kw)
+
+    plain, viewed = run("plain"), run("viewed", tta="dihedral")
+    wp, wv = load_file(plain / "model.safetensors"), load_file(viewed / "model.safetensors")
+    assert wp.keys() == wv.keys() and all(torch.equal(wp[k], wv[k]) for k in wp)
+    hashes = [json.loads((f / "run.json").read_text())["config_hash"] for f in (plain, viewed)]
+    assert hashes[0] == hashes[1]
+    cp, cv = read_card(plain), read_card(viewed)
+    assert cp.preprocessing.tta is None and cv.preprocessing.tta == "dihedral"
+    assert cp.calibration != cv.calibration  # fitted on the views' mean logits
+    assert "8 rotations and mirror images" in (viewed / "MODEL_CARD.md").read_text()
+
+    model, _ = load_model(viewed)
+    assert isinstance(model, ViewAverage) and len(model.views) == 8
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        views = [(x.flip(-1) if m else x).rot90(k, (2, 3)) for k, m in VIEW_SETS["dihedral"]]
+        assert all(torch.equal(apply_view(x, v), t) for v, t in zip(VIEW_SETS["dihedral"], views))
+        mean = torch.stack([model.inner(t) for t in views]).mean(0)
+        assert torch.allclose(out, mean, atol=1e-6)
+        for turned in (torch.rot90(x, 1, (2, 3)), x.flip(-1), x.flip(-2)):
+            assert torch.allclose(model(turned), out, atol=1e-5)
+        assert not torch.allclose(model.inner(torch.rot90(x, 1, (2, 3))), model.inner(x), atol=1e-5)
+
+    rgb = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb))).save(tmp_path / "a_turned.png")
+    cases = Predictor(viewed).predict_paths([tmp_path / "a.png", tmp_path / "a_turned.png"])
+    assert [c.error for c in cases] == ["", ""]
+    assert list(cases[0].probs.values()) == pytest.approx(list(cases[1].probs.values()), abs=1e-4)
+
+    assert main(["export", "--model", str(viewed), "--out", str(tmp_path / "m.onnx")]) == 0
+    import onnxruntime as ort
+
+    onnx_file = tmp_path / "m.onnx"
+    sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.allclose(got, out.numpy(), atol=1e-4)
+
+    with pytest.raises(TrainingError, match="tta must be one of none, flip, dihedral"):
+        run("spin", tta="spin")
 
 
 def test_probe_layers_widen_the_head_and_the_folder_reloads_and_predicts_with_them(tmp_path):

@@ -149,6 +149,29 @@ def test_ensemble_combines_member_maps_with_weights():
     assert get_explainer("occlusion", mask_size=16).explain(TinyEnsemble([a, b], [0.5, 0.5]), x[:1])[0].heatmap.shape == (64, 64)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_a_model_averaging_views_is_explained_view_by_view_and_turned_back(method):
+    """A dihedral test-time-view model cannot tell an image from its turned copy, and neither can its
+    map: the map of the turned image is the turned map (exactly, because each view's map is turned back
+    before averaging). One network pass alone does not have that property; T-TAME refuses in one line."""
+    from pellucid.core.views import ViewAverage
+
+    net = tiny_classifier("test_resnet", num_classes=3, seed=3)
+    model = ViewAverage(net, "dihedral").eval()
+    x = images_for(64, 2, seed=4)
+    turned = torch.rot90(x, 1, (2, 3)).flip(-1)
+    maps = [np.stack([e.heatmap for e in get_explainer(method).explain(m, t)])
+            for m in (model, net) for t in (x, turned)]
+    expect = np.rot90(maps[0], 1, (1, 2))[..., ::-1]
+    np.testing.assert_allclose(maps[1], expect, atol=1e-5)
+    assert np.abs(maps[3] - np.rot90(maps[2], 1, (1, 2))[..., ::-1]).max() > 0.05
+    targets = [e.target for e in get_explainer(method).explain(model, x)]
+    with torch.no_grad():  # the explained class is the averaged model's, not one view's
+        assert targets == model(x).argmax(1).tolist()
+    with pytest.raises(ExplanationError, match="averages 8 turned or mirrored views"):
+        get_explainer("ttame").explain(model, x)
+
+
 def test_inference_tensors_and_bad_inputs(tiny_models):
     model = tiny_models["test_resnet"]
     with torch.inference_mode():

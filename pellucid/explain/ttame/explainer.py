@@ -118,6 +118,7 @@ class TTAME(Explainer):
         """
         if is_ensemble(model):
             raise ExplanationError("ttame explains one classifier; fit it on each ensemble member instead")
+        _refuse_views(model)
         t0 = time.perf_counter()
         if isinstance(data, (str, Path)):
             train, val, source = folder_images(data, max_images=self.max_images, max_val=self.max_val,
@@ -222,6 +223,7 @@ class TTAME(Explainer):
         if is_ensemble(model):
             raise ExplanationError("ttame explains one classifier, not an ensemble; explain each member, or use "
                                    "gradcam (which combines member maps)")
+        _refuse_views(model)
         attention, source = self._attention_for(model)
         device = images.device
         attention = attention.to(device).eval()
@@ -245,3 +247,11 @@ class TTAME(Explainer):
         extras = [{"layers": list(attention.layers), "source": source,
                    "raw_range": [float(r.min()), float(r.max())]} for r in raw]
         return list(zip(heat, extras)), targets
+
+
+def _refuse_views(model: nn.Module) -> None:
+    """T-TAME reads one pass of one network; a model averaging test-time views (pellucid.core.views) is refused."""
+    if hasattr(model, "views") and hasattr(model, "inner"):
+        raise ExplanationError(f"ttame explains one pass of the network; this model averages {len(model.views)} "
+                               f"turned or mirrored views of each image (tta = {getattr(model, 'tta', '?')!r}): use "
+                               "gradcam, which turns each view's map back, or lime")
