@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pellucid.core.metric_text import INTERVAL_KINDS, interval_text, value_text
+from pellucid.core.tasks import TTA_TEXT
 
 if TYPE_CHECKING:
     from pellucid.core.card import ModelCard
@@ -107,8 +108,7 @@ def _input_text(card: ModelCard) -> str:
              f"{pre.channels_in} channel(s)" if pre.channels_in else None,
              f"resize: {pre.resize}" if pre.resize else None,
              f"lung mask: {pre.preprocess}" if pre.preprocess and pre.preprocess != "none" else None,
-             {"dihedral": "logits averaged over the image's 8 rotations and mirror images (tta: dihedral)",
-              "flip": "logits averaged over the image and its mirror image (tta: flip)"}.get(pre.tta or "")]
+             TTA_TEXT.get(pre.tta or "")]
     return ", ".join(p for p in parts if p) or "not recorded"
 
 

@@ -28,13 +28,16 @@ from pellucid.registry import did_you_mean, unknown_name_error
 
 __all__ = ["TaskSpec", "TaskSpecError", "get_task", "list_tasks", "load_task_file", "task_from_dict", "DEFAULT_RECIPE",
            "TASKS_ENV", "register_task", "unregister_task", "task_dirs", "find_task_file", "task_toml",
-           "task_of_card", "TTA_CHOICES", "check_tta"]
+           "task_of_card", "TTA_CHOICES", "TTA_TEXT", "check_tta"]
 
 #: Environment variable: extra folders of task specs, separated by ``os.pathsep``.
 TASKS_ENV = "PELLUCID_TASKS"
 
 #: the test-time view sets a recipe's ``tta`` may name besides "none" (defined in pellucid.core.views)
 TTA_CHOICES = ("flip", "dihedral")
+#: how model cards, reports and the web app describe each view set
+TTA_TEXT = {"dihedral": "logits averaged over the image's 8 rotations and mirror images (tta: dihedral)",
+            "flip": "logits averaged over the image and its mirror image (tta: flip)"}
 
 
 def check_tta(value: object, where: str = "the recipe") -> str:

@@ -349,6 +349,7 @@ def test_tta_trains_the_same_weights_and_every_door_predicts_with_the_views(tmp_
     from pellucid.core.modelfolder import load_model, read_card
     from pellucid.core.predict import Predictor
     from pellucid.core.training import TrainingError
+    from pellucid.core.tasks import TTA_TEXT
     from pellucid.core.views import VIEW_SETS, ViewAverage, apply_view
 
     def run(name, **kw):
@@ -363,6 +364,10 @@ def test_tta_trains_the_same_weights_and_every_door_predicts_with_the_views(tmp_
     assert cp.preprocessing.tta is None and cv.preprocessing.tta == "dihedral"
     assert cp.calibration != cv.calibration  # fitted on the views' mean logits
     assert "8 rotations and mirror images" in (viewed / "MODEL_CARD.md").read_text()
+    from pellucid.explain.report.card import card_rows  # what reports and the web app show
+
+    assert ("Test-time views", TTA_TEXT["dihedral"]) in card_rows(cv)
+    assert not [r for r in card_rows(cp) if r[0] == "Test-time views"]
 
     model, _ = load_model(viewed)
     assert isinstance(model, ViewAverage) and len(model.views) == 8

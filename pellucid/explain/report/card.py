@@ -11,6 +11,7 @@ import numpy as np
 
 from pellucid.core.card import ModelCard, WeightSource, as_card
 from pellucid.core.modelcard_md import redact_paths
+from pellucid.core.tasks import TTA_TEXT
 
 __all__ = ["DEFAULT_INTENDED_USE", "card_rows", "intended_use", "metric_rows", "probability_text", "threshold_text"]
 
@@ -68,6 +69,8 @@ def card_rows(card: ModelCard | dict) -> list[tuple[str, str]]:
             ("Backbone", f"{card.backbone_name or 'n/a'}" + (f" ({family})" if family else "")
              + (f", {pre.image_size} px input" if pre.image_size else "")),
             ("Weights", " — ".join(str(x) for x in (weights.source, weights.detail) if x) or "n/a")]
+    if pre.tta:
+        rows.append(("Test-time views", TTA_TEXT.get(pre.tta, str(pre.tta))))
     if card.training is not None and card.training.data:
         rows.append(("Training data", str(card.training.data)))
     if split is not None and split.to_dict():
