@@ -608,7 +608,8 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     the best mean sets a bar one standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
     (least prediction cost, :func:`_cost`, then no ``probe_flip``, then the better mean). Differences inside one standard error
     are fold noise, and a cheaper model is the better default."""
-    # mirrored test-time augmentation is measured as a lever; model folders do not apply it, so it cannot win
+    # mirrored test-time augmentation of the probes is measured as a lever; the search writes no recipe for it
+    # (a recipe could: probe_flip + tta = "flip"), so it cannot win
     full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None
             and not r["name"].endswith("+flip")]
     if not full:

@@ -51,7 +51,8 @@ class Candidate:
         kind: ``probe`` (linear head(s) on cached frozen features) or ``train`` (a training run).
         members: probe: ``(backbone, image_size)`` per member; more than one is a soft vote.
         flip: probe: ``True`` is test-time augmentation — the head is fitted on plain and mirrored
-            features and predicts the mean of both (measured only: model folders do not apply TTA);
+            features and predicts the mean of both (measured only: the search does not write it as a recipe,
+            though one could, with ``probe_flip = true`` and ``tta = "flip"``);
             ``"fit"`` fits on plain and mirrored features and predicts from the plain image alone
             (``probe_flip = true`` in a recipe: training-time augmentation of the probe, no cost at
             prediction).
@@ -179,7 +180,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     xhi_trio = [(b, XHIGH_RES) for b in LITE_SIZES]
     cands.append(_probe(trio, about="soft vote of the three Lite probes"))
     cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation (measured only: "
-                                                "model folders do not apply TTA, so it cannot win)"))
+                                                "the search does not write it as a recipe, so it cannot win)"))
     cands.append(_probe([(base, size)], flip="fit", about="Lite0 probe fitted on plain and mirrored training "
                                                           "images (probe_flip; prediction unchanged)"))
     cands.append(_probe(trio, flip="fit", about="soft vote of the three Lite probes, each fitted on plain and "
