@@ -22,7 +22,9 @@ def model_dir(tmp_path_factory):
     """A small nuclei classifier (the in-house shallow CNN, 32 px) trained briefly on 300 real patches.
 
     Briefly trained rather than random: an untrained network's logits are near-ties, where any
-    rounding flips the top-1 class, so agreement would measure the ties, not the quantization.
+    rounding flips the top-1 class, so agreement would measure the ties, not the quantization. One view
+    (nuclei's recipe averages 8): these tests are about export, and the emulated-CPU one runs 8 times
+    longer with the views (the views' export is tested in tests/core/test_training.py).
     """
     from pellucid.core.tasks import get_task
     from pellucid.core.training import TrainConfig, train
@@ -30,7 +32,8 @@ def model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("nuclei_tiny")
     cfg = TrainConfig.from_task(get_task("nuclei"), str(data_dir("nuclei")), str(out), backbone="shallow_cnn",
                                 pretrained=False, finetune="full", image_size=32, epochs=2, max_images=300,
-                                batch_size=32, lr=3e-3, head_lr=3e-3, balance="weights", progress=False, n_boot=0)
+                                batch_size=32, lr=3e-3, head_lr=3e-3, balance="weights", progress=False, n_boot=0,
+                                tta="none")
     return train(cfg)
 
 
