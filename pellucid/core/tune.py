@@ -164,11 +164,11 @@ def _train_fold_logits(task, folder: Path, samples, split: dict, size: int | Non
     from pellucid.core.segmentation import LungMasker
 
     model, card = load_model(folder)
-    if tta is not None:
+    if tta is not None:  # the network alone, then the views asked for (none: one pass)
         from pellucid.core.views import ViewAverage, check_tta
 
-        model = getattr(model, "inner", model)
-        model = ViewAverage(model, check_tta(tta)) if check_tta(tta) else model
+        model, views = getattr(model, "inner", model), check_tta(tta)
+        model = ViewAverage(model, views) if views else model
     model.eval()
     size = int(size or card.image_size or task.image_size)
     out, flat = {}, {}
