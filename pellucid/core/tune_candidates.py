@@ -111,11 +111,11 @@ _PROGRESSIVE_ONLY = ("stages_per_epoch", "max_stages", "lr_decay")
 
 def _effective(recipe: dict) -> dict:
     """A training recipe without the keys its fine-tune strategy ignores (the progressive schedule's
-    stage keys on any other strategy) or that are off by default (``probe_flip``), so that equal
-    recipes compare equal."""
+    stage keys on any other strategy) or that are off by default (``probe_flip``; ``tta = "none"``), so that
+    equal recipes compare equal — and a table written before a key existed keeps its rows."""
     out = {k: v for k, v in recipe.items() if not (k in ("probe_flip", "ema", "swa", "snapshots", "test_size",
                                                           "probe_layers")
-                                                      and not v)}  # off = the old default
+                                                      and not v) and not (k == "tta" and v in (None, "none"))}
     if recipe.get("finetune") == "progressive":
         return out
     return {k: v for k, v in out.items() if k not in _PROGRESSIVE_ONLY}

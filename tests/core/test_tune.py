@@ -606,3 +606,13 @@ def test_another_fold_seed_works_in_its_own_folder(tmp_path, cache, monkeypatch)
     zero, one = tmp_path / "runs" / "tune" / "tb" / "folds", tmp_path / "runs" / "tune" / "tb-seed1" / "folds"
     assert len(list(zero.glob("fold_*.json"))) == 3 and len(list(one.glob("fold_*.json"))) == 3
     assert (zero / "fold_0.json").read_text() != (one / "fold_0.json").read_text()
+
+
+def test_a_table_written_before_a_recipe_key_existed_keeps_its_rows():
+    from pellucid.core.tune_candidates import _same_recipe
+
+    new = {"backbone": "efficientnet_lite0", "finetune": "full", "epochs": 6, "tta": "none", "probe_flip": False}
+    older = {"recipe": {"backbone": "efficientnet_lite0", "finetune": "full", "epochs": 6}}  # no tta, no probe_flip
+    assert _same_recipe(older, new)
+    assert not _same_recipe(older, {**new, "tta": "flip"})  # views on are another recipe
+    assert not _same_recipe(older, {**new, "epochs": 8})
