@@ -541,6 +541,42 @@ def test_snapshots_that_do_not_divide_the_epochs_are_refused_before_any_work(tmp
         train(_snapshot_config(tmp_path, "bad", epochs=4, snapshots=2, ema=1.0))
 
 
+def test_an_ensemble_whose_members_average_views_predicts_and_explains_with_them(tmp_path):
+    """Members with their own ``tta = "flip"`` (a probe fitted with ``probe_flip`` and a fine-tune weighted 3, as in
+    a vote recipe): each member folder averages the image and its mirror image, so the ensemble cannot tell a file
+    from its mirrored copy at any door, and Grad-CAM's map of the mirror image is the mirrored map."""
+    import torch
+    from PIL import Image
+
+    from pellucid.core.ensemble_train import train_ensemble
+    from pellucid.core.modelfolder import load_model, read_card
+    from pellucid.core.views import ViewAverage
+    from pellucid.explain import get_explainer
+
+    cfg = _snapshot_config(tmp_path, "ens", epochs=0, finetune="linear-probe",
+                           members=[{"finetune": "linear-probe", "epochs": 0, "probe_flip": True, "tta": "flip"},
+                                    {"finetune": "full", "epochs": 1, "tta": "flip", "weight": 3.0}])
+    out = train_ensemble(cfg)
+    entries = read_card(out).extra["members"]
+    assert [read_card(out / e["path"]).preprocessing.tta for e in entries] == ["flip", "flip"]
+    model, _ = load_model(out)
+    assert len(model.members) == 2 and all(isinstance(m, ViewAverage) for m in model.members)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x.flip(-1)), model(x), atol=1e-5)
+        tuned = model.members[1].inner
+        assert not torch.allclose(tuned(x.flip(-1)), tuned(x), atol=1e-4)  # one pass of the network can tell
+    maps = [np.stack([e.heatmap for e in get_explainer("gradcam").explain(model, t)]) for t in (x, x.flip(-1))]
+    np.testing.assert_allclose(maps[1], maps[0][..., ::-1], atol=1e-5)
+
+    rgb = (np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(np.ascontiguousarray(rgb[:, ::-1])).save(tmp_path / "a_mirrored.png")
+    cases = Predictor(out).predict_paths([tmp_path / "a.png", tmp_path / "a_mirrored.png"])
+    assert [c.error for c in cases] == ["", ""]
+    assert list(cases[0].probs.values()) == pytest.approx(list(cases[1].probs.values()), abs=1e-4)
+
+
 def test_a_snapshot_member_of_an_ensemble_recipe_joins_as_its_snapshots(tmp_path):
     """A recipe member with ``snapshots = 2`` and weight 2 beside a probe: the ensemble holds the probe
     and both snapshots, each snapshot with half the member's weight (so all three weigh the same)."""
