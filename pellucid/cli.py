@@ -248,7 +248,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import threading
     import time
 
-    app = Path(__file__).parent / "ui" / "app.py"
+    from pellucid.ui.server import streamlit_command
+
     env = dict(os.environ)
     if args.model:
         env["PELLUCID_MODEL"] = str(Path(args.model).resolve())
@@ -262,10 +263,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-           "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--client.toolbarMode", "minimal", "--client.showErrorDetails", "none",
-           "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+    cmd = streamlit_command(args.port, host)
     if not loopback:
         print(f"pellucid ui: warning: listening on {host}, reachable from other machines, and the app has no "
               "login: anyone who reaches the port can use it (bind 127.0.0.1, the default, or put an "

@@ -14,16 +14,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from pellucid.ui.server import APP, streamlit_command
+
 __all__ = ["APP", "CHROMIUM_ARGS", "find_chromium", "predict_page", "serve_app"]
 
-APP = Path(__file__).resolve().parent / "app.py"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
@@ -71,9 +71,7 @@ def serve_app(model_dir: str | Path, workdir: str | Path, *, env: Mapping[str, s
     port = _free_port()
     full = dict(os.environ, PELLUCID_MODEL=str(model_dir), PELLUCID_RUNS=str(Path(workdir) / "runs"),
                 PELLUCID_OFFLINE="1", **dict(env or {}))
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+    cmd = streamlit_command(port)  # the flags ``pellucid ui`` runs with
     proc = subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=workdir, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -67,6 +67,7 @@ def test_upload_shows_label_legend_and_plain_captions(model_dir, server):
             assert page.get_by_text("details", exact=True).count() >= 1
             assert page.get_by_text("How to read the explanations").count() == 1
             assert "deletion AUC" not in body  # closed expander: the numbers are one click away
+            assert page.get_by_text("Deploy", exact=True).count() == 0  # Streamlit's developer toolbar is off
             page.get_by_text("details", exact=True).first.click()
             page.get_by_text("deletion AUC ↓").first.wait_for(timeout=10_000)
         finally:

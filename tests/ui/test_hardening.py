@@ -255,6 +255,36 @@ def test_cmd_ui_binds_loopback_and_hides_error_details(monkeypatch, capsys, tmp_
         cli.cmd_ui(_ui_args(data_root=tmp_path / "missing"))
 
 
+def test_the_headless_server_runs_the_command_line_of_pellucid_ui(monkeypatch, model_dir, tmp_path):
+    """The browser test and the screenshot serve the app as ``pellucid ui`` does: same flags, port aside."""
+    import pellucid.cli as cli
+    from pellucid.ui import headless
+
+    seen = []
+
+    class FakePopen:
+        pid = 0
+
+        def __init__(self, cmd, **kwargs):
+            seen.append(list(cmd))
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(headless, "_wait_healthy", lambda *a, **k: None)
+    monkeypatch.setattr(os, "killpg", lambda *a: None)
+    with headless.serve_app(model_dir, tmp_path) as url:
+        port = int(url.rsplit(":", 1)[1])
+    assert cli.cmd_ui(_ui_args(port=port)) == 0
+    served, ui = seen
+    assert served == ui
+    assert ui[ui.index("--client.toolbarMode") + 1] == "minimal"  # no "Deploy" button for a clinician
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
