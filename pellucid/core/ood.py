@@ -18,10 +18,11 @@ says when its answer should not be trusted. Two levels, and the result always sa
   stores none of its own: :class:`MemberReferences` reads each member's reference on that member's
   embedding and averages the distances over their limits.
 * **Heuristic check** (always applied; the only check when no reference exists). Images of a
-  grey-scale modality (CXR, CT, MR, ...) that are strongly multi-coloured, and near-blank images,
-  are flagged. It is weak: measured on the shared sample data it flags about 10 % of waste photos
-  and 47 % of snow photos, and under 1 % of the TB chest X-rays (some of which are photographs of
-  film) — which is why the reference check exists.
+  grey-scale modality (CXR, CT, MR, ...) that are strongly multi-coloured, near-blank images, strips
+  (more than 8 times as long as wide) and thumbnails (under 8 px on the short side) are flagged. It
+  is weak: measured on the shared sample data it flags about 10 % of waste photos and
+  47 % of snow photos, and under 1 % of the TB chest X-rays (some of which are photographs of film)
+  — which is why the reference check exists.
 
 A low top-class probability is reported as *uncertain*, separately: the maximum softmax probability
 (Hendrycks & Gimpel, ICLR 2017) is a confidence signal, not a domain test.
@@ -68,6 +69,11 @@ REFERENCE_FILE = "ood.safetensors"
 _COLOUR_LIMIT = 0.10  # colour_spread above this on a grey modality is flagged
 _BLANK_STD = 0.02  # pixel standard deviation below this is a near-blank image
 _CHROMA_MIN = 0.08  # a pixel counts as coloured above this chroma (max - min of RGB)
+# Shape: every model squashes its input into a square. The sample data's images are at most 3.9 times as
+# long as wide (sonar chips) and at least 28 px on their short side (PneumoniaMNIST), so a strip or a
+# thumbnail is not an image any of them was trained on.
+_MAX_ASPECT = 8.0
+_MIN_SIDE = 8
 
 
 #: DICOM ``Modality`` values that fit each task modality (upper case). A DICOM input of any other
@@ -541,6 +547,18 @@ def reference_from_split(folder: str | Path, model: torch.nn.Module, preprocess:
     return fit_reference(model, fit_b, calib_b, source=f"{split_path.name}: train/val split {split.hash or ''}")
 
 
+def _sides(image: Image | np.ndarray) -> tuple[int, int]:
+    """The short and long side of the image as its file holds it (the reader's ``original_size``: a
+    streamed folder keeps only a small view of each image), else of the array given."""
+    size = image.meta.get("original_size") if isinstance(image, Image) else None
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size):
+        short, long_ = sorted(int(v) for v in size)
+    else:
+        short, long_ = sorted((image.array if isinstance(image, Image) else np.asarray(image)).shape[:2])
+    return short, long_
+
+
 def check_domain(image: Image | np.ndarray, logits: np.ndarray, probs: np.ndarray, *, modality: str | None,
                  features: np.ndarray | None = None, reference: OODReference | None = None,
                  uncertain_below: float | None = None, distance: float | None = None) -> OODCheck:
@@ -567,6 +585,13 @@ def check_domain(image: Image | np.ndarray, logits: np.ndarray, probs: np.ndarra
     reasons: list[str] = []
     if scores["pixel_std"] < _BLANK_STD:
         reasons.append(f"the image is almost blank (pixel std {scores['pixel_std']:.3f})")
+    short, long_ = _sides(image)
+    scores["aspect_ratio"] = long_ / max(short, 1)
+    if scores["aspect_ratio"] > _MAX_ASPECT:
+        reasons.append(f"the image is a strip, {scores['aspect_ratio']:.0f} times as long as it is wide "
+                       f"(the model squashes every image into a square)")
+    elif short < _MIN_SIDE:
+        reasons.append(f"the image is only {short} px on its short side: too small to show what the model reads")
     gray = (modality or "").strip().upper() in GRAY_MODALITIES
     if gray and scores["colour_spread"] > _COLOUR_LIMIT:
         reasons.append(f"many colours ({scores['colour_spread']:.2f} > {_COLOUR_LIMIT}) for a "

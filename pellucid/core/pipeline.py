@@ -31,8 +31,8 @@ import torch
 from pellucid.core.calibration import apply_temperature
 from pellucid.core.card import ModelCard, as_card
 from pellucid.core.ood import GRAY_MODALITIES, OODCheck, check_domain, domain_view, forward_with_features
-from pellucid.core.privacy import display_name, read_quietly, safe_meta, scrub_path, sha256_file
-from pellucid.datasets.readers import DICOM_SUFFIXES, Image, ImageReadError, is_dicom
+from pellucid.core.privacy import display_name, read_quietly, safe_meta, safe_text, scrub_path, sha256_file
+from pellucid.datasets.readers import DICOM_SUFFIXES, Image, ImageReadError, check_file, is_dicom
 
 __all__ = ["DOMAIN_POLICIES", "Case", "CasePipeline", "CaseWriter", "MethodResult", "PipelineError", "Progress",
            "csv_fields", "default_domain_policy"]
@@ -265,16 +265,24 @@ class CasePipeline:
         dirs = [r for r in roots if r.is_dir()]
 
         def shown(f: Path) -> str:  # inside a folder given: relative to it (no server paths in outputs)
-            return next((f.relative_to(d).as_posix() for d in dirs if f.is_relative_to(d)), str(f))
+            return safe_text(next((f.relative_to(d).as_posix() for d in dirs if f.is_relative_to(d)), str(f)))
 
         # unreadable sub-folders and link loops are rows too, so nothing is skipped silently
         return [_Source(Path(f), shown(Path(f))) for f in files] + \
             [_Source(Path(f), shown(Path(f)), problem=msg) for f, msg in problems]
 
+    def _hidden(self, src: _Source) -> str:
+        """The name of an input that is never hashed (a problem row): a DICOM-named one is not shown."""
+        return "DICOM file" if is_dicom_name(src.path) and not self.include_identifiers else src.shown
+
     def _shown_name(self, src: _Source) -> str:
         """The name a Case of ``src`` will carry (hashing DICOM files, whose names are hidden)."""
         if src.problem:
-            return src.shown
+            return self._hidden(src)
+        try:
+            check_file(src.path)  # a named pipe or device is never hashed: its row is an error row
+        except ImageReadError:
+            return self._hidden(src)
         try:
             if is_dicom(src.path) and not self.include_identifiers:
                 return display_name(src.shown, sha256_file(src.path), True)
@@ -296,12 +304,16 @@ class CasePipeline:
 
     def _read_file(self, src: _Source) -> Case:
         f = src.path
+        shown = self._hidden(src)
         if src.problem:
-            return Case(name=src.shown, error=f"{src.shown}: {src.problem}", path=f)
+            return Case(name=shown, error=f"{shown}: {src.problem}", path=f)
+        try:  # before hashing or sniffing it: a named pipe would block here and a device never end
+            check_file(f)
+        except ImageReadError as err:
+            return Case(name=shown, error=scrub_path(str(err), f, shown), path=f)
         try:
             sha = sha256_file(f)
         except OSError as err:
-            shown = "DICOM file" if is_dicom_name(f) and not self.include_identifiers else src.shown
             return Case(name=shown, error=f"{shown}: cannot be opened ({err.strerror or err})", path=f)
         dcm = is_dicom(f)
         name = display_name(src.shown, sha, dcm, self.include_identifiers)
@@ -363,8 +375,10 @@ class CasePipeline:
         if not self.keep_images:
             for c in cases:
                 c.image = None
-        for c in cases:
+        for c in cases:  # a name or message may quote a file name of any bytes: every output can carry it
+            c.name = safe_text(c.name)
             if c.error:
+                c.error = safe_text(c.error)
                 log.warning("%s", c.error)
         return cases
 
@@ -474,7 +488,7 @@ class CaseWriter:
         if resume and self.path.is_file():
             _drop_partial_line(self.path)
         if resume and self.path.is_file() and self.path.stat().st_size > 0:
-            with self.path.open(newline="") as fh:
+            with self.path.open(newline="", encoding="utf-8", errors="backslashreplace") as fh:
                 reader = csv.DictReader(fh)
                 if reader.fieldnames == self.fields:
                     self._done = {r["path"] for r in reader if r.get("path")}
@@ -483,7 +497,7 @@ class CaseWriter:
                     raise PipelineError(f"{self.path}: its columns are not this model's predictions columns; "
                                         "give another --out or delete the file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a" if append else "w", newline="")
+        self._fh = self.path.open("a" if append else "w", newline="", encoding="utf-8")
         self._w = csv.DictWriter(self._fh, fieldnames=self.fields)
         if not append:
             self._w.writeheader()

@@ -13,16 +13,39 @@ import contextlib
 import hashlib
 import logging
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 
 from pellucid.datasets.readers import Image, read_image
 
-__all__ = ["SAFE_META", "display_name", "header_text_silenced", "read_quietly", "safe_meta", "scrub_path", "sha256_bytes", "sha256_file"]
+__all__ = ["SAFE_META", "display_name", "header_text_silenced", "read_quietly", "safe_meta", "safe_text", "scrub_path",
+           "sha256_bytes", "sha256_file"]
 
 #: Reader metadata keys that never carry identifiers.
 SAFE_META = ("format", "original_size", "modality", "body_part", "sop_class", "photometric", "window",
              "voi_lut_applied", "monochrome1_inverted", "frame", "n_frames", "bits_stored", "notes")
+
+
+#: Characters that reorder the text around them when displayed (a name could show "gnp.exe" as "exe.png").
+_BIDI_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def safe_text(text: str) -> str:
+    """``text`` (a file name, or a message that holds one) as every output can carry it: bytes that are
+    not UTF-8 (a Linux file name may hold any) become ``\\xNN``, and control characters (a newline or a
+    tab in a name) and the marks that reorder displayed text become escapes such as ``\\n`` or
+    ``\\u202e``, so a name is one line that reads as it is stored. Text that needs none is returned
+    unchanged; the result is unchanged by a second pass."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+        raw = text.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) == "Cc" or ord(ch) in _BIDI_CONTROLS else ch for ch in text)
 
 
 def sha256_bytes(data: bytes) -> str:

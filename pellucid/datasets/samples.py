@@ -116,6 +116,9 @@ def _walk_images(root: Path, problems: list[tuple[Path, str]]) -> list[Path]:
                         continue
                 if entry.is_file() and _is_image(path):
                     images.append(path)
+                elif _is_image(path) and not entry.is_dir():  # a named pipe, socket or device
+                    report(path, "is not a regular file (a named pipe, socket or device) — skipped; "
+                                 "save the image to a file")
             except OSError as err:
                 report(path, f"cannot be examined ({type(err).__name__}) — skipped; check it")
     return images

@@ -55,12 +55,22 @@ def _n_splits_for(fraction: float) -> int:
     return max(2, int(round(1.0 / fraction)))
 
 
+def _check_stratifiable(labels: np.ndarray, n_splits: int, what: str) -> None:
+    """A one-line DataError where scikit-learn's stratified folds would raise: every class smaller than
+    ``n_splits``."""
+    _, counts = np.unique(labels, return_counts=True)
+    if counts.size and (counts < n_splits).all():
+        raise DataError(f"every class has fewer than {n_splits} images here (the largest {int(counts.max())}): too "
+                        f"few to {what}; add images (a few dozen per class)")
+
+
 def _one_fold(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int):
     """Split ``idx`` into (rest, held) with ~``fraction`` held out, grouped and stratified."""
     n_splits = _n_splits_for(fraction)
     n_groups = len(np.unique(groups[idx]))
     if n_groups < n_splits:
         raise DataError(f"only {n_groups} groups: too few to hold out {fraction:.0%} by group")
+    _check_stratifiable(labels[idx], n_splits, f"hold out {fraction:.0%} by group")
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class")
@@ -100,6 +110,7 @@ def grouped_kfold(samples: list[Sample], k: int = 5, *, seed: int = 0) -> list[d
     labels, groups = _arrays(samples)
     if len(np.unique(groups)) < k:
         raise DataError(f"{len(np.unique(groups))} groups cannot make {k} folds; lower k")
+    _check_stratifiable(labels, k, f"make {k} folds; or lower k")
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = []
     with warnings.catch_warnings():
@@ -441,6 +452,7 @@ def kfold_splits(samples: list[Sample], k: int = 5, *, val_fraction: float = 0.1
         if len(np.unique(groups[rest])) < n_splits:
             raise DataError(f"fold {fold['fold']}: {len(np.unique(groups[rest]))} training groups are too few "
                             f"to hold out {val_fraction:.0%} for validation; lower k or val_fraction")
+        _check_stratifiable(labels[rest], n_splits, f"hold out {val_fraction:.0%} of fold {fold['fold']} for validation")
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + 1 + fold["fold"])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The least populated class")

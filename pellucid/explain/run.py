@@ -64,8 +64,13 @@ def heatmap_stats(heatmap: np.ndarray) -> dict:
             "centroid": centroid, "empty": not bool(total > 0)}
 
 
+#: Bytes of an input's name kept in its output files' names: a file system allows 255 for a whole name,
+#: and ``_<n>_<method>.png`` follows the stem.
+_STEM_BYTES = 200
+
+
 def _file_stem(name: str, seen: dict[str, int]) -> str:
-    stem = Path(name).stem
+    stem = Path(name).stem.encode("utf-8")[:_STEM_BYTES].decode("utf-8", "ignore") or "image"
     n = seen.get(stem, 0)
     seen[stem] = n + 1
     return stem if n == 0 else f"{stem}_{n}"

@@ -219,6 +219,73 @@ def test_unreadable_folders_and_link_loops_are_rows(tiny_model_dir, inputs, tmp_
         assert by_name["locked"].error.startswith("locked: ")
 
 
+def test_file_names_of_any_bytes_reach_every_output_as_one_line(tiny_model_dir, inputs, tmp_path):
+    """A name that is not UTF-8, or holds a tab, a newline or a right-to-left mark, had stopped `predict`
+    with a traceback and no rows: now each is one row under an escaped name, and a rerun resumes."""
+    import os
+
+    root, files = inputs
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    names = [b"bad\xff\xfe.png", b"tab\there.png", b"new\nline.png", "\u202egnp.exe.png".encode()]
+    for name in names:
+        shutil.copyfile(files[0], os.fsencode(tree) + b"/" + name)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), str(tree)]) == 0
+    rows = _csv(out)
+    assert sorted(r["path"] for r in rows) == sorted(["bad\\xff\\xfe.png", "tab\\there.png", "new\\nline.png",
+                                                      "\\u202egnp.exe.png"])
+    assert all(r["label"] and not r["error"] for r in rows)
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), str(tree)]) == 0
+    assert len(_csv(out)) == 4  # resumed: the escaped names match
+
+
+@pytest.mark.parametrize("keep_images", [True, False])
+def test_a_strip_or_a_thumbnail_is_flagged_and_its_label_withheld(tiny_model_dir, tmp_path, keep_images):
+    """Every model squashes its input into a square: a 3 × 2000 strip or a 4-px icon gets an answer from
+    the network, so the domain check flags it (streamed folders keep only a small view: same answer)."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    PILImage.fromarray((rng.random((3, 2000)) * 255).astype(np.uint8)).save(tmp_path / "strip.png")
+    PILImage.fromarray((rng.random((4, 4)) * 255).astype(np.uint8)).save(tmp_path / "icon.png")
+    PILImage.fromarray((rng.random((40, 150)) * 255).astype(np.uint8)).save(tmp_path / "wide.png")
+    cases = {c.name: c for c in Predictor(tiny_model_dir).pipeline(policy="withhold", keep_images=keep_images)
+             .from_paths([tmp_path])}
+    assert "a strip, 667 times as long as it is wide" in cases["strip.png"].ood.summary()
+    assert "only 4 px on its short side" in cases["icon.png"].ood.summary()
+    for name in ("strip.png", "icon.png"):
+        assert cases[name].ood.flagged and cases[name].label is None and not cases[name].error
+    assert not any("strip" in r or "short side" in r for r in cases["wide.png"].ood.reasons)
+
+
+@pytest.mark.timeout(60)
+def test_pipes_and_devices_are_error_rows_never_read(tiny_model_dir, inputs, tmp_path):
+    """A named pipe would block its reader and /dev/zero never ends: in a folder or given by name, each is
+    one error row from its ``stat``, a DICOM-named one without its name, and the rest of the run goes on."""
+    import os
+
+    if not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"):
+        pytest.skip("needs named pipes and /dev/zero")
+    root, files = inputs
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    shutil.copyfile(files[0], tree / "a.png")
+    os.mkfifo(tree / "pipe.png")
+    os.mkfifo(tree / "DOE_JOHN.dcm")
+    (tree / "zero.png").symlink_to("/dev/zero")
+    pipeline = Predictor(tiny_model_dir).pipeline()
+    by_name = {c.name: c for c in pipeline.from_paths([tree])}
+    assert sorted(by_name) == ["DICOM file", "a.png", "pipe.png", "zero.png"]
+    assert not by_name["a.png"].error and by_name["a.png"].label
+    for name, case in by_name.items():
+        if name != "a.png":
+            assert case.error.startswith(f"{name}: is not a regular file") and case.label is None
+    alone = list(pipeline.from_paths([tree / "pipe.png", tree / "zero.png", tree / "DOE_JOHN.dcm"]))
+    assert [c.error.split(":")[0] for c in alone] == [str(tree / "pipe.png"), str(tree / "zero.png"), "DICOM file"]
+    assert all("not a regular file" in c.error and "DOE" not in c.error for c in alone)
+
+
 def test_an_unexpected_reader_failure_is_one_row_not_a_lost_run(tiny_model_dir, inputs, monkeypatch):
     import pellucid.core.pipeline as pipeline_mod
 

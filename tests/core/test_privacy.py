@@ -116,3 +116,18 @@ def test_display_names_and_scrubbing(tmp_path):
     p = tmp_path / "DOE_JANE.dcm"
     msg = f"{p}: bad; also {p.name} and {p.resolve()}"
     assert "DOE" not in scrub_path(msg, p, "DICOM 1234")
+
+
+def test_safe_text_makes_any_file_name_one_printable_line():
+    from pellucid.core.privacy import safe_text
+
+    raw = b"scan\xff\xfe.png".decode("utf-8", "surrogateescape")  # a Linux name that is not UTF-8
+    assert safe_text(raw) == "scan\\xff\\xfe.png"
+    assert safe_text("a\tb\nc.png") == "a\\tb\\nc.png"
+    assert safe_text("\u202egnp.exe.png") == "\\u202egnp.exe.png"  # shown as "exe.png" otherwise
+    assert safe_text("\ud800x") == "\\xed\\xa0\\x80x"  # a lone surrogate
+    for ok in ("Röntgen thorax 01.png", "胸部.png", "a b.png"):
+        assert safe_text(ok) == ok
+    for text in (raw, "a\tb", "\u202ex"):
+        assert safe_text(safe_text(text)) == safe_text(text)
+        safe_text(text).encode("utf-8")  # every output can write it

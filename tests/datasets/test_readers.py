@@ -1022,3 +1022,25 @@ def test_no_planted_identifier_in_any_message(tmp_path: Path, caplog: pytest.Log
         for text in texts:
             assert not _leaks(text), (path.name, text)
     assert len(variants) > 100 and refused > 50
+
+
+@pytest.mark.timeout(30)
+def test_pipes_and_devices_are_refused_without_being_opened(tmp_path: Path) -> None:
+    """A named pipe blocks whoever opens it and /dev/zero never ends: both are refused from their stat,
+    by every reader and by the DICOM sniffer, in one line."""
+    import os
+
+    if not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"):
+        pytest.skip("needs named pipes and /dev/zero")
+    os.mkfifo(tmp_path / "pipe.png")
+    os.mkfifo(tmp_path / "headless")  # no suffix: the sniffer would open it to look for a DICOM header
+    (tmp_path / "zero.dcm").symlink_to("/dev/zero")
+    assert not is_dicom(tmp_path / "headless")
+    for name in ("pipe.png", "headless", "zero.dcm"):
+        with pytest.raises(ImageReadError, match="is not a regular file") as err:
+            read_image(tmp_path / name)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ImageReadError, match="is not a regular file"):
+        read_dicom(tmp_path / "zero.dcm")
+    with pytest.raises(ImageReadError, match="is not a regular file"):
+        dicom_identifying_tags(tmp_path / "zero.dcm")

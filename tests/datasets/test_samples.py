@@ -76,3 +76,20 @@ def test_a_manifest_as_spreadsheets_write_it_or_one_line_that_says_what_to_fix(t
         load_samples(tmp_path)
     message = str(info.value)
     assert expect in message and "\n" not in message and message.startswith(str(tmp_path / "manifest.csv"))
+
+
+def test_pipes_and_devices_in_a_folder_are_reported_not_listed(tmp_path):
+    import os
+
+    from pellucid.datasets.samples import find_images
+
+    if not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"):
+        pytest.skip("needs named pipes and /dev/zero")
+    (tmp_path / "a.png").write_bytes(b"x")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "notes")  # not an image name: not an input, nothing to report
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    problems: list = []
+    assert find_images([tmp_path], problems) == [tmp_path / "a.png"]
+    assert [(p.name, m.split(" (")[0]) for p, m in problems] == [("pipe.jpg", "is not a regular file"),
+                                                                  ("zero.png", "is not a regular file")]

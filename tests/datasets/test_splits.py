@@ -73,3 +73,11 @@ def test_label_aliases_map_other_spellings(tmp_path):
         (tmp_path / d / "x.png").write_bytes(b"")
     samples = load_samples(tmp_path, classes=["normal", "tuberculosis"], aliases={"tb": "tuberculosis"})
     assert sorted({s.label for s in samples}) == ["normal", "tuberculosis"]
+
+
+def test_too_few_images_per_class_is_one_line_not_a_library_traceback():
+    samples = [Sample(f"{c}{i}.png", c, f"{c}{i}") for c in ("a", "b", "c", "d") for i in range(3)]
+    with pytest.raises(DataError, match="every class has fewer than 5 images here"):
+        grouped_split(samples)
+    with pytest.raises(DataError, match="make 5 folds"):
+        grouped_kfold(samples, 5)

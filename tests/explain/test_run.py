@@ -159,3 +159,15 @@ def test_cli_option_reaches_the_explainer_and_bad_options_get_one_line(model_fol
                      str(root / "b.png")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_long_file_name_gets_output_files_the_file_system_accepts(model_folder, image_files, tmp_path):
+    """A 250-character name is legal; ``<name>_gradcam.png`` is not: the stem is cut, the file is written."""
+    root, _ = image_files
+    long_name = tmp_path / "in" / ("y" * 250 + ".png")
+    long_name.parent.mkdir()
+    long_name.write_bytes((root / "a.png").read_bytes())
+    rows = explain_paths(model_folder, [long_name], ["gradcam"], out_dir=tmp_path / "out")
+    assert rows and rows[0]["overlay"] and (tmp_path / "out").is_dir()
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written and all(len(n.encode()) <= 255 and n.startswith("y" * 200) for n in written)

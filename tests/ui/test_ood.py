@@ -91,3 +91,25 @@ def test_fit_reference_rejects_bad_input():
 def test_reference_from_split_needs_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="split.json"):
         ood.reference_from_split(tmp_path, None, None)
+
+
+def test_check_domain_flags_strips_and_thumbnails_by_the_files_own_shape():
+    from pellucid.datasets.readers import Image
+
+    probs, logits = np.array([0.1, 0.9]), np.array([0.0, 2.0])
+
+    def check(h, w, original=None):
+        arr = np.random.default_rng(3).random((h, w, 3), dtype=np.float32)
+        img = Image(arr, {"original_size": original}) if original else arr
+        return ood.check_domain(img, logits, probs, modality="photo")
+
+    strip = check(1, 5000)
+    assert strip.flagged and "a strip, 5000 times as long as it is wide" in strip.reasons[0]
+    assert strip.scores["aspect_ratio"] == 5000
+    # a view shrunk to 256 px keeps the file's shape in its meta: the reason quotes the file, not the view
+    shrunk = check(1, 256, original=(6000, 1))
+    assert "6000 times" in shrunk.reasons[0]
+    tiny = check(5, 6)
+    assert tiny.flagged and "only 5 px on its short side" in tiny.reasons[0]
+    for h, w in ((54, 73), (117, 452), (28, 28), (288, 384)):  # the sample data's extremes pass
+        assert not check(h, w).flagged, (h, w)

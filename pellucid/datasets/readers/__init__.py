@@ -25,6 +25,7 @@ suffixes), :mod:`~pellucid.datasets.readers.dispatch` (:func:`read_image`),
 from __future__ import annotations
 
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
+from pellucid.datasets.readers.common import check_file
 from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
 from pellucid.datasets.readers.identifiers import IDENTIFYING_TAGS, dicom_identifying_tags
@@ -36,6 +37,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "Image",
     "ImageReadError",
+    "check_file",
     "dicom_identifying_tags",
     "is_dicom",
     "read_dicom",

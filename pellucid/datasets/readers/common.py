@@ -1,4 +1,4 @@
-"""Small utilities shared by the readers: argument checks (:func:`_check_file`,
+"""Small utilities shared by the readers: argument checks (:func:`check_file`,
 :func:`_check_window`), min-max normalisation, one-line error texts, :func:`_warn`, which
 attributes a warning to the first caller outside the readers package, and :func:`_pydicom_quiet`,
 which keeps pydicom's log records (they quote header values, e.g. a patient name in an invalid
@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
@@ -21,26 +22,37 @@ import numpy as np
 
 from pellucid.datasets.readers.image import ImageReadError
 
-__all__: list[str] = []
+__all__ = ["check_file"]
 
 _PACKAGE_DIR = os.path.dirname(__file__)  # _warn skips frames of every module in here
 
 
-def _check_file(path: str | os.PathLike[str]) -> Path:
+def check_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path when it is a non-empty regular file (a link to one is followed); else
+    :class:`ImageReadError` in one line. Nothing is opened: a named pipe would block its reader and a
+    device such as ``/dev/zero`` never ends, so both are refused from their ``stat``."""
     p = Path(path)
     if not p.exists():
         raise ImageReadError(f"{p}: not found — check the path")
     if p.is_dir():
         raise ImageReadError(f"{p}: is a directory — pass an image file inside it")
     try:
-        size = p.stat().st_size
+        st = p.stat()
     except OSError as err:
         raise ImageReadError(
             f"{p}: cannot be accessed ({_one_line(err)}) — check permissions"
         ) from err
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(
+            f"{p}: is not a regular file (a named pipe, socket or device) — save the image to a file "
+            "and give that"
+        )
+    if st.st_size == 0:
         raise ImageReadError(f"{p}: is empty (0 bytes) — the file is incomplete; re-export it")
     return p
+
+
+_check_file = check_file  # the readers' own name for it
 
 
 def _check_window(window: tuple[float, float] | None) -> tuple[float, float] | None:

@@ -8,6 +8,7 @@ dataset is inflated in bounded chunks and refused past the budget of
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 import zlib
 from pathlib import Path
@@ -44,6 +45,8 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
     if p.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
+        if not stat.S_ISREG(p.stat().st_mode):  # a named pipe would block, a device never end
+            return False
         with p.open("rb") as fh:
             head = fh.read(132)
     except OSError:
