@@ -64,7 +64,7 @@ def _key(samples: list[Sample], backbone: str, size: int, channels: int, flip: b
                                                                                           else [])).encode())
     for s in samples:
         st = Path(s.path).stat()
-        h.update(f"{s.path}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+        h.update(f"{s.path}\0{st.st_size}\0{int(st.st_mtime)}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:20]
 
 

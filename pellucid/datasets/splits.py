@@ -140,7 +140,7 @@ def split_hash(samples: list[Sample], split: dict) -> str:
     for part in ("train", "val", "test"):
         for i in split.get(part, []):
             s = samples[i]
-            h.update(f"{part}\t{Path(s.path).name}\t{s.label}\t{s.group}\n".encode())
+            h.update(f"{part}\t{Path(s.path).name}\t{s.label}\t{s.group}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

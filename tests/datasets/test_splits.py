@@ -81,3 +81,24 @@ def test_too_few_images_per_class_is_one_line_not_a_library_traceback():
         grouped_split(samples)
     with pytest.raises(DataError, match="make 5 folds"):
         grouped_kfold(samples, 5)
+
+
+def test_file_names_that_are_not_utf8_are_hashed_and_split(tmp_path):
+    """A Linux name may hold any bytes: the split, its hash and the feature caches' keys take it (they had
+    raised UnicodeEncodeError, stopping `pellucid train` and `pellucid fewshot fit`)."""
+    import os
+
+    from pellucid.core.features import _key
+    from pellucid.core.fewshot.features import _files_fingerprint
+    from pellucid.datasets.splits import split_hash
+
+    names = [os.fsdecode(os.fsencode(tmp_path) + b"/x\xff" + str(i).encode() + b".png") for i in range(20)]
+    for n in names:
+        with open(n, "wb") as fh:
+            fh.write(b"x")
+    samples = [Sample(n, "ab"[i % 2], f"g{i}") for i, n in enumerate(names)]
+    split = grouped_split(samples)
+    assert split["hash"] == split_hash(samples, split)
+    assert _key(samples, "efficientnet_lite0", 64, 3, False, "none", None) != \
+        _key(samples[:10], "efficientnet_lite0", 64, 3, False, "none", None)
+    assert len(_files_fingerprint(names)) == 16

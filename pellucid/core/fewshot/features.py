@@ -51,7 +51,7 @@ def _files_fingerprint(paths: Sequence[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
         st = Path(p).stat()
-        h.update(f"{Path(p).resolve()}\t{st.st_mtime_ns}\t{st.st_size}\n".encode())
+        h.update(f"{Path(p).resolve()}\t{st.st_mtime_ns}\t{st.st_size}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
