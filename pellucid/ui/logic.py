@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ __all__ = [
     "find_segmenter_folders",
     "is_cxr",
     "load_lung_segmenter",
+    "md_literal",
     "segmenter_choices",
     "max_upload_bytes",
     "max_upload_pixels",
@@ -105,6 +107,25 @@ log = logging.getLogger(__name__)
 #: the sidebar choice that turns lung outlines off
 NO_SEGMENTER = "None"
 MODEL_SEGMENTER = "From the model card"
+
+
+_MARKDOWN_PUNCTUATION = frozenset("\\`*_{}[]()#+-.!|<>~:$=&@")
+
+
+#: Where a bare address would start a link (``www.``, ``…@…``, ``…://``): an invisible word joiner goes there.
+_AUTOLINK_START = re.compile(r"(?i)(?<=www)(?=\.)|(?=@)|(?<=:)(?=//)")
+
+
+def md_literal(text: str) -> str:
+    """``text`` (a file name, or a message that quotes one) shown as itself where Streamlit renders
+    Markdown: every punctuation mark that Markdown or Streamlit's directives (``:red[...]``, ``$...$``)
+    could read is written as a numeric character reference, which Markdown shows as the character and
+    never parses, so ``[x](http://…).png`` is not a link and ``**a**.png`` not bold; a bare address
+    (``x@example.com``, ``www.example.com``), which Markdown links after decoding references, gets an
+    invisible word joiner (U+2060) where it starts, so it is not linked either; whitespace runs become one
+    space, so it stays one line."""
+    text = _AUTOLINK_START.sub("\u2060", " ".join(str(text).split()))
+    return "".join(f"&#{ord(ch)};" if ch in _MARKDOWN_PUNCTUATION else ch for ch in text)
 
 
 class FolderError(UploadError):

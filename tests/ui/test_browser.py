@@ -73,3 +73,24 @@ def test_upload_shows_label_legend_and_plain_captions(model_dir, server):
         finally:
             browser.close()
     assert time.monotonic() - start < 90
+
+
+@pytest.mark.timeout(120)
+def test_a_file_name_written_in_markdown_is_shown_as_it_is(model_dir, server, tmp_path):
+    """A name is text, not Markdown: no link, no bold, no Streamlit colour directive in the page."""
+    executable = chromium_path()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (its driver only)")
+    image = sorted((data_dir("tb_cxr") / "normal").glob("*.png"))[0]
+    name = "[scan](mailto:x@example.com) www.example.com y@example.com **b** :red[c] $x$.png"
+    hostile = tmp_path / name
+    hostile.write_bytes(image.read_bytes())
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = predict_page(browser, server, [hostile], timeout_ms=60_000)
+            heading = page.locator('[data-testid="stHeading"]').filter(has_text="scan").first
+            assert heading.inner_text().strip().replace("\u2060", "") == name
+            assert heading.locator("a[href*='example.com'], strong, b, .katex").count() == 0, heading.inner_html()
+            assert page.locator("a[href*='example.com']").count() == 0
+        finally:
+            browser.close()

@@ -1,6 +1,7 @@
 """The web app's Streamlit-free logic: uploads, DICOM windows, zips, model folders, caches, tables."""
 from __future__ import annotations
 
+import html
 import io
 import os
 import re
@@ -306,3 +307,14 @@ def test_report_files_with_lung_masks(model_dir, tmp_path):
     html_off, _ = logic.report_files(predictor, cases, methods=["gradcam"], alpha=0.5, segmenter_name="lungseg",
                                      outline=False)
     assert "lung share:" in html_off and "Magenta line" not in html_off
+
+
+def test_md_literal_escapes_what_markdown_and_streamlit_would_read():
+    text = "[x](mailto:a@b.c) **b** :red[c] $y$ `z` # h&amp;.png"
+    escaped = logic.md_literal(text)
+    bare = re.sub(r"&#\d+;", "", escaped)  # what is left outside the character references
+    assert not any(ch in bare for ch in "[]()*:$`#@.&")
+    assert html.unescape(escaped).replace("\u2060", "") == text  # what Markdown shows: the text itself
+    assert "a\u2060@b" in html.unescape(escaped)  # no bare address left for Markdown to link
+    assert logic.md_literal("plain name 01") == "plain name 01"
+    assert logic.md_literal("two\nlines\tand tabs") == "two lines and tabs"

@@ -65,7 +65,7 @@ if run:
             message = message.replace(str(Path(data_root).resolve()), "<data root>")
         elif st.session_state.get("batch_tmp"):
             message = message.replace(st.session_state["batch_tmp"], upload.name)
-        st.error(message)
+        st.error(logic.md_literal(message))
         st.session_state.pop("batch", None)
 
 res = st.session_state.get("batch")

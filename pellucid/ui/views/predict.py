@@ -99,7 +99,7 @@ def _prediction(case, up: logic.Upload, threshold: float | None) -> None:
             st.markdown(f"The model's policy withholds labels of out-of-domain inputs · decision: "
                         f"{threshold_text(card)}")
         else:
-            st.markdown(f"### Predicted{flag}: **{case.label}**")
+            st.markdown(f"### Predicted{flag}: **{logic.md_literal(case.label)}**")
             st.markdown(f"{probability_text(case.confidence)} calibrated probability · decision: {threshold_text(card)}")
         if case.ood and case.ood.uncertain and not case.ood.flagged:
             st.warning("Low confidence: the top probability is close to chance.", icon=":material/help:")
@@ -174,9 +174,9 @@ threshold = predictor.threshold if len(predictor.classes) == 2 else None
 slots: dict[tuple[int, str], object] = {}
 for i, (case, up) in enumerate(zip(cases, uploads)):
     with st.container(border=True):
-        st.subheader(case.name)
+        st.subheader(logic.md_literal(case.name))  # a file name is shown as it is, never read as Markdown
         if case.error:
-            st.error(case.error)
+            st.error(logic.md_literal(case.error))
             continue
         _prediction(case, up, threshold)
         if explaining and case.index is not None:
