@@ -28,6 +28,7 @@ This module imports no other ``pellucid.core`` module at import time (the task c
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -278,7 +279,9 @@ class ModelCard:
             kwargs[name] = value
         if not isinstance(kwargs.get("kind", "classifier"), str):
             raise CardError(f"{source}: field 'kind' must be a string, got {kwargs['kind']!r}")
-        return cls(**kwargs, extra=data)
+        card = cls(**kwargs, extra=data)
+        _check_numbers(card, source)
+        return card
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``card.json`` (optional fields that are ``None`` left out; ``extra`` last)."""
@@ -439,6 +442,45 @@ def read_card(folder: str | Path) -> ModelCard:
         raise CardError(f"{path}: {unknown_name_error('kind', card.kind, kinds).args[0]}")
     _check_task(card, path)
     return card
+
+
+#: The largest input side a card may ask for: an image is resized to it before the network sees it, so a
+#: damaged or hand-made card must not ask for a 60000-px square (11 GB before anything failed).
+MAX_INPUT_SIDE = 4096
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_numbers(card: ModelCard, source: str) -> None:
+    """Refuse, in one line, a card whose numbers no model folder writes: an input size outside
+    8-:data:`MAX_INPUT_SIDE` px, a channel count other than 1 or 3, a normalisation that is not 1 or 3
+    finite numbers (standard deviations above 0), a temperature that is not finite and above 0, a
+    threshold outside [0, 1]."""
+    def bad(field_name: str, value: Any, want: str) -> CardError:
+        return CardError(f"{source}: {field_name} {value!r} is not {want}: the card is damaged or hand-edited; "
+                         "use the card training wrote, or retrain")
+
+    pre = card.preprocessing if isinstance(card.preprocessing, Preprocessing) else Preprocessing()
+    for name, size in (("preprocessing.image_size", pre.image_size), ("image_size", card.extra.get("image_size"))):
+        if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
+                                     and 8 <= size <= MAX_INPUT_SIDE):
+            raise bad(name, size, f"a whole number of pixels from 8 to {MAX_INPUT_SIDE}")
+    if pre.channels_in is not None and (isinstance(pre.channels_in, bool) or pre.channels_in not in (1, 3)):
+        raise bad("preprocessing.channels_in", pre.channels_in, "1 or 3")
+    for name, values in (("preprocessing.mean", pre.mean), ("preprocessing.std", pre.std)):
+        if values is None:
+            continue
+        if not (isinstance(values, list) and len(values) in (1, 3) and all(_number(v) for v in values)
+                and (name.endswith("mean") or all(v > 0 for v in values))):
+            raise bad(name, values, "1 or 3 finite numbers" + ("" if name.endswith("mean") else " above 0"))
+    temperature = card.calibration.temperature if isinstance(card.calibration, Calibration) else None
+    if temperature is not None and not (_number(temperature) and temperature > 0):
+        raise bad("calibration.temperature", temperature, "a finite number above 0")
+    value = card.threshold.value if isinstance(card.threshold, Threshold) else None
+    if value is not None and not (_number(value) and 0.0 <= value <= 1.0):
+        raise bad("threshold.value", value, "a probability from 0 to 1")
 
 
 def _check_task(card: ModelCard, path: Path) -> None:

@@ -106,6 +106,17 @@ def test_old_card_without_optional_fields_loads_with_defaults(tmp_path):
     (json.dumps({"task": "t", "classes": "ab"}), "field 'classes' must be a list"),
     (json.dumps({"task": "t", "classes": ["a"], "preprocessing": 3}), "field 'preprocessing' must be an object"),
     (json.dumps({"task": "t", "classes": ["a"], "kind": "ensembel"}), "unknown kind 'ensembel'. Did you mean 'ensemble'"),
+    # numbers no training writes: a 60000-px input had taken 11 GB before failing
+    (json.dumps({"task": "t", "classes": ["a"], "preprocessing": {"image_size": 60000}}),
+     r"preprocessing.image_size 60000 is not a whole number of pixels from 8 to 4096"),
+    (json.dumps({"task": "t", "classes": ["a"], "preprocessing": {"image_size": 2.5}}), "image_size 2.5"),
+    (json.dumps({"task": "t", "classes": ["a"], "image_size": 0}), "image_size 0"),
+    (json.dumps({"task": "t", "classes": ["a"], "preprocessing": {"channels_in": 4}}), "channels_in 4 is not 1 or 3"),
+    (json.dumps({"task": "t", "classes": ["a"], "preprocessing": {"std": [0.5, 0, 0.5]}}), "std .* above 0"),
+    (json.dumps({"task": "t", "classes": ["a"], "preprocessing": {"mean": [0.5, 0.5]}}), "mean"),
+    ('{"task": "t", "classes": ["a"], "calibration": {"temperature": NaN}}', "temperature nan"),
+    (json.dumps({"task": "t", "classes": ["a"], "calibration": {"temperature": -1}}), "temperature -1"),
+    (json.dumps({"task": "t", "classes": ["a"], "threshold": {"value": 7}}), "threshold.value 7 is not a probability"),
 ])
 def test_bad_cards_give_one_line_errors(tmp_path, text, message):
     if text is not None:
