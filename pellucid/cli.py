@@ -34,6 +34,7 @@ _USER_ERROR_TYPES = (
     ("pellucid.core.fewshot.config", "FewShotError"), ("pellucid.core.card", "ModelFolderError"),
     ("pellucid.core.card", "CardError"), ("pellucid.core.pipeline", "PipelineError"),
     ("pellucid.core.tasks", "TaskSpecError"), ("pellucid.core.training", "TrainingError"),
+    ("pellucid.core.runs", "TrainingError"),  # the same class, raised where training is not imported
     ("pellucid.core.weights", "WeightSourceError"), ("pellucid.datasets.readers", "ImageReadError"),
     ("pellucid.datasets.samples", "DataError"), ("pellucid.core.trainer", "TrackingError"),
     ("pellucid.core.segmentation", "SegmentationError"),
@@ -471,6 +472,8 @@ def _add_explain_and_tool_commands(sub) -> None:
     p.add_argument("--support", help="folder of support images (one sub-folder per class)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="fit: replace the model or run that --out holds (otherwise refused)")
     p.add_argument("--data", help="eval: a labelled folder (class sub-folders or manifest.csv with groups)")
     p.add_argument("--shots", default="1,5,10", help="eval: support images per class, comma-separated")
     p.add_argument("--episodes", type=int, default=500,

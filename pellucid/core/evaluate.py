@@ -31,6 +31,10 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, out: str | Path | None
     Returns:
         The metrics dict (also written to ``out/metrics.json`` with plots and predictions.csv).
     """
+    from pellucid.core.runs import refuse_model_folder
+
+    if out:
+        refuse_model_folder(out, "evaluation results")
     pred = Predictor(model_dir)
     aliases = {}
     try:

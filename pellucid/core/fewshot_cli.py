@@ -92,7 +92,8 @@ def _fit(args: argparse.Namespace) -> int:
     config = _config(args, None)
     folder = fit_prototypes(args.support, out, backbone=args.backbone or DEFAULT_BACKBONE,
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
-                            config=config, transductive=getattr(args, "transductive", None), progress=True)
+                            config=config, transductive=getattr(args, "transductive", None), progress=True,
+                            overwrite=bool(getattr(args, "overwrite", False)))
     from pellucid.core.card import read_card
 
     card = read_card(folder)

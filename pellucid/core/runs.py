@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pellucid.core.training import TrainConfig
 
 __all__ = ["TrainingError", "RunFolder", "check_run_folder", "run_identity", "check_checkpoint", "check_out_path",
-           "check_data_path", "RUN_FILE", "RUN_FILES", "RUN_DIRS", "NOT_IDENTITY"]
+           "check_data_path", "claim_out_folder", "refuse_model_folder", "RUN_FILE", "RUN_FILES", "RUN_DIRS", "NOT_IDENTITY"]
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +93,22 @@ def _held(out: Path) -> list[str]:
     return sorted(names)
 
 
-def _stored_identity(out: Path) -> dict | None:
+def _stored_identity(out: Path, config_type: type | None = None) -> dict | None:
     """The identity of the run ``out`` holds: its ``run.json``, else (a folder of an older pellucid)
-    the identity of its ``config.json``; None when neither says."""
+    the identity of its ``config.json`` read as ``config_type`` (the run's ``TrainConfig`` class, which
+    this module cannot import: training imports it); None when neither says."""
     try:
         stored = json.loads((out / RUN_FILE).read_text())
         if isinstance(stored, dict) and stored.get("config_hash"):
             return stored
     except (OSError, ValueError):
         pass
+    if config_type is None:
+        return None
     try:
         raw = json.loads((out / "config.json").read_text())
-        known = set(TrainConfig.__dataclass_fields__)
-        return run_identity(TrainConfig(**{k: v for k, v in raw.items() if k in known}),
+        known = set(config_type.__dataclass_fields__)
+        return run_identity(config_type(**{k: v for k, v in raw.items() if k in known}),
                             "ensemble" if raw.get("members") else "classifier")
     except (OSError, ValueError, TypeError):
         return None
@@ -180,6 +183,38 @@ def check_out_path(out: str | Path) -> None:
         raise TrainingError(f"--out {out} cannot be used ({err.strerror or err}); give another --out") from None
 
 
+def refuse_model_folder(out: str | Path, what: str) -> None:
+    """One-line :class:`TrainingError` when ``out``, where ``what`` (evaluation results, explanations, a
+    report) is about to be written, is a model folder: its ``metrics.json``, plots or even ``card.json``
+    (an input named ``card.png`` explains to ``card.json``) would be replaced."""
+    out = Path(out)
+    if (out / "card.json").is_file() or (out / "model.safetensors").is_file():
+        raise TrainingError(f"--out {out} is a model folder: writing {what} there would replace its files; "
+                            "give another --out")
+
+
+def claim_out_folder(out: str | Path, overwrite: bool = False, *, what: str = "a model", clear: bool = True) -> Path:
+    """The output folder of a command that writes a whole model folder at once (``fewshot fit``): a file,
+    an unwritable path or a folder holding another run or model is one-line :class:`TrainingError` unless
+    ``overwrite``, which removes what pellucid wrote there (nothing else in the folder is touched).
+    ``clear=False`` only checks: call it before any work, and again with ``clear`` once the new model is
+    ready to be written, so a failed run leaves the old one in place."""
+    out = Path(out)
+    check_out_path(out)
+    try:
+        held = _held(out)
+    except OSError as err:
+        raise TrainingError(f"--out {out} cannot be read ({err.strerror or err}); give another --out") from None
+    if held and not overwrite:
+        raise TrainingError(f"{out} holds {_describe(_stored_identity(out)) if (out / RUN_FILE).is_file() else 'a model'} "
+                            f"({', '.join(held[:4])}{', …' if len(held) > 4 else ''}); give another --out, or "
+                            f"--overwrite to replace it with {what}")
+    if held and clear:
+        RunFolder(out, {}, clear=held).start()
+        (out / RUN_FILE).unlink(missing_ok=True)  # a model written at once records no run identity
+    return out
+
+
 @dataclass
 class RunFolder:
     """The output folder of a checked run (see :func:`check_run_folder`).
@@ -245,7 +280,7 @@ def check_run_folder(cfg: TrainConfig, kind: str = "classifier") -> RunFolder:
         if cfg.resume is True:
             log.info("%s holds no run yet: nothing to resume, starting", out)
         return RunFolder(out, identity)
-    previous = _stored_identity(out)
+    previous = _stored_identity(out, type(cfg))
     if cfg.overwrite:
         return RunFolder(out, identity, previous, clear=held)
     same = previous is not None and previous.get("config_hash") == identity["config_hash"] \

@@ -55,13 +55,14 @@ def _n_splits_for(fraction: float) -> int:
     return max(2, int(round(1.0 / fraction)))
 
 
-def _check_stratifiable(labels: np.ndarray, n_splits: int, what: str) -> None:
+def _check_stratifiable(labels: np.ndarray, n_splits: int, what: str,
+                        fix: str = "add images (a few dozen per class)") -> None:
     """A one-line DataError where scikit-learn's stratified folds would raise: every class smaller than
     ``n_splits``."""
     _, counts = np.unique(labels, return_counts=True)
     if counts.size and (counts < n_splits).all():
         raise DataError(f"every class has fewer than {n_splits} images here (the largest {int(counts.max())}): too "
-                        f"few to {what}; add images (a few dozen per class)")
+                        f"few to {what}; {fix}")
 
 
 def _one_fold(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int):
@@ -110,7 +111,7 @@ def grouped_kfold(samples: list[Sample], k: int = 5, *, seed: int = 0) -> list[d
     labels, groups = _arrays(samples)
     if len(np.unique(groups)) < k:
         raise DataError(f"{len(np.unique(groups))} groups cannot make {k} folds; lower k")
-    _check_stratifiable(labels, k, f"make {k} folds; or lower k")
+    _check_stratifiable(labels, k, f"make {k} folds", "add images (a few dozen per class), or lower k")
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = []
     with warnings.catch_warnings():

@@ -38,6 +38,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from pellucid.core.pipeline import Case, CasePipeline
+from pellucid.core.runs import refuse_model_folder
 from pellucid.explain.base import explainer_for
 from pellucid.explain.captions import read_case_result, reading_dict
 from pellucid.explain.metrics import DEFAULT_METRICS
@@ -229,6 +230,7 @@ def explain_paths(model_dir: str | Path, paths: Sequence[str | Path], methods: S
         explainer_for(m, predictor.card, **options.get(m, {}))
     segmenter = _segmenter(predictor, model_dir, lung_segmenter, score)
     out = Path(out_dir)
+    refuse_model_folder(out, "explanations")
     out.mkdir(parents=True, exist_ok=True)
     pipe = CasePipeline(predictor, batch_size=batch_size, include_identifiers=include_identifiers)
     rows: list[dict] = []

@@ -408,6 +408,28 @@ def test_fit_refuses_a_registered_task_name_with_other_classes(tmp_path):
         fs.fit_prototypes(support, tmp_path / "m", backbone="test_resnet", pretrained=False, task="tb")
 
 
+def test_fit_never_writes_into_another_model_or_run_unless_asked(tmp_path, proto_folder):
+    """An --out holding a trained model used to be overwritten in place, leaving a folder of two models."""
+    import shutil
+
+    from pellucid.core.runs import TrainingError
+
+    support = _support_manifest(tmp_path, per_class=2)
+    target = tmp_path / "trained"
+    shutil.copytree(proto_folder, target)
+    (target / "history.json").write_text("{}")  # a file of a training run beside the model
+    (target / "notes.txt").write_text("mine")  # not pellucid's: never touched
+    before = (target / "model.safetensors").read_bytes()
+    kw = dict(backbone="test_resnet", pretrained=False, cache_dir=tmp_path / "cache",
+              config=ProtoConfig(layers=("layer4",), image_size=64))
+    with pytest.raises(TrainingError, match="holds a model .*--overwrite to replace it"):
+        fs.fit_prototypes(support, target, **kw)
+    assert (target / "model.safetensors").read_bytes() == before  # refused before any work
+    fs.fit_prototypes(support, target, overwrite=True, **kw)
+    assert not (target / "history.json").exists() and (target / "notes.txt").read_text() == "mine"
+    assert json.loads((target / "card.json").read_text())["metrics"]["n_support"] == 4
+
+
 # ----------------------------------------------------------------------------- CLI
 def _ns(**kw) -> argparse.Namespace:
     base = dict(action="fit", support=None, backbone="test_resnet", out=None, data=None, shots="1,5,10",

@@ -320,3 +320,21 @@ def test_a_file_name_a_spreadsheet_would_run_is_written_as_text_and_resumes(tiny
     assert rows[0]["error"].startswith("'") and rows[1]["label"] and not rows[1]["error"]
     assert main(argv) == 0 and len(list(csv.DictReader(out.open(newline="")))) == 2  # the rerun skips both
     assert spreadsheet_safe("-1") == "-1" and spreadsheet_safe("-x") == "'-x" and spreadsheet_safe(0.5) == 0.5
+
+
+def test_eval_explain_and_report_refuse_to_write_into_a_model_folder(tiny_model_dir, inputs, tmp_path):
+    import shutil
+
+    root, files = inputs
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    data = tmp_path / "data"
+    for cls in ("normal", "tuberculosis"):
+        (data / cls).mkdir(parents=True)
+        shutil.copyfile(files[0], data / cls / "card.png")  # explains to card.json
+    for argv in (["eval", "--model", str(model), "--data", str(data), "--out", str(model)],
+                 ["explain", "--model", str(model), "--method", "gradcam", "--out", str(model), str(data)],
+                 ["report", "--model", str(model), "--out", str(model), str(data)]):
+        assert main(argv) == 2, argv
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before

@@ -85,6 +85,15 @@ def test_another_run_in_out_is_refused_in_one_line(run_a, tmp_path, capsys):
     assert (out / "card.json").read_text() == card  # nothing touched
 
 
+def test_a_folder_of_an_older_pellucid_without_run_json_is_described_not_a_traceback(run_a, tmp_path, capsys):
+    """Folders written before run.json carry only config.json; reading their identity raised NameError."""
+    out = _copy(run_a, tmp_path / "old")
+    (out / "run.json").unlink()
+    assert _train_cli(out, "--seed", "1") == 2
+    err = _one_line(capsys)
+    assert f"{out} holds a run of task tb" in err and "--overwrite" in err
+
+
 def test_overwrite_leaves_only_the_new_runs_files(run_a, tmp_path, capsys, caplog):
     out = _copy(run_a, tmp_path / "a")
     (out / "plots" / "from_run_a.png").write_bytes(b"png")

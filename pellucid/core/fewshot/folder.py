@@ -423,7 +423,8 @@ def fit_and_choose(parts, labels: torch.Tensor, n_way: int, criterion: str = "nl
 def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = DEFAULT_BACKBONE,
                    pretrained: bool | str = True, checkpoint: str | None = None, config: ProtoConfig | None = None,
                    task: str = "fewshot", cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                   transductive: int | None = None, criterion: str = "nll", progress: bool = False) -> Path:
+                   transductive: int | None = None, criterion: str = "nll", progress: bool = False,
+                   overwrite: bool = False) -> Path:
     """Build a prototypes model folder from a folder of labelled support images.
 
     Args:
@@ -443,6 +444,8 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         criterion: with ``config.auto_backbones``, how the support set ranks the candidate
             embeddings (:data:`CRITERIA`, :func:`select_embedding`).
         progress: show progress bars.
+        overwrite: replace what ``out`` holds of another model or run (otherwise that is refused, before
+            any work).
 
     Returns:
         The model folder. The card's ``support`` lists every support file with its label (for the
@@ -452,14 +455,18 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
 
     Raises:
         DataError: unreadable support folder. FewShotError: fewer than two classes, or a task name
-        that belongs to another task.
+        that belongs to another task. TrainingError: ``out`` is a file, cannot be written, or holds another
+        model or run (without ``overwrite``).
     """
     import time
 
     from pellucid.core.modelfolder import save_model
+    from pellucid.core.runs import claim_out_folder
     from pellucid.datasets.samples import class_counts, load_samples
 
     t0 = time.time()
+    claim_out_folder(out, overwrite, what="this few-shot model", clear=False)  # before any work; cleared only
+    # when the new model is ready, so a failed fit leaves the old one in place
     support_dir = Path(support_dir)
     samples = load_samples(support_dir)
     classes = sorted(class_counts(samples))
@@ -500,7 +507,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
                             metrics, seconds=round(time.time() - t0, 1), extras=extra_info,
                             candidates=list(fits) if len(fits) > 1 else None, criterion=criterion)
     net.support_items = [(str(Path(s.path).resolve()), s.label) for s in samples]
-    folder = save_model(out, net, card)
+    folder = save_model(claim_out_folder(out, overwrite, what="this few-shot model"), net, card)
     if len(samples) >= 2:  # the domain check of this model: its support images' embeddings
         from pellucid.core.ood import NeighbourReference, save_reference
 

@@ -12,6 +12,7 @@ from typing import Sequence
 from pellucid.core.card import as_card
 from pellucid.core.ood import load_reference
 from pellucid.core.pipeline import CaseWriter, PipelineError
+from pellucid.core.runs import refuse_model_folder
 from pellucid.explain.pipeline import analyse_paths, explain_cases
 from pellucid.explain.report.context import build_context
 from pellucid.explain.report.explainers import _check_methods, available_methods
@@ -79,6 +80,7 @@ def write_report(model_dir: str | Path, paths: Sequence[str | Path], methods: Se
             notes.append(f"explainers not installed: {', '.join(missing)}")
     else:
         methods = _check_methods([m for m in methods if m])
+    refuse_model_folder(out_dir, "a report")  # before any work
     reference = load_reference(model_dir)
     inputs = [Path(p) for p in paths]
     try:
