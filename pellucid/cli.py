@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import errno
 import logging
 import os
 import sys
@@ -39,6 +40,10 @@ _USER_ERROR_TYPES = (
     ("pellucid.datasets.samples", "DataError"), ("pellucid.core.trainer", "TrackingError"),
     ("pellucid.core.segmentation", "SegmentationError"),
 )
+
+
+#: errno values of a disk that cannot take more: full, over quota, read-only
+_FULL_DISK = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -549,7 +554,16 @@ def main(argv: list[str] | None = None) -> int:
                 "predict": "; run the same command again: rows already in --out are kept and skipped"}
         print(f"interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pellucid predict DIR | head`: the reader left; stop quietly, as `cat` does
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except Exception as err:  # one clear line for what a user can fix
+        if os.environ.get("PELLUCID_DEBUG") != "1" and isinstance(err, OSError) and err.errno in _FULL_DISK:
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"pellucid {args.command}: error: {err.strerror or 'the disk is full'}{where}; free some space "
+                  f"and run the command again", file=sys.stderr)
+            return 2
         if os.environ.get("PELLUCID_DEBUG") == "1" or not isinstance(err, _user_errors()):
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)

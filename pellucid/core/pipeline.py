@@ -496,12 +496,32 @@ class CaseWriter:
                 else:
                     raise PipelineError(f"{self.path}: its columns are not this model's predictions columns; "
                                         "give another --out or delete the file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a" if append else "w", newline="", encoding="utf-8")
-        self._w = csv.DictWriter(self._fh, fieldnames=self.fields)
-        if not append:
-            self._w.writeheader()
-            self._fh.flush()
+        self._fh = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a" if append else "w", newline="", encoding="utf-8")
+            self._w = csv.DictWriter(self._fh, fieldnames=self.fields)
+            if not append:
+                self._w.writeheader()
+                self._fh.flush()
+        except OSError as err:
+            self._abandon()
+            raise self._write_error(err) from None
+
+    def _write_error(self, err: OSError) -> PipelineError:
+        """A full disk or a vanished folder while writing: one line, and what the user keeps."""
+        return PipelineError(f"{self.path}: cannot be written ({err.strerror or type(err).__name__}); free some space "
+                             "or give another --out (the rows already written are kept, and a rerun with the same "
+                             "--out continues after them)")
+
+    def _abandon(self) -> None:
+        """Close the file after a failed write without writing more (its buffer may not fit either)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
 
     def done(self, name: str) -> bool:
         """Whether ``name`` already has a row (from an earlier run)."""
@@ -512,15 +532,27 @@ class CaseWriter:
         return len(self._done)
 
     def write(self, case: Case) -> None:
-        self._w.writerow({k: spreadsheet_safe(v) for k, v in case.row(self.classes, self.extra).items()})
-        self._fh.flush()  # whole rows reach the file one by one: a killed run leaves no half row behind
+        try:
+            self._w.writerow({k: spreadsheet_safe(v) for k, v in case.row(self.classes, self.extra).items()})
+            self._fh.flush()  # whole rows reach the file one by one: a killed run leaves no half row behind
+        except OSError as err:
+            if not self._own:
+                raise  # a stream the caller owns (stdout): the caller decides
+            self._abandon()
+            raise self._write_error(err) from None
         self.rows += 1
         self.errors += bool(case.error)
         self.flagged += bool(case.ood is not None and case.ood.flagged)
 
     def close(self) -> None:
+        if self._fh is None:  # abandoned after a failed write
+            return
         if self._own:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError as err:
+                self._fh = None
+                raise self._write_error(err) from None
         else:
             self._fh.flush()
 

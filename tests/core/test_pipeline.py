@@ -338,3 +338,77 @@ def test_eval_explain_and_report_refuse_to_write_into_a_model_folder(tiny_model_
                  ["report", "--model", str(model), "--out", str(model), str(data)]):
         assert main(argv) == 2, argv
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_rows_written(tiny_model_dir, inputs, tmp_path, capsys):
+    """No space left while writing: the header (/dev/full) or a later row. One line that says what is
+    kept; the rows already written stay and a rerun continues after them."""
+    import errno
+    import os
+
+    from pellucid.core.pipeline import CaseWriter
+
+    root, files = inputs
+    if os.path.exists("/dev/full"):
+        assert main(["predict", "--model", str(tiny_model_dir), "--out", "/dev/full", str(files[0])]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("pellucid predict: error: /dev/full: cannot be written (No space left")
+        assert "Traceback" not in "\n".join(err)
+    out = tmp_path / "preds.csv"
+    cases = list(Predictor(tiny_model_dir).pipeline().from_paths(files[:3]))
+    writer = CaseWriter(out, Predictor(tiny_model_dir).classes)
+    writer.write(cases[0])
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.fh.close()
+
+    writer._fh = Full(writer._fh)
+    writer._w = csv.DictWriter(writer._fh, fieldnames=writer.fields)
+    with pytest.raises(PipelineError, match="cannot be written .* rows already written are kept"):
+        writer.write(cases[1])
+    writer.close()  # after the failure: nothing more to write, no second error
+    assert [r["path"] for r in _csv(out)] == [cases[0].name]
+    again = CaseWriter(out, Predictor(tiny_model_dir).classes, resume=True)
+    assert again.done(cases[0].name) and not again.done(cases[1].name)
+    again.close()
+
+
+def test_predict_to_a_pipe_whose_reader_left_stops_quietly(tiny_model_dir, inputs):
+    import subprocess
+    import sys
+
+    root, files = inputs
+    cmd = [sys.executable, "-m", "pellucid", "predict", "--model", str(tiny_model_dir), *map(str, files * 20)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert first.startswith(b"path,label,") and "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_a_full_disk_under_any_command_is_one_line(tiny_model_dir, inputs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import pellucid.explain.run as run
+
+    root, files = inputs
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run, "save_overlay", full)
+    assert main(["explain", "--model", str(tiny_model_dir), "--method", "gradcam", "--out", str(tmp_path / "x"),
+                 str(files[0])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pellucid explain: error: No space left on device writing ") and "free some space" in err
