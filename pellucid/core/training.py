@@ -53,6 +53,7 @@ from pellucid.core.runs import (_CHECKPOINT_KEY, _SHORT, NOT_IDENTITY, RUN_DIRS,
                                 TrainingError, check_checkpoint, check_data_path, check_out_path, check_run_folder,
                                 run_identity)
 from pellucid.core.tasks import TaskSpec, get_task
+from pellucid.core.train_checks import check_numbers
 from pellucid.core.trainer import snapshot_every, swa_start_epoch
 from pellucid.core.views import ViewAverage, check_tta
 from pellucid.datasets.augment import get_augment, seed_worker_augment
@@ -386,16 +387,6 @@ def _rank_zero() -> bool:
         int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def _check_fractions(cfg: TrainConfig) -> None:
-    """A one-line refusal of split fractions that cannot make a train, validation and (unless 0: a
-    final fit) test part."""
-    v, t = cfg.val_fraction, cfg.test_fraction
-    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (v, t))
-    if not ok or not (0 < v < 1 and 0 <= t < 1 and v + t < 0.9):
-        raise TrainingError(f"val_fraction {v!r} and test_fraction {t!r} must be numbers with 0 < val_fraction, "
-                            "0 <= test_fraction (0: no test part, a final fit) and their sum under 0.9; fix the recipe")
-
-
 def train(cfg: TrainConfig) -> Path:
     """Run one training job end to end and write the model folder ``cfg.out``.
 
@@ -406,11 +397,7 @@ def train(cfg: TrainConfig) -> Path:
     from pellucid.core.trainer import log_run, seed_everything
 
     t0 = time.time()
-    if isinstance(cfg.test_size, bool) or not isinstance(cfg.test_size, int) or not (
-            cfg.test_size == 0 or 16 <= cfg.test_size <= 1024):  # an ensemble member's keys reach here unchecked
-        raise TrainingError(f"test_size must be the input size the model predicts at, 0 (image_size) or 16 to 1024 px, "
-                            f"got {cfg.test_size!r}; fix the recipe")
-    _check_fractions(cfg)
+    check_numbers(cfg, TrainingError)  # sizes, epochs, rates, fractions: one line before any work
     try:
         tta = check_tta(cfg.tta)
     except ValueError as err:

@@ -36,9 +36,11 @@ def test_resolution_validates_and_round_trips():
     assert ProtoConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     old = {k: v for k, v in BASE.to_dict().items() if k != "resolution"}
     assert ProtoConfig.from_dict(old).resolution is None
-    for bad in (0, 3, 12.5, -64):
+    for bad in (0, 3, 12.5, -64, 99999):  # 99999 px had asked OpenCV for 30 GB
         with pytest.raises(FewShotError, match=f"resolution must be a whole number.*got {bad}"):
             ProtoConfig(resolution=bad)
+    with pytest.raises(FewShotError, match="image_size must be a whole number of pixels from 8 to 4096"):
+        ProtoConfig(image_size=100000)
 
 
 def test_embedding_config_uses_the_resolution_for_every_backbone():

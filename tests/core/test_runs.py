@@ -253,6 +253,22 @@ def test_out_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.txt"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "0"], "image_size 0 is not a whole number from 8 to 4096"),
+    (["--image-size", "100000"], "image_size 100000 is not a whole number from 8 to 4096"),  # 30 GB in OpenCV
+    (["--lr", "nan"], "lr nan is not a finite learning rate above 0"),  # a temperature-fit traceback at the end
+    (["--lr", "-1"], "lr -1.0 is not a finite learning rate above 0"),
+    (["--epochs", "-1"], "epochs -1 is not a whole number from 0"),
+    (["--batch-size", "0"], "batch_size 0 is not a whole number from 1"),
+])
+def test_settings_no_run_can_use_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
+    _no_work(monkeypatch)
+    out = tmp_path / "run"
+    assert _train_cli(out, *flags) == 2
+    assert message in _one_line(capsys)
+    assert not out.exists()
+
+
 def test_unwritable_out_and_unreadable_data_are_one_line(tmp_path, capsys, monkeypatch):
     import pellucid.core.training as training
 

@@ -143,11 +143,16 @@ class ProtoConfig:
             from pellucid.core.backbones import get_backbone_spec
 
             get_backbone_spec(name)  # an unknown name gets a did-you-mean
-        if self.resolution is not None:
-            if int(self.resolution) != self.resolution or self.resolution < 8:
-                raise FewShotError(f"resolution must be a whole number of pixels >= 8 (or None for the "
-                                   f"backbones' own sizes), got {self.resolution!r}")
-            object.__setattr__(self, "resolution", int(self.resolution))
+        from pellucid.core.card import MAX_INPUT_SIDE
+
+        for name in ("resolution", "image_size"):  # a 99999-px input had asked OpenCV for 30 GB
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or int(value) != value or not 8 <= value <= MAX_INPUT_SIDE:
+                raise FewShotError(f"{name} must be a whole number of pixels from 8 to {MAX_INPUT_SIDE} (or None for "
+                                   f"the backbones' own sizes), got {value!r}")
+            object.__setattr__(self, name, int(value))
         if len(set(self.backbones)) != len(self.backbones):
             raise FewShotError(f"backbones lists a backbone twice: {list(self.backbones)}")
 
