@@ -256,6 +256,9 @@ class ModelCard:
         classes = kwargs["classes"]
         if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
             raise CardError(f"{source}: field 'classes' must be a list of class names, got {classes!r}")
+        if len(set(classes)) != len(classes) or any(not c.strip() for c in classes):
+            raise CardError(f"{source}: field 'classes' must name each class once, got {list(classes)!r}: the card is "
+                            "damaged or hand-edited; use the card training wrote, or retrain")
         kwargs["classes"] = list(classes)
         names = {f.name for f in fields(cls)} - {"extra", "task", "classes"}
         for name in names:

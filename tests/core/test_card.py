@@ -117,6 +117,8 @@ def test_old_card_without_optional_fields_loads_with_defaults(tmp_path):
     ('{"task": "t", "classes": ["a"], "calibration": {"temperature": NaN}}', "temperature nan"),
     (json.dumps({"task": "t", "classes": ["a"], "calibration": {"temperature": -1}}), "temperature -1"),
     (json.dumps({"task": "t", "classes": ["a"], "threshold": {"value": 7}}), "threshold.value 7 is not a probability"),
+    (json.dumps({"task": "t", "classes": ["a", "a"]}), "must name each class once"),  # two prob_a columns before
+    (json.dumps({"task": "t", "classes": ["a", " "]}), "must name each class once"),
 ])
 def test_bad_cards_give_one_line_errors(tmp_path, text, message):
     if text is not None:
