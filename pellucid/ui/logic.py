@@ -87,6 +87,7 @@ __all__ = [
     "load_lung_segmenter",
     "md_literal",
     "segmenter_choices",
+    "max_page_uploads",
     "max_upload_bytes",
     "max_upload_pixels",
     "model_card_markdown",
@@ -100,6 +101,7 @@ __all__ = [
 PLOTS = (("roc.png", "ROC"), ("confusion.png", "Confusion matrix"), ("reliability.png", "Reliability"),
          ("training_curves.png", "Training curves"))
 DEFAULT_MAX_UPLOAD_MB = 50
+DEFAULT_MAX_PAGE_UPLOADS = 24
 #: pixels (rows x columns x frames) an upload may declare in its header before it is decoded
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 
@@ -135,6 +137,13 @@ class FolderError(UploadError):
 def max_upload_bytes() -> int:
     """Per-file upload limit: ``PELLUCID_MAX_UPLOAD_MB`` megabytes (default 50)."""
     return int(env_number("PELLUCID_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB) * (1 << 20))
+
+
+def max_page_uploads() -> int:
+    """How many files the Predict page reads at once: ``PELLUCID_MAX_PAGE_UPLOADS`` (default
+    :data:`DEFAULT_MAX_PAGE_UPLOADS`). Each is decoded and kept for its explanations, so this bounds the
+    page's memory; the Batch page takes a zip of any size, streamed."""
+    return max(1, int(env_number("PELLUCID_MAX_PAGE_UPLOADS", DEFAULT_MAX_PAGE_UPLOADS)))
 
 
 def max_upload_pixels() -> int:

@@ -401,3 +401,16 @@ def test_model_page_of_a_final_fit_says_why_it_has_no_test_score(model_dir, tmp_
     (folder / "MODEL_CARD.md").unlink(missing_ok=True)
     at = _model_page(folder, tmp_path, monkeypatch)
     assert any("no held-out metrics: no test part: a final fit" in i.value for i in at.info), [i.value for i in at.info]
+
+
+def test_predict_page_reads_at_most_its_limit_of_files(app, monkeypatch):
+    """Each file on the Predict page is decoded and kept for its explanations: past the limit the page says
+    so and reads the first ones (the Batch page streams any number)."""
+    monkeypatch.setenv("PELLUCID_MAX_PAGE_UPLOADS", "2")
+    name, good = _sample("normal")
+    app.multiselect(key="methods").set_value([])
+    app.file_uploader(key="uploads").set_value([(f"{i}-{name}", good, "image/png") for i in range(5)])
+    app.run()
+    assert not app.exception, app.exception
+    assert any("5 files uploaded; this page reads the first 2" in w.value for w in app.warning)
+    assert sum(m.value.startswith("### Predicted") for m in app.markdown) == 2

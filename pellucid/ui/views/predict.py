@@ -157,6 +157,11 @@ if not files:
     st.info("Upload one or more images to see the model's prediction and its explanations.")
     st.stop()
 
+limit = logic.max_page_uploads()
+if len(files) > limit:  # every file here is decoded and kept for its explanations: memory grows with each
+    st.warning(f"{len(files)} files uploaded; this page reads the first {limit} (the Batch page takes a zip of any "
+               "number, streamed).", icon=":material/filter_list:")
+    files = files[:limit]
 uploads = _read_files(files, include_ids)
 
 with st.spinner("Predicting…"):
