@@ -33,10 +33,10 @@ _BIDI_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *ran
 
 def safe_text(text: str) -> str:
     """``text`` (a file name, or a message that holds one) as every output can carry it: bytes that are
-    not UTF-8 (a Linux file name may hold any) become ``\\xNN``, and control characters (a newline or a
-    tab in a name) and the marks that reorder displayed text become escapes such as ``\\n`` or
-    ``\\u202e``, so a name is one line that reads as it is stored. Text that needs none is returned
-    unchanged; the result is unchanged by a second pass."""
+    not UTF-8 (a Linux file name may hold any) become ``\\xNN``; control characters (a newline or a tab
+    in a name), line and paragraph separators and the marks that reorder displayed text become escapes
+    such as ``\\n`` or ``\\u202e``, so a name is one line that reads as it is stored. Text that needs
+    none is returned unchanged; the result is unchanged by a second pass."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
@@ -45,7 +45,8 @@ def safe_text(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(ch.encode("unicode_escape").decode("ascii")
-                   if unicodedata.category(ch) == "Cc" or ord(ch) in _BIDI_CONTROLS else ch for ch in text)
+                   if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ord(ch) in _BIDI_CONTROLS else ch
+                   for ch in text)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -125,6 +125,7 @@ def test_safe_text_makes_any_file_name_one_printable_line():
     assert safe_text(raw) == "scan\\xff\\xfe.png"
     assert safe_text("a\tb\nc.png") == "a\\tb\\nc.png"
     assert safe_text("\u202egnp.exe.png") == "\\u202egnp.exe.png"  # shown as "exe.png" otherwise
+    assert safe_text("a\u2028b.png") == "a\\u2028b.png"  # a line separator breaks the line in some viewers
     assert safe_text("\ud800x") == "\\xed\\xa0\\x80x"  # a lone surrogate
     for ok in ("Röntgen thorax 01.png", "胸部.png", "a b.png"):
         assert safe_text(ok) == ok
