@@ -39,7 +39,7 @@ from pellucid.registry import Registry, unknown_name_error
 
 __all__ = ["ModelFolderError", "CardError", "ModelCard", "Backbone", "WeightSource", "Preprocessing",
            "Threshold", "Calibration", "SplitSummary", "TrainingInfo", "CARD_FILE", "CARD_KINDS",
-           "KIND_LOADERS", "card_kinds", "read_card", "write_card", "as_card"]
+           "KIND_LOADERS", "MAX_INPUT_SIDE", "card_kinds", "finite_number", "read_card", "write_card", "as_card"]
 
 #: The card's file name inside a model folder.
 CARD_FILE = "card.json"
@@ -452,7 +452,9 @@ def read_card(folder: str | Path) -> ModelCard:
 MAX_INPUT_SIDE = 4096
 
 
-def _number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (a bool is not a number here); for checks of settings
+    read from JSON and TOML."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -475,14 +477,14 @@ def _check_numbers(card: ModelCard, source: str) -> None:
     for name, values in (("preprocessing.mean", pre.mean), ("preprocessing.std", pre.std)):
         if values is None:
             continue
-        if not (isinstance(values, list) and len(values) in (1, 3) and all(_number(v) for v in values)
+        if not (isinstance(values, list) and len(values) in (1, 3) and all(finite_number(v) for v in values)
                 and (name.endswith("mean") or all(v > 0 for v in values))):
             raise bad(name, values, "1 or 3 finite numbers" + ("" if name.endswith("mean") else " above 0"))
     temperature = card.calibration.temperature if isinstance(card.calibration, Calibration) else None
-    if temperature is not None and not (_number(temperature) and temperature > 0):
+    if temperature is not None and not (finite_number(temperature) and temperature > 0):
         raise bad("calibration.temperature", temperature, "a finite number above 0")
     value = card.threshold.value if isinstance(card.threshold, Threshold) else None
-    if value is not None and not (_number(value) and 0.0 <= value <= 1.0):
+    if value is not None and not (finite_number(value) and 0.0 <= value <= 1.0):
         raise bad("threshold.value", value, "a probability from 0 to 1")
 
 

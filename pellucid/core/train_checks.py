@@ -5,10 +5,9 @@ rate of NaN or -1 had ended in an OpenCV or temperature-fit traceback), split fr
 a model predicts at."""
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
-from pellucid.core.card import MAX_INPUT_SIDE
+from pellucid.core.card import MAX_INPUT_SIDE, finite_number
 
 if TYPE_CHECKING:
     from pellucid.core.training import TrainConfig
@@ -18,10 +17,6 @@ __all__ = ["check_numbers"]
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_numbers(cfg: TrainConfig, error: type[Exception]) -> None:
@@ -38,17 +33,17 @@ def check_numbers(cfg: TrainConfig, error: type[Exception]) -> None:
     if cfg.max_images is not None and not (_whole(cfg.max_images) and cfg.max_images >= 1):
         raise refuse("max_images", "a whole number of at least 1 (or unset)")
     for name in ("lr", "head_lr"):
-        if not (_real(getattr(cfg, name)) and getattr(cfg, name) > 0):  # a large one may diverge: the run says so
+        if not (finite_number(getattr(cfg, name)) and getattr(cfg, name) > 0):  # a large one may diverge: the run says so
             raise refuse(name, "a finite learning rate above 0")
     for name, (low, high) in {"weight_decay": (0, 10), "label_smoothing": (0, 0.99), "dropout": (0, 0.99),
                               "lr_decay": (0, 1), "ema": (0, 10_000), "swa": (0, 0.99)}.items():
-        if not (_real(getattr(cfg, name)) and low <= getattr(cfg, name) <= high):
+        if not (finite_number(getattr(cfg, name)) and low <= getattr(cfg, name) <= high):
             raise refuse(name, f"a number from {low} to {high}")
     if isinstance(cfg.test_size, bool) or not isinstance(cfg.test_size, int) or not (
             cfg.test_size == 0 or 16 <= cfg.test_size <= 1024):  # an ensemble member's keys reach here unchecked
         raise error(f"test_size must be the input size the model predicts at, 0 (image_size) or 16 to 1024 px, "
                     f"got {cfg.test_size!r}; fix the recipe")
     v, t = cfg.val_fraction, cfg.test_fraction
-    if not all(_real(x) for x in (v, t)) or not (0 < v < 1 and 0 <= t < 1 and v + t < 0.9):
+    if not all(finite_number(x) for x in (v, t)) or not (0 < v < 1 and 0 <= t < 1 and v + t < 0.9):
         raise error(f"val_fraction {v!r} and test_fraction {t!r} must be numbers with 0 < val_fraction, "
                     "0 <= test_fraction (0: no test part, a final fit) and their sum under 0.9; fix the recipe")
