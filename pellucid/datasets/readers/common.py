@@ -52,9 +52,6 @@ def check_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-_check_file = check_file  # the readers' own name for it
-
-
 def _check_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
     if window is None:
         return None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _check_file, _check_window, _out_of_memory, _pydicom_quiet, _warn
+from pellucid.datasets.readers.common import check_file, _check_window, _out_of_memory, _pydicom_quiet, _warn
 from pellucid.datasets.readers.detect import (
     _DICOM_INSTALL_HINT,
     _check_deflated,
@@ -124,7 +124,7 @@ def read_dicom(
             transfer syntax no installed decoder handles.
         ValueError: ``window`` is not a pair with width > 0.
     """
-    p = _check_file(path)
+    p = check_file(path)
     window = _check_window(window)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer))):
         raise ImageReadError(f"{p}: frame={frame!r} is not an integer — pass a frame number from 0")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _check_file, _check_window, _out_of_memory, _warn
+from pellucid.datasets.readers.common import check_file, _check_window, _out_of_memory, _warn
 from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
@@ -59,7 +59,7 @@ def read_image(
         raise ValueError(f"channels={channels!r} is not supported: use 1, 3 or None (keep native)")
     window = _check_window(window)
     max_pixels()  # a malformed PELLUCID_MAX_PIXELS is a configuration error, not a corrupt file
-    p = _check_file(path)
+    p = check_file(path)
     try:
         image = _read(p, frame, window)
         if channels is not None and image.array.shape[2] != channels:

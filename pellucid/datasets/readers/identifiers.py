@@ -9,7 +9,7 @@ import os
 import warnings
 from typing import Any
 
-from pellucid.datasets.readers.common import _check_file, _pydicom_quiet
+from pellucid.datasets.readers.common import check_file, _pydicom_quiet
 from pellucid.datasets.readers.detect import _check_deflated, _import_pydicom, is_dicom
 from pellucid.datasets.readers.image import ImageReadError
 
@@ -77,7 +77,7 @@ def dicom_identifying_tags(path: str | os.PathLike[str]) -> dict[str, str]:
         ImageReadError: the file is missing, or is not DICOM, or cannot be parsed (the message
             quotes no header value), whatever its bytes.
     """
-    p = _check_file(path)
+    p = check_file(path)
     try:
         if not is_dicom(p):
             raise ImageReadError(
