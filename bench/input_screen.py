@@ -1,0 +1,196 @@
+"""``python -m bench.input_screen TASK --lever clahe|lung-mask|lung-crop`` — does changing what the frozen
+probes see help an app's vote?
+
+Two input levers for chest X-rays, screened on the probes, where they are cheap (frozen features, seconds per
+fold), before any fine-tune is spent on them:
+
+- ``clahe``: contrast-limited adaptive histogram equalisation (OpenCV's CLAHE, ``--clip``, ``--tiles``) of every
+  prepared image — its luminance for colour images. Chest X-rays from different hospitals differ in contrast,
+  and equalising is a common step in tuberculosis papers.
+- ``lung-mask`` / ``lung-crop``: the lungs alone, as ``preprocess = "lung-mask" | "lung-crop"`` gives them
+  (:func:`pellucid.core.segmentation.apply_lung_mask`), from the data set's own mask files (the manifest's
+  ``mask`` column, as in ``tb_lungs``). Drawn masks are what a trained segmenter aims at, so this is the most
+  masking could give the probes, without training a segmenter per fold.
+
+Each probe of the vote (and its first member alone) is fitted on the search's own grouped folds twice —
+on the images as they are and with the lever — and the table pairs them fold by fold. The lever's features
+are cached apart (``<cache>-<lever>``), never beside the plain ones. The decoding step is swapped only inside
+this process, for the screen's duration. Writes ``bench/results/input-<name>-<lever>[-seed<k>].md`` / ``.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LEVERS = ("clahe", "lung-mask", "lung-crop")
+
+
+def clahe(u8: np.ndarray, clip: float = 2.0, tiles: int = 8) -> np.ndarray:
+    """CLAHE of a prepared ``(H, W, 3)`` uint8 image: of its gray level when the three planes are equal (a
+    gray image stays gray), else of the L plane of CIELAB (colour kept)."""
+    op = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles))
+    if np.array_equal(u8[..., 0], u8[..., 1]) and np.array_equal(u8[..., 0], u8[..., 2]):
+        return np.ascontiguousarray(np.repeat(op.apply(np.ascontiguousarray(u8[..., 0]))[..., None], 3, axis=2))
+    lab = cv2.cvtColor(u8, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = op.apply(np.ascontiguousarray(lab[..., 0]))
+    return np.ascontiguousarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
+
+
+def manifest_masks(data: str | Path) -> dict[str, Path]:
+    """Image file → its mask file, from the ``mask`` column of ``data``'s manifest (resolved paths)."""
+    root = Path(data).resolve()
+    with open(root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "mask" not in rows[0]:
+        raise SystemExit(f"{root / 'manifest.csv'} has no 'mask' column: the lung levers need the data set's "
+                         "own mask files (as tb_lungs has)")
+    return {str((root / r["path"]).resolve()): root / r["mask"] for r in rows}
+
+
+def lever_decoder(lever: str, data: str | Path, clip: float = 2.0, tiles: int = 8):
+    """A replacement for :func:`pellucid.datasets.torchdata.load_prepared` that applies ``lever``."""
+    from pellucid.core.segmentation import apply_lung_mask
+    from pellucid.datasets import torchdata
+    from pellucid.datasets.readers import read_image
+
+    plain = torchdata.load_prepared
+    if lever == "clahe":
+        return lambda path, size, channels=None, preprocess=None: clahe(plain(path, size, channels, preprocess),
+                                                                        clip, tiles)
+    if lever not in LEVERS:
+        raise SystemExit(f"unknown lever {lever!r} (available: {', '.join(LEVERS)})")
+    masks = manifest_masks(data)
+    mode = lever.split("-")[1]
+
+    def load(path, size, channels=None, preprocess=None):
+        image = read_image(path)
+        mask = cv2.imread(str(masks[str(Path(path).resolve())]), cv2.IMREAD_GRAYSCALE)
+        h, w = image.array.shape[:2]
+        if mask.shape != (h, w):
+            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        return torchdata.prepare(apply_lung_mask(image, mask > 127, mode), size, channels)
+
+    return load
+
+
+@contextlib.contextmanager
+def decoding(loader, cache: str):
+    """Within the block, images decode through ``loader`` and features are cached under ``cache``."""
+    from pellucid.datasets import torchdata
+
+    saved, saved_cache = torchdata.load_prepared, os.environ.get("PELLUCID_CACHE")
+    torchdata.load_prepared = loader
+    os.environ["PELLUCID_CACHE"] = cache
+    try:
+        yield
+    finally:
+        torchdata.load_prepared = saved
+        if saved_cache is None:
+            os.environ.pop("PELLUCID_CACHE", None)
+        else:
+            os.environ["PELLUCID_CACHE"] = saved_cache
+
+
+def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | None = None, data: str | None = None,
+           seed: int = 0, folds: int = 5, clip: float = 2.0, tiles: int = 8) -> dict:
+    from pellucid.core.features import cache_root
+    from pellucid.core.tasks import get_task
+    from pellucid.core.tune import _Data, _probe_parts, _vote, search_folds
+    from pellucid.core.tune_candidates import _probe, default_candidates
+
+    task = get_task(task_name)
+    name = name or task.name
+    data = data or f"../shared/data/{name}"
+    samples, _, splits = search_folds(task, data, folds, seed)
+    probes = {c.name: c for c in default_candidates(task) if c.kind == "probe"}
+    vote = vote or next(c.name for c in probes.values() if len(c.members) == 3 and not c.flip and not c.layers)
+    if vote not in probes:
+        raise SystemExit(f"--vote {vote!r} is not a probe candidate of {task_name}'s search")
+    cand = probes[vote]
+    single = _probe(cand.members[:1], flip=cand.flip, layers=cand.layers)
+    plain_cache = str(cache_root().parent)
+    loaders = {"plain": (None, plain_cache), lever: (lever_decoder(lever, data, clip, tiles),
+                                                     f"{plain_cache}-{lever}" + (f"-{clip:g}-{tiles}" if lever == "clahe" else ""))}
+    t0 = time.time()
+    rows: dict[str, list[dict]] = {}
+    for tag, (loader, cache) in loaders.items():
+        from pellucid.datasets import torchdata
+        with decoding(loader or torchdata.load_prepared, cache):
+            d = _Data(task, samples, task.recipe, progress=False)
+            for s in splits:
+                parts = _probe_parts(d, cand, s)
+                rows.setdefault(f"{tag}|{single.name}", []).append(_vote(d, parts[:1]))
+                rows.setdefault(f"{tag}|{vote}", []).append(_vote(d, parts))
+        log.info("%s done (%.0f s)", tag, time.time() - t0)
+    return {"task": task_name, "name": name, "lever": lever, "vote": vote, "folds": folds, "seed": seed,
+            "clip": clip, "tiles": tiles, "metrics": list(task.metrics[:2]), "rows": rows,
+            "seconds": round(time.time() - t0, 1)}
+
+
+_ABOUT = {"clahe": "CLAHE (clip {clip:g}, {tiles} × {tiles} tiles)", "lung-mask": "the lungs alone (drawn masks, "
+          "outside zeroed)", "lung-crop": "the lungs' box alone (drawn masks, box + 5 % margin, outside zeroed)"}
+
+
+def render(res: dict) -> str:
+    from pellucid.core.tune_report import _cpu_line
+
+    m1, m2 = res["metrics"]
+    lever = res["lever"]
+    about = _ABOUT[lever].format(clip=res["clip"], tiles=res["tiles"])
+    args = f" --seed {res['seed']}" if res["seed"] else ""
+    args += f" --clip {res['clip']:g} --tiles {res['tiles']}" if lever == "clahe" else ""
+    data = f" --name {res['name']}" if res["name"] != res["task"] else ""
+    lines = [f"# Input lever on the probes: {res['name']}, {lever}", "",
+             f"Each probe fitted on the images as they are and with {about}; {res['folds']}-fold grouped CV "
+             f"(seed {res['seed']}), the recipe search's folds. Paired differences are fold by fold; up / down "
+             f"count folds. CPU: {_cpu_line()}. Screen took {res['seconds']:.0f} s (`python -m bench.input_screen "
+             f"{res['task']}{data} --lever {lever} --vote {res['vote']}{args}`).", "",
+             f"| probe | input | {m1} (mean ± sd) | {m2} | Δ{m1} | Δ{m2} | up / down |", "|---|---|---|---|---|---|---|"]
+    for key, folds in res["rows"].items():
+        tag, cand = key.split("|", 1)
+        a, b = (np.array([f[m] for f in folds]) for m in (m1, m2))
+        cells = "| — | — | — |"
+        if tag != "plain":
+            base = res["rows"][f"plain|{cand}"]
+            d1, d2 = (x - np.array([f[m] for f in base]) for x, m in ((a, m1), (b, m2)))
+            cells = (f"| {d1.mean():+.3f} ± {d1.std(ddof=1):.3f} | {d2.mean():+.3f} ± {d2.std(ddof=1):.3f} "
+                     f"| {int((d1 > 1e-9).sum())} / {int((d1 < -1e-9).sum())} |")
+        lines.append(f"| `{cand}` | {'as they are' if tag == 'plain' else lever} | {a.mean():.3f} ± {a.std(ddof=1):.3f} "
+                     f"| {b.mean():.3f} ± {b.std(ddof=1):.3f} {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.testsize_screen import write_screen
+
+    p = argparse.ArgumentParser(prog="python -m bench.input_screen", description=__doc__.split("\n")[0])
+    p.add_argument("task")
+    p.add_argument("--lever", required=True, choices=LEVERS)
+    p.add_argument("--vote", help="the probe candidate to screen (default: the search's vote of three)")
+    p.add_argument("--name", help="data set / table name (default: the task's)")
+    p.add_argument("--data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", type=float, default=2.0, help="CLAHE's clip limit")
+    p.add_argument("--tiles", type=int, default=8, help="CLAHE's tiles per side")
+    p.add_argument("--out", default="bench/results")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = p.parse_args(argv)
+    res = screen(args.task, args.lever, args.vote, name=args.name, data=args.data, seed=args.seed,
+                 clip=args.clip, tiles=args.tiles)
+    write_screen(res, f"input-{args.lever}", args.out, args.seed, render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
