@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -103,7 +104,15 @@ def decoding(loader, cache: str):
 
 
 def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | None = None, data: str | None = None,
-           seed: int = 0, folds: int = 5, clip: float = 2.0, tiles: int = 8) -> dict:
+           seed: int = 0, folds: int = 5, clip: float = 2.0, tiles: int = 8, control: str | None = None,
+           fine_tunes: Sequence[str] = (), work: str | None = None) -> dict:
+    """Rows ``"<input>|<probe>"`` of per-fold metrics; ``both`` is the vote of the plain probes and the lever's
+    (twice the members), ``control`` the vote of the plain probes and ``control``'s (as many members, all plain).
+    ``fine_tunes``: training candidates of the search whose fold models (``runs/tune/<name>[-seed<k>]/<cand>/
+    fold_k``, as ``python -m bench.recipes`` leaves them) join the plain vote (``hybrid``) and the ``both`` vote
+    (``hybrid+lever``), weight 1 each, on the folds that have them all."""
+    from pellucid.core.tune import _train_fold_logits
+
     from pellucid.core.features import cache_root
     from pellucid.core.tasks import get_task
     from pellucid.core.tune import _Data, _probe_parts, _vote, search_folds
@@ -111,29 +120,51 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
 
     task = get_task(task_name)
     name = name or task.name
-    data = data or f"../shared/data/{name}"
+    data = data or f"../shared/data/{task.default_data if name == task.name else name}"
     samples, _, splits = search_folds(task, data, folds, seed)
     probes = {c.name: c for c in default_candidates(task) if c.kind == "probe"}
     vote = vote or next(c.name for c in probes.values() if len(c.members) == 3 and not c.flip and not c.layers)
     if vote not in probes:
         raise SystemExit(f"--vote {vote!r} is not a probe candidate of {task_name}'s search")
     cand = probes[vote]
+    if control and control not in probes:
+        raise SystemExit(f"--control {control!r} is not a probe candidate of {task_name}'s search")
     single = _probe(cand.members[:1], flip=cand.flip, layers=cand.layers)
     plain_cache = str(cache_root().parent)
     loaders = {"plain": (None, plain_cache), lever: (lever_decoder(lever, data, clip, tiles),
                                                      f"{plain_cache}-{lever}" + (f"-{clip:g}-{tiles}" if lever == "clahe" else ""))}
     t0 = time.time()
     rows: dict[str, list[dict]] = {}
+    kept: dict[str, list] = {}
     for tag, (loader, cache) in loaders.items():
         from pellucid.datasets import torchdata
         with decoding(loader or torchdata.load_prepared, cache):
             d = _Data(task, samples, task.recipe, progress=False)
             for s in splits:
                 parts = _probe_parts(d, cand, s)
+                kept.setdefault(tag, []).append(parts)
                 rows.setdefault(f"{tag}|{single.name}", []).append(_vote(d, parts[:1]))
                 rows.setdefault(f"{tag}|{vote}", []).append(_vote(d, parts))
+                if control and tag == "plain":
+                    rows.setdefault(f"control|{vote} + {control}", []).append(
+                        _vote(d, parts + _probe_parts(d, probes[control], s)))
         log.info("%s done (%.0f s)", tag, time.time() - t0)
-    return {"task": task_name, "name": name, "lever": lever, "vote": vote, "folds": folds, "seed": seed,
+    for plain, other in zip(kept["plain"], kept[lever]):  # the same folds, same sample indices
+        rows.setdefault(f"both|{vote}", []).append(_vote(d, plain + other))
+    root = Path(work or Path("runs") / "tune" / (name if seed == 0 else f"{name}-seed{seed}"))
+    scored = []
+    for s, plain, other in zip(splits, kept["plain"], kept[lever]) if fine_tunes else ():
+        folders = [root / c.replace(":", "_") / f"fold_{s['fold']}" for c in fine_tunes]
+        if not all((f / "card.json").exists() for f in folders):
+            log.warning("fold %s: not every fine-tune has a fold model under %s (python -m bench.recipes %s "
+                        "--candidates ... trains them); fold left out of the hybrid rows", s["fold"], root, task_name)
+            continue
+        fts = [_train_fold_logits(task, f, samples, s) for f in folders]
+        scored.append(int(s["fold"]))
+        rows.setdefault(f"hybrid|{vote}", []).append(_vote(d, plain + fts))
+        rows.setdefault(f"hybrid+lever|{vote}", []).append(_vote(d, plain + other + fts))
+    return {"task": task_name, "name": name, "lever": lever, "vote": vote, "control": control,
+            "fine_tunes": list(fine_tunes), "hybrid_folds": scored, "folds": folds, "seed": seed,
             "clip": clip, "tiles": tiles, "metrics": list(task.metrics[:2]), "rows": rows,
             "seconds": round(time.time() - t0, 1)}
 
@@ -151,6 +182,14 @@ def render(res: dict) -> str:
     args = f" --seed {res['seed']}" if res["seed"] else ""
     args += f" --clip {res['clip']:g} --tiles {res['tiles']}" if lever == "clahe" else ""
     data = f" --name {res['name']}" if res["name"] != res["task"] else ""
+    args += f" --control {res['control']}" if res.get("control") else ""
+    fts = " + ".join(f"`{c}`" for c in res.get("fine_tunes") or [])
+    args += f" --fine-tunes {','.join(res['fine_tunes'])}" if res.get("fine_tunes") else ""
+    inputs = {"plain": "as they are", lever: lever, "both": f"both: as they are and {lever} (twice the members)",
+              "control": "as they are, with the control's probes (as many members)",
+              "hybrid": f"as they are, with the fine-tunes {fts} (weight 1 each; folds "
+                        f"{', '.join(map(str, res.get('hybrid_folds') or []))})",
+              "hybrid+lever": f"both, with the fine-tunes {fts} (against the row above)"}
     lines = [f"# Input lever on the probes: {res['name']}, {lever}", "",
              f"Each probe fitted on the images as they are and with {about}; {res['folds']}-fold grouped CV "
              f"(seed {res['seed']}), the recipe search's folds. Paired differences are fold by fold; up / down "
@@ -161,12 +200,13 @@ def render(res: dict) -> str:
         tag, cand = key.split("|", 1)
         a, b = (np.array([f[m] for f in folds]) for m in (m1, m2))
         cells = "| — | — | — |"
-        if tag != "plain":
-            base = res["rows"][f"plain|{cand}"]
+        if tag not in ("plain", "hybrid"):
+            ref = {"both": "plain", "control": "plain", "hybrid+lever": "hybrid"}.get(tag, "plain")
+            base = res["rows"][f"{ref}|{res['vote'] if tag in ('both', 'control', 'hybrid+lever') else cand}"]
             d1, d2 = (x - np.array([f[m] for f in base]) for x, m in ((a, m1), (b, m2)))
             cells = (f"| {d1.mean():+.3f} ± {d1.std(ddof=1):.3f} | {d2.mean():+.3f} ± {d2.std(ddof=1):.3f} "
                      f"| {int((d1 > 1e-9).sum())} / {int((d1 < -1e-9).sum())} |")
-        lines.append(f"| `{cand}` | {'as they are' if tag == 'plain' else lever} | {a.mean():.3f} ± {a.std(ddof=1):.3f} "
+        lines.append(f"| `{cand}` | {inputs[tag]} | {a.mean():.3f} ± {a.std(ddof=1):.3f} "
                      f"| {b.mean():.3f} ± {b.std(ddof=1):.3f} {cells}")
     return "\n".join(lines) + "\n"
 
@@ -183,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", type=float, default=2.0, help="CLAHE's clip limit")
     p.add_argument("--tiles", type=int, default=8, help="CLAHE's tiles per side")
+    p.add_argument("--control", help="a second probe candidate whose plain probes join the vote's, as a control for "
+                                     "the 'both' row (a vote with as many members and no lever)")
+    p.add_argument("--fine-tunes", default="", help="comma-separated training candidates of the search whose fold "
+                                                     "models join both votes, weight 1 each (hybrid rows)")
+    p.add_argument("--work", help="the search's work folder (default runs/tune/<name>[-seed<k>])")
     p.add_argument("--out", default="bench/results")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = p.parse_args(argv)
     res = screen(args.task, args.lever, args.vote, name=args.name, data=args.data, seed=args.seed,
-                 clip=args.clip, tiles=args.tiles)
+                 clip=args.clip, tiles=args.tiles, control=args.control,
+                 fine_tunes=[c for c in args.fine_tunes.split(",") if c], work=args.work)
     write_screen(res, f"input-{args.lever}", args.out, args.seed, render(res))
     return 0
 

@@ -64,10 +64,32 @@ def test_table_pairs_each_probe_with_itself_on_plain_images():
     res = {"task": "tb", "name": "tb_lungs", "lever": "clahe", "vote": "probe:v", "folds": 2, "seed": 1, "clip": 2.0,
            "tiles": 8, "metrics": ["accuracy", "auroc"], "seconds": 5.0,
            "rows": {"plain|probe:a": [fold(0.80), fold(0.70)], "plain|probe:v": [fold(0.85), fold(0.83)],
-                    "clahe|probe:a": [fold(0.75), fold(0.70)], "clahe|probe:v": [fold(0.86), fold(0.84)]}}
+                    "clahe|probe:a": [fold(0.75), fold(0.70)], "clahe|probe:v": [fold(0.86), fold(0.84)],
+                    "both|probe:v": [fold(0.90), fold(0.83)], "control|probe:v + probe:w": [fold(0.85), fold(0.86)]},
+           "control": "probe:w"}
     lines = render(json.loads(json.dumps(res))).splitlines()
+    both = next(x for x in lines if x.startswith("| `probe:v` | both"))
+    assert "+0.025 ± 0.035" in both and "| 1 / 0 |" in both  # against the plain vote
+    assert "+0.015 ± 0.021" in next(x for x in lines if x.startswith("| `probe:v + probe:w` | as they are, with"))
     row = next(x for x in lines if x.startswith("| `probe:a` | clahe"))
     assert "-0.025 ± 0.035" in row and "| 0 / 1 |" in row
     assert "+0.010 ± 0.000" in next(x for x in lines if x.startswith("| `probe:v` | clahe"))
     assert "| — | — | — |" in next(x for x in lines if x.startswith("| `probe:v` | as they are"))
-    assert "--name tb_lungs --lever clahe --vote probe:v --seed 1 --clip 2 --tiles 8" in lines[2]
+    assert "--name tb_lungs --lever clahe --vote probe:v --seed 1 --clip 2 --tiles 8 --control probe:w" in lines[2]
+
+
+def test_hybrid_rows_pair_the_lever_inside_the_hybrid_with_the_plain_hybrid():
+    fold = lambda a: {"accuracy": a, "auroc": a + 0.05}  # noqa: E731
+    res = {"task": "tb", "name": "tb_lungs", "lever": "lung-mask", "vote": "probe:v", "folds": 2, "seed": 0,
+           "clip": 2.0, "tiles": 8, "metrics": ["accuracy", "auroc"], "seconds": 5.0, "control": None,
+           "fine_tunes": ["finetune:a", "finetune:b"], "hybrid_folds": [0, 1],
+           "rows": {"plain|probe:v": [fold(0.80), fold(0.80)], "lung-mask|probe:v": [fold(0.70), fold(0.70)],
+                    "both|probe:v": [fold(0.82), fold(0.82)], "hybrid|probe:v": [fold(0.86), fold(0.88)],
+                    "hybrid+lever|probe:v": [fold(0.88), fold(0.89)]}}
+    lines = render(json.loads(json.dumps(res))).splitlines()
+    rows = [x for x in lines if x.startswith("| `")]
+    hyb = next(x for x in rows if "with the fine-tunes" in x and x.split("|")[2].strip().startswith("as they are"))
+    assert "folds 0, 1" in hyb and "| — | — | — |" in hyb
+    lev = next(x for x in rows if x.split("|")[2].strip().startswith("both, with the fine-tunes"))
+    assert "+0.015 ± 0.007" in lev and "| 2 / 0 |" in lev  # against the plain hybrid, not the plain vote
+    assert "--fine-tunes finetune:a,finetune:b" in lines[2]
