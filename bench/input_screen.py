@@ -11,6 +11,8 @@ fold), before any fine-tune is spent on them:
   (:func:`pellucid.core.segmentation.apply_lung_mask`), from the data set's own mask files (the manifest's
   ``mask`` column, as in ``tb_lungs``). Drawn masks are what a trained segmenter aims at, so this is the most
   masking could give the probes, without training a segmenter per fold.
+- ``lung-prior``: one fixed window for every image, where the drawn masks most often are (their mean at 256 px,
+  kept where it is at least 0.3: about a third of the image) — lungs without a segmenter, for aligned X-rays.
 
 Each probe of the vote (and its first member alone) is fitted on the search's own grouped folds twice —
 on the images as they are and with the lever — and the table pairs them fold by fold. The lever's features
@@ -34,7 +36,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-LEVERS = ("clahe", "lung-mask", "lung-crop")
+LEVERS = ("clahe", "lung-mask", "lung-crop", "lung-prior")
 
 
 def clahe(u8: np.ndarray, clip: float = 2.0, tiles: int = 8) -> np.ndarray:
@@ -59,6 +61,18 @@ def manifest_masks(data: str | Path) -> dict[str, Path]:
     return {str((root / r["path"]).resolve()): root / r["mask"] for r in rows}
 
 
+def lung_prior(mask_files, side: int = 256, level: float = 0.3) -> np.ndarray:
+    """Where the masks most often are: their mean at ``side`` px, 1 where it is at least ``level``, else 0."""
+    total, n = np.zeros((side, side), np.float64), 0
+    for f in mask_files:
+        m = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        if m is None:
+            raise SystemExit(f"{f}: not a readable mask image; fix or remove its manifest row")
+        total += cv2.resize(m, (side, side), interpolation=cv2.INTER_AREA) / 255.0
+        n += 1
+    return (total / max(n, 1) >= level).astype(np.uint8)
+
+
 def lever_decoder(lever: str, data: str | Path, clip: float = 2.0, tiles: int = 8):
     """A replacement for :func:`pellucid.datasets.torchdata.load_prepared` that applies ``lever``."""
     from pellucid.core.segmentation import apply_lung_mask
@@ -73,6 +87,16 @@ def lever_decoder(lever: str, data: str | Path, clip: float = 2.0, tiles: int = 
         raise SystemExit(f"unknown lever {lever!r} (available: {', '.join(LEVERS)})")
     masks = manifest_masks(data)
     mode = lever.split("-")[1]
+    if lever == "lung-prior":
+        window = lung_prior(masks.values())
+
+        def windowed(path, size, channels=None, preprocess=None):
+            image = read_image(path)
+            h, w = image.array.shape[:2]
+            win = cv2.resize(window, (w, h), interpolation=cv2.INTER_NEAREST)
+            return torchdata.prepare(apply_lung_mask(image, win > 0, "mask"), size, channels)
+
+        return windowed
 
     def load(path, size, channels=None, preprocess=None):
         image = read_image(path)
@@ -110,7 +134,7 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
     (twice the members), ``control`` the vote of the plain probes and ``control``'s (as many members, all plain).
     ``fine_tunes``: training candidates of the search whose fold models (``runs/tune/<name>[-seed<k>]/<cand>/
     fold_k``, as ``python -m bench.recipes`` leaves them) join the plain vote (``hybrid``) and the ``both`` vote
-    (``hybrid+lever``), weight 1 each, on the folds that have them all."""
+    (``hybrid+lever``) and the control vote (``hybrid+control``), weight 1 each, on the folds that have them all."""
     from pellucid.core.tune import _train_fold_logits
 
     from pellucid.core.features import cache_root
@@ -136,6 +160,7 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
     t0 = time.time()
     rows: dict[str, list[dict]] = {}
     kept: dict[str, list] = {}
+    controls: list = []
     for tag, (loader, cache) in loaders.items():
         from pellucid.datasets import torchdata
         with decoding(loader or torchdata.load_prepared, cache):
@@ -146,14 +171,14 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
                 rows.setdefault(f"{tag}|{single.name}", []).append(_vote(d, parts[:1]))
                 rows.setdefault(f"{tag}|{vote}", []).append(_vote(d, parts))
                 if control and tag == "plain":
-                    rows.setdefault(f"control|{vote} + {control}", []).append(
-                        _vote(d, parts + _probe_parts(d, probes[control], s)))
+                    controls.append(_probe_parts(d, probes[control], s))
+                    rows.setdefault(f"control|{vote} + {control}", []).append(_vote(d, parts + controls[-1]))
         log.info("%s done (%.0f s)", tag, time.time() - t0)
     for plain, other in zip(kept["plain"], kept[lever]):  # the same folds, same sample indices
         rows.setdefault(f"both|{vote}", []).append(_vote(d, plain + other))
     root = Path(work or Path("runs") / "tune" / (name if seed == 0 else f"{name}-seed{seed}"))
     scored = []
-    for s, plain, other in zip(splits, kept["plain"], kept[lever]) if fine_tunes else ():
+    for k, (s, plain, other) in enumerate(zip(splits, kept["plain"], kept[lever]) if fine_tunes else ()):
         folders = [root / c.replace(":", "_") / f"fold_{s['fold']}" for c in fine_tunes]
         if not all((f / "card.json").exists() for f in folders):
             log.warning("fold %s: not every fine-tune has a fold model under %s (python -m bench.recipes %s "
@@ -163,6 +188,8 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
         scored.append(int(s["fold"]))
         rows.setdefault(f"hybrid|{vote}", []).append(_vote(d, plain + fts))
         rows.setdefault(f"hybrid+lever|{vote}", []).append(_vote(d, plain + other + fts))
+        if controls:
+            rows.setdefault(f"hybrid+control|{vote} + {control}", []).append(_vote(d, plain + controls[k] + fts))
     return {"task": task_name, "name": name, "lever": lever, "vote": vote, "control": control,
             "fine_tunes": list(fine_tunes), "hybrid_folds": scored, "folds": folds, "seed": seed,
             "clip": clip, "tiles": tiles, "metrics": list(task.metrics[:2]), "rows": rows,
@@ -170,7 +197,8 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
 
 
 _ABOUT = {"clahe": "CLAHE (clip {clip:g}, {tiles} × {tiles} tiles)", "lung-mask": "the lungs alone (drawn masks, "
-          "outside zeroed)", "lung-crop": "the lungs' box alone (drawn masks, box + 5 % margin, outside zeroed)"}
+          "outside zeroed)", "lung-crop": "the lungs' box alone (drawn masks, box + 5 % margin, outside zeroed)",
+          "lung-prior": "one fixed lung window for every image (the drawn masks' mean ≥ 0.3, outside zeroed)"}
 
 
 def render(res: dict) -> str:
@@ -189,7 +217,9 @@ def render(res: dict) -> str:
               "control": "as they are, with the control's probes (as many members)",
               "hybrid": f"as they are, with the fine-tunes {fts} (weight 1 each; folds "
                         f"{', '.join(map(str, res.get('hybrid_folds') or []))})",
-              "hybrid+lever": f"both, with the fine-tunes {fts} (against the row above)"}
+              "hybrid+lever": f"both, with the fine-tunes {fts} (against the plain hybrid)",
+              "hybrid+control": f"as they are, with the control's probes and the fine-tunes {fts} (against the "
+                                "plain hybrid)"}
     lines = [f"# Input lever on the probes: {res['name']}, {lever}", "",
              f"Each probe fitted on the images as they are and with {about}; {res['folds']}-fold grouped CV "
              f"(seed {res['seed']}), the recipe search's folds. Paired differences are fold by fold; up / down "
@@ -201,8 +231,8 @@ def render(res: dict) -> str:
         a, b = (np.array([f[m] for f in folds]) for m in (m1, m2))
         cells = "| — | — | — |"
         if tag not in ("plain", "hybrid"):
-            ref = {"both": "plain", "control": "plain", "hybrid+lever": "hybrid"}.get(tag, "plain")
-            base = res["rows"][f"{ref}|{res['vote'] if tag in ('both', 'control', 'hybrid+lever') else cand}"]
+            ref = {"hybrid+lever": "hybrid", "hybrid+control": "hybrid"}.get(tag, "plain")
+            base = res["rows"][f"{ref}|{res['vote'] if tag != lever else cand}"]
             d1, d2 = (x - np.array([f[m] for f in base]) for x, m in ((a, m1), (b, m2)))
             cells = (f"| {d1.mean():+.3f} ± {d1.std(ddof=1):.3f} | {d2.mean():+.3f} ± {d2.std(ddof=1):.3f} "
                      f"| {int((d1 > 1e-9).sum())} / {int((d1 < -1e-9).sum())} |")

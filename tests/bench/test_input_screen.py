@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bench.input_screen import clahe, decoding, lever_decoder, render
+from bench.input_screen import clahe, decoding, lever_decoder, lung_prior, render
 
 
 def test_clahe_spreads_a_dull_gray_image_and_keeps_it_gray():
@@ -41,6 +41,18 @@ def test_lung_mask_lever_zeroes_everything_outside_the_drawn_mask(tmp_path):
     assert out[0, 0].max() == 0 and out[35, 35].max() == 0 and out[20, 10].min() > 150
     crop = lever_decoder("lung-crop", tmp_path)(tmp_path / "images" / "a.png", 40, 1)
     assert (crop > 150).mean() > (out > 150).mean()  # the box fills the frame
+
+
+def test_lung_prior_is_where_most_masks_are(tmp_path):
+    masks = []
+    for i, (r0, r1) in enumerate(((0, 20), (0, 20), (0, 20), (20, 40))):  # three masks on top, one below
+        m = np.zeros((40, 40), np.uint8)
+        m[r0:r1] = 255
+        masks.append(tmp_path / f"m{i}.png")
+        cv2.imwrite(str(masks[-1]), m)
+    prior = lung_prior(masks, side=40, level=0.3)
+    assert prior[:20].all() and not prior[21:].any()  # 0.75 above the level, 0.25 below it
+    assert lung_prior(masks, side=40, level=0.2)[21:].all()
 
 
 def test_lung_levers_need_a_mask_column(tmp_path):
@@ -85,7 +97,8 @@ def test_hybrid_rows_pair_the_lever_inside_the_hybrid_with_the_plain_hybrid():
            "fine_tunes": ["finetune:a", "finetune:b"], "hybrid_folds": [0, 1],
            "rows": {"plain|probe:v": [fold(0.80), fold(0.80)], "lung-mask|probe:v": [fold(0.70), fold(0.70)],
                     "both|probe:v": [fold(0.82), fold(0.82)], "hybrid|probe:v": [fold(0.86), fold(0.88)],
-                    "hybrid+lever|probe:v": [fold(0.88), fold(0.89)]}}
+                    "hybrid+lever|probe:v": [fold(0.88), fold(0.89)],
+                    "hybrid+control|probe:v + probe:w": [fold(0.86), fold(0.86)]}}
     lines = render(json.loads(json.dumps(res))).splitlines()
     rows = [x for x in lines if x.startswith("| `")]
     hyb = next(x for x in rows if "with the fine-tunes" in x and x.split("|")[2].strip().startswith("as they are"))
@@ -93,3 +106,5 @@ def test_hybrid_rows_pair_the_lever_inside_the_hybrid_with_the_plain_hybrid():
     lev = next(x for x in rows if x.split("|")[2].strip().startswith("both, with the fine-tunes"))
     assert "+0.015 ± 0.007" in lev and "| 2 / 0 |" in lev  # against the plain hybrid, not the plain vote
     assert "--fine-tunes finetune:a,finetune:b" in lines[2]
+    ctl = next(x for x in rows if "control's probes and the fine-tunes" in x)
+    assert "-0.010 ± 0.014" in ctl and "| 0 / 1 |" in ctl
