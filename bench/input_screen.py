@@ -1,8 +1,8 @@
-"""``python -m bench.input_screen TASK --lever clahe|lung-mask|lung-crop`` — does changing what the frozen
-probes see help an app's vote?
+"""``python -m bench.input_screen TASK --lever clahe|lung-mask|lung-crop|lung-prior`` — does changing what the
+frozen probes see help an app's vote?
 
-Two input levers for chest X-rays, screened on the probes, where they are cheap (frozen features, seconds per
-fold), before any fine-tune is spent on them:
+Input levers for chest X-rays, screened on the probes, where they are cheap (frozen features, seconds per fold),
+before any fine-tune is spent on them:
 
 - ``clahe``: contrast-limited adaptive histogram equalisation (OpenCV's CLAHE, ``--clip``, ``--tiles``) of every
   prepared image — its luminance for colour images. Chest X-rays from different hospitals differ in contrast,
@@ -15,9 +15,13 @@ fold), before any fine-tune is spent on them:
   kept where it is at least 0.3: about a third of the image) — lungs without a segmenter, for aligned X-rays.
 
 Each probe of the vote (and its first member alone) is fitted on the search's own grouped folds twice —
-on the images as they are and with the lever — and the table pairs them fold by fold. The lever's features
-are cached apart (``<cache>-<lever>``), never beside the plain ones. The decoding step is swapped only inside
-this process, for the screen's duration. Writes ``bench/results/input-<name>-<lever>[-seed<k>].md`` / ``.json``.
+on the images as they are and with the lever — and the table pairs them fold by fold. The vote of both sets
+(twice the members) is paired with the plain vote too, and ``--control VOTE`` adds as many plain members, so a
+gain from the lever can be told from a gain from more members. ``--fine-tunes A,B`` adds the search's fold
+models of those fine-tunes to the plain, the both and the control votes: the hybrid with and without the lever.
+The lever's features are cached apart (``<cache>-<lever>``), never beside the plain ones. The decoding step is
+swapped only inside this process, for the screen's duration. Writes
+``bench/results/input-<lever>-<name>[-seed<k>].md`` / ``.json``.
 """
 from __future__ import annotations
 
@@ -100,7 +104,11 @@ def lever_decoder(lever: str, data: str | Path, clip: float = 2.0, tiles: int = 
 
     def load(path, size, channels=None, preprocess=None):
         image = read_image(path)
-        mask = cv2.imread(str(masks[str(Path(path).resolve())]), cv2.IMREAD_GRAYSCALE)
+        file = masks.get(str(Path(path).resolve()))
+        mask = None if file is None else cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            why = "no mask row in the manifest" if file is None else f"{file} is not a readable mask image"
+            raise SystemExit(f"{path}: {why}; fix the manifest's mask column")
         h, w = image.array.shape[:2]
         if mask.shape != (h, w):
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -135,11 +143,9 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
     ``fine_tunes``: training candidates of the search whose fold models (``runs/tune/<name>[-seed<k>]/<cand>/
     fold_k``, as ``python -m bench.recipes`` leaves them) join the plain vote (``hybrid``) and the ``both`` vote
     (``hybrid+lever``) and the control vote (``hybrid+control``), weight 1 each, on the folds that have them all."""
-    from pellucid.core.tune import _train_fold_logits
-
     from pellucid.core.features import cache_root
     from pellucid.core.tasks import get_task
-    from pellucid.core.tune import _Data, _probe_parts, _vote, search_folds
+    from pellucid.core.tune import _Data, _probe_parts, _train_fold_logits, _vote, search_folds
     from pellucid.core.tune_candidates import _probe, default_candidates
 
     task = get_task(task_name)
@@ -155,8 +161,8 @@ def screen(task_name: str, lever: str, vote: str | None = None, *, name: str | N
         raise SystemExit(f"--control {control!r} is not a probe candidate of {task_name}'s search")
     single = _probe(cand.members[:1], flip=cand.flip, layers=cand.layers)
     plain_cache = str(cache_root().parent)
-    loaders = {"plain": (None, plain_cache), lever: (lever_decoder(lever, data, clip, tiles),
-                                                     f"{plain_cache}-{lever}" + (f"-{clip:g}-{tiles}" if lever == "clahe" else ""))}
+    lever_cache = f"{plain_cache}-{lever}" + (f"-{clip:g}-{tiles}" if lever == "clahe" else "")
+    loaders = {"plain": (None, plain_cache), lever: (lever_decoder(lever, data, clip, tiles), lever_cache)}
     t0 = time.time()
     rows: dict[str, list[dict]] = {}
     kept: dict[str, list] = {}
@@ -225,7 +231,8 @@ def render(res: dict) -> str:
              f"(seed {res['seed']}), the recipe search's folds. Paired differences are fold by fold; up / down "
              f"count folds. CPU: {_cpu_line()}. Screen took {res['seconds']:.0f} s (`python -m bench.input_screen "
              f"{res['task']}{data} --lever {lever} --vote {res['vote']}{args}`).", "",
-             f"| probe | input | {m1} (mean ± sd) | {m2} | Δ{m1} | Δ{m2} | up / down |", "|---|---|---|---|---|---|---|"]
+             f"| probe | input | {m1} (mean ± sd) | {m2} | Δ{m1} | Δ{m2} | up / down |",
+             "|---|---|---|---|---|---|---|"]
     for key, folds in res["rows"].items():
         tag, cand = key.split("|", 1)
         a, b = (np.array([f[m] for f in folds]) for m in (m1, m2))
@@ -256,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", help="a second probe candidate whose plain probes join the vote's, as a control for "
                                      "the 'both' row (a vote with as many members and no lever)")
     p.add_argument("--fine-tunes", default="", help="comma-separated training candidates of the search whose fold "
-                                                     "models join both votes, weight 1 each (hybrid rows)")
+                                                     "models join the plain, the both and the control votes, weight 1 "
+                                                     "each (hybrid rows)")
     p.add_argument("--work", help="the search's work folder (default runs/tune/<name>[-seed<k>])")
     p.add_argument("--out", default="bench/results")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -55,6 +55,14 @@ def test_lung_prior_is_where_most_masks_are(tmp_path):
     assert lung_prior(masks, side=40, level=0.2)[21:].all()
 
 
+def test_an_unreadable_mask_file_is_named(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "m.png").write_bytes(b"not a png")
+    (tmp_path / "manifest.csv").write_text("path,mask,label,group\na.png,m.png,tb,a\n")
+    with pytest.raises(SystemExit, match="m.png is not a readable mask image"):
+        lever_decoder("lung-mask", tmp_path)(tmp_path / "a.png", 8, 1)
+
+
 def test_lung_levers_need_a_mask_column(tmp_path):
     (tmp_path / "manifest.csv").write_text("path,label,group\na.png,tb,a\n")
     with pytest.raises(SystemExit, match="no 'mask' column"):
