@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import logging
 import os
 import sys
@@ -56,23 +55,33 @@ def clahe(u8: np.ndarray, clip: float = 2.0, tiles: int = 8) -> np.ndarray:
 
 def manifest_masks(data: str | Path) -> dict[str, Path]:
     """Image file → its mask file, from the ``mask`` column of ``data``'s manifest (resolved paths)."""
+    from pellucid.datasets.samples import read_manifest
+
     root = Path(data).resolve()
-    with open(root / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_manifest(root / "manifest.csv", ("path",), SystemExit)
     if not rows or "mask" not in rows[0]:
         raise SystemExit(f"{root / 'manifest.csv'} has no 'mask' column: the lung levers need the data set's "
                          "own mask files (as tb_lungs has)")
     return {str((root / r["path"]).resolve()): root / r["mask"] for r in rows}
 
 
+def read_mask(file: str | Path, image: str | Path = "") -> np.ndarray:
+    """A drawn mask as 0/255 uint8 (the package's mask reader); an unreadable file is one line naming it."""
+    from pellucid.core.segmentation import _read_mask
+    from pellucid.datasets.readers import ImageReadError
+
+    try:
+        return _read_mask(file).astype(np.uint8) * 255
+    except ImageReadError:
+        raise SystemExit(f"{image or file}: {file} is not a readable mask image; "
+                         "fix the manifest's mask column") from None
+
+
 def lung_prior(mask_files, side: int = 256, level: float = 0.3) -> np.ndarray:
     """Where the masks most often are: their mean at ``side`` px, 1 where it is at least ``level``, else 0."""
     total, n = np.zeros((side, side), np.float64), 0
     for f in mask_files:
-        m = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            raise SystemExit(f"{f}: not a readable mask image; fix or remove its manifest row")
-        total += cv2.resize(m, (side, side), interpolation=cv2.INTER_AREA) / 255.0
+        total += cv2.resize(read_mask(f), (side, side), interpolation=cv2.INTER_AREA) / 255.0
         n += 1
     return (total / max(n, 1) >= level).astype(np.uint8)
 
@@ -105,10 +114,9 @@ def lever_decoder(lever: str, data: str | Path, clip: float = 2.0, tiles: int = 
     def load(path, size, channels=None, preprocess=None):
         image = read_image(path)
         file = masks.get(str(Path(path).resolve()))
-        mask = None if file is None else cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            why = "no mask row in the manifest" if file is None else f"{file} is not a readable mask image"
-            raise SystemExit(f"{path}: {why}; fix the manifest's mask column")
+        if file is None:
+            raise SystemExit(f"{path}: no mask row in the manifest; fix the manifest's mask column")
+        mask = read_mask(file, path)
         h, w = image.array.shape[:2]
         if mask.shape != (h, w):
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
