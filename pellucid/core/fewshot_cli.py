@@ -204,7 +204,11 @@ def _eval(args: argparse.Namespace) -> int:
         record = {"data": str(args.data), "classes": counts, "config": config.to_dict(), "candidates": list(parts),
                   "split_single_groups": {"blocks": blocks, "classes": split} if split else None, "rows": rows}
         (out / "fewshot_eval.json").write_text(json.dumps(record, indent=1))
-        print(f"written: {out / 'fewshot_eval.md'}, {out / 'fewshot_eval.json'}")
+        from pellucid.core.plots import plot_confusion
+
+        plots = [plot_confusion(r["confusion"], r["classes"], out / f"confusion_{r['n_shot']}shot.png")
+                 for r in rows if r.get("confusion")]  # each shot count's queries pooled over its episodes
+        print(f"written: {', '.join(str(p) for p in [out / 'fewshot_eval.md', out / 'fewshot_eval.json', *plots])}")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,11 @@ def test_eval_scores_the_classifier_that_fit_fits(tiny_backbone):
         res = fs.evaluate_fit({"only": (net, x, None)}, labels, groups, n_shot=20, n_query=10, n_episodes=15)
         assert res["episodes"] == 15 and res["n_way"] == 2 and res["chosen"] == {"only": 15}
         acc[head] = res["accuracy"]
+        # every query of every episode is in the pooled confusion matrix, and its diagonal is the accuracy
+        cm = np.array(res["confusion"])
+        assert res["classes"] == ["0", "1"] and cm.sum() == 15 * 2 * 10 and (cm.sum(1) == 150).all()
+        assert np.trace(cm) / cm.sum() == pytest.approx(res["accuracy"])
+        assert res["recall"] == {c: pytest.approx(cm[i, i] / 150) for i, c in enumerate(res["classes"])}
     # the logistic head finds the class direction; the nearest prototype is swamped by the nuisance
     assert acc["logistic"] >= 0.9
     assert acc["prototypes"] <= 0.8
@@ -82,6 +88,9 @@ def test_cli_eval_takes_fits_options_and_says_what_it_scored(tmp_path, monkeypat
         saved = json.loads((tmp_path / f"e-{head}" / "fewshot_eval.json").read_text())
         seen[head] = saved["config"]["head"]
         assert 0.0 <= saved["rows"][0]["accuracy"] <= 1.0 and sum(saved["rows"][0]["chosen"].values()) == 6
+        # each class's recall under the table, and the pooled confusion matrix as a picture
+        assert "2-shot recall: blue " in printed and np.array(saved["rows"][0]["confusion"]).sum() == 6 * 3 * 6
+        assert (tmp_path / f"e-{head}" / "confusion_2shot.png").stat().st_size > 1000
     assert seen == {None: "logistic", "prototypes": "prototypes"}
     args = build_parser().parse_args(["fewshot", "eval", "--data", str(data), "--backbone", "test_resnet",
                                       "--shots", "2", "--episodes", "3", "--transductive", "2"])
@@ -117,3 +126,20 @@ def test_cli_eval_of_one_recording_classes_says_how_and_splits_when_asked(tmp_pa
     args = build_parser().parse_args(base + ["--split-single-groups", "1"])
     with pytest.raises(FewShotError, match="at least 2 blocks"):
         fewshot_cli.run(args)
+
+
+def test_the_table_names_each_class_recall_and_the_largest_confusions():
+    from pellucid.core.fewshot.evaluation import format_shot_table, most_confused
+
+    row = {"n_shot": 5, "n_way": 3, "n_query": 10, "episodes": 4, "accuracy": 0.8, "ci95": 0.05,
+           "classes": ["plane", "sea", "ship"], "recall": {"plane": 0.7, "sea": 1.0, "ship": 0.7},
+           "confusion": [[28, 0, 12], [0, 40, 0], [8, 4, 28]]}
+    assert most_confused(row) == [("plane", "ship", 0.3), ("ship", "plane", 0.2), ("ship", "sea", 0.1)]
+    text = format_shot_table([row, {"n_shot": 40, "error": "class 'sea' has 8 images"}])
+    assert "5-shot recall: plane 0.70, sea 1.00, ship 0.70; most confused: plane taken for ship 30%; " \
+           "ship taken for plane 20%; ship taken for sea 10%" in text
+    assert "| 40 | – | – | – | n/a | class 'sea' has 8 images |" in text
+    assert most_confused({**row, "confusion": [[40, 0, 0], [0, 40, 0], [0, 0, 40]]}) == []  # none below 1 %
+    # rows without the pooled matrix (the plain prototype table) print as before
+    plain = format_shot_table([{k: v for k, v in row.items() if k not in ("recall", "confusion", "classes")}])
+    assert "recall" not in plain

@@ -20,6 +20,7 @@ __all__ = [
     "evaluate_fit",
     "fit_shot_table",
     "format_shot_table",
+    "most_confused",
 ]
 
 
@@ -123,13 +124,18 @@ def evaluate_fit(parts: Mapping, labels: Sequence, groups: Sequence | None = Non
         progress: called with the episode number after each episode, or None.
 
     Returns:
-        :func:`evaluate_episodes`'s keys plus ``chosen``: how often each candidate embedding was chosen.
+        :func:`evaluate_episodes`'s keys plus ``chosen``: how often each candidate embedding was chosen;
+        ``classes`` (the labels, in order) and ``confusion``: the queries of every episode pooled, rows the
+        true class, columns the predicted one (counts); ``recall``: each class's share of its queries
+        predicted right.
     """
     from pellucid.core.fewshot.folder import fit_and_choose
 
     sampler = EpisodeSampler(labels, groups, n_way, n_shot, n_query, n_episodes, seed)
     accs = np.empty(len(sampler))
     chosen = dict.fromkeys(parts, 0)
+    where = {c: i for i, c in enumerate(sampler.classes)}
+    confusion = np.zeros((len(where), len(where)), dtype=np.int64)
     for i, ep in enumerate(sampler):
         s = torch.as_tensor(ep.support)
         support = {k: (net, raw[s], None if m is None else m[s]) for k, (net, raw, m) in parts.items()}
@@ -142,9 +148,14 @@ def evaluate_fit(parts: Mapping, labels: Sequence, groups: Sequence | None = Non
             pred = torch.cat([net.logits(net.transform(raw[q[b:b + batch]].float())).argmax(1)
                               for b in range(0, len(q), batch)])
         accs[i] = float((pred.numpy() == ep.query_labels).mean())
+        rows = [where[ep.classes[t]] for t in ep.query_labels]
+        np.add.at(confusion, (rows, [where[ep.classes[p]] for p in pred.tolist()]), 1)
         if progress is not None:
             progress(i + 1)
-    return {**_summary(accs, sampler), "chosen": chosen}
+    totals = confusion.sum(1)
+    recall = {str(c): (float(confusion[i, i] / totals[i]) if totals[i] else None) for c, i in where.items()}
+    return {**_summary(accs, sampler), "chosen": chosen, "classes": [str(c) for c in sampler.classes],
+            "confusion": confusion.tolist(), "recall": recall}
 
 
 def fit_shot_table(parts: Mapping, labels: Sequence, groups: Sequence | None = None, *,
@@ -157,11 +168,26 @@ def fit_shot_table(parts: Mapping, labels: Sequence, groups: Sequence | None = N
         criterion=criterion, progress=None if progress is None else (lambda i: progress(k, i))))
 
 
+def most_confused(row: dict, top: int = 3) -> list[tuple[str, str, float]]:
+    """The ``top`` largest confusions of a :func:`evaluate_fit` row: ``(true class, predicted class, share of
+    the true class's queries)``, largest first, none below 1 %."""
+    cm = np.asarray(row.get("confusion") or [], dtype=np.float64)
+    if cm.size == 0:
+        return []
+    share = np.divide(cm, cm.sum(1, keepdims=True), out=np.zeros_like(cm), where=cm.sum(1, keepdims=True) > 0)
+    np.fill_diagonal(share, 0.0)
+    order = np.argsort(-share, axis=None)[:top]
+    classes = row["classes"]
+    return [(classes[i], classes[j], float(share[i, j])) for i, j in zip(*np.unravel_index(order, share.shape))
+            if share[i, j] >= 0.01]
+
+
 def format_shot_table(rows: Sequence[dict], title: str = "") -> str:
-    """Markdown table of :func:`shot_table` rows (accuracy ± 95 % interval half-width)."""
+    """Markdown table of :func:`shot_table` rows (accuracy ± 95 % interval half-width); rows of
+    :func:`evaluate_fit` add each class's recall and the largest confusions under the table."""
     lines = ([f"**{title}**", ""] if title else []) + [
         "| shots | way | queries/class | episodes | accuracy | 95% CI |", "|---:|---:|---:|---:|---:|---|"]
-    notes = []
+    notes, per_class = [], []
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['n_shot']} | – | – | – | n/a | {r['error']} |")
@@ -170,4 +196,8 @@ def format_shot_table(rows: Sequence[dict], title: str = "") -> str:
                      f"± {r['ci95']:.3f} |")
         if r.get("note"):
             notes.append(f"{r['n_shot']}-shot: {r['note']}")
-    return "\n".join(lines + ([""] + notes if notes else []))
+        if r.get("recall"):
+            recall = ", ".join(f"{c} {v:.2f}" for c, v in r["recall"].items() if v is not None)
+            mixed = "; ".join(f"{t} taken for {p} {s:.0%}" for t, p, s in most_confused(r))
+            per_class.append(f"{r['n_shot']}-shot recall: {recall}" + (f"; most confused: {mixed}" if mixed else ""))
+    return "\n".join(lines + ([""] + notes if notes else []) + ([""] + per_class if per_class else []))
