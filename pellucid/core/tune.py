@@ -585,21 +585,31 @@ def _summarise(task, rows: list[dict], k: int, seed: int, data: str, samples, se
             "winner": winner, "rule": rule}
 
 
+_VIEWS = {"flip": 2, "dihedral": 8}  # forward passes per network of each test-time view set (``tta``)
+
+
+def _networks(r: dict) -> list[tuple[int, int]]:
+    """``(input side, views)`` per network a candidate's recipe runs at prediction time. A probe row written
+    before ``+flip`` recipes carried ``tta`` counts its mirrored views by its name."""
+    recipe = r["recipe"]
+    old_flip = "flip" if r["kind"] == "probe" and r["name"].endswith("+flip") else "none"
+    out = []
+    for m in recipe.get("members") or [recipe]:
+        side = m.get("image_size") or recipe.get("image_size") or 224
+        out.append((int(side), _VIEWS.get(m.get("tta") or recipe.get("tta") or old_flip, 1)))
+    return out
+
+
 def _passes(r: dict) -> int:
-    """Forward passes per image at prediction time (a soft vote of three probes: 3; mirrored TTA: x2)."""
-    if r["kind"] == "probe":
-        return len(r["recipe"].get("members") or [None]) * (2 if r["name"].endswith("+flip") else 1)
-    return max(1, len(r["recipe"].get("members") or []))
+    """Forward passes per image at prediction time (a soft vote of three probes: 3; mirrored views: x2 each)."""
+    return sum(views for _, views in _networks(r))
 
 
 def _cost(r: dict) -> float:
     """Prediction cost per image in passes of a 224-px image: each forward pass weighs the pixels it
     sees, ``(side / 224) ** 2`` (a network's cost grows with the pixels), so a vote of three probes at
     320 px (about 6.1) is not cheaper than three probes at 224-260 px and a 224-px fine-tune (about 4.5)."""
-    recipe = r["recipe"]
-    sides = [m.get("image_size") or recipe.get("image_size") or 224 for m in (recipe.get("members") or [])]
-    sides = sides or [recipe.get("image_size") or 224]
-    return round(sum((int(s) / 224) ** 2 for s in sides) * _passes(r) / len(sides), 2)
+    return round(sum((side / 224) ** 2 * views for side, views in _networks(r)), 2)
 
 
 def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
@@ -608,10 +618,9 @@ def _choose(rows: list[dict], k: int, primary: str) -> tuple[str | None, str]:
     the best mean sets a bar one standard error (sd / sqrt(k)) below it; the winner is the cheapest candidate at or above the bar
     (least prediction cost, :func:`_cost`, then no ``probe_flip``, then the better mean). Differences inside one standard error
     are fold noise, and a cheaper model is the better default."""
-    # mirrored test-time augmentation of the probes is measured as a lever; the search writes no recipe for it
-    # (a recipe could: probe_flip + tta = "flip"), so it cannot win
-    full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None
-            and not r["name"].endswith("+flip")]
+    # mirrored test-time views of the probes (+flip) are a recipe too (probe_flip + tta = "flip"), at twice
+    # their passes
+    full = [r for r in rows if r["n_folds"] == k and r["summary"][primary]["mean"] is not None]
     if not full:
         return None, "no candidate ran on every fold"
     # a default has to beat both baselines: a mean paired margin > 0 over A and (where it ran) over B

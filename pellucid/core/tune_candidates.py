@@ -51,8 +51,8 @@ class Candidate:
         kind: ``probe`` (linear head(s) on cached frozen features) or ``train`` (a training run).
         members: probe: ``(backbone, image_size)`` per member; more than one is a soft vote.
         flip: probe: ``True`` is test-time augmentation — the head is fitted on plain and mirrored
-            features and predicts the mean of both (measured only: the search does not write it as a recipe,
-            though one could, with ``probe_flip = true`` and ``tta = "flip"``);
+            features and predicts the mean of both (``probe_flip = true`` and ``tta = "flip"`` in a recipe: two
+            passes per image);
             ``"fit"`` fits on plain and mirrored features and predicts from the plain image alone
             (``probe_flip = true`` in a recipe: training-time augmentation of the probe, no cost at
             prediction).
@@ -85,7 +85,7 @@ class Candidate:
             probe = (others or {})[self.parts[0]]
             pr = probe.recipe(task)
             members = pr.get("members") or [{k: v for k, v in pr.items() if k in (
-                "backbone", "image_size", "finetune", "epochs", "probe_flip", "probe_layers")}]
+                "backbone", "image_size", "finetune", "epochs", "probe_flip", "probe_layers", "tta")}]
             tuned = []
             for part in self.parts[1:]:
                 trained = (others or {})[part]
@@ -95,7 +95,9 @@ class Candidate:
                 tuned.append({**tm, "weight": self.train_weight})
             return {"finetune": "linear-probe", "epochs": 0, "image_size": members[0]["image_size"],
                     "members": [dict(m) for m in members] + tuned}
-        keys = {"probe_flip": True} if self.flip == "fit" else {}
+        keys = {"probe_flip": True} if self.flip else {}
+        if self.flip is True:  # mirrored test-time views too: the mean of the image's and its mirror's logits
+            keys["tta"] = "flip"
         if self.layers:
             keys["probe_layers"] = list(self.layers)
         if len(self.members) == 1:
@@ -169,7 +171,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     size = task.image_size
     base = "efficientnet_lite0"
     cands = [_probe([(base, size)], role="A", about="baseline A: frozen Lite0 + linear head"),
-             _probe([(base, size)], flip=True, about="Lite0 probe, mirrored test-time augmentation (measured only)")]
+             _probe([(base, size)], flip=True, about="Lite0 probe, mirrored test-time augmentation (tta = flip)")]
     sizes = {b: (2 * size if small else s) for b, s in LITE_SIZES.items()}
     if small:
         cands.append(_probe([(base, sizes[base])], about="Lite0 probe, input upsampled 2x"))
@@ -179,8 +181,8 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     hi_trio = [(b, HIGH_RES) for b in LITE_SIZES]
     xhi_trio = [(b, XHIGH_RES) for b in LITE_SIZES]
     cands.append(_probe(trio, about="soft vote of the three Lite probes"))
-    cands.append(_probe(trio, flip=True, about="soft vote, mirrored test-time augmentation (measured only: "
-                                                "the search does not write it as a recipe, so it cannot win)"))
+    cands.append(_probe(trio, flip=True, about="soft vote, each probe fitted on plain and mirrored images and "
+                                                "predicting the mean of both views (tta = flip: twice the passes)"))
     cands.append(_probe([(base, size)], flip="fit", about="Lite0 probe fitted on plain and mirrored training "
                                                           "images (probe_flip; prediction unchanged)"))
     cands.append(_probe(trio, flip="fit", about="soft vote of the three Lite probes, each fitted on plain and "
@@ -305,7 +307,7 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
     # the shipped recipe joins the hybrids when it is one trained model (e.g. mpox's LP-FT)
     single = not task.recipe.get("members") and task.recipe.get("finetune", "full") != "linear-probe"
     every = trained + (["current"] if single else [])
-    votes = [(_probe(trio).name, every), (_probe(trio, flip="fit").name, every)]
+    votes = [(_probe(trio).name, every), (_probe(trio, flip="fit").name, every), (_probe(trio, flip=True).name, every)]
     if not small:  # the high-resolution votes with every fine-tune (each member decodes at its own size)
         votes.append((_probe(hi_trio).name, every))
     if not tiny:
@@ -319,14 +321,15 @@ def default_candidates(task, fine_tune_epochs: int = 6) -> list[Candidate]:
                                        about=f"soft vote of `{vote}` and {part} (weight {w:g} against 1 per "
                                              "probe), scored from both candidates' folds"))
     # two fine-tunes in the vote (a small ensemble of fine-tunes: other length, network, or averaging),
-    # each weighted 1 or 2, so together they weigh 2 or 4 against the three probes
-    vote = _probe(trio).name
+    # each weighted 1 or 2, so together they weigh 2 or 4 against the three probes; the probes with and without
+    # their mirrored views
     trained = [t for t in trained if "+at" not in t]  # a test-size twin pairs with nothing: its weights are its parent's
-    for i, one in enumerate(trained):
-        for two in trained[i + 1:] + [t for p, t in twins if p == one]:
-            for w in (1.0, 2.0):
-                cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}({one}, {two})", "hybrid",
-                                       parts=(vote, one, two), train_weight=w,
-                                       about=f"soft vote of `{vote}`, {one} and {two} (weight {w:g} each "
-                                             "against 1 per probe), scored from the three candidates' folds"))
+    for vote in (_probe(trio).name, _probe(trio, flip=True).name):
+        for i, one in enumerate(trained):
+            for two in trained[i + 1:] + [t for p, t in twins if p == one]:
+                for w in (1.0, 2.0):
+                    cands.append(Candidate(f"{vote}+{'' if w == 1 else f'{w:g}x'}({one}, {two})", "hybrid",
+                                           parts=(vote, one, two), train_weight=w,
+                                           about=f"soft vote of `{vote}`, {one} and {two} (weight {w:g} each "
+                                                 "against 1 per probe), scored from the three candidates' folds"))
     return cands

@@ -334,6 +334,15 @@ def test_default_candidates_include_both_baselines_and_recipes_are_trainable():
         vote = next(c for c in cands if len(c.members) == 3 and not c.flip)
         assert [m["backbone"] for m in vote.recipe(task)["members"]] == [
             "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+        # mirrored views are written as a recipe: each probe fits plain and mirrored images and predicts both views
+        flip = next(c for c in cands if len(c.members) == 3 and c.flip is True and not c.layers)
+        assert all(m["probe_flip"] and m["tta"] == "flip" for m in flip.recipe(task)["members"])
+        fit = next(c for c in cands if len(c.members) == 3 and c.flip == "fit")
+        assert all(m["probe_flip"] and "tta" not in m for m in fit.recipe(task)["members"])
+        by = {c.name: c for c in cands}
+        hyb = next(c for c in cands if c.kind == "hybrid" and c.parts[0] == flip.name and len(c.parts) == 3)
+        members = hyb.recipe(task, by)["members"]
+        assert [m.get("tta") for m in members] == ["flip"] * 3 + [None, None]
         # probes are scored before training runs (cheap first)
         kinds = [c.kind for c in cands]
         assert kinds == sorted(kinds, key=lambda k: k != "probe")
@@ -445,9 +454,12 @@ def test_one_standard_error_rule_prefers_the_cheaper_candidate_that_beats_both_b
     # the baseline itself never wins while a candidate beats it, even when it is within one SE
     rows[0]["summary"]["acc"]["mean"] = 0.985
     assert _choose(rows, 5, "acc")[0] == "probe:vote"
-    # a candidate that lost to B on the folds B ran is not eligible; TTA (+flip) is measured, never chosen
+    # a candidate that lost to B on the folds B ran is not eligible; mirrored views (+flip, probe_flip + tta = flip)
+    # are a recipe like any other, and win when nothing cheaper reaches the bar
     rows[1]["vs_B"] = {"mean": -0.01, "n": 2}
     rows.append(row("probe:c", "probe", 0.97, 0.01, vs_a=0.02, vs_b=0.005))
+    assert _choose(rows, 5, "acc")[0] == "probe:vote+flip"
+    rows[2]["vs_B"] = {"mean": -0.001, "n": 2}
     assert _choose(rows, 5, "acc")[0] == "probe:c"
     assert _choose([row("x", "probe", 0.9, 0.1, n=3)], 5, "acc")[0] is None
     # cost weighs each pass by its pixels: three probes at 320 px (3 x 2.04) are dearer than three probes at
@@ -461,6 +473,16 @@ def test_one_standard_error_rule_prefers_the_cheaper_candidate_that_beats_both_b
     assert _choose(base + [big, hyb], 5, "acc")[0] == "probe:vote+ft"
     big["recipe"] = sized([224] * 3)  # at 224 px the three-pass vote is the cheaper one within the bar
     assert _choose(base + [big, hyb], 5, "acc")[0] == "probe:vote@320"
+    # a member's test-time views multiply its passes: mirrored probes cost the hybrid three more passes
+    from pellucid.core.tune import _cost, _passes
+
+    flipped = row("probe:vote+flip+ft", "hybrid", 0.96, 0.08, members=4)
+    flipped["recipe"] = {"members": [{"image_size": x, "tta": "flip"} for x in (224, 240, 260)] + [{"image_size": 224}]}
+    assert _passes(hyb) == 4 and _passes(flipped) == 7
+    assert _cost(flipped) == pytest.approx(2 * (1 + (240 / 224) ** 2 + (260 / 224) ** 2) + 1, abs=0.01)
+    old_row = row("probe:vote+flip", "probe", 0.96, 0.08, members=3)  # written before +flip carried tta: by name
+    old_row["recipe"] = sized([224] * 3)
+    assert _passes(old_row) == 6 and _cost(old_row) == 6.0
 
 
 def test_single_group_classes_are_cut_into_blocks_so_every_fold_trains_on_them():
