@@ -585,18 +585,17 @@ def _summarise(task, rows: list[dict], k: int, seed: int, data: str, samples, se
             "winner": winner, "rule": rule}
 
 
-_VIEWS = {"flip": 2, "dihedral": 8}  # forward passes per network of each test-time view set (``tta``)
-
-
 def _networks(r: dict) -> list[tuple[int, int]]:
     """``(input side, views)`` per network a candidate's recipe runs at prediction time. A probe row written
     before ``+flip`` recipes carried ``tta`` counts its mirrored views by its name."""
+    from pellucid.core.views import VIEW_SETS  # a view set's views are its forward passes
+
     recipe = r["recipe"]
     old_flip = "flip" if r["kind"] == "probe" and r["name"].endswith("+flip") else "none"
     out = []
     for m in recipe.get("members") or [recipe]:
         side = m.get("image_size") or recipe.get("image_size") or 224
-        out.append((int(side), _VIEWS.get(m.get("tta") or recipe.get("tta") or old_flip, 1)))
+        out.append((int(side), len(VIEW_SETS.get(m.get("tta") or recipe.get("tta") or old_flip, ((0, False),)))))
     return out
 
 
