@@ -496,6 +496,49 @@ def study_taps(args) -> tuple[list[str], dict]:
     return variants, rows
 
 
+def multiscale_features(samples, scales=(320,)) -> dict:
+    """The default's two candidates with ``scales`` (Lite0, and Lite0 + Lite2, each also run at every
+    side), as ``fewshot fit`` computes them (:func:`~pellucid.core.fewshot.folder.candidate_embeddings`,
+    cached): ``{"l0ms": Features, "pairms": Features}``."""
+    from bench.fewshot_draws import Features
+    from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot import candidate_embeddings, default_config, embedding_features
+
+    bb, info = create_backbone("efficientnet_lite0", pretrained=True)
+    config = replace(default_config(bb.spec), scales=tuple(scales))
+    out = {}
+    for key, (_, net) in zip(("l0ms", "pairms"), candidate_embeddings(bb, config)):
+        raw, _ = embedding_features(net, [s.path for s in samples], weight_info=info)
+        out[key] = Features(key, raw, torch.zeros(0), list(net.embedder.dims), tuple(net.config.layers), 0.0)
+    return out
+
+
+def study_multiscale(args) -> tuple[list[str], dict]:
+    """The default against multi-scale embeddings (``ProtoConfig.scales``: every backbone also run
+    at 320 px, its features appended), each candidate fitted as the default fits its one
+    (:func:`_default_fit`) and kept by the prototypes' leave-one-out NLL where several compete."""
+    rules = [("default: Lite0 or Lite0 + Lite2, by NLL", ("l0", "pair")),
+             ("Lite0 + Lite2, also at 320 px (alone)", ("pairms",)),
+             ("Lite0 or Lite0 + Lite2, each also at 320 px, by NLL (the default with scales = 320)",
+              ("l0ms", "pairms")),
+             ("Lite0, Lite0 + Lite2, or Lite0 + Lite2 also at 320 px, by NLL", ("l0", "pair", "pairms"))]
+    variants = [r[0] for r in rules]
+    rows: dict = {}
+    for name in args.datasets:
+        samples, labels, groups, _ = load_dataset(name, Path(args.data))
+        n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
+        embs = {**_candidates(samples), **multiscale_features(samples)}
+        accs: dict[str, list[float]] = {v: [] for v in variants}
+        t0 = time.time()
+        for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
+            got = {k: _default_fit(f, s_idx, q_idx, y_all, n_way) for k, f in embs.items()}
+            for v, keys in rules:
+                accs[v].append(got[min(keys, key=lambda k: got[k][0])][3])
+        _accuracy_rows(rows, name, accs)
+        print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return variants, rows
+
+
 def grid_features(samples, grid: int = 2):
     """Lite0 @224, its three tap stages each pooled over the whole map (the default) and over a
     ``grid`` x ``grid`` grid of regions (adaptive average pooling: the layout of the image kept);
@@ -637,6 +680,13 @@ _PAIRED_ACC = {
               "with every pooled feature x replaced by sign(x) |x|^p before the stages are L2-normalised and "
               "weighted; chosen and fitted as the default (prototypes' leave-one-out NLL, `auto_weights`, "
               "logistic head, leave-one-out temperature).", "fewshot-power"),
+    "multiscale": (study_multiscale, "Few-shot screen: multi-scale embeddings (every backbone also at 320 px)",
+                   "`ProtoConfig.scales = (320,)` runs every backbone of an embedding again at 320 px and appends "
+                   "its pooled stages (the images decoded at 320 px and resized for each backbone's own side), "
+                   "features computed as `fewshot fit` computes them. `auto_weights` weights the four blocks "
+                   "alike (each backbone, each side); logistic head, leave-one-out temperature. Where a rule names "
+                   "several embeddings, the support set keeps one by the prototypes' leave-one-out NLL.",
+                   "fewshot-multiscale"),
     "grid": (study_grid, "Few-shot screen: Lite0's stages pooled over a grid of regions",
              "Each of Lite0's three tap stages pooled over a grid of image regions (adaptive average pooling) "
              "keeps the layout that whole-map pooling throws away (chest X-rays are aligned; sonar's fan-shaped "

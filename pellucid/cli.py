@@ -499,6 +499,9 @@ def _add_explain_and_tool_commands(sub) -> None:
     p.add_argument("--resolution", type=int, default=None, metavar="PX",
                    help="opt-in: every backbone sees the images at PX pixels (320 helped everyday objects, "
                         "hurt chest X-rays and sonar; docs/fewshot.md)")
+    p.add_argument("--scales", default=None, metavar="PX[,PX]",
+                   help="multi-scale embedding: every backbone runs again at these sides (comma-separated "
+                        "pixels) and its features are appended; 'none' turns it off (docs/fewshot.md)")
     p.set_defaults(func=_lazy("pellucid.core.fewshot_cli", "run"))
 
     p = sub.add_parser("export", help="export a model folder (ONNX, INT8)")

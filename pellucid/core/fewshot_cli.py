@@ -42,9 +42,22 @@ def _pretrained(args: argparse.Namespace):
     return value
 
 
+def _scales(text) -> tuple[int, ...] | None:
+    """``--scales``: None when not given, ``()`` for ``none``, else the comma-separated sides."""
+    if text is None:
+        return None
+    if str(text).strip().lower() in ("none", "off", ""):
+        return ()
+    try:
+        return tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise FewShotError(f"--scales must be comma-separated whole numbers of pixels such as 320, or 'none'; "
+                           f"got {text!r}") from None
+
+
 def _config(args: argparse.Namespace, spec):
     """The configuration that the options ask for: None (the default of the backbone, decided where
-    it is built) unless ``--no-auto-backbones``, ``--resolution`` or ``--head`` change it; with
+    it is built) unless ``--no-auto-backbones``, ``--resolution``, ``--scales`` or ``--head`` change it; with
     ``spec`` (eval) always a configuration, with ``--transductive`` applied as ``fit`` applies it."""
     from dataclasses import replace
 
@@ -53,8 +66,9 @@ def _config(args: argparse.Namespace, spec):
     no_choice = getattr(args, "auto_backbones", None) is False  # read when the parser defines --no-auto-backbones
     resolution = getattr(args, "resolution", None)  # read when the parser defines --resolution
     head = getattr(args, "head", None)  # read when the parser defines --head
+    scales = _scales(getattr(args, "scales", None))  # read when the parser defines --scales
     for_eval = spec is not None  # fit applies --transductive itself (fit_prototypes(transductive=))
-    if not for_eval and not (no_choice or resolution is not None or head is not None):
+    if not for_eval and not (no_choice or resolution is not None or head is not None or scales is not None):
         return None
     if spec is None:
         from pellucid.core.backbones import get_backbone_spec
@@ -67,6 +81,8 @@ def _config(args: argparse.Namespace, spec):
         config = replace(config, resolution=resolution)
     if head is not None:
         config = replace(config, head=head)
+    if scales is not None:
+        config = replace(config, scales=scales)
     steps = getattr(args, "transductive", None)
     if steps and for_eval:
         from pellucid.core.fewshot.config import with_transduction
@@ -103,7 +119,8 @@ def _fit(args: argparse.Namespace) -> int:
     fewshot = card.extra.get("fewshot", {})
     extras = "".join(f" + {e['name']} ({e.get('weights', {}).get('source')})"
                      for e in fewshot.get("extra_backbones", []))
-    print(f"backbone:     {card.backbone_name} ({card.weight_source}){extras}, {card.image_size} px")
+    scales = "".join(f", again at {side} px" for side in fewshot.get("scales") or [])
+    print(f"backbone:     {card.backbone_name} ({card.weight_source}){extras}, {card.image_size} px{scales}")
     choice = m.get("embedding_choice")
     if choice:
         nll = ", ".join(f"{k} {v}" for k, v in choice["loo_nll"].items())

@@ -70,7 +70,9 @@ class _LeafAtLayer:
     """Forward hook that makes a layer's output a new autograd leaf.
 
     The returned tensor is a clone of the leaf, so in-place operations after the layer (an
-    ``inplace`` ReLU) act on the clone and the leaf keeps the layer's true output.
+    ``inplace`` ReLU) act on the clone and the leaf keeps the layer's true output. A model that runs
+    the layer more than once per forward pass (a multi-scale few-shot embedding) is explained at the
+    first call; later calls pass through.
     """
 
     def __init__(self) -> None:
@@ -83,6 +85,8 @@ class _LeafAtLayer:
                                    "pick another layer with layer='...'")
         if not torch.is_grad_enabled():
             self.grad_disabled = True
+            return None
+        if self.leaf is not None:
             return None
         self.leaf = output.detach().requires_grad_(True)
         return self.leaf.clone()

@@ -115,11 +115,15 @@ _CAM_FAMILY = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scor
 
 def _cam_covers_part(card) -> str | None:
     """For a few-shot model that embeds with extra backbones (Lite0 + Lite2, chosen by its support
-    set), what a CAM map leaves out: it hooks the first backbone's layer only."""
-    extra = ((getattr(card, "extra", None) or {}).get("fewshot") or {}).get("backbones") or []
-    if not extra:
+    set) or at more input sides (``scales``), what a CAM map leaves out: it hooks the first
+    backbone's layer, at the first pass through it (its own input side)."""
+    fewshot = (getattr(card, "extra", None) or {}).get("fewshot") or {}
+    extra, scales = fewshot.get("backbones") or [], fewshot.get("scales") or []
+    if not extra and not scales:
         return None
-    return (f"this map follows the first backbone only; the model also embeds with {', '.join(extra)}, "
+    also = [f"embeds with {', '.join(extra)}"] if extra else []
+    also += [f"runs again at {', '.join(f'{s} px' for s in scales)}"] if scales else []
+    return (f"this map follows the first backbone at its own input side only; the model also {' and '.join(also)}, "
             "whose share of the decision the map does not show (LIME and occlusion cover the whole model)")
 
 

@@ -782,7 +782,8 @@ def test_two_backbone_folder_predicts_the_same_after_reload_and_explains(two_bac
     pred = Predictor(two_backbone_folder)
     cases = [c for c in pred.pipeline().from_paths(queries[:1]) if not c.error]
     notes = explain_cases(pred, cases, ["gradcam"], score=False)
-    assert any(n.startswith("gradcam: this map follows the first backbone only") and "shallow_cnn" in n
+    assert any(n.startswith("gradcam: this map follows the first backbone at its own input side only")
+               and "shallow_cnn" in n
                for n in notes)
     assert np.isfinite(cases[0].explanations[0].heatmap).all()
 

@@ -89,6 +89,13 @@ class ProtoConfig:
             still kept, for the nearest-support explanation). Transductive refinement moves
             prototypes, so it needs ``"prototypes"``.
         head_c: the logistic head's inverse L2 strength (scikit-learn's ``C``).
+        scales: more input sides at which every backbone of the embedding runs again, its pooled
+            layers appended after those at the backbones' own sides (a multi-scale embedding;
+            ``layers`` then name them ``"@<side>:<module>"`` for the primary and
+            ``"<name>@<side>:<module>"`` for an extra backbone, see
+            :class:`~pellucid.core.fewshot.network.Embedder`). The images are decoded at the largest
+            side and resized (antialiased) for the others. ``()``: one side per backbone. Each side
+            costs a pass of every backbone at it.
     """
 
     distance: str = "euclidean"
@@ -108,6 +115,7 @@ class ProtoConfig:
     resolution: int | None = None
     head: str = "prototypes"
     head_c: float = HEAD_C
+    scales: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
@@ -153,6 +161,16 @@ class ProtoConfig:
                 raise FewShotError(f"{name} must be a whole number of pixels from 8 to {MAX_INPUT_SIDE} (or None for "
                                    f"the backbones' own sizes), got {value!r}")
             object.__setattr__(self, name, int(value))
+        scales = []
+        for value in tuple(self.scales or ()):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+                    or not 8 <= value <= MAX_INPUT_SIDE:
+                raise FewShotError(f"scales must be whole numbers of pixels from 8 to {MAX_INPUT_SIDE}, got "
+                                   f"{list(self.scales)!r}")
+            scales.append(int(value))
+        if len(set(scales)) != len(scales):
+            raise FewShotError(f"scales lists a side twice: {scales}")
+        object.__setattr__(self, "scales", tuple(scales))
         if len(set(self.backbones)) != len(self.backbones):
             raise FewShotError(f"backbones lists a backbone twice: {list(self.backbones)}")
 
@@ -162,12 +180,13 @@ class ProtoConfig:
         d["layer_weights"] = None if self.layer_weights is None else list(self.layer_weights)
         d["backbones"] = list(self.backbones)
         d["auto_backbones"] = [list(c) for c in self.auto_backbones]
+        d["scales"] = list(self.scales)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ProtoConfig:
         known = set(cls.__dataclass_fields__)
-        tuples = ("layers", "layer_weights", "backbones")
+        tuples = ("layers", "layer_weights", "backbones", "scales")
         out = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in known}
         if out.get("auto_backbones") is not None:
             out["auto_backbones"] = tuple(tuple(c) for c in out["auto_backbones"])

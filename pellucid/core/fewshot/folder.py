@@ -167,22 +167,27 @@ def embedding_config(config: ProtoConfig, primary, extras=()) -> ProtoConfig:
     backbone's tap layers as ``"<name>:<layer>"``; ``layer_weights`` repeated for each backbone;
     with extras the input is the largest of the backbones' input sizes (each backbone gets the
     images resized to its own), or ``config.resolution`` when set (every backbone at that side).
-    No extras: ``config`` with ``backbones=()`` (and ``image_size`` = ``config.resolution`` when set)."""
+    No extras: ``config`` with ``backbones=()`` (and ``image_size`` = ``config.resolution`` when set).
+    With ``config.scales``, all those layers again at each side (``"@<side>:<layer>"``,
+    ``"<name>@<side>:<layer>"``), the weights repeated, and the input at the largest side (every
+    backbone runs at ``config.resolution`` or its own input size besides the scales)."""
     own = [l for l in config.layers if ":" not in l] or list(primary.tap_layers)
     own_weights = None
     if config.layer_weights is not None:
         groups = layer_groups(config.layers)
         if groups and groups[0][0] == "" and len(groups[0][1]) == len(own):
             own_weights = list(config.layer_weights[:len(own)])
-    if not extras:
+    if not extras and not config.scales:
         return replace(config, backbones=(), layers=tuple(own),
                        layer_weights=None if own_weights is None else tuple(own_weights),
                        image_size=config.resolution or config.image_size)
     layers = list(own) + [f"{spec.name}:{t}" for spec in extras for t in spec.tap_layers]
+    base = [("", own)] + [(spec.name, list(spec.tap_layers)) for spec in extras]
+    layers += [f"{name}@{side}:{t}" for side in config.scales for name, taps in base for t in taps]
     weights = None
     if own_weights is not None and all(len(spec.tap_layers) == len(own) for spec in extras):
-        weights = tuple(own_weights * (1 + len(extras)))
-    size = config.resolution or max([primary.input_size] + [spec.input_size for spec in extras])
+        weights = tuple(own_weights * ((1 + len(extras)) * (1 + len(config.scales))))
+    size = max([config.resolution or spec.input_size for spec in (primary, *extras)] + list(config.scales))
     return replace(config, backbones=tuple(spec.name for spec in extras), layers=tuple(layers),
                    layer_weights=weights, image_size=size)
 
@@ -272,6 +277,11 @@ def _fewshot_section(config: ProtoConfig, extras=(), candidates=None, criterion:
     if config.resolution:
         notes.append(f"every backbone sees the images at {config.resolution} px (decoded at that side, no resize "
                      "inside the model)")
+    if config.scales:
+        sides = ", ".join(f"{s} px" for s in config.scales)
+        notes.append(f"multi-scale: every backbone also runs at {sides}, its features appended; the images are "
+                     f"decoded at {config.image_size} px and resized for each backbone and side; a CAM follows "
+                     "the first pass through its layer (the first backbone at its own side)")
     if config.backbones:
         notes.append(f"the embedding concatenates the features of {primary} and {', '.join(config.backbones)}; "
                      f"CAM explainers hook {primary} only, so a CAM shows the part of the decision that flows "
@@ -339,7 +349,7 @@ def candidate_embeddings(bb, config: ProtoConfig, *, pretrained: bool | str = Tr
     set; else the one embedding of ``config.backbones``. Each network's ``config.image_size`` is its
     input side. ``extras_pool`` (``{name: (backbone, weight info)}``) keeps the extra backbones built
     here, one per name, shared by the candidates."""
-    several = bool(config.backbones or config.auto_backbones)
+    several = bool(config.backbones or config.auto_backbones or config.scales)
     candidates = list(dict.fromkeys([(), *config.auto_backbones])) if config.auto_backbones else [config.backbones]
     pool = {} if extras_pool is None else extras_pool
     out = []

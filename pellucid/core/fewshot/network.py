@@ -53,39 +53,63 @@ class Embedder(nn.Module):
         resolution: when given, every backbone gets the input at this side (resized only when the
             input has another), instead of each extra backbone at its own input size
             (:attr:`ProtoConfig.resolution`).
+        scales: more input sides at which every backbone runs again (:attr:`ProtoConfig.scales`):
+            after the layers above, ``layers`` lists them again for each side, written
+            ``"@<side>:<module>"`` (primary) and ``"<name>@<side>:<module>"`` (extras). A hooked
+            layer then runs once per side in every forward pass, the backbones' own sides first.
     """
 
     def __init__(self, backbone: Backbone, layers: Sequence[str] = (), flip: bool = False,
-                 extras: Sequence[Backbone] = (), resolution: int | None = None):
+                 extras: Sequence[Backbone] = (), resolution: int | None = None, scales: Sequence[int] = ()):
         super().__init__()
         self.backbone = backbone
         self.resolution = None if resolution is None else int(resolution)
+        self.scales = tuple(int(s) for s in scales)
         self.extras = nn.ModuleList(extras)
         self.layers = tuple(layers)
         self.flip = bool(flip)
         by_name = {bb.spec.name: bb for bb in self.extras}
         if len(by_name) != len(self.extras) or backbone.spec.name in by_name:
             raise FewShotError(f"each backbone may appear once; got {[backbone.spec.name, *by_name]}")
-        if self.extras and not self.layers:
-            raise FewShotError("several backbones need explicit layers (the primary's and '<name>:<layer>' ones)")
-        self._groups: list[tuple[Backbone, list[str]]] = [(backbone, [])] + [(bb, []) for bb in self.extras]
+        if (self.extras or self.scales) and not self.layers:
+            raise FewShotError("several backbones or input sides need explicit layers (the primary's, then "
+                               "'<name>:<layer>' and '<name>@<side>:<layer>' ones)")
+        owners = [backbone, *self.extras]
+        # (index of the backbone, its input side or None for its own, the modules pooled), in order
+        self._groups: list[tuple[int, int | None, list[str]]] = []
         for path in self.layers:
-            name, _, inner = path.rpartition(":")
+            prefix, _, inner = path.rpartition(":")
+            name, at, side = prefix.partition("@")
             if name and name not in by_name:
                 raise FewShotError(f"layer {path!r} names backbone {name!r}, which is not among the extra "
                                    f"backbones {list(by_name)}")
+            if at and not (side.isdigit() and int(side) in self.scales):
+                raise FewShotError(f"layer {path!r} names input side {side!r}, which is not among the scales "
+                                   f"{list(self.scales)}")
             owner = by_name[name] if name else backbone
             try:
                 owner.module_at(inner)
             except AttributeError:
                 raise FewShotError(f"backbone {owner.spec.name!r} has no layer {inner!r}; its tap layers are "
                                    f"{list(owner.spec.tap_layers)}") from None
-            self._groups[[g[0] for g in self._groups].index(owner)][1].append(inner)
-        expected = list(self._groups[0][1]) + [f"{bb.spec.name}:{p}" for bb, paths in self._groups[1:] for p in paths]
-        if self.extras and expected != list(self.layers):
+            key = (owners.index(owner), int(side) if at else None)
+            if not self._groups or self._groups[-1][:2] != key:
+                self._groups.append((*key, []))
+            self._groups[-1][2].append(inner)
+        base: list[list[str]] = [[] for _ in owners]  # each backbone's modules at its own side
+        for i, side, paths in self._groups:
+            if side is None:
+                base[i] += paths
+        expected = [f"{owners[i].spec.name}:{p}" if i else p for i, paths in enumerate(base) for p in paths]
+        expected += [f"{owners[i].spec.name if i else ''}@{s}:{p}" for s in self.scales
+                     for i, paths in enumerate(base) for p in paths]
+        if (self.extras or self.scales) and expected != list(self.layers):
             raise FewShotError(f"layers must list the primary's layers first, then each extra backbone's in the "
-                               f"order of the extras {list(by_name)}; got {list(self.layers)}")
-        for i, (bb, _) in enumerate(self._groups):
+                               f"order of the extras {list(by_name)}, then all of them again at each of the "
+                               f"scales {list(self.scales)}; got {list(self.layers)}")
+        if not self._groups:
+            self._groups = [(0, None, [])]
+        for i, bb in enumerate(owners):
             self.register_buffer(f"mean{i or ''}", torch.tensor(bb.spec.mean, dtype=torch.float32).view(1, 3, 1, 1),
                                  persistent=False)
             self.register_buffer(f"std{i or ''}", torch.tensor(bb.spec.std, dtype=torch.float32).view(1, 3, 1, 1),
@@ -98,12 +122,13 @@ class Embedder(nn.Module):
 
     @property
     def input_size(self) -> int:
-        """Side of the input the embedder expects: its ``resolution`` when set, else the largest
-        input size of its backbones."""
-        return max(self.side(bb) for bb, _ in self._groups)
+        """Side of the input the embedder expects: the largest of its backbones' sides (its
+        ``resolution`` when set, else their own input sizes) and its ``scales``."""
+        return max([self.side(bb) for bb in (self.backbone, *self.extras)] + list(self.scales))
 
     def side(self, backbone: Backbone) -> int:
-        """Input side ``backbone`` runs at: the embedder's ``resolution``, else the backbone's own."""
+        """Input side ``backbone`` runs at (besides the ``scales``): the embedder's ``resolution``,
+        else the backbone's own."""
         return self.resolution or backbone.spec.input_size
 
     def _once(self, backbone: Backbone, layers: Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
@@ -114,10 +139,11 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features ``(B, D)`` of images ``(B, 3, S, S)`` in [0, 1]."""
         blocks: list[torch.Tensor] = []
-        for i, (bb, layers) in enumerate(self._groups):
-            xi = x
-            if (self.extras or self.resolution) and xi.shape[-1] != self.side(bb):
-                size = self.side(bb)
+        owners = [self.backbone, *self.extras]
+        for i, side, layers in self._groups:
+            bb, xi = owners[i], x
+            size = side or self.side(bb)
+            if (self.extras or self.resolution or self.scales) and xi.shape[-1] != size:
                 xi = F.interpolate(xi, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             xi = (xi - getattr(self, f"mean{i or ''}")) / getattr(self, f"std{i or ''}")
             got = self._once(bb, layers, xi)
@@ -160,7 +186,8 @@ class PrototypicalNetwork(nn.Module):
         if [bb.spec.name for bb in extras] != list(config.backbones):
             raise FewShotError(f"extra backbones {[bb.spec.name for bb in extras]} do not match config.backbones "
                                f"{list(config.backbones)}")
-        self.embedder = Embedder(backbone, config.layers, config.flip, extras, resolution=config.resolution)
+        self.embedder = Embedder(backbone, config.layers, config.flip, extras, resolution=config.resolution,
+                                 scales=config.scales)
         log_scale = torch.tensor(math.log(config.scale), dtype=torch.float32)
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)
