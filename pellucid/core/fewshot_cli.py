@@ -75,8 +75,8 @@ def _config(args: argparse.Namespace, spec):
 
         spec = get_backbone_spec(args.backbone or DEFAULT_BACKBONE)
     config = default_config(spec)
-    if no_choice:
-        config = replace(config, auto_backbones=())
+    if no_choice:  # the backbone alone, whatever extra backbones the default embeds with
+        config = replace(config, auto_backbones=(), backbones=())
     if resolution is not None:
         config = replace(config, resolution=resolution)
     if head is not None:

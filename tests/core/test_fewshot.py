@@ -823,7 +823,8 @@ def test_default_config_lets_lite0_support_sets_choose_lite2_too():
     from pellucid.core.backbones import get_backbone_spec
 
     lite0 = fs.default_config(get_backbone_spec(fs.DEFAULT_BACKBONE))
-    assert lite0.auto_backbones == fs.BACKBONE_CANDIDATES == (("efficientnet_lite2",),) and lite0.backbones == ()
+    assert lite0.auto_backbones == fs.BACKBONE_CANDIDATES and lite0.backbones == () and lite0.scales == ()
+    assert fs.BACKBONE_CANDIDATES == (("efficientnet_lite2",), ("efficientnet_lite2", "@320"))
     assert fs.default_config(get_backbone_spec("resnet18")).auto_backbones == ()  # other backbones: no candidates
     both = fs.embedding_config(lite0, get_backbone_spec("efficientnet_lite0"), [get_backbone_spec("efficientnet_lite2")])
     assert both.image_size == 260 and both.layer_weights == (0.5, 0.5, 1.0) * 2

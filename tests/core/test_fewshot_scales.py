@@ -165,3 +165,29 @@ def test_cli_fit_reads_scales_and_says_them(tmp_path, monkeypatch, capsys):
     assert fewshot_cli._scales("none") == () and fewshot_cli._scales(None) is None
     with pytest.raises(FewShotError, match="--scales must be comma-separated whole numbers"):
         fewshot_cli._scales("big")
+
+
+def test_a_candidate_with_an_input_side_joins_the_choice_and_its_sides_are_stored(tmp_path):
+    from pellucid.core.modelfolder import load_model
+
+    torch.manual_seed(0)
+    cfg = replace(BASE, auto_backbones=(("shallow_cnn",), ("shallow_cnn", "@48")))
+    nets = dict(fs.candidate_embeddings(fs.create_backbone("test_resnet", pretrained=False)[0], cfg, pretrained=False))
+    assert list(nets) == ["test_resnet", "test_resnet+shallow_cnn", "test_resnet+shallow_cnn+@48"]
+    assert [n.config.scales for n in nets.values()] == [(), (), (48,)]
+    assert nets["test_resnet+shallow_cnn+@48"].embedder.scales == (48,)
+    folder = fs.fit_prototypes(_support(tmp_path), tmp_path / "m", backbone="test_resnet", pretrained=False,
+                               config=cfg, cache_dir=tmp_path / "cache")
+    card = json.loads((folder / "card.json").read_text())
+    choice = card["metrics"]["embedding_choice"]
+    assert list(choice["loo_nll"]) == list(nets) and all(v is not None for v in choice["loo_nll"].values())
+    assert choice["chosen"] == min(choice["loo_nll"], key=choice["loo_nll"].get)
+    # what is stored is the chosen candidate: its extra backbones and its input sides
+    assert card["fewshot"]["scales"] == ([48] if choice["chosen"].endswith("+@48") else [])
+    assert card["fewshot"]["backbones"] == ([] if choice["chosen"] == "test_resnet" else ["shallow_cnn"])
+    model, _ = load_model(folder)
+    assert list(model.config.scales) == card["fewshot"]["scales"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.rand(2, 3, 64, 64))).all()
+    with pytest.raises(FewShotError, match="'@big' is not an input side"):
+        replace(BASE, auto_backbones=(("shallow_cnn", "@big"),))

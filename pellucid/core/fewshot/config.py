@@ -75,7 +75,10 @@ class ProtoConfig:
             set, by the leave-one-out NLL (the primary alone is always a candidate; each candidate's
             layer weights are chosen as with ``auto_weights``). The chosen set is stored in
             ``backbones`` (with its ``layers`` and ``layer_weights``), so prediction is deterministic
-            and runs only the chosen backbones.
+            and runs only the chosen backbones. A candidate may also name input sides, written
+            ``"@<side>"`` (e.g. ``("efficientnet_lite2", "@320")``): that candidate runs every
+            backbone again at those sides (``scales``, added to the config's own); the chosen
+            candidate's sides are stored in ``scales``.
         resolution: input side every backbone of the embedding sees, in pixels: the images are
             decoded at this side and no backbone gets them resized inside the model (with
             ``auto_backbones``, every candidate runs at it). None (the default, and cards written
@@ -150,6 +153,10 @@ class ProtoConfig:
         for name in {b for c in (self.backbones, *self.auto_backbones) for b in c}:
             from pellucid.core.backbones import get_backbone_spec
 
+            if name.startswith("@") and name not in self.backbones:  # an input side of a candidate
+                if not (name[1:].isdigit() and 8 <= int(name[1:]) <= 4096):
+                    raise FewShotError(f"auto_backbones: {name!r} is not an input side such as '@320' (8 to 4096 px)")
+                continue
             get_backbone_spec(name)  # an unknown name gets a did-you-mean
         from pellucid.core.card import MAX_INPUT_SIDE
 
@@ -257,10 +264,13 @@ def embedding_weight_candidates(layers) -> list[tuple[float, ...]]:
 
 
 #: Extra-backbone sets that ``auto_backbones`` chooses from in ``pellucid fewshot fit`` by default
-#: (the primary, EfficientNet-Lite0, alone is always the first candidate): Lite0 alone or Lite0 +
-#: Lite2. Adding Lite0 + Lite1 + Lite2 as a third candidate scored the same over the three dev sets
-#: (0.775 vs 0.774 on the dev draws) for a third backbone; see docs/fewshot.md.
-BACKBONE_CANDIDATES: tuple[tuple[str, ...], ...] = (("efficientnet_lite2",),)
+#: (the primary, EfficientNet-Lite0, alone is always the first candidate): Lite0 alone, Lite0 +
+#: Lite2, or Lite0 + Lite2 with both also run at 320 px (a multi-scale embedding; 30 dev and 30
+#: confirm draws, ``python -m bench.fewshot_screens --study multiscale``: waste +0.011 and +0.013,
+#: tb_cxr +0.001 and -0.004, sonar +0.002 and +0.000 against the two candidates before it). Adding
+#: Lite0 + Lite1 + Lite2 as a candidate scored the same over the three dev sets (0.775 vs 0.774 on
+#: the dev draws) for a third backbone; see docs/fewshot.md.
+BACKBONE_CANDIDATES: tuple[tuple[str, ...], ...] = (("efficientnet_lite2",), ("efficientnet_lite2", "@320"))
 
 #: The backbone ``pellucid fewshot fit`` uses unless told otherwise (chosen over many support draws,
 #: ``python -m bench.fewshot_draws``; see docs/fewshot.md).
@@ -275,7 +285,8 @@ def default_config(spec, image_size: int | None = None) -> ProtoConfig:
     and, on :data:`DEFAULT_BACKBONE`, ``auto_backbones`` = :data:`BACKBONE_CANDIDATES` (the support
     set chooses between Lite0 alone and Lite0 + Lite2 concatenated by leave-one-out NLL; on the
     confirm draws +0.036 on waste, +0.006 sonar, +0.001 tb_cxr,
-    bench/results/fewshot-embedding.md). Other primary backbones get no extra candidates. The
+    bench/results/fewshot-embedding.md; then Lite0 + Lite2 also at 320 px joined them as a third
+    candidate, bench/results/fewshot-multiscale*.md). Other primary backbones get no extra candidates. The
     classifier on the chosen embedding is the logistic head (``head = "logistic"``, C =
     :data:`HEAD_C`): against the nearest prototype on the same embeddings, +0.006 tb_cxr, +0.015
     waste, +0.005 sonar over 50 dev draws, +0.006, +0.016, +0.004 over 50 confirm draws
@@ -284,7 +295,9 @@ def default_config(spec, image_size: int | None = None) -> ProtoConfig:
     the prediction cost), EfficientNet-Lite1/Lite2 alone (Lite2 helps waste, hurts tb_cxr and sonar),
     a third candidate Lite0 + Lite1 + Lite2, and the input size (``resolution`` 192 or 320 px, or
     chosen per support set: 320 helps waste by 0.02 and costs tb_cxr and sonar as much;
-    bench/results/fewshot-resolution.md) — ``resolution=320`` is an opt-in for everyday objects.
+    bench/results/fewshot-resolution.md) — ``resolution=320`` is an opt-in for everyday objects —,
+    and Lite0 + Lite2 also at 320 px as the only embedding (waste +0.021 and +0.015, but tb_cxr
+    -0.002 and -0.007).
     Transductive refinement is never a default: it makes a prediction depend on the rest of its
     batch (opt in with ``replace(config, transductive=steps)`` or ``fit_prototypes(transductive=)``).
     Opt out of the backbone choice with ``replace(config, auto_backbones=())``.

@@ -271,7 +271,7 @@ def _fewshot_section(config: ProtoConfig, extras=(), candidates=None, criterion:
         out["extra_backbones"] = list(extras)
     notes = []
     if candidates:
-        chosen = "+".join([primary, *config.backbones])
+        chosen = "+".join([primary, *config.backbones, *(f"@{side}" for side in config.scales)])
         rule = "NLL" if criterion == "nll" else criterion
         notes.append(f"embedding {chosen} chosen by leave-one-out {rule} on the support set among {candidates}")
     if config.resolution:
@@ -346,7 +346,9 @@ def candidate_embeddings(bb, config: ProtoConfig, *, pretrained: bool | str = Tr
                          extras_pool: dict | None = None) -> list[tuple[str, PrototypicalNetwork]]:
     """The embeddings a support set chooses from, as ``[(name, network)]`` in candidate order (the
     first is the fallback): with ``config.auto_backbones``, ``bb`` alone and ``bb`` with each extra
-    set; else the one embedding of ``config.backbones``. Each network's ``config.image_size`` is its
+    set (a candidate's ``"@<side>"`` entries are input sides its embedding also runs at, and its name
+    ends with them, e.g. ``"efficientnet_lite0+efficientnet_lite2+@320"``); else the one embedding of
+    ``config.backbones``. Each network's ``config.image_size`` is its
     input side. ``extras_pool`` (``{name: (backbone, weight info)}``) keeps the extra backbones built
     here, one per name, shared by the candidates."""
     several = bool(config.backbones or config.auto_backbones or config.scales)
@@ -354,12 +356,15 @@ def candidate_embeddings(bb, config: ProtoConfig, *, pretrained: bool | str = Tr
     pool = {} if extras_pool is None else extras_pool
     out = []
     for cand in candidates:
-        for name in cand:
+        names = [name for name in cand if not name.startswith("@")]
+        sides = [int(name[1:]) for name in cand if name.startswith("@")]  # input sides of this candidate
+        for name in names:
             if name not in pool:
                 pool[name] = create_backbone(name, pretrained=pretrained)
-        extras = [pool[name][0] for name in cand]
+        extras = [pool[name][0] for name in names]
         if several:
-            cfg = embedding_config(config, bb.spec, [e.spec for e in extras])
+            scales = tuple(dict.fromkeys([*config.scales, *sides]))
+            cfg = embedding_config(replace(config, scales=scales), bb.spec, [e.spec for e in extras])
         else:
             cfg = replace(config, image_size=config.resolution or config.image_size)
         cfg = replace(cfg, image_size=int(cfg.image_size or bb.spec.input_size))
