@@ -514,20 +514,29 @@ def multiscale_features(samples, scales=(320,)) -> dict:
 
 
 def study_multiscale(args) -> tuple[list[str], dict]:
-    """The default against multi-scale embeddings (``ProtoConfig.scales``: every backbone also run
-    at 320 px, its features appended), each candidate fitted as the default fits its one
-    (:func:`_default_fit`) and kept by the prototypes' leave-one-out NLL where several compete."""
-    rules = [("default: Lite0 or Lite0 + Lite2, by NLL", ("l0", "pair")),
-             ("Lite0 + Lite2, also at 320 px (alone)", ("pairms",)),
-             ("Lite0 or Lite0 + Lite2, each also at 320 px, by NLL (the default with scales = 320)",
-              ("l0ms", "pairms")),
-             ("Lite0, Lite0 + Lite2, or Lite0 + Lite2 also at 320 px, by NLL", ("l0", "pair", "pairms"))]
+    """The default before the multi-scale candidate (Lite0 or Lite0 + Lite2) against multi-scale
+    embeddings (``ProtoConfig.scales``: every backbone also run at ``args.sides``, its features
+    appended), each candidate fitted as the default fits its one (:func:`_default_fit`) and kept by
+    the prototypes' leave-one-out NLL where several compete. With sides other than 320 px, the
+    default now (its third candidate at 320 px) is a row too."""
+    sides = tuple(int(v) for v in str(args.sides).split(","))
+    at = " and ".join(f"{side} px" for side in sides)
+    now = " (the default now)" if sides == (320,) else ""
+    rules = [("Lite0 or Lite0 + Lite2, by NLL (the default before the multi-scale candidate)", ("l0", "pair")),
+             (f"Lite0 + Lite2, also at {at} (alone)", ("pairms",)),
+             (f"Lite0 or Lite0 + Lite2, each also at {at}, by NLL", ("l0ms", "pairms")),
+             (f"Lite0, Lite0 + Lite2, or Lite0 + Lite2 also at {at}, by NLL{now}", ("l0", "pair", "pairms"))]
+    if not now:
+        rules.append(("Lite0, Lite0 + Lite2, or Lite0 + Lite2 also at 320 px, by NLL (the default now)",
+                      ("l0", "pair", "pairms320")))
     variants = [r[0] for r in rules]
     rows: dict = {}
     for name in args.datasets:
         samples, labels, groups, _ = load_dataset(name, Path(args.data))
         n_way, y_all = int(labels.max()) + 1, torch.from_numpy(labels)
-        embs = {**_candidates(samples), **multiscale_features(samples)}
+        embs = {**_candidates(samples), **multiscale_features(samples, sides)}
+        if not now:
+            embs["pairms320"] = multiscale_features(samples, (320,))["pairms"]
         accs: dict[str, list[float]] = {v: [] for v in variants}
         t0 = time.time()
         for s_idx, q_idx in support_draws(labels, groups, args.shots, args.draws, args.seed):
@@ -680,12 +689,12 @@ _PAIRED_ACC = {
               "with every pooled feature x replaced by sign(x) |x|^p before the stages are L2-normalised and "
               "weighted; chosen and fitted as the default (prototypes' leave-one-out NLL, `auto_weights`, "
               "logistic head, leave-one-out temperature).", "fewshot-power"),
-    "multiscale": (study_multiscale, "Few-shot screen: multi-scale embeddings (every backbone also at 320 px)",
-                   "`ProtoConfig.scales = (320,)` runs every backbone of an embedding again at 320 px and appends "
-                   "its pooled stages (the images decoded at 320 px and resized for each backbone's own side), "
-                   "features computed as `fewshot fit` computes them. `auto_weights` weights the four blocks "
-                   "alike (each backbone, each side); logistic head, leave-one-out temperature. Where a rule names "
-                   "several embeddings, the support set keeps one by the prototypes' leave-one-out NLL.",
+    "multiscale": (study_multiscale, "Few-shot screen: multi-scale embeddings (every backbone also at more sides)",
+                   "`ProtoConfig.scales` (e.g. `(320,)`) runs every backbone of an embedding again at each side "
+                   "and appends its pooled stages (the images decoded at the largest side and resized for each "
+                   "backbone and side), features computed as `fewshot fit` computes them. `auto_weights` weights "
+                   "the blocks alike (each backbone, each side); logistic head, leave-one-out temperature. Where a "
+                   "rule names several embeddings, the support set keeps one by the prototypes' leave-one-out NLL.",
                    "fewshot-multiscale"),
     "grid": (study_grid, "Few-shot screen: Lite0's stages pooled over a grid of regions",
              "Each of Lite0's three tap stages pooled over a grid of image regions (adaptive average pooling) "
@@ -708,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="--study support-ft: steps:lr:support-shots, comma-separated")
     p.add_argument("--head-c", default="10,30,100", help="--study head: the logistic head's C values")
     p.add_argument("--grid", type=int, default=2, help="--study grid: regions per side")
+    p.add_argument("--sides", default="320", help="--study multiscale: the extra input sides, comma-separated")
     p.add_argument("--seed", type=int, default=0, help="draws' seed (0: the dev draws, 1: the confirm draws)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
