@@ -126,7 +126,10 @@ def _fit(args: argparse.Namespace) -> int:
         nll = ", ".join(f"{k} {v}" for k, v in choice["loo_nll"].items())
         print(f"embedding:    {choice['chosen']} chosen on the support set ({choice['criterion']}; "
               f"leave-one-out NLL: {nll})")
-    if fewshot.get("backbones"):
+    if fewshot.get("scales"):
+        print("note:         multi-scale: CAM explainers show the first backbone at its own input side only "
+              "(see the card's fewshot.notes)")
+    elif fewshot.get("backbones"):
         print("note:         several backbones: CAM explainers show the first backbone's share only "
               "(see the card's fewshot.notes)")
     print("layers:       " + ", ".join(f"{k} {fewshot.get(k)}" for k in ("layer_weights", "auto_weights", "flip",

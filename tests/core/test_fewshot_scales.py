@@ -161,7 +161,8 @@ def test_cli_fit_reads_scales_and_says_them(tmp_path, monkeypatch, capsys):
     assert fewshot_cli.run(ns) == 0
     card = json.loads((tmp_path / "m" / "card.json").read_text())
     assert card["fewshot"]["scales"] == [48]
-    assert "again at 48 px" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "again at 48 px" in out and "multi-scale: CAM explainers show the first backbone at its own input" in out
     assert fewshot_cli._scales("none") == () and fewshot_cli._scales(None) is None
     with pytest.raises(FewShotError, match="--scales must be comma-separated whole numbers"):
         fewshot_cli._scales("big")
