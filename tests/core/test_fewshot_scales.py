@@ -192,3 +192,26 @@ def test_a_candidate_with_an_input_side_joins_the_choice_and_its_sides_are_store
         assert torch.isfinite(model(torch.rand(2, 3, 64, 64))).all()
     with pytest.raises(FewShotError, match="'@big' is not an input side"):
         replace(BASE, auto_backbones=(("shallow_cnn", "@big"),))
+
+
+def test_a_card_whose_scales_and_layers_disagree_gets_one_line_naming_the_file(tmp_path):
+    import shutil
+
+    from pellucid.core.modelfolder import ModelFolderError, load_model
+
+    torch.manual_seed(0)
+    folder = fs.fit_prototypes(_support(tmp_path), tmp_path / "m", backbone="test_resnet", pretrained=False,
+                               config=replace(BASE, scales=(48,)), cache_dir=None)
+    edits = {"no-sides": lambda f: f.pop("scales"), "tiny-side": lambda f: f.update(scales=[5]),
+             "no-copies": lambda f: f.update(layers=[x for x in f["layers"] if "@" not in x], layer_weights=None)}
+    for name, edit in edits.items():
+        bad = tmp_path / name
+        shutil.copytree(folder, bad)
+        card = json.loads((bad / "card.json").read_text())
+        edit(card["fewshot"])
+        (bad / "card.json").write_text(json.dumps(card))
+        with pytest.raises(ModelFolderError) as err:
+            load_model(bad)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"{bad}/card.json: its fewshot section does not hold together")
+        assert msg.endswith("refit the model with `pellucid fewshot fit`")

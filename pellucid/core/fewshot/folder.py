@@ -530,6 +530,13 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
     return folder
 
 
+def _bad_fewshot_card(folder: Path, err: Exception) -> Exception:
+    from pellucid.core.modelfolder import ModelFolderError
+
+    return ModelFolderError(f"{folder}/card.json: its fewshot section does not hold together ({err}); refit the "
+                            "model with `pellucid fewshot fit`")
+
+
 def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:
     """Rebuild the :class:`PrototypicalNetwork` of a prototypes model folder (eval mode, CPU).
 
@@ -549,6 +556,8 @@ def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:
         bb, _ = create_backbone(card.backbone_name, pretrained=False)
     except (KeyError, TypeError) as err:
         raise ModelFolderError(f"{folder}/card.json: prototypes card is missing or has a bad {err}") from err
+    except FewShotError as err:
+        raise _bad_fewshot_card(folder, err) from err
     pre = card.preprocessing
     if pre.mean and pre.std:
         bb.spec = replace(bb.spec, mean=tuple(pre.mean), std=tuple(pre.std))
@@ -560,7 +569,10 @@ def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:
         if e.get("mean") and e.get("std"):
             extra.spec = replace(extra.spec, mean=tuple(e["mean"]), std=tuple(e["std"]))
         extras.append(extra)
-    net = PrototypicalNetwork(bb, config, extras=extras)
+    try:
+        net = PrototypicalNetwork(bb, config, extras=extras)
+    except FewShotError as err:
+        raise _bad_fewshot_card(folder, err) from err
     state = load_file(str(weights))
     state.setdefault("head_weight", torch.zeros(0, 0))  # folders written before the logistic head
     state.setdefault("head_bias", torch.zeros(0))
