@@ -60,7 +60,10 @@ def test_upload_shows_label_legend_and_plain_captions(model_dir, server):
             with PILImage.open(image) as im:
                 aspect = im.height / im.width
             assert width >= 320 and height > width * aspect + 20  # the colour bar strip under the map
-            # the plain-language caption, the scores in words, the jargon behind "details"
+            # the plain-language caption, the scores in words, the jargon behind "details"; the score
+            # sentences are drawn after the map in the same slot, so they get the same wait as the map
+            page.locator("small").filter(has_text="Removing the highlighted regions first").first.wait_for(
+                timeout=30_000)
             body = page.locator("body").inner_text()
             assert "Grad-CAM shows where the network's last feature maps raised its score" in body
             assert "Removing the highlighted regions first" in body
