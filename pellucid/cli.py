@@ -501,7 +501,8 @@ def _add_explain_and_tool_commands(sub) -> None:
                         "hurt chest X-rays and sonar; docs/fewshot.md)")
     p.add_argument("--scales", default=None, metavar="PX[,PX]",
                    help="multi-scale embedding: every backbone runs again at these sides (comma-separated "
-                        "pixels) and its features are appended; 'none' turns it off (docs/fewshot.md)")
+                        "pixels) and its features are appended; 'none': one side per backbone, also for the "
+                        "default's candidate that runs Lite0 + Lite2 again at 320 px (docs/fewshot.md)")
     p.set_defaults(func=_lazy("pellucid.core.fewshot_cli", "run"))
 
     p = sub.add_parser("export", help="export a model folder (ONNX, INT8)")

@@ -81,7 +81,10 @@ def _config(args: argparse.Namespace, spec):
         config = replace(config, resolution=resolution)
     if head is not None:
         config = replace(config, head=head)
-    if scales is not None:
+    if scales == ():  # no extra sides at all: the candidates that name one lose it
+        cands = [tuple(n for n in cand if not n.startswith("@")) for cand in config.auto_backbones]
+        config = replace(config, scales=(), auto_backbones=tuple(dict.fromkeys(c for c in cands if c)))
+    elif scales is not None:
         config = replace(config, scales=scales)
     steps = getattr(args, "transductive", None)
     if steps and for_eval:

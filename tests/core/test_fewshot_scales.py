@@ -164,6 +164,12 @@ def test_cli_fit_reads_scales_and_says_them(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "again at 48 px" in out and "multi-scale: CAM explainers show the first backbone at its own input" in out
     assert fewshot_cli._scales("none") == () and fewshot_cli._scales(None) is None
+    # --scales none: the default's candidates without the multi-scale one
+    spec = fs.create_backbone("efficientnet_lite0", pretrained=False)[0].spec
+    off = fewshot_cli._config(argparse.Namespace(scales="none", backbone=None), spec)
+    assert off.auto_backbones == (("efficientnet_lite2",),) and off.scales == ()
+    more = fewshot_cli._config(argparse.Namespace(scales="448", backbone=None), spec)
+    assert more.auto_backbones == fs.BACKBONE_CANDIDATES and more.scales == (448,)
     with pytest.raises(FewShotError, match="--scales must be comma-separated whole numbers"):
         fewshot_cli._scales("big")
 

@@ -150,15 +150,17 @@ class ProtoConfig:
         object.__setattr__(self, "auto_weights", bool(self.auto_weights))
         object.__setattr__(self, "backbones", tuple(str(b) for b in (self.backbones or ())))
         object.__setattr__(self, "auto_backbones", tuple(tuple(str(b) for b in c) for c in (self.auto_backbones or ())))
+        from pellucid.core.card import MAX_INPUT_SIDE
+
         for name in {b for c in (self.backbones, *self.auto_backbones) for b in c}:
             from pellucid.core.backbones import get_backbone_spec
 
             if name.startswith("@") and name not in self.backbones:  # an input side of a candidate
-                if not (name[1:].isdigit() and 8 <= int(name[1:]) <= 4096):
-                    raise FewShotError(f"auto_backbones: {name!r} is not an input side such as '@320' (8 to 4096 px)")
+                if not (name[1:].isdigit() and 8 <= int(name[1:]) <= MAX_INPUT_SIDE):
+                    raise FewShotError(f"auto_backbones: {name!r} is not an input side such as '@320' "
+                                       f"(8 to {MAX_INPUT_SIDE} px)")
                 continue
             get_backbone_spec(name)  # an unknown name gets a did-you-mean
-        from pellucid.core.card import MAX_INPUT_SIDE
 
         for name in ("resolution", "image_size"):  # a 99999-px input had asked OpenCV for 30 GB
             value = getattr(self, name)
