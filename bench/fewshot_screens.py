@@ -505,7 +505,8 @@ def multiscale_features(samples, scales=(320,)) -> dict:
     from pellucid.core.fewshot import candidate_embeddings, default_config, embedding_features
 
     bb, info = create_backbone("efficientnet_lite0", pretrained=True)
-    config = replace(default_config(bb.spec), scales=tuple(scales))
+    # the two candidates before the multi-scale one, both with ``scales``
+    config = replace(default_config(bb.spec), scales=tuple(scales), auto_backbones=(("efficientnet_lite2",),))
     out = {}
     for key, (_, net) in zip(("l0ms", "pairms"), candidate_embeddings(bb, config)):
         raw, _ = embedding_features(net, [s.path for s in samples], weight_info=info)
