@@ -82,7 +82,9 @@ def _config(args: argparse.Namespace, spec):
     if head is not None:
         config = replace(config, head=head)
     if scales == ():  # no extra sides at all: the candidates that name one lose it
-        cands = [tuple(n for n in cand if not n.startswith("@")) for cand in config.auto_backbones]
+        from pellucid.core.fewshot.config import split_candidate
+
+        cands = [split_candidate(cand)[0] for cand in config.auto_backbones]
         config = replace(config, scales=(), auto_backbones=tuple(dict.fromkeys(c for c in cands if c)))
     elif scales is not None:
         config = replace(config, scales=scales)

@@ -279,6 +279,13 @@ BACKBONE_CANDIDATES: tuple[tuple[str, ...], ...] = (("efficientnet_lite2",), ("e
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
+def split_candidate(candidate) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """An ``auto_backbones`` candidate as (its extra backbones' names, the input sides its ``"@<side>"``
+    entries name)."""
+    names = tuple(n for n in candidate if not n.startswith("@"))
+    return names, tuple(int(n[1:]) for n in candidate if n.startswith("@"))
+
+
 def default_config(spec, image_size: int | None = None) -> ProtoConfig:
     """What ``pellucid fewshot fit`` fits by default: :func:`improved_config` of the backbone with the
     levers that won over many 5-shot support draws on the three dev sets

@@ -23,6 +23,7 @@ from pellucid.core.fewshot.config import (
     default_config,
     embedding_weight_candidates,
     layer_groups,
+    split_candidate,
     with_transduction,
 )
 from pellucid.core.fewshot.features import DEFAULT_CACHE_DIR, extract_features
@@ -356,8 +357,7 @@ def candidate_embeddings(bb, config: ProtoConfig, *, pretrained: bool | str = Tr
     pool = {} if extras_pool is None else extras_pool
     out = []
     for cand in candidates:
-        names = [name for name in cand if not name.startswith("@")]
-        sides = [int(name[1:]) for name in cand if name.startswith("@")]  # input sides of this candidate
+        names, sides = split_candidate(cand)
         for name in names:
             if name not in pool:
                 pool[name] = create_backbone(name, pretrained=pretrained)
