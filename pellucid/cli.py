@@ -479,6 +479,12 @@ def _add_explain_and_tool_commands(sub) -> None:
     p.add_argument("--out")
     p.add_argument("--overwrite", action="store_true",
                    help="fit: replace the model or run that --out holds (otherwise refused)")
+    p.add_argument("--task", default=None, metavar="NAME",
+                   help="the registered task these classes belong to (its classes must match): the card names it, "
+                        "and its channels apply (tb: X-rays read as luminance, their colour being a source artefact)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="1: read every image as luminance (gray), at fitting and prediction; 3: colour "
+                        "(default: the --task's own, else 3)")
     p.add_argument("--data", help="eval: a labelled folder (class sub-folders or manifest.csv with groups)")
     p.add_argument("--shots", default="1,5,10", help="eval: support images per class, comma-separated")
     p.add_argument("--episodes", type=int, default=500,

@@ -114,7 +114,8 @@ def _fit(args: argparse.Namespace) -> int:
     folder = fit_prototypes(args.support, out, backbone=args.backbone or DEFAULT_BACKBONE,
                             pretrained=_pretrained(args), task=getattr(args, "task", None) or "fewshot",
                             config=config, transductive=getattr(args, "transductive", None), progress=True,
-                            overwrite=bool(getattr(args, "overwrite", False)))
+                            overwrite=bool(getattr(args, "overwrite", False)),
+                            channels=getattr(args, "channels", None))
     from pellucid.core.card import read_card
 
     card = read_card(folder)
@@ -126,6 +127,9 @@ def _fit(args: argparse.Namespace) -> int:
                      for e in fewshot.get("extra_backbones", []))
     scales = "".join(f", again at {side} px" for side in fewshot.get("scales") or [])
     print(f"backbone:     {card.backbone_name} ({card.weight_source}){extras}, {card.image_size} px{scales}")
+    if card.preprocessing.channels_in == 1:
+        print("input:        luminance: colour images are read as gray, here and at every prediction "
+              f"(task {card.task!r}; --channels 3 keeps colour)")
     choice = m.get("embedding_choice")
     if choice:
         nll = ", ".join(f"{k} {v}" for k, v in choice["loo_nll"].items())
@@ -188,13 +192,17 @@ def _eval(args: argparse.Namespace) -> int:
         raise FewShotError(f"{err}; for frames of one recording, --split-single-groups 10 cuts such a class into "
                            "10 blocks in file-name order") from None
     from pellucid.core.backbones import create_backbone
+    from pellucid.core.fewshot.folder import _check_support_classes, support_channels
 
+    task = getattr(args, "task", None) or "fewshot"
+    _check_support_classes(Path(args.data), sorted(class_counts(samples)), task)
+    channels = support_channels(task, getattr(args, "channels", None))
     bb, info = create_backbone(args.backbone or DEFAULT_BACKBONE, pretrained=_pretrained(args))
     config = _config(args, bb.spec)
     paths = [s.path for s in samples]
     parts = {}
     for name, net in candidate_embeddings(bb, config, pretrained=_pretrained(args)):
-        parts[name] = (net, *embedding_features(net, paths, weight_info=info, progress=True))
+        parts[name] = (net, *embedding_features(net, paths, weight_info=info, progress=True, channels=channels))
     from tqdm.auto import tqdm
 
     bars: dict = {}
@@ -212,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
     counts = class_counts(samples)
     title = (f"{args.data}: {len(counts)}-way, the model `pellucid fewshot fit` fits, refitted on each episode's "
              f"support set — embedding {' or '.join(parts)} ({info.get('source')}), {_describe(config)}; "
-             f"groups kept apart")
+             f"groups kept apart" + ("; images read as luminance (gray)" if channels == 1 else ""))
     table = format_shot_table(rows, title)
     if split:
         table += (f"\n\n{', '.join(split)}: one group each, cut into {blocks} blocks in file-name order "
@@ -227,6 +235,7 @@ def _eval(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "fewshot_eval.md").write_text(table + "\n")
         record = {"data": str(args.data), "classes": counts, "config": config.to_dict(), "candidates": list(parts),
+                  "channels": channels,
                   "split_single_groups": {"blocks": blocks, "classes": split} if split else None, "rows": rows}
         (out / "fewshot_eval.json").write_text(json.dumps(record, indent=1))
         from pellucid.core.plots import plot_confusion

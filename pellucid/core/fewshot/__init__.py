@@ -98,6 +98,7 @@ from pellucid.core.fewshot.folder import (
     load_prototypes,
     nearest_support,
     select_embedding,
+    support_channels,
 )
 from pellucid.registry import unknown_name_error  # noqa: F401 (re-exported)
 
@@ -138,6 +139,7 @@ __all__ = [
     "EpisodicFineTuner",
     "finetune_episodic",
     "fit_prototypes",
+    "support_channels",
     "fit_support",
     "fit_and_choose",
     "Choice",

@@ -62,25 +62,25 @@ def _cache_key(kind: str, embedder_desc: dict, weight_info: dict, paths: Sequenc
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _decode(paths: Sequence[str], size: int, progress: bool) -> np.ndarray:
+def _decode(paths: Sequence[str], size: int, progress: bool, channels: int | None = None) -> np.ndarray:
     from pellucid.datasets.torchdata import ImageCache
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # failures are raised below, with their file names
-        cache = ImageCache(paths, size, workers=2, progress=progress)
+        cache = ImageCache(paths, size, channels=channels, workers=2, progress=progress)
     if cache.failures:
         path, err = cache.failures[0]
         raise FewShotError(f"{len(cache.failures)} image(s) could not be read (first: {err}); remove or fix them")
     return cache.arrays
 
 
-def _run_batches(fn, paths: Sequence[str], size: int, batch_size: int, progress: bool, chunk: int = 256
-                 ) -> torch.Tensor:
+def _run_batches(fn, paths: Sequence[str], size: int, batch_size: int, progress: bool, chunk: int = 256,
+                 channels: int | None = None) -> torch.Tensor:
     from pellucid.datasets.torchdata import to_tensor
 
     outs = []
     for start in range(0, len(paths), chunk):
-        arrays = _decode(paths[start:start + chunk], size, progress)
+        arrays = _decode(paths[start:start + chunk], size, progress, channels)
         for b in range(0, len(arrays), batch_size):
             x = torch.stack([to_tensor(a) for a in arrays[b:b + batch_size]])
             outs.append(fn(x.contiguous(memory_format=torch.channels_last)))
@@ -118,7 +118,7 @@ def _cached(key: str, cache_dir: Path | None, compute, meta: dict) -> dict[str, 
 def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[str | Path], *,
                      image_size: int | None = None, weight_info: dict | None = None,
                      cache_dir: str | Path | None = DEFAULT_CACHE_DIR, batch_size: int = 32,
-                     progress: bool = False, mirror: bool = False) -> torch.Tensor:
+                     progress: bool = False, mirror: bool = False, channels: int | None = None) -> torch.Tensor:
     """Raw features of image files, computed once (one backbone pass per image) and cached.
 
     The cache key hashes the backbone name, its weight source and a fingerprint of its weights, the
@@ -136,6 +136,9 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
         progress: show progress bars.
         mirror: features of the horizontally mirrored images instead (support augmentation,
             :attr:`ProtoConfig.support_flip`); cached under their own key.
+        channels: 1 turns colour images into luminance first (gray replicated), as single-channel
+            tasks' models read them (:func:`~pellucid.datasets.torchdata.prepare`); cached under
+            their own key. None or 3 keep colour.
 
     Returns:
         Raw features of shape (len(paths), D), float32 on the CPU.
@@ -148,6 +151,8 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
             "mean": list(embedder.spec.mean), "std": list(embedder.spec.std)}
     if mirror:  # only when set, so the keys of unmirrored features stay what they were
         desc["mirror"] = True
+    if channels == 1:  # likewise: colour features keep their keys
+        desc["channels"] = 1
     weights_fp = _weights_fingerprint(embedder.backbone)
     if embedder.resolution:  # only when set, so the keys of older embeddings stay what they were
         desc["resolution"] = embedder.resolution
@@ -162,7 +167,7 @@ def extract_features(embedder: Embedder | PrototypicalNetwork, paths: Sequence[s
         try:
             with torch.no_grad():
                 forward = (lambda x: embedder(x.flip(3)).float()) if mirror else (lambda x: embedder(x).float())
-                feats = _run_batches(forward, paths, size, batch_size, progress).clone()
+                feats = _run_batches(forward, paths, size, batch_size, progress, channels=channels).clone()
         finally:
             embedder.train(was)
         return {"features": feats, "dims": torch.tensor(embedder.dims or [feats.shape[1]], dtype=torch.long)}

@@ -40,6 +40,7 @@ __all__ = [
     "CRITERIA",
     "load_prototypes",
     "nearest_support",
+    "support_channels",
 ]
 
 
@@ -263,6 +264,18 @@ def _check_support_classes(support_dir: Path, classes: list[str], task: str) -> 
                            f"{list(get_task(task).classes)}, not {classes}; pick another --task name")
 
 
+def support_channels(task: str, channels: int | None = None) -> int:
+    """The channels a few-shot model reads its images with: ``channels`` when given (1 or 3), else a
+    registered ``task``'s own (1 for the tb app), else 3 (colour)."""
+    from pellucid.core.tasks import get_task, list_tasks
+
+    if channels is None:
+        return int(get_task(task).channels) if task in list_tasks() else 3
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise FewShotError(f"channels must be 1 (luminance) or 3 (colour); got {channels!r}")
+    return int(channels)
+
+
 def _fewshot_section(config: ProtoConfig, extras=(), candidates=None, criterion: str = "nll",
                      primary: str = "") -> dict:
     """The card's ``fewshot`` section: every :class:`ProtoConfig` field, the method, the extra
@@ -309,7 +322,7 @@ def _fewshot_section(config: ProtoConfig, extras=(), candidates=None, criterion:
 
 def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, spec, info: dict, size: int,
                      config: ProtoConfig, fitted, metrics: dict, *, seconds: float, extras=(), candidates=None,
-                     criterion: str = "nll") -> ModelCard:
+                     criterion: str = "nll", channels: int = 3) -> ModelCard:
     """The ``card.json`` of a prototypes model folder built by :func:`fit_prototypes`."""
     import pellucid
 
@@ -328,7 +341,7 @@ def _prototypes_card(support_dir: Path, samples, classes: list[str], task: str, 
         "explainers": ["gradcam"],
         "backbone": spec.to_dict(),
         "weights": info,
-        "preprocessing": {"image_size": size, "channels_in": 3, "resize": "squash", "input_range": [0.0, 1.0],
+        "preprocessing": {"image_size": size, "channels_in": channels, "resize": "squash", "input_range": [0.0, 1.0],
                           "mean": list(spec.mean), "std": list(spec.std)},
         "threshold": None,
         "calibration": {"temperature": 1.0, "method": "logit scale fitted by leave-one-out NLL on the support set"
@@ -374,17 +387,18 @@ def candidate_embeddings(bb, config: ProtoConfig, *, pretrained: bool | str = Tr
 
 def embedding_features(net: PrototypicalNetwork, paths, *, weight_info: dict | None = None,
                        cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       progress: bool = False, channels: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Raw features of ``paths`` for ``net`` at its input side, and those of their mirror images when
     ``config.support_flip`` asks for them (None otherwise; with ``flip`` the features are
-    mirror-averaged already)."""
+    mirror-averaged already). ``channels``: 1 reads the images as luminance (gray replicated)."""
     size = int(net.config.image_size)
     raw = extract_features(net, paths, image_size=size, weight_info=weight_info, cache_dir=cache_dir,
-                           progress=progress)
+                           progress=progress, channels=channels)
     mirrored = None
     if net.config.support_flip and not net.config.flip:
         mirrored = extract_features(net, paths, image_size=size, weight_info=weight_info, cache_dir=cache_dir,
-                                    progress=progress, mirror=True)
+                                    progress=progress, mirror=True, channels=channels)
     return raw, mirrored
 
 
@@ -439,7 +453,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
                    pretrained: bool | str = True, checkpoint: str | None = None, config: ProtoConfig | None = None,
                    task: str = "fewshot", cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
                    transductive: int | None = None, criterion: str = "nll", progress: bool = False,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, channels: int | None = None) -> Path:
     """Build a prototypes model folder from a folder of labelled support images.
 
     Args:
@@ -461,6 +475,9 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
         progress: show progress bars.
         overwrite: replace what ``out`` holds of another model or run (otherwise that is refused, before
             any work).
+        channels: 1 reads every image as luminance (gray replicated), at fitting and, through the card's
+            ``preprocessing.channels_in``, at every prediction; 3 keeps colour. Default: a registered
+            ``task``'s own channels (the tb app's 1: the colour of its X-rays is a source artefact), else 3.
 
     Returns:
         The model folder. The card's ``support`` lists every support file with its label (for the
@@ -486,6 +503,7 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
     samples = load_samples(support_dir)
     classes = sorted(class_counts(samples))
     _check_support_classes(support_dir, classes, task)
+    channels = support_channels(task, channels)
     bb, info = create_backbone(backbone, pretrained=pretrained, checkpoint=checkpoint)
     if config is None:
         config = default_config(bb.spec)
@@ -494,7 +512,8 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
     labels = torch.tensor([classes.index(s.label) for s in samples])
     paths = [s.path for s in samples]
     extras_pool: dict[str, tuple] = {}
-    parts = {name: (net, *embedding_features(net, paths, weight_info=info, cache_dir=cache_dir, progress=progress))
+    parts = {name: (net, *embedding_features(net, paths, weight_info=info, cache_dir=cache_dir, progress=progress,
+                                             channels=channels))
              for name, net in candidate_embeddings(bb, config, pretrained=pretrained, extras_pool=extras_pool)}
     choice = fit_and_choose(parts, labels, len(classes), criterion)
     name, chosen, net, fitted, fits = choice.name, choice.chosen, choice.net, choice.fitted, choice.fits
@@ -520,7 +539,8 @@ def fit_prototypes(support_dir: str | Path, out: str | Path, *, backbone: str = 
                    "mean": list(e.spec.mean), "std": list(e.spec.std)} for e in net.embedder.extras]
     card = _prototypes_card(support_dir, samples, classes, task, bb.spec, info, size, config, fitted,
                             metrics, seconds=round(time.time() - t0, 1), extras=extra_info,
-                            candidates=list(fits) if len(fits) > 1 else None, criterion=criterion)
+                            candidates=list(fits) if len(fits) > 1 else None, criterion=criterion,
+                            channels=channels)
     net.support_items = [(str(Path(s.path).resolve()), s.label) for s in samples]
     folder = save_model(claim_out_folder(out, overwrite, what="this few-shot model"), net, card)
     if len(samples) >= 2:  # the domain check of this model: its support images' embeddings
