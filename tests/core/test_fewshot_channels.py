@@ -104,3 +104,13 @@ def test_cli_task_and_channels(tmp_path, monkeypatch, capsys):
                                 "--task", "tb", "--out", "ev")) == 0
     assert json.loads(Path("ev/fewshot_eval.json").read_text())["channels"] == 1
     assert "images read as luminance (gray)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["x" * 65, "a\nb", "../tb", "", " tb", "<b>tb</b>"])
+def test_an_unusable_task_name_gets_one_line_before_any_work(tmp_path, name):
+    support = _images(tmp_path / "support", False, per_class=2)
+    with pytest.raises(FewShotError, match="a task name is 1 to 64 letters, digits, '-' and '_'") as err:
+        fs.fit_prototypes(support, tmp_path / "m", backbone="test_resnet", pretrained=False, config=BASE,
+                          task=name, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200
+    assert not (tmp_path / "m" / "card.json").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import platform
+import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -253,9 +254,14 @@ def fit_head_scale(net: PrototypicalNetwork, n_way: int, n_images: int) -> tuple
 
 
 def _check_support_classes(support_dir: Path, classes: list[str], task: str) -> None:
-    """Refuse fewer than two support classes, or a registered task name whose classes differ."""
+    """Refuse fewer than two support classes, a task name that is not 1-64 letters, digits, '-' and '_'
+    (it is written into the card and shown at every door), or a registered task name whose classes differ."""
     from pellucid.core.tasks import get_task, list_tasks
 
+    if not isinstance(task, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", task):
+        shown = repr(task)[:40] + ("..." if len(repr(task)) > 40 else "")
+        raise FewShotError(f"task name {shown}: a task name is 1 to 64 letters, digits, '-' and '_' (such as tb or "
+                           "my-xrays); pick another --task name")
     if len(classes) < 2:
         raise FewShotError(f"{support_dir}: found {len(classes)} class ({', '.join(classes)}); a prototypes model "
                            "needs at least 2 class sub-folders with a few images each")
