@@ -130,6 +130,13 @@ def _fit(args: argparse.Namespace) -> int:
     if card.preprocessing.channels_in == 1:
         print("input:        luminance: colour images are read as gray, here and at every prediction "
               f"(task {card.task!r}; --channels 3 keeps colour)")
+    elif getattr(args, "channels", None) is None:
+        from pellucid.core.fewshot.folder import luminance_task
+
+        like = luminance_task(card.classes)
+        if like:
+            print(f"note:         read in colour; the {like} app has these classes and reads its images as luminance "
+                  f"(their colour is a source artefact there): add --task {like} to do the same")
     choice = m.get("embedding_choice")
     if choice:
         nll = ", ".join(f"{k} {v}" for k, v in choice["loo_nll"].items())

@@ -114,3 +114,19 @@ def test_an_unusable_task_name_gets_one_line_before_any_work(tmp_path, name):
                           task=name, cache_dir=tmp_path / "cache")
     assert "\n" not in str(err.value) and len(str(err.value)) < 200
     assert not (tmp_path / "m" / "card.json").exists()
+
+
+def test_a_colour_fit_of_a_luminance_apps_classes_points_to_its_task(tmp_path, monkeypatch, capsys):
+    from pellucid.core import fewshot_cli
+
+    assert fs.luminance_task(["normal", "tuberculosis"]) == "tb"
+    assert fs.luminance_task(["cardboard", "glass", "metal", "paper", "plastic", "trash"]) is None  # waste: colour
+    assert fs.luminance_task(["cats", "dogs"]) is None
+    monkeypatch.chdir(tmp_path)
+    support = _images(tmp_path / "support", False, per_class=2)
+    assert fewshot_cli.run(_cli(tmp_path, "fit", "--support", str(support), "--out", "m")) == 0
+    assert "the tb app has these classes and reads its images as luminance" in capsys.readouterr().out
+    for extra in (["--task", "tb"], ["--channels", "3"]):  # asked for: no pointer
+        assert fewshot_cli.run(_cli(tmp_path, "fit", "--support", str(support), "--out", "m", "--overwrite",
+                                    *extra)) == 0
+        assert "the tb app has these classes" not in capsys.readouterr().out

@@ -42,6 +42,7 @@ __all__ = [
     "load_prototypes",
     "nearest_support",
     "support_channels",
+    "luminance_task",
 ]
 
 
@@ -280,6 +281,18 @@ def support_channels(task: str, channels: int | None = None) -> int:
     if isinstance(channels, bool) or channels not in (1, 3):
         raise FewShotError(f"channels must be 1 (luminance) or 3 (colour); got {channels!r}")
     return int(channels)
+
+
+def luminance_task(classes) -> str | None:
+    """The registered task whose classes are exactly ``classes`` and which reads its images as luminance
+    (``channels = 1``, as the tb and sonar apps do), or None: what ``fewshot fit`` points a colour fit to."""
+    from pellucid.core.tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        spec = get_task(name)
+        if list(spec.classes) == list(classes) and int(spec.channels) == 1:
+            return spec.name
+    return None
 
 
 def _fewshot_section(config: ProtoConfig, extras=(), candidates=None, criterion: str = "nll",
