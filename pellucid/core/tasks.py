@@ -28,7 +28,7 @@ from pellucid.registry import did_you_mean, unknown_name_error
 
 __all__ = ["TaskSpec", "TaskSpecError", "get_task", "list_tasks", "load_task_file", "task_from_dict", "DEFAULT_RECIPE",
            "TASKS_ENV", "register_task", "unregister_task", "task_dirs", "find_task_file", "task_toml",
-           "task_of_card", "TTA_CHOICES", "TTA_TEXT", "check_tta"]
+           "task_of_card", "TTA_CHOICES", "TTA_TEXT", "check_tta", "TASK_NAME"]
 
 #: Environment variable: extra folders of task specs, separated by ``os.pathsep``.
 TASKS_ENV = "PELLUCID_TASKS"
@@ -383,6 +383,11 @@ def task_of_card(card: Mapping[str, Any], *, check_backbone: bool = False) -> Ta
         return task_from_dict(dict(spec), where=f"the card's task_spec of {card.get('task')!r}",
                               check_backbone=check_backbone)
     return get_task(str(card.get("task")), check_backbone=check_backbone)
+
+
+#: what a task name made by a user may be: letters, digits, '-' and '_', starting with a letter or digit
+#: (``pellucid train --data DIR --name``, ``pellucid init-task NAME``, ``pellucid fewshot fit --task``)
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 # ----------------------------------------------------------------------------- TOML out

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from pellucid.core.tasks import TaskSpec, TaskSpecError, task_from_dict
+from pellucid.core.tasks import TASK_NAME, TaskSpec, TaskSpecError, task_from_dict
 
 __all__ = ["GENERAL_TASK", "data_labels", "label_mismatch", "new_task", "sanitise_name"]
 
@@ -105,7 +105,7 @@ def new_task(classes: list[str], *, name: str, like: TaskSpec | None = None, pos
     Raises:
         TaskSpecError: fewer than two classes, a positive class that is not one of them, a bad name.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name or ""):
+    if not TASK_NAME.fullmatch(name or ""):
         raise TaskSpecError(f"--name {name!r}: a task name is letters, digits, '-' and '_' (e.g. "
                             f"{sanitise_name(name)!r})")
     base = like.to_toml_dict() if like is not None else dict(GENERAL_TASK)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import platform
-import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -257,9 +256,9 @@ def fit_head_scale(net: PrototypicalNetwork, n_way: int, n_images: int) -> tuple
 def _check_support_classes(support_dir: Path, classes: list[str], task: str) -> None:
     """Refuse fewer than two support classes, a task name that is not 1-64 letters, digits, '-' and '_'
     (it is written into the card and shown at every door), or a registered task name whose classes differ."""
-    from pellucid.core.tasks import get_task, list_tasks
+    from pellucid.core.tasks import TASK_NAME, get_task, list_tasks
 
-    if not isinstance(task, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", task):
+    if not isinstance(task, str) or len(task) > 64 or not TASK_NAME.fullmatch(task):
         shown = repr(task)[:40] + ("..." if len(repr(task)) > 40 else "")
         raise FewShotError(f"task name {shown}: a task name is 1 to 64 letters, digits, '-' and '_' (such as tb or "
                            "my-xrays); pick another --task name")
