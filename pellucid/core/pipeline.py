@@ -399,7 +399,7 @@ class CasePipeline:
         sources = self._sources(roots)
         if not sources:
             raise PipelineError(f"no image or DICOM files in {', '.join(map(str, roots))}: give image files or a "
-                                "folder of them (.png, .jpg, .tif, .bmp, .dcm)")
+                                "folder of them (.png, .jpg, .tif, .bmp, .dcm, or DICOM files without a suffix)")
         total = len(sources)
         if skip is not None:
             sources = [s for s in sources if not skip(self._shown_name(s))]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pellucid.datasets.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from pellucid.datasets.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom
 
 __all__ = ["Sample", "DataError", "load_samples", "find_images", "class_counts", "read_manifest"]
 
@@ -41,13 +41,39 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
 
 
+#: image formats pellucid does not read. Inside a folder they are inputs all the same, so that each gets its own row
+#: (or training warning) saying to convert it, instead of being passed over without a word
+OTHER_IMAGE_SUFFIXES: frozenset[str] = frozenset({
+    ".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jpx", ".jxl", ".svg", ".ico", ".psd", ".dng",
+    ".cr2", ".nef", ".arw", ".pbm", ".pgm", ".ppm", ".pnm", ".exr", ".hdr", ".nii", ".nrrd", ".mha", ".mhd"})
+
+
+def _unsuffixed_dicom(path: Path) -> bool:
+    """A DICOM file named without a DICOM suffix, as PACS and disc exports name them (``IM000001``, or the
+    instance's UID, ``1.2.840.….123``), told by its header; a disc's ``DICOMDIR`` index holds no image."""
+    suffix = path.suffix.lower()
+    if (suffix and not suffix[1:].isdigit()) or path.name.upper() == "DICOMDIR":
+        return False
+    return is_dicom(path)
+
+
+def _is_input(path: Path) -> bool:
+    """Whether a regular file found inside a folder is an input: an image or DICOM suffix, an image format pellucid
+    does not read (its row says so), or a DICOM file without a suffix."""
+    suffix = path.suffix.lower()
+    return (_is_image(path) or suffix in OTHER_IMAGE_SUFFIXES or path.name.lower().endswith(".nii.gz")
+            or _unsuffixed_dicom(path))
+
+
 def find_images(
     paths: list[str | Path], problems: list[tuple[Path, str]] | None = None
 ) -> list[Path]:
     """Expand files and folders (recursively) into a sorted list of candidate image files.
 
     Files given explicitly are kept whatever their suffix (so a bad file gets a clear error row
-    later); inside folders only image/DICOM suffixes are picked up. Symbolic links to files are
+    later); inside folders, files with an image or DICOM suffix are picked up, and so are image formats
+    pellucid does not read (:data:`OTHER_IMAGE_SUFFIXES`: their rows say to convert them) and DICOM files
+    named without a suffix or with a numeric one (``IM000001``, a UID), told by their header. Symbolic links to files are
     followed; symbolic links to folders are not (so a link cannot loop or leave the tree).
 
     Args:
@@ -114,7 +140,7 @@ def _walk_images(root: Path, problems: list[tuple[Path, str]]) -> list[Path]:
                             report(path, "is a symbolic link to a folder — not followed; pass "
                                          "the folder itself to include its images")
                         continue
-                if entry.is_file() and _is_image(path):
+                if entry.is_file() and _is_input(path):
                     images.append(path)
                 elif _is_image(path) and not entry.is_dir():  # a named pipe, socket or device
                     report(path, "is not a regular file (a named pipe, socket or device) — skipped; "
@@ -177,7 +203,7 @@ def _from_folders(root: Path) -> list[Sample]:
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders and no manifest.csv; lay data out as {root}/<class>/<image>")
     for d in class_dirs:
-        files = sorted(f for f in d.rglob("*") if f.is_file() and _is_image(f))
+        files = sorted(f for f in d.rglob("*") if f.is_file() and _is_input(f))
         if not files:
             raise DataError(f"{d}: class folder {d.name!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}, .dcm); "
                             "add images or remove the folder")

@@ -412,3 +412,27 @@ def test_a_full_disk_under_any_command_is_one_line(tiny_model_dir, inputs, tmp_p
                  str(files[0])]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("pellucid explain: error: No space left on device writing ") and "free some space" in err
+
+
+def test_a_disc_export_of_dicom_files_without_suffixes_is_read_and_other_formats_are_rows(tiny_model_dir, inputs,
+                                                                                           tmp_path, capsys):
+    """A folder as a PACS or disc export writes it (IM000001, no suffix) used to be "no image or DICOM files"; now
+    each DICOM file is a hashed row with a prediction, and a .gif or .webp is a row that says to convert it."""
+    root, files = inputs
+    disc = tmp_path / "disc" / "SE0"
+    disc.mkdir(parents=True)
+    ct = next(f for f in files if f.name == "CT_Explicit_Little.dcm")
+    shutil.copyfile(ct, disc / "IM000001")
+    shutil.copyfile(ct, disc / "1.2.840.113619.2.55.3.604688119.868")
+    (disc / "frame.gif").write_bytes(b"GIF89a" + b"\0" * 20)
+    (disc / "NOTES").write_text("not an image")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(tiny_model_dir), "--out", str(out), "--workers", "0",
+                 str(tmp_path / "disc")]) == 1
+    rows = _csv(out)
+    assert len(rows) == 3
+    dicoms = [r for r in rows if r["path"].startswith("DICOM ")]
+    assert len(dicoms) == 2 and all(not r["error"] and r["prob_" + "normal"] for r in dicoms)
+    assert "IM000001" not in out.read_text() and "604688119" not in out.read_text()  # DICOM names are hashed
+    gif = next(r for r in rows if r["path"] == "SE0/frame.gif")
+    assert "unsupported file type '.gif'" in gif["error"] and "convert it" in gif["error"]

@@ -93,3 +93,53 @@ def test_pipes_and_devices_in_a_folder_are_reported_not_listed(tmp_path):
     assert find_images([tmp_path], problems) == [tmp_path / "a.png"]
     assert [(p.name, m.split(" (")[0]) for p, m in problems] == [("pipe.jpg", "is not a regular file"),
                                                                   ("zero.png", "is not a regular file")]
+
+
+def _dicom(path: Path, preamble: bool = True) -> Path:
+    """A tiny CT DICOM with pixels (and, unless told, the standard 128-byte preamble and ``DICM``)."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID = CTImageStorage, ExplicitVRLittleEndian
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128 if preamble else None)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = np.arange(64, dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=preamble)
+    return path
+
+
+def test_dicom_files_named_without_a_suffix_and_unread_image_formats_are_inputs(tmp_path):
+    """PACS and disc exports name DICOM files IM000001 or by their UID: a folder of them is found, not "empty";
+    an image format pellucid does not read is an input too (its row says to convert it); other files are not."""
+    from pellucid.datasets.samples import DataError, load_samples
+
+    disc = tmp_path / "disc" / "SE0"
+    disc.mkdir(parents=True)
+    im = _dicom(disc / "IM000001")
+    uid = _dicom(disc / "1.2.840.113619.2.55.3.604688119.868")
+    headless = _dicom(disc / "IM000002", preamble=False)
+    _dicom(disc.parent / "DICOMDIR")  # a disc's index: no image
+    (disc / "NOTES").write_bytes(b"ward round notes, not an image " * 10)
+    (disc / "1.2.3").write_bytes(b"\0" * 300)  # a numeric suffix but no DICOM header
+    (disc / "photo.webp").write_bytes(b"RIFF0000WEBP")
+    (disc / "scan.nii.gz").write_bytes(b"\x1f\x8b")
+    (disc / "readme.txt").write_text("x")
+    found = find_images([tmp_path / "disc"], [])
+    assert found == sorted([im, uid, headless, disc / "photo.webp", disc / "scan.nii.gz"])
+    # the same files make a class folder's images when training
+    (tmp_path / "train" / "ct").mkdir(parents=True)
+    _dicom(tmp_path / "train" / "ct" / "IM000001")
+    (tmp_path / "train" / "other").mkdir()
+    (tmp_path / "train" / "other" / "IM000001").write_bytes(b"not a DICOM file at all" * 10)
+    with pytest.raises(DataError, match="class folder 'other' holds no images"):
+        load_samples(tmp_path / "train")
+    (tmp_path / "train" / "other" / "IM000001").unlink()
+    _dicom(tmp_path / "train" / "other" / "1.2.840.99")
+    assert sorted(Path(s.path).name for s in load_samples(tmp_path / "train")) == ["1.2.840.99", "IM000001"]
