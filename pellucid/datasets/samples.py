@@ -48,11 +48,16 @@ OTHER_IMAGE_SUFFIXES: frozenset[str] = frozenset({
     ".cr2", ".nef", ".arw", ".pbm", ".pgm", ".ppm", ".pnm", ".exr", ".hdr", ".nii", ".nrrd", ".mha", ".mhd"})
 
 
+#: suffixes some scanners and viewers give DICOM files (Siemens ``.IMA``); such a file is DICOM when its header says so
+DICOM_LIKE_SUFFIXES: frozenset[str] = frozenset({".ima", ".dic", ".dc3"})
+
+
 def _unsuffixed_dicom(path: Path) -> bool:
     """A DICOM file named without a DICOM suffix, as PACS and disc exports name them (``IM000001``, or the
-    instance's UID, ``1.2.840.….123``), told by its header; a disc's ``DICOMDIR`` index holds no image."""
+    instance's UID, ``1.2.840.….123``; Siemens ``.IMA``), told by its header; a disc's ``DICOMDIR`` index holds no
+    image."""
     suffix = path.suffix.lower()
-    if (suffix and not suffix[1:].isdigit()) or path.name.upper() == "DICOMDIR":
+    if (suffix and not suffix[1:].isdigit() and suffix not in DICOM_LIKE_SUFFIXES) or path.name.upper() == "DICOMDIR":
         return False
     return is_dicom(path)
 

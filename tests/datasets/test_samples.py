@@ -125,6 +125,8 @@ def test_dicom_files_named_without_a_suffix_and_unread_image_formats_are_inputs(
     im = _dicom(disc / "IM000001")
     uid = _dicom(disc / "1.2.840.113619.2.55.3.604688119.868")
     headless = _dicom(disc / "IM000002", preamble=False)
+    siemens = _dicom(disc / "CT.0001.IMA")
+    (disc / "other.IMA").write_bytes(b"\0" * 300)  # a DICOM-like suffix but no DICOM header
     _dicom(disc.parent / "DICOMDIR")  # a disc's index: no image
     (disc / "NOTES").write_bytes(b"ward round notes, not an image " * 10)
     (disc / "1.2.3").write_bytes(b"\0" * 300)  # a numeric suffix but no DICOM header
@@ -132,7 +134,7 @@ def test_dicom_files_named_without_a_suffix_and_unread_image_formats_are_inputs(
     (disc / "scan.nii.gz").write_bytes(b"\x1f\x8b")
     (disc / "readme.txt").write_text("x")
     found = find_images([tmp_path / "disc"], [])
-    assert found == sorted([im, uid, headless, disc / "photo.webp", disc / "scan.nii.gz"])
+    assert found == sorted([im, uid, headless, siemens, disc / "photo.webp", disc / "scan.nii.gz"])
     # the same files make a class folder's images when training
     (tmp_path / "train" / "ct").mkdir(parents=True)
     _dicom(tmp_path / "train" / "ct" / "IM000001")
