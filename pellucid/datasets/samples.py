@@ -64,7 +64,7 @@ def _unsuffixed_dicom(path: Path) -> bool:
 
 def _is_input(path: Path) -> bool:
     """Whether a regular file found inside a folder is an input: an image or DICOM suffix, an image format pellucid
-    does not read (its row says so), or a DICOM file without a suffix."""
+    does not read (its row says so), or a DICOM file named otherwise (:func:`_unsuffixed_dicom`)."""
     suffix = path.suffix.lower()
     return (_is_image(path) or suffix in OTHER_IMAGE_SUFFIXES or path.name.lower().endswith(".nii.gz")
             or _unsuffixed_dicom(path))

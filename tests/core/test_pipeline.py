@@ -415,10 +415,10 @@ def test_a_full_disk_under_any_command_is_one_line(tiny_model_dir, inputs, tmp_p
 
 
 def test_a_disc_export_of_dicom_files_without_suffixes_is_read_and_other_formats_are_rows(tiny_model_dir, inputs,
-                                                                                           tmp_path, capsys):
+                                                                                           tmp_path):
     """A folder as a PACS or disc export writes it (IM000001, no suffix) used to be "no image or DICOM files"; now
     each DICOM file is a hashed row with a prediction, and a .gif or .webp is a row that says to convert it."""
-    root, files = inputs
+    _, files = inputs
     disc = tmp_path / "disc" / "SE0"
     disc.mkdir(parents=True)
     ct = next(f for f in files if f.name == "CT_Explicit_Little.dcm")
@@ -432,7 +432,7 @@ def test_a_disc_export_of_dicom_files_without_suffixes_is_read_and_other_formats
     rows = _csv(out)
     assert len(rows) == 3
     dicoms = [r for r in rows if r["path"].startswith("DICOM ")]
-    assert len(dicoms) == 2 and all(not r["error"] and r["prob_" + "normal"] for r in dicoms)
+    assert len(dicoms) == 2 and all(not r["error"] and r["prob_normal"] for r in dicoms)
     assert "IM000001" not in out.read_text() and "604688119" not in out.read_text()  # DICOM names are hashed
     gif = next(r for r in rows if r["path"] == "SE0/frame.gif")
     assert "unsupported file type '.gif'" in gif["error"] and "convert it" in gif["error"]

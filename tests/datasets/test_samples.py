@@ -96,23 +96,12 @@ def test_pipes_and_devices_in_a_folder_are_reported_not_listed(tmp_path):
 
 
 def _dicom(path: Path, preamble: bool = True) -> Path:
-    """A tiny CT DICOM with pixels (and, unless told, the standard 128-byte preamble and ``DICM``)."""
+    """A tiny DICOM with pixels (the readers' tests' writer)."""
     import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID = CTImageStorage, ExplicitVRLittleEndian
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128 if preamble else None)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.PixelData = np.arange(64, dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=preamble)
-    return path
+    from tests.datasets.test_readers import _write_dicom
+
+    return _write_dicom(path, np.arange(64, dtype=np.uint16).reshape(8, 8), preamble=preamble)
 
 
 def test_dicom_files_named_without_a_suffix_and_unread_image_formats_are_inputs(tmp_path):
