@@ -62,9 +62,22 @@ def _unsuffixed_dicom(path: Path) -> bool:
     return is_dicom(path)
 
 
+#: the folder of macOS metadata that a Mac's zips carry (no image inside)
+MAC_METADATA_DIR = "__MACOSX"
+
+
+def _mac_metadata(path: Path) -> bool:
+    """A macOS metadata file, never an image: the AppleDouble ``._name`` a Mac writes beside each file it copies to
+    a FAT, exFAT or network drive (the web app's zip batches leave these and ``__MACOSX`` out too,
+    :func:`pellucid.ui.zips.extract_zip`)."""
+    return path.name.startswith("._")
+
+
 def _is_input(path: Path) -> bool:
     """Whether a regular file found inside a folder is an input: an image or DICOM suffix, an image format pellucid
     does not read (its row says so), or a DICOM file named otherwise (:func:`_unsuffixed_dicom`)."""
+    if _mac_metadata(path):
+        return False
     suffix = path.suffix.lower()
     return (_is_image(path) or suffix in OTHER_IMAGE_SUFFIXES or path.name.lower().endswith(".nii.gz")
             or _unsuffixed_dicom(path))
@@ -126,7 +139,10 @@ def _walk_images(root: Path, problems: list[tuple[Path, str]]) -> list[Path]:
             path = folder / entry.name
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append(path)
+                    if entry.name != MAC_METADATA_DIR:
+                        stack.append(path)
+                    continue
+                if _mac_metadata(path):
                     continue
                 if entry.is_symlink():
                     try:
@@ -205,11 +221,13 @@ def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
 
 def _from_folders(root: Path) -> list[Sample]:
     samples = []
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = sorted(d for d in root.iterdir()
+                        if d.is_dir() and not d.name.startswith(".") and d.name != MAC_METADATA_DIR)
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders and no manifest.csv; lay data out as {root}/<class>/<image>")
     for d in class_dirs:
-        files = sorted(f for f in d.rglob("*") if f.is_file() and _is_input(f))
+        files = sorted(f for f in d.rglob("*")
+                       if f.is_file() and MAC_METADATA_DIR not in f.relative_to(d).parts and _is_input(f))
         if not files:
             raise DataError(f"{d}: class folder {d.name!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}, .dcm); "
                             "add images or remove the folder")

@@ -134,3 +134,26 @@ def test_dicom_files_named_without_a_suffix_and_unread_image_formats_are_inputs(
     (tmp_path / "train" / "other" / "IM000001").unlink()
     _dicom(tmp_path / "train" / "other" / "1.2.840.99")
     assert sorted(Path(s.path).name for s in load_samples(tmp_path / "train")) == ["1.2.840.99", "IM000001"]
+
+
+def test_a_macs_metadata_files_are_not_inputs(tmp_path):
+    """A Mac copying to an exFAT or FAT drive writes an AppleDouble ``._name`` beside every file, and its zips carry
+    ``__MACOSX``: each of those was an error row ("could not be decoded") per real image, and a ``__MACOSX`` class."""
+    from pellucid.datasets.samples import load_samples
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "a.jpg").write_bytes(b"1")
+        (tmp_path / c / "._a.jpg").write_bytes(b"\0\5\x16\7Mac OS X")
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cat" / "._a.jpg").write_bytes(b"\0\5\x16\7Mac OS X")
+    (tmp_path / "__MACOSX" / "cat" / "b.jpg").write_bytes(b"1")
+    (tmp_path / "dog" / "__MACOSX").mkdir()
+    (tmp_path / "dog" / "__MACOSX" / "c.jpg").write_bytes(b"1")
+    problems: list = []
+    assert find_images([tmp_path], problems) == [tmp_path / "cat" / "a.jpg", tmp_path / "dog" / "a.jpg"]
+    assert problems == []
+    assert find_images([tmp_path / "cat" / "._a.jpg"]) == [tmp_path / "cat" / "._a.jpg"]  # named: its own row
+    samples = load_samples(tmp_path)
+    assert [(Path(s.path).relative_to(tmp_path).as_posix(), s.label) for s in samples] == [
+        ("cat/a.jpg", "cat"), ("dog/a.jpg", "dog")]
