@@ -38,8 +38,6 @@ from pellucid.core.privacy import header_text_silenced
 from pellucid.explain.captions import Reading, read_case_result
 from pellucid.ui.zips import UploadError, ZipBudget, env_number, extract_zip
 from pellucid.datasets.readers import (
-    DICOM_SUFFIXES,
-    IMAGE_SUFFIXES,
     Image,
     ImageReadError,
     dicom_identifying_tags,
@@ -314,8 +312,11 @@ class Upload:
 
 
 def _suffix(name: str) -> str:
+    """The suffix the upload's temporary file gets: the upload's own when it is 1-10 letters and digits, so the
+    readers answer as they do for the same file on disk (``doc.txt``: "unsupported file type '.txt'"; a zip: "is an
+    archive"); otherwise none (the DICOM sniffer still looks at the bytes)."""
     suffix = Path(name).suffix.lower()
-    return suffix if suffix in IMAGE_SUFFIXES | DICOM_SUFFIXES else ""
+    return suffix if re.fullmatch(r"\.[a-z0-9]{1,10}", suffix) else ""
 
 
 def _declared_pixels(path: Path, dicom: bool) -> int | None:

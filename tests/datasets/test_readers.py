@@ -722,6 +722,20 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
     _assert_refusal(err, path)
 
 
+@pytest.mark.parametrize("name", ["scans.zip", "Study.TAR.GZ", "cases.7z"])
+def test_an_archive_is_refused_with_what_to_do(tmp_path: Path, name: str) -> None:
+    """A zip (or tar, 7z) given in place of its images: one line that says to unpack it, not "convert it to .png"."""
+    import zipfile
+
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as zf:  # the bytes do not matter: the name says archive
+        zf.writestr("a.png", b"1")
+    with pytest.raises(ImageReadError, match="is an archive") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+    assert "unpack it and give the folder" in str(err.value) and "convert it" not in str(err.value)
+
+
 def test_directory_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="directory"):
         read_image(tmp_path)

@@ -28,6 +28,24 @@ def test_read_upload_png(tmp_path):
     assert len(up.sha256) == 64 and "path" not in up.meta
 
 
+@pytest.mark.parametrize("name", ["doc.txt", "scans.zip", "frame.gif"])
+def test_an_unread_file_gets_the_same_line_uploaded_as_on_disk(tmp_path, name):
+    """The upload's temporary file keeps its suffix, so the web app says what the command line says of the file
+    (before, an upload's "doc.txt" was "unsupported file type '(no suffix)'", and a zip was told to be converted)."""
+    from pellucid.datasets.readers import ImageReadError, read_image
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.png", b"1")
+    path = tmp_path / name
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    on_disk = str(err.value).replace(str(path), name)
+    assert logic.read_upload(name, path.read_bytes()).error == on_disk
+    assert ("is an archive" in on_disk) == name.endswith(".zip") and "(no suffix)" not in on_disk
+
+
 @pytest.mark.parametrize("name, data, expected", [
     ("notes.png", b"this is text, not a picture", "notes.png: "),
     ("empty.png", b"", "empty.png is empty"),

@@ -108,7 +108,16 @@ def _read(p: Path, frame: int | None, window: tuple[float, float] | None) -> Ima
                 f"window={window!r} ignored for {p.name}: windowing applies to DICOM only"
             )
         return _read_pil(p, frame=frame)
+    if p.name.lower().endswith(_ARCHIVE_SUFFIXES):
+        raise ImageReadError(
+            f"{p}: is an archive ({p.suffix.lower()}), not an image — unpack it and give the folder "
+            "(the web app's Batch page takes a zip as it is)"
+        )
     raise ImageReadError(
         f"{p}: unsupported file type {p.suffix or '(no suffix)'!r} and no DICOM header found — "
         f"convert it to one of {', '.join(sorted(IMAGE_SUFFIXES))} or DICOM"
     )
+
+
+#: archives a user may hand over in place of the images they hold (read as none of them)
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
