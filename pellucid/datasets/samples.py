@@ -91,9 +91,9 @@ def find_images(
     Files given explicitly are kept whatever their suffix (so a bad file gets a clear error row
     later); inside folders, files with an image or DICOM suffix are picked up, and so are image formats
     pellucid does not read (:data:`OTHER_IMAGE_SUFFIXES`: their rows say to convert them) and DICOM files
-    named without a suffix or with a numeric one (``IM000001``, a UID), told by their header. Symbolic
-    links to files are followed; symbolic links to folders are not (so a link cannot loop or leave the
-    tree).
+    named without a suffix or with a numeric one (``IM000001``, a UID), told by their header; a Mac's
+    ``._`` metadata files and ``__MACOSX`` folders are left out. Symbolic links to files are followed;
+    symbolic links to folders are not (so a link cannot loop or leave the tree).
 
     Args:
         paths: files and folders.

@@ -99,6 +99,10 @@ def _valid(array: np.ndarray) -> bool:
     )
 
 
+#: archives a user may hand over in place of the images they hold (read as none of them)
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
+
+
 def _read(p: Path, frame: int | None, window: tuple[float, float] | None) -> Image:
     if is_dicom(p):
         return read_dicom(p, frame=frame, window=window)
@@ -117,7 +121,3 @@ def _read(p: Path, frame: int | None, window: tuple[float, float] | None) -> Ima
         f"{p}: unsupported file type {p.suffix or '(no suffix)'!r} and no DICOM header found — "
         f"convert it to one of {', '.join(sorted(IMAGE_SUFFIXES))} or DICOM"
     )
-
-
-#: archives a user may hand over in place of the images they hold (read as none of them)
-_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
