@@ -386,13 +386,9 @@ def read_seg_manifest(data_dir: str | Path) -> list[dict]:
 
 
 def _read_mask(path: str | Path) -> np.ndarray:
-    from PIL import Image as PILImage
-
-    try:
-        with PILImage.open(path) as im:
-            return np.asarray(im.convert("L")) > 127
-    except (OSError, ValueError) as err:
-        raise ImageReadError(f"{path}: cannot read mask ({err}); give a binary PNG") from err
+    """A binary mask (gray above one half), read through the same door as the images: its pixel budget,
+    its decoders and its one-line refusals (``ImageReadError``)."""
+    return read_image(path, channels=1).array[..., 0] > 0.5
 
 
 def _load_pairs(rows: list[dict], size: int, progress: bool) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:

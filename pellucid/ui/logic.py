@@ -334,10 +334,12 @@ def _declared_pixels(path: Path, dicom: bool) -> int | None:
         return rows * cols * max(samples, 1) if rows and cols else None
     from PIL import Image as PILImage
 
+    from pellucid.datasets.readers.pil import OPEN_FORMATS
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning: the budget below decides
         try:
-            with PILImage.open(path) as im:  # reads the header only
+            with PILImage.open(path, formats=OPEN_FORMATS) as im:  # the header only, of a format the readers read
                 return int(im.width) * int(im.height)
         except PILImage.DecompressionBombError:
             return max(PILImage.MAX_IMAGE_PIXELS or 0, 1) * 2 + 1

@@ -115,6 +115,27 @@ def test_segment_returns_original_resolution():
     assert [m.shape for m in masks] == [(50, 70), (33, 40)] and all(m.dtype == np.bool_ for m in masks)
 
 
+def test_a_mask_is_read_through_the_image_door(tmp_path, monkeypatch):
+    """Masks go through ``read_image``: a 0/255 PNG is the same mask as before; a mask of another format under
+    a ``.png`` name, or over the pixel budget, is one ``ImageReadError`` line (it had reached Pillow's 40-odd
+    decoders, and its bomb error was a traceback)."""
+    from PIL import Image as PILImage
+
+    from pellucid.core.segmentation import _read_mask
+    from pellucid.datasets.readers import ImageReadError
+
+    truth = np.zeros((20, 30), bool)
+    truth[5:15, 3:12] = True
+    PILImage.fromarray(truth.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    assert np.array_equal(_read_mask(tmp_path / "m.png"), truth)
+    PILImage.fromarray(truth.astype(np.uint8) * 255).save(tmp_path / "gif.png", format="GIF")
+    with pytest.raises(ImageReadError, match="its content is GIF"):
+        _read_mask(tmp_path / "gif.png")
+    monkeypatch.setenv("PELLUCID_MAX_PIXELS", "500")  # the 600-px mask is now over the budget
+    with pytest.raises(ImageReadError, match="pixel limit"):
+        _read_mask(tmp_path / "m.png")
+
+
 def test_build_unet_rejects_mismatched_strides():
     with pytest.raises(SegmentationError, match="needs 2 strides"):
         build_unet((4, 8, 16), (2,))

@@ -722,6 +722,55 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
     _assert_refusal(err, path)
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "TGA", "PCX", "WEBP", "EPS"])
+def test_another_format_under_an_image_name_is_refused_and_not_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Pillow picks its decoder from the content: a GIF, TGA or PostScript file named ``.png`` had been decoded
+    as that (PostScript through Ghostscript, where installed). Only PNG, JPEG, TIFF and BMP decoders run now;
+    the refusal names what the file holds."""
+    from PIL import EpsImagePlugin, ImageFile, features
+
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support to write the file with")
+    loaded: list[str] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        loaded.append(str(self.format))
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "load", spy)  # Ghostscript would run here
+    path = tmp_path / "scan.png"
+    PILImage.fromarray(np.stack([_gradient(40, 40)] * 3, axis=2)).save(path, format=fmt)
+    loaded.clear()
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    message = _assert_refusal(err, path)
+    assert f"its content is {fmt}, not PNG" in message and "convert it" in message
+    assert loaded == []  # no decoder ran on it
+
+
+def test_a_png_or_jpeg_named_dcm_is_read_by_its_content(tmp_path: Path) -> None:
+    """``scan.dcm`` that is really a PNG (or JPEG) image: read as what it holds, as a JPEG named ``.tif`` already was,
+    instead of "is not a DICOM file"; a file named .dcm that is neither stays refused."""
+    pixels = np.stack([_gradient(24, 32)] * 3, axis=2)
+    for fmt, right in (("PNG", "right.png"), ("JPEG", "right.jpg")):
+        PILImage.fromarray(pixels).save(tmp_path / right, format=fmt)
+        renamed = tmp_path / f"scan_{fmt}.dcm"
+        renamed.write_bytes((tmp_path / right).read_bytes())
+        image, reference = read_image(renamed), read_image(tmp_path / right)
+        _assert_valid(image, channels=3)
+        assert np.array_equal(image.array, reference.array)
+        assert f"a {fmt} image named .dcm: read as {fmt}" in image.meta["notes"]
+    gif = tmp_path / "anim.dcm"
+    PILImage.fromarray(_gradient()).save(gif, format="GIF")
+    with pytest.raises(ImageReadError, match="is not a DICOM file") as err:
+        read_image(gif)
+    _assert_refusal(err, gif)
+
+
 @pytest.mark.parametrize("name", ["scans.zip", "Study.TAR.GZ", "cases.7z"])
 def test_an_archive_is_refused_with_what_to_do(tmp_path: Path, name: str) -> None:
     """A zip (or tar, 7z) given in place of its images: one line that says to unpack it, not "convert it to .png"."""

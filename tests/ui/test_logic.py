@@ -46,6 +46,23 @@ def test_an_unread_file_gets_the_same_line_uploaded_as_on_disk(tmp_path, name):
     assert ("is an archive" in on_disk) == name.endswith(".zip") and "(no suffix)" not in on_disk
 
 
+def test_an_upload_of_another_format_under_a_png_name_gets_the_readers_line(tmp_path, monkeypatch):
+    """The upload's header check reads only the formats the readers decode: a GIF named ``.png`` larger than the
+    upload budget was "too large" in the web app and "its content is GIF" on the command line."""
+    from PIL import Image as PILImage
+
+    from pellucid.datasets.readers import ImageReadError, read_image
+
+    path = tmp_path / "frame.png"
+    PILImage.new("L", (200, 200)).save(path, format="GIF")
+    monkeypatch.setenv("PELLUCID_MAX_UPLOAD_PIXELS", "1000")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    on_disk = str(err.value).replace(str(path), path.name)
+    assert "its content is GIF, not PNG" in on_disk
+    assert logic.read_upload(path.name, path.read_bytes()).error == on_disk
+
+
 @pytest.mark.parametrize("name, data, expected", [
     ("notes.png", b"this is text, not a picture", "notes.png: "),
     ("empty.png", b"", "empty.png is empty"),

@@ -19,7 +19,7 @@ from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
 from pellucid.datasets.readers.limits import max_pixels
-from pellucid.datasets.readers.pil import _read_pil
+from pellucid.datasets.readers.pil import _read_pil, content_format
 
 __all__ = [
     "read_image",
@@ -99,19 +99,38 @@ def _valid(array: np.ndarray) -> bool:
     )
 
 
+def _image_named_dicom(p: Path) -> str | None:
+    """The format of a PNG, JPEG, TIFF or BMP image under a DICOM suffix (``scan.dcm`` saved as a PNG),
+    told by its content; None for anything else, and always for a file with the DICOM preamble."""
+    if p.suffix.lower() not in DICOM_SUFFIXES:
+        return None
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    if head[128:132] == b"DICM":
+        return None
+    return content_format(p)
+
+
 #: archives a user may hand over in place of the images they hold (read as none of them)
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 
 
 def _read(p: Path, frame: int | None, window: tuple[float, float] | None) -> Image:
-    if is_dicom(p):
+    renamed = _image_named_dicom(p)
+    if is_dicom(p) and renamed is None:
         return read_dicom(p, frame=frame, window=window)
-    if p.suffix.lower() in IMAGE_SUFFIXES:
+    if p.suffix.lower() in IMAGE_SUFFIXES or renamed is not None:
         if window is not None:
             _warn(
                 f"window={window!r} ignored for {p.name}: windowing applies to DICOM only"
             )
-        return _read_pil(p, frame=frame)
+        image = _read_pil(p, frame=frame)
+        if renamed is not None:
+            image.meta["notes"].append(f"a {renamed} image named {p.suffix}: read as {renamed}")
+        return image
     if p.name.lower().endswith(_ARCHIVE_SUFFIXES):
         raise ImageReadError(
             f"{p}: is an archive ({p.suffix.lower()}), not an image — unpack it and give the folder "

@@ -21,6 +21,12 @@ logger = logging.getLogger(__name__)
 
 _PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png", "TIFF": "tiff", "BMP": "bmp", "MPO": "jpeg"}
 
+#: the only decoders Pillow may run, whatever the file's name: Pillow picks its decoder from the
+#: content, so a GIF, WebP, TGA or PostScript file named ``.png`` was decoded as that (PostScript
+#: through Ghostscript, where it is installed): 40-odd decoders on every door's input instead of four
+#: (a phone's multi-picture JPEG opens as JPEG and comes back as MPO).
+OPEN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+
 
 def _read_pil(path: Path, *, frame: int | None) -> Image:
     from PIL import Image as PILImage
@@ -33,7 +39,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
         # refuses above twice that; both become our one-line refusal.
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            with PILImage.open(path) as im:
+            with PILImage.open(path, formats=OPEN_FORMATS) as im:
                 fmt = _PIL_FORMATS.get(str(im.format), str(im.format).lower())
                 _check_pixels(im.size, limit, path)
                 n_frames = int(getattr(im, "n_frames", 1) or 1)
@@ -76,6 +82,18 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
         ) from err
     except MemoryError as err:
         raise _out_of_memory(path) from err
+    except PILImage.UnidentifiedImageError as err:
+        other = _other_format(path)
+        if other is None:
+            raise ImageReadError(
+                f"{path}: could not be decoded: the file is corrupt, truncated or not really a "
+                f"{path.suffix.lstrip('.').upper() or 'image'} ({type(err).__name__}) — re-export "
+                "or re-download it"
+            ) from err
+        raise ImageReadError(
+            f"{path}: its content is {other}, not {path.suffix.lstrip('.').upper() or 'an image pellucid reads'} "
+            "— pellucid reads PNG, JPEG, TIFF, BMP and DICOM; convert it to one of them"
+        ) from err
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         raise ImageReadError(
             f"{path}: could not be decoded: the file is corrupt, truncated or not really a "
@@ -94,6 +112,34 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
     image = Image(array, meta)
     logger.debug("read an image: shape %s; %s", image.array.shape, "; ".join(notes))
     return image
+
+
+def content_format(path: Path) -> str | None:
+    """The format of ``path`` by its content when it is one pellucid reads (``"PNG"``, ``"JPEG"``, …),
+    else None; only the header is read."""
+    from PIL import Image as PILImage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decompression-bomb warning: the reader decides later
+            with PILImage.open(path, formats=OPEN_FORMATS) as im:
+                return str(im.format)
+    except Exception:  # noqa: BLE001 - not one of those formats, or unreadable
+        return None
+
+
+def _other_format(path: Path) -> str | None:
+    """The name of the format Pillow finds in a file that is none of the readers' own (a GIF named
+    ``.png``), for the refusal; only the header is parsed, no decoder runs."""
+    from PIL import Image as PILImage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with PILImage.open(path) as im:
+                return str(im.format or "") or None
+    except Exception:  # noqa: BLE001 - unknown to Pillow too: the file is corrupt
+        return None
 
 
 def _sync_pil_limit(pil_image: Any) -> int:
