@@ -326,11 +326,20 @@ def _declared_pixels(path: Path, dicom: bool) -> int | None:
     if dicom:
         import pydicom
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        from pellucid.datasets.readers.detect import _check_deflated, read_dataset
+
+        # The readers' guards first: a deflated dataset is refused past its budget before pydicom inflates it
+        # whole (a 1.5 MB upload that inflates to 1.5 GB had taken 4 GB and 23 s here), and the header's
+        # reads are bounded (a file of zeros).
+        _check_deflated(Path(path))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = read_dataset(pydicom, Path(path), stop_before_pixels=True)
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        except Exception:  # noqa: BLE001 - a header pydicom cannot parse: read_image says what is wrong
+            return None
         return rows * cols * max(samples, 1) if rows and cols else None
     from PIL import Image as PILImage
 

@@ -946,6 +946,51 @@ def test_deflated_dicom_bomb_refused_before_inflating(tmp_path: Path, monkeypatc
         read_image(corrupt)
 
 
+def test_a_dicom_named_file_of_zeros_is_refused_without_parsing_it_element_by_element(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of zeros (``truncate -s 1G scan.dcm``; a copy that never finished) parsed as one empty element per
+    8 bytes: 14-35 s for 20 MB, half an hour for 1 GB. A dataset that starts with zeros is refused at once, and
+    pydicom's reads of any one file are bounded (``MAX_HEADER_READS``), here lowered to keep the test quick."""
+    pytest.importorskip("pydicom")
+    from pellucid.datasets.readers import detect
+
+    zeros = 2 << 20
+    sparse = tmp_path / "scan.dcm"
+    with sparse.open("wb") as fh:
+        fh.truncate(zeros)
+    with pytest.raises(ImageReadError, match="no header where its tags should be"):
+        read_image(sparse)
+    reads: list[int] = []
+    real_read = detect._CountedReads.read
+
+    def counting(self, size=-1):  # type: ignore[no-untyped-def]
+        reads.append(1)
+        return real_read(self, size)
+
+    monkeypatch.setattr(detect._CountedReads, "read", counting)
+    monkeypatch.setattr(detect, "MAX_HEADER_READS", 20_000)
+    preamble = tmp_path / "preamble.dcm"
+    preamble.write_bytes(bytes(128) + b"DICM" + bytes(zeros))
+    tagged = tmp_path / "tagged.dcm"  # a first tag, then zeros: parsed until the bound
+    tagged.write_bytes(b"\x08\x00\x16\x00" + bytes(zeros))
+    for path in (sparse, preamble, tagged):
+        for reader in (read_image, dicom_identifying_tags):
+            reads.clear()
+            with pytest.raises(ImageReadError, match="no header where its tags should be") as err:
+                reader(path)
+            _assert_refusal(err, path)
+            assert len(reads) <= 20_000 + 10_000  # the dataset's bound and the meta group's
+    headless = tmp_path / "IM000001"  # the same, without a suffix: sniffed as not DICOM
+    headless.write_bytes(tagged.read_bytes())
+    reads.clear()
+    assert not is_dicom(headless) and len(reads) <= 20_000 + 10_000
+    real = _write_dicom(tmp_path / "real.dcm", RAMP, bits_stored=12)  # a real header is far below the bound
+    reads.clear()
+    _assert_valid(read_image(real), channels=1)
+    assert 0 < len(reads) < 200
+
+
 def test_compressed_frame_larger_than_header_refused(tmp_path: Path) -> None:
     pytest.importorskip("pydicom")
     import io

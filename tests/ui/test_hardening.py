@@ -92,6 +92,46 @@ def test_zip_names_outside_the_folder_refused(tmp_path, name):
     assert not (tmp_path / "evil.png").exists()
 
 
+def test_a_deflated_dicom_upload_is_refused_before_pydicom_inflates_it(tmp_path, monkeypatch):
+    """The upload's header check parsed a deflated DICOM with pydicom, which inflates the whole dataset in
+    memory first: a 1.5 MB upload inflating to 1.5 GB took 4 GB and 23 s before the readers' own guard
+    refused it. The guard now runs first, and the upload gets the command line's line."""
+    import zlib
+
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from pellucid.datasets.readers import ImageReadError, read_image
+    from pellucid.datasets.readers.limits import max_inflated_bytes
+
+    monkeypatch.setenv("PELLUCID_MAX_PIXELS", "1000")  # a budget of about 16 MB inflated
+    ds = dcmread(write_dicom(tmp_path / "plain.dcm"))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    raw = (tmp_path / "deflated.dcm").read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = comp.compress(zlib.decompress(raw[meta_end:], -zlib.MAX_WBITS))
+    body += comp.compress(bytes(max_inflated_bytes() + (8 << 20))) + comp.flush()
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(raw[:meta_end] + body)
+    with pytest.raises(ImageReadError, match="inflates to more than") as err:
+        read_image(bomb)
+    inflated: list[int] = []
+    real = zlib.decompress
+
+    def spy(data, *args, **kwargs):  # pydicom inflates a deflated dataset in one call
+        out = real(data, *args, **kwargs)
+        inflated.append(len(out))
+        return out
+
+    monkeypatch.setattr(zlib, "decompress", spy)
+    up = logic.read_upload("bomb.dcm", bomb.read_bytes())
+    assert up.image is None and "inflates to more than" in up.error
+    assert up.error == str(err.value).replace(str(bomb), up.name)
+    assert inflated == []
+
+
 def test_zip_symlink_member_refused(tmp_path):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

@@ -66,7 +66,7 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
     try:
         with warnings.catch_warnings(), _pydicom_quiet():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+            ds = read_dataset(pydicom, p, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - any parse failure just means "not DICOM"
         return False
     return _has_image_object_attributes(ds)
@@ -99,6 +99,59 @@ def _has_image_object_attributes(ds: Dataset) -> bool:
     return bool(file_meta) and "MediaStorageSOPClassUID" in file_meta
 
 
+#: the most ``read`` calls pydicom may make on one file: it reads about once per element, an image's
+#: header has a few hundred, a structure set a few thousand. A file of zeros named ``.dcm`` (or with the
+#: preamble, or one tag in front) parses as one empty element per 8 bytes: 14-35 s for 20 MB, about 30
+#: minutes for a 1 GB file that ``truncate -s 1G`` makes in an instant. Past this many reads the parse
+#: stops (8 MB of zeros, a few seconds).
+MAX_HEADER_READS = 1_000_000
+
+#: reads allowed for the file meta and command groups (a few dozen elements)
+_MAX_META_READS = 10_000
+
+#: bytes read at the dataset's start: all zero means no header (a DICOM dataset opens with its tags)
+_ZERO_PROBE = 1024
+
+
+class HeaderTooLong(Exception):
+    """pydicom read a file more than :data:`MAX_HEADER_READS` times: it is not a header."""
+
+
+class _CountedReads:
+    """A binary file whose ``read`` may be called at most ``limit`` times (then :class:`HeaderTooLong`)."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self._raw = raw
+        self._left = limit
+
+    def read(self, size: int = -1) -> bytes:
+        self._left -= 1
+        if self._left < 0:
+            raise HeaderTooLong
+        return self._raw.read(size)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, name, ...
+        return getattr(self._raw, name)
+
+
+def read_dataset(pydicom: Any, path: Path, **kwargs: Any) -> Dataset:
+    """``pydicom.dcmread(path, force=True, **kwargs)`` with the number of reads bounded
+    (:data:`MAX_HEADER_READS`) and a file whose dataset starts with zeros refused at once.
+
+    Raises:
+        HeaderTooLong: the file starts with zeros where its tags should be, or needs more reads than a
+            header does; the callers say so in one line (or, sniffing, answer "not DICOM").
+    """
+    with path.open("rb") as raw:
+        head = raw.read(128 + 4 + _ZERO_PROBE)
+        start = 132 if head[128:132] == b"DICM" else 0
+        probe = head[start:start + _ZERO_PROBE]
+        if len(probe) == _ZERO_PROBE and not any(probe):
+            raise HeaderTooLong
+        raw.seek(0)
+        return pydicom.dcmread(_CountedReads(raw, MAX_HEADER_READS), force=True, **kwargs)
+
+
 _DEFLATED_UID = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 _CHUNK = 1 << 20
 
@@ -125,9 +178,10 @@ def _check_deflated(path: Path) -> None:
         try:
             with warnings.catch_warnings(), _pydicom_quiet():
                 warnings.simplefilter("ignore")
-                read_preamble(fh, True)
-                file_meta = _read_file_meta_info(fh)
-                _read_command_set_elements(fh)
+                counted = _CountedReads(fh, _MAX_META_READS)  # zeros read as command elements, one per 8 bytes
+                read_preamble(counted, True)
+                file_meta = _read_file_meta_info(counted)
+                _read_command_set_elements(counted)
                 uid = str(file_meta.get("TransferSyntaxUID") or "").strip("\0 ")
         except Exception:  # noqa: BLE001 - a corrupt meta group is the parser's to refuse
             return

@@ -26,9 +26,12 @@ import numpy as np
 from pellucid.datasets.readers.common import check_file, _check_window, _out_of_memory, _pydicom_quiet, _warn
 from pellucid.datasets.readers.detect import (
     _DICOM_INSTALL_HINT,
+    MAX_HEADER_READS,
+    HeaderTooLong,
     _check_deflated,
     _has_image_object_attributes,
     _import_pydicom,
+    read_dataset,
 )
 from pellucid.datasets.readers.dicom_values import (
     _dicom_colour,
@@ -232,15 +235,25 @@ def _parse(pydicom: Any, p: Path) -> Dataset:
     """The whole dataset of ``p`` (``force=True``: files without the preamble work)."""
     _check_deflated(p)
     try:
-        ds = pydicom.dcmread(p, force=True)
+        ds = read_dataset(pydicom, p)
     except MemoryError as err:
         raise _out_of_memory(p, "parsing the DICOM header") from err
+    except HeaderTooLong as err:
+        raise ImageReadError(_no_header(p)) from err
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt files
         raise ImageReadError(
             f"{p}: could not be parsed as DICOM: the header is corrupt or the file truncated "
             f"({type(err).__name__}) — re-export it"
         ) from err
     return ds
+
+
+def _no_header(p: Path) -> str:
+    """The refusal of a file with no DICOM header where one should be (zeros, or no end to it)."""
+    return (
+        f"{p}: is not a DICOM file: no header where its tags should be (zeros, or more than "
+        f"{MAX_HEADER_READS:,} elements) — re-export it, or check that the copy is complete"
+    )
 
 
 def _corrupt_header(p: Path, err: BaseException) -> str:

@@ -10,7 +10,7 @@ import warnings
 from typing import Any
 
 from pellucid.datasets.readers.common import check_file, _pydicom_quiet
-from pellucid.datasets.readers.detect import _check_deflated, _import_pydicom, is_dicom
+from pellucid.datasets.readers.detect import HeaderTooLong, _check_deflated, _import_pydicom, is_dicom, read_dataset
 from pellucid.datasets.readers.image import ImageReadError
 
 __all__ = [
@@ -87,12 +87,14 @@ def dicom_identifying_tags(path: str | os.PathLike[str]) -> dict[str, str]:
         _check_deflated(p)
         with warnings.catch_warnings(), _pydicom_quiet():
             warnings.simplefilter("ignore")  # pydicom's complaints quote header values
-            ds = pydicom.dcmread(p, force=True, stop_before_pixels=True)
+            ds = read_dataset(pydicom, p, stop_before_pixels=True)
             found: dict[str, str] = {}
             _collect(ds, found, nested=False)  # top level first
             _collect(ds, found, nested=True)  # then anything nested in sequences
     except ImageReadError:
         raise
+    except HeaderTooLong as err:
+        raise ImageReadError(f"{p}: is not a DICOM file: no header where its tags should be — re-export it") from err
     except Exception as err:  # noqa: BLE001 - MemoryError, RecursionError, pydicom's many types
         raise ImageReadError(
             f"{p}: could not be parsed as DICOM: the header is corrupt or the file truncated "
