@@ -427,6 +427,46 @@ def test_synthetic_multiframe_default_middle(tmp_path: Path) -> None:
         read_dicom(path, frame=5)
 
 
+@pytest.mark.filterwarnings("ignore:.*missing DICOM attributes assumed")
+def test_a_large_dicom_is_read_one_frame_at_a_time_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom reads a file's whole pixel data into memory, so a DICOM took as much memory as its size (a 629 MB
+    file of 1,200 frames: 679 MB; a 20 GB one would not fit). Past ``_WHOLE_FILE_BYTES`` the header is parsed
+    up to the pixel data and only the frame to read is taken from the file: the same image, every sample file
+    (native, big-endian, JPEG, multi-frame), and memory that follows the frame, not the file."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 4096, size=(60, 128, 128), dtype=np.uint16)  # 1.9 MB of pixel data
+    multi = _write_dicom(tmp_path / "series.dcm", frames, bits_stored=12)
+    files = [multi, *[f for f in DICOM_FILES if "rtstruct" not in f.name]]
+
+    def read_all(whole: bool) -> tuple[list[object], int]:
+        monkeypatch.setattr(readers_dicom, "_WHOLE_FILE_BYTES", 256 << 20 if whole else 0, raising=False)
+        out: list[object] = []
+        for path in files:
+            try:
+                out.append(read_image(path, frame=7 if path == multi else None).array)
+            except ImageReadError as err:  # a sample no installed decoder handles: the same line both ways
+                out.append(str(err))
+        tracemalloc.start()
+        read_image(multi)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return out, peak
+
+    (whole, whole_peak), (framed, frame_peak) = read_all(True), read_all(False)
+    for a, b in zip(whole, framed):
+        assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b)
+    assert np.array_equal(framed[0], read_image(multi, frame=7).array)
+    assert whole_peak > frames.nbytes  # the whole pixel data was in memory
+    assert frame_peak < frames.nbytes / 4, (whole_peak, frame_peak)  # one frame of 32 kB, and its float copies
+    cut = tmp_path / "cut.dcm"  # the middle frame cut off: one line, as a truncated file is
+    cut.write_bytes(multi.read_bytes()[: -frames[0].nbytes * 31])
+    with pytest.raises(ImageReadError, match="corrupt or truncated") as err:
+        read_image(cut)
+    _assert_refusal(err, cut)
+
+
 def test_synthetic_per_frame_voi(tmp_path: Path) -> None:
     pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset

@@ -134,9 +134,10 @@ class _CountedReads:
         return getattr(self._raw, name)
 
 
-def read_dataset(pydicom: Any, path: Path, **kwargs: Any) -> Dataset:
+def read_dataset(pydicom: Any, path: Path, *, where: list[int] | None = None, **kwargs: Any) -> Dataset:
     """``pydicom.dcmread(path, force=True, **kwargs)`` with the number of reads bounded
-    (:data:`MAX_HEADER_READS`) and a file whose dataset starts with zeros refused at once.
+    (:data:`MAX_HEADER_READS`) and a file whose dataset starts with zeros refused at once. ``where``, when
+    given, gets the file position the parse stopped at (with ``stop_before_pixels``: the pixel element).
 
     Raises:
         HeaderTooLong: the file starts with zeros where its tags should be, or needs more reads than a
@@ -149,7 +150,10 @@ def read_dataset(pydicom: Any, path: Path, **kwargs: Any) -> Dataset:
         if len(probe) == _ZERO_PROBE and not any(probe):
             raise HeaderTooLong
         raw.seek(0)
-        return pydicom.dcmread(_CountedReads(raw, MAX_HEADER_READS), force=True, **kwargs)
+        ds = pydicom.dcmread(_CountedReads(raw, MAX_HEADER_READS), force=True, **kwargs)
+        if where is not None:
+            where.append(raw.tell())
+        return ds
 
 
 _DEFLATED_UID = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian

@@ -231,11 +231,32 @@ def _read_dicom(
     return image
 
 
+#: a DICOM file up to this size is parsed whole; a larger one (a long multi-frame series) is parsed up to its
+#: pixel data, and only the frame to read is taken from the file (:func:`_frame_source`), so memory follows
+#: the frame, not the file: a 629 MB file of 1,200 frames had taken 679 MB, a 20 GB one would not have fit
+_WHOLE_FILE_BYTES = 256 << 20
+
+#: the file position and length (None: undefined, encapsulated) of a large file's pixel data value
+_PIXELS_AT = "_pellucid_pixels_at"
+
+
 def _parse(pydicom: Any, p: Path) -> Dataset:
-    """The whole dataset of ``p`` (``force=True``: files without the preamble work)."""
+    """The dataset of ``p`` (``force=True``: files without the preamble work): whole, or, for a file over
+    :data:`_WHOLE_FILE_BYTES`, up to its pixel data, whose place in the file is kept on the dataset."""
     _check_deflated(p)
+    if p.stat().st_size > _WHOLE_FILE_BYTES:
+        where: list[int] = []
+        ds = _parse_with(pydicom, p, stop_before_pixels=True, where=where)
+        located = _pixel_value(p, ds, where[0]) if where else None
+        if located is not None:
+            object.__setattr__(ds, _PIXELS_AT, located)
+            return ds
+    return _parse_with(pydicom, p)  # small, deflated, float pixels, 1-bit: whole, as pydicom reads it
+
+
+def _parse_with(pydicom: Any, p: Path, **kwargs: Any) -> Dataset:
     try:
-        ds = read_dataset(pydicom, p)
+        ds = read_dataset(pydicom, p, **kwargs)
     except MemoryError as err:
         raise _out_of_memory(p, "parsing the DICOM header") from err
     except HeaderTooLong as err:
@@ -246,6 +267,32 @@ def _parse(pydicom: Any, p: Path) -> Dataset:
             f"({type(err).__name__}) — re-export it"
         ) from err
     return ds
+
+
+_LONG_LENGTH_VRS = (b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN")
+
+
+def _pixel_value(p: Path, ds: Dataset, at: int) -> tuple[int, int | None] | None:
+    """Where the value of (7FE0,0010) Pixel Data starts in ``p`` and its length (None when undefined), read
+    from the element's own header at ``at``; None when that is not Pixel Data of whole bytes per sample
+    (the caller then parses the file whole)."""
+    encoding = getattr(ds, "original_encoding", (None, None))
+    implicit, little = encoding if isinstance(encoding, tuple) and len(encoding) == 2 else (None, None)
+    if implicit is None or little is None or _header_int(ds, "BitsAllocated", 1, 64) not in (8, 16, 32, 64):
+        return None
+    order = "little" if little else "big"
+    with p.open("rb") as fh:
+        fh.seek(at)
+        head = fh.read(12)
+    if len(head) < 12 or (int.from_bytes(head[0:2], order), int.from_bytes(head[2:4], order)) != (0x7FE0, 0x0010):
+        return None
+    if implicit:
+        start, length = at + 8, int.from_bytes(head[4:8], order)
+    elif head[4:6] in _LONG_LENGTH_VRS:
+        start, length = at + 12, int.from_bytes(head[8:12], order)
+    else:
+        start, length = at + 8, int.from_bytes(head[6:8], order)
+    return start, (None if length == 0xFFFFFFFF else length)
 
 
 def _no_header(p: Path) -> str:
@@ -373,7 +420,8 @@ def _image_modality(ds: Dataset, p: Path) -> str:
         )
     modality = _modality(ds)
     described = _describe_object(ds, modality)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    located = getattr(ds, _PIXELS_AT, None) is not None  # a large file's, left in the file
+    if not located and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageReadError(
             f"{p}: has no pixel data ({described}); it is not an image — export the image series "
             "instead"
@@ -539,13 +587,14 @@ def _decode_frame(
             f"installed decoder handles — {_DICOM_INSTALL_HINT} for pylibjpeg and "
             f"pylibjpeg-libjpeg{options}, or convert the file to an uncompressed transfer syntax"
         )
+    source, index, options = _frame_source(ds, path, tsyntax, frame, as_pixel_options(ds))
     if tsyntax.is_encapsulated:
-        _check_compressed_frame(ds, path, tsyntax, frame)
+        _check_compressed_frame(ds, path, source, index)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             decoder = get_decoder(tsyntax)
-            arr, props = decoder.as_array(ds, index=frame, **as_pixel_options(ds))
+            arr, props = decoder.as_array(source, index=index, **options)
     except MemoryError as err:
         raise _out_of_memory(path, "decoding the pixel data") from err
     except Exception as err:  # noqa: BLE001 - decoders raise many types on bad data
@@ -615,12 +664,51 @@ def _compressed_frame_size(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _check_compressed_frame(ds: Dataset, path: Path, tsyntax: Any, frame: int) -> None:
+def _frame_source(
+    ds: Dataset, path: Path, tsyntax: Any, frame: int, options: dict[str, Any]
+) -> tuple[Any, int, dict[str, Any]]:
+    """What the decoder reads, the frame's index in it, and its options: the dataset itself, or, for a large
+    file parsed up to its pixel data, that one frame taken from the file (encapsulated again when compressed)."""
+    located = getattr(ds, _PIXELS_AT, None)
+    if located is None:
+        return ds, frame, options
+    start, length = located
+    one = {**options, "number_of_frames": 1, "pixel_keyword": "PixelData", "transfer_syntax_uid": tsyntax}
+    truncated = ImageReadError(
+        f"{path}: pixel data could not be decoded (its frame {frame} is missing or cut short) — the file is "
+        "corrupt or truncated; re-export it"
+    )
+    with path.open("rb") as fh:
+        if tsyntax.is_encapsulated:
+            from pydicom.encaps import encapsulate, get_frame
+
+            fh.seek(start)
+            try:
+                data = get_frame(fh, frame, number_of_frames=_number_of_frames(ds))
+            except Exception as err:  # noqa: BLE001 - a broken encapsulation
+                raise truncated from err
+            return encapsulate([bytes(data)]), 0, one
+        from pydicom.pixels.utils import get_expected_length
+
+        frame_bytes = int(get_expected_length(ds, "bytes")) // _number_of_frames(ds)
+        if length is None or (frame + 1) * frame_bytes > length:
+            raise truncated
+        fh.seek(start + frame * frame_bytes)
+        data = fh.read(frame_bytes)
+    if len(data) < frame_bytes:
+        raise truncated
+    return data, 0, one
+
+
+def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) -> None:
     """Refuse a compressed frame whose own header is larger than the limit or than Rows×Columns."""
     try:
         from pydicom.encaps import get_frame
 
-        data = get_frame(ds.PixelData, frame, number_of_frames=_number_of_frames(ds))
+        whole = not isinstance(source, (bytes, bytearray))  # the dataset, or one frame from a large file
+        pixels = source.PixelData if whole else source
+        frames = _number_of_frames(ds) if whole else 1
+        data = get_frame(pixels, index, number_of_frames=frames)
     except Exception:  # noqa: BLE001 - the decoder will refuse a broken encapsulation
         return
     size = _compressed_frame_size(bytes(data[:65536]))
