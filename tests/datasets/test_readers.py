@@ -428,7 +428,9 @@ def test_synthetic_multiframe_default_middle(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*missing DICOM attributes assumed")
-def test_a_large_dicom_is_read_one_frame_at_a_time_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_large_dicom_is_read_one_frame_at_a_time_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pydicom reads a file's whole pixel data into memory, so a DICOM took as much memory as its size (a 629 MB
     file of 1,200 frames: 679 MB; a 20 GB one would not fit). Past ``_WHOLE_FILE_BYTES`` the header is parsed
     up to the pixel data and only the frame to read is taken from the file: the same image, every sample file
@@ -809,6 +811,45 @@ def test_a_png_or_jpeg_named_dcm_is_read_by_its_content(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="is not a DICOM file") as err:
         read_image(gif)
     _assert_refusal(err, gif)
+
+
+def test_a_flood_of_metadata_chunks_is_refused_before_pillow_parses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow parses every PNG chunk and JPEG segment before the image data at open, and walks every TIFF page
+    to count them: a million 4-byte comments took 2-5 s per 4-15 MB. Past ``MAX_HEADER_SEGMENTS`` the file is
+    one line; real files (a few dozen) read as before, and a TIFF's pages are counted up to ``MAX_COUNTED_PAGES``."""
+    import struct
+    import zlib
+
+    from pellucid.datasets.readers import pil as readers_pil
+
+    assert getattr(readers_pil, "MAX_HEADER_SEGMENTS", 10_000) == 10_000
+    pixels = np.stack([_gradient(16, 16)] * 3, axis=2)
+    PILImage.fromarray(pixels).save(tmp_path / "a.png")
+    PILImage.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    png, jpg = (tmp_path / "a.png").read_bytes(), (tmp_path / "a.jpg").read_bytes()
+    text = b"tEXt" + b"k\0v"
+    chunk = struct.pack(">I", 3) + text + struct.pack(">I", zlib.crc32(text))
+    comment = b"\xff\xfe\x00\x02"
+    for n, refused in ((50, False), (10_001, True)):
+        flooded = {"png": png[:33] + chunk * n + png[33:], "jpg": jpg[:2] + comment * n + jpg[2:]}
+        for suffix, data in flooded.items():
+            path = tmp_path / f"flood{n}.{suffix}"
+            path.write_bytes(data)
+            if refused:
+                with pytest.raises(ImageReadError, match="more than 10,000 metadata chunks") as err:
+                    read_image(path)
+                _assert_refusal(err, path)
+            else:
+                assert np.array_equal(read_image(path).array, read_image(tmp_path / f"a.{suffix}").array)
+    pages = [PILImage.fromarray(_gradient(8, 8) // (k + 1)) for k in range(12)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    assert read_image(tmp_path / "stack.tif").meta["n_frames"] == 12
+    monkeypatch.setattr(readers_pil, "MAX_COUNTED_PAGES", 5, raising=False)
+    capped = read_image(tmp_path / "stack.tif")
+    assert capped.meta["n_frames"] == 5 and "frame 0 of at least 5 (first frame by default)" in capped.meta["notes"]
+    assert np.array_equal(capped.array, read_image(tmp_path / "stack.tif", frame=0).array)
 
 
 @pytest.mark.parametrize("name", ["scans.zip", "Study.TAR.GZ", "cases.7z"])

@@ -5,6 +5,7 @@ float32 ``(H, W, C)`` in ``[0, 1]``, each step recorded in ``meta['notes']``."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ _PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png", "TIFF": "tiff", "BMP": "bmp", "MPO
 #: (a phone's multi-picture JPEG opens as JPEG and comes back as MPO).
 OPEN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 
+#: PNG chunks or JPEG segments a file may hold before its image data, and the TIFF pages counted: a real file has
+#: a few dozen chunks or segments. Pillow parses every one at open (and walks every TIFF page to count them),
+#: so a file of a million 4-byte comments held a door 2-5 s per 4-15 MB, minutes for a few hundred MB.
+MAX_HEADER_SEGMENTS = 10_000
+MAX_COUNTED_PAGES = 1_000  # a page costs Pillow a seek and a parse of its tags: 0.15 ms
+
 
 def _read_pil(path: Path, *, frame: int | None) -> Image:
     from PIL import Image as PILImage
@@ -34,6 +41,11 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
 
     limit = _sync_pil_limit(PILImage)
     notes: list[str] = []
+    if _too_many_segments(path):
+        raise ImageReadError(
+            f"{path}: has more than {MAX_HEADER_SEGMENTS:,} metadata chunks before its pixels — the file is "
+            "corrupt or hostile; re-export it"
+        )
     try:
         # Pillow's own bomb check (at open, from the header) warns above MAX_IMAGE_PIXELS and
         # refuses above twice that; both become our one-line refusal.
@@ -42,7 +54,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
             with PILImage.open(path, formats=OPEN_FORMATS) as im:
                 fmt = _PIL_FORMATS.get(str(im.format), str(im.format).lower())
                 _check_pixels(im.size, limit, path)
-                n_frames = int(getattr(im, "n_frames", 1) or 1)
+                n_frames = _frame_count(im) if frame is None else int(getattr(im, "n_frames", 1) or 1)
                 if frame is not None:
                     if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)):
                         raise ImageReadError(
@@ -56,7 +68,8 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                     im.seek(int(frame))
                     _check_pixels(im.size, limit, path)
                 elif n_frames > 1:
-                    notes.append(f"frame 0 of {n_frames} (first frame by default)")
+                    more = "at least " if n_frames >= MAX_COUNTED_PAGES else ""
+                    notes.append(f"frame 0 of {more}{n_frames} (first frame by default)")
                 mode = im.mode
                 file_size = im.size
                 if fmt == "jpeg" and reduction_factor(im.height, im.width) > 1:
@@ -112,6 +125,57 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
     image = Image(array, meta)
     logger.debug("read an image: shape %s; %s", image.array.shape, "; ".join(notes))
     return image
+
+
+def _frame_count(im: Any) -> int:
+    """Frames of an opened image, counting at most :data:`MAX_COUNTED_PAGES` TIFF pages (Pillow's
+    ``n_frames`` walks every page of the file); the image is left at frame 0."""
+    if not getattr(im, "is_animated", False):
+        return 1
+    if im.format != "TIFF":
+        return int(getattr(im, "n_frames", 1) or 1)
+    count = 1
+    try:
+        while count < MAX_COUNTED_PAGES:
+            im.seek(count)
+            count += 1
+    except EOFError:
+        pass
+    im.seek(0)
+    return count
+
+
+def _too_many_segments(path: Path) -> bool:
+    """Whether a PNG or JPEG file holds more than :data:`MAX_HEADER_SEGMENTS` chunks or segments before its
+    image data (reading only their 4-8 byte headers). Anything else, or a structure that does not parse, is
+    left to Pillow to judge."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        count = 0
+        if head == b"\x89PNG\r\n\x1a\n":
+            while count <= MAX_HEADER_SEGMENTS:
+                chunk = fh.read(8)
+                if len(chunk) < 8 or chunk[4:8] == b"IDAT":
+                    return False
+                fh.seek(int.from_bytes(chunk[:4], "big") + 4, os.SEEK_CUR)
+                count += 1
+            return True
+        if head[:2] != b"\xff\xd8":
+            return False
+        fh.seek(2)
+        while count <= MAX_HEADER_SEGMENTS:
+            count += 1
+            marker = fh.read(2)
+            if len(marker) < 2 or marker[0] != 0xFF or marker[1] == 0xDA:  # not a marker, or the scan begins
+                return False
+            if marker[1] == 0xFF:  # a fill byte: the marker starts one byte on
+                fh.seek(-1, os.SEEK_CUR)
+            elif not (marker[1] in (0x01, 0xD8) or 0xD0 <= marker[1] <= 0xD7):  # these carry no length
+                size = fh.read(2)
+                if len(size) < 2:
+                    return False
+                fh.seek(int.from_bytes(size, "big") - 2, os.SEEK_CUR)
+        return True
 
 
 def content_format(path: Path) -> str | None:
