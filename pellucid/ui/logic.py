@@ -343,8 +343,10 @@ def _declared_pixels(path: Path, dicom: bool) -> int | None:
         return rows * cols * max(samples, 1) if rows and cols else None
     from PIL import Image as PILImage
 
-    from pellucid.datasets.readers.pil import OPEN_FORMATS
+    from pellucid.datasets.readers.pil import OPEN_FORMATS, _too_many_segments
 
+    if _too_many_segments(path):  # Pillow would parse every chunk at open: read_image refuses it in one line
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning: the budget below decides
         try:

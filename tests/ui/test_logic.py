@@ -63,6 +63,43 @@ def test_an_upload_of_another_format_under_a_png_name_gets_the_readers_line(tmp_
     assert logic.read_upload(path.name, path.read_bytes()).error == on_disk
 
 
+def test_an_upload_flooded_with_metadata_chunks_is_refused_without_pillow_parsing_them(tmp_path, monkeypatch):
+    """The upload's header check opened a PNG with Pillow, which parses every chunk before the pixels (a million
+    text chunks: 5 s per 15 MB, before the readers refused the file); it now checks the chunk count first and
+    gets the command line's line; no PNG is opened by Pillow, under its own name or as ``.dcm``."""
+    import struct
+    import zlib
+
+    from PIL import Image as PILImage
+    from PIL import PngImagePlugin
+
+    from pellucid.datasets.readers import ImageReadError, read_image
+
+    PILImage.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    png = (tmp_path / "a.png").read_bytes()
+    text = b"tEXt" + b"k\0v"
+    chunk = struct.pack(">I", 3) + text + struct.pack(">I", zlib.crc32(text))
+    opened: list[int] = []
+    real_open = PngImagePlugin.PngImageFile._open
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        opened.append(1)
+        return real_open(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "_open", spy)
+    for name in ("flood.png", "flood.dcm"):
+        path = tmp_path / name
+        path.write_bytes(png[:33] + chunk * 10_001 + png[33:])
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        up = logic.read_upload(name, path.read_bytes())
+        assert up.image is None and up.error
+        if name.endswith(".png"):
+            assert "more than 10,000 metadata chunks" in up.error
+            assert up.error == str(err.value).replace(str(path), name)
+    assert opened == []
+
+
 @pytest.mark.parametrize("name, data, expected", [
     ("notes.png", b"this is text, not a picture", "notes.png: "),
     ("empty.png", b"", "empty.png is empty"),

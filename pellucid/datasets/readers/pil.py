@@ -34,6 +34,8 @@ OPEN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 MAX_HEADER_SEGMENTS = 10_000
 MAX_COUNTED_PAGES = 1_000  # a page costs Pillow a seek and a parse of its tags: 0.15 ms
 
+_IDENTIFY_BYTES = 64 << 10  # what naming another format reads of a file
+
 
 def _read_pil(path: Path, *, frame: int | None) -> Image:
     from PIL import Image as PILImage
@@ -184,6 +186,8 @@ def content_format(path: Path) -> str | None:
     from PIL import Image as PILImage
 
     try:
+        if _too_many_segments(path):  # Pillow would parse them all to find out
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a decompression-bomb warning: the reader decides later
             with PILImage.open(path, formats=OPEN_FORMATS) as im:
@@ -194,13 +198,18 @@ def content_format(path: Path) -> str | None:
 
 def _other_format(path: Path) -> str | None:
     """The name of the format Pillow finds in a file that is none of the readers' own (a GIF named
-    ``.png``), for the refusal; only the header is parsed, no decoder runs."""
+    ``.png``), for the refusal: from the file's first 64 KiB, so no decoder runs and a flood of metadata
+    blocks is not walked."""
+    import io
+
     from PIL import Image as PILImage
 
     try:
+        with path.open("rb") as fh:
+            head = fh.read(_IDENTIFY_BYTES)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with PILImage.open(path) as im:
+            with PILImage.open(io.BytesIO(head)) as im:
                 return str(im.format or "") or None
     except Exception:  # noqa: BLE001 - unknown to Pillow too: the file is corrupt
         return None
