@@ -469,6 +469,30 @@ def test_a_large_dicom_is_read_one_frame_at_a_time_from_the_file(
     _assert_refusal(err, cut)
 
 
+def test_a_large_compressed_dicom_with_a_fragment_past_the_budget_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read one frame at a time, a compressed file's fragment is read in one piece of the length its item
+    declares: a fragment declaring 4 GB is refused in one line instead of being read (up to the file's end)."""
+    import struct
+
+    sample = DICOM_DIR / "CT_JPEG70.dcm"
+    if not sample.is_file():
+        pytest.skip(f"{sample} is absent (../shared/data is not beside the project)")
+    if not JPEG_LOSSLESS_DECODABLE:
+        pytest.skip("no JPEG Lossless decoder installed: the file is refused before its pixel data is read")
+    monkeypatch.setattr(readers_dicom, "_WHOLE_FILE_BYTES", 0, raising=False)
+    raw = sample.read_bytes()
+    start = raw.find(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12  # the encapsulated pixel data
+    assert raw[start:start + 4] == b"\xfe\xff\x00\xe0"  # its offset table item
+    fragment = start + 8 + struct.unpack("<I", raw[start + 4:start + 8])[0]
+    hostile = tmp_path / "fragment.dcm"
+    hostile.write_bytes(raw[:fragment + 4] + struct.pack("<I", 0xF0000000) + raw[fragment + 8:])
+    with pytest.raises(ImageReadError, match="a fragment of its compressed pixel data is larger than") as err:
+        read_image(hostile)
+    _assert_refusal(err, hostile)
+
+
 def test_synthetic_per_frame_voi(tmp_path: Path) -> None:
     pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset

@@ -683,8 +683,14 @@ def _frame_source(
             from pydicom.encaps import encapsulate, get_frame
 
             fh.seek(start)
+            budget = 8 * max_pixels() + (16 << 20)  # a compressed frame is no larger than 8 bytes a sample
             try:
-                data = get_frame(fh, frame, number_of_frames=_number_of_frames(ds))
+                data = get_frame(_ReadsUpTo(fh, budget), frame, number_of_frames=_number_of_frames(ds))
+            except _FragmentTooLarge as err:
+                raise ImageReadError(
+                    f"{path}: a fragment of its compressed pixel data is larger than {budget:,} bytes, more than "
+                    "a frame within the pixel limit can take — the file is corrupt or hostile; re-export it"
+                ) from err
             except Exception as err:  # noqa: BLE001 - a broken encapsulation
                 raise truncated from err
             return encapsulate([bytes(data)]), 0, one
@@ -698,6 +704,27 @@ def _frame_source(
     if len(data) < frame_bytes:
         raise truncated
     return data, 0, one
+
+
+class _FragmentTooLarge(Exception):
+    """One read of a large file's encapsulated pixel data asked for more than its budget."""
+
+
+class _ReadsUpTo:
+    """A binary file whose every ``read`` is at most ``budget`` bytes (else :class:`_FragmentTooLarge`): pydicom
+    reads each fragment of encapsulated pixel data in one read of the length its item header declares."""
+
+    def __init__(self, raw: Any, budget: int) -> None:
+        self._raw = raw
+        self._budget = budget
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self._budget:
+            raise _FragmentTooLarge
+        return self._raw.read(size)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell
+        return getattr(self._raw, name)
 
 
 def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) -> None:
