@@ -50,6 +50,18 @@ def redact_paths(text: Any) -> str:
     return _IMAGE.sub("<image>", text)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>$~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")  # "no_snow" stays as it is
+
+
+def _md_name(text: Any) -> str:
+    """A name from the data (a class, the task's title) as Markdown shows it, not as Markdown it could be
+    read as: a class folder named ``![x](http://host/p.png)`` or ``**b**`` had become an image fetched from
+    that host, or bold text, where the card is rendered (the web app's Model page). Each character that
+    could start a link, an image, emphasis, code, HTML or a formula gets a backslash; a table's ``|`` is
+    escaped by the table."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     return value_text({"value": x}, digits)
 
@@ -80,11 +92,13 @@ def _details(card: ModelCard) -> list[str]:
     thr = card.threshold
     if thr is not None and thr.value is not None:
         pos = thr.positive_class or card.positive_class
-        decision = f"{pos} when P({pos}) ≥ {float(thr.value):.3f}, else the other class (policy: {thr.policy})"
+        decision = (f"{_md_name(pos)} when P({_md_name(pos)}) ≥ {float(thr.value):.3f}, else the other class "
+                    f"(policy: {thr.policy})")
     else:
         decision = "the class with the highest probability"
-    rows = [("Task", f"{card.title or card.task} (`{card.task}`)"), ("Kind", card.kind),
-            ("Classes", ", ".join(card.classes)), ("Positive class", card.positive_class or "none"),
+    rows = [("Task", f"{_md_name(card.title or card.task)} (`{card.task}`)"), ("Kind", card.kind),
+            ("Classes", ", ".join(map(_md_name, card.classes))),
+            ("Positive class", _md_name(card.positive_class) if card.positive_class else "none"),
             ("Modality", card.modality or "not stated"), ("Backbone", _backbone_text(card)),
             ("Input", _input_text(card)), ("Weights", source or "not recorded"), ("Decision", decision),
             ("pellucid version", card.pellucid_version or "not recorded"), ("Created", card.created or "not recorded")]
@@ -119,7 +133,7 @@ def _intended_use(card: ModelCard) -> list[str]:
             "- Diagnosis, triage or treatment decisions without review by a qualified person; this is not a "
             "medical device.",
             f"- Images other than {modality}, or of findings other than the classes above "
-            f"({', '.join(card.classes)}): the model always answers with one of its classes.",
+            f"({', '.join(map(_md_name, card.classes))}): the model always answers with one of its classes.",
             "- Populations, scanners, sites or acquisition settings not represented in the training data, "
             "without first measuring performance there (`pellucid eval`).", ""]
 
@@ -137,7 +151,7 @@ def _split_counts(folder: Path | None, classes: list[str]) -> tuple[list[list[An
     except DataError:
         return None
     parts = [p for p in SPLIT_PARTS if split.part(p)]
-    rows = [[c, *[sum(r.label == c for r in split.part(p)) for p in parts]] for c in classes]
+    rows = [[_md_name(c), *[sum(r.label == c for r in split.part(p)) for p in parts]] for c in classes]
     rows.append(["**total**", *[len(split.part(p)) for p in parts]])
     groups = {p: len({r.group or r.path for r in split.part(p)}) for p in parts}
     return [["class", *parts], *rows], groups
@@ -243,7 +257,8 @@ def _evaluation(card: ModelCard) -> list[str]:
     cm = m.get("confusion_matrix")
     if isinstance(cm, list) and len(cm) == len(card.classes):
         lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
-                  *_table(["", *card.classes], [[c, *row] for c, row in zip(card.classes, cm)])]
+                  *_table(["", *map(_md_name, card.classes)],
+                          [[_md_name(c), *row] for c, row in zip(card.classes, cm)])]
     return [*lines, ""]
 
 
@@ -345,7 +360,7 @@ def render_model_card(card: ModelCard, folder: str | Path | None = None) -> str:
         intended-use notice, then the sections of :data:`SECTIONS` in order.
     """
     folder = Path(folder) if folder is not None else None
-    title = f"# {card.title or card.task} — pellucid {card.kind} model"
+    title = f"# {_md_name(card.title or card.task)} — pellucid {card.kind} model"
     notice = f"> {redact_paths(card.intended_use or _DEFAULT_USE)}"
     parts = [_front_matter(card), [title, "", notice, ""], _details(card), _intended_use(card),
              _training_data(card, folder), _procedure(card), _evaluation(card), _calibration(card),

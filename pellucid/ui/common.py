@@ -33,6 +33,7 @@ from pellucid.ui.logic import (
     default_model,
     find_model_folders,
     load_lung_segmenter,
+    md_literal,
     segmenter_choices,
 )
 
@@ -144,8 +145,8 @@ def model_picker() -> None:
         return
     st.session_state[_STATE] = Loaded(path, predictor, reference, f"{path.resolve()}@{_stamp(path)}")
     card = predictor.card
-    st.sidebar.caption(f"**{card.title or card.task}** · {card.backbone_name or '?'} "
-                       f"· classes: {', '.join(predictor.classes)}")
+    st.sidebar.caption(f"**{md_literal(card.title or card.task)}** · {md_literal(card.backbone_name or '?')} "
+                       f"· classes: {', '.join(map(md_literal, predictor.classes))}")
     _segmenter_picker(st.session_state[_STATE])
 
 

@@ -60,6 +60,22 @@ def test_no_paths_beyond_the_data_folder_name():
     assert "road_v2.pth" in text  # the checkpoint's file name says which weights, its folder is not shown
 
 
+def test_names_from_the_data_are_shown_as_text_not_read_as_markdown():
+    """Class folders and titles are the user's (or a received model folder's): ``![x](http://host/p.png)`` had
+    become an image fetched from that host where the card is rendered (the web app's Model page), ``**b**`` bold
+    text and ``<img …>`` HTML. Each is escaped; ``no_snow`` stays as it is."""
+    hostile = ["![x](http://host/p.png)", "**b** <img src=x onerror=alert(1)>", "no_snow"]
+    card = {**CARD, "title": "[t](http://host)", "classes": hostile, "positive_class": hostile[1],
+            "threshold": {"policy": "youden", "value": 0.42, "positive_class": hostile[1]},
+            "metrics": {**CARD["metrics"], "confusion_matrix": [[3, 0, 0], [0, 3, 0], [0, 0, 3]]}}
+    text = render_model_card(as_card(card))
+    for raw in ("![x](", "**b**", "[t](http"):
+        assert raw not in text
+    assert not re.search(r"(?<!\\)<img", text)  # HTML only as escaped text
+    assert "!\\[x\\](http://host/p.png)" in text and "\\*\\*b\\*\\*" in text and "\\<img" in text
+    assert "no_snow" in text and "no\\_snow" not in text
+
+
 @pytest.mark.parametrize("given, expected", [
     ("checkpoint /home/a/b/w.pth", "checkpoint w.pth"),
     ("images (/data/site1/Patient-0042.png, ...) cannot be read", "images (<image>, ...) cannot be read"),

@@ -77,6 +77,33 @@ def test_model_page_shows_the_human_readable_card(model_dir, tmp_path, monkeypat
     assert [s.value for s in at.subheader][0] == "Card fields"
 
 
+def test_class_names_and_a_title_written_in_markdown_are_shown_as_text(model_dir, tmp_path, monkeypatch):
+    """Class names come from folder names (or a received model folder): ``![x](http://host/p.png)`` had become an
+    image the browser fetched from that host in the sidebar and on the Model page, ``**tb**`` bold text and a
+    title ``[t](http://host)`` a link. The sidebar, the page title and the rendered model card show them as text."""
+    import json
+    import shutil
+
+    from pellucid.core.card import read_card
+    from pellucid.core.modelcard_md import write_model_card_md
+    from pellucid.ui.logic import md_literal
+
+    folder = tmp_path / "named"
+    shutil.copytree(model_dir, folder)
+    names = ["![x](http://host/p.png)", "**tb**"]
+    card = json.loads((folder / "card.json").read_text())
+    card.update(task="named", classes=names, positive_class=names[1], title="[t](http://host)")
+    card["threshold"]["positive_class"] = names[1]
+    (folder / "card.json").write_text(json.dumps(card))
+    write_model_card_md(folder, read_card(folder))
+    at = _model_page(folder, tmp_path, monkeypatch)
+    shown = [c.value for c in at.sidebar.caption] + [t.value for t in at.title] + [m.value for m in at.markdown]
+    assert any(md_literal(names[0]) in v for v in shown), shown  # the sidebar names the classes
+    assert any(md_literal("[t](http://host)") in v for v in shown), shown
+    for raw in ("![x](", "**tb**", "[t](http"):
+        assert not any(raw in v for v in shown), (raw, shown)
+
+
 def test_banner_and_picker_on_every_page(app):
     for page in (None, "views/batch.py", "views/model.py"):
         if page:
@@ -179,7 +206,7 @@ def test_predict_page_dicom_window_sliders(app, tmp_path):
 def test_model_page_shows_card_and_plots(app):
     app.switch_page("views/model.py").run()
     assert not app.exception, app.exception
-    assert app.title[0].value == "Tuberculosis on chest X-ray"
+    assert html.unescape(app.title[0].value) == "Tuberculosis on chest X-ray"  # shown as text (character references)
     tables = app.table
     assert len(tables) == 2
     card = tables[0].value

@@ -33,7 +33,7 @@ if source == FOLDER:
     folder = st.text_input("Folder path", key="batch_folder", placeholder="chest-xrays/2024",
                            help="A folder inside the data root this app was started with (relative paths start "
                                 "there); searched recursively. Sub-folders named like the model's classes "
-                                f"({', '.join(predictor.classes)}) give labels for metrics.")
+                                f"({', '.join(map(logic.md_literal, predictor.classes))}) give labels for metrics.")
     ready = bool(folder)
 else:
     upload = st.file_uploader("Zip of images", type=["zip"], key="batch_zip")
@@ -81,7 +81,7 @@ cols[0].metric("Inputs", len(cases))
 cols[1].metric("Unreadable", len(cases) - len(ok))
 cols[2].metric("Out of domain", flagged)
 for col, k in zip(cols[3:], classes):
-    col.metric(f"Predicted {k}", sum(1 for c in ok if c.label == k))
+    col.metric(f"Predicted {logic.md_literal(k)}", sum(1 for c in ok if c.label == k))
 labelled = [c for c in ok if c.true_label]
 if labelled:
     agree = sum(1 for c in labelled if c.true_label == c.label)

@@ -17,7 +17,7 @@ from pellucid.ui import common, logic
 
 loaded = common.require_model()
 card = loaded.card
-st.title(card.title or card.task or "Model")
+st.title(logic.md_literal(card.title or card.task or "Model"))
 st.caption(f"Model folder: `{loaded.folder}`")
 
 human = logic.model_card_markdown(loaded.folder)

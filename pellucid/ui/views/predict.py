@@ -97,10 +97,11 @@ def _prediction(case, up: logic.Upload, threshold: float | None) -> None:
         if case.withheld:
             st.markdown(f"### Predicted{flag}: **withheld**")
             st.markdown(f"The model's policy withholds labels of out-of-domain inputs · decision: "
-                        f"{threshold_text(card)}")
+                        f"{logic.md_literal(threshold_text(card))}")
         else:
             st.markdown(f"### Predicted{flag}: **{logic.md_literal(case.label)}**")
-            st.markdown(f"{probability_text(case.confidence)} calibrated probability · decision: {threshold_text(card)}")
+            st.markdown(f"{probability_text(case.confidence)} calibrated probability · decision: "
+                        f"{logic.md_literal(threshold_text(card))}")
         if case.ood and case.ood.uncertain and not case.ood.flagged:
             st.warning("Low confidence: the top probability is close to chance.", icon=":material/help:")
         st.image(_prob_png(tuple(case.probs[k] for k in predictor.classes), tuple(predictor.classes), threshold,
@@ -148,8 +149,8 @@ include_ids = c3.checkbox("DICOM identifiers in report", value=False, key="inclu
 show_outline = False
 if segmenter is not None:
     show_outline = c3.checkbox("Show lung outline", value=True, key="lung_outline",
-                               help=f"Draw the lungs as segmented by {segmenter.name} on the explanations; the "
-                                    "lung share (the map's mass inside them) is shown either way.")
+                               help=f"Draw the lungs as segmented by {logic.md_literal(segmenter.name)} on the "
+                                    "explanations; the lung share (the map's mass inside them) is shown either way.")
 if not known:
     st.caption("No explainers are installed (`pip install \"pellucid[explain]\"`); predictions only.")
 if not files:
@@ -185,9 +186,10 @@ for i, (case, up) in enumerate(zip(cases, uploads)):
             continue
         _prediction(case, up, threshold)
         if explaining and case.index is not None:
-            st.markdown(f"**Explanations of “{predictor.classes[case.index]}”** · overlay opacity {alpha:.2f}"
-                        + (f" · lungs (magenta) by {segmenter.name}" if show_outline and segmenter is not None
-                           else ""))
+            explained = logic.md_literal(predictor.classes[case.index])
+            st.markdown(f"**Explanations of “{explained}”** · overlay opacity {alpha:.2f}"
+                        + (f" · lungs (magenta) by {logic.md_literal(segmenter.name)}"
+                           if show_outline and segmenter is not None else ""))
             cols = st.columns(max(3, len(methods)))
             for col, m in zip(cols, methods):
                 slots[(i, m)] = col.empty()
