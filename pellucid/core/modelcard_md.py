@@ -55,7 +55,7 @@ _MD_SPECIAL = re.compile(r"([\\`*\[\]<>$~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
 
 def _md_name(text: Any) -> str:
     """A name from the data (a class, the task's title) as Markdown shows it, not as Markdown it could be
-    read as: a class folder named ``![x](http://host/p.png)`` or ``**b**`` had become an image fetched from
+    read as: a class folder named ``![x](http://host/p.png)`` or ``**b**`` was Markdown for an image from
     that host, or bold text, where the card is rendered (the web app's Model page). Each character that
     could start a link, an image, emphasis, code, HTML or a formula gets a backslash; a table's ``|`` is
     escaped by the table."""

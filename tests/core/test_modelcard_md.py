@@ -61,9 +61,9 @@ def test_no_paths_beyond_the_data_folder_name():
 
 
 def test_names_from_the_data_are_shown_as_text_not_read_as_markdown():
-    """Class folders and titles are the user's (or a received model folder's): ``![x](http://host/p.png)`` had
-    become an image fetched from that host where the card is rendered (the web app's Model page), ``**b**`` bold
-    text and ``<img …>`` HTML. Each is escaped; ``no_snow`` stays as it is."""
+    """Class folders and titles are the user's (or a received model folder's): ``![x](http://host/p.png)`` was
+    written as Markdown for an image from that host, read where the card is rendered (the web app's Model page),
+    ``**b**`` as bold text and ``<img …>`` as HTML. Each is escaped; ``no_snow`` stays as it is."""
     hostile = ["![x](http://host/p.png)", "**b** <img src=x onerror=alert(1)>", "no_snow"]
     card = {**CARD, "title": "[t](http://host)", "classes": hostile, "positive_class": hostile[1],
             "threshold": {"policy": "youden", "value": 0.42, "positive_class": hostile[1]},

@@ -78,9 +78,9 @@ def test_model_page_shows_the_human_readable_card(model_dir, tmp_path, monkeypat
 
 
 def test_class_names_and_a_title_written_in_markdown_are_shown_as_text(model_dir, tmp_path, monkeypatch):
-    """Class names come from folder names (or a received model folder): ``![x](http://host/p.png)`` had become an
-    image the browser fetched from that host in the sidebar and on the Model page, ``**tb**`` bold text and a
-    title ``[t](http://host)`` a link. The sidebar, the page title and the rendered model card show them as text."""
+    """Class names come from folder names (or a received model folder): ``![x](http://host/p.png)`` reached the
+    sidebar and the Model page as Markdown for an image from that host, ``**tb**`` as bold text and a title
+    ``[t](http://host)`` as a link. The sidebar, the page title and the rendered model card show them as text."""
     import json
     import shutil
 
