@@ -117,17 +117,25 @@ class HeaderTooLong(Exception):
     """pydicom read a file more than :data:`MAX_HEADER_READS` times: it is not a header."""
 
 
-class _CountedReads:
-    """A binary file whose ``read`` may be called at most ``limit`` times (then :class:`HeaderTooLong`)."""
+class ReadTooLarge(Exception):
+    """One read asked for more bytes than its budget (a fragment of pixel data that declares gigabytes)."""
 
-    def __init__(self, raw: Any, limit: int) -> None:
+
+class _CountedReads:
+    """A binary file whose ``read`` may be called at most ``limit`` times (then :class:`HeaderTooLong`), and,
+    with ``most``, for at most that many bytes at a time (then :class:`ReadTooLarge`)."""
+
+    def __init__(self, raw: Any, limit: int, most: int | None = None) -> None:
         self._raw = raw
         self._left = limit
+        self._most = most
 
     def read(self, size: int = -1) -> bytes:
         self._left -= 1
         if self._left < 0:
             raise HeaderTooLong
+        if self._most is not None and (size is None or size < 0 or size > self._most):
+            raise ReadTooLarge
         return self._raw.read(size)
 
     def __getattr__(self, name: str) -> Any:  # seek, tell, name, ...

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,9 @@ from pellucid.datasets.readers.detect import (
     _DICOM_INSTALL_HINT,
     MAX_HEADER_READS,
     HeaderTooLong,
+    ReadTooLarge,
     _check_deflated,
+    _CountedReads,
     _has_image_object_attributes,
     _import_pydicom,
     read_dataset,
@@ -683,10 +686,13 @@ def _frame_source(
             from pydicom.encaps import encapsulate, get_frame
 
             fh.seek(start)
-            budget = 8 * max_pixels() + (16 << 20)  # a compressed frame is no larger than 8 bytes a sample
+            # pydicom reads each fragment in one read of the length its item declares; a compressed frame is
+            # no larger than 8 bytes a sample of the pixel limit
+            budget = 8 * max_pixels() + (16 << 20)
             try:
-                data = get_frame(_ReadsUpTo(fh, budget), frame, number_of_frames=_number_of_frames(ds))
-            except _FragmentTooLarge as err:
+                data = get_frame(_CountedReads(fh, sys.maxsize, most=budget), frame,
+                                 number_of_frames=_number_of_frames(ds))
+            except ReadTooLarge as err:
                 raise ImageReadError(
                     f"{path}: a fragment of its compressed pixel data is larger than {budget:,} bytes, more than "
                     "a frame within the pixel limit can take — the file is corrupt or hostile; re-export it"
@@ -704,27 +710,6 @@ def _frame_source(
     if len(data) < frame_bytes:
         raise truncated
     return data, 0, one
-
-
-class _FragmentTooLarge(Exception):
-    """One read of a large file's encapsulated pixel data asked for more than its budget."""
-
-
-class _ReadsUpTo:
-    """A binary file whose every ``read`` is at most ``budget`` bytes (else :class:`_FragmentTooLarge`): pydicom
-    reads each fragment of encapsulated pixel data in one read of the length its item header declares."""
-
-    def __init__(self, raw: Any, budget: int) -> None:
-        self._raw = raw
-        self._budget = budget
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0 or size > self._budget:
-            raise _FragmentTooLarge
-        return self._raw.read(size)
-
-    def __getattr__(self, name: str) -> Any:  # seek, tell
-        return getattr(self._raw, name)
 
 
 def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) -> None:
