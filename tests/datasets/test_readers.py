@@ -1094,6 +1094,11 @@ def test_a_dicom_named_file_of_zeros_is_refused_without_parsing_it_element_by_el
     reads.clear()
     _assert_valid(read_image(real), channels=1)
     assert 0 < len(reads) < 200
+    monkeypatch.setattr(detect, "MAX_HEADER_READS", 1_000_000)  # zeros after a real tag: stopped by their run
+    reads.clear()
+    with pytest.raises(ImageReadError, match="no header where its tags should be"):
+        read_image(tagged)
+    assert len(reads) <= 2 * (10_000 + 1) + 100  # the meta check's and the dataset's runs of zeros
 
 
 def test_compressed_frame_larger_than_header_refused(tmp_path: Path) -> None:

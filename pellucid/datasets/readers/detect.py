@@ -109,6 +109,10 @@ MAX_HEADER_READS = 1_000_000
 #: reads allowed for the file meta and command groups (a few dozen elements)
 _MAX_META_READS = 10_000
 
+#: small reads in a row that find only zeros (an empty element of tag (0000,0000) each): a header has none
+#: but by chance; a file of zeros after a real tag is refused after these instead of the read bound
+_MAX_ZERO_READS = 10_000
+
 #: bytes read at the dataset's start: all zero means no header (a DICOM dataset opens with its tags)
 _ZERO_PROBE = 1024
 
@@ -129,6 +133,7 @@ class _CountedReads:
         self._raw = raw
         self._left = limit
         self._most = most
+        self._zeros = 0
 
     def read(self, size: int = -1) -> bytes:
         self._left -= 1
@@ -136,7 +141,14 @@ class _CountedReads:
             raise HeaderTooLong
         if self._most is not None and (size is None or size < 0 or size > self._most):
             raise ReadTooLarge
-        return self._raw.read(size)
+        data = self._raw.read(size)
+        if 0 < len(data) <= 16 and not any(data):  # a tag and length of zeros
+            self._zeros += 1
+            if self._zeros > _MAX_ZERO_READS:
+                raise HeaderTooLong
+        else:
+            self._zeros = 0
+        return data
 
     def __getattr__(self, name: str) -> Any:  # seek, tell, name, ...
         return getattr(self._raw, name)
