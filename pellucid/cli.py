@@ -249,8 +249,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     folders confined to ``--data-root``, error details off; the server runs in its own process group,
     stopped with this command (Ctrl-C, SIGTERM, SIGHUP)."""
     import ipaddress
+    import shutil
     import signal
     import subprocess
+    import tempfile
     import threading
     import time
 
@@ -278,6 +280,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"pellucid web app on http://{shown}:{args.port} (Ctrl-C stops it)", flush=True)
     stopping: list[float] = []
     procs: list[subprocess.Popen] = []
+    # the server's temporary files (unpacked zips, uploads, PDFs) live here and go when it stops, killed or not
+    scratch = env["TMPDIR"] = tempfile.mkdtemp(prefix="pellucid-ui-")
 
     def stop(signum, _frame) -> None:
         if not stopping:
@@ -309,6 +313,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             if p.poll() is None:  # an exception here: do not leave the server behind
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
     return 130 if stopping else code
 
 

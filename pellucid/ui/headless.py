@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,8 +70,9 @@ def serve_app(model_dir: str | Path, workdir: str | Path, *, env: Mapping[str, s
         timeout: seconds to wait for the health check.
     """
     port = _free_port()
+    scratch = tempfile.mkdtemp(prefix="pellucid-ui-")  # as ``pellucid ui``: removed once the server stops
     full = dict(os.environ, PELLUCID_MODEL=str(model_dir), PELLUCID_RUNS=str(Path(workdir) / "runs"),
-                PELLUCID_OFFLINE="1", **dict(env or {}))
+                PELLUCID_OFFLINE="1", TMPDIR=scratch, **dict(env or {}))
     cmd = streamlit_command(port)  # the flags ``pellucid ui`` runs with
     proc = subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=workdir, start_new_session=True)
@@ -87,6 +89,7 @@ def serve_app(model_dir: str | Path, workdir: str | Path, *, env: Mapping[str, s
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def predict_page(browser, url: str, images: Sequence[str | Path], *, viewport=(1400, 1000),

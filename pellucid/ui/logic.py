@@ -36,7 +36,7 @@ import numpy as np
 from pellucid.core.card import ModelCard, as_card
 from pellucid.core.privacy import header_text_silenced
 from pellucid.explain.captions import Reading, read_case_result
-from pellucid.ui.zips import UploadError, ZipBudget, env_number, extract_zip
+from pellucid.ui.zips import ScratchFolder, UploadError, ZipBudget, env_number, extract_zip
 from pellucid.datasets.readers import (
     Image,
     ImageReadError,
@@ -79,6 +79,7 @@ __all__ = [
     "dicom_range",
     "explanation_view",
     "extract_zip",
+    "ScratchFolder",
     "find_model_folders",
     "find_segmenter_folders",
     "is_cxr",

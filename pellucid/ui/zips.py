@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import stat
+import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MAX_ZIP_BYTES", "MAX_ZIP_FILES", "MAX_ZIP_MEMBER_BYTES", "MAX_ZIP_RATIO", "UploadError", "ZipBudget",
-           "env_number", "extract_zip"]
+__all__ = ["MAX_ZIP_BYTES", "MAX_ZIP_FILES", "MAX_ZIP_MEMBER_BYTES", "MAX_ZIP_RATIO", "ScratchFolder", "UploadError",
+           "ZipBudget", "env_number", "extract_zip"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,27 @@ def env_number(name: str, default: float) -> float:
         log.warning("%s=%r is not a number; using %s", name, raw, default)
         return default
     return value if value > 0 else default
+
+
+class ScratchFolder:
+    """A temporary folder that lives as long as this object: the unpacked images of one Batch run.
+
+    Kept in a browser session's state, it is removed when that run is replaced, when the session ends
+    and its state is dropped, or when the server's Python exits, whichever comes first; ``pellucid ui``
+    also removes the scratch root it gave the server (``TMPDIR``) once the server has stopped, for a
+    server that was killed.
+    """
+
+    def __init__(self, prefix: str = "pellucid-") -> None:
+        self.path = tempfile.mkdtemp(prefix=prefix)
+        self._remove = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def remove(self) -> None:
+        """Remove the folder now (again: nothing)."""
+        self._remove()
+
+    def __fspath__(self) -> str:
+        return self.path
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,50 @@ def test_batch_page_zip_and_bad_inputs(app, tmp_path, monkeypatch):
     assert {m.label: m.value for m in app.metric}["Inputs"] == "3"
 
 
+def test_a_zip_runs_images_leave_the_server_with_the_run(app, tmp_path, monkeypatch):
+    """The unpacked images of a zip stay for the report while their run is shown, and no longer: a new
+    run, a refused zip or the session's end removes them (they had stayed in the temporary folder
+    for good, a copy of every batch of patient images on the server's disk)."""
+    import gc
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def zipped(n: int) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for i in range(n):
+                zf.writestr(f"imgs/{i}.png", write_png(tmp_path / f"{i}.png", seed=i).read_bytes())
+        return buf.getvalue()
+
+    def unpacked() -> list[str]:
+        return sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*.png"))
+
+    monkeypatch.delenv("PELLUCID_DATA_ROOT", raising=False)
+    app.switch_page("views/batch.py").run()
+    app.file_uploader(key="batch_zip").set_value(("one.zip", zipped(2), "application/zip")).run()
+    app.button[0].click().run()
+    assert not app.exception, app.exception
+    first = unpacked()
+    assert len(first) == 2 and all(p.startswith("pellucid-batch-") for p in first)
+    app.file_uploader(key="batch_zip").set_value(("two.zip", zipped(3), "application/zip")).run()
+    app.button[0].click().run()
+    second = unpacked()
+    assert len(second) == 3 and not set(first) & set(second)  # the first run's images are gone
+    app.file_uploader(key="batch_zip").set_value(("bomb.zip", _bomb(), "application/zip")).run()
+    app.button[0].click().run()
+    assert any("compressed" in e.value for e in app.error)
+    assert unpacked() == [] and list(scratch.iterdir()) == []  # a refused zip leaves nothing either
+    app.file_uploader(key="batch_zip").set_value(("one.zip", zipped(2), "application/zip")).run()
+    app.button[0].click().run()
+    assert len(unpacked()) == 2
+    del app.session_state["batch_tmp"]  # what Streamlit does when the session ends
+    gc.collect()
+    assert list(scratch.iterdir()) == []
+
+
 def _texts(node) -> list[str]:
     """Every value and label on the page, depth first."""
     out = [str(v) for v in (getattr(node, "value", None), getattr(node, "label", None)) if isinstance(v, str)]

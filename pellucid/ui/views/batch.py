@@ -6,8 +6,6 @@ Typed folders are read only inside the data root the server was started with (``
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import streamlit as st
@@ -42,16 +40,16 @@ else:
 run = st.button("Run", type="primary", disabled=not ready, icon=":material/play_arrow:")
 if run:
     old = st.session_state.pop("batch_tmp", None)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is not None:  # the images of the run this one replaces
+        old.remove()
     try:
         if source == FOLDER:
             root = logic.resolve_in_root(folder, data_root)
             label = folder.strip()
         else:
-            tmp = tempfile.mkdtemp(prefix="pellucid-batch-")
-            st.session_state["batch_tmp"] = tmp
-            root = logic.extract_zip(upload.getvalue(), tmp)
+            # removed with the next run, or when this session or the server ends
+            tmp = st.session_state["batch_tmp"] = logic.ScratchFolder("pellucid-batch-")
+            root = logic.extract_zip(upload.getvalue(), tmp.path)
             label = upload.name
         bar = st.progress(0.0, text="Reading and predicting…")
         cases = analyse_paths(predictor, [root], keep_images=False, reference=loaded.reference,
@@ -63,10 +61,13 @@ if run:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if source == FOLDER and data_root is not None:
             message = message.replace(str(Path(data_root).resolve()), "<data root>")
-        elif st.session_state.get("batch_tmp"):
-            message = message.replace(st.session_state["batch_tmp"], upload.name)
+        elif st.session_state.get("batch_tmp") is not None:
+            message = message.replace(st.session_state["batch_tmp"].path, upload.name)
         st.error(logic.md_literal(message))
         st.session_state.pop("batch", None)
+        failed = st.session_state.pop("batch_tmp", None)
+        if failed is not None:  # nothing of a refused upload stays on the server
+            failed.remove()
 
 res = st.session_state.get("batch")
 if not res or res["key"] != loaded.key:
