@@ -1031,13 +1031,16 @@ def test_deflated_dicom_bomb_refused_before_inflating(tmp_path: Path, monkeypatc
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     ds.save_as(small, enforce_file_format=True)
     np.testing.assert_allclose(read_image(small).array, read_image(plain).array)
-    # A header inflating past the budget: the meta of ``small``, then a deflate stream of zeros.
+    # A header inflating past the budget: the meta and dataset of ``small``, then one element of zeros past it.
     monkeypatch.setenv("PELLUCID_MAX_PIXELS", "1000")
     budget = max_inflated_bytes()
     raw = small.read_bytes()
     meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
     comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    body = comp.compress(zlib.decompress(raw[meta_end:], -zlib.MAX_WBITS)) + comp.compress(bytes(budget + (8 << 20))) + comp.flush()
+    large = budget + (8 << 20)
+    element = b"\x11\x00\x10\x10OB\0\0" + large.to_bytes(4, "little")  # a private OB value of zeros
+    body = (comp.compress(zlib.decompress(raw[meta_end:], -zlib.MAX_WBITS)) + comp.compress(element)
+            + comp.compress(bytes(large)) + comp.flush())
     bomb = tmp_path / "bomb.dcm"
     bomb.write_bytes(raw[:meta_end] + body)
     assert bomb.stat().st_size < budget // 100
@@ -1099,6 +1102,110 @@ def test_a_dicom_named_file_of_zeros_is_refused_without_parsing_it_element_by_el
     with pytest.raises(ImageReadError, match="no header where its tags should be"):
         read_image(tagged)
     assert len(reads) <= 2 * (10_000 + 1) + 100  # the meta check's and the dataset's runs of zeros
+
+
+def _deflated(tmp_path: Path, name: str, body: bytes, tail: bytes = b"") -> Path:
+    """A Deflated Explicit VR Little Endian file: the file meta of a real one, then ``body`` deflated (and ``tail``)."""
+    import zlib
+
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dcmread(_write_dicom(tmp_path / f"{name}-plain.dcm", RAMP, bits_stored=12))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / f"{name}-meta.dcm", enforce_file_format=True)
+    raw = (tmp_path / f"{name}-meta.dcm").read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    path = tmp_path / name
+    path.write_bytes(raw[:meta_end] + comp.compress(body) + comp.flush() + tail)
+    return path
+
+
+def test_a_deflated_dicom_with_a_byte_after_its_stream_is_read_not_looped_over(tmp_path: Path) -> None:
+    """The inflation guard looped for good on a deflated dataset of more than 1 MiB with any byte after the end
+    of its deflate stream (pydicom pads an odd length so: a multi-frame MR re-saved deflated hung every door)."""
+    pytest.importorskip("pydicom")
+    import signal
+
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    frames = np.stack([np.roll(np.tile(RAMP, (4, 4)), k, axis=1) for k in range(20)])  # 20 x 256 x 256, 2.6 MB
+    plain = _write_dicom(tmp_path / "plain.dcm", frames[0], bits_stored=12)
+    ds = dcmread(plain)
+    ds.NumberOfFrames, ds.PixelData = len(frames), frames.astype(np.uint16).tobytes()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    padded = tmp_path / "padded.dcm"
+    padded.write_bytes((tmp_path / "deflated.dcm").read_bytes() + b"\0")
+
+    def stuck(*_):  # type: ignore[no-untyped-def]
+        raise TimeoutError("the inflation guard did not end")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(60)
+    try:
+        for path in (tmp_path / "deflated.dcm", padded):
+            image = read_image(path)
+            _assert_valid(image, channels=1)
+            assert image.meta["n_frames"] == 20
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_deflated_dataset_of_zeros_or_a_flood_of_elements_is_refused_before_pydicom_parses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydicom parses a deflated dataset from its own inflated buffer, out of reach of the read bound: one tag and
+    150 MB of zeros (a 150 KB file) had taken a minute to refuse. The guard that inflates it first walks its
+    elements: a run of empty elements, or more elements than a header has, is refused before pydicom runs."""
+    pytest.importorskip("pydicom")
+    import pydicom
+
+    from pellucid.datasets.readers import detect
+
+    tag = b"\x08\x00\x16\x00UI\x04\x001.2\0"  # SOP Class UID, then nothing but zeros
+    zeros = _deflated(tmp_path, "zeros.dcm", tag + bytes(8 << 20))
+    assert zeros.stat().st_size < 20_000
+    flood = _deflated(tmp_path, "flood.dcm", tag + b"\x08\x00\x00\x00UL\x00\x00" * 30_000)
+    parsed: list[str] = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parsed.append("dcmread") or real(*a, **k))
+    monkeypatch.setattr(detect, "MAX_HEADER_READS", 20_000)
+    for path in (zeros, flood):
+        for reader in (read_image, dicom_identifying_tags):
+            with pytest.raises(ImageReadError, match="no header where its tags should be") as err:
+                reader(path)
+            _assert_refusal(err, path)
+    assert parsed == []  # refused by the guard, before any parse
+    # A real deflated image walks to its end, whatever the chunks it is inflated in, and reads as before.
+    body = _inflated(_deflated_from(tmp_path))
+    whole, pieces = detect._ElementWalk(), detect._ElementWalk()
+    whole.feed(body)
+    for i in range(0, len(body), 7):
+        pieces.feed(body[i:i + 7])
+    assert whole.elements == pieces.elements > 10 and not whole.lost and not pieces.lost and not whole.too_long
+
+
+def _inflated(path: Path) -> bytes:
+    import zlib
+
+    raw = path.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    return zlib.decompress(raw[meta_end:], -zlib.MAX_WBITS)
+
+
+def _deflated_from(tmp_path: Path) -> Path:
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dcmread(_write_dicom(tmp_path / "walk-plain.dcm", RAMP, bits_stored=12))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "walk.dcm", enforce_file_format=True)
+    np.testing.assert_allclose(read_image(tmp_path / "walk.dcm").array, read_image(tmp_path / "walk-plain.dcm").array)
+    return tmp_path / "walk.dcm"
 
 
 def test_compressed_frame_larger_than_header_refused(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,7 +113,9 @@ def test_a_deflated_dicom_upload_is_refused_before_pydicom_inflates_it(tmp_path,
     meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
     comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     body = comp.compress(zlib.decompress(raw[meta_end:], -zlib.MAX_WBITS))
-    body += comp.compress(bytes(max_inflated_bytes() + (8 << 20))) + comp.flush()
+    large = max_inflated_bytes() + (8 << 20)  # one private OB element of zeros past the budget
+    body += comp.compress(b"\x11\x00\x10\x10OB\0\0" + large.to_bytes(4, "little")) + comp.compress(bytes(large))
+    body += comp.flush()
     bomb = tmp_path / "bomb.dcm"
     bomb.write_bytes(raw[:meta_end] + body)
     with pytest.raises(ImageReadError, match="inflates to more than") as err:
@@ -292,6 +295,36 @@ def test_cmd_ui_binds_loopback_and_hides_error_details(monkeypatch, capsys, tmp_
     assert len(err) == 1 and "0.0.0.0" in err[0] and "no login" in err[0]
     with pytest.raises(cli.UserError, match="is not a folder"):
         cli.cmd_ui(_ui_args(data_root=tmp_path / "missing"))
+
+
+def test_cmd_ui_gives_the_server_a_temporary_folder_and_removes_it_when_the_server_stops(monkeypatch, tmp_path):
+    """Whatever the server leaves in its temporary folder (a zip unpacked by a session that never
+    ended, because the server was killed) goes when ``pellucid ui`` returns."""
+    import tempfile
+
+    import pellucid.cli as cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = {}
+
+    class FakePopen:
+        pid = 0
+
+        def __init__(self, cmd, env=None, start_new_session=False):
+            seen["tmp"] = Path(env["TMPDIR"])
+            (seen["tmp"] / "pellucid-batch-x" / "imgs").mkdir(parents=True)
+            (seen["tmp"] / "pellucid-batch-x" / "imgs" / "0.png").write_bytes(b"patient image")
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    assert cli.cmd_ui(_ui_args()) == 0
+    assert seen["tmp"].parent == tmp_path and seen["tmp"].name.startswith("pellucid-ui-")
+    assert not seen["tmp"].exists() and list(tmp_path.iterdir()) == []
 
 
 def test_the_headless_server_runs_the_command_line_of_pellucid_ui(monkeypatch, model_dir, tmp_path):

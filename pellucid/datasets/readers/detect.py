@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import warnings
 import zlib
 from pathlib import Path
@@ -180,6 +181,86 @@ _DEFLATED_UID = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 _CHUNK = 1 << 20
 
 
+def no_header(p: Path) -> str:
+    """The refusal of a file with no DICOM header where one should be (zeros, or no end to it)."""
+    return (
+        f"{p}: is not a DICOM file: no header where its tags should be (zeros, or more than "
+        f"{MAX_HEADER_READS:,} elements) — re-export it, or check that the copy is complete"
+    )
+
+
+_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+                 b"US UT UV".split())
+_VRS_LENGTH_32 = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_UNDEFINED = 0xFFFFFFFF
+
+
+class _ElementWalk:
+    """Walks the elements of an inflated Explicit VR Little Endian dataset as it streams in, counting them
+    and the empty elements of tag (0000,0000) in a row, and skipping values (pixel data) unread.
+
+    pydicom parses the inflated dataset from its own buffer, out of reach of the read bound of
+    :func:`read_dataset`, so a deflated dataset of zeros after one real tag (150 KB that inflate to
+    150 MB) had taken a minute to refuse. The walk stops counting (and never refuses) at anything it
+    does not follow, such as an unknown VR or an undefined length outside a sequence."""
+
+    def __init__(self) -> None:
+        self.elements = 0
+        self.zeros = 0
+        self.lost = False
+        self._skip = 0
+        self._rest = b""
+
+    @property
+    def too_long(self) -> bool:
+        return self.elements > MAX_HEADER_READS or self.zeros > _MAX_ZERO_READS
+
+    def feed(self, data: bytes) -> None:
+        if self.lost or self.too_long:
+            return
+        if self._skip >= len(data):
+            self._skip -= len(data)
+            return
+        buf, i = (self._rest + data, 0) if self._rest else (data, self._skip)
+        self._skip = 0
+        end = len(buf)
+        while end - i >= 8 and not self.too_long:
+            group, elem = struct.unpack_from("<HH", buf, i)
+            vr = buf[i + 4:i + 6]
+            self.elements += 1
+            if group == 0 and elem == 0 and not any(buf[i + 4:i + 8]):
+                self.zeros += 1  # what zeros parse as: an empty element, 8 bytes
+                i += 8
+                continue
+            self.zeros = 0
+            if group == 0xFFFE:  # an item or a delimiter: tag and length, no VR; items are walked into
+                i += 8
+                continue
+            if vr not in _VRS:
+                self.lost = True
+                return
+            if vr in _VRS_LENGTH_32:
+                if end - i < 12:
+                    self.elements -= 1
+                    break
+                (length,) = struct.unpack_from("<I", buf, i + 8)
+                i += 12
+            else:
+                (length,) = struct.unpack_from("<H", buf, i + 6)
+                i += 8
+            if vr == b"SQ":
+                continue  # its items follow, defined length or not
+            if length == _UNDEFINED:
+                self.lost = True
+                return
+            if length > end - i:
+                self._skip = length - (end - i)
+                i = end
+            else:
+                i += length
+        self._rest = buf[i:] if i < end else b""
+
+
 def _check_deflated(path: Path) -> None:
     """Refuse a deflated DICOM whose dataset inflates beyond the budget, reading in 1 MiB chunks.
 
@@ -213,15 +294,23 @@ def _check_deflated(path: Path) -> None:
             return
         budget = max_inflated_bytes()
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        walk = _ElementWalk()
         total = 0
         try:
             while not inflater.eof:
                 chunk = fh.read(_CHUNK)
                 if not chunk:
                     break
-                total += len(inflater.decompress(chunk, _CHUNK))
-                while inflater.unconsumed_tail and total <= budget:
-                    total += len(inflater.decompress(inflater.unconsumed_tail, _CHUNK))
+                out = inflater.decompress(chunk, _CHUNK)
+                total += len(out)
+                walk.feed(out)
+                # not past the stream's end: bytes after it (a pad byte) stay in the tail, and the loop had never ended
+                while inflater.unconsumed_tail and not inflater.eof and total <= budget and not walk.too_long:
+                    out = inflater.decompress(inflater.unconsumed_tail, _CHUNK)
+                    total += len(out)
+                    walk.feed(out)
+                if walk.too_long:
+                    raise ImageReadError(no_header(path))
                 if total > budget:
                     raise ImageReadError(
                         f"{path}: its deflated dataset inflates to more than {budget} bytes, over "

@@ -27,7 +27,7 @@ import numpy as np
 from pellucid.datasets.readers.common import check_file, _check_window, _out_of_memory, _pydicom_quiet, _warn
 from pellucid.datasets.readers.detect import (
     _DICOM_INSTALL_HINT,
-    MAX_HEADER_READS,
+    no_header,
     HeaderTooLong,
     ReadTooLarge,
     _check_deflated,
@@ -263,7 +263,7 @@ def _parse_with(pydicom: Any, p: Path, **kwargs: Any) -> Dataset:
     except MemoryError as err:
         raise _out_of_memory(p, "parsing the DICOM header") from err
     except HeaderTooLong as err:
-        raise ImageReadError(_no_header(p)) from err
+        raise ImageReadError(no_header(p)) from err
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt files
         raise ImageReadError(
             f"{p}: could not be parsed as DICOM: the header is corrupt or the file truncated "
@@ -296,14 +296,6 @@ def _pixel_value(p: Path, ds: Dataset, at: int) -> tuple[int, int | None] | None
     else:
         start, length = at + 8, int.from_bytes(head[6:8], order)
     return start, (None if length == 0xFFFFFFFF else length)
-
-
-def _no_header(p: Path) -> str:
-    """The refusal of a file with no DICOM header where one should be (zeros, or no end to it)."""
-    return (
-        f"{p}: is not a DICOM file: no header where its tags should be (zeros, or more than "
-        f"{MAX_HEADER_READS:,} elements) — re-export it, or check that the copy is complete"
-    )
 
 
 def _corrupt_header(p: Path, err: BaseException) -> str:
