@@ -876,6 +876,54 @@ def test_a_flood_of_metadata_chunks_is_refused_before_pillow_parses_it(
     assert np.array_equal(capped.array, read_image(tmp_path / "stack.tif", frame=0).array)
 
 
+def test_a_jpeg_of_more_scans_than_any_camera_writes_is_refused_before_decoding(tmp_path: Path) -> None:
+    """libjpeg decodes each scan of a progressive JPEG over the whole image, so one scan repeated makes a file
+    that costs seconds per few thousand scans (20,000 scans of a 2000-px picture: 8.9 s). Past ``MAX_JPEG_SCANS``
+    the file is one line; a progressive file of the usual ten scans, or a few dozen, reads as before."""
+    from pellucid.datasets.readers import pil as readers_pil
+
+    rng = np.random.default_rng(0)
+    PILImage.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / "p.jpg", progressive=True)
+    data = (tmp_path / "p.jpg").read_bytes()
+    scans = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    assert 5 <= len(scans) <= 12
+    last = data[scans[-1]:-2]  # the last scan, up to the end-of-image marker
+    limit = getattr(readers_pil, "MAX_JPEG_SCANS", 200)
+    for extra, refused in ((40, False), (limit + 1 - len(scans), True)):
+        path = tmp_path / f"scans{extra}.jpg"
+        path.write_bytes(data[:-2] + last * extra + data[-2:])
+        if refused:
+            with pytest.raises(ImageReadError, match=f"JPEG of more than {limit:,} scans") as err:
+                read_image(path)
+            _assert_refusal(err, path)
+        else:
+            _assert_valid(read_image(path))
+    # The same in a DICOM frame, where pydicom's pylibjpeg takes about 70 ms a scan of a 2000-px frame.
+    pytest.importorskip("pydicom")
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from pellucid.datasets.readers import limits
+
+    frame_limit = getattr(limits, "MAX_FRAME_SCANS", 32)
+    ds = dcmread(_write_dicom(tmp_path / "plain.dcm", RAMP[:32, :32], bits_stored=12))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    for extra, refused in ((0, False), (frame_limit + 1 - len(scans), True)):
+        ds.PixelData = encapsulate([data[:-2] + last * extra + data[-2:]])
+        ds["PixelData"].VR = "OB"
+        path = tmp_path / f"scans{extra}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        if refused:
+            with pytest.raises(ImageReadError, match=f"more than {frame_limit} JPEG scans") as err:
+                read_image(path)
+            _assert_refusal(err, path)
+        else:
+            _assert_valid(read_image(path))
+
+
 @pytest.mark.parametrize("name", ["scans.zip", "Study.TAR.GZ", "cases.7z"])
 def test_an_archive_is_refused_with_what_to_do(tmp_path: Path, name: str) -> None:
     """A zip (or tar, 7z) given in place of its images: one line that says to unpack it, not "convert it to .png"."""

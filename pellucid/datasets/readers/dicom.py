@@ -43,7 +43,7 @@ from pellucid.datasets.readers.dicom_values import (
     _header_number,
 )
 from pellucid.datasets.readers.image import IMAGE_SUFFIXES, Image, ImageReadError
-from pellucid.datasets.readers.limits import max_pixels, reduce_array, reduction_factor
+from pellucid.datasets.readers.limits import MAX_FRAME_SCANS, jpeg_scans, max_pixels, reduce_array, reduction_factor
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -715,6 +715,11 @@ def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) ->
         data = get_frame(pixels, index, number_of_frames=frames)
     except Exception:  # noqa: BLE001 - the decoder will refuse a broken encapsulation
         return
+    if bytes(data[:2]) == b"\xff\xd8" and jpeg_scans(bytes(data)) > MAX_FRAME_SCANS:
+        raise ImageReadError(
+            f"{path}: its compressed frame holds more than {MAX_FRAME_SCANS} JPEG scans, more than any modality "
+            "writes (each is decoded over the whole frame) — the file is corrupt or hostile; re-export it"
+        )
     size = _compressed_frame_size(bytes(data[:65536]))
     if size is None:
         return

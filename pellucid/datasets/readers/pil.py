@@ -14,7 +14,7 @@ import numpy as np
 
 from pellucid.datasets.readers.common import _min_max, _out_of_memory, _warn
 from pellucid.datasets.readers.image import Image, ImageReadError
-from pellucid.datasets.readers.limits import max_pixels, reduction_factor
+from pellucid.datasets.readers.limits import MAX_JPEG_SCANS, jpeg_scans, max_pixels, reduction_factor
 
 __all__: list[str] = []
 
@@ -47,6 +47,11 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
         raise ImageReadError(
             f"{path}: has more than {MAX_HEADER_SEGMENTS:,} metadata chunks before its pixels — the file is "
             "corrupt or hostile; re-export it"
+        )
+    if _too_many_scans(path):
+        raise ImageReadError(
+            f"{path}: is a JPEG of more than {MAX_JPEG_SCANS:,} scans — no camera or scanner writes that many, "
+            "and each is decoded over the whole image; re-save it (e.g. as PNG)"
         )
     try:
         # Pillow's own bomb check (at open, from the header) warns above MAX_IMAGE_PIXELS and
@@ -177,6 +182,22 @@ def _too_many_segments(path: Path) -> bool:
                 if len(size) < 2:
                     return False
                 fh.seek(int.from_bytes(size, "big") - 2, os.SEEK_CUR)
+        return True
+
+
+def _too_many_scans(path: Path) -> bool:
+    """Whether a JPEG file holds more than :data:`MAX_JPEG_SCANS` scans (:func:`jpeg_scans`), counted over the
+    whole file in 1 MiB pieces; a second picture's and a thumbnail's count too."""
+    with path.open("rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return False
+        count, last = 0, b""
+        while count <= MAX_JPEG_SCANS:
+            piece = fh.read(1 << 20)
+            if not piece:
+                return False
+            count += jpeg_scans(last + piece[:1]) + jpeg_scans(piece)  # one across the pieces' seam too
+            last = piece[-1:]
         return True
 
 
