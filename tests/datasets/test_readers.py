@@ -924,6 +924,36 @@ def test_a_jpeg_of_more_scans_than_any_camera_writes_is_refused_before_decoding(
             _assert_valid(read_image(path))
 
 
+def test_a_large_run_length_bmp_is_refused_before_pillow_decodes_it_in_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow decodes BMP runs in Python: one-pixel runs cost 0.7 s a megabyte (8 MB, 2000 x 2000: 5.4 s; an
+    80 MB file at the pixel limit about a minute). Past ``MAX_RLE_BYTES`` of coded data the file is one line;
+    a smaller one reads, to the pixels its runs say."""
+    import struct
+
+    from pellucid.datasets.readers import pil as readers_pil
+
+    def rle8(side: int) -> bytes:  # every pixel its own run of one, grey level = column
+        row = b"".join(bytes((1, x % 256)) for x in range(side)) + b"\0\0"
+        body = row * side + b"\0\1"
+        palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+        offset = 14 + 40 + len(palette)
+        dib = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+        return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + dib + palette + body
+
+    path = tmp_path / "runs.bmp"
+    path.write_bytes(rle8(48))
+    image = read_image(path)
+    assert np.allclose(image.array[0, :, 0] * 255, np.arange(48))
+    monkeypatch.setattr(readers_pil, "MAX_RLE_BYTES", 1 << 10, raising=False)
+    with pytest.raises(ImageReadError, match="run-length coded BMP of more than") as err:
+        read_image(path)
+    _assert_refusal(err, path)
+    PILImage.fromarray(_gradient(48, 48)).save(tmp_path / "plain.bmp")  # an uncompressed BMP: no limit
+    _assert_valid(read_image(tmp_path / "plain.bmp"))
+
+
 @pytest.mark.parametrize("name", ["scans.zip", "Study.TAR.GZ", "cases.7z"])
 def test_an_archive_is_refused_with_what_to_do(tmp_path: Path, name: str) -> None:
     """A zip (or tar, 7z) given in place of its images: one line that says to unpack it, not "convert it to .png"."""

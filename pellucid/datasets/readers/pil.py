@@ -36,6 +36,11 @@ MAX_COUNTED_PAGES = 1_000  # a page costs Pillow a seek and a parse of its tags:
 
 _IDENTIFY_BYTES = 64 << 10  # what naming another format reads of a file
 
+#: bytes of run-length coded BMP data a file may hold: Pillow decodes BMP runs in Python, 0.7 s a megabyte of
+#: one-pixel runs (an 80 MB file at the pixel limit: about a minute); a run-length BMP of an ordinary picture
+#: of a few megapixels is well under this
+MAX_RLE_BYTES = 8 << 20
+
 
 def _read_pil(path: Path, *, frame: int | None) -> Image:
     from PIL import Image as PILImage
@@ -77,6 +82,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                 elif n_frames > 1:
                     more = "at least " if n_frames >= MAX_COUNTED_PAGES else ""
                     notes.append(f"frame 0 of {more}{n_frames} (first frame by default)")
+                _check_rle(im, path)
                 mode = im.mode
                 file_size = im.size
                 if fmt == "jpeg" and reduction_factor(im.height, im.width) > 1:
@@ -183,6 +189,17 @@ def _too_many_segments(path: Path) -> bool:
                     return False
                 fh.seek(int.from_bytes(size, "big") - 2, os.SEEK_CUR)
         return True
+
+
+def _check_rle(im: Any, path: Path) -> None:
+    """Refuse a run-length coded BMP with more than :data:`MAX_RLE_BYTES` of coded data (Pillow's decoder
+    for it is written in Python)."""
+    tiles = [t for t in getattr(im, "tile", None) or [] if t[0] == "bmp_rle"]
+    if tiles and path.stat().st_size - min(t[2] for t in tiles) > MAX_RLE_BYTES:
+        raise ImageReadError(
+            f"{path}: is a run-length coded BMP of more than {MAX_RLE_BYTES >> 20} MB, which decodes slowly "
+            "(about a second a megabyte) — re-save it uncompressed or as PNG"
+        )
 
 
 def _too_many_scans(path: Path) -> bool:
