@@ -32,6 +32,9 @@ OPEN_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 #: a few dozen chunks or segments. Pillow parses every one at open (and walks every TIFF page to count them),
 #: so a file of a million 4-byte comments held a door 2-5 s per 4-15 MB, minutes for a few hundred MB.
 MAX_HEADER_SEGMENTS = 10_000
+#: PNG image data chunks (``IDAT``) a file may hold: encoders write 8-64 KB each (a 100 MB picture in 8 KB
+#: chunks: 12,800); Pillow reads each in Python, so a million 1-byte chunks (13 MB) took 2.8 s.
+MAX_PNG_DATA_CHUNKS = 200_000
 MAX_COUNTED_PAGES = 1_000  # a page costs Pillow a seek and a parse of its tags: 0.15 ms
 
 _IDENTIFY_BYTES = 64 << 10  # what naming another format reads of a file
@@ -48,11 +51,9 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
 
     limit = _sync_pil_limit(PILImage)
     notes: list[str] = []
-    if _too_many_segments(path):
-        raise ImageReadError(
-            f"{path}: has more than {MAX_HEADER_SEGMENTS:,} metadata chunks before its pixels — the file is "
-            "corrupt or hostile; re-export it"
-        )
+    flood = _too_many_segments(path)
+    if flood:
+        raise ImageReadError(f"{path}: {flood} — the file is corrupt or hostile; re-export it")
     if _too_many_scans(path):
         raise ImageReadError(
             f"{path}: is a JPEG of more than {MAX_JPEG_SCANS:,} scans — no camera or scanner writes that many, "
@@ -158,37 +159,46 @@ def _frame_count(im: Any) -> int:
     return count
 
 
-def _too_many_segments(path: Path) -> bool:
-    """Whether a PNG or JPEG file holds more than :data:`MAX_HEADER_SEGMENTS` chunks or segments before its
-    image data (reading only their 4-8 byte headers). Anything else, or a structure that does not parse, is
-    left to Pillow to judge."""
+def _too_many_segments(path: Path) -> str | None:
+    """Why a PNG or JPEG file holds more chunks or segments than any real file (reading only their 4-8 byte
+    headers): a PNG's metadata chunks anywhere (Pillow reads those after the image data too, at the end of a
+    load: a million text chunks there took 9.4 s) or its image data chunks past :data:`MAX_PNG_DATA_CHUNKS`; a
+    JPEG's segments before its first scan. None for anything else, or a structure that does not parse (left to
+    Pillow to judge)."""
     with path.open("rb") as fh:
         head = fh.read(8)
         count = 0
         if head == b"\x89PNG\r\n\x1a\n":
-            while count <= MAX_HEADER_SEGMENTS:
+            data_chunks = 0
+            while True:
                 chunk = fh.read(8)
-                if len(chunk) < 8 or chunk[4:8] == b"IDAT":
-                    return False
+                if len(chunk) < 8 or chunk[4:8] == b"IEND":
+                    return None
+                if chunk[4:8] == b"IDAT":
+                    data_chunks += 1
+                    if data_chunks > MAX_PNG_DATA_CHUNKS:
+                        return f"has its image data in more than {MAX_PNG_DATA_CHUNKS:,} chunks"
+                else:
+                    count += 1
+                    if count > MAX_HEADER_SEGMENTS:
+                        return f"has more than {MAX_HEADER_SEGMENTS:,} metadata chunks"
                 fh.seek(int.from_bytes(chunk[:4], "big") + 4, os.SEEK_CUR)
-                count += 1
-            return True
         if head[:2] != b"\xff\xd8":
-            return False
+            return None
         fh.seek(2)
         while count <= MAX_HEADER_SEGMENTS:
             count += 1
             marker = fh.read(2)
             if len(marker) < 2 or marker[0] != 0xFF or marker[1] == 0xDA:  # not a marker, or the scan begins
-                return False
+                return None
             if marker[1] == 0xFF:  # a fill byte: the marker starts one byte on
                 fh.seek(-1, os.SEEK_CUR)
             elif not (marker[1] in (0x01, 0xD8) or 0xD0 <= marker[1] <= 0xD7):  # these carry no length
                 size = fh.read(2)
                 if len(size) < 2:
-                    return False
+                    return None
                 fh.seek(int.from_bytes(size, "big") - 2, os.SEEK_CUR)
-        return True
+        return f"has more than {MAX_HEADER_SEGMENTS:,} metadata chunks before its pixels"
 
 
 def _check_rle(im: Any, path: Path) -> None:
