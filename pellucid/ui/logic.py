@@ -663,7 +663,18 @@ def model_card_markdown(folder: str | Path, max_bytes: int = 256 << 10) -> str |
         end = text.find("\n---", 4)
         if end != -1:
             text = text[end + 4:].lstrip("\n")
-    return text.strip() or None
+    return _no_images(text.strip()) or None
+
+
+def _no_images(text: str) -> str:
+    """Markdown with every image made a plain link (``![`` escaped, unless already): a model folder may come
+    from anyone, and an image in its card was fetched by the browser from wherever it pointed as soon as the
+    Model page opened. pellucid's own cards hold no images; a link stays, to be followed only when clicked."""
+    return _IMAGE_START.sub(lambda m: m.group(1) + "\\![", text)
+
+
+#: ``![`` after an even number of backslashes (none, or escaped backslashes): the start of an image
+_IMAGE_START = re.compile(r"(?<!\\)((?:\\\\)*)!\[")
 
 
 def uploads_to_cases(predictor, uploads: Sequence[Upload], *, reference="auto") -> list[Case]:

@@ -338,6 +338,23 @@ def test_explanation_cache_streams_one_method_at_a_time(model_dir, tmp_path, mon
     assert seen == [("a", ["a note"], [["a"], ["a"]]), ("b", ["b note"], [["a", "b"], ["a", "b"]])]
 
 
+def test_a_model_cards_images_are_not_fetched_by_the_model_page(tmp_path):
+    """A model folder may come from anyone: an image in its MODEL_CARD.md was fetched by the browser from the
+    host it named as soon as the Model page opened (checked with Chromium against a local server). Every image
+    is now a plain link; the rest of the card, links included, is unchanged."""
+    markdown = pytest.importorskip("markdown")
+    card = ("# Card\n\n![a](http://host/a.png) \\\\![b](http://host/b.png) ![c][r] \\![d](http://host/d.png)\n\n"
+            "See [the paper](https://example.org/p).\n\n[r]: http://host/c.png\n")
+    assert markdown.markdown(card).count("<img") == 3  # what the page had rendered
+    (tmp_path / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+    shown = logic.model_card_markdown(tmp_path)
+    rendered = markdown.markdown(shown)
+    assert "<img" not in rendered
+    assert '<a href="https://example.org/p">the paper</a>' in rendered and "<h1>Card</h1>" in rendered
+    assert shown == ("# Card\n\n\\![a](http://host/a.png) \\\\\\![b](http://host/b.png) \\![c][r] "
+                     "\\![d](http://host/d.png)\n\nSee [the paper](https://example.org/p).\n\n[r]: http://host/c.png")
+
+
 def test_model_card_markdown(tmp_path):
     assert logic.model_card_markdown(tmp_path) is None
     (tmp_path / "MODEL_CARD.md").write_text("---\nlicense: mit\n---\n\n# Model card\n\nIntended use: research.\n")
