@@ -919,6 +919,42 @@ def test_a_png_flooded_after_its_pixels_or_in_its_image_data_is_refused(
             assert np.array_equal(read_image(path).array, read_image(tmp_path / "a.png").array)
 
 
+def test_a_tiff_of_more_strips_than_a_real_one_is_refused_before_pillow_opens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow makes a Python object of every strip or tile when it opens a TIFF page and decodes each in Python:
+    a 40 MB file of 5,000,000 one-byte strips took 21 s and 1.7 GB to open, 80 s to read. The strips are counted
+    from the directory entries first (``MAX_TIFF_PIECES``, lowered here); a real TIFF, BigTIFF or stack reads."""
+    import struct
+
+    from pellucid.datasets.readers import pil as readers_pil
+
+    def strips(n: int) -> bytes:  # a 1 x n picture, one 1-byte strip a row, every strip the same byte
+        offsets = 8 + 2 + 12 * 9 + 4  # after the header, the directory of 9 entries and its next-directory link
+        entries = [(256, 4, 1, 1), (257, 4, 1, n), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+                   (273, 4, n, offsets), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, n, offsets + 4 * n)]
+        out = b"II*\0" + struct.pack("<IH", 8, len(entries))
+        out += b"".join(struct.pack("<HHI", t, k, c) + (struct.pack("<HH", v, 0) if k == 3 else struct.pack("<I", v))
+                        for t, k, c, v in entries)
+        pixel = offsets + 8 * n
+        return out + struct.pack("<I", 0) + struct.pack("<I", pixel) * n + struct.pack("<I", 1) * n + b"\x80"
+
+    monkeypatch.setattr(readers_pil, "MAX_TIFF_PIECES", 1_000, raising=False)
+    small, flood = tmp_path / "strips.tif", tmp_path / "flood.tif"
+    small.write_bytes(strips(500))
+    flood.write_bytes(strips(1_001))
+    image = read_image(small)
+    assert image.array.shape == (500, 1, 1) and np.allclose(image.array, 128 / 255)
+    with pytest.raises(ImageReadError, match="more than 1,000 TIFF strips or tiles") as err:
+        read_image(flood)
+    _assert_refusal(err, flood)
+    pages = [PILImage.fromarray(_gradient(64, 64) // (k + 1)) for k in range(3)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:], tiffinfo={278: 1})  # 64 strips a page
+    assert read_image(tmp_path / "stack.tif", frame=2).array.shape == (64, 64, 1)
+    pages[0].save(tmp_path / "big.tif", big_tiff=True)
+    assert np.array_equal(read_image(tmp_path / "big.tif").array, read_image(tmp_path / "stack.tif").array)
+
+
 def test_a_jpeg_of_more_scans_than_any_camera_writes_is_refused_before_decoding(tmp_path: Path) -> None:
     """libjpeg decodes each scan of a progressive JPEG over the whole image, so one scan repeated makes a file
     that costs seconds per few thousand scans (20,000 scans of a 2000-px picture: 8.9 s). Past ``MAX_JPEG_SCANS``
