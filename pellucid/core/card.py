@@ -437,6 +437,8 @@ def read_card(folder: str | Path) -> ModelCard:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CardError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    except RecursionError:  # brackets nested deeper than Python's JSON parser goes: no card is written so
+        raise CardError(f"{path} is not a card: its JSON is nested too deeply to read") from None
     except (OSError, UnicodeDecodeError) as err:
         raise CardError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
     card = ModelCard.from_dict(data, source=str(path))

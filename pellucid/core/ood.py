@@ -448,23 +448,56 @@ def load_reference(folder: str | Path) -> OODReference | MemberReferences | Neig
 
     An ensemble folder stores none of its own: its members' references are read together
     (:class:`MemberReferences`) when every member has one.
-    """
-    from safetensors import safe_open
 
+    Raises:
+        ModelFolderError: the reference file is damaged (one line: remove it, or retrain).
+    """
     path = Path(folder) / REFERENCE_FILE
     if not path.exists():
         return _member_references(Path(folder))
+    try:
+        return _read_reference(path)
+    except Exception as err:  # noqa: BLE001 - safetensors, JSON, a missing, mistyped or misshapen field
+        from pellucid.core.card import ModelFolderError
+
+        raise ModelFolderError(
+            f"{path}: the out-of-domain reference is damaged ({type(err).__name__}) — remove it to predict without "
+            "out-of-domain flags (the web app's Model page can build another from the training split), or retrain"
+        ) from None
+
+
+def _read_reference(path: Path) -> OODReference | NeighbourReference:
+    """The reference in ``path``, its metadata and arrays checked (a hand-made or damaged file had ended in a
+    JSON, key or safetensors traceback at every door)."""
+    from safetensors import safe_open
+
     with safe_open(str(path), framework="numpy") as fh:
         meta = json.loads((fh.metadata() or {}).get("pellucid_ood", "{}"))
+        if not isinstance(meta, dict):
+            raise TypeError("metadata")
         if meta.get("kind") == "neighbours":
-            return NeighbourReference(_unit(fh.get_tensor("support").astype(np.float64)),
-                                      float(meta["distance_threshold"]), float(meta.get("margin", 0.10)))
+            support = fh.get_tensor("support").astype(np.float64)
+            _check_arrays(support.ndim == 2 and len(support) >= 2, support)
+            return NeighbourReference(_unit(support), _finite(meta["distance_threshold"]),
+                                      _finite(meta.get("margin", 0.10)))
         mean = fh.get_tensor("mean").astype(np.float64)
         precision = fh.get_tensor("precision").astype(np.float64)
-    return OODReference(mean=mean, precision=precision, distance_threshold=float(meta["distance_threshold"]),
-                        energy_threshold=float(meta["energy_threshold"]), quantile=float(meta["quantile"]),
+    _check_arrays(mean.ndim == 1 and precision.shape == (len(mean), len(mean)), mean, precision)
+    return OODReference(mean=mean, precision=precision, distance_threshold=_finite(meta["distance_threshold"]),
+                        energy_threshold=_finite(meta["energy_threshold"]), quantile=_finite(meta["quantile"]),
                         n_fit=int(meta["n_fit"]), n_calib=int(meta["n_calib"]), source=str(meta.get("source", "")),
                         normalize=bool(meta.get("normalize", False)))  # references written before: raw embeddings
+
+
+def _check_arrays(shaped: bool, *arrays: np.ndarray) -> None:
+    if not shaped or not all(a.size and np.isfinite(a).all() for a in arrays):
+        raise ValueError("arrays")
+
+
+def _finite(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ValueError("threshold")
+    return float(value)
 
 
 def _member_references(folder: Path) -> MemberReferences | None:

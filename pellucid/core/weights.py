@@ -101,9 +101,13 @@ def _load_checkpoint(backbone: Backbone, checkpoint: str | os.PathLike) -> dict:
     if card.exists():
         import json
 
-        c = json.loads(card.read_text())
+        try:
+            c = json.loads(card.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, OSError):  # a damaged card: the weights are loaded, its notes are not
+            c = {}
+        c = c if isinstance(c, dict) else {}
         info["from_task"] = c.get("task")
-        pre = c.get("preprocessing", {})
+        pre = c.get("preprocessing") if isinstance(c.get("preprocessing"), dict) else {}
         if pre.get("mean") and pre.get("std"):
             info["mean"], info["std"] = pre["mean"], pre["std"]
     return info

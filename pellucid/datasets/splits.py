@@ -264,9 +264,12 @@ def load_split(path: str | Path, *, data_root: str | Path | None = None,
         raise DataError(f"split file {path} not found: give a split.json written by `pellucid train` "
                         "or the model folder that holds one")
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"split file {path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    except (RecursionError, UnicodeDecodeError) as err:  # nested too deeply, or not text: no split is so
+        raise DataError(f"split file {path} is not a split ({type(err).__name__}): give a split.json written by "
+                        "`pellucid train`") from None
     if not isinstance(saved, dict):
         raise DataError(f"split file {path} is not a split (a JSON object with train/val/test parts)")
     base = path.parent

@@ -89,6 +89,19 @@ def test_checkpoint_source_from_model_folder(tiny_model_dir):
     assert torch.equal(bb.net.state_dict()[k[len("backbone.net."):]], saved[k])
 
 
+def test_checkpoint_weights_load_beside_a_damaged_card(tiny_model_dir, tmp_path):
+    """The weights of a checkpoint folder load even where its card.json is damaged (its task and normalisation
+    are then not noted); a card that was not JSON, or a JSON list, had ended in a traceback."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    for text in ("{bad", "[1, 2]", '{"preprocessing": 3}', "[" * 100_000 + "]" * 100_000):
+        (folder / "card.json").write_text(text)
+        bb, info = create_backbone("test_resnet", checkpoint=str(folder))
+        assert info["source"] == "checkpoint" and info["from_task"] is None and "mean" not in info
+
+
 def test_checkpoint_of_other_backbone_is_refused(tiny_model_dir):
     with pytest.raises(WeightSourceError, match="does not match backbone"):
         create_backbone("resnet18", checkpoint=str(tiny_model_dir))

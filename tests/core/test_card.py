@@ -101,6 +101,7 @@ def test_old_card_without_optional_fields_loads_with_defaults(tmp_path):
     (None, "has no card.json"),
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "must be a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # had been a RecursionError traceback
     (json.dumps({"classes": ["a"]}), "missing required field 'task'"),
     (json.dumps({"task": "t"}), "missing required field 'classes'"),
     (json.dumps({"task": "t", "classes": "ab"}), "field 'classes' must be a list"),
@@ -186,6 +187,10 @@ def test_bad_split_files_give_data_errors(tmp_path):
     (tmp_path / "split.json").write_text("{bad")
     with pytest.raises(DataError, match="not valid JSON"):
         load_split(tmp_path)
+    for text in ("[" * 100_000 + "]" * 100_000, "\udcff"):  # nested too deeply, not UTF-8: had been tracebacks
+        (tmp_path / "split.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(DataError, match="is not a split"):
+            load_split(tmp_path)
     (tmp_path / "split.json").write_text(json.dumps({"train": [{"label": "a"}]}))
     with pytest.raises(DataError, match="has no 'path'"):
         load_split(tmp_path)

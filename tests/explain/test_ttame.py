@@ -192,6 +192,30 @@ def test_unfitted_model_gets_a_clear_error(tmp_path):
         get_explainer("ttame", folder=str(folder)).explain(model, images_for(64, 1))
 
 
+def test_a_damaged_ttame_file_is_one_line_and_builds_nothing_from_its_config(tmp_path):
+    """A hand-made or damaged ``ttame.safetensors`` ended in a JSON, key, type or safetensors traceback, and a
+    config asking for 10**9 channels had the attention allocate before its weights were read (4e18 bytes
+    asked for). Each is now one line naming the file and saying how to refit; nothing is built from the config
+    but what the file's own tensors fill."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = folder / WEIGHTS_FILE
+    configs = {"not JSON": "{", "nested too deep": "[" * 100_000 + "]" * 100_000, "a list": "[]", "no channels": "{}",
+               "text channels": json.dumps({"channels": "x", "n_classes": 2}),
+               "huge": json.dumps({"channels": [10**9], "n_classes": 10**6, "layers": ["a"]})}
+    for what, meta in configs.items():
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"pellucid_ttame": meta})
+        with pytest.raises(ExplanationError, match="damaged|does not match its own config") as err:
+            load_ttame(folder)
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message and f"--model {folder}" in message, what
+    path.write_bytes(b"\x10\0\0\0\0\0\0\0{")  # cut short
+    with pytest.raises(ExplanationError, match="is damaged \\(SafetensorError\\)"):
+        load_ttame(folder)
+
+
 def test_save_and_load_round_trip_with_the_model_folder(tmp_path):
     model = tiny_classifier("test_resnet")
     folder = _toy_folder(tmp_path / "m", model)

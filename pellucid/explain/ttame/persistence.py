@@ -72,6 +72,34 @@ def save_ttame(folder: str | Path, attention: TTAMEAttention, info: dict | None 
     return target
 
 
+def _read_attention(path: Path, folder: Path) -> TTAMEAttention:
+    """The attention in ``path``: built on the meta device and given the file's own tensors, so a config that
+    asks for more than the file holds allocates nothing (a hand-made one had asked for 4e18 bytes)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = (fh.metadata() or {}).get("pellucid_ttame")
+    if not meta:
+        raise ExplanationError(f"{path} is not a pellucid T-TAME weights file (no 'pellucid_ttame' metadata); refit with "
+                               f"`{_FIT_HINT.format(folder=folder)}`")
+    cfg = json.loads(meta)
+    if not isinstance(cfg, dict):
+        raise TypeError("metadata")
+    if cfg.get("format", 1) > _FORMAT:
+        raise ExplanationError(f"{path} has T-TAME format {cfg['format']}, newer than this pellucid reads ({_FORMAT}); "
+                               "upgrade pellucid or refit")
+    with torch.device("meta"):
+        att = TTAMEAttention(cfg["channels"], cfg["n_classes"], cfg.get("layers", ()))
+    try:
+        att.load_state_dict(load_file(str(path)), assign=True)
+    except RuntimeError as err:
+        raise ExplanationError(f"{path} does not match its own config (tensors missing, extra or of another shape); "
+                               f"refit with `{_FIT_HINT.format(folder=folder)}`") from err
+    return att
+
+
 def load_ttame(folder: str | Path, *, check_model: bool = True) -> TTAMEAttention:
     """The T-TAME attention stored in a model folder, in eval mode.
 
@@ -80,31 +108,21 @@ def load_ttame(folder: str | Path, *, check_model: bool = True) -> TTAMEAttentio
         check_model: warn when ``model.safetensors`` changed since the attention was fitted.
 
     Raises:
-        ExplanationError: the folder has no fitted T-TAME (the message says how to fit it) or the
-            file is not a T-TAME weights file.
+        ExplanationError: the folder has no fitted T-TAME (the message says how to fit it), or the
+            file is not a T-TAME weights file or is damaged (one line each).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise ExplanationError(f"ttame: model folder {folder} has no fitted T-TAME attention ({WEIGHTS_FILE}). "
                                f"Fit it first: `{_FIT_HINT.format(folder=folder)}`")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = (fh.metadata() or {}).get("pellucid_ttame")
-    if not meta:
-        raise ExplanationError(f"{path} is not a pellucid T-TAME weights file (no 'pellucid_ttame' metadata); refit with "
-                               f"`{_FIT_HINT.format(folder=folder)}`")
-    cfg = json.loads(meta)
-    if cfg.get("format", 1) > _FORMAT:
-        raise ExplanationError(f"{path} has T-TAME format {cfg['format']}, newer than this pellucid reads ({_FORMAT}); "
-                               "upgrade pellucid or refit")
-    att = TTAMEAttention(cfg["channels"], cfg["n_classes"], cfg.get("layers", ()))
     try:
-        att.load_state_dict(load_file(str(path)))
-    except RuntimeError as err:
-        raise ExplanationError(f"{path} does not match its own config: {str(err).splitlines()[0]}; refit") from err
+        att = _read_attention(path, folder)
+    except ExplanationError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors, JSON, a missing or mistyped field: one line at every door
+        raise ExplanationError(f"{path} is damaged ({type(err).__name__}); refit with "
+                               f"`{_FIT_HINT.format(folder=folder)}`") from None
     from pellucid.core.card import CardError, read_card
 
     att.info = {}
