@@ -212,8 +212,10 @@ def explain_cases(predictor, cases: Sequence[Case], methods: Sequence[str], *, b
             try:
                 expl = explainer.explain(predictor.model, x, [_target_of(c, fixed) for c in chunk])
             except Exception as err:  # noqa: BLE001 - see above
-                _note_once(notes, f"{m} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-                results = [MethodResult(m, None, {}, "failed") for _ in chunk]
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+                _note_once(notes, f"{m} failed: {reason}")
+                # the reason travels with each row: a summary of "failed" alone had left the user guessing
+                results = [MethodResult(m, None, {}, f"failed ({reason})") for _ in chunk]
             else:
                 scores: list[dict] = [{} for _ in chunk]
                 if score:

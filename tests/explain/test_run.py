@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image as PILImage
 
 from pellucid.core.modelfolder import save_model
@@ -159,6 +160,31 @@ def test_cli_option_reaches_the_explainer_and_bad_options_get_one_line(model_fol
                      str(root / "b.png")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_method_that_fails_says_why_in_its_rows_and_the_summary(model_folder, image_files, tmp_path, capsys):
+    """A damaged ``ttame.safetensors`` in the model folder: the run goes on, and the summary line and each row say
+    what failed and how to mend it (the summary had read "failed" alone)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pellucid.cli import main
+
+    root, _ = image_files
+    folder = tmp_path / "m"
+    shutil.copytree(model_folder, folder)
+    save_file({"w": torch.zeros(1)}, str(folder / "ttame.safetensors"), metadata={"pellucid_ttame": "{"})
+    capsys.readouterr()
+    assert main(["explain", "--model", str(folder), "--method", "ttame,gradcam", "--out", str(tmp_path / "e"),
+                 str(root / "b.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    summary = err[err.index("1 input(s) or method(s) failed:") + 1:]
+    assert len(summary) == 1 and "ttame.safetensors is damaged (JSONDecodeError)" in summary[0], err
+    assert f"pellucid fit-explainer ttame --model {folder}" in summary[0]
+    assert (tmp_path / "e" / "b_gradcam.png").is_file()  # the other method's map is written
+    rows = explain_paths(folder, [root / "b.png"], methods=["ttame"], out_dir=tmp_path / "f")
+    assert rows[0]["error"].startswith("failed (ExplanationError: ") and "is damaged" in rows[0]["error"]
 
 
 def test_a_long_file_name_gets_output_files_the_file_system_accepts(model_folder, image_files, tmp_path):
