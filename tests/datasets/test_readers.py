@@ -951,6 +951,14 @@ def test_a_tiff_of_more_strips_than_a_real_one_is_refused_before_pillow_opens_it
     pages = [PILImage.fromarray(_gradient(64, 64) // (k + 1)) for k in range(3)]
     pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:], tiffinfo={278: 1})  # 64 strips a page
     assert read_image(tmp_path / "stack.tif", frame=2).array.shape == (64, 64, 1)
+    monkeypatch.setattr(readers_pil, "MAX_TIFF_PIECES", 100, raising=False)  # a stack is counted over its pages
+    tall = [PILImage.fromarray(_gradient(80, 8) // (k + 1)) for k in range(14)]  # 80 one-row strips a page
+    tall[0].save(tmp_path / "tall.tif", save_all=True, append_images=tall[1:12], tiffinfo={278: 1})
+    assert read_image(tmp_path / "tall.tif", frame=11).array.shape == (80, 8, 1)  # 960 strips in all: read
+    tall[0].save(tmp_path / "taller.tif", save_all=True, append_images=tall[1:], tiffinfo={278: 1})
+    with pytest.raises(ImageReadError, match="more than 1,000 TIFF strips or tiles over its first 13 pages"):
+        read_image(tmp_path / "taller.tif")  # 1,120 in all
+    monkeypatch.setattr(readers_pil, "MAX_TIFF_PIECES", 1_000, raising=False)
     pages[0].save(tmp_path / "big.tif", big_tiff=True)
     assert np.array_equal(read_image(tmp_path / "big.tif").array, read_image(tmp_path / "stack.tif").array)
 

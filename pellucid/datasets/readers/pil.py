@@ -35,9 +35,10 @@ MAX_HEADER_SEGMENTS = 10_000
 #: PNG image data chunks (``IDAT``) a file may hold: encoders write 8-64 KB each (a 100 MB picture in 8 KB
 #: chunks: 12,800); Pillow reads each in Python, so a million 1-byte chunks (13 MB) took 2.8 s.
 MAX_PNG_DATA_CHUNKS = 200_000
-#: TIFF strips or tiles, over the pages Pillow would walk: Pillow makes a Python object of each when it opens a page,
-#: then decodes each in Python (a 40 MB file of 5,000,000 one-byte strips: 21 s and 1.7 GB to open, 80 s to
-#: read); a real page has one strip per few rows or tiles of 256 px, tens of thousands at most
+#: TIFF strips or tiles of one page: Pillow makes a Python object of each when it opens a page, then decodes each
+#: in Python (a 40 MB file of 5,000,000 one-byte strips: 21 s and 1.7 GB to open, 80 s to read); a real page has
+#: one strip per row or per few rows, or tiles of 256 px: tens of thousands at most. Over the pages Pillow walks
+#: to count them, ten times this (a stack of 1,000 pages of 512 one-row strips has 512,000).
 MAX_TIFF_PIECES = 100_000
 #: entries one TIFF directory may hold (Pillow parses each; real files have a few dozen)
 _MAX_TIFF_ENTRIES = 10_000
@@ -213,9 +214,9 @@ _TIFF_OFFSET_TAGS = (273, 324)  # StripOffsets, TileOffsets: one value a piece
 
 
 def _tiff_flood(fh: Any, head: bytes) -> str | None:
-    """Why a TIFF (or BigTIFF) holds more pieces than a real one, read from its directories' entries alone: more
-    than :data:`MAX_TIFF_PIECES` strips or tiles over the first :data:`MAX_COUNTED_PAGES` pages, or a directory
-    of more than 10,000 entries. None otherwise, or for a structure that does not parse (Pillow judges it)."""
+    """Why a TIFF (or BigTIFF) holds more pieces than a real one, read from its directories' entries alone: a page
+    of more than :data:`MAX_TIFF_PIECES` strips or tiles, ten times that over the first :data:`MAX_COUNTED_PAGES`
+    pages, or a directory of more than 10,000 entries. None otherwise, or for a structure that does not parse (Pillow judges it)."""
     import struct
 
     order = "<" if head[:2] == b"II" else ">"
@@ -231,7 +232,7 @@ def _tiff_flood(fh: Any, head: bytes) -> str | None:
         (offset,) = struct.unpack(order + "I", head[4:8])
         entry, count_fmt, n_fmt = 12, "I", "H"
     n_size = struct.calcsize(n_fmt)
-    pieces, pages, seen = 0, 0, set()
+    total, pages, seen = 0, 0, set()
     while offset and offset not in seen and pages < MAX_COUNTED_PAGES:
         seen.add(offset)
         fh.seek(offset)
@@ -244,13 +245,17 @@ def _tiff_flood(fh: Any, head: bytes) -> str | None:
         table = fh.read(n * entry + (8 if big else 4))
         if len(table) < n * entry:
             return None
+        pieces = 0
         for k in range(n):
             at = k * entry
             (tag,) = struct.unpack_from(order + "H", table, at)
             if tag in _TIFF_OFFSET_TAGS:
                 pieces += struct.unpack_from(order + count_fmt, table, at + 4)[0]
+        total += pieces
         if pieces > MAX_TIFF_PIECES:
             return f"has its pixels in more than {MAX_TIFF_PIECES:,} TIFF strips or tiles"
+        if total > 10 * MAX_TIFF_PIECES:
+            return f"has more than {10 * MAX_TIFF_PIECES:,} TIFF strips or tiles over its first {pages + 1} pages"
         rest = table[n * entry:]
         if len(rest) < (8 if big else 4):
             return None
