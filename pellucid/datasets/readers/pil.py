@@ -167,11 +167,11 @@ def _frame_count(im: Any) -> int:
 
 
 def _too_many_segments(path: Path) -> str | None:
-    """Why a PNG or JPEG file holds more chunks or segments than any real file (reading only their 4-8 byte
+    """Why a PNG, JPEG or TIFF file holds more chunks, segments or strips than any real file (reading only their
     headers): a PNG's metadata chunks anywhere (Pillow reads those after the image data too, at the end of a
     load: a million text chunks there took 9.4 s) or its image data chunks past :data:`MAX_PNG_DATA_CHUNKS`; a
-    JPEG's segments before its first scan. None for anything else, or a structure that does not parse (left to
-    Pillow to judge)."""
+    JPEG's segments before its first scan; a TIFF's strips or tiles (:func:`_tiff_flood`). None for anything
+    else, or a structure that does not parse (left to Pillow to judge)."""
     with path.open("rb") as fh:
         head = fh.read(8)
         count = 0
@@ -216,7 +216,8 @@ _TIFF_OFFSET_TAGS = (273, 324)  # StripOffsets, TileOffsets: one value a piece
 def _tiff_flood(fh: Any, head: bytes) -> str | None:
     """Why a TIFF (or BigTIFF) holds more pieces than a real one, read from its directories' entries alone: a page
     of more than :data:`MAX_TIFF_PIECES` strips or tiles, ten times that over the first :data:`MAX_COUNTED_PAGES`
-    pages, or a directory of more than 10,000 entries. None otherwise, or for a structure that does not parse (Pillow judges it)."""
+    pages, or a directory of more than 10,000 entries. None otherwise, or for a structure that does not parse
+    (Pillow judges it)."""
     import struct
 
     order = "<" if head[:2] == b"II" else ">"
