@@ -134,6 +134,33 @@ def test_real_dicom_read_or_refused(path: Path) -> None:
         assert image.meta["bits_stored"] == bits
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_pydicoms_own_test_files_are_read_in_their_colour_model_or_refused_in_one_line() -> None:
+    """pydicom ships about 190 hard files with its package (palette colour, YBR, big endian, JPEG-LS, RLE,
+    JPEG 2000, deflated, no preamble, SR, RT, ECG): each is an image whose channels follow its photometric
+    interpretation (colour for RGB, YBR and palette colour), or one line that names the file."""
+    pydicom = pytest.importorskip("pydicom")
+    import pydicom.data
+
+    root = Path(pydicom.data.__file__).parent / "test_files"
+    files = sorted(f for f in root.rglob("*") if f.is_file())
+    if len(files) < 50:
+        pytest.skip(f"pydicom {pydicom.__version__} ships no test files here ({root})")
+    read = 0
+    for path in files:
+        try:
+            image = read_image(path)
+        except ImageReadError as err:
+            assert path.name in str(err) and "\n" not in str(err), str(err)
+            continue
+        read += 1
+        arr = image.array  # some of the files are blank pictures, so no contrast is asked for
+        assert arr.dtype == np.float32 and np.all(np.isfinite(arr)) and 0.0 <= arr.min() <= arr.max() <= 1.0
+        photometric = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).PhotometricInterpretation)
+        assert image.array.shape[2] == (1 if photometric.startswith("MONOCHROME") else 3), (path.name, photometric)
+    assert read >= 40, f"only {read} of pydicom's {len(files)} test files were read"
+
+
 @needs_samples
 def test_rtstruct_refused_for_no_pixel_data() -> None:
     pytest.importorskip("pydicom")
@@ -410,6 +437,26 @@ def test_synthetic_bits_stored_12_unsigned_and_signed(tmp_path: Path) -> None:
     signed = read_dicom(_write_dicom(tmp_path / "s12.dcm", stored, bits_stored=12, signed=True))
     assert signed.meta["bits_stored"] == 12
     np.testing.assert_allclose(signed.array[:, :, 0], (values + 2048) / 4095.0, atol=1e-6)
+
+
+def test_a_palette_colour_dicom_is_read_in_its_colours_not_as_gray_indices(tmp_path: Path) -> None:
+    """PALETTE COLOR pixels are indices into the file's colour tables (ultrasound, secondary captures): the
+    image is the tables' colours. They had been windowed as if they were gray levels."""
+    indices = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) // 16)  # 0..255, a ramp of indices
+    lut = np.arange(256, dtype=np.uint16)
+    red, green, blue = lut * 257, (255 - lut) * 257, np.full(256, 128 * 257, dtype=np.uint16)
+    attributes = {f"{c}PaletteColorLookupTableDescriptor": [256, 0, 16] for c in ("Red", "Green", "Blue")}
+    attributes.update(RedPaletteColorLookupTableData=red.astype("<u2").tobytes(),
+                      GreenPaletteColorLookupTableData=green.astype("<u2").tobytes(),
+                      BluePaletteColorLookupTableData=blue.astype("<u2").tobytes())
+    path = _write_dicom(tmp_path / "palette.dcm", indices, photometric="PALETTE COLOR", bits_stored=8, **attributes)
+    for image in (read_dicom(path), read_image(path)):
+        _assert_valid(image, channels=3)
+        expected = np.stack([red, green, blue], axis=1)[indices].astype(np.float64) / 65535
+        np.testing.assert_allclose(image.array, expected, atol=1e-6)
+        assert "applied the palette colour LUT" in image.meta["notes"]
+    with pytest.warns(UserWarning, match="colour"):  # a window does not apply to colours
+        read_image(path, window=(100.0, 50.0))
 
 
 def test_synthetic_multiframe_default_middle(tmp_path: Path) -> None:

@@ -209,7 +209,7 @@ def _read_dicom(
     if _safe_get(ds, "LossyImageCompression") == "01":
         notes.append("the file states it has undergone lossy compression")
 
-    if arr.ndim == 3:  # colour
+    if arr.ndim == 3 or photometric == "PALETTE COLOR":  # colour (palette indices are one sample)
         if window is not None:
             caveats.append(
                 f"window={window!r} ignored for {p.name}: it is a colour ({original_photometric}) "
