@@ -738,6 +738,56 @@ def test_tiff_16bit_and_pages(tmp_path: Path) -> None:
         read_image(multi, frame=3)
 
 
+def _tiff_as_stored(path: Path, pixels: np.ndarray, photometric: int) -> Path:
+    """One uncompressed little-endian gray page holding ``pixels`` exactly as given (Pillow's own writer
+    inverts 8-bit WhiteIsZero pages on the way out)."""
+    import struct
+
+    data = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    height, width = pixels.shape
+    fmt = {"f": 3, "i": 2}.get(pixels.dtype.kind, 1)  # SampleFormat: float, signed, unsigned
+    entries = [(256, 4, width), (257, 4, height), (258, 3, pixels.dtype.itemsize * 8), (259, 3, 1),
+               (262, 3, photometric), (273, 4, 8 + 2 + 12 * 10 + 4), (277, 3, 1), (278, 4, height),
+               (279, 4, len(data)), (339, 3, fmt)]
+    ifd = b"".join(struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3
+                   else struct.pack("<I", value)) for tag, kind, value in entries)
+    path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(entries)) + ifd + b"\0\0\0\0" + data)
+    return path
+
+
+def test_a_white_is_zero_tiff_is_bright_where_it_means_bright_at_every_depth(tmp_path: Path) -> None:
+    """A TIFF of photometric interpretation 0 (WhiteIsZero, as some X-ray and scanner exports write) stores 0
+    as white. Pillow inverts 8-bit pages itself but hands 16-bit and float pages over as stored, so they had
+    come out as negatives of the picture."""
+    ramp8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (4, 1))
+    ramp16 = ramp8.astype(np.uint16) * 257
+    pictures = {"8bit": ramp8, "16bit": ramp16, "float": ramp8.astype(np.float32) / 255,
+                "large16": np.tile(ramp16, (1, 41))}  # 2624 px wide: reduced on read
+    for name, pixels in pictures.items():
+        white_is_zero = read_image(_tiff_as_stored(tmp_path / f"wiz_{name}.tif", pixels, 0))
+        black_is_zero = read_image(_tiff_as_stored(tmp_path / f"biz_{name}.tif", pixels, 1))
+        assert white_is_zero.array.shape == black_is_zero.array.shape
+        np.testing.assert_allclose(white_is_zero.array, 1.0 - black_is_zero.array, atol=1e-6, err_msg=name)
+        assert white_is_zero.array[0, 0, 0] == pytest.approx(1.0, abs=0.01), name  # a stored 0 is white
+        assert black_is_zero.array[0, 0, 0] == pytest.approx(0.0, abs=0.01), name
+
+
+def test_an_unsigned_32_bit_tiff_keeps_the_order_of_its_values(tmp_path: Path) -> None:
+    """Pillow reads unsigned 32-bit TIFF pages as signed, so values from 2**31 up came out negative and the
+    min-max range scrambled the picture. They are scaled by 2**32 - 1 now, in the file's own order."""
+    ramp = np.tile(np.linspace(0, 4e9, 16).astype(np.uint32), (4, 1))
+    for name, pixels in {"small": ramp, "large": np.tile(ramp, (1, 170))}.items():  # 2720 px: reduced on read
+        image = read_image(_tiff_as_stored(tmp_path / f"u32_{name}.tif", pixels, 1))
+        row = image.array[0, : 16 * image.array.shape[1] // pixels.shape[1], 0]  # one period of the ramp
+        assert len(row) >= 8 and np.all(np.diff(row) > 0), name
+        if name == "small":
+            np.testing.assert_allclose(row, ramp[0] / 4294967295.0, atol=1e-6)
+    signed = np.tile(np.linspace(-1024, 3000, 16).astype(np.int16), (4, 1))  # a CT's range
+    with pytest.warns(UserWarning, match="16-bit signed integer pixels have no fixed range"):
+        signed = read_image(_tiff_as_stored(tmp_path / "s16.tif", signed, 1)).meta["notes"]
+    assert "16-bit signed values min-max normalised" in signed
+
+
 def test_jpeg_exif_orientation_applied(tmp_path: Path) -> None:
     pixels = np.zeros((10, 20, 3), np.uint8)
     pixels[:, :10] = 255  # left half white

@@ -98,6 +98,8 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                     k = reduction_factor(im.height, im.width)
                     im.draft(im.mode, (-(-im.width // k), -(-im.height // k)))
                 im.load()
+                white_is_zero = _white_is_zero(im)
+                im = _unsigned_32_as_float(im, notes)
                 rotated = _exif_rotated(im)
                 if rotated:
                     im = ImageOps.exif_transpose(im)
@@ -107,6 +109,9 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                 im = _reduce_pil(im, file_size, notes)
                 original_size = (file_size[1], file_size[0])
                 array = _pil_to_float(im, path, notes)
+                if white_is_zero:
+                    array = 1.0 - array
+                    notes.append("inverted WhiteIsZero values so that higher values are brighter")
     except ImageReadError:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
@@ -440,9 +445,9 @@ def _pil_to_float(im: Any, path: Path, notes: list[str]) -> np.ndarray:
             notes.append(f"scaled {bits}-bit integer values by {peak:.0f}")
         else:
             arr = _min_max(raw).astype(np.float32)
-            notes.append("32-bit signed values min-max normalised")
+            notes.append(f"{bits or 32}-bit signed values min-max normalised")
             _warn(
-                f"{path.name}: 32-bit integer pixels have no fixed range; min-max normalised"
+                f"{path.name}: {bits or 32}-bit signed integer pixels have no fixed range; min-max normalised"
             )
     elif mode == "F":
         raw = np.asarray(im, dtype=np.float64)
@@ -466,6 +471,36 @@ def _pil_to_float(im: Any, path: Path, notes: list[str]) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
+
+
+def _white_is_zero(im: Any) -> bool:
+    """Whether a TIFF page stores 0 as white (photometric interpretation 0, WhiteIsZero) in a mode that
+    Pillow leaves as stored: 16-bit integers and 32-bit floats. Pillow inverts 1- to 8-bit pages itself."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None or im.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return False
+    try:
+        return int(tags.get(262, -1)) == 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _unsigned_32_as_float(im: Any, notes: list[str]) -> Any:
+    """A TIFF page of unsigned 32-bit integers as floats in [0, 1]. Pillow reads them as signed (mode "I"), so
+    values from 2**31 up had come out negative: the picture scrambled by the min-max range."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None or im.mode != "I" or _tiff_bits(im) != 32:
+        return im
+    sample_format = tags.get(339, 1)
+    if isinstance(sample_format, (tuple, list)):
+        sample_format = sample_format[0] if sample_format else 1
+    if sample_format != 1:
+        return im
+    from PIL import Image as PILImage
+
+    values = np.asarray(im).view(np.uint32)
+    notes.append("scaled 32-bit unsigned values by 4294967295")
+    return PILImage.fromarray((values / 4294967295.0).astype(np.float32))
 
 
 def _tiff_bits(im: Any) -> int | None:
