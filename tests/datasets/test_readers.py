@@ -738,16 +738,17 @@ def test_tiff_16bit_and_pages(tmp_path: Path) -> None:
         read_image(multi, frame=3)
 
 
-def _tiff_as_stored(path: Path, pixels: np.ndarray, photometric: int) -> Path:
-    """One uncompressed little-endian gray page holding ``pixels`` exactly as given (Pillow's own writer
-    inverts 8-bit WhiteIsZero pages on the way out)."""
+def _tiff_as_stored(path: Path, pixels: np.ndarray, photometric: int, *, compression: int = 1,
+                    samples: int = 1) -> Path:
+    """One little-endian gray page holding ``pixels`` exactly as given (Pillow's own writer inverts 8-bit
+    WhiteIsZero pages on the way out); ``compression`` and ``samples`` only label the page."""
     import struct
 
     data = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
     height, width = pixels.shape
     fmt = {"f": 3, "i": 2}.get(pixels.dtype.kind, 1)  # SampleFormat: float, signed, unsigned
-    entries = [(256, 4, width), (257, 4, height), (258, 3, pixels.dtype.itemsize * 8), (259, 3, 1),
-               (262, 3, photometric), (273, 4, 8 + 2 + 12 * 10 + 4), (277, 3, 1), (278, 4, height),
+    entries = [(256, 4, width), (257, 4, height), (258, 3, pixels.dtype.itemsize * 8), (259, 3, compression),
+               (262, 3, photometric), (273, 4, 8 + 2 + 12 * 10 + 4), (277, 3, samples), (278, 4, height),
                (279, 4, len(data)), (339, 3, fmt)]
     ifd = b"".join(struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3
                    else struct.pack("<I", value)) for tag, kind, value in entries)
@@ -786,6 +787,28 @@ def test_an_unsigned_32_bit_tiff_keeps_the_order_of_its_values(tmp_path: Path) -
     with pytest.warns(UserWarning, match="16-bit signed integer pixels have no fixed range"):
         signed = read_image(_tiff_as_stored(tmp_path / "s16.tif", signed, 1)).meta["notes"]
     assert "16-bit signed values min-max normalised" in signed
+
+
+def test_a_tiff_of_a_codec_libtiff_lacks_is_one_line_that_names_it_and_nothing_else_is_printed(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TIFF compressed with WebP (libtiff in Pillow's wheels is built without it) had been called corrupt, and
+    libtiff printed three lines of its own to the process's stderr; a page Pillow cannot unpack had Pillow log
+    an ERROR line beside the refusal. Each is the readers' one line alone now."""
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (4, 1))
+    webp = _tiff_as_stored(tmp_path / "scan.tif", ramp, 1, compression=50001)
+    samples = _tiff_as_stored(tmp_path / "samples.tif", ramp, 1, samples=65535)
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(ImageReadError) as err:
+            read_image(webp)
+        assert "compressed with WebP (compression 50001)" in _assert_refusal(err, webp)
+        with pytest.raises(ImageReadError) as err:
+            read_image(samples)
+        _assert_refusal(err, samples)
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""
+    assert not [r for r in caplog.records if r.name.startswith("PIL")]
 
 
 def test_jpeg_exif_orientation_applied(tmp_path: Path) -> None:

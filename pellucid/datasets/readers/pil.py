@@ -4,9 +4,12 @@ float32 ``(H, W, C)`` in ``[0, 1]``, each step recorded in ``meta['notes']``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +54,20 @@ _IDENTIFY_BYTES = 64 << 10  # what naming another format reads of a file
 #: of a few megapixels is well under this
 MAX_RLE_BYTES = 8 << 20
 
+#: TIFF compressions every libtiff build decodes (none, CCITT, LZW, JPEG, Deflate, PackBits); a page in another
+#: (WebP, ZSTD, LZMA, JPEG 2000, JPEG XL, LERC, ...) that fails to decode is named as such, not as corrupt
+_COMMON_TIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 32773, 32946})
+_TIFF_COMPRESSION_NAMES = {50001: "WebP", 50000: "Zstandard", 34925: "LZMA", 34712: "JPEG 2000", 50002: "JPEG XL",
+                           52546: "JPEG XL", 34887: "LERC", 34892: "lossy JPEG (DNG)", 34676: "SGI LogL",
+                           34677: "SGI LogLuv", 32809: "ThunderScan"}
+
 
 def _read_pil(path: Path, *, frame: int | None) -> Image:
     from PIL import Image as PILImage
     from PIL import ImageOps
+
+    _quiet_pillow()
+    compression = None
 
     limit = _sync_pil_limit(PILImage)
     notes: list[str] = []
@@ -91,13 +104,15 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                     more = "at least " if n_frames >= MAX_COUNTED_PAGES else ""
                     notes.append(f"frame 0 of {more}{n_frames} (first frame by default)")
                 _check_rle(im, path)
+                compression = _tiff_compression(im)
                 mode = im.mode
                 file_size = im.size
                 if fmt == "jpeg" and reduction_factor(im.height, im.width) > 1:
                     # libjpeg decodes at 1/2, 1/4 or 1/8 scale: the smallest one still >= target
                     k = reduction_factor(im.height, im.width)
                     im.draft(im.mode, (-(-im.width // k), -(-im.height // k)))
-                im.load()
+                with _libtiff_quiet(compression):
+                    im.load()
                 white_is_zero = _white_is_zero(im)
                 im = _unsigned_32_as_float(im, notes)
                 rotated = _exif_rotated(im)
@@ -134,6 +149,12 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
             "— pellucid reads PNG, JPEG, TIFF, BMP and DICOM; convert it to one of them"
         ) from err
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        if compression is not None and compression not in _COMMON_TIFF_COMPRESSIONS:
+            name = _TIFF_COMPRESSION_NAMES.get(compression, "an uncommon scheme")
+            raise ImageReadError(
+                f"{path}: is a TIFF compressed with {name} (compression {compression}), which this installation "
+                f"cannot decode ({type(err).__name__}) — re-save it uncompressed, or with LZW or Deflate"
+            ) from err
         raise ImageReadError(
             f"{path}: could not be decoded: the file is corrupt, truncated or not really a "
             f"{path.suffix.lstrip('.').upper() or 'image'} ({type(err).__name__}) — re-export "
@@ -471,6 +492,48 @@ def _pil_to_float(im: Any, path: Path, notes: list[str]) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
+
+
+def _quiet_pillow() -> None:
+    """Pillow's plugins log decoding trouble (``ERROR PIL.TiffImagePlugin: More samples per pixel ...``) beside
+    the one line the readers raise for it: only their critical records are let through."""
+    pil_logger = logging.getLogger("PIL")
+    if pil_logger.level < logging.CRITICAL:
+        pil_logger.setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _libtiff_quiet(compression: int | None) -> Iterator[None]:
+    """libtiff prints to the process's stderr when it meets a codec it was built without (three lines of
+    ``tempfile.tif: WEBP compression support is not configured.`` for one WebP-compressed page), beside the one
+    line the readers raise. While a page of an uncommon compression decodes, file descriptor 2 points at the null
+    device; common compressions decode as they are."""
+    if compression is None or compression in _COMMON_TIFF_COMPRESSIONS:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no stderr to point elsewhere
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _tiff_compression(im: Any) -> int | None:
+    """The compression code of an opened TIFF page, else None."""
+    tags = getattr(im, "tag_v2", None)
+    try:
+        return int(tags.get(259, 1)) if tags is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _white_is_zero(im: Any) -> bool:
