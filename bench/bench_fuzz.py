@@ -3,7 +3,7 @@
 
 Seeds: the real sample DICOMs of ``../shared/data/dicom`` (when present), small DICOMs built here
 with pydicom (monochrome with rescale and window, MONOCHROME1 with a VOI LUT, palette colour, RGB
-multi-frame, deflated, headless implicit VR with a modality LUT, JPEG baseline, float pixel data)
+multi-frame, deflated, headless implicit VR with a modality LUT, JPEG baseline, RLE Lossless, float pixel data)
 and small PNG/JPEG/TIFF/BMP files. Each execution mutates one seed with a seeded random choice of
 byte flips, truncation, region duplication or deletion, DICOM element value replacement (random
 bytes, strings, numbers including NaN/inf, multi-values, packed integers, patient-name bytes, a
@@ -111,13 +111,14 @@ def _dicom_bytes(ds: Any, syntax: Any, *, implicit: bool = False, preamble: bool
 
 
 def _dicom_seeds() -> list[tuple[str, bytes]]:
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
         DeflatedExplicitVRLittleEndian,
         ExplicitVRLittleEndian,
         ImplicitVRLittleEndian,
         JPEGBaseline8Bit,
+        RLELossless,
     )
     from PIL import Image
 
@@ -199,6 +200,14 @@ def _dicom_seeds() -> list[tuple[str, bytes]]:
     del ds.BitsStored, ds.HighBit, ds.PixelRepresentation
     ds.FloatPixelData = (ramp.astype(np.float32) / 7).tobytes()
     out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
+
+    # RLE Lossless: decoded by pylibjpeg-rle, compiled Rust, whose panics pass ``except Exception``
+    ds = base("MR")
+    ds.PixelData = ramp.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    out.append((".dcm", _dicom_bytes(ds, RLELossless)))
     return out
 
 
@@ -363,7 +372,9 @@ def check_outcome(path: Path, dicom: bool) -> tuple[str, str]:
                 # refused by a catch-all: counted, with where it came from, to show what is left
                 return "project", f"caught generically: {type(cause).__name__} at {_location(cause)}"
             return "project", ""
-        except Exception as err:  # noqa: BLE001 - what the fuzzer is looking for
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - what the fuzzer is looking for (a Rust panic included)
             return "crash", f"{type(err).__name__} at {_location(err)}"
     arr = image.array
     if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[2] not in (1, 3) or not arr.size:

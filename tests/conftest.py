@@ -27,6 +27,27 @@ def data_dir(name: str) -> Path:
     return path
 
 
+def rle_dicom_that_panics(folder: Path) -> tuple[Path, Path]:
+    """pydicom's own ``MR_small_RLE.dcm`` and a copy with three bytes of its frame's runs changed, on which
+    pylibjpeg-rle (Rust) panics; skips the test where pydicom, its test file or the decoder is absent."""
+    pytest.importorskip("rle")
+    pydicom = pytest.importorskip("pydicom")
+    import pydicom.data
+    from pydicom.encaps import generate_frames
+
+    source = Path(pydicom.data.__file__).parent / "test_files" / "MR_small_RLE.dcm"
+    if not source.is_file():
+        pytest.skip(f"pydicom {pydicom.__version__} ships no MR_small_RLE.dcm")
+    data = bytearray(source.read_bytes())
+    frame = bytes(next(generate_frames(pydicom.dcmread(source).PixelData, number_of_frames=1)))
+    at = bytes(data).find(frame)
+    for offset, value in ((1140, 144), (1144, 48), (5065, 128)):
+        data[at + offset] = value
+    damaged = folder / "rle.dcm"
+    damaged.write_bytes(bytes(data))
+    return source, damaged
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny TB classifier trained for one epoch on 40 real images (test_resnet, 64 px)."""

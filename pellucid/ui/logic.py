@@ -37,6 +37,7 @@ from pellucid.core.card import ModelCard, as_card
 from pellucid.core.privacy import header_text_silenced
 from pellucid.explain.captions import Reading, read_case_result
 from pellucid.ui.zips import ScratchFolder, UploadError, ZipBudget, env_number, extract_zip
+from pellucid.datasets.readers.common import _is_panic, _native_stderr_quiet
 from pellucid.datasets.readers import (
     Image,
     ImageReadError,
@@ -438,14 +439,16 @@ def dicom_range(data: bytes) -> DicomRange | None:
     from pydicom.pixels import apply_modality_lut, pixel_array
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_stderr_quiet():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             # only the middle frame is decoded (a multi-frame file is not expanded whole)
             arr = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
             values = apply_modality_lut(arr, ds).astype(np.float64)
-    except Exception:  # noqa: BLE001 - the image was read already; the sliders are optional
+    except BaseException as err:  # noqa: BLE001 - the image was read already; the sliders are optional
+        if not isinstance(err, Exception) and not _is_panic(err):  # a Rust decoder's panic is a BaseException
+            raise
         return None
     low, high = float(values.min()), float(values.max())
     if high <= low:

@@ -161,6 +161,52 @@ def test_pydicoms_own_test_files_are_read_in_their_colour_model_or_refused_in_on
     assert read >= 40, f"only {read} of pydicom's {len(files)} test files were read"
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_a_damaged_rle_frame_that_panics_the_compiled_decoder_is_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """pylibjpeg-rle (the ``dicom`` extra's RLE decoder, written in Rust) panics on some damaged frames; the panic
+    is a ``BaseException`` that ``except Exception`` let through, so one such file stopped every door with a
+    traceback and Rust's own report on stderr. It is the readers' one line now, and nothing else is printed."""
+    from tests.conftest import rle_dicom_that_panics
+
+    source, damaged = rle_dicom_that_panics(tmp_path)
+    capfd.readouterr()
+    with pytest.raises(ImageReadError) as err:
+        read_image(damaged)
+    assert "could not be decoded (PanicException)" in _assert_refusal(err, damaged)
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""
+    assert read_image(source).array.shape == (64, 64, 1)  # the file it came from still reads
+
+
+def test_stderr_comes_back_after_decoders_ran_quietly_in_many_threads(capfd: pytest.CaptureFixture[str]) -> None:
+    """The quiet window around compiled decoders is shared: however reads interleave across threads (the web app
+    serves sessions in threads), file descriptor 2 points back where it did once the last one leaves."""
+    import os
+    import threading
+
+    from pellucid.datasets.readers.common import _native_stderr_quiet
+
+    before = os.fstat(2)
+
+    def enter_and_leave() -> None:
+        for _ in range(200):
+            with _native_stderr_quiet():
+                with _native_stderr_quiet():
+                    pass
+
+    threads = [threading.Thread(target=enter_and_leave) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    os.write(2, b"still here\n")
+    assert capfd.readouterr().err == "still here\n"
+
+
 @needs_samples
 def test_rtstruct_refused_for_no_pixel_data() -> None:
     pytest.importorskip("pydicom")
@@ -793,19 +839,24 @@ def test_a_tiff_of_a_codec_libtiff_lacks_is_one_line_that_names_it_and_nothing_e
     tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A TIFF compressed with WebP (libtiff in Pillow's wheels is built without it) had been called corrupt, and
-    libtiff printed three lines of its own to the process's stderr; a page Pillow cannot unpack had Pillow log
-    an ERROR line beside the refusal. Each is the readers' one line alone now."""
+    libtiff printed three lines of its own to the process's stderr, as it did for any damaged compressed page; a
+    page Pillow cannot unpack had Pillow log an ERROR line beside the refusal. Each is the readers' one line alone
+    now."""
     ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (4, 1))
     webp = _tiff_as_stored(tmp_path / "scan.tif", ramp, 1, compression=50001)
     samples = _tiff_as_stored(tmp_path / "samples.tif", ramp, 1, samples=65535)
+    # raw bytes labelled LZW, Deflate, CCITT G4 and JPEG: libtiff printed a line for each ("Using code not yet in
+    # table", "ZIPDecode: Decoding error ...")
+    damaged = [_tiff_as_stored(tmp_path / f"damaged{c}.tif", ramp, 1, compression=c) for c in (5, 8, 4, 7)]
     capfd.readouterr()
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(ImageReadError) as err:
             read_image(webp)
         assert "compressed with WebP (compression 50001)" in _assert_refusal(err, webp)
-        with pytest.raises(ImageReadError) as err:
-            read_image(samples)
-        _assert_refusal(err, samples)
+        for path in (samples, *damaged):
+            with pytest.raises(ImageReadError) as err:
+                read_image(path)
+            _assert_refusal(err, path)
     printed = capfd.readouterr()
     assert printed.err == "" and printed.out == ""
     assert not [r for r in caplog.records if r.name.startswith("PIL")]

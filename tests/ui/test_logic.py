@@ -46,6 +46,22 @@ def test_an_unread_file_gets_the_same_line_uploaded_as_on_disk(tmp_path, name):
     assert ("is an archive" in on_disk) == name.endswith(".zip") and "(no suffix)" not in on_disk
 
 
+def test_an_rle_upload_that_panics_the_compiled_decoder_is_one_line_and_its_window_sliders_are_left_out(
+    tmp_path, capfd
+):
+    """A damaged RLE frame panics pylibjpeg-rle (Rust): the upload is the readers' line, and the window range,
+    which decodes the frame again, is None (a panic passes ``except Exception``); nothing is printed."""
+    from tests.conftest import rle_dicom_that_panics
+
+    source, damaged = rle_dicom_that_panics(tmp_path)
+    capfd.readouterr()
+    up = logic.read_upload("scan.dcm", damaged.read_bytes())
+    assert "could not be decoded (PanicException)" in up.error and up.image is None
+    assert logic.dicom_range(damaged.read_bytes()) is None
+    assert capfd.readouterr().err == ""
+    assert logic.dicom_range(source.read_bytes()) is not None
+
+
 def test_an_upload_of_another_format_under_a_png_name_gets_the_readers_line(tmp_path, monkeypatch):
     """The upload's header check reads only the formats the readers decode: a GIF named ``.png`` larger than the
     upload budget was "too large" in the web app and "its content is GIF" on the command line."""

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import stat
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -97,6 +98,13 @@ def _out_of_memory(path: Path, doing: str = "decoding") -> ImageReadError:
     return ImageReadError(f"{path}: ran out of memory while {doing} — lower PELLUCID_MAX_PIXELS or reduce the image")
 
 
+def _is_panic(err: BaseException) -> bool:
+    """A panic of a decoder written in Rust (pylibjpeg-rle decodes RLE Lossless DICOM frames): PyO3 raises it as
+    ``PanicException``, a ``BaseException`` that ``except Exception`` lets through, so a damaged RLE frame had
+    stopped every door with a traceback."""
+    return type(err).__name__ == "PanicException" and not isinstance(err, Exception)
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     if len(text) > 160:
@@ -129,3 +137,43 @@ def _pydicom_quiet() -> Iterator[None]:
             _quiet_depth -= 1
             if _quiet_depth == 0:
                 logger.removeFilter(_DROP)
+
+
+_STDERR_LOCK = threading.Lock()
+_stderr_depth = 0
+_stderr_saved: int | None = None
+
+
+@contextlib.contextmanager
+def _native_stderr_quiet(active: bool = True) -> Iterator[None]:
+    """Point file descriptor 2 at the null device while compiled decoders run: libtiff prints its complaints
+    about a damaged or unsupported page (``Fax4Decode: Bad code word ...``, ``WEBP compression support is not
+    configured``) and a Rust decoder's panic prints ``thread '<unnamed>' panicked at ...`` to the process's stderr,
+    beside the one line the readers raise. Nestable and thread-safe: the first to enter points it away, the last
+    to leave points it back."""
+    global _stderr_depth, _stderr_saved
+    if not active:
+        yield
+        return
+    with _STDERR_LOCK:
+        if _stderr_depth == 0:
+            try:
+                sys.stderr.flush()
+                saved = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+            except (OSError, ValueError, AttributeError):  # no stderr to point elsewhere
+                saved = None
+            if saved is not None:
+                os.dup2(null, 2)
+                os.close(null)
+            _stderr_saved = saved
+        _stderr_depth += 1
+    try:
+        yield
+    finally:
+        with _STDERR_LOCK:
+            _stderr_depth -= 1
+            if _stderr_depth == 0 and _stderr_saved is not None:
+                os.dup2(_stderr_saved, 2)
+                os.close(_stderr_saved)
+                _stderr_saved = None

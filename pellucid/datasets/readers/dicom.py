@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import check_file, _check_window, _out_of_memory, _pydicom_quiet, _warn
+from pellucid.datasets.readers.common import (
+    check_file, _check_window, _is_panic, _native_stderr_quiet, _out_of_memory, _pydicom_quiet, _warn,
+)
 from pellucid.datasets.readers.detect import (
     _DICOM_INSTALL_HINT,
     no_header,
@@ -586,13 +588,15 @@ def _decode_frame(
     if tsyntax.is_encapsulated:
         _check_compressed_frame(ds, path, source, index)
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _native_stderr_quiet(tsyntax.is_encapsulated):
             warnings.simplefilter("always")
             decoder = get_decoder(tsyntax)
             arr, props = decoder.as_array(source, index=index, **options)
     except MemoryError as err:
         raise _out_of_memory(path, "decoding the pixel data") from err
-    except Exception as err:  # noqa: BLE001 - decoders raise many types on bad data
+    except BaseException as err:  # noqa: BLE001 - decoders raise many types on bad data, a Rust one panics
+        if not isinstance(err, Exception) and not _is_panic(err):
+            raise
         raise ImageReadError(
             f"{path}: pixel data could not be decoded ({type(err).__name__}) — the file is "
             "corrupt or truncated; re-export it"

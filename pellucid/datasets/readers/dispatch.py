@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pellucid.datasets.readers.common import check_file, _check_window, _out_of_memory, _warn
+from pellucid.datasets.readers.common import check_file, _check_window, _is_panic, _out_of_memory, _warn
 from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
 from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
@@ -73,7 +73,9 @@ def read_image(
         raise
     except MemoryError as err:
         raise _out_of_memory(p) from err
-    except Exception as err:  # noqa: BLE001 - the door: nothing but ImageReadError leaves it
+    except BaseException as err:  # noqa: BLE001 - the door: nothing but ImageReadError leaves it
+        if not isinstance(err, Exception) and not _is_panic(err):
+            raise  # an interrupt, or the interpreter exiting
         kind = "DICOM header" if p.suffix.lower() in DICOM_SUFFIXES else "file"
         raise ImageReadError(
             f"{p}: could not be decoded: the {kind} is corrupt ({type(err).__name__}) — "

@@ -4,18 +4,15 @@ float32 ``(H, W, C)`` in ``[0, 1]``, each step recorded in ``meta['notes']``."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pellucid.datasets.readers.common import _min_max, _out_of_memory, _warn
+from pellucid.datasets.readers.common import _min_max, _native_stderr_quiet, _out_of_memory, _warn
 from pellucid.datasets.readers.image import Image, ImageReadError
 from pellucid.datasets.readers.limits import MAX_JPEG_SCANS, jpeg_scans, max_pixels, reduction_factor
 
@@ -111,7 +108,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                     # libjpeg decodes at 1/2, 1/4 or 1/8 scale: the smallest one still >= target
                     k = reduction_factor(im.height, im.width)
                     im.draft(im.mode, (-(-im.width // k), -(-im.height // k)))
-                with _libtiff_quiet(compression):
+                with _native_stderr_quiet(compression is not None):  # libtiff prints on damaged pages
                     im.load()
                 white_is_zero = _white_is_zero(im)
                 im = _unsigned_32_as_float(im, notes)
@@ -500,31 +497,6 @@ def _quiet_pillow() -> None:
     pil_logger = logging.getLogger("PIL")
     if pil_logger.level < logging.CRITICAL:
         pil_logger.setLevel(logging.CRITICAL)
-
-
-@contextlib.contextmanager
-def _libtiff_quiet(compression: int | None) -> Iterator[None]:
-    """libtiff prints to the process's stderr when it meets a codec it was built without (three lines of
-    ``tempfile.tif: WEBP compression support is not configured.`` for one WebP-compressed page), beside the one
-    line the readers raise. While a page of an uncommon compression decodes, file descriptor 2 points at the null
-    device; common compressions decode as they are."""
-    if compression is None or compression in _COMMON_TIFF_COMPRESSIONS:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):  # no stderr to point elsewhere
-        yield
-        return
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
 
 
 def _tiff_compression(im: Any) -> int | None:
