@@ -505,6 +505,15 @@ def test_a_palette_colour_dicom_is_read_in_its_colours_not_as_gray_indices(tmp_p
         read_image(path, window=(100.0, 50.0))
 
 
+def test_a_dicom_that_says_text_is_burned_into_its_pixels_carries_a_note(tmp_path: Path) -> None:
+    from pellucid.datasets.readers import BURNED_IN_NOTE
+
+    for value, noted in (("YES", True), ("yes ", True), ("NO", False), (None, False)):
+        attributes = {} if value is None else {"BurnedInAnnotation": value}
+        path = _write_dicom(tmp_path / f"b{value}.dcm", RAMP, bits_stored=12, **attributes)
+        assert (BURNED_IN_NOTE in read_image(path).meta["notes"]) is noted, value
+
+
 def test_synthetic_multiframe_default_middle(tmp_path: Path) -> None:
     frames = np.zeros((5, 8, 8), dtype=np.uint16)
     for k in range(5):

@@ -99,6 +99,25 @@ def test_dicom_report_has_no_identifiers(model_dir, tmp_path, caplog):
     assert "Doe^Jane" in _visible_text(html2.read_text()) and PATIENT_ID in _pdf_text(pdf2)
 
 
+def test_a_dicom_that_says_text_is_burned_into_its_pixels_is_reported_with_a_caveat(model_dir, tmp_path):
+    """Header redaction cannot remove a name burned into the pixels (ultrasound banners, secondary captures): when
+    the file says so (Burned In Annotation YES), the report says so beside its pictures, in HTML and PDF."""
+    from html import unescape
+
+    from pellucid.explain.captions import BURNED_IN_CAVEAT
+
+    burned = write_dicom(tmp_path / "in" / "burned.dcm", burned_in="YES")
+    plain = write_dicom(tmp_path / "in2" / "plain.dcm", burned_in="NO")
+    html, pdf = report.write_report(model_dir, [burned], methods=[], out_dir=tmp_path / "out")
+    assert BURNED_IN_CAVEAT in unescape(_visible_text(html.read_text()))
+    assert "Burned-in text: this DICOM says text is burned into its pixels" in " ".join(_pdf_text(pdf).split())
+    html, pdf = report.write_report(model_dir, [plain], methods=[], out_dir=tmp_path / "out2")
+    assert "Burned-in text" not in _visible_text(html.read_text()) and "Burned-in text" not in _pdf_text(pdf)
+    written = report.write_report(model_dir, [burned, plain], methods=[], out_dir=tmp_path / "out3")
+    pdf = next(p for p in written if p.suffix == ".pdf")
+    assert "1 of the 2 images say text is burned into their pixels" in " ".join(_pdf_text(pdf).split())
+
+
 def test_unreadable_dicom_error_hides_file_name(model_dir, tmp_path):
     folder = tmp_path / "in"
     write_dicom(folder / f"Doe_{PATIENT_ID}.dcm", pixels=False)

@@ -62,8 +62,9 @@ def write_png(path: Path, seed: int = 0, colour: bool = False, size: int = 80) -
     return path
 
 
-def write_dicom(path: Path, *, pixels: bool = True, seed: int = 0) -> Path:
-    """A small CT-like DICOM with patient tags ``Doe^Jane`` / ``SECRET123`` (no pixels if asked)."""
+def write_dicom(path: Path, *, pixels: bool = True, seed: int = 0, burned_in: str | None = None) -> Path:
+    """A small CT-like DICOM with patient tags ``Doe^Jane`` / ``SECRET123`` (no pixels if asked; ``burned_in``:
+    its Burned In Annotation, ``"YES"`` or ``"NO"``)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -82,6 +83,8 @@ def write_dicom(path: Path, *, pixels: bool = True, seed: int = 0) -> Path:
     ds.PatientBirthDate = "19700101"
     ds.InstitutionName = "Hospital of Secrets"
     ds.ReferringPhysicianName = "House^Gregory"
+    if burned_in is not None:
+        ds.BurnedInAnnotation = burned_in
     if pixels:
         rng = np.random.default_rng(seed)
         yy, xx = np.mgrid[0:64, 0:64]

@@ -203,6 +203,19 @@ def test_predict_page_dicom_window_sliders(app, tmp_path):
     assert _image_url(app, "input (windowed)") != before  # the file was read again with the new window
 
 
+def test_predict_page_warns_of_text_burned_into_a_dicoms_pixels(app, tmp_path):
+    from pellucid.explain.captions import BURNED_IN_CAVEAT
+
+    app.multiselect(key="methods").set_value([])
+    data = write_dicom(tmp_path / "burned.dcm", burned_in="YES").read_bytes()
+    app.file_uploader(key="uploads").set_value(("burned.dcm", data, "application/dicom")).run()
+    assert not app.exception, app.exception
+    assert [w.value for w in app.warning if "Burned-in" in w.value] == [BURNED_IN_CAVEAT]
+    data = write_dicom(tmp_path / "plain.dcm", burned_in="NO").read_bytes()
+    app.file_uploader(key="uploads").set_value(("plain.dcm", data, "application/dicom")).run()
+    assert not app.exception and not [w for w in app.warning if "Burned-in" in w.value]
+
+
 def test_model_page_shows_card_and_plots(app):
     app.switch_page("views/model.py").run()
     assert not app.exception, app.exception

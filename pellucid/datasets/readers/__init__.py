@@ -24,7 +24,7 @@ suffixes), :mod:`~pellucid.datasets.readers.dispatch` (:func:`read_image`),
 
 from __future__ import annotations
 
-from pellucid.datasets.readers.image import DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
+from pellucid.datasets.readers.image import BURNED_IN_NOTE, DICOM_SUFFIXES, IMAGE_SUFFIXES, Image, ImageReadError
 from pellucid.datasets.readers.common import check_file
 from pellucid.datasets.readers.detect import is_dicom
 from pellucid.datasets.readers.dicom import read_dicom
@@ -32,6 +32,7 @@ from pellucid.datasets.readers.identifiers import IDENTIFYING_TAGS, dicom_identi
 from pellucid.datasets.readers.dispatch import read_image
 
 __all__ = [
+    "BURNED_IN_NOTE",
     "DICOM_SUFFIXES",
     "IDENTIFYING_TAGS",
     "IMAGE_SUFFIXES",

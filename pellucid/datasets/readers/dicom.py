@@ -44,7 +44,7 @@ from pellucid.datasets.readers.dicom_values import (
     _frame_view,
     _header_number,
 )
-from pellucid.datasets.readers.image import IMAGE_SUFFIXES, Image, ImageReadError
+from pellucid.datasets.readers.image import BURNED_IN_NOTE, IMAGE_SUFFIXES, Image, ImageReadError
 from pellucid.datasets.readers.limits import MAX_FRAME_SCANS, jpeg_scans, max_pixels, reduce_array, reduction_factor
 
 if TYPE_CHECKING:
@@ -210,6 +210,8 @@ def _read_dicom(
         notes.append(f"decoded {_uid_name(tsyntax) or 'a compressed transfer syntax'}")
     if _safe_get(ds, "LossyImageCompression") == "01":
         notes.append("the file states it has undergone lossy compression")
+    if str(_safe_get(ds, "BurnedInAnnotation") or "").strip().upper() == "YES":
+        notes.append(BURNED_IN_NOTE)
 
     if arr.ndim == 3 or photometric == "PALETTE COLOR":  # colour (palette indices are one sample)
         if window is not None:

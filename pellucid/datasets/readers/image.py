@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "BURNED_IN_NOTE",
     "DICOM_SUFFIXES",
     "IMAGE_SUFFIXES",
     "Image",
@@ -18,6 +19,12 @@ __all__ = [
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".tif", ".tiff", ".bmp"})
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
+
+#: the note a DICOM image carries when its header says text is burned into its pixels (Burned In Annotation YES, as
+#: ultrasound and many secondary captures say): the picture, and every overlay and report of it, may show the
+#: patient's name or other identifiers, which no header redaction removes
+BURNED_IN_NOTE = ("the file says text is burned into its pixels (Burned In Annotation YES): the picture may show the "
+                  "patient's name or other identifiers — check it and its overlays before sharing them")
 
 
 class ImageReadError(ValueError):

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 import pellucid
 from pellucid.core.card import as_card
 from pellucid.explain.report.card import _fmt, card_rows, intended_use, metric_rows, threshold_text
-from pellucid.explain.captions import HOW_TO_READ_ITEMS, read_case_result, reading_dict, score_items, share_items
+from pellucid.explain.captions import (
+    HOW_TO_READ_ITEMS, burned_in_caveat, read_case_result, reading_dict, score_items, share_items,
+)
 from pellucid.explain.report.figures import _outlined, _png, _prob_chart, legend_png
 from pellucid.explain.report.lungs import attach_lung_masks
 from pellucid.explain.report.records import Case, Progress
@@ -54,6 +56,7 @@ def _case_context(case: Case, classes: Sequence[str], threshold: float | None, a
         ctx["ood"] = {"flagged": case.ood.flagged, "uncertain": case.ood.uncertain, "text": case.ood.summary(),
                       "method": case.ood.method,
                       "scores": [(k, _fmt(v)) for k, v in case.ood.scores.items()]}
+    ctx["burned_in"] = burned_in_caveat(case.meta)
     meta = dict(case.meta)
     if case.window is not None:
         meta["window"] = f"centre {case.window[0]:g}, width {case.window[1]:g} (chosen)"
@@ -112,6 +115,11 @@ def build_context(predictor, cases: Sequence[Case], *, methods: Sequence[str] = 
     if any(c.lung_mask is not None for c in ok):
         ctx["lung_segmenter"] = segmenter_name or "lung segmenter"
     ctx["outline"] = bool(outline and ctx["lung_segmenter"])
+    burned = sum(1 for c in ok if burned_in_caveat(c.meta))
+    if burned and len(cases) > 1:  # one case says it beside its pictures; a folder's galleries say it here
+        notes.append(f"{burned} of the {len(cases)} images say text is burned into their pixels (DICOM Burned In "
+                     "Annotation YES): the pictures of them here may show patients' names or other identifiers — "
+                     "check them before sharing this report.")
     ctx["notes"] = notes
     ctx["ood_method"] = next((c.ood.method for c in ok if c.ood), None)
     return ctx

@@ -227,6 +227,8 @@ def _case(doc: _PDF, ctx: dict, c: dict) -> None:
         doc.banner("Flagged — " + ood["text"] + ". Do not use this prediction.", (248, 215, 218), (114, 28, 36))
     elif ood and ood["uncertain"]:
         doc.text("Low confidence: the top probability is close to chance.", 8, colour=(150, 60, 0))
+    if c.get("burned_in"):
+        doc.text(c["burned_in"], 8, colour=(150, 60, 0))
     doc.text("Decision rule: " + ctx["threshold"], 8)
     doc.images([(c.get("input_png"), "input" + (" (windowed)" if c["is_dicom"] else "")),
                 (c["prob_png"], "calibrated probabilities")], max_h=60)

@@ -16,7 +16,7 @@ from html import escape
 
 import streamlit as st
 
-from pellucid.explain.captions import HOW_TO_READ, display_method
+from pellucid.explain.captions import HOW_TO_READ, burned_in_caveat, display_method
 from pellucid.explain.report import available_methods, probability_text, threshold_text
 from pellucid.ui import common, logic
 
@@ -90,6 +90,8 @@ def _prediction(case, up: logic.Upload, threshold: float | None) -> None:
     with left:
         st.image(common.to_uint8(case.image.array), width="stretch",
                  caption="input (windowed)" if case.is_dicom else "input")
+        if burned_in_caveat(case.meta):
+            st.warning(burned_in_caveat(case.meta), icon=":material/visibility:")
         if up.dicom_range is not None:
             _window_controls(up)
     with right:
