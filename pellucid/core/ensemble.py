@@ -43,6 +43,9 @@ __all__ = ["Ensemble", "build_ensemble", "load_ensemble"]
 log = logging.getLogger(__name__)
 
 # Files of a member folder copied into the ensemble (checkpoints and logs stay behind).
+#: members an ensemble folder may list (the apps' default recipes have 4 to 5; each is a network to load and run)
+MAX_MEMBERS = 32
+
 _MEMBER_FILES = ("card.json", "MODEL_CARD.md", "model.safetensors", "ood.safetensors", "metrics.json", "split.json",
                  "config.json", "history.json")
 
@@ -129,14 +132,26 @@ def load_ensemble(folder: str | Path, card: ModelCard) -> Ensemble:
     """Build the :class:`Ensemble` of an ensemble model folder (called by ``load_model``)."""
     folder = Path(folder)
     entries = card.extra.get("members")
-    if not entries:
+    if not entries or not isinstance(entries, list):
         raise ModelFolderError(f"{folder}/card.json: an ensemble card needs a non-empty 'members' list")
-    members, temps, sizes = [], [], []
-    for entry in entries:
-        rel = entry["path"] if isinstance(entry, dict) else str(entry)
+    if len(entries) > MAX_MEMBERS:
+        raise ModelFolderError(f"{folder}/card.json: lists {len(entries)} members, more than the {MAX_MEMBERS} an "
+                               "ensemble folder may hold — the folder is damaged or not pellucid's")
+    members, temps, sizes, seen = [], [], [], set()
+    for i, entry in enumerate(entries, start=1):
+        rel = entry.get("path") if isinstance(entry, dict) else entry
+        if not isinstance(rel, str) or not rel.strip():
+            raise ModelFolderError(f"{folder}/card.json: member {i} names no folder (each member is a path inside "
+                                   "the ensemble folder, or {'path': ..., 'weight': ...})")
         path = (folder / rel).resolve()
         if folder.resolve() not in path.parents:
             raise ModelFolderError(f"{folder}/card.json: member path {rel!r} points outside the ensemble folder")
+        if path in seen:  # one member loaded hundreds of times had taken 6.8 GB and minutes per image
+            raise ModelFolderError(f"{folder}/card.json: member {rel!r} is listed twice (give it a weight instead)")
+        seen.add(path)
+        if (path / "card.json").is_file() and read_card(path).kind == "ensemble":
+            raise ModelFolderError(f"{folder}/card.json: member {rel!r} is itself an ensemble — list its members "
+                                   "in this ensemble instead")
         model, mcard = load_model(path)
         if mcard.classes != card.classes:
             raise ModelFolderError(f"ensemble member {rel}: classes {mcard.classes} differ from the "
@@ -147,7 +162,11 @@ def load_ensemble(folder: str | Path, card: ModelCard) -> Ensemble:
     # Member weights live in each ``members`` entry; ``card.weights`` is, as in every model card, the
     # record of where the weights came from (a plain list there is accepted too).
     weights = card.weights if isinstance(card.weights, list) else \
-        [float(e.get("weight", 1.0)) if isinstance(e, dict) else 1.0 for e in entries]
+        [e.get("weight", 1.0) if isinstance(e, dict) else 1.0 for e in entries]
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+               for w in weights):
+        raise ModelFolderError(f"{folder}/card.json: the member weights must be numbers of 0 or more, got "
+                               f"{str(weights)[:120]}")
     if len(weights) != len(members):
         raise ModelFolderError(f"{folder}/card.json: {len(weights)} weights for {len(members)} members")
     return Ensemble(members, weights, temps, sizes).eval()

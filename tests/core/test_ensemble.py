@@ -132,6 +132,33 @@ def test_errors(members, tmp_path):
         load_model(out)
 
 
+def test_a_hand_made_ensemble_card_is_one_line_and_loads_each_member_once(members, tmp_path):
+    """A model folder may come from anyone: one member listed 400 times had `pellucid predict` load it 400 times
+    (6.8 GB and four and a half minutes for one image), a member entry without a path was "error: path", a string
+    in place of the list was read letter by letter, and an ensemble inside an ensemble multiplies its members."""
+    out = build_ensemble(members, tmp_path / "ens", n_boot=0)
+    card = json.loads((out / "card.json").read_text())
+    first = card["members"][0]
+
+    def refused(members_entry) -> str:
+        (out / "card.json").write_text(json.dumps({**card, "members": members_entry}))
+        with pytest.raises(ModelFolderError) as err:
+            load_model(out)
+        assert "\n" not in str(err.value) and "card.json" in str(err.value)
+        return str(err.value)
+
+    assert "more than the 32" in refused([first] * 400)
+    assert "is listed twice" in refused([first, {**first, "path": "members/../members/a"}])
+    assert "member 2 names no folder" in refused([first, {"weight": 1.0}])
+    assert "member 1 names no folder" in refused([3])
+    assert "needs a non-empty 'members' list" in refused("members/a")
+    assert "weights must be numbers of 0 or more" in refused([{**first, "weight": "heavy"}])
+    nested = build_ensemble(members, out / "members" / "inner", n_boot=0)
+    assert "is itself an ensemble" in refused([first, {"path": str(nested.relative_to(out)), "weight": 1.0}])
+    (out / "card.json").write_text(json.dumps(card))
+    assert len(load_model(out)[0].members) == 2  # the folder as written still loads
+
+
 def _photos(paths, size: int) -> torch.Tensor:
     """Sample photographs as a batch at ``size`` px, as a member's preprocessing gives them."""
     from pellucid.datasets.torchdata import ImageCache, to_tensor
