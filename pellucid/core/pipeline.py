@@ -362,6 +362,10 @@ class CasePipeline:
         modality = as_card(pred.card).modality
         dists = self.reference.distance(feats) if self.reference is not None and feats is not None else None
         for j, (c, _) in enumerate(todo):
+            if not np.isfinite(probs[j]).all():  # NaN weights or a damaged card: argmax would name a class anyway
+                c.error = (f"{c.name}: the model gave no finite probabilities for it (NaN or infinite) — the model "
+                           "folder's weights or card are damaged; restore or retrain it")
+                continue
             c.logits = logits[j]
             c.index = int(idx[j])
             c.probs = {k: float(v) for k, v in zip(pred.classes, probs[j])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,12 +118,29 @@ def test_per_layer_normalisation_balances_blocks():
 def test_config_validation_and_round_trip():
     with pytest.raises(FewShotError, match=r"layer_weights has 1 values for 2 layer\(s\)"):
         ProtoConfig(layers=("a", "b"), layer_weights=(1.0,))
-    with pytest.raises(FewShotError, match="scale must be > 0"):
+    with pytest.raises(FewShotError, match="scale must be a number above 0"):
         ProtoConfig(scale=0.0)
     cfg = fs.improved_config(fs.create_backbone("test_resnet")[0].spec)
     assert cfg.layers == ("layer2", "layer3", "layer4") and cfg.layer_weights == (0.5, 0.5, 1.0)
     assert cfg.image_size == 64 and cfg.center and cfg.normalize and cfg.power == 0.5
     assert ProtoConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"head": "prototypes", "transductive": 10**7}, "transductive must be a whole number of steps from 0 to 50"),
+    ({"scales": list(range(8, 4000, 8))}, "scales lists 499 input sides; at most 8"),
+    ({"layers": ["a"] * 3000}, "layers must be at most 64 layer names"),
+    ({"layers": ["a", "a", "b"]}, "layers lists a layer twice"),
+    ({"power": 1e308}, "power must be a number above 0 and at most 4"),
+    ({"scale": float("inf")}, "scale must be a number above 0"),
+    ({"layers": ["a", "b"], "layer_weights": [1.0, float("nan")]}, "layer_weights must be finite numbers"),
+])
+def test_a_hand_made_fewshot_card_is_refused_before_its_numbers_are_used(fields, message):
+    """A few-shot model folder may come from anyone: 10**7 transductive steps held `pellucid predict` for good, a
+    power of 1e308 gave NaN probabilities under a class label, a repeated layer ended in a RuntimeError traceback."""
+    base = {"layers": ["a", "b"], "layer_weights": [1.0, 1.0], "power": 0.5, "head": "logistic"}
+    with pytest.raises(FewShotError, match=re.escape(message)):
+        ProtoConfig.from_dict({**base, **fields})
 
 
 # ----------------------------------------------------------------------------- episodes

@@ -286,6 +286,24 @@ def test_pipes_and_devices_are_error_rows_never_read(tiny_model_dir, inputs, tmp
     assert all("not a regular file" in c.error and "DOE" not in c.error for c in alone)
 
 
+def test_a_model_that_gives_nan_is_an_error_row_not_a_label(tiny_model_dir, inputs, tmp_path):
+    """NaN weights (a damaged or hand-made model.safetensors) make NaN probabilities, and the argmax of NaN is the
+    first class: each input had been given a confident-looking label with empty probabilities."""
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, damaged)
+    state = load_file(str(damaged / "model.safetensors"))
+    head = next(k for k in state if k.endswith("weight") and state[k].dim() == 2)
+    state[head][:] = float("nan")
+    save_file(state, str(damaged / "model.safetensors"))
+    root, files = inputs
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(damaged), "--out", str(out), "--workers", "0", str(files[0])]) == 1
+    row = _csv(out)[0]
+    assert row["label"] == "" and "the model gave no finite probabilities" in row["error"]
+
+
 def test_an_unexpected_reader_failure_is_one_row_not_a_lost_run(tiny_model_dir, inputs, monkeypatch):
     import pellucid.core.pipeline as pipeline_mod
 

@@ -4,6 +4,7 @@ multi-layer frozen-feature variant), the supported :data:`DISTANCES`, and :class
 the error every few-shot module raises for requests it cannot serve."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Mapping
 
@@ -33,6 +34,11 @@ HEADS = ("prototypes", "logistic")
 #: Inverse L2 strength of the logistic head (scikit-learn's ``C``); 10, 30 and 100 scored within 0.0003
 #: of each other on the dev draws' mean accuracy, 30 the best (bench/results/fewshot-head-plain-scale.md).
 HEAD_C = 30.0
+#: Bounds on a card's numbers (a model folder may come from anyone): soft k-means steps per predicted batch (the
+#: opt-in default is 2; 10**7 held `pellucid predict` for good), pooled layers, extra input sides.
+MAX_TRANSDUCTIVE = 50
+MAX_LAYERS = 64
+MAX_SCALES = 8
 
 
 class FewShotError(ValueError):
@@ -124,8 +130,23 @@ class ProtoConfig:
         if self.distance not in DISTANCES:
             raise unknown_name_error("distance", self.distance, list(DISTANCES))
         object.__setattr__(self, "layers", tuple(self.layers))
+        # a model folder may come from anyone: its card's numbers are bounded before any of them is used
+        if len(self.layers) > MAX_LAYERS or not all(isinstance(n, str) and n for n in self.layers):
+            raise FewShotError(f"layers must be at most {MAX_LAYERS} layer names, got {len(self.layers)} entries")
+        if len(set(self.layers)) != len(self.layers):  # each is pooled once; a repeat broke the embedding's split
+            raise FewShotError(f"layers lists a layer twice: {list(self.layers)}")
+        for name, value, low, high in (("power", self.power, 0.0, 4.0), ("scale", self.scale, 0.0, 1e6)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and low < value <= high):
+                raise FewShotError(f"{name} must be a number above {low:g} and at most {high:g}, got {value!r}")
         if self.layer_weights is not None:
-            object.__setattr__(self, "layer_weights", tuple(float(w) for w in self.layer_weights))
+            try:
+                weights = tuple(float(w) for w in self.layer_weights)
+            except (TypeError, ValueError):
+                weights = (float("nan"),)
+            if not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise FewShotError(f"layer_weights must be finite numbers of 0 or more, got {list(self.layer_weights)!r}")
+            object.__setattr__(self, "layer_weights", weights)
             if len(self.layer_weights) != len(self.layers):
                 raise FewShotError(f"layer_weights has {len(self.layer_weights)} values for {len(self.layers)} "
                                    f"layer(s) {list(self.layers)}; give one weight per layer")
@@ -143,8 +164,10 @@ class ProtoConfig:
                                f"got head={self.head!r}")
         if self.scale <= 0:
             raise FewShotError(f"scale must be > 0, got {self.scale}")
-        if int(self.transductive) != self.transductive or self.transductive < 0:
-            raise FewShotError(f"transductive must be a whole number of steps >= 0, got {self.transductive}")
+        if isinstance(self.transductive, bool) or not isinstance(self.transductive, (int, float)) \
+                or int(self.transductive) != self.transductive or not 0 <= self.transductive <= MAX_TRANSDUCTIVE:
+            raise FewShotError(f"transductive must be a whole number of steps from 0 to {MAX_TRANSDUCTIVE}, "
+                               f"got {self.transductive!r}")
         object.__setattr__(self, "transductive", int(self.transductive))
         object.__setattr__(self, "support_flip", bool(self.support_flip))
         object.__setattr__(self, "auto_weights", bool(self.auto_weights))
@@ -171,6 +194,9 @@ class ProtoConfig:
                                    f"the backbones' own sizes), got {value!r}")
             object.__setattr__(self, name, int(value))
         scales = []
+        if len(tuple(self.scales or ())) > MAX_SCALES:
+            raise FewShotError(f"scales lists {len(tuple(self.scales))} input sides; at most {MAX_SCALES} (each costs "
+                               "a pass of every backbone)")
         for value in tuple(self.scales or ()):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
                     or not 8 <= value <= MAX_INPUT_SIDE:
