@@ -35,7 +35,7 @@ from pellucid.core.model import Classifier, build_classifier
 from pellucid.core.tasks import TaskSpec
 from pellucid.registry import Registry
 
-__all__ = ["ModelFolderError", "CardError", "ModelCard", "build_card", "save_model", "load_model", "read_card",
+__all__ = ["ModelFolderError", "weights_mismatch", "CardError", "ModelCard", "build_card", "save_model", "load_model", "read_card",
            "write_card", "CARD_KINDS", "register_kind", "card_kinds"]
 
 #: A loader of one folder kind: ``(folder, card) -> model in eval mode``.
@@ -45,6 +45,19 @@ KindLoader = Callable[[Path, ModelCard], torch.nn.Module]
 # loaded). "classifier" is built in below and is not in this table. The table is the card module's,
 # so that read_card knows the kinds without importing this module.
 _KIND_LOADERS: Registry[KindLoader | str] = KIND_LOADERS
+
+
+def weights_mismatch(weights: Path, card: ModelCard, err: RuntimeError) -> ModelFolderError:
+    """One line for a weights file that does not fit the network its card describes: PyTorch's first line says
+    only "Error(s) in loading state_dict for Classifier:"; the first mismatch it lists comes along."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__).rstrip(".")
+    if len(detail) > 200:
+        detail = detail[:197] + "..."
+    n = len(card.classes)
+    return ModelFolderError(f"{weights} does not fit backbone {card.backbone_name!r} with the card's {n} "
+                            f"class{'' if n == 1 else 'es'} ({detail}): the folder's card and weights do not belong "
+                            "together; use the card training wrote, or retrain")
 
 
 def register_kind(kind: str, loader: KindLoader | str, *, replace: bool = False) -> None:
@@ -160,8 +173,7 @@ def load_model(folder: str | Path, *, map_location: str | torch.device = "cpu") 
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ModelFolderError(f"{weights} does not fit backbone {card.backbone_name!r}: "
-                               f"{str(err).splitlines()[0]}") from err
+        raise weights_mismatch(weights, card, err) from err
     model._pellucid_folder = str(folder)  # folder-bound add-ons (ttame.safetensors, ood.safetensors) live here
     if pre.tta:
         from pellucid.core.views import ViewAverage, check_tta

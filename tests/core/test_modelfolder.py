@@ -37,6 +37,21 @@ def test_card_disagreeing_with_task_is_refused(tiny_model_dir, tmp_path):
         read_card(bad)
 
 
+def test_a_card_whose_classes_do_not_fit_its_weights_says_which_tensor_in_one_line(tiny_model_dir, tmp_path):
+    """PyTorch's first line of a mismatch is "Error(s) in loading state_dict for Classifier:", and that was all a
+    user saw of a card whose classes had been edited apart from its weights."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    card = json.loads((bad / "card.json").read_text())
+    card.update(task="mine", classes=["a", "b", "c"])  # a task name of no installed app: its classes go unchecked
+    (bad / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelFolderError) as err:
+        load_model(bad)
+    message = str(err.value)
+    assert "\n" not in message and "with the card's 3 classes (size mismatch for head" in message
+    assert "do not belong together" in message
+
+
 def test_missing_or_broken_folder(tmp_path):
     with pytest.raises(ModelFolderError, match="not found"):
         load_model(tmp_path / "nope")

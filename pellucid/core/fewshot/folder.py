@@ -583,7 +583,7 @@ def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:
     """
     from safetensors.torch import load_file
 
-    from pellucid.core.modelfolder import ModelFolderError
+    from pellucid.core.modelfolder import ModelFolderError, weights_mismatch
 
     folder = Path(folder)
     weights = folder / "model.safetensors"
@@ -621,8 +621,7 @@ def load_prototypes(folder: str | Path, card: ModelCard) -> PrototypicalNetwork:
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise ModelFolderError(f"{weights} does not fit backbone {card.backbone_name!r}: "
-                               f"{str(err).splitlines()[0]}") from err
+        raise weights_mismatch(weights, card, err) from err
     if net.n_way != len(card.classes):
         raise ModelFolderError(f"{weights} holds {net.n_way} prototypes but the card lists "
                                f"{len(card.classes)} classes")
