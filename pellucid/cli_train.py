@@ -63,8 +63,12 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             over.update(tomllib.loads(Path(args.config).read_text()))
         except FileNotFoundError:
             raise UserError(f"config file {args.config} not found") from None
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"config file {args.config} is not valid TOML: {err}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as err:  # nested too deep: RecursionError
+            reason = str(err) if isinstance(err, tomllib.TOMLDecodeError) else type(err).__name__
+            raise UserError(f"config file {args.config} is not valid TOML ({reason}); fix it and run the command "
+                            "again") from None
+        except OSError as err:
+            raise UserError(f"config file {args.config} cannot be read ({err.strerror or type(err).__name__})") from None
     for key in ("backbone", "checkpoint", "finetune", "epochs", "image_size", "batch_size", "lr", "seed",
                 "max_images", "accelerator", "num_nodes", "strategy", "preprocess", "segmenter", "logger"):
         v = getattr(args, key, None)

@@ -72,10 +72,18 @@ def roads(tmp_path_factory) -> Path:
     (["train", "--data", "{snow}"], "task name 'snow' is taken by"),
     (["train", "--data", "{roads}", "--positive-class", "sunny"], "--positive-class 'sunny' is not one of"),
     (["train", "snow", "--config", "{classes_toml}"], "'classes' belongs to the task, not to training"),
+    # a config nested too deeply for Python's parser, one that is not text, a folder: RecursionError,
+    # UnicodeDecodeError and IsADirectoryError tracebacks before
+    (["train", "snow", "--config", "{deep_toml}"], "is not valid TOML (RecursionError); fix it"),
+    (["train", "snow", "--config", "{binary_toml}"], "is not valid TOML (UnicodeDecodeError); fix it"),
+    (["train", "snow", "--config", "{roads}"], "cannot be read (Is a directory)"),
 ])
 def test_early_errors_are_one_line_and_import_no_torch(argv, expect, roads, tmp_path):
     (tmp_path / "c.toml").write_text('classes = ["clear_road", "snowy_road"]\nepochs = 1\n')
+    (tmp_path / "deep.toml").write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00epochs = 1")
     fill = {"roads": str(roads), "snow": str(data_dir("snow")), "classes_toml": str(tmp_path / "c.toml"),
+            "deep_toml": str(tmp_path / "deep.toml"), "binary_toml": str(tmp_path / "binary.toml"),
             "n_snow": len(get_task("snow").recipe["members"])}
     argv = [a.format(**fill) for a in argv]
     rc, err, heavy = _early(argv, cwd=tmp_path)

@@ -164,8 +164,8 @@ def load_task_file(path: str | Path, *, check_backbone: bool = True) -> TaskSpec
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise TaskSpecError(f"{path}: cannot read task spec ({err})") from err
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as err:
+        raise TaskSpecError(f"{path}: cannot read task spec ({str(err) or type(err).__name__})") from err
     return task_from_dict(data, where=str(path), check_backbone=check_backbone)
 
 
@@ -323,7 +323,7 @@ def _spec_name(path: Path) -> str | None:
     """The ``name`` of a TOML file that looks like a task spec (``name`` and ``classes``), else None."""
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):  # not a task spec
         return None
     name = data.get("name")
     return name if isinstance(name, str) and isinstance(data.get("classes"), list) else None

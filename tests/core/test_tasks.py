@@ -91,6 +91,10 @@ def test_search_path_current_folder_then_env_then_apps(tmp_path, monkeypatch):
     _write_spec(elsewhere / "pets" / "task.toml", "pets")
     _write_spec(elsewhere / "birds.toml", "birds", classes=("owl", "wren"))
     (here / "pyproject.toml").write_text('[project]\nname = "x"\n')  # not a task spec: ignored
+    # neither are TOML files Python's parser cannot take: nested too deeply (a RecursionError had stopped every
+    # command run in their folder), or not text
+    (here / "deep.toml").write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    (here / "binary.toml").write_bytes(b"\xff\xfe\x00name = 1")
     assert get_task("pets").classes == ("cat", "dog") and get_task("birds").classes == ("owl", "wren")
     assert {"pets", "birds", "tb"} <= set(list_tasks()) and "x" not in list_tasks()
     assert "pets" not in list_tasks(include_user=False)
