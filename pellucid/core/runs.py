@@ -101,7 +101,7 @@ def _stored_identity(out: Path, config_type: type | None = None) -> dict | None:
         stored = json.loads((out / RUN_FILE).read_text())
         if isinstance(stored, dict) and stored.get("config_hash"):
             return stored
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, or nested too deeply to parse
         pass
     if config_type is None:
         return None
@@ -110,7 +110,7 @@ def _stored_identity(out: Path, config_type: type | None = None) -> dict | None:
         known = set(config_type.__dataclass_fields__)
         return run_identity(config_type(**{k: v for k, v in raw.items() if k in known}),
                             "ensemble" if raw.get("members") else "classifier")
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return None
 
 

@@ -94,6 +94,17 @@ def test_a_folder_of_an_older_pellucid_without_run_json_is_described_not_a_trace
     assert f"{out} holds a run of task tb" in err and "--overwrite" in err
 
 
+def test_a_run_json_nested_too_deeply_to_parse_is_described_not_a_traceback(run_a, tmp_path, capsys):
+    """run.json and config.json of brackets nested 100,000 deep had stopped `pellucid train --out` with Python's
+    RecursionError; the folder is described like any run whose record cannot be read."""
+    out = _copy(run_a, tmp_path / "deep")
+    for name in ("run.json", "config.json"):
+        (out / name).write_text("[" * 100_000 + "]" * 100_000)
+    assert _train_cli(out, "--seed", "1") == 2
+    err = _one_line(capsys)
+    assert "holds files of another pellucid run (no readable run.json)" in err and "--overwrite" in err
+
+
 def test_overwrite_leaves_only_the_new_runs_files(run_a, tmp_path, capsys, caplog):
     out = _copy(run_a, tmp_path / "a")
     (out / "plots" / "from_run_a.png").write_bytes(b"png")

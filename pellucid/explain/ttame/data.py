@@ -33,7 +33,7 @@ def _split_of(folder: Path, card: ModelCard) -> Split:
     if cfg_path.is_file():
         try:
             config_data = json.loads(cfg_path.read_text()).get("data")
-        except json.JSONDecodeError:
+        except (OSError, ValueError, AttributeError, RecursionError):  # unreadable, not a JSON object, too deep
             config_data = None
     return load_split(folder, data_root=data_root, data_as_given=config_data)
 
