@@ -31,6 +31,7 @@ with the ensemble weights.
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Sequence
 
 import numpy as np
@@ -303,6 +304,10 @@ class HiResCAM(CAMExplainer):
     pgc_class = "HiResCAM"
 
 
+#: stands in for the ``tqdm`` module inside pytorch-grad-cam's Score-CAM: ``tqdm.tqdm(iterable)`` is the iterable
+_SILENT_TQDM = types.SimpleNamespace(tqdm=lambda iterable, *args, **kwargs: iterable)
+
+
 @register_explainer
 class ScoreCAM(CAMExplainer):
     """Score-CAM (Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional
@@ -325,6 +330,11 @@ class ScoreCAM(CAMExplainer):
 
     def _configure(self, cam: Any) -> None:
         cam.batch_size = self.batch_size
+        # pytorch-grad-cam draws a progress bar of its own per image batch (a screenful of "0/8 [A" lines under
+        # `pellucid explain`'s one bar, which already counts the images): its module's tqdm passes through
+        import pytorch_grad_cam.score_cam as score_cam_module
+
+        score_cam_module.tqdm = _SILENT_TQDM
 
 
 @register_explainer

@@ -53,6 +53,15 @@ def test_predicted_class_is_the_default_target(tiny_models):
     assert [e.target for e in get_explainer("gradcam").explain(model, x)] == predicted
 
 
+def test_score_cam_draws_no_progress_bar_of_its_own(tiny_models, capfd):
+    """pytorch-grad-cam's Score-CAM drew a tqdm bar per batch under `pellucid explain`'s own one."""
+    capfd.readouterr()
+    result = get_explainer("scorecam", batch_size=16).explain(tiny_models["test_resnet"], images_for(64, 2))
+    assert len(result) == 2 and all(r.heatmap is not None for r in result)
+    printed = capfd.readouterr()
+    assert "it/s" not in printed.err and "%|" not in printed.err, printed.err[:200]
+
+
 def test_lean_gradcam_matches_pytorch_grad_cam(tiny_models):
     model = tiny_models["test_resnet"]
     x = images_for(64, 3, seed=1)
