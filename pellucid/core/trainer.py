@@ -49,7 +49,7 @@ from pellucid.core.runs import TrainingError
 from pellucid.registry import unknown_name_error
 
 __all__ = [
-    "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING",
+    "make_trainer", "fit", "seed_everything", "quiet_warnings", "uses_cuda", "FEW_WORKERS_WARNING", "LEAFSPEC_WARNING",
     "LightningModule", "Callback", "EarlyStopping", "ModelCheckpoint", "LOGGERS", "TrackingError",
     "make_logger", "log_run", "tracking_uri", "final_metrics", "ema_callback", "swa_callback",
     "swa_start_epoch", "snapshot_every",
@@ -68,6 +68,9 @@ LightningModule = L.LightningModule
 
 #: Lightning's hint that a DataLoader has few workers: noise when batches come from cached tensors.
 FEW_WORKERS_WARNING = ".*does not have many workers.*"
+#: Lightning's batch flattening calls a torch 2.14 pytree class that torch deprecates: one line of Lightning's source
+#: path and line under every training run, about code the user cannot change
+LEAFSPEC_WARNING = r".*LeafSpec.*is deprecated.*"
 
 
 def uses_cuda(accelerator: str | None) -> bool:
@@ -147,7 +150,8 @@ def fit(trainer: L.Trainer, module: L.LightningModule, train_dataloaders: Any = 
         kwargs["ckpt_path"] = str(ckpt_path)
         if "weights_only" in inspect.signature(trainer.fit).parameters:
             kwargs["weights_only"] = True
-    trainer.fit(module, train_dataloaders, val_dataloaders, **kwargs)
+    with quiet_warnings(LEAFSPEC_WARNING):
+        trainer.fit(module, train_dataloaders, val_dataloaders, **kwargs)
 
 
 def ema_callback(time_constant_steps: float, start_step: int = 0) -> Callback:

@@ -102,6 +102,25 @@ def test_swa_averages_the_epoch_end_weights_from_its_start_epoch(tmp_path):
     assert torch.allclose(saved["net.0.weight"], mean["net.0.weight"], atol=1e-6)
 
 
+def test_fit_passes_over_the_deprecation_lightning_meets_in_torch(tmp_path):
+    """Every training run printed a line of Lightning's own source path about a torch pytree class it uses
+    (`isinstance(treespec, LeafSpec)` is deprecated); the user can do nothing about it. Other warnings still show."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pellucid.core.trainer import fit, make_trainer
+
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=16)
+    trainer = make_trainer(max_epochs=1, accelerator="cpu", devices=1, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(trainer, _tiny_module(), loader, loader)
+        warnings.warn("a warning of the run's own", UserWarning)
+    texts = [str(w.message) for w in caught]
+    assert not [t for t in texts if "LeafSpec" in t], texts
+    assert "a warning of the run's own" in texts
+
+
 def test_uses_cuda_follows_the_accelerator_flag():
     from pellucid.core.trainer import uses_cuda
 

@@ -103,11 +103,11 @@ def _run_trainer(module, train_dl, val_dl, device: torch.device, *, epochs: int,
                  progress: bool) -> tuple[Any, float]:
     """Fit ``module`` on a Lightning Trainer (on ``device``), stopping early on the validation loss;
     returns ``(trainer, seconds spent in trainer.fit)``."""
-    from pellucid.core.trainer import FEW_WORKERS_WARNING, EarlyStopping, make_trainer, quiet_warnings
+    from pellucid.core.trainer import FEW_WORKERS_WARNING, LEAFSPEC_WARNING, EarlyStopping, make_trainer, quiet_warnings
 
     on_gpu = device.type == "cuda"
     # Cached tensors need no loader workers; Lightning's hint about them is noise here.
-    with tempfile.TemporaryDirectory() as tmp, quiet_warnings(FEW_WORKERS_WARNING, ".*LeafSpec.*"):
+    with tempfile.TemporaryDirectory() as tmp, quiet_warnings(FEW_WORKERS_WARNING, LEAFSPEC_WARNING):
         trainer = make_trainer(
             max_epochs=epochs, accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1,
             callbacks=[EarlyStopping(monitor="val_loss", patience=patience, mode="min")], progress=progress,
