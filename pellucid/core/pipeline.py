@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -226,7 +227,7 @@ class CasePipeline:
         include_identifiers: show DICOM file names and read their identifying tags.
         window: DICOM ``(center, width)`` for every DICOM input; None keeps each file's own.
         batch_size: images per forward pass.
-        workers: DataLoader worker processes that decode files (0: in this process).
+        workers: DataLoader worker processes that decode files (0: in this process; at most one per CPU core).
         keep_images: keep each Case's image after its domain check (off for large folders).
     """
 
@@ -248,7 +249,8 @@ class CasePipeline:
         self.include_identifiers = include_identifiers
         self.window = window
         self.batch_size = max(1, int(batch_size))
-        self.workers = max(0, int(workers))
+        # one decoding process per core at most: `--workers 1000` had asked for a thousand processes, each with torch
+        self.workers = min(max(0, int(workers)), os.cpu_count() or 1)
         self.keep_images = keep_images
 
     @property
