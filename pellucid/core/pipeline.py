@@ -216,6 +216,10 @@ def _collate(items):
     return items
 
 
+#: images decoded and predicted together at most (a 448-px image is 2.4 MB as a float tensor: 256 of them 0.6 GB)
+MAX_BATCH = 256
+
+
 class CasePipeline:
     """Inputs → Cases with a loaded model folder: the predict half of the one pipeline.
 
@@ -248,7 +252,8 @@ class CasePipeline:
         self.policy = policy or default_domain_policy(predictor.card)
         self.include_identifiers = include_identifiers
         self.window = window
-        self.batch_size = max(1, int(batch_size))
+        # a batch is decoded and held whole: `--batch-size 100000` on a large folder would hold every image at once
+        self.batch_size = min(max(1, int(batch_size)), MAX_BATCH)
         # one decoding process per core at most: `--workers 1000` had asked for a thousand processes, each with torch
         self.workers = min(max(0, int(workers)), os.cpu_count() or 1)
         self.keep_images = keep_images

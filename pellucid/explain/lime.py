@@ -61,6 +61,8 @@ TOL_MAX = 0.1  # ... and largest single change; otherwise the image is explained
 CONVERGE_RHO = 0.95  # stop sampling once two successive fits rank the superpixels this alike (and share the top 5)
 MIN_SAMPLES = 300  # ... but never before this many perturbed images
 CONVERGE_STEP = 100  # perturbed images between convergence checks
+MAX_SAMPLES = 100_000  # perturbed images per image a caller may ask for (each is a forward pass)
+MAX_SEGMENTS = 5_000  # superpixels per image (the perturbation matrix is samples x superpixels)
 
 
 _device_of = model_device
@@ -214,6 +216,10 @@ class LimeExplainer(Explainer):
             raise ValueError("precision='int8' runs on ONNX Runtime: use backend='auto' or 'onnxruntime'")
         if num_samples < 2:
             raise ValueError(f"num_samples must be at least 2 (got {num_samples})")
+        if num_samples > MAX_SAMPLES:  # 10**8 had asked numpy for 33 GB before a single forward pass
+            raise ValueError(f"num_samples must be at most {MAX_SAMPLES:,} (got {num_samples:,}); the default is 1,000")
+        if not 1 <= n_segments <= MAX_SEGMENTS:
+            raise ValueError(f"n_segments must be from 1 to {MAX_SEGMENTS:,} (got {n_segments:,}); the default is 50")
         super().__init__(num_samples=num_samples, segmentation=segmentation, n_segments=n_segments,
                          compactness=compactness, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio,
                          hide_color=hide_color, kernel_width=kernel_width, batch_size=batch_size,

@@ -304,13 +304,16 @@ def test_a_model_that_gives_nan_is_an_error_row_not_a_label(tiny_model_dir, inpu
     assert row["label"] == "" and "the model gave no finite probabilities" in row["error"]
 
 
-def test_decoding_workers_are_at_most_one_per_core(tiny_model_dir):
-    """`--workers 1000` had asked the DataLoader for a thousand processes, each importing torch."""
+def test_decoding_workers_are_at_most_one_per_core_and_batches_at_most_256(tiny_model_dir):
+    """`--workers 1000` had asked the DataLoader for a thousand processes, each importing torch, and a batch is
+    decoded and held whole, so `--batch-size 100000` would have held a large folder in memory at once."""
     import os
 
     pred = Predictor(tiny_model_dir)
     assert CasePipeline(pred, workers=1000).workers == (os.cpu_count() or 1)
     assert CasePipeline(pred, workers=-3).workers == 0 and CasePipeline(pred, workers=1).workers == 1
+    assert CasePipeline(pred, batch_size=100_000).batch_size == 256
+    assert CasePipeline(pred, batch_size=0).batch_size == 1 and CasePipeline(pred, batch_size=32).batch_size == 32
 
 
 def test_an_unexpected_reader_failure_is_one_row_not_a_lost_run(tiny_model_dir, inputs, monkeypatch):

@@ -127,6 +127,11 @@ def test_bad_options():
         get_explainer("lime", precision="bfloat61")
     with pytest.raises(TypeError, match="Did you mean 'num_samples'"):
         get_explainer("lime", num_sample=10)
+    # `--option lime.num_samples=100000000` had asked numpy for 33 GB; a million superpixels is not a map
+    with pytest.raises(ValueError, match="num_samples must be at most 100,000"):
+        get_explainer("lime", num_samples=10**8)
+    with pytest.raises(ValueError, match="n_segments must be from 1 to 5,000"):
+        get_explainer("lime", n_segments=10**6)
 
 
 def test_int8_passes_give_nearly_the_float32_map(tiny_models):
