@@ -136,7 +136,7 @@ def test_real_dicom_read_or_refused(path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore")
 def test_pydicoms_own_test_files_are_read_in_their_colour_model_or_refused_in_one_line() -> None:
-    """pydicom ships about 190 hard files with its package (palette colour, YBR, big endian, JPEG-LS, RLE,
+    """pydicom ships 176 hard files with its package (palette colour, YBR, big endian, JPEG-LS, RLE,
     JPEG 2000, deflated, no preamble, SR, RT, ECG): each is an image whose channels follow its photometric
     interpretation (colour for RGB, YBR and palette colour), or one line that names the file."""
     pydicom = pytest.importorskip("pydicom")
