@@ -68,7 +68,8 @@ def _train_overrides(args: argparse.Namespace) -> dict:
             raise UserError(f"config file {args.config} is not valid TOML ({reason}); fix it and run the command "
                             "again") from None
         except OSError as err:
-            raise UserError(f"config file {args.config} cannot be read ({err.strerror or type(err).__name__})") from None
+            reason = err.strerror or type(err).__name__
+            raise UserError(f"config file {args.config} cannot be read ({reason})") from None
     for key in ("backbone", "checkpoint", "finetune", "epochs", "image_size", "batch_size", "lr", "seed",
                 "max_images", "accelerator", "num_nodes", "strategy", "preprocess", "segmenter", "logger"):
         v = getattr(args, key, None)

@@ -35,8 +35,8 @@ from pellucid.core.model import Classifier, build_classifier
 from pellucid.core.tasks import TaskSpec
 from pellucid.registry import Registry
 
-__all__ = ["ModelFolderError", "weights_mismatch", "CardError", "ModelCard", "build_card", "save_model", "load_model", "read_card",
-           "write_card", "CARD_KINDS", "register_kind", "card_kinds"]
+__all__ = ["ModelFolderError", "weights_mismatch", "CardError", "ModelCard", "build_card", "save_model", "load_model",
+           "read_card", "write_card", "CARD_KINDS", "register_kind", "card_kinds"]
 
 #: A loader of one folder kind: ``(folder, card) -> model in eval mode``.
 KindLoader = Callable[[Path, ModelCard], torch.nn.Module]

@@ -28,9 +28,10 @@ import numpy as np
 from pellucid.datasets.readers import BURNED_IN_NOTE
 from pellucid.explain.lungshare import border_band, border_share, mask_shares
 
-__all__ = ["BORDER_BAND", "BURNED_IN_CAVEAT", "HOW_TO_READ", "HOW_TO_READ_ITEMS", "SCORE_LABELS", "Legend", "Reading", "THRESHOLDS",
-           "burned_in_caveat", "display_method", "legend_for", "map_notes", "method_sentence", "read_case_result", "read_explanation",
-           "reading_dict", "score_items", "score_sentences", "share_items", "technical_details"]
+__all__ = ["BORDER_BAND", "BURNED_IN_CAVEAT", "HOW_TO_READ", "HOW_TO_READ_ITEMS", "SCORE_LABELS", "Legend",
+           "Reading", "THRESHOLDS", "burned_in_caveat", "display_method", "legend_for", "map_notes",
+           "method_sentence", "read_case_result", "read_explanation", "reading_dict", "score_items",
+           "score_sentences", "share_items", "technical_details"]
 
 #: What the report and the web app say of a DICOM whose header says text is burned into its pixels.
 BURNED_IN_CAVEAT = ("Burned-in text: this DICOM says text is burned into its pixels, so the pictures of it here may "

@@ -145,7 +145,8 @@ class ProtoConfig:
             except (TypeError, ValueError):
                 weights = (float("nan"),)
             if not all(math.isfinite(w) and w >= 0 for w in weights):
-                raise FewShotError(f"layer_weights must be finite numbers of 0 or more, got {list(self.layer_weights)!r}")
+                raise FewShotError(f"layer_weights must be finite numbers of 0 or more, got "
+                                   f"{list(self.layer_weights)!r}")
             object.__setattr__(self, "layer_weights", weights)
             if len(self.layer_weights) != len(self.layers):
                 raise FewShotError(f"layer_weights has {len(self.layer_weights)} values for {len(self.layers)} "
@@ -162,8 +163,6 @@ class ProtoConfig:
         if self.transductive and self.head != "prototypes":
             raise FewShotError(f"transductive refinement moves the prototypes, so it needs head='prototypes'; "
                                f"got head={self.head!r}")
-        if self.scale <= 0:
-            raise FewShotError(f"scale must be > 0, got {self.scale}")
         if isinstance(self.transductive, bool) or not isinstance(self.transductive, (int, float)) \
                 or int(self.transductive) != self.transductive or not 0 <= self.transductive <= MAX_TRANSDUCTIVE:
             raise FewShotError(f"transductive must be a whole number of steps from 0 to {MAX_TRANSDUCTIVE}, "
