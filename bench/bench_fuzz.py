@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DICOM_DIR = ROOT.parent / "shared" / "data" / "dicom"
 OUT = Path(__file__).parent / "results" / "fuzz.md"
 
-__all__ = ["check_outcome", "fuzz", "main", "mutate", "seeds", "table"]
+__all__ = ["SRGB_PRIMARIES", "check_outcome", "fuzz", "main", "mutate", "rgb_icc_profile", "seeds", "table"]
 
 PHI_NAME = b"DOE^JANE"
 
@@ -69,6 +69,39 @@ _VRS = (b"US", b"UL", b"SS", b"DS", b"IS", b"CS", b"LO", b"OB", b"OW", b"SQ", b"
 # ---------------------------------------------------------------------------------------------
 # seeds
 
+#: sRGB's red, green and blue primaries as an ICC profile stores them (XYZ, adapted to D50)
+SRGB_PRIMARIES = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
+
+
+def rgb_icc_profile(red: tuple[float, ...], green: tuple[float, ...], blue: tuple[float, ...],
+                    description: str = "swapped primaries") -> bytes:
+    """A minimal ICC v2 display profile (ICC.1:2001-04): the three primaries, a 2.2 gamma, a D50 white point and a
+    description. With sRGB's green as its red it makes a stored red mean green: a profile no reader can ignore
+    without the colours showing it."""
+
+    def xyz(values: tuple[float, ...]) -> bytes:
+        return b"XYZ " + bytes(4) + b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    text = description.encode("ascii") + b"\0"
+    tags = {
+        b"desc": b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67),
+        b"wtpt": xyz((0.9642, 1.0, 0.8249)),
+        b"rXYZ": xyz(red), b"gXYZ": xyz(green), b"bXYZ": xyz(blue),
+        b"rTRC": b"curv" + bytes(4) + struct.pack(">IH", 1, round(2.2 * 256)) + bytes(2),
+        b"cprt": b"text" + bytes(4) + b"none\0",
+    }
+    tags[b"gTRC"] = tags[b"bTRC"] = tags[b"rTRC"]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for signature, body in tags.items():
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", 0) + xyz((0.9642, 1.0, 0.8249))[8:] + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
 def _image_seeds() -> list[tuple[str, bytes]]:
     from PIL import Image
 
@@ -93,6 +126,10 @@ def _image_seeds() -> list[tuple[str, bytes]]:
     frames = [Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)) for _ in range(3)]
     save(".tif", frames[0], format="TIFF", save_all=True, append_images=frames[1:])
     save(".bmp", Image.fromarray(rgb), format="BMP")
+    red, green, blue = SRGB_PRIMARIES
+    wide = rgb_icc_profile(green, red, blue)  # a profile the readers apply (mutations reach littleCMS)
+    save(".jpg", Image.fromarray(rgb), format="JPEG", quality=90, icc_profile=wide)
+    save(".png", Image.fromarray(np.dstack([rgb, gray])), format="PNG", icc_profile=wide)
     return out
 
 
@@ -183,6 +220,9 @@ def _dicom_seeds() -> list[tuple[str, bytes]]:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     ds.NumberOfFrames = 2
     ds.PixelData = np.stack([rgb, rgb[::-1]]).tobytes()
+    out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
+
+    ds.ICCProfile = rgb_icc_profile(*SRGB_PRIMARIES[1::-1], SRGB_PRIMARIES[2])  # the same, with a camera's profile
     out.append((".dcm", _dicom_bytes(ds, ExplicitVRLittleEndian)))
 
     ds = base("XC")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from bench.bench_fuzz import SRGB_PRIMARIES, rgb_icc_profile
 from pellucid.datasets.readers import dicom as readers_dicom  # where _decode_frame looks up its helpers
 from pellucid.datasets.readers import (
     DICOM_SUFFIXES,
@@ -357,9 +358,11 @@ def _write_dicom(
     bits_stored: int = 16,
     signed: bool = False,
     preamble: bool = True,
+    rgb: bool = False,
     **attributes: object,
 ) -> Path:
-    """Write uint16 (or int16) ``pixels`` of shape (H, W) or (frames, H, W) as DICOM."""
+    """Write uint16 (or int16) ``pixels`` of shape (H, W) or (frames, H, W) as DICOM; with ``rgb``, uint8 pixels
+    of shape (H, W, 3) as 8-bit RGB."""
     pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -373,18 +376,20 @@ def _write_dicom(
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "OT"
-    if pixels.ndim == 3:
+    if pixels.ndim == 3 and not rgb:
         ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
+    ds.Rows, ds.Columns = pixels.shape[:2] if rgb else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if rgb else 1
+    if rgb:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "RGB" if rgb else photometric
+    ds.BitsAllocated = 8 if rgb else 16
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = int(signed)
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
-    ds.PixelData = np.ascontiguousarray(pixels).astype("<u2" if not signed else "<i2").tobytes()
+    ds.PixelData = np.ascontiguousarray(pixels).astype("u1" if rgb else "<u2" if not signed else "<i2").tobytes()
     ds.save_as(path, enforce_file_format=True)
     if not preamble:
         data = path.read_bytes()
@@ -1753,3 +1758,86 @@ def test_pipes_and_devices_are_refused_without_being_opened(tmp_path: Path) -> N
         read_dicom(tmp_path / "zero.dcm")
     with pytest.raises(ImageReadError, match="is not a regular file"):
         dicom_identifying_tags(tmp_path / "zero.dcm")
+
+
+_SRGB_RED, _SRGB_GREEN, _SRGB_BLUE = SRGB_PRIMARIES
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_an_image_with_an_icc_profile_is_read_in_the_colours_the_profile_gives_it(tmp_path: Path, suffix: str) -> None:
+    """A wide-gamut photo (a phone's Display P3, a camera's Adobe RGB) stores numbers that mean other colours than
+    sRGB's: read as sRGB they came out dull and tinted. Here a profile whose red primary is sRGB's green makes the
+    stored (200, 40, 40) a green: the reader must say green."""
+    from pellucid.datasets.readers.colour import CONVERTED_NOTE
+
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[...] = (200, 40, 40)
+    path = tmp_path / f"wide{suffix}"
+    PILImage.fromarray(pixels).save(path, icc_profile=rgb_icc_profile(_SRGB_GREEN, _SRGB_RED, _SRGB_BLUE))
+    image = read_image(path)
+    _assert_valid(image, channels=3)
+    red, green, _ = image.array[8, 8]
+    assert green > red + 0.3, image.array[8, 8]
+    assert CONVERTED_NOTE in image.meta["notes"]
+
+    plain = tmp_path / f"plain{suffix}"  # the same profile with sRGB's own primaries changes (almost) nothing
+    PILImage.fromarray(pixels).save(plain, icc_profile=rgb_icc_profile(_SRGB_RED, _SRGB_GREEN, _SRGB_BLUE))
+    untagged = tmp_path / f"untagged{suffix}"
+    PILImage.fromarray(pixels).save(untagged)
+    np.testing.assert_allclose(read_image(plain).array, read_image(untagged).array, atol=0.06)
+
+
+def test_an_icc_profile_that_cannot_be_used_keeps_the_stored_colours_with_a_note(tmp_path: Path) -> None:
+    from PIL import ImageCms
+
+    from pellucid.datasets.readers.colour import UNREADABLE_NOTE
+
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[...] = (200, 40, 40)
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    broken = rgb_icc_profile(_SRGB_GREEN, _SRGB_RED, _SRGB_BLUE)[:200]  # cut inside its tag table
+    cases = (("garbage", b"Jane Doe 1970-01-01 " * 40, UNREADABLE_NOTE), ("cut", broken, UNREADABLE_NOTE),
+             ("lab", lab, "ignored an embedded ICC profile for Lab colours on an RGB image"), ("srgb", srgb, None))
+    for name, icc, note in cases:
+        path = tmp_path / f"{name}.png"
+        PILImage.fromarray(pixels).save(path, icc_profile=icc)
+        image = read_image(path)
+        np.testing.assert_allclose(image.array[0, 0], np.array([200, 40, 40]) / 255.0, atol=1e-6)
+        icc_notes = [n for n in image.meta["notes"] if "ICC" in n]
+        assert icc_notes == ([note] if note else []), name
+        assert "Jane" not in " ".join(image.meta["notes"])
+
+
+def test_an_rgba_image_keeps_its_alpha_through_the_profile(tmp_path: Path) -> None:
+    pixels = np.zeros((4, 4, 4), dtype=np.uint8)
+    pixels[...] = (200, 40, 40, 255)
+    pixels[0, 0, 3] = 0  # one transparent pixel: composited over black
+    path = tmp_path / "rgba.png"
+    PILImage.fromarray(pixels, mode="RGBA").save(path, icc_profile=rgb_icc_profile(_SRGB_GREEN, _SRGB_RED, _SRGB_BLUE))
+    image = read_image(path)
+    assert image.array[1, 1, 1] > image.array[1, 1, 0] + 0.3
+    np.testing.assert_allclose(image.array[0, 0], 0.0, atol=1e-6)
+
+
+def test_a_colour_dicom_with_an_icc_profile_is_read_in_its_colours(tmp_path: Path) -> None:
+    """Colour DICOM (dermoscopy, endoscopy, slide microscopy) carries its camera's profile in ICC Profile
+    (0028,2000), or in the Optical Path Sequence: the same conversion as for a photo."""
+    Dataset = pytest.importorskip("pydicom.dataset").Dataset
+
+    from pellucid.datasets.readers.colour import CONVERTED_NOTE
+
+    icc = rgb_icc_profile(_SRGB_GREEN, _SRGB_RED, _SRGB_BLUE)
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[...] = (200, 40, 40)
+    item = Dataset()
+    item.ICCProfile = icc
+    for where, attributes in (("top", {"ICCProfile": icc}), ("optical path", {"OpticalPathSequence": [item]}),
+                              ("none", {})):
+        path = _write_dicom(tmp_path / f"{where}.dcm", pixels, bits_stored=8, rgb=True, **attributes)
+        image = read_image(path)
+        red, green, _ = image.array[4, 4]
+        if where == "none":
+            assert red > green and CONVERTED_NOTE not in image.meta["notes"]
+        else:
+            assert green > red + 0.3, (where, image.array[4, 4])
+            assert CONVERTED_NOTE in image.meta["notes"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pellucid.datasets.readers.colour import to_srgb
 from pellucid.datasets.readers.common import _as_list, _min_max
 from pellucid.datasets.readers.image import ImageReadError
 
@@ -296,5 +297,39 @@ def _dicom_colour(
         notes.append(f"decoder converted {original} to {photometric}")
     if arr.ndim == 2:  # palette applied to a 2-D index image gives (H, W, 3) already
         arr = np.repeat(arr[:, :, None], 3, axis=2)
+    arr = _apply_icc(arr, ds, peak, notes)
     notes.append(f"scaled colour values by {peak:.0f}")
     return arr.astype(np.float64) / peak
+
+
+def _apply_icc(arr: np.ndarray, ds: Dataset, peak: float, notes: list[str]) -> np.ndarray:
+    """8-bit RGB pixels converted to sRGB from the file's ICC Profile (0028,2000), at the top level or in the
+    first item of the Optical Path Sequence (slide microscopy); anything else unchanged. Deeper colour is left as
+    stored: Pillow's colour management works on 8-bit samples."""
+    icc = _icc_profile(ds)
+    if icc is None or peak != 255.0 or arr.ndim != 3 or arr.shape[2] != 3:
+        return arr
+    from PIL import Image as PILImage
+
+    image = PILImage.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    out = to_srgb(image, icc, notes)
+    return arr if out is image else np.asarray(out)
+
+
+def _icc_profile(ds: Dataset) -> bytes | None:
+    for holder in (ds, _first_item(ds, "OpticalPathSequence")):
+        try:
+            value = holder.get("ICCProfile") if holder is not None else None
+        except Exception:  # noqa: BLE001 - a corrupt element reads as absent
+            value = None
+        if isinstance(value, (bytes, bytearray)) and value:
+            return bytes(value)
+    return None
+
+
+def _first_item(ds: Dataset, keyword: str) -> Any:
+    try:
+        sequence = ds.get(keyword)
+        return sequence[0] if sequence else None
+    except Exception:  # noqa: BLE001 - a corrupt sequence reads as absent
+        return None

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pellucid.datasets.readers.colour import to_srgb
 from pellucid.datasets.readers.common import _min_max, _native_stderr_quiet, _out_of_memory, _warn
 from pellucid.datasets.readers.image import Image, ImageReadError
 from pellucid.datasets.readers.limits import MAX_JPEG_SCANS, jpeg_scans, max_pixels, reduction_factor
@@ -110,6 +111,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                     im.draft(im.mode, (-(-im.width // k), -(-im.height // k)))
                 with _native_stderr_quiet(compression is not None):  # libtiff prints on damaged pages
                     im.load()
+                icc = im.info.get("icc_profile")
                 white_is_zero = _white_is_zero(im)
                 im = _unsigned_32_as_float(im, notes)
                 rotated = _exif_rotated(im)
@@ -119,6 +121,7 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                     if _swaps_axes(rotated):
                         file_size = (file_size[1], file_size[0])
                 im = _reduce_pil(im, file_size, notes)
+                im = to_srgb(im, icc, notes)
                 original_size = (file_size[1], file_size[0])
                 array = _pil_to_float(im, path, notes)
                 if white_is_zero:
