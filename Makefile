@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    chromium poppler-utils fonts-dejavu-core >/dev/null) || echo "note: chromium/poppler not installed"; fi
+	@# Noto fonts: file and class names in Chinese, Japanese, Korean, Hindi, Thai... drawn in plots and PDFs, not boxes.
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    fonts-noto-cjk fonts-noto-core >/dev/null) || echo "note: Noto fonts not installed"; fi
 	@# qemu-user emulates an AVX2-only CPU for the INT8 portability test (skipped with a note when absent).
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v qemu-x86_64 >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

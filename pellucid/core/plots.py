@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
 from pellucid.core.calibration import reliability_bins
+from pellucid.core.fonts import cover_scripts
 
 __all__ = [
     "plot_roc",
@@ -41,6 +42,7 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    cover_scripts(fig)  # class names in Chinese, Hindi, ...: drawn, not boxes
     fig.tight_layout()
     fig.savefig(out, format="png", dpi=_DPI)
     return out

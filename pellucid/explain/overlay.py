@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pellucid.core.fonts import font_file_for
+
 __all__ = ["COLORMAP", "OUTLINE_COLOR", "LEGEND_MIN_WIDTH", "overlay", "save_overlay", "colorize", "resize_map",
            "mask_outline", "outline_width", "draw_outline", "colorbar_strip", "with_colorbar"]
 
@@ -164,24 +166,25 @@ def overlay(image, heatmap: np.ndarray, alpha: float = 0.5, outline: np.ndarray 
     return out if outline is None else draw_outline(out, outline)
 
 
-def _font(size: int):
-    """DejaVu Sans (shipped with matplotlib) at ``size`` pixels; Pillow's own font where it is missing."""
+def _font(size: int, path: str | None = None):
+    """The font file ``path`` (default DejaVu Sans, shipped with matplotlib) at ``size`` pixels; Pillow's own font
+    where it cannot be loaded."""
     from PIL import ImageFont
 
     try:
-        from matplotlib import get_data_path
-
-        return ImageFont.truetype(str(Path(get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+        return ImageFont.truetype(path or font_file_for(""), size)
     except (OSError, ImportError):
         return ImageFont.load_default(size=size)
 
 
 def _fitting_font(texts: list[str], width: int, size: int):
-    """The largest font up to ``size`` (at least 8 px) in which every text fits ``width`` pixels."""
-    font = _font(size)
+    """The largest font up to ``size`` (at least 8 px) in which every text fits ``width`` pixels: DejaVu Sans, or
+    an installed font that has every character of the texts (a class named in Chinese or Hindi)."""
+    path = font_file_for("".join(texts))
+    font = _font(size, path)
     while size > 8 and max(font.getlength(t) for t in texts) > width:
         size -= 1
-        font = _font(size)
+        font = _font(size, path)
     return font
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pellucid
+from pellucid.core.fonts import fallback_fonts
 from pellucid.explain.report.card import probability_text
 
 __all__ = ["render_pdf_layout"]
@@ -26,7 +27,7 @@ _LUNG_SHARE_TEXT = ("Lungs segmented by {name}. Means over the explained inputs;
 class _PDF:
     """A thin layer over fpdf2 with the report's few building blocks."""
 
-    def __init__(self, title: str, footer: str):
+    def __init__(self, title: str, footer: str, texts: Sequence[str] = ()):
         from fpdf import FPDF
         from matplotlib import get_data_path
 
@@ -47,6 +48,16 @@ class _PDF:
         self.pdf.set_creator(f"pellucid {pellucid.__version__}")
         self.pdf.add_font("DejaVu", "", str(fonts / "DejaVuSans.ttf"))
         self.pdf.add_font("DejaVu", "B", str(fonts / "DejaVuSans-Bold.ttf"))
+        # characters DejaVu lacks (a file or class named in Chinese or Hindi) from installed fonts that have them
+        fallbacks = []
+        for i, path in enumerate(fallback_fonts(list(texts))):
+            try:
+                self.pdf.add_font(f"Fallback{i}", "", path)
+                fallbacks.append(f"Fallback{i}")
+            except Exception as err:  # noqa: BLE001 - a font fpdf2 cannot embed is passed over
+                logging.getLogger(__name__).debug("font %s not usable in the PDF (%s)", path, type(err).__name__)
+        if fallbacks:
+            self.pdf.set_fallback_fonts(fallbacks, exact_match=False)
         self.pdf.set_auto_page_break(True, margin=15)
         self.pdf.set_margins(15, 15, 15)
         self.pdf.add_page()
@@ -136,9 +147,24 @@ def _headings_style():
     return FontFace(emphasis="BOLD", fill_color=(235, 239, 245))
 
 
+def _strings(value: object, limit: int = 100_000) -> list[str]:
+    """The texts of a report context (its nested dicts and lists), at most ``limit`` of them."""
+    out: list[str] = []
+    stack = [value]
+    while stack and len(out) < limit:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return out
+
+
 def render_pdf_layout(ctx: dict) -> bytes:
     """The report as PDF bytes (same content as the HTML, laid out for A4 with fpdf2)."""
-    doc = _PDF(ctx["title"], f"pellucid {ctx['version']} · {ctx['generated']}")
+    doc = _PDF(ctx["title"], f"pellucid {ctx['version']} · {ctx['generated']}", _strings(ctx))
     doc.heading(ctx["title"], 15)
     doc.banner("Intended use: " + ctx["intended_use"], (255, 243, 205), (102, 77, 3))
     doc.text(f"Generated {ctx['generated']} by pellucid {ctx['version']}.", 8, colour=(90, 90, 90))
