@@ -1841,3 +1841,36 @@ def test_a_colour_dicom_with_an_icc_profile_is_read_in_its_colours(tmp_path: Pat
         else:
             assert green > red + 0.3, (where, image.array[4, 4])
             assert CONVERTED_NOTE in image.meta["notes"]
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_a_jpeg_frame_that_does_not_state_its_height_is_refused_before_it_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A JPEG or JPEG-LS frame may leave its height (0 in its start-of-frame header) to a DNL marker later on. Found
+    by mutating pydicom's compressed test files: with one byte so changed, pylibjpeg-libjpeg grew to 21 GB in 95 s
+    on a 2.9 KB frame, until the system killed the process, whatever door it came in by. Such a frame is refused
+    from its header; the decoder is never reached (here it would fail the test instead of taking the memory)."""
+    pydicom = pytest.importorskip("pydicom")
+    import pydicom.data
+    import pydicom.pixels.decoders.base
+    from pydicom.encaps import encapsulate, generate_frames
+
+    source = pydicom.data.get_testdata_file(name)
+    if source is None:
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    ds = pydicom.dcmread(source)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = max(frame.find(b"\xff\xc1"), frame.find(b"\xff\xf7"))
+    assert sof > 0
+    frame[sof + 5 : sof + 7] = b"\x00\x00"  # the frame's height: 0, "given later"
+    ds.PixelData = encapsulate([bytes(frame)])
+    path = tmp_path / "deferred_height.dcm"
+    ds.save_as(path)
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the decoder was reached")
+
+    monkeypatch.setattr(pydicom.pixels.decoders.base.Decoder, "as_array", no_decoding)
+    with pytest.raises(ImageReadError, match=r"deferred_height\.dcm: its compressed frame does not state its size"):
+        read_image(path)

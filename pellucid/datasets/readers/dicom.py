@@ -726,10 +726,17 @@ def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) ->
             f"{path}: its compressed frame holds more than {MAX_FRAME_SCANS} JPEG scans, more than any modality "
             "writes (each is decoded over the whole frame) — the file is corrupt or hostile; re-export it"
         )
-    size = _compressed_frame_size(bytes(data[:65536]))
+    size = _compressed_frame_size(data if isinstance(data, bytes) else bytes(data))
     if size is None:
         return
     rows, columns, components = size
+    if rows == 0 or columns == 0 or components == 0:
+        # a JPEG or JPEG-LS frame may leave its height to a DNL marker after the data; no modality writes one, and
+        # pylibjpeg-libjpeg then grew without bound (21 GB in 95 s for a 2.9 KB frame, until the system killed it)
+        raise ImageReadError(
+            f"{path}: its compressed frame does not state its size ({columns}×{rows}×{components} in its own header) "
+            "— the file is corrupt or hostile; re-export it"
+        )
     limit = max_pixels()
     declared = (_header_int(ds, "Rows", 1, 65535) or 0) * (_header_int(ds, "Columns", 1, 65535) or 0)
     if rows * columns * max(1, components) > limit or rows * columns > declared:
