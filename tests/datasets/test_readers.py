@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -1873,4 +1874,49 @@ def test_a_jpeg_frame_that_does_not_state_its_height_is_refused_before_it_is_dec
 
     monkeypatch.setattr(pydicom.pixels.decoders.base.Decoder, "as_array", no_decoding)
     with pytest.raises(ImageReadError, match=r"deferred_height\.dcm: its compressed frame does not state its size"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("box", [b"\x00\x00\x00\x00ftyp", b"\x00\x00\x00\x01ftyp", b"\x00\x00"])
+def test_a_jp2_wrapped_frame_whose_boxes_do_not_advance_is_refused_before_pydicom_walks_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, box: bytes
+) -> None:
+    """A JPEG 2000 frame may come wrapped as a JP2 file. pydicom finds the codestream by walking the boxes by their
+    lengths, and a box of length 0 before it (found by mutating its own test files) kept it walking on the spot: a
+    30 KB frame held `pellucid predict` or a web app page at full CPU for good. Such frames are refused from their
+    boxes; the decoder is replaced by one that fails the test, so a regression cannot hang it."""
+    pydicom = pytest.importorskip("pydicom")
+    import pydicom.data
+    import pydicom.pixels.decoders.base
+    from pydicom.encaps import encapsulate, generate_frames
+
+    source = pydicom.data.get_testdata_file("MR_small_jp2klossless.dcm")
+    if source is None:
+        pytest.skip("pydicom's test file MR_small_jp2klossless.dcm is not installed")
+    ds = pydicom.dcmread(source)
+    gray = (np.add.outer(np.arange(32), np.arange(48)) * 3).astype(np.uint8)
+    buffer = io.BytesIO()
+    PILImage.fromarray(gray).save(buffer, format="JPEG2000", irreversible=False, no_jp2=False)  # lossless, as JP2
+    jp2 = buffer.getvalue()
+    assert jp2.startswith(b"\x00\x00\x00\x0cjP  ")
+    ds.Rows, ds.Columns = gray.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    good = tmp_path / "good.dcm"  # a well-formed JP2 wrapper is read
+    ds.PixelData = encapsulate([jp2])
+    ds.save_as(good)
+    np.testing.assert_allclose(read_image(good).array[:, :, 0], (gray - gray.min()) / np.ptp(gray), atol=1e-6)
+
+    ds.PixelData = encapsulate([jp2[:12] + box + jp2[12:]])
+    path = tmp_path / "stuck.dcm"
+    ds.save_as(path)
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the decoder was reached")
+
+    monkeypatch.setattr(pydicom.pixels.decoders.base.Decoder, "as_array", no_decoding)
+    with pytest.raises(ImageReadError, match=r"stuck\.dcm: its JPEG 2000 frame's boxes do not hold together"):
         read_image(path)

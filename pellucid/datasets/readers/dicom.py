@@ -710,6 +710,24 @@ def _frame_source(
     return data, 0, one
 
 
+def _jp2_box_problem(data: bytes) -> str | None:
+    """What is wrong with the boxes before the codestream of a frame wrapped as a JP2 file, else None. pydicom
+    walks them by their lengths to find the codestream, and a box of length 0 there (legal only for the last box)
+    kept it walking on the spot: a 30 KB frame held a door at full CPU for good. pydicom reads a length of 1 (a
+    64-bit length follows) as one byte, so it is refused too."""
+    if not data.startswith(b"\x00\x00\x00\x0cjP  "):
+        return None
+    offset = 12
+    while offset < len(data):  # as pydicom walks: a box cut short at the end is read as far as it goes
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        if data[offset + 4 : offset + 8] == b"jp2c":
+            return None
+        if length < 8:  # 0: "to the end of the file"; 1: a 64-bit length, which no header box before it needs
+            return f"a box of length {length} before the codestream"
+        offset += length
+    return None
+
+
 def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) -> None:
     """Refuse a compressed frame whose own header is larger than the limit or than Rows×Columns."""
     try:
@@ -721,6 +739,12 @@ def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) ->
         data = get_frame(pixels, index, number_of_frames=frames)
     except Exception:  # noqa: BLE001 - the decoder will refuse a broken encapsulation
         return
+    jp2 = _jp2_box_problem(bytes(data))
+    if jp2:
+        raise ImageReadError(
+            f"{path}: its JPEG 2000 frame's boxes do not hold together ({jp2}) — the file is corrupt or hostile; "
+            "re-export it"
+        )
     if bytes(data[:2]) == b"\xff\xd8" and jpeg_scans(bytes(data)) > MAX_FRAME_SCANS:
         raise ImageReadError(
             f"{path}: its compressed frame holds more than {MAX_FRAME_SCANS} JPEG scans, more than any modality "
