@@ -15,15 +15,26 @@ type and the deepest source location. The target is zero non-project exceptions 
 images. Writes ``bench/results/fuzz.md``::
 
     nice python -m bench.bench_fuzz --executions 50000 --seconds 900
+
+A decoder that grows without bound or never returns would take the machine's memory or hold the fuzzer for
+good, so the run caps its own address space (``--memory-gb``, 6 by default: a refusal that ran out of memory
+is then an outcome of its own, ``memory``) and each read's time (``--case-seconds``: a read still running in
+Python after it is a ``hang``; one stuck in compiled code ends the run with a traceback that names the case).
+``--pydicom-seeds`` adds the single-frame compressed files of pydicom's own test set (JPEG, JPEG-LS, JPEG 2000
+as codestreams and as JP2 files, RLE): they reach the compiled decoders with real coded data.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import io
 import random
+import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -251,11 +262,32 @@ def _dicom_seeds() -> list[tuple[str, bytes]]:
     return out
 
 
-def seeds(real_dicoms: bool = True) -> list[tuple[str, bytes]]:
-    """``(suffix, bytes)`` of every seed: real sample DICOMs (if present), built DICOMs, images."""
+def seeds(real_dicoms: bool = True, pydicom_seeds: bool = False) -> list[tuple[str, bytes]]:
+    """``(suffix, bytes)`` of every seed: real sample DICOMs (if present), built DICOMs, images, and with
+    ``pydicom_seeds`` the compressed single-frame files of pydicom's test set."""
     out = _image_seeds() + _dicom_seeds()
     if real_dicoms and DICOM_DIR.is_dir():
         out += [(".dcm", p.read_bytes()) for p in sorted(DICOM_DIR.iterdir()) if p.is_file()]
+    if pydicom_seeds:
+        out += _pydicom_compressed_seeds()
+    return out
+
+
+def _pydicom_compressed_seeds(max_bytes: int = 400_000) -> list[tuple[str, bytes]]:
+    import pydicom
+    import pydicom.data
+
+    out = []
+    for path in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm")):
+        if path.stat().st_size > max_bytes:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            syntax = ds.file_meta.TransferSyntaxUID
+            if syntax.is_encapsulated and not syntax.is_deflated and int(ds.get("NumberOfFrames", 1) or 1) == 1:
+                out.append((".dcm", path.read_bytes()))
+        except Exception:  # noqa: BLE001 - pydicom's test set holds broken files on purpose
+            continue
     return out
 
 
@@ -390,8 +422,12 @@ def _location(err: BaseException) -> str:
     return where
 
 
+class _CaseTimeout(BaseException):
+    """Raised in the reading thread when one read outlives ``--case-seconds``."""
+
+
 def check_outcome(path: Path, dicom: bool) -> tuple[str, str]:
-    """Read ``path`` through the door: ``('image'|'project'|'crash'|'invalid', detail)``."""
+    """Read ``path`` through the door: ``('image'|'project'|'memory'|'hang'|'crash'|'invalid', detail)``."""
     from pellucid.datasets.readers import ImageReadError, dicom_identifying_tags, read_image
 
     with warnings.catch_warnings():
@@ -407,6 +443,8 @@ def check_outcome(path: Path, dicom: bool) -> tuple[str, str]:
             message = str(err)
             if "\n" in message or path.name not in message:
                 return "invalid", f"message not one line naming the file: {message[:120]}"
+            if "ran out of memory" in message or isinstance(err.__cause__, MemoryError):
+                return "memory", f"the read reached the address-space cap: {message.split(': ', 1)[-1][:100]}"
             cause = err.__cause__
             if cause is not None and not isinstance(cause, ImageReadError) and ("header is corrupt (" in message or "the file is corrupt (" in message):
                 # refused by a catch-all: counted, with where it came from, to show what is left
@@ -414,7 +452,13 @@ def check_outcome(path: Path, dicom: bool) -> tuple[str, str]:
             return "project", ""
         except (KeyboardInterrupt, SystemExit):
             raise
+        except _CaseTimeout as err:
+            stack = traceback.extract_tb(err.__traceback__)[:-1]  # less the alarm's own frame
+            where = f"{Path(stack[-1].filename).name}:{stack[-1].lineno} in {stack[-1].name}" if stack else "?"
+            return "hang", f"still reading after the case's time, at {where}"
         except BaseException as err:  # noqa: BLE001 - what the fuzzer is looking for (a Rust panic included)
+            if isinstance(err, MemoryError) or isinstance(err.__cause__, MemoryError):
+                return "memory", f"{type(err).__name__} at {_location(err)}"
             return "crash", f"{type(err).__name__} at {_location(err)}"
     arr = image.array
     if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[2] not in (1, 3) or not arr.size:
@@ -426,11 +470,56 @@ def check_outcome(path: Path, dicom: bool) -> tuple[str, str]:
     return "image", ""
 
 
+#: where a run stuck in compiled code leaves the case it was reading and the Python traceback at that moment
+#: (stderr may point at the null device while a decoder runs)
+STUCK_LOG = Path(tempfile.gettempdir()) / "pellucid-fuzz-stuck.txt"
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, case: int, path: Path) -> Any:
+    """Raise :class:`_CaseTimeout` in this (main) thread after ``seconds``; after twice that (a read stuck in
+    compiled code never returns to Python) end the process, leaving the case, its file (kept: the process ends
+    before its temporary folder is removed) and the traceback in :data:`STUCK_LOG`."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _CaseTimeout(f"case {case}")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    with STUCK_LOG.open("w") as log:
+        log.write(f"case {case}: {path}\n")
+        log.flush()
+        faulthandler.dump_traceback_later(2 * seconds, exit=True, file=log)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            faulthandler.cancel_dump_traceback_later()
+
+
+def cap_memory(gigabytes: float | None) -> None:
+    """Cap this process's address space, so a decoder that grows without bound fails (and is counted) instead of
+    taking the machine's memory. Linux only; elsewhere nothing is capped."""
+    if not gigabytes:
+        return
+    try:
+        import resource
+    except ImportError:
+        return
+    limit = int(gigabytes * (1 << 30))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
 def fuzz(executions: int, seconds: float, seed: int = 0, *, real_dicoms: bool = True,
-         work: Path | None = None) -> dict[str, Any]:
+         work: Path | None = None, case_seconds: float | None = None, pydicom_seeds: bool = False) -> dict[str, Any]:
     """Run up to ``executions`` mutations (stopping after ``seconds``) and count the outcomes."""
     rng = random.Random(seed)
-    corpus = seeds(real_dicoms)
+    corpus = seeds(real_dicoms, pydicom_seeds)
     counts: Counter[str] = Counter()
     problems: Counter[str] = Counter()
     examples: dict[str, int] = {}
@@ -445,7 +534,8 @@ def fuzz(executions: int, seconds: float, seed: int = 0, *, real_dicoms: bool = 
             path = Path(tmp) / f"case{i % 7}{suffix}"
             path.write_bytes(data)
             start = time.perf_counter()
-            outcome, detail = check_outcome(path, suffix in (".dcm", ""))
+            with _time_limit(case_seconds, i, path):
+                outcome, detail = check_outcome(path, suffix in (".dcm", ""))
             took = time.perf_counter() - start
             if took > slowest[0]:
                 slowest = (took, i)
@@ -462,14 +552,14 @@ def fuzz(executions: int, seconds: float, seed: int = 0, *, real_dicoms: bool = 
 
 def table(res: dict[str, Any], cpu: str, command: str) -> list[str]:
     c = res["counts"]
-    crashes = c.get("crash", 0)
+    crashes = c.get("crash", 0) + c.get("memory", 0) + c.get("hang", 0)
     lines = [
         "# Reader fuzzing (`read_image`, `dicom_identifying_tags`)",
         "",
         f"`{command}` — seed {res['seed']}, {res['n_seeds']} seed files, CPU: {cpu}",
         "",
         "| executions | images returned | project errors (ImageReadError) | non-project exceptions "
-        "| invalid images / messages | seconds | executions/s | slowest execution |",
+        "(memory, hangs included) | invalid images / messages | seconds | executions/s | slowest execution |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {res['executions']} | {c.get('image', 0)} | {c.get('project', 0)} | {crashes} | "
         f"{c.get('invalid', 0)} | {res['seconds']:.0f} | {res['executions'] / max(res['seconds'], 1e-9):.0f} "
@@ -498,15 +588,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=900.0, help="stop after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--memory-gb", type=float, default=6.0,
+                        help="cap the run's address space (0: no cap); a read that reaches it is counted")
+    parser.add_argument("--case-seconds", type=float, default=60.0,
+                        help="a read still running after this long is counted as a hang (0: no limit)")
+    parser.add_argument("--pydicom-seeds", action="store_true",
+                        help="also mutate the compressed single-frame files of pydicom's test set")
     args = parser.parse_args(argv)
     from bench import write_table
     from pellucid.core.quantize import cpu_features
 
-    res = fuzz(args.executions, args.seconds, args.seed)
+    summary = cpu_features().summary()  # before the cap: it may start processes
+    cap_memory(args.memory_gb)
+    res = fuzz(args.executions, args.seconds, args.seed, case_seconds=args.case_seconds,
+               pydicom_seeds=args.pydicom_seeds)
     command = (f"python -m bench.bench_fuzz --executions {args.executions} --seconds {args.seconds:g} "
-               f"--seed {args.seed}")
-    write_table(table(res, cpu_features().summary(), command), args.out)
-    return 1 if res["counts"].get("crash") or res["counts"].get("invalid") else 0
+               f"--seed {args.seed} --memory-gb {args.memory_gb:g} --case-seconds {args.case_seconds:g}"
+               + (" --pydicom-seeds" if args.pydicom_seeds else ""))
+    write_table(table(res, summary, command), args.out)
+    c = res["counts"]
+    return 1 if c.get("crash") or c.get("invalid") or c.get("memory") or c.get("hang") else 0
 
 
 if __name__ == "__main__":

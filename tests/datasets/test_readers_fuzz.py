@@ -44,3 +44,37 @@ def test_fuzz_read_image_only_project_errors_and_valid_images(tmp_path: Path) ->
     assert res["executions"] >= 200, res  # a few hundred within the time cap
     assert res["counts"].get("image", 0) > 20 and res["counts"].get("project", 0) > 20
     assert time.perf_counter() - start < 60
+
+
+def test_a_read_that_never_returns_or_runs_out_of_memory_is_an_outcome_not_the_end_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydicom walked a JP2 frame's boxes on the spot for good, and a JPEG frame made pylibjpeg-libjpeg grow to
+    21 GB: in-process, either would have held the fuzzer or taken the machine. A read past the case's time is a
+    ``hang``, and one that reached the address-space cap a ``memory`` outcome, each counted as a failure."""
+    import pellucid.datasets.readers as readers
+    from bench.bench_fuzz import STUCK_LOG, _time_limit, table
+
+    path = tmp_path / "case.png"
+    path.write_bytes(b"\x89PNG")
+
+    def forever(*args: object, **kwargs: object) -> None:
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(readers, "read_image", forever)
+    with _time_limit(0.3, 5, path):
+        outcome, detail = check_outcome(path, False)
+    assert outcome == "hang" and "forever" in detail
+    assert STUCK_LOG.read_text().startswith(f"case 5: {path}")
+
+    def no_memory(p: Path, **kwargs: object) -> None:
+        raise readers.ImageReadError(f"{p}: ran out of memory while decoding the pixel data — reduce the image")
+
+    monkeypatch.setattr(readers, "read_image", no_memory)
+    outcome, detail = check_outcome(path, False)
+    assert outcome == "memory"
+    counts = {"image": 1, "memory": 1, "hang": 1}
+    res = {"counts": counts, "problems": {}, "executions": 3, "seconds": 1.0, "slowest_s": 0.3, "slowest_case": 5,
+           "seed": 0, "n_seeds": 1, "examples": {}}
+    assert "| 3 | 1 | 0 | 2 |" in "\n".join(table(res, "cpu", "cmd"))  # counted with the crashes
