@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import faulthandler
 import io
+import os
 import random
 import signal
 import struct
@@ -472,7 +473,7 @@ def check_outcome(path: Path, dicom: bool) -> tuple[str, str]:
 
 #: where a run stuck in compiled code leaves the case it was reading and the Python traceback at that moment
 #: (stderr may point at the null device while a decoder runs)
-STUCK_LOG = Path(tempfile.gettempdir()) / "pellucid-fuzz-stuck.txt"
+STUCK_LOG = Path(tempfile.gettempdir()) / f"pellucid-fuzz-stuck-{os.getpid()}.txt"
 
 
 @contextlib.contextmanager

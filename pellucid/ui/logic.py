@@ -21,8 +21,8 @@ the visitor as one line.
 """
 from __future__ import annotations
 
-import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -37,7 +37,6 @@ from pellucid.core.card import ModelCard, as_card
 from pellucid.core.privacy import header_text_silenced
 from pellucid.explain.captions import Reading, read_case_result
 from pellucid.ui.zips import ScratchFolder, UploadError, ZipBudget, env_number, extract_zip
-from pellucid.datasets.readers.common import _is_panic, _native_stderr_quiet
 from pellucid.datasets.readers import (
     Image,
     ImageReadError,
@@ -406,7 +405,7 @@ def read_upload(name: str, data: bytes, *, window: tuple[float, float] | None = 
             up.meta = dict(up.image.meta)
             up.meta.pop("path", None)
             if dicom and up.image.array.shape[2] == 1:
-                up.dicom_range = dicom_range(data)
+                up.dicom_range = dicom_range(up.image.meta)
             if dicom and include_identifiers:
                 up.identifiers = dicom_identifying_tags(path)
         except ImageReadError as err:
@@ -431,39 +430,20 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) if "\n" in text or "\r" in text else text
 
 
-def dicom_range(data: bytes) -> DicomRange | None:
-    """Window limits of a monochrome DICOM from its bytes (modality LUT applied), or None."""
-    import warnings
-
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, pixel_array
-
-    try:
-        with warnings.catch_warnings(), _native_stderr_quiet():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            # only the middle frame is decoded (a multi-frame file is not expanded whole)
-            arr = pixel_array(ds, index=frames // 2) if frames > 1 else ds.pixel_array
-            values = apply_modality_lut(arr, ds).astype(np.float64)
-    except BaseException as err:  # noqa: BLE001 - the image was read already; the sliders are optional
-        if not isinstance(err, Exception) and not _is_panic(err):  # a Rust decoder's panic is a BaseException
-            raise
+def dicom_range(meta: dict) -> DicomRange | None:
+    """Window limits of a monochrome DICOM from what the readers recorded of it (its modality values' range and
+    the file's own window), or None. The frame is not decoded a second time: the readers' checks (pixel limit,
+    frame headers) are the only door its pixels pass."""
+    value_range = meta.get("value_range")
+    if not value_range:
         return None
-    low, high = float(values.min()), float(values.max())
+    low, high = (float(v) for v in value_range)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
     if high <= low:
         high = low + 1.0
-    center, width = (low + high) / 2, high - low
-    wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if wc is not None and ww is not None:
-        try:
-            c = float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
-            w = float(ww[0] if isinstance(ww, pydicom.multival.MultiValue) else ww)
-            if w > 0:
-                center, width = c, w
-        except (TypeError, ValueError):
-            pass
-    return DicomRange(low=low, high=high, center=center, width=width)
+    center, width = meta.get("file_window") or ((low + high) / 2, high - low)
+    return DicomRange(low=low, high=high, center=float(center), width=float(width))
 
 
 def _nbytes(value) -> int:

@@ -49,17 +49,37 @@ def test_an_unread_file_gets_the_same_line_uploaded_as_on_disk(tmp_path, name):
 def test_an_rle_upload_that_panics_the_compiled_decoder_is_one_line_and_its_window_sliders_are_left_out(
     tmp_path, capfd
 ):
-    """A damaged RLE frame panics pylibjpeg-rle (Rust): the upload is the readers' line, and the window range,
-    which decodes the frame again, is None (a panic passes ``except Exception``); nothing is printed."""
+    """A damaged RLE frame panics pylibjpeg-rle (Rust): the upload is the readers' line and has no window range
+    (a panic passes ``except Exception``); nothing is printed."""
     from tests.conftest import rle_dicom_that_panics
 
     source, damaged = rle_dicom_that_panics(tmp_path)
     capfd.readouterr()
     up = logic.read_upload("scan.dcm", damaged.read_bytes())
-    assert "could not be decoded (PanicException)" in up.error and up.image is None
-    assert logic.dicom_range(damaged.read_bytes()) is None
+    assert "could not be decoded (PanicException)" in up.error and up.image is None and up.dicom_range is None
     assert capfd.readouterr().err == ""
-    assert logic.dicom_range(source.read_bytes()) is not None
+    assert logic.read_upload("scan.dcm", source.read_bytes()).dicom_range is not None
+
+
+def test_the_window_sliders_come_from_the_readers_without_decoding_the_frame_again(tmp_path, monkeypatch):
+    """The sliders' range had come from a second decode of the upload with pydicom, past every check of the
+    readers (the pixel limit, the compressed frame's own header) and at full size in float64. It comes from what
+    the readers recorded now; the file's own window stays the sliders' start when another window is asked for."""
+    import pydicom.dataset
+    import pydicom.pixels
+
+    data = _bytes(write_dicom(tmp_path / "ct.dcm"))
+    calls = []
+    for owner, name in ((pydicom.pixels, "pixel_array"), (pydicom.dataset.Dataset, "convert_pixel_data")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    up = logic.read_upload("ct.dcm", data)
+    assert calls == [] and up.error == ""
+    r = up.dicom_range
+    assert (r.center, r.width) == (0.0, 1000.0)
+    assert (r.low, r.high) == up.image.meta["value_range"] and r.low < -400 and r.high > 400
+    narrow = logic.read_upload("ct.dcm", data, window=(0.0, 200.0)).dicom_range
+    assert (narrow.center, narrow.width) == (0.0, 1000.0) and (narrow.low, narrow.high) == (r.low, r.high)
 
 
 def test_an_upload_of_another_format_under_a_png_name_gets_the_readers_line(tmp_path, monkeypatch):

@@ -112,6 +112,9 @@ def _dicom_monochrome(
     from pydicom.pixels import apply_voi_lut
 
     values = _modality_values(arr, view, meta, notes)
+    # what the web app's window sliders span and start from: known here, so it never decodes the frame again
+    meta["value_range"] = (float(values.min()), float(values.max()))
+    meta["file_window"] = _first_window(view)
     # The VOI operates on modality values; the view must not rescale them a second time.
     voi_view = _voi_view(view)
 
@@ -125,6 +128,15 @@ def _dicom_monochrome(
     if high <= low:
         caveats.append(f"{path.name}: the image is constant (all pixels {low:g})")
     return _min_max(values)
+
+
+def _first_window(view: Dataset) -> tuple[float, float] | None:
+    """The file's first Window Center/Width, when both are finite and the width positive."""
+    try:
+        center, width = float(_as_list(view.get("WindowCenter"))[0]), float(_as_list(view.get("WindowWidth"))[0])
+    except Exception:  # noqa: BLE001 - absent, empty or not a number
+        return None
+    return (center, width) if math.isfinite(center) and math.isfinite(width) and width > 0 else None
 
 
 def _modality_values(arr: np.ndarray, view: Dataset, meta: dict[str, Any], notes: list[str]) -> np.ndarray:
