@@ -7,7 +7,8 @@ multi-frame, deflated, headless implicit VR with a modality LUT, JPEG baseline, 
 and small PNG/JPEG/TIFF/BMP files. Each execution mutates one seed with a seeded random choice of
 byte flips, truncation, region duplication or deletion, DICOM element value replacement (random
 bytes, strings, numbers including NaN/inf, multi-values, packed integers, patient-name bytes, a
-wrong VR) and PNG/JPEG header size changes, writes it to a temporary file and reads it.
+wrong VR), changes to a compressed frame's own header (sizes, lengths, JP2 box sizes set to 0, 1 or
+65535) and PNG/JPEG header size changes, writes it to a temporary file and reads it.
 
 Outcomes: an image (checked: float32 ``(H, W, 1|3)``, finite, in ``[0, 1]``), a project error
 (:class:`~pellucid.datasets.readers.ImageReadError`), or a non-project exception, reported with its
@@ -383,6 +384,38 @@ def _header_size(data: bytes, rng: random.Random) -> bytes:
     return _flip(data, rng)
 
 
+#: where a compressed frame's own header starts: JPEG's start of image, a JPEG 2000 codestream, a JP2 file
+_CODED_STARTS = (b"\xff\xd8\xff", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+
+
+def _coded_header(data: bytes, rng: random.Random) -> bytes:
+    """Change a size in the header of a DICOM file's first compressed frame: a JPEG or JPEG-LS frame's height or
+    width, a JPEG 2000 codestream's, or the length of a JP2 file's first box after its signature (0, 1, 65535 or
+    at random). The decoders trust these before any check of their own, and whole-file mutations seldom land on
+    them: a height of 0 made pylibjpeg-libjpeg grow without bound, a box length of 0 held pydicom for good."""
+    pixel_data = max(data.rfind(b"\xe0\x7f\x10\x00"), 0)
+    starts = [i for i in (data.find(start, pixel_data) for start in _CODED_STARTS) if i >= 0]
+    if not starts:
+        return _flip(data, rng)
+    begin = min(starts)
+    value = rng.choice((0, 0, 1, 65535, rng.randrange(65536)))
+    if data.startswith(b"\xff\xd8", begin):
+        sof = next((i for i in range(begin + 2, min(len(data) - 9, begin + 65536))
+                    if data[i] == 0xFF and (data[i + 1] in _SOF_CODES)), None)
+        if sof is None:
+            return _flip(data, rng)
+        at, width = sof + rng.choice((5, 7)), 2
+    elif data.startswith(b"\xff\x4f", begin):
+        at, width = begin + rng.choice((8, 12)), 4  # Xsiz, Ysiz
+    else:
+        at, width = begin + 12, 4  # the first box after the signature
+    return data[:at] + value.to_bytes(width, "big") + data[at + width :]
+
+
+#: JPEG start-of-frame markers (less DHT, JPG, DAC) and JPEG-LS's
+_SOF_CODES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
 def mutate(data: bytes, suffix: str, rng: random.Random) -> bytes:
     """One seeded mutation of ``data`` (a file with ``suffix``); may stack up to three."""
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
@@ -390,7 +423,9 @@ def mutate(data: bytes, suffix: str, rng: random.Random) -> bytes:
             return data
         is_dicom = suffix in (".dcm", "")
         kind = rng.random()
-        if is_dicom and kind < 0.45:
+        if is_dicom and kind < 0.06:
+            data = _coded_header(data, rng)
+        elif is_dicom and kind < 0.45:
             data = _replace_element(data, rng)
         elif not is_dicom and kind < 0.2:
             data = _header_size(data, rng)
@@ -502,6 +537,19 @@ def _time_limit(seconds: float | None, case: int, path: Path) -> Any:
             faulthandler.cancel_dump_traceback_later()
 
 
+#: how far one read may raise the process's peak memory: a frame at the pixel limit decodes in well under this
+GROWTH_LIMIT = 1 << 30
+
+
+def _peak_memory() -> int:
+    """The process's peak resident memory in bytes (0 where unknown)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def cap_memory(gigabytes: float | None) -> None:
     """Cap this process's address space, so a decoder that grows without bound fails (and is counted) instead of
     taking the machine's memory. Linux only; elsewhere nothing is capped."""
@@ -514,6 +562,15 @@ def cap_memory(gigabytes: float | None) -> None:
     limit = int(gigabytes * (1 << 30))
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def _lift_memory_cap() -> None:
+    try:
+        import resource
+    except ImportError:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def fuzz(executions: int, seconds: float, seed: int = 0, *, real_dicoms: bool = True,
@@ -531,13 +588,24 @@ def fuzz(executions: int, seconds: float, seed: int = 0, *, real_dicoms: bool = 
             if time.perf_counter() - t0 > seconds:
                 break
             suffix, data = corpus[rng.randrange(len(corpus))]
-            data = mutate(data, suffix, rng)
+            try:
+                data = mutate(data, suffix, rng)
+            except MemoryError:  # a decoder kept what it took: nothing more can run in this process
+                _lift_memory_cap()  # so that the table can still be written
+                key = f"memory: the run's memory was exhausted before case {i} (a decoder kept what it took)"
+                counts["memory"] += 1
+                problems[key] += 1
+                examples.setdefault(key, i)
+                break
             path = Path(tmp) / f"case{i % 7}{suffix}"
             path.write_bytes(data)
-            start = time.perf_counter()
+            start, peak = time.perf_counter(), _peak_memory()
             with _time_limit(case_seconds, i, path):
                 outcome, detail = check_outcome(path, suffix in (".dcm", ""))
             took = time.perf_counter() - start
+            grew = _peak_memory() - peak
+            if grew > GROWTH_LIMIT and outcome != "memory":  # a decoder that failed its allocation calmly
+                outcome, detail = "memory", f"the read raised the process's peak memory by {grew / 2**30:.1f} GB"
             if took > slowest[0]:
                 slowest = (took, i)
             counts[outcome] += 1
