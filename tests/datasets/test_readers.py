@@ -1919,3 +1919,55 @@ def test_a_jp2_wrapped_frame_whose_boxes_do_not_advance_is_refused_before_pydico
     ds.save_as(tmp_path / "stuck.dcm")
     _refused_before_decoding(monkeypatch, tmp_path / "stuck.dcm",
                              r"stuck\.dcm: its JPEG 2000 frame's boxes do not hold together")
+
+
+def _gray_png(path: Path, pixels: np.ndarray, depth: int, key: int) -> Path:
+    """A gray PNG of ``depth`` bits per pixel (1, 2, 4 or 8) with a colour key (``tRNS``), written by hand: Pillow
+    writes low-bit gray only through a palette."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width = pixels.shape
+    per_byte = 8 // depth
+    rows = b""
+    for row in pixels.astype(int):
+        packed = bytearray(-(-width // per_byte))
+        for x, value in enumerate(row):
+            packed[x // per_byte] |= value << (8 - depth * (x % per_byte + 1))
+        rows += b"\x00" + bytes(packed)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tRNS", struct.pack(">H", key))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gray 4-bit", "gray 8-bit", "rgb 8-bit"])
+def test_a_pngs_transparent_colour_is_composited_over_black_like_its_alpha(tmp_path: Path, kind: str) -> None:
+    """A gray or RGB PNG may name one colour that stands for transparent (a ``tRNS`` colour key). Alpha channels and
+    palette transparency were composited over black, but the colour key was shown as stored (Pillow keeps it beside
+    the pixels unapplied, and a low-bit gray key in the file's own scale)."""
+    if kind == "gray 4-bit":
+        stored = np.arange(64).reshape(8, 8) % 16
+        path = _gray_png(tmp_path / "g4.png", stored, 4, key=7)
+        keyed, expected = stored == 7, stored * 17 / 255.0
+    elif kind == "gray 8-bit":
+        stored = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+        path = tmp_path / "g8.png"
+        PILImage.fromarray(stored).save(path, transparency=40)
+        keyed, expected = stored == 40, stored / 255.0
+    else:
+        stored = np.zeros((8, 8, 3), dtype=np.uint8)
+        stored[...] = (200, 100, 50)
+        stored[2:4, 2:6] = (10, 20, 30)
+        path = tmp_path / "rgb.png"
+        PILImage.fromarray(stored).save(path, transparency=(10, 20, 30))
+        keyed, expected = np.all(stored == (10, 20, 30), axis=-1), stored / 255.0
+    image = read_image(path)
+    array = image.array if image.array.shape[2] == 3 else image.array[:, :, 0]
+    assert keyed.any() and (~keyed).any()
+    np.testing.assert_allclose(array[keyed], 0.0, atol=1e-6)
+    np.testing.assert_allclose(array[~keyed], expected[~keyed], atol=1e-6)
+    assert "composited the PNG's transparent colour over black" in image.meta["notes"]

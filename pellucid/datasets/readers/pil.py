@@ -120,6 +120,8 @@ def _read_pil(path: Path, *, frame: int | None) -> Image:
                     notes.append("applied the EXIF orientation")
                     if _swaps_axes(rotated):
                         file_size = (file_size[1], file_size[0])
+                if fmt == "png":
+                    im = _colour_key(im, path, notes)
                 im = _reduce_pil(im, file_size, notes)
                 im = to_srgb(im, icc, notes)
                 original_size = (file_size[1], file_size[0])
@@ -403,6 +405,50 @@ def _reduce_pil(im: Any, file_size: tuple[int, int], notes: list[str]) -> Any:
             f"downscaled from {file_size[0]}×{file_size[1]} to {im.width}×{im.height} on read"
         )
     return im
+
+
+def _colour_key(im: Any, path: Path, notes: list[str]) -> Any:
+    """A PNG's colour key applied: a gray or RGB image's ``tRNS`` chunk names one value that stands for
+    transparent, and those pixels are composited over black, as an alpha channel and palette transparency are.
+    Pillow keeps the key beside the pixels unapplied (and gives a 1-, 2- or 4-bit gray key in the file's own
+    scale), so they had been shown as stored. A 16-bit RGB key is not applied (Pillow keeps 8 of the 16 bits)."""
+    key = im.info.get("transparency")
+    if key is None or im.mode not in ("1", "L", "I;16", "RGB"):
+        return im
+    depth = _png_bit_depth(path)
+    arr = np.asarray(im)
+    if im.mode == "RGB":
+        if not (isinstance(key, tuple) and len(key) == 3 and all(isinstance(v, int) for v in key)):
+            return im
+        if depth == 16:
+            notes.append("the PNG's 16-bit transparent colour was not applied")
+            return im
+        mask = np.all(arr == np.array(key), axis=-1)
+    elif not isinstance(key, int):
+        return im
+    elif im.mode == "1":
+        mask = arr == bool(key)
+    else:
+        scale = 255 // (2**depth - 1) if im.mode == "L" and depth in (1, 2, 4) else 1
+        mask = arr == key * scale
+    if not mask.any():
+        return im
+    from PIL import Image as PILImage
+
+    out = arr.copy()
+    out[mask] = 0
+    notes.append("composited the PNG's transparent colour over black")
+    return PILImage.fromarray(out)
+
+
+def _png_bit_depth(path: Path) -> int:
+    """The bit depth in a PNG's header (0 when it cannot be read)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return 0
+    return head[24] if len(head) == 26 and head[12:16] == b"IHDR" else 0
 
 
 def _palette_is_gray(im: Any) -> bool:
