@@ -400,8 +400,10 @@ def _coded_header(data: bytes, rng: random.Random) -> bytes:
     begin = min(starts)
     value = rng.choice((0, 0, 1, 65535, rng.randrange(65536)))
     if data.startswith(b"\xff\xd8", begin):
+        from pellucid.datasets.readers.dicom import _SOF_MARKERS  # the start-of-frame markers the readers check
+
         sof = next((i for i in range(begin + 2, min(len(data) - 9, begin + 65536))
-                    if data[i] == 0xFF and (data[i + 1] in _SOF_CODES)), None)
+                    if data[i] == 0xFF and (data[i + 1] in _SOF_MARKERS)), None)
         if sof is None:
             return _flip(data, rng)
         at, width = sof + rng.choice((5, 7)), 2
@@ -410,10 +412,6 @@ def _coded_header(data: bytes, rng: random.Random) -> bytes:
     else:
         at, width = begin + 12, 4  # the first box after the signature
     return data[:at] + value.to_bytes(width, "big") + data[at + width :]
-
-
-#: JPEG start-of-frame markers (less DHT, JPG, DAC) and JPEG-LS's
-_SOF_CODES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 
 
 def mutate(data: bytes, suffix: str, rng: random.Random) -> bytes:

@@ -736,21 +736,21 @@ def _check_compressed_frame(ds: Dataset, path: Path, source: Any, index: int) ->
         whole = not isinstance(source, (bytes, bytearray))  # the dataset, or one frame from a large file
         pixels = source.PixelData if whole else source
         frames = _number_of_frames(ds) if whole else 1
-        data = get_frame(pixels, index, number_of_frames=frames)
+        data = bytes(get_frame(pixels, index, number_of_frames=frames))
     except Exception:  # noqa: BLE001 - the decoder will refuse a broken encapsulation
         return
-    jp2 = _jp2_box_problem(bytes(data))
+    jp2 = _jp2_box_problem(data)
     if jp2:
         raise ImageReadError(
             f"{path}: its JPEG 2000 frame's boxes do not hold together ({jp2}) — the file is corrupt or hostile; "
             "re-export it"
         )
-    if bytes(data[:2]) == b"\xff\xd8" and jpeg_scans(bytes(data)) > MAX_FRAME_SCANS:
+    if data[:2] == b"\xff\xd8" and jpeg_scans(data) > MAX_FRAME_SCANS:
         raise ImageReadError(
             f"{path}: its compressed frame holds more than {MAX_FRAME_SCANS} JPEG scans, more than any modality "
             "writes (each is decoded over the whole frame) — the file is corrupt or hostile; re-export it"
         )
-    size = _compressed_frame_size(data if isinstance(data, bytes) else bytes(data))
+    size = _compressed_frame_size(data)
     if size is None:
         return
     rows, columns, components = size
