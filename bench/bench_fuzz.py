@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DICOM_DIR = ROOT.parent / "shared" / "data" / "dicom"
 OUT = Path(__file__).parent / "results" / "fuzz.md"
 
-__all__ = ["SRGB_PRIMARIES", "check_outcome", "fuzz", "main", "mutate", "rgb_icc_profile", "seeds", "table"]
+__all__ = ["SRGB_PRIMARIES", "check_outcome", "cmyk_icc_profile", "fuzz", "main", "mutate", "rgb_icc_profile",
+           "seeds", "table"]
 
 PHI_NAME = b"DOE^JANE"
 
@@ -86,33 +87,56 @@ _VRS = (b"US", b"UL", b"SS", b"DS", b"IS", b"CS", b"LO", b"OB", b"OW", b"SQ", b"
 SRGB_PRIMARIES = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
 
 
-def rgb_icc_profile(red: tuple[float, ...], green: tuple[float, ...], blue: tuple[float, ...],
-                    description: str = "swapped primaries") -> bytes:
-    """A minimal ICC v2 display profile (ICC.1:2001-04): the three primaries, a 2.2 gamma, a D50 white point and a
-    description. With sRGB's green as its red it makes a stored red mean green: a profile no reader can ignore
-    without the colours showing it."""
+_D50 = (0.9642, 1.0, 0.8249)
 
-    def xyz(values: tuple[float, ...]) -> bytes:
-        return b"XYZ " + bytes(4) + b"".join(struct.pack(">i", round(v * 65536)) for v in values)
 
+def _xyz_tag(values: tuple[float, ...]) -> bytes:
+    return b"XYZ " + bytes(4) + b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+
+def _icc_file(kind: bytes, tags: dict[bytes, bytes], description: str) -> bytes:
+    """An ICC v2 profile (ICC.1:2001-04) of ``kind`` (device class, colour space and connection space, 12 bytes)
+    holding ``tags`` and the description, white point and copyright every profile has."""
     text = description.encode("ascii") + b"\0"
-    tags = {
-        b"desc": b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67),
-        b"wtpt": xyz((0.9642, 1.0, 0.8249)),
-        b"rXYZ": xyz(red), b"gXYZ": xyz(green), b"bXYZ": xyz(blue),
-        b"rTRC": b"curv" + bytes(4) + struct.pack(">IH", 1, round(2.2 * 256)) + bytes(2),
-        b"cprt": b"text" + bytes(4) + b"none\0",
-    }
-    tags[b"gTRC"] = tags[b"bTRC"] = tags[b"rTRC"]
+    tags = {b"desc": b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67),
+            b"wtpt": _xyz_tag(_D50), **tags, b"cprt": b"text" + bytes(4) + b"none\0"}
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for signature, body in tags.items():
         body += bytes(-len(body) % 4)
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
-    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
-              + bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", 0) + xyz((0.9642, 1.0, 0.8249))[8:] + bytes(48))
+    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + kind + bytes(12)
+              + b"acsp" + bytes(24) + struct.pack(">I", 0) + _xyz_tag(_D50)[8:] + bytes(48))
     return header + struct.pack(">I", len(tags)) + table + data
+
+
+def rgb_icc_profile(red: tuple[float, ...], green: tuple[float, ...], blue: tuple[float, ...],
+                    description: str = "swapped primaries") -> bytes:
+    """A minimal display profile: the three primaries, a 2.2 gamma and a D50 white point. With sRGB's green as its
+    red it makes a stored red mean green: a profile no reader can ignore without the colours showing it."""
+    gamma = b"curv" + bytes(4) + struct.pack(">IH", 1, round(2.2 * 256)) + bytes(2)
+    tags = {b"rXYZ": _xyz_tag(red), b"gXYZ": _xyz_tag(green), b"bXYZ": _xyz_tag(blue),
+            b"rTRC": gamma, b"gTRC": gamma, b"bTRC": gamma}
+    return _icc_file(b"mntrRGB XYZ ", tags, description)
+
+
+def cmyk_icc_profile() -> bytes:
+    """A minimal press profile (CMYK to Lab through a 2-point table) in which cyan ink alone prints sRGB's red, no
+    ink white, black ink black and any other mix a dark gray. Pillow's plain formula makes cyan ink cyan."""
+
+    def lab(lightness: float, a: float, b: float) -> bytes:  # ICC v2 16-bit Lab
+        return struct.pack(">HHH", round(lightness / 100 * 0xFF00), round((a + 128) * 256), round((b + 128) * 256))
+
+    table = b""
+    for c, m, y, k in ((c, m, y, k) for c in (0, 1) for m in (0, 1) for y in (0, 1) for k in (0, 1)):
+        table += lab(0, 0, 0) if k else lab(54, 80, 67) if (c, m, y) == (1, 0, 0) else lab(100 if not (c or m or y)
+                                                                                                else 30, 0, 0)
+    identity = b"".join(struct.pack(">i", 65536 if i in (0, 4, 8) else 0) for i in range(9))
+    linear = struct.pack(">HH", 0, 65535)
+    a2b0 = (b"mft2" + bytes(4) + bytes([4, 3, 2, 0]) + identity + struct.pack(">HH", 2, 2) + linear * 4 + table
+            + linear * 3)
+    return _icc_file(b"prtrCMYKLab ", {b"A2B0": a2b0}, "cyan ink prints red")
 
 
 def _image_seeds() -> list[tuple[str, bytes]]:
@@ -143,6 +167,7 @@ def _image_seeds() -> list[tuple[str, bytes]]:
     wide = rgb_icc_profile(green, red, blue)  # a profile the readers apply (mutations reach littleCMS)
     save(".jpg", Image.fromarray(rgb), format="JPEG", quality=90, icc_profile=wide)
     save(".png", Image.fromarray(np.dstack([rgb, gray])), format="PNG", icc_profile=wide)
+    save(".jpg", Image.fromarray(rgb).convert("CMYK"), format="JPEG", quality=90, icc_profile=cmyk_icc_profile())
     return out
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from bench.bench_fuzz import SRGB_PRIMARIES, rgb_icc_profile
+from bench.bench_fuzz import SRGB_PRIMARIES, cmyk_icc_profile, rgb_icc_profile
 from pellucid.datasets.readers import dicom as readers_dicom  # where _decode_frame looks up its helpers
 from pellucid.datasets.readers import (
     DICOM_SUFFIXES,
@@ -1785,6 +1785,28 @@ def test_an_image_with_an_icc_profile_is_read_in_the_colours_the_profile_gives_i
     untagged = tmp_path / f"untagged{suffix}"
     PILImage.fromarray(pixels).save(untagged)
     np.testing.assert_allclose(read_image(plain).array, read_image(untagged).array, atol=0.06)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
+def test_a_cmyk_image_is_read_through_its_press_profile(tmp_path: Path, suffix: str) -> None:
+    """A CMYK JPEG or TIFF from a print workflow carries its press profile; Pillow's plain formula ignores it. In
+    the profile built here cyan ink alone prints red: the reader must say red, where the formula says cyan. An RGB
+    profile on a CMYK image is passed over with a note, and the formula is used as before."""
+    from pellucid.datasets.readers.colour import CONVERTED_NOTE
+
+    ink = PILImage.new("CMYK", (8, 8), (255, 0, 0, 0))
+    path = tmp_path / f"press{suffix}"
+    ink.save(path, icc_profile=cmyk_icc_profile())
+    image = read_image(path)
+    red, green, blue = image.array[4, 4]
+    assert red > 0.9 and green < 0.1 and blue < 0.1, image.array[4, 4]
+    assert CONVERTED_NOTE in image.meta["notes"]
+
+    wrong = tmp_path / f"wrong{suffix}"
+    ink.save(wrong, icc_profile=rgb_icc_profile(_SRGB_GREEN, _SRGB_RED, _SRGB_BLUE))
+    image = read_image(wrong)
+    np.testing.assert_allclose(image.array[4, 4], (0.0, 1.0, 1.0), atol=0.02)  # the plain formula: cyan
+    assert "ignored an embedded ICC profile for RGB colours on a CMYK image" in image.meta["notes"]
 
 
 def test_an_icc_profile_that_cannot_be_used_keeps_the_stored_colours_with_a_note(tmp_path: Path) -> None:
