@@ -1068,14 +1068,9 @@ def test_a_png_flooded_after_its_pixels_or_in_its_image_data_is_refused(
     """Pillow also reads a PNG's chunks after the image data, at the end of a load (a million text chunks there,
     15 MB: 9.4 s), and each image data chunk in Python (a million 1-byte ones, 13 MB: 2.8 s). Both are counted
     from the chunk headers and refused in one line; a real file reads as before, however its data is split."""
-    import struct
-    import zlib
-
     from pellucid.datasets.readers import pil as readers_pil
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
+    chunk = _png_chunk
     PILImage.fromarray(_gradient(32, 32)).save(tmp_path / "a.png")
     png = (tmp_path / "a.png").read_bytes()
     iend = png.rindex(b"IEND") - 4
@@ -1943,15 +1938,21 @@ def test_a_jp2_wrapped_frame_whose_boxes_do_not_advance_is_refused_before_pydico
                              r"stuck\.dcm: its JPEG 2000 frame's boxes do not hold together")
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body and CRC."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def _gray_png(path: Path, pixels: np.ndarray, depth: int, key: int) -> Path:
     """A gray PNG of ``depth`` bits per pixel (1, 2, 4 or 8) with a colour key (``tRNS``), written by hand: Pillow
     writes low-bit gray only through a palette."""
     import struct
     import zlib
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
+    chunk = _png_chunk
     height, width = pixels.shape
     per_byte = 8 // depth
     rows = b""
